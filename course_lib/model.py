@@ -1,0 +1,143 @@
+"""A LLaMA-architecture decoder: RMSNorm, rotary position embeddings (RoPE), grouped-query attention
+(GQA) and a SwiGLU MLP. Parameter names follow Hugging Face's LlamaForCausalLM (and Qwen2's, which
+adds q/k/v biases), so real checkpoints load with ``course_lib.load_pretrained``.
+
+Shapes use the legend of ``course_lib/__init__.py``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.attention import attention
+from course_lib.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 (as LLaMA does): squares of bf16 activations lose precision.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin: [S, D] for integer positions [S] (the 'rotate half' layout of Hugging Face LLaMA)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]           # [S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                           # [S, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + D/2]) of x [B, H, S, D] by the angle of its position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D = config.hidden_size, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, D
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(E, self.num_heads * D, bias=bias)
+        self.k_proj = nn.Linear(E, self.num_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(E, self.num_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * D, E, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache=None) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)      # [B, Hq, S, D]
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                             # [B, Hkv, Skv, D]
+        out = attention(q, k, v, causal=True)                                            # [B, Hq, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, Fh = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(E, Fh, bias=False)
+        self.up_proj = nn.Linear(E, Fh, bias=False)
+        self.down_proj = nn.Linear(Fh, E, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, layer: int, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    """LLaMA-style causal language model. ``state_dict()`` keys match Hugging Face's LlamaForCausalLM."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = _Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, *, cache=None, last_token_only: bool = False) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V] (float32), or [B, 1, V] with ``last_token_only``.
+
+        Without ``cache`` every token attends to the tokens before it in ``input_ids`` (the no-cache path).
+        With a cache (e.g. ``course_lib.kv_cache.KVCache``) the new tokens sit at positions
+        ``cache.length ...``, attend to everything cached, and their K/V are appended to it.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if start + S > self.config.max_position_embeddings:
+            raise ValueError(f"{start} cached + {S} new tokens exceed the model's context of "
+                             f"{self.config.max_position_embeddings} positions")
+        positions = torch.arange(start, start + S, device=input_ids.device)
+        x = self.model.embed_tokens(input_ids)                                    # [B, S, E]
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, i, cache)
+        if cache is not None:
+            cache.advance(S)
+        x = self.model.norm(x)
+        if last_token_only:
+            x = x[:, -1:]      # generation needs only the last position's logits: skip the rest of lm_head
+        return self.lm_head(x).float()
