@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from course_lib.attention import attention
 from course_lib.config import ModelConfig
 
 
@@ -18,7 +19,8 @@ class KVCache:
     """Preallocated K/V for a batch of sequences that advance in lockstep.
 
     k[layer], v[layer]: [B, Hkv, max_seq_len, D]. ``length`` tokens are filled. During a forward pass each
-    layer calls ``update`` with its new keys and values; the model calls ``advance`` once at the end.
+    layer calls ``attend`` (``update`` with its new keys and values, then attention over all of them); the
+    model calls ``advance`` once at the end.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int,
@@ -37,6 +39,11 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store the new k, v, then causal attention of q [B, Hq, S, D] over every cached key: [B, Hq, S, D]."""
+        k_all, v_all = self.update(layer, k, v)
+        return attention(q, k_all, v_all, causal=True)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

@@ -58,9 +58,10 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)                                             # [B, Hkv, Skv, D]
-        out = attention(q, k, v, causal=True)                                            # [B, Hq, S, D]
+        if cache is None:
+            out = attention(q, k, v, causal=True)                                        # [B, Hq, S, D]
+        else:  # the cache stores the new k, v and attends over everything it holds (contiguous, paged, ...)
+            out = cache.attend(layer, q, k, v)                                           # [B, Hq, S, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
@@ -120,8 +121,9 @@ class Llama(nn.Module):
         """input_ids [B, S] -> logits [B, S, V] (float32), or [B, 1, V] with ``last_token_only``.
 
         Without ``cache`` every token attends to the tokens before it in ``input_ids`` (the no-cache path).
-        With a cache (e.g. ``course_lib.kv_cache.KVCache``) the new tokens sit at positions
-        ``cache.length ...``, attend to everything cached, and their K/V are appended to it.
+        With a cache the new tokens sit at positions ``cache.length ...``, attend to everything cached, and
+        their K/V are appended to it. A cache is any object with ``length``, ``attend(layer, q, k, v)`` and
+        ``advance(num_tokens)``: ``course_lib.kv_cache.KVCache`` (contiguous) is the first of them.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
