@@ -1,0 +1,185 @@
+"""Checks of lesson 06 (speculative decoding): the acceptance test, the residual distribution, the cache
+rollback, and the expected number of tokens per target forward pass.
+
+Each check runs the learner's code on hand-made edge cases first, then random ones (fixed seeds), and stops at
+the first failure with the case, expected vs got, and a hint aimed at the usual mistake.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import random
+
+import torch
+
+from course_lib.grading.core import Checker, CheckResult
+from course_lib.kv_cache import KVCache
+from course_lib.speculative import (SpeculativeStats, count_accepted, expected_tokens_per_step,
+                                    residual_distribution, speculative_step)
+
+
+def _leading(flags) -> int:
+    """How many leading entries are true."""
+    n = 0
+    while n < len(flags) and flags[n]:
+        n += 1
+    return n
+
+
+def _as_number(x):
+    return x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x
+
+
+# ---------------------------------------------------------------- exercise 1: the acceptance test
+def _acceptance_cases():
+    q = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]])
+    p = torch.tensor([[0.25, 0.75], [0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])
+    cases = [  # (description, drafts, q, p, uniforms)
+        ("one token, p ≥ q: always accepted", [1], q[:1], p[:2], torch.tensor([0.99])),
+        ("one token, p/q = 0.5, u = 0.3", [0], q[:1], p[:2], torch.tensor([0.3])),
+        ("one token, p/q = 0.5, u = 0.7", [0], q[:1], p[:2], torch.tensor([0.7])),
+        ("u exactly equals p/q = 0.5", [0], q[:1], p[:2], torch.tensor([0.5])),
+        ("p(x) = 0 and u = 0: a token the target never says", [0, 0], q[:2], p[:3], torch.tensor([0.1, 0.0])),
+        ("the 1st token is rejected but the 2nd would pass", [0, 1, 1], q, p, torch.tensor([0.9, 0.1, 0.1])),
+        ("all three pass", [1, 1, 0], torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1]]), p, torch.tensor([0.9, 0.2, 0.9])),
+        ("no draft tokens (γ = 0)", [], q[:0], p[:1], torch.tensor([])),
+    ]
+    rng = torch.Generator().manual_seed(6)
+    for k in range(12):
+        gamma, V = 1 + k % 8, 3 + 7 * k
+        qs = torch.softmax(torch.randn(gamma, V, generator=rng) * 2, -1)
+        ps = torch.softmax(torch.randn(gamma + 1, V, generator=rng) * 2, -1)
+        drafts = [int(torch.multinomial(qs[i], 1, generator=rng)) for i in range(gamma)]
+        cases.append((f"random, γ={gamma}, V={V}", drafts, qs, ps, torch.rand(gamma, generator=rng)))
+    return cases
+
+
+def check_count_accepted(student_fn) -> CheckResult:
+    """count_accepted(draft_tokens, draft_probs [γ, V], target_probs [γ+1, V], uniforms [γ]) == the number of
+    leading draft tokens with u_i < p_i(x_i) / q_i(x_i)."""
+    with Checker("count_accepted", points=2) as c:
+        for name, drafts, q, p, u in _acceptance_cases():
+            got = _as_number(student_fn(list(drafts), q.clone(), p.clone(), u.clone()))
+            want = count_accepted(drafts, q, p, u)
+            ratio_test = [(float(u[i]) * float(q[i, x]), float(p[i, x])) for i, x in enumerate(drafts)]  # (u·q, p)
+            if got != want and got == sum(uq < px for uq, px in ratio_test):
+                hint = "stop at the FIRST rejection: the tokens after it were drafted from a context the target rejected"
+            elif got != want and got == _leading([uq <= px for uq, px in ratio_test]):
+                hint = "accept when u < p/q, strictly: with u = 0 and p(x) = 0 the target never says x, reject it"
+            elif got != want and got == _leading([float(u[i]) * float(p[i, x]) < float(q[i, x]) for i, x in enumerate(drafts)]):
+                hint = "the ratio is p/q (target over draft): tokens the target likes more than the draft always pass"
+            else:
+                hint = ("walk the draft tokens left to right: token i passes when uniforms[i] < p_i(x_i) / q_i(x_i), "
+                        "with p = target_probs[i], q = draft_probs[i], x_i = draft_tokens[i]; return how many passed "
+                        "before the first failure")
+            c.check_equal(got, want, case=f"{name}: draft_tokens={drafts}, uniforms={[round(float(v), 3) for v in u]}",
+                          hint=hint)
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 2: the residual distribution
+def check_residual_distribution(student_fn) -> CheckResult:
+    """residual_distribution(p [V], q [V]) == max(0, p − q) / Σ max(0, p − q) (p itself when p == q)."""
+    cases = [("p = [0.5, 0.3, 0.2, 0], q = [0.1, 0.5, 0.2, 0.2]", torch.tensor([0.5, 0.3, 0.2, 0.0]),
+              torch.tensor([0.1, 0.5, 0.2, 0.2])),
+             ("two tokens with positive residual", torch.tensor([0.4, 0.4, 0.2, 0.0]), torch.tensor([0.1, 0.2, 0.3, 0.4])),
+             ("disjoint supports: the residual is p", torch.tensor([0.0, 0.0, 0.6, 0.4]), torch.tensor([0.7, 0.3, 0.0, 0.0])),
+             ("one-hot (greedy): the residual is the target's token", torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]))]
+    rng = torch.Generator().manual_seed(60)
+    for V in (5, 17, 2048):
+        cases.append((f"random, V={V}", torch.softmax(torch.randn(V, generator=rng), -1),
+                      torch.softmax(torch.randn(V, generator=rng), -1)))
+    cases.append(("p == q (never sampled from: return p)", cases[-1][1], cases[-1][1].clone()))
+    with Checker("residual_distribution", points=2) as c:
+        for name, p, q in cases:
+            got = student_fn(p.clone(), q.clone())
+            want = residual_distribution(p, q)
+            if isinstance(got, torch.Tensor) and got.shape == want.shape and got.is_floating_point():
+                g = got.detach().double()
+                if torch.isnan(g).any():
+                    hint = "p == q leaves nothing: Σ max(0, p − q) = 0, and 0/0 is NaN; return p in that case"
+                elif (g < -1e-7).any():
+                    hint = "clamp at zero: max(0, p − q) (torch.clamp(p - q, min=0)); probabilities are never negative"
+                elif not math.isclose(float(g.sum()), 1.0, abs_tol=1e-4):
+                    hint = f"normalize: the entries sum to {float(g.sum()):.4g}, divide by Σ max(0, p − q)"
+                elif torch.allclose(g, residual_distribution(q, p).double(), atol=1e-6):
+                    hint = "it is max(0, p − q): the mass the TARGET has and the draft lacks, not the other way round"
+                else:
+                    hint = "residual = max(0, p − q) / Σ max(0, p − q)"
+            else:
+                hint = "return a float tensor of the shape of p"
+            c.check_close(got, want, case=name, rtol=1e-5, atol=1e-6, hint=hint)
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 3: the cache rollback
+@functools.lru_cache(maxsize=1)
+def _pair_and_prompts():
+    from course_lib import load_tiny
+    from course_lib.corpus import load_text
+
+    target, tok = load_tiny("target", dtype=torch.float32, device="cpu")
+    draft, _ = load_tiny("draft", dtype=torch.float32, device="cpu")
+    ids = tok.encode(load_text("validation"))
+    return target, draft, [ids[:16], ids[30_000:30_024]]
+
+
+def check_rollback_caches(student_fn) -> CheckResult:
+    """rollback_caches(target_cache, draft_cache, num_tokens), called at the end of every speculative round,
+    leaves the target cache with num_tokens − 1 tokens and the draft cache with min(its length, num_tokens − 1);
+    with it, speculative decoding reproduces the target's greedy tokens."""
+    from course_lib.generate import generate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady on a busy machine
+    with Checker("rollback_caches", points=3, timeout_s=120) as c:
+        target, draft, prompts = _pair_and_prompts()
+        for temperature, gamma, prompt in [(0.0, 2, prompts[0]), (0.0, 5, prompts[1]), (1.0, 4, prompts[0])]:
+            tokens, stats, gen = list(prompt), SpeculativeStats(), torch.Generator().manual_seed(0)
+            caches = [KVCache(m.config, 1, 128, dtype=m.dtype) for m in (target, draft)]
+            seen = {}
+
+            def rollback(target_cache, draft_cache, num_tokens):
+                seen.update(draft_before=draft_cache.length, num_tokens=num_tokens)
+                student_fn(target_cache, draft_cache, num_tokens)
+
+            for r in range(8):
+                out = speculative_step(target, draft, tokens, *caches, gamma, temperature, gen, stats, rollback=rollback)
+                tokens += out
+                case = (f"temperature={temperature}, γ={gamma}, round {r}: {len(out) - 1} of {gamma} drafts accepted, "
+                        f"num_tokens={len(tokens)}")
+                c.check_equal(caches[0].length, len(tokens) - 1, case=case + " — target cache length", hint=(
+                    "the target saw the newest token of the last round and all γ drafts; keep the K/V of the "
+                    "num_tokens − 1 tokens that stay (the newest token is fed in the next round): "
+                    "target_cache.truncate(num_tokens - 1)"))
+                c.check_equal(caches[1].length, min(seen["draft_before"], len(tokens) - 1), case=case + " — draft cache length",
+                              hint=("roll the draft back too, or it drafts from a context with rejected tokens in it (the "
+                                    "output stays right, the acceptance rate drops); it never fed its last proposal, so "
+                                    "when all γ are accepted it holds fewer than num_tokens − 1: "
+                                    "draft_cache.truncate(min(draft_cache.length, num_tokens - 1))"))
+            if temperature == 0:
+                want = generate(target, prompt, len(tokens) - len(prompt)).token_ids
+                c.check_equal(tokens[len(prompt):], want, case=f"γ={gamma}: greedy speculative tokens vs the target's greedy tokens",
+                              hint="after a correct rollback the output equals plain greedy decoding of the target")
+    torch.set_num_threads(threads)
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 4: tokens per target step
+def check_expected_tokens(student_fn) -> CheckResult:
+    """expected_tokens(alpha, gamma) == (1 − α^(γ+1)) / (1 − α), and γ + 1 at α = 1."""
+    rng = random.Random(66)
+    cases = [(0.0, 1), (0.0, 4), (0.5, 1), (0.5, 2), (0.8, 4), (0.9, 8), (1.0, 1), (1.0, 5)]
+    cases += [(round(rng.uniform(0, 0.99), 3), rng.randint(1, 16)) for _ in range(8)]
+    with Checker("expected_tokens", points=1) as c:
+        for alpha, gamma in cases:
+            got = _as_number(student_fn(alpha, gamma))
+            want = expected_tokens_per_step(alpha, gamma)
+            if alpha < 1 and isinstance(got, float) and math.isclose(got, (1 - alpha ** gamma) / (1 - alpha), rel_tol=1e-9):
+                hint = "count the target's own token too: 1 + α + ... + α^γ has γ + 1 terms, so α^(γ+1)"
+            elif alpha == 1:
+                hint = "at α = 1 every draft is accepted: γ drafts + 1 bonus token (the formula is 0/0 there)"
+            else:
+                hint = "E[tokens] = Σ_{k=0..γ} α^k = (1 − α^(γ+1)) / (1 − α): token k+1 arrives if the first k drafts pass"
+            c.check_close(got, want, case=f"alpha={alpha}, gamma={gamma}", rtol=1e-9, atol=1e-12, hint=hint)
+    return c.result

@@ -1,0 +1,128 @@
+"""Lesson 06's checks: each passes the library's solution, reports a stub as not attempted, and fails broken variants
+with a hint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from course_lib import speculative as spec
+from course_lib.grading import lesson06
+
+
+def _stub(*args):
+    raise NotImplementedError("Exercise: write this function")
+
+
+def _leading(flags):
+    n = 0
+    while n < len(flags) and flags[n]:
+        n += 1
+    return n
+
+
+def _count_all_passes(d, q, p, u):  # forgets to stop at the first rejection
+    return sum(float(u[i]) * float(q[i, x]) < float(p[i, x]) for i, x in enumerate(d))
+
+
+def _count_inverted_ratio(d, q, p, u):  # q/p instead of p/q
+    return _leading([float(u[i]) * float(p[i, x]) < float(q[i, x]) for i, x in enumerate(d)])
+
+
+def _count_non_strict(d, q, p, u):  # u <= p/q: accepts a token the target gives probability 0 when u = 0
+    return _leading([float(u[i]) * float(q[i, x]) <= float(p[i, x]) for i, x in enumerate(d)])
+
+
+def _count_min_ratio_against_q(d, q, p, u):  # compares u with p(x) alone
+    return _leading([float(u[i]) < float(p[i, x]) for i, x in enumerate(d)])
+
+
+def _residual_unclamped(p, q):
+    return (p - q) / (p - q).sum() if (p - q).sum() != 0 else p
+
+
+def _residual_unnormalized(p, q):
+    return torch.clamp(p - q, min=0)
+
+
+def _residual_reversed(p, q):
+    r = torch.clamp(q - p, min=0)
+    return r / r.sum() if r.sum() > 0 else p
+
+
+def _residual_nan_when_equal(p, q):
+    r = torch.clamp(p - q, min=0)
+    return r / r.sum()
+
+
+def _tokens_no_bonus(alpha, gamma):
+    return gamma + 0.0 if alpha == 1 else (1 - alpha ** gamma) / (1 - alpha)
+
+
+def _tokens_zero_division(alpha, gamma):
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def _tokens_linear(alpha, gamma):
+    return 1 + alpha * gamma
+
+
+@pytest.mark.parametrize("check, good, broken", [
+    (lesson06.check_count_accepted, spec.count_accepted,
+     [_count_all_passes, _count_inverted_ratio, _count_non_strict, _count_min_ratio_against_q]),
+    (lesson06.check_residual_distribution, spec.residual_distribution,
+     [_residual_unclamped, _residual_unnormalized, _residual_reversed, _residual_nan_when_equal]),
+    (lesson06.check_expected_tokens, spec.expected_tokens_per_step,
+     [_tokens_no_bonus, _tokens_zero_division, _tokens_linear]),
+])
+def test_python_checks(check, good, broken):
+    assert check(good).status == "passed"
+    stub = check(_stub)
+    assert (stub.status, stub.points) == ("not attempted", 0)
+    for fn in broken:
+        result = check(fn)
+        assert (result.status, result.points) == ("failed", 0), fn.__name__
+        assert "hint:" in result.message or "ZeroDivisionError" in result.message, fn.__name__
+
+
+def test_hints_name_the_mistake():
+    assert "FIRST rejection" in lesson06.check_count_accepted(_count_all_passes).message
+    assert "p/q (target over draft)" in lesson06.check_count_accepted(_count_inverted_ratio).message
+    assert "strictly" in lesson06.check_count_accepted(_count_non_strict).message
+    assert "clamp at zero" in lesson06.check_residual_distribution(_residual_unclamped).message
+    assert "normalize" in lesson06.check_residual_distribution(_residual_unnormalized).message
+    assert "not the other way round" in lesson06.check_residual_distribution(_residual_reversed).message
+    assert "0/0 is NaN" in lesson06.check_residual_distribution(_residual_nan_when_equal).message
+    assert "α^(γ+1)" in lesson06.check_expected_tokens(_tokens_no_bonus).message
+
+
+# ---------------------------------------------------------------- the rollback check
+def _rollback_target_only(target_cache, draft_cache, num_tokens):  # the draft keeps rejected tokens
+    target_cache.truncate(num_tokens - 1)
+
+
+def _rollback_off_by_one(target_cache, draft_cache, num_tokens):  # keeps a rejected draft's K/V in the target
+    target_cache.truncate(min(target_cache.length, num_tokens))
+    draft_cache.truncate(min(draft_cache.length, num_tokens - 1))
+
+
+def _rollback_no_min(target_cache, draft_cache, num_tokens):  # fails when all drafts are accepted
+    target_cache.truncate(num_tokens - 1)
+    draft_cache.truncate(num_tokens - 1)
+
+
+def _rollback_nothing(target_cache, draft_cache, num_tokens):
+    pass
+
+
+def test_rollback_check():
+    assert lesson06.check_rollback_caches(spec.rollback_caches).status == "passed"
+    stub = lesson06.check_rollback_caches(_stub)
+    assert (stub.status, stub.points) == ("not attempted", 0)
+    target_only = lesson06.check_rollback_caches(_rollback_target_only)
+    assert target_only.status == "failed" and "draft cache length" in target_only.message
+    off_by_one = lesson06.check_rollback_caches(_rollback_off_by_one)
+    assert off_by_one.status == "failed" and "target cache length" in off_by_one.message
+    no_min = lesson06.check_rollback_caches(_rollback_no_min)
+    assert no_min.status == "failed" and "ValueError" in no_min.message
+    nothing = lesson06.check_rollback_caches(_rollback_nothing)
+    assert nothing.status == "failed" and "target cache length" in nothing.message
