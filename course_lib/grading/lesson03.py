@@ -1,0 +1,221 @@
+"""Checks of lesson 03 (FlashAttention): online softmax, tiled attention in torch, the Triton forward kernel
+(non-causal, GQA) and its causal two-stage version. The kernels are launched in the interpreter on CPU
+(compiled on a GPU) at tiny shapes, lengths that are not multiples of the blocks first among the cases."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from course_lib.attention import attention
+from course_lib.device import DEVICE, HAS_GPU
+from course_lib.grading.core import Checker, CheckResult
+
+LOG2E = 1.4426950408889634
+
+
+@contextlib.contextmanager
+def _watch_softmax():
+    """Count calls of torch's own softmax / logsumexp (the exercises must compute it themselves)."""
+    import torch.nn.functional as F
+
+    used: list[str] = []
+    originals = [(torch, "softmax"), (torch, "logsumexp"), (F, "softmax"), (torch.Tensor, "softmax"),
+                 (torch.Tensor, "logsumexp"), (torch, "log_softmax"), (F, "log_softmax")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
+
+    def wrap(name, fn):
+        def spy(*args, **kwargs):
+            used.append(name)
+            return fn(*args, **kwargs)
+        return spy
+
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, wrap(f"{getattr(owner, '__name__', owner)}.{name}", fn))
+        yield used
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+_NO_SOFTMAX_HINT = ("compute it yourself with a running max m and running sum l (that is the exercise); "
+                    "torch.softmax / logsumexp are not allowed here")
+
+
+# ---------------------------------------------------------------- exercise 1: online softmax
+def check_online_softmax(student_fn) -> CheckResult:
+    """``online_softmax(x, block_size)`` == softmax(x, dim=-1), reading x in blocks of ``block_size`` columns.
+
+    Cases: a growing max (the running sum must be rescaled), logits near 1000 (exp overflows without
+    subtracting the max), rows that start with -inf (masked), block sizes that do not divide the length.
+    """
+    gen = torch.Generator().manual_seed(3)
+    cases = [("increasing: the max grows in every block", torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]), 2),
+             ("decreasing", torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]]), 2),
+             ("one block", torch.randn(2, 5, generator=gen), 8),
+             ("random, block does not divide 10", torch.randn(3, 10, generator=gen), 4),
+             ("large logits (~1000)", torch.randn(4, 37, generator=gen) * 50 + 1000, 8),
+             ("first block all -inf (masked)", torch.cat([torch.full((2, 4), float("-inf")), torch.randn(2, 9, generator=gen)], 1), 4),
+             ("3-D input", torch.randn(2, 3, 33, generator=gen) * 10, 5)]
+    with Checker("online_softmax", points=2) as c:
+        for name, x, block in cases:
+            with _watch_softmax() as used:
+                got = student_fn(x.clone(), block)
+            case = f"{name}: x {tuple(x.shape)}, block_size={block}"
+            c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
+                    hint=_NO_SOFTMAX_HINT)
+            want = torch.softmax(x, dim=-1)
+            hint = ("when a block raises the running max from m to m_new, the sum so far was taken relative to m: "
+                    "multiply it by exp(m - m_new) before adding the new block's exp(x - m_new)")
+            if "large" in name:
+                hint = "subtract the running max before exp: exp(1000) overflows to inf in float32"
+            elif "-inf" in name:
+                hint = "a block of only -inf leaves m = -inf, and exp(-inf - (-inf)) is nan: treat exp(-inf) as 0"
+            c.check_close(got, want, case=case, rtol=1e-5, atol=1e-6, hint=hint)
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 2: tiled attention
+class _ShapeSpy(TorchDispatchMode):
+    """Records the shapes of floating-point tensors that torch ops create."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return out
+
+
+def check_tiled_attention(student_fn) -> CheckResult:
+    """``tiled_attention(q, k, v, causal=..., block_n=...)`` == attention, q [B, H, Sq, D], k/v [B, H, Skv, D],
+    computed block by block: no [Sq, Skv] score matrix may be created (only [Sq, block_n] pieces)."""
+    gen = torch.Generator().manual_seed(4)
+    cases = [(1, 1, 4, 8, 16, False, 4), (1, 2, 5, 13, 16, False, 4), (2, 2, 7, 30, 8, False, 8),
+             (1, 2, 6, 20, 16, True, 8), (1, 1, 1, 33, 8, True, 16), (1, 2, 9, 9, 16, True, 4)]
+    with Checker("tiled_attention", points=2) as c:
+        for B, H, Sq, Skv, D, causal, block_n in cases:
+            q, k, v = (torch.randn(B, H, s, D, generator=gen) for s in (Sq, Skv, Skv))
+            q = q * 3  # scores of a few tens: large enough that a missing rescale shows (D != Skv in every case,
+            # so that the only [.., Sq, Skv] tensor can be a score matrix)
+            case = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, causal={causal}, block_n={block_n}"
+            with _watch_softmax() as used, _ShapeSpy() as spy:
+                got = student_fn(q, k, v, causal=causal, block_n=block_n)
+            c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
+                    hint=_NO_SOFTMAX_HINT)
+            full = [s for s in spy.shapes if len(s) >= 2 and s[-2:] == (Sq, Skv)]
+            c.check(not full or Skv <= block_n, case=case, expected=f"no [.., {Sq}, {Skv}] score matrix (that is O(S²) memory)",
+                    got=f"a tensor of shape {full[0] if full else ''} was created",
+                    hint="compute q @ k_blockᵀ for one block of block_n keys at a time, inside the loop")
+            hint = ("keep m, l and acc per query row; when m grows to m_new, multiply BOTH l and acc by exp(m - m_new)")
+            if causal and Skv > Sq:
+                hint = ("queries are the LAST Sq positions: query row i sits at position i + Skv - Sq and may see "
+                        "keys j <= i + Skv - Sq (bottom-right alignment)")
+            c.check_close(got, attention(q, k, v, causal=causal), case=case, rtol=1e-4, atol=1e-5, hint=hint)
+    return c.result
+
+
+# ---------------------------------------------------------------- exercises 3 and 4: the Triton kernels
+def _is_stub(kernel) -> bool:
+    try:
+        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
+    except (OSError, TypeError):
+        return False
+    return "raise NotImplementedError" in source
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch `kernel`; surface the learner's own exception (the interpreter wraps it in InterpreterError)."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, NotImplementedError):
+            cause = cause.__cause__
+        if cause is not None:  # interpreter: the stub's own NotImplementedError
+            raise cause from None
+        if _is_stub(kernel):  # compiled on a GPU: `raise` does not compile at all
+            raise NotImplementedError("Exercise: write the kernel") from err
+        if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
+            raise err.__cause__ from None  # the learner's error, with the line of their kernel
+        raise
+
+
+_BLOCK = dict(BLOCK_M=16, BLOCK_N=16)
+
+
+def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
+    c.check(callable(getattr(kernel, "__getitem__", None)), case="the object passed in",
+            expected="a Triton kernel (a function decorated with @triton.jit)", got=type(kernel).__name__,
+            hint="pass the kernel itself, e.g. check_flash_kernel(_flash_fwd_kernel)")
+    gen = torch.Generator().manual_seed(5)
+    dtypes = [torch.float16, torch.bfloat16] if HAS_GPU else [torch.float32, torch.float16]
+    for dtype in dtypes:
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+        for B, Hq, Hkv, Sq, Skv, D, scale in cases:
+            q = (torch.randn(B, Hq, Sq, D, generator=gen) * scale).to(DEVICE, dtype)
+            k = torch.randn(B, Hkv, Skv, D, generator=gen).to(DEVICE, dtype)
+            v = torch.randn(B, Hkv, Skv, D, generator=gen).to(DEVICE, dtype)
+            # out is followed by a guard region of NaN: a store of rows past Sq lands there
+            out_buf = torch.full((B * Hq * Sq * D + 16 * D,), float("nan"), device=DEVICE, dtype=dtype)
+            out = out_buf[: B * Hq * Sq * D].view(B, Hq, Sq, D)
+            qk_scale = LOG2E / math.sqrt(D)
+            grid = (triton.cdiv(Sq, _BLOCK["BLOCK_M"]), B * Hq)
+            _launch(kernel, grid, q, k, v, out, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM=D, **_BLOCK)
+            case = (f"q [B={B}, Hq={Hq}, Sq={Sq}, D={D}], k/v [B={B}, Hkv={Hkv}, Skv={Skv}, D={D}], {dtype}, "
+                    f"qk_scale={qk_scale:.4f}, BLOCK_M=BLOCK_N=16, grid={grid}")
+            spill = int((~torch.isnan(out_buf[out.numel():])).sum())
+            c.check(spill == 0, case=case, expected="nothing written after the last query row",
+                    got=f"{spill} element(s) past the end of out were written",
+                    hint="the last query block is partial: store with mask=offs_m[:, None] < Sq")
+            want = attention(q.float(), k.float(), v.float(), causal=causal).to(dtype)
+            if Hkv != Hq:
+                hint = ("GQA: query head h reads kv head h // (Hq // Hkv), so Hq // Hkv consecutive query heads "
+                        "share one kv head; k/v of batch b, kv head g start at (b * Hkv + g) * Skv * D")
+            elif Sq % 16 or Skv % 16:
+                hint = ("lengths that are not multiples of the blocks: load K/V with mask=cols[:, None] < Skv "
+                        "(other=0) AND set the scores of those columns to -inf, or the padding keys get weight")
+            else:
+                hint = ("online softmax in log2 units: qk = q·kᵀ·qk_scale; m_new = max(m_i, rowmax(qk)); "
+                        "p = exp2(qk - m_new); alpha = exp2(m_i - m_new); l_i = l_i·alpha + rowsum(p); "
+                        "acc = acc·alpha + p @ v; at the end out = acc / l_i")
+            if causal and Skv > Sq:
+                hint = ("queries are the LAST Sq of the Skv positions: row i sees keys j <= i + (Skv - Sq); "
+                        "the stage bounds and the mask both need that offset")
+            elif causal:
+                hint = ("causal: row i sees keys j <= i. Stage 1 runs over the key blocks every row of the query "
+                        "block may see (no mask), stage 2 over the diagonal blocks with the mask; " + hint)
+            c.check_close(out, want, case=case, hint=hint, **tol)
+
+
+def check_flash_kernel(kernel) -> CheckResult:
+    """The non-causal FlashAttention forward kernel
+    ``(q_ptr, k_ptr, v_ptr, out_ptr, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N)`` on contiguous
+    q [B, Hq, Sq, D] and k/v [B, Hkv, Skv, D], grid (cdiv(Sq, BLOCK_M), B * Hq), against the torch reference:
+    block multiples, ragged lengths, GQA and MQA, one query, large logits."""
+    cases = [(1, 1, 1, 16, 16, 16, 1.0), (1, 2, 2, 16, 48, 16, 1.0), (1, 2, 2, 20, 37, 16, 1.0),
+             (1, 2, 2, 1, 23, 32, 1.0), (1, 2, 2, 33, 33, 16, 8.0), (2, 4, 2, 16, 32, 16, 1.0),
+             (1, 4, 1, 7, 19, 32, 1.0)]
+    with Checker("flash_kernel", points=3, timeout_s=180) as c:
+        _run_kernel_cases(c, kernel, cases, causal=False)
+    return c.result
+
+
+def check_causal_kernel(kernel) -> CheckResult:
+    """The causal kernel with the two-stage loop, same signature and launch as ``check_flash_kernel``; queries
+    are the last Sq of the Skv positions (bottom-right). Sq == Skv first, then Skv > Sq (a cached prefix),
+    one query (decoding), GQA."""
+    cases = [(1, 1, 1, 32, 32, 16, 1.0), (1, 2, 2, 20, 20, 16, 1.0), (1, 2, 2, 16, 48, 16, 1.0),
+             (1, 2, 2, 5, 40, 16, 1.0), (1, 2, 2, 1, 33, 32, 1.0), (1, 2, 2, 17, 50, 16, 8.0),
+             (2, 4, 2, 12, 29, 16, 1.0)]
+    with Checker("causal_kernel", points=3, timeout_s=180) as c:
+        _run_kernel_cases(c, kernel, cases, causal=True)
+    return c.result

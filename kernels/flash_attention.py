@@ -1,0 +1,256 @@
+"""FlashAttention forward in Triton (after Triton's tutorial 06-fused-attention.py): softmax(q kᵀ·scale) v
+without ever writing the [Sq, Skv] score matrix to memory.
+
+Each program owns BLOCK_M query rows of one (batch, query head). It keeps them in registers and streams the
+keys and values of their kv head through on-chip memory, BLOCK_N rows at a time, with the *online softmax*:
+a running row maximum ``m_i``, a running sum of exponentials ``l_i`` and an unnormalized output ``acc``; when a
+new block raises the maximum, the old ``l_i`` and ``acc`` are rescaled by ``exp(m_old - m_new)``. HBM traffic
+is one read of Q, K, V and one write of O (plus K/V re-reads per query block), O(S·D) instead of O(S²).
+
+Details that make it fast, as in the tutorial:
+- ``exp2`` instead of ``exp``: the softmax scale is folded into ``qk_scale = sm_scale · log2(e)``, so
+  ``exp(s·x) = exp2(qk_scale·x)`` costs one multiply per score (exp2 is the native instruction).
+- The causal two-stage loop: key blocks that every row of the query block may see are processed without a
+  mask (stage 1); only the few blocks on the diagonal, and the last partial block, pay for one (stage 2).
+- Autotuned block sizes, warps and pipeline stages on a GPU (one small fixed config in the interpreter).
+
+Shapes: q [B, Hq, Sq, D], k and v [B, Hkv, Skv, D], GQA with Hq % Hkv == 0 (query head h reads kv head
+h // (Hq / Hkv)). With ``causal`` the queries are the last Sq of the Skv positions (bottom-right alignment:
+query i sees keys j <= i + Skv - Sq), as in prefill after a cached prefix or in decoding.
+"""
+from __future__ import annotations
+
+import math
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
+import triton
+import triton.language as tl
+
+from course_lib.device import INTERPRET
+
+#: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
+HEAD_DIMS = (16, 32, 64, 128)
+#: Dtypes compiled on a GPU; the interpreter runs float32/float16 (its bfloat16 tl.dot is broken, triton #11584).
+GPU_DTYPES = (torch.float16, torch.bfloat16)
+INTERPRETER_DTYPES = (torch.float32, torch.float16)
+#: The launch config used in the interpreter: small blocks keep CPU runs fast (BLOCK_N < BLOCK_M on purpose,
+#: so the stage bounds are exercised with unequal blocks).
+INTERPRETER_CONFIG = dict(BLOCK_M=32, BLOCK_N=16)
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q,  # running state of BLOCK_M query rows, and the rows themselves
+                    k_ptrs, v_ptrs,  # pointers to K/V rows 0..BLOCK_N-1 of this kv head: [BLOCK_N, HEAD_DIM]
+                    stride_kn, stride_vn,  # elements between consecutive K (V) rows
+                    offs_m, offs_n,  # query rows of this block [BLOCK_M], 0..BLOCK_N-1 [BLOCK_N]
+                    lo, hi,  # the key rows [lo, hi) this stage streams, lo a multiple of BLOCK_N
+                    Skv, causal_offset, qk_scale,  # keys in all; Skv - Sq; sm_scale * log2(e)
+                    STAGE: tl.constexpr,  # 1: every key of [lo, hi) is visible to every row, no mask;
+                    # 2: mask keys >= Skv and, when CAUSAL, keys after a row's position
+                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)  # a hint for the compiler: aligned loads
+        cols = start_n + offs_n  # key positions of this block [BLOCK_N]
+        # -- scores of BLOCK_M queries against BLOCK_N keys, in fp32 on the tensor cores --
+        if STAGE == 1:
+            k = tl.load(k_ptrs + start_n * stride_kn)  # [BLOCK_N, HEAD_DIM], in bounds: no mask needed
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=cols[:, None] < Skv, other=0.0)
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+        if STAGE == 2:
+            visible = cols[None, :] < Skv
+            if CAUSAL:  # query row i sits at position i + Skv - Sq and sees keys up to there
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))  # new running max (log2 units, scale folded in)
+            qk = qk - m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]  # one fused multiply-add per score
+        p = tl.math.exp2(qk)  # unnormalized probabilities, <= 1
+        # -- online softmax: rescale what was accumulated under the old max --
+        alpha = tl.math.exp2(m_i - m_ij)  # exp(m_old - m_new) <= 1; 0 on the first block (m_old = -inf)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        # -- accumulate P @ V (P rounded to V's dtype for the tensor cores, the sum stays fp32) --
+        if STAGE == 1:
+            v = tl.load(v_ptrs + start_n * stride_vn)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=cols[:, None] < Skv, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, LSE,  # pointers; LSE [B, Hq, Sq] fp32, written only when RETURN_LSE
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_om, stride_od,
+              Hq, GROUP,  # query heads; query heads per kv head (Hq // Hkv)
+              Sq, Skv, qk_scale,
+              SQ_BUCKET, SKV_BUCKET,  # next powers of two of Sq, Skv: only the autotuner's cache key reads them
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr):
+    # Grid: (query blocks, B * Hq). Causal programs of late query blocks have the most keys to visit:
+    # launch those first so that the short ones fill the tail of the GPU's schedule.
+    if CAUSAL:
+        start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // Hq).to(tl.int64)  # int64: batch offsets of large tensors overflow int32
+    off_h = off_bh % Hq
+    off_hkv = off_h // GROUP  # GQA: GROUP consecutive query heads share one kv head
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows of this program
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+
+    # The query block stays in registers for the whole loop; rows past Sq read zeros and are never stored.
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < Sq, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the scaled scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of exp2(score - m_i) * v
+
+    causal_offset = Skv - Sq
+    if CAUSAL:
+        # Keys [0, full_end) are visible to every row of the block (the first row, at position
+        # start_m*BLOCK_M + Skv - Sq, sees them all): stage 1. Keys [full_end, diag_end) are visible to some
+        # rows only (the diagonal): stage 2, masked. Keys from diag_end on are hidden from all rows: skipped.
+        full_end = tl.minimum(start_m * BLOCK_M + causal_offset + 1, Skv) // BLOCK_N * BLOCK_N
+        diag_end = tl.minimum((start_m + 1) * BLOCK_M + causal_offset, Skv)
+    else:
+        full_end = Skv // BLOCK_N * BLOCK_N  # whole blocks: no mask; the last partial block: masked
+        diag_end = Skv
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                    0, full_end, Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
+                                    full_end, diag_end, Skv, causal_offset, qk_scale, 2, CAUSAL, BLOCK_N)
+
+    # Epilogue: normalize once at the end (not per block), store.
+    acc = acc / l_i[:, None]
+    if RETURN_LSE:  # log-sum-exp of the scaled scores, natural log: what a backward pass or a merge of
+        # partial attentions (split-KV decoding) needs
+        lse_ptrs = LSE + off_bh.to(tl.int64) * Sq + offs_m
+        tl.store(lse_ptrs, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < Sq)  # · ln(2)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=offs_m[:, None] < Sq)
+
+
+def stage_bounds(start_m: int, block_m: int, block_n: int, Sq: int, Skv: int, causal: bool) -> tuple[int, int]:
+    """The key ranges of query block ``start_m``, as the kernel computes them (a host-side mirror, for plots):
+    keys [0, full_end) are stage 1 (no mask), [full_end, diag_end) stage 2 (masked), [diag_end, Skv) skipped."""
+    if causal:
+        offset = Skv - Sq
+        return min(start_m * block_m + offset + 1, Skv) // block_n * block_n, min((start_m + 1) * block_m + offset, Skv)
+    return Skv // block_n * block_n, Skv
+
+
+# ---------------------------------------------------------------- autotuning (GPU only)
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU. Few on purpose: each one is a compilation.
+GPU_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3),
+               (16, 64, 4, 3), (16, 128, 4, 2)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep block heights that suit the number of queries: 16 rows for decoding, 64-128 for prefill."""
+    sq_bucket = {**named_args, **kwargs}["SQ_BUCKET"]
+    keep = [c for c in configs if min(sq_bucket, 64) <= c.kwargs["BLOCK_M"] <= max(sq_bucket, 16)]
+    return keep or [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+
+
+_attn_fwd_tuned = None if INTERPRET else triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in GPU_CONFIGS],
+    key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "RETURN_LSE"],  # (+ the dtypes of the tensors)
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_attn_fwd)
+
+
+# ---------------------------------------------------------------- the public wrapper
+def _check_inputs(q, k, v, causal, sm_scale) -> None:
+    """Raise a ValueError naming the argument for anything the kernel cannot compute."""
+    allowed = INTERPRETER_DTYPES if INTERPRET else GPU_DTYPES
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected 4 dims, "
+                             f"{'[B, Hq, Sq, D]' if name == 'q' else '[B, Hkv, Skv, D]'}")
+        if t.dtype not in allowed:
+            why = (" (the Triton interpreter's bfloat16 tl.dot returns garbage, triton issue 11584: on CPU use "
+                   "float16 or float32)" if INTERPRET and t.dtype == torch.bfloat16 else "")
+            raise ValueError(f"{name} has dtype {t.dtype}; expected one of {', '.join(map(str, allowed))}{why}")
+        if not INTERPRET and t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
+        if INTERPRET and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}; expected the dtype of q, {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}; expected the device of q, {q.device}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected [B={B}, Hkv, Skv, D={D}] to match q {tuple(q.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}; expected the shape of k, {tuple(k.shape)}")
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"q has head dim D={D} (shape {tuple(q.shape)}); expected one of {HEAD_DIMS}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"k has {Hkv} kv heads (shape {tuple(k.shape)}); expected a divisor of q's {Hq} heads (GQA)")
+    if Skv == 0:
+        raise ValueError(f"k has shape {tuple(k.shape)}: no keys to attend to (Skv = 0)")
+    if causal and Sq > Skv:
+        raise ValueError(f"causal attention needs Sq <= Skv (queries are the last Sq of the Skv positions); "
+                         f"got q with Sq={Sq} and k with Skv={Skv}")
+    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    sm_scale: float | None = None, return_lse: bool = False):
+    """softmax(q kᵀ · sm_scale) v with the Triton FlashAttention forward kernel ``_attn_fwd``.
+
+    q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0; D in 16/32/64/128; any Sq, Skv >= 1.
+    dtypes: float16/bfloat16 compiled on a GPU, float32/float16 in the interpreter (CPU tensors).
+    causal: queries are the last Sq of the Skv positions (query i sees keys j <= i + Skv - Sq).
+    sm_scale: default 1/sqrt(D).
+    Returns out [B, Hq, Sq, D] in q's dtype, and with ``return_lse`` also the log-sum-exp of each row of
+    scaled scores, lse [B, Hq, Sq] float32 (natural log), so that softmax = exp(scores·sm_scale - lse).
+    Raises ValueError, naming the argument, for shapes, dtypes or devices it cannot handle.
+    """
+    return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse)
+
+
+def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None):
+    """``flash_attention`` with an optional fixed launch config
+    ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of autotuning (tests use it)."""
+    _check_inputs(q, k, v, causal, sm_scale)
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:  # Sq = 0 or B = 0 or Hq = 0: nothing to compute, and a 0-sized grid is not a launch
+        return (out, lse) if return_lse else out
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
+    flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse))
+    if config is None and not INTERPRET:
+        grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # noqa: E731  (BLOCK_M: the tuned one)
+        _attn_fwd_tuned[grid](*args, **flags)
+    else:
+        config = dict(config or INTERPRETER_CONFIG)
+        if INTERPRET:  # the interpreter runs programs one by one; warps and stages mean nothing there
+            config.pop("num_warps", None)
+            config.pop("num_stages", None)
+        _attn_fwd[(triton.cdiv(Sq, config["BLOCK_M"]), B * Hq)](*args, **flags, **config)
+    return (out, lse) if return_lse else out
