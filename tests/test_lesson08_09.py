@@ -1,0 +1,142 @@
+"""Lessons 08 and 09: every check passes the solution, reports a stub as not attempted, and catches broken variants."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from course_lib.grading import lesson08, lesson09
+from course_lib.parallel.schedule import bubble_formula, measured_bubble
+from course_lib.parallel.tensor import row_parallel_forward
+
+
+def _stub(*args, **kwargs):
+    raise NotImplementedError("Exercise: write this function")
+
+
+# ---------------------------------------------------------------- lesson 08: row-parallel forward
+def _row_no_reduce(x, w, b, all_reduce):
+    y = x @ w.T
+    return y + b if b is not None else y
+
+
+def _row_bias_before_reduce(x, w, b, all_reduce):
+    y = x @ w.T
+    if b is not None:
+        y = y + b
+    all_reduce(y)
+    return y
+
+
+def _row_returns_none(x, w, b, all_reduce):
+    y = x @ w.T
+    return all_reduce(y)
+
+
+def _row_reduce_twice(x, w, b, all_reduce):
+    y = x @ w.T
+    all_reduce(y)
+    all_reduce(torch.zeros(1))
+    return y + b if b is not None else y
+
+
+def _row_wrong_transpose(x, w, b, all_reduce):
+    y = x @ w  # [.., in/tp] @ [out, in/tp]: a shape error
+    all_reduce(y)
+    return y
+
+
+# ---------------------------------------------------------------- lesson 08: column + row MLP
+def _mlp_good(x, gate, up, down, all_reduce):
+    y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+    all_reduce(y)
+    return y
+
+
+def _mlp_reduce_hidden_too(x, gate, up, down, all_reduce):
+    g, u = F.linear(x, gate), F.linear(x, up)
+    all_reduce(g)  # sums *different* hidden units of the ranks: wrong, and an extra all-reduce
+    all_reduce(u)
+    y = F.linear(F.silu(g) * u, down)
+    all_reduce(y)
+    return y
+
+
+def _mlp_no_reduce(x, gate, up, down, all_reduce):
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _mlp_silu_after_reduce(x, gate, up, down, all_reduce):
+    # the nonlinearity applied to partial sums of a (wrongly) row-split gate: the classic mistake
+    y = F.linear(F.linear(x, gate) * F.linear(x, up), down)
+    all_reduce(y)
+    return F.silu(y)
+
+
+def _mlp_extra_harmless_reduce(x, gate, up, down, all_reduce):
+    y = _mlp_good(x, gate, up, down, all_reduce)
+    z = torch.zeros_like(y)
+    all_reduce(z)  # right answer, but two all-reduces
+    return y + z
+
+
+# ---------------------------------------------------------------- lesson 09
+def _bubble_formula_only(events):
+    p, m = len({e["stage"] for e in events}), len({e["mb"] for e in events})
+    return bubble_formula(p, m)
+
+
+def _bubble_counts_comm(events):
+    p = len({e["stage"] for e in events})
+    span = max(e["end"] for e in events) - min(e["start"] for e in events)
+    return 1 - sum(e["end"] - e["start"] for e in events) / (p * span)
+
+
+def _bubble_per_stage_span(events):
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    idle = total = 0.0
+    for s in {e["stage"] for e in work}:
+        mine = [e for e in work if e["stage"] == s]
+        span = max(e["end"] for e in mine) - min(e["start"] for e in mine)
+        idle += span - sum(e["end"] - e["start"] for e in mine)
+        total += span
+    return idle / total
+
+
+def _micro_good(p, b):
+    return max(1, math.ceil((p - 1) * (1 - b) / b - 1e-9))
+
+
+@pytest.mark.parametrize("check, good, broken", [
+    (lesson08.check_row_parallel_forward, row_parallel_forward,
+     [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose]),
+    (lesson08.check_tp_mlp_forward, _mlp_good,
+     [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce]),
+    (lesson09.check_bubble_fraction, measured_bubble, [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span]),
+    (lesson09.check_microbatches_for_bubble, _micro_good, [
+        lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9) + 1,             # off by one
+        lambda p, b: math.ceil((p - 1) / b),                                  # forgot the m + p - 1
+        lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9),                 # 0 micro-batches for p = 1
+    ]),
+])
+def test_checks_pass_good_stub_and_broken(check, good, broken):
+    result = check(good)
+    assert result.status == "passed", result.message
+    stub = check(_stub)
+    assert (stub.status, stub.points) == ("not attempted", 0)
+    for fn in broken:
+        r = check(fn)
+        assert (r.status, r.points) == ("failed", 0), fn.__name__
+        assert "hint:" in r.message or "your code raised" in r.message, r.message
+
+
+def test_hints_name_the_mistake():
+    assert "added before the all-reduce" in lesson08.check_row_parallel_forward(_row_bias_before_reduce).message
+    assert "returned None" in lesson08.check_row_parallel_forward(_row_returns_none).message
+    assert "no all_reduce call" in lesson08.check_row_parallel_forward(_row_no_reduce).message
+    assert "exactly 1 all_reduce" in lesson08.check_tp_mlp_forward(_mlp_extra_harmless_reduce).message
+    assert "only the row-parallel" in lesson08.check_tp_mlp_forward(_mlp_reduce_hidden_too).message
+    assert "formula" in lesson09.check_bubble_fraction(_bubble_formula_only).message
+    assert "only compute events" in lesson09.check_bubble_fraction(_bubble_counts_comm).message
