@@ -6,4 +6,6 @@ when it is first imported, so the same kernels run in the interpreter on CPU ten
 import course_lib.device  # noqa: F401  (must come before any import of triton)
 
 from kernels.vector_add import add  # noqa: F401
+from kernels.store_kv import store_kv  # noqa: F401,E402
+from kernels.paged_attention import paged_attention_decode  # noqa: F401,E402
 from kernels.flash_attention import flash_attention  # noqa: F401,E402

@@ -21,6 +21,39 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Reference for ``kernels.store_kv``: k, v [T, Hkv, D] written in place into k_cache, v_cache
+    [N, P, Hkv, D] at slots ``slot_mapping`` [T] (slot = block * P + offset; a negative slot is skipped)."""
+    N, P, Hkv, D = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(N * P, Hkv, D)[slots] = k[keep]
+    v_cache.view(N * P, Hkv, D)[slots] = v[keep]
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, *,
+                           sm_scale: float | None = None, **_) -> torch.Tensor:
+    """Reference for ``kernels.paged_attention_decode``: q [B, Hq, D]; caches [N, P, Hkv, D]; block_tables
+    int32 [B, max_blocks]; context_lens int32 [B]. Gathers each sequence's K/V through its block table into
+    a contiguous [1, Hkv, L, D] and calls the plain attention. Returns [B, Hq, D] (zeros where L = 0).
+    Extra keyword arguments of the kernel (num_splits, max_context_len) are accepted and ignored."""
+    from course_lib.attention import attention
+
+    N, P, Hkv, D = k_cache.shape
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        L = int(context_lens[b])
+        if L == 0:
+            continue
+        blocks = block_tables[b, : -(-L // P)].long()                          # the blocks holding tokens 0 ... L-1
+        k = k_cache[blocks].reshape(-1, Hkv, D)[:L].transpose(0, 1)[None]      # [1, Hkv, L, D]
+        v = v_cache[blocks].reshape(-1, Hkv, D)[:L].transpose(0, 1)[None]
+        out[b] = attention(q[b, :, None][None], k, v, sm_scale=sm_scale)[0, :, 0]
+    return out
+
+
 def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                         sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for ``kernels.flash_attention(..., return_lse=True)``: (out, lse) with lse [B, Hq, Sq] float32,
