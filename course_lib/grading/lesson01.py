@@ -1,0 +1,219 @@
+"""Checks of lesson 01 (the KV cache): its size, writing into it, decoding with it, and the FLOPs it saves.
+
+Each check runs the learner's code on the smallest cases first and stops at the first failure with the case,
+expected vs got, and a hint aimed at the usual mistake (recognised from the wrong value where possible).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from course_lib.config import PRESETS, ModelConfig
+from course_lib.flops import attention_pairs, decode_step_flops, linear_params_per_layer
+from course_lib.grading.core import Checker, CheckResult
+from course_lib.kv_cache import kv_cache_bytes
+
+_TINY = ModelConfig()  # the shape of the shipped tiny models: L=6, E=256, Hq=8, Hkv=4, D=32, V=2048
+_MQA = dataclasses.replace(PRESETS["llama-2-7b"], num_key_value_heads=1)  # a hypothetical multi-query 7B
+_CONFIGS = [("tiny (L=6, Hq=8, Hkv=4, D=32)", _TINY), ("llama-2-7b (MHA)", PRESETS["llama-2-7b"]),
+            ("llama-2-13b (MHA)", PRESETS["llama-2-13b"]), ("llama-3-8b (GQA, Hkv=8)", PRESETS["llama-3-8b"]),
+            ("llama-2-70b (GQA, Hkv=8)", PRESETS["llama-2-70b"]), ("qwen2-7b (GQA, Hkv=4)", PRESETS["qwen2-7b"]),
+            ("llama-2-7b as MQA (Hkv=1)", _MQA)]
+
+
+def _diagnose(got, candidates: dict[str, float], default: str) -> str:
+    """The hint of the first known mistake whose value matches `got`, else `default`."""
+    if isinstance(got, (int, float)) and not isinstance(got, bool):
+        for hint, value in candidates.items():
+            if math.isclose(got, value, rel_tol=1e-9):
+                return hint
+    return default
+
+
+# ---------------------------------------------------------------- exercise 1: KV cache size
+def check_kv_cache_bytes(student_fn) -> CheckResult:
+    """kv_cache_bytes(config, num_tokens, batch_size, bytes_per_element) == 2·L·Hkv·D·tokens·batch·bytes."""
+    cases = [(_TINY, "tiny", 1, 1, 4), (_TINY, "tiny", 512, 1, 4), (_TINY, "tiny", 100, 3, 2)]
+    cases += [(cfg, name, n, b, e) for name, cfg in _CONFIGS[1:]
+              for n, b, e in [(1, 1, 2), (2048, 1, 2), (4096, 16, 2), (4096, 8, 1)]]
+    with Checker("kv_cache_bytes", points=1) as c:
+        for cfg, name, n, b, e in cases:
+            got = student_fn(cfg, n, b, e)
+            L, Hq, Hkv, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            want = kv_cache_bytes(cfg, n, b, e)
+            hint = _diagnose(got, {
+                "you forgot the factor 2: the cache holds a key AND a value vector per token, layer and KV head":
+                    want / 2,
+                "the cache stores num_key_value_heads heads, not num_attention_heads: with GQA several query heads "
+                "share one K/V head (that is the whole point of GQA)": 2 * L * Hq * D * n * b * e,
+                "every layer has its own keys and values: multiply by num_hidden_layers": 2 * Hkv * D * n * b * e,
+                "multiply by bytes_per_element: the answer is in bytes, not elements": 2 * L * Hkv * D * n * b,
+                "each sequence of the batch has its own cache: multiply by batch_size": 2 * L * Hkv * D * n * e,
+            }, "bytes = 2 (K and V) · num_hidden_layers · num_key_value_heads · head_dim · num_tokens · batch_size "
+               "· bytes_per_element")
+            c.check_close(got, want, rtol=1e-12, atol=0, hint=hint,
+                          case=f"{name}: num_tokens={n}, batch_size={b}, bytes_per_element={e}")
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 2: writing into the cache
+def check_kv_cache_update(student_fn) -> CheckResult:
+    """update(cache_k, cache_v, k, v, start) writes k, v [B, Hkv, S, D] into the preallocated buffers
+    [B, Hkv, S_max, D] at positions start ... start+S-1, in place, and returns views of the filled part
+    (positions 0 ... start+S-1). Each case is a prefill followed by decode steps, as in generation."""
+    gen = torch.Generator().manual_seed(1)
+    # (B, Hkv, D, S_max, tokens written by each call, dtype): small first; the last one fills the buffer exactly
+    cases = [(1, 1, 4, 8, [3, 1, 1], torch.float32), (2, 2, 8, 16, [1, 1, 1, 1], torch.float32),
+             (2, 4, 32, 64, [10, 1, 1, 5, 1], torch.float32), (1, 4, 32, 20, [12, 1, 1, 6], torch.float16)]
+    with Checker("kv_cache_update", points=2) as c:
+        for B, Hkv, D, S_max, steps, dtype in cases:
+            cache_k = torch.zeros(B, Hkv, S_max, D, dtype=dtype)
+            cache_v = torch.zeros(B, Hkv, S_max, D, dtype=dtype)
+            ks, vs, start = [], [], 0
+            for call, S in enumerate(steps):
+                # As the model makes them: [B, S, Hkv, D] transposed to [B, Hkv, S, D], a non-contiguous view.
+                k = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).transpose(1, 2)
+                v = torch.randn(B, S, Hkv, D, generator=gen).to(dtype).transpose(1, 2)
+                ks, vs = ks + [k], vs + [v]
+                end = start + S
+                case = (f"B={B}, Hkv={Hkv}, D={D}, S_max={S_max}, {dtype}: call {call + 1} of {steps} tokens, "
+                        f"start={start}, k of shape {list(k.shape)}")
+                out = student_fn(cache_k, cache_v, k, v, start)
+                c.check(isinstance(out, (tuple, list)) and len(out) == 2, case=case, expected="a pair (k_all, v_all)",
+                        got=type(out).__name__, hint="return the keys and the values so far: return k_all, v_all")
+                want_k, want_v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+                for got, want, buf, new, name in ((out[0], want_k, cache_k, k, "k"), (out[1], want_v, cache_v, v, "v")):
+                    if isinstance(got, torch.Tensor) and got.dim() == 4 and got.shape[2] == S_max != end:
+                        hint = (f"return only the filled positions, {name}_all = cache_{name}[:, :, :start + S] (here "
+                                f":{end}); the rest of the buffer holds zeros of tokens that do not exist yet, and "
+                                "attention would attend to them")
+                    elif start > 0 and torch.equal(buf[:, :, :S], new):
+                        hint = ("the new tokens landed at position 0: write them after the cached ones, at "
+                                "positions start ... start + S - 1")
+                    elif isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got[:, :, start:], want[:, :, start:]):
+                        hint = "the new tokens are right but earlier ones are not: did a call overwrite the cached tokens?"
+                    else:
+                        hint = f"cache_{name}[:, :, start:start + S] = {name}, then return cache_{name}[:, :, :start + S]"
+                    c.check_equal(got, want, case=f"{case}: the returned {name}_all", hint=hint)
+                    in_place = torch.equal(buf[:, :, :end], want) and not buf[:, :, end:].any()
+                    c.check(in_place, case=f"{case}: the buffer cache_{name} after the call",
+                            expected=f"positions 0...{end - 1} hold every {name} written so far, the rest still zeros",
+                            got="the buffer differs", hint=f"write into the preallocated buffer itself (cache_{name}[:, :, "
+                            "start:start + S] = ...): the next call reads it from there, not from a new tensor")
+                    shares = got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                    c.check(shares, case=f"{case}: the returned {name}_all", expected=f"a view of cache_{name}",
+                            got="a new tensor (a copy)", hint=f"slice the buffer, cache_{name}[:, :, :start + S]: a "
+                            "copy (torch.cat, .clone()) moves every cached byte again at each decode step")
+                start = end
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 3: the cached decode loop
+class _RecordingModel:
+    """Wraps the model and checks every forward call as it happens: the first must prefill the whole prompt
+    into an empty cache, every later one must feed one token into that same cache, at the right position."""
+
+    def __init__(self, model, checker: Checker, case: str, prompt_len: int):
+        self._model, self._c, self._case, self._P = model, checker, case, prompt_len
+        self.calls, self._cache_id = 0, None
+
+    def __call__(self, input_ids, *args, **kwargs):
+        c, P, step, cache = self._c, self._P, self.calls, kwargs.get("cache")
+        shape, length = tuple(getattr(input_ids, "shape", ())), getattr(cache, "length", None)
+        if step == 0:
+            c.check(length == 0 and shape == (1, P), case=f"{self._case}: the first call (prefill)",
+                    expected=f"input_ids of shape (1, {P}) (the whole prompt) with an empty cache",
+                    got=f"input_ids of shape {shape} with " + ("no cache" if cache is None else f"a cache of {length} tokens"),
+                    hint="create cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=model.dtype, "
+                         "device=model.device), then prefill once: model(torch.tensor([prompt_ids]), cache=cache)")
+            self._cache_id = id(cache)
+        else:
+            where = f"{self._case}: decode call {step} (after the prefill)"
+            c.check(cache is not None and id(cache) == self._cache_id, case=where,
+                    expected="the same cache as the prefill", got="no cache" if cache is None else "another cache",
+                    hint="keep one KVCache for the whole generation and pass it to every call: model(ids, cache=cache)")
+            c.check(shape == (1, 1), case=where, expected="input_ids of shape (1, 1): only the newest token",
+                    got=f"input_ids of shape {shape}", hint="the cache already holds the K/V of every earlier token; "
+                    "feeding them again appends them a second time (at the wrong positions). Feed [[next_id]]")
+            c.check(length == P + step - 1, case=where, expected=f"the cache holds {P + step - 1} tokens before the call",
+                    got=f"it holds {length}", hint="the model advances the cache itself (by the number of tokens fed): "
+                    "don't call cache.advance() yourself, and don't feed a token twice")
+        self.calls += 1
+        return self._model(input_ids, *args, **kwargs)
+
+    forward = __call__
+
+    def __getattr__(self, name):  # config, device, dtype, parameters(), ...
+        return getattr(self._model, name)
+
+
+def check_cached_greedy_decode(student_fn) -> CheckResult:
+    """cached_greedy_decode(model, prompt_ids, max_new_tokens) returns the same tokens as greedy decoding without
+    a cache, on the shipped tiny model (in float32), and does it the cached way: one prefill call with the whole
+    prompt and an empty cache, then exactly one call per further token, feeding only that token."""
+    from course_lib.checkpoint import load_tiny
+    from course_lib.generate import greedy_generate
+
+    # float32: with bf16 (the GPU default) the cached and uncached paths round differently and may flip a near-tie.
+    model, tok = load_tiny("target", dtype=torch.float32)
+    prompts = [("And", 1), ("And", 6), ("In the beginning God created", 20),
+               ("1 In the beginning God created the heaven and the earth.\n2 And the earth was", 60)]
+    with Checker("cached_greedy_decode", points=3, timeout_s=90) as c:
+        for text, n in prompts:
+            prompt = tok.encode(text)
+            P = len(prompt)
+            case = f"prompt {text!r} ({P} token{'s' * (P > 1)}), max_new_tokens={n}"
+            recorder = _RecordingModel(model, c, case, P)
+            got = student_fn(recorder, list(prompt), n)
+            c.check(recorder.calls == n, case=case, expected=f"{n} model call(s): 1 prefill + {n - 1} decode step(s)",
+                    got=f"{recorder.calls} call(s)", hint="call the model object passed in, model(ids, cache=cache). "
+                    "The prefill already yields the first new token and each later call one more; the last token is "
+                    "never fed back (there is nothing left to predict)")
+            c.check(isinstance(got, list) and len(got) == n and all(isinstance(t, int) for t in got), case=case,
+                    expected=f"a list of {n} ints (the new tokens, prompt excluded)",
+                    got=f"{type(got).__name__} {str(got)[:80]}",
+                    hint="return the generated ids as a list of Python ints: int(logits[0, -1].argmax())")
+            want = greedy_generate(model, prompt, n, use_cache=False)
+            first_bad = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
+            hint = ("greedy = the argmax of the LAST position's logits, logits[0, -1]" if first_bad == 0 else
+                    f"token {first_bad} is the first to differ: feed the token you just chose, and append it to the output")
+            c.check_equal(got, want, case=f"{case}: tokens vs greedy_generate(model, prompt, {n}, use_cache=False)",
+                          hint=hint)
+    return c.result
+
+
+# ---------------------------------------------------------------- exercise 4: FLOPs per decode step
+def check_decode_step_flops(student_fn) -> CheckResult:
+    """decode_step_flops(config, position, use_cache) == the matmul FLOPs of course_lib.flops.decode_step_flops."""
+    cases = [(name, cfg, p, use) for name, cfg in _CONFIGS for p in (0, 1, 10, 2047) for use in (True, False)
+             if p < cfg.max_position_embeddings]
+    with Checker("decode_step_flops", points=2) as c:
+        for name, cfg, p, use_cache in cases:
+            got = student_fn(cfg, p, use_cache)
+            want = decode_step_flops(cfg, p, use_cache)
+            L, Hq, Hkv, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+            E, V, T = cfg.hidden_size, cfg.vocab_size, 1 if use_cache else p + 1  # T: tokens through the layers
+            linear, head = 2 * T * L * linear_params_per_layer(cfg), 2 * E * V
+            pairs = attention_pairs(1, p) if use_cache else attention_pairs(p + 1)
+            attn = 4 * L * Hq * D * pairs
+            mha_linear = 2 * T * L * linear_params_per_layer(dataclasses.replace(cfg, num_key_value_heads=Hq))
+            hint = _diagnose(got, {
+                "attention runs for every QUERY head (Hq), each over its group's shared keys: count Hq, not Hkv":
+                    linear + head + attn * Hkv // Hq,
+                "k_proj and v_proj have Hkv·D outputs, not E (GQA shrinks them too)": mha_linear + head + attn,
+                "you left out attention: Q·Kᵀ and P·V are 2·2·D FLOPs per (query, key) pair, layer and query head":
+                    linear + head,
+                "generation computes logits of the last position only (last_token_only=True): lm_head on 1 token":
+                    linear + 2 * T * E * V + attn,
+                "the attention is causal: token i sees i + 1 keys, (p+1)(p+2)/2 pairs in all, not (p+1)²":
+                    linear + head + 4 * L * Hq * D * (p + 1) ** 2,
+                "a token attends to itself too: the new token sees position + 1 keys, not position":
+                    linear + head + 4 * L * Hq * D * (pairs - T),
+                "a matmul [M, K] @ [K, N] is 2·M·N·K FLOPs (multiply AND add)": want / 2,
+            }, "with the cache: 1 token through the layers, attending to position + 1 keys; without: position + 1 tokens, "
+               "causal pairs (p+1)(p+2)/2; both: lm_head on the last token only")
+            c.check_close(got, want, rtol=1e-12, atol=0, hint=hint,
+                          case=f"{name}: position={p}, use_cache={use_cache}")
+    return c.result

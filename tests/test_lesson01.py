@@ -1,0 +1,359 @@
+"""Lesson 01: the FLOP/byte counts of course_lib.flops (cross-checked against torch's FLOP counter on the real
+model), and every check of course_lib.grading.lesson01 (passes the reference, "not attempted" for a stub,
+fails deliberately broken variants with a hint)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import course_lib  # noqa: F401  (first: torch.utils.flop_counter imports triton)
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from course_lib import PRESETS, ModelConfig, load_tiny
+from course_lib import flops
+from course_lib.grading import lesson01
+from course_lib.kv_cache import KVCache, kv_cache_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelConfig()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = load_tiny("target", dtype=torch.float32, device="cpu")
+    return model, tok
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------- course_lib.flops
+def test_linear_params_add_up_to_the_parameter_count():
+    for cfg in [TINY, *PRESETS.values()]:
+        if cfg.attention_bias:
+            continue  # biases are parameters but not matmul weights
+        E, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+        norms = 2 * E * L + E
+        embed_and_head = V * E * (1 if cfg.tie_word_embeddings else 2)
+        assert L * flops.linear_params_per_layer(cfg) + norms + embed_and_head == cfg.num_parameters()
+
+
+def test_attention_pairs():
+    assert flops.attention_pairs(1) == 1 and flops.attention_pairs(3) == 1 + 2 + 3
+    assert flops.attention_pairs(1, 9) == 10  # one decode step after 9 cached tokens sees 10 keys
+    assert flops.attention_pairs(2, 5) == 6 + 7 and flops.attention_pairs(2, 5, count_masked=True) == 2 * 7
+    assert flops.attention_pairs(0, 5) == 0
+    with pytest.raises(ValueError, match="must be >= 0"):
+        flops.attention_pairs(-1)
+
+
+def test_tiny_model_numbers_by_hand():
+    # E=256, F=688, L=6, Hq=8, Hkv=4, D=32, V=2048
+    per_layer = 256 * 256 + 2 * 256 * 128 + 256 * 256 + 3 * 256 * 688
+    assert flops.linear_params_per_layer(TINY) == per_layer == 724_992
+    parts = flops.forward_flops_breakdown(TINY, 1, 15, lm_head_tokens=1)
+    assert parts == {"linear": 2 * 6 * per_layer, "attention": 4 * 6 * 8 * 32 * 16, "lm_head": 2 * 256 * 2048}
+    assert flops.decode_step_flops(TINY, 15) == sum(parts.values()) == 9_846_784
+
+
+@pytest.mark.parametrize("cfg", [TINY, *PRESETS.values()], ids=["tiny", *PRESETS])
+@pytest.mark.parametrize("position", [0, 1, 7, 100, 2047])
+def test_decode_step_flops_structure(cfg, position):
+    with_cache = flops.decode_step_flops(cfg, position, True)
+    without = flops.decode_step_flops(cfg, position, False)
+    assert with_cache == flops.forward_flops(cfg, 1, position, lm_head_tokens=1)
+    assert without == flops.forward_flops(cfg, position + 1, 0, lm_head_tokens=1)
+    assert (without == with_cache) == (position == 0)  # the first step is the same; later ones recompute the prefix
+    # Without the cache the layers run position + 1 times; attention sums 1 + 2 + ... + (position + 1) keys.
+    lin = flops.forward_flops_breakdown(cfg, 1, position, lm_head_tokens=1)
+    assert without == (position + 1) * lin["linear"] + lin["lm_head"] + \
+        lin["attention"] // (position + 1) * (position + 1) * (position + 2) // 2
+    assert flops.decode_step_flops(cfg, position, True, batch_size=4) == 4 * with_cache
+
+
+def test_breakdown_options():
+    full = flops.forward_flops_breakdown(TINY, 10, 5)
+    assert full["lm_head"] == 10 * flops.forward_flops_breakdown(TINY, 10, 5, lm_head_tokens=1)["lm_head"]
+    assert flops.forward_flops_breakdown(TINY, 10, 5, lm_head_tokens=0)["lm_head"] == 0
+    masked = flops.forward_flops_breakdown(TINY, 10, 5, count_masked=True)
+    assert masked["attention"] * (5 * 10 + 55) == full["attention"] * (10 * 15)
+    assert flops.forward_flops(TINY, 10, 5, batch_size=3) == 3 * sum(full.values())
+    with pytest.raises(ValueError, match="lm_head_tokens"):
+        flops.forward_flops(TINY, 2, lm_head_tokens=3)
+    with pytest.raises(ValueError, match="position"):
+        flops.decode_step_flops(TINY, -1)
+
+
+# The cross-check: torch's own FLOP counter (it counts every aten.mm/bmm the real model runs) agrees exactly.
+# course_lib.attention is dense (it computes the masked scores too), hence count_masked=True for S > 1.
+# (Not S = 1 alone: with a single key, torch.einsum turns P·V into an elementwise product the counter skips.)
+@pytest.mark.parametrize("prompt_len", [2, 9, 40])
+def test_flops_match_torch_flop_counter_without_cache(tiny, prompt_len):
+    model, _ = tiny
+    ids = torch.randint(0, TINY.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        assert counted(lambda: model(ids, last_token_only=True)) == \
+            flops.decode_step_flops(model.config, prompt_len - 1, False, count_masked=True)
+        assert counted(lambda: model(ids)) == flops.forward_flops(model.config, prompt_len, count_masked=True)
+
+
+@pytest.mark.parametrize("batch_size, prefix, new", [(1, 9, 1), (1, 100, 1), (2, 30, 1), (3, 17, 5)])
+def test_flops_match_torch_flop_counter_with_cache(tiny, batch_size, prefix, new):
+    model, _ = tiny
+    gen = torch.Generator().manual_seed(prefix)
+    ids = torch.randint(0, TINY.vocab_size, (batch_size, prefix + new), generator=gen)
+    cache = KVCache(model.config, batch_size, prefix + new)
+    with torch.no_grad():
+        model(ids[:, :prefix], cache=cache)
+        got = counted(lambda: model(ids[:, prefix:], cache=cache, last_token_only=True))
+    assert got == flops.forward_flops(model.config, new, prefix, batch_size=batch_size, lm_head_tokens=1,
+                                      count_masked=True)
+    if new == 1:  # one query row: dense and causal attention do the same work
+        assert got == flops.decode_step_flops(model.config, prefix, True, batch_size=batch_size)
+
+
+def test_decode_step_bytes_and_intensity():
+    cfg = PRESETS["llama-2-7b"]
+    weights = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size  # the embedding table is not streamed
+    assert flops.weight_bytes(cfg) == 2 * cfg.num_parameters()
+    assert flops.decode_step_bytes(cfg, 99) == 2 * weights + kv_cache_bytes(cfg, 100) + kv_cache_bytes(cfg, 1)
+    assert flops.decode_step_bytes(cfg, 99, batch_size=8, bytes_per_element=1) == \
+        weights + kv_cache_bytes(cfg, 100, 8, 1) + kv_cache_bytes(cfg, 1, 8, 1)
+    # Batch-1 decode in 16-bit: ~1 FLOP per byte (2 FLOPs per 2-byte weight).
+    assert 0.9 < flops.decode_step_intensity(cfg, 0) < 1.1
+    # More sequences share the weight reads, but each brings its own K/V: intensity grows, then saturates at
+    # the attention's own intensity, 2·Hq/(Hkv·bytes) plus the linear layers' share.
+    by_batch = [flops.decode_step_intensity(cfg, 4095, batch_size=b) for b in (1, 8, 64, 512, 4096)]
+    assert by_batch == sorted(by_batch) and by_batch[-1] < 1.1 * by_batch[-2]
+    for name in ("llama-2-7b", "llama-3-8b", "llama-2-70b"):
+        c = PRESETS[name]
+        per_sequence = flops.decode_step_flops(c, 4095) / (kv_cache_bytes(c, 4096) + kv_cache_bytes(c, 1))
+        assert flops.decode_step_intensity(c, 4095, batch_size=10**7) == pytest.approx(per_sequence, rel=1e-3)
+        attn_only = 2 * c.num_attention_heads / (c.num_key_value_heads * 2)  # Hq/Hkv FLOP/byte in 16-bit
+        assert attn_only < per_sequence  # plus the linear layers' FLOPs: they need no extra bytes per sequence
+        # At very long contexts attention dominates both FLOPs and bytes: the intensity tends to Hq/Hkv.
+        assert flops.decode_step_intensity(c, 10**8, batch_size=10**7) == pytest.approx(attn_only, rel=1e-2)
+
+
+def test_llama_2_13b_headline_number():
+    assert kv_cache_bytes(PRESETS["llama-2-13b"], 2048, 1, 2) == 2 * 40 * 40 * 128 * 2048 * 2 == 1_677_721_600
+
+
+# ---------------------------------------------------------------- reference and broken solutions
+def update_good(cache_k, cache_v, k, v, start):
+    end = start + k.shape[2]
+    cache_k[:, :, start:end] = k
+    cache_v[:, :, start:end] = v
+    return cache_k[:, :, :end], cache_v[:, :, :end]
+
+
+def update_writes_at_zero(cache_k, cache_v, k, v, start):
+    S = k.shape[2]
+    cache_k[:, :, :S], cache_v[:, :, :S] = k, v
+    return cache_k[:, :, :start + S], cache_v[:, :, :start + S]
+
+
+def update_whole_buffer(cache_k, cache_v, k, v, start):
+    update_good(cache_k, cache_v, k, v, start)
+    return cache_k, cache_v
+
+
+def update_copy(cache_k, cache_v, k, v, start):
+    k_all, v_all = update_good(cache_k, cache_v, k, v, start)
+    return k_all.clone(), v_all.clone()
+
+
+def update_not_in_place(cache_k, cache_v, k, v, start):
+    return torch.cat([cache_k[:, :, :start], k], dim=2), torch.cat([cache_v[:, :, :start], v], dim=2)
+
+
+def update_swapped(cache_k, cache_v, k, v, start):
+    return update_good(cache_k, cache_v, v, k, start)
+
+
+def decode_good(model, prompt_ids, max_new_tokens):
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device)
+    logits = model(torch.tensor([prompt_ids], device=model.device), cache=cache, last_token_only=True)
+    out = [int(logits[0, -1].argmax())]
+    while len(out) < max_new_tokens:
+        logits = model(torch.tensor([[out[-1]]], device=model.device), cache=cache)
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+def decode_whole_sequence_with_cache(model, prompt_ids, max_new_tokens):  # double-caching
+    cache = KVCache(model.config, 1, 4 * (len(prompt_ids) + max_new_tokens))
+    tokens = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        tokens.append(int(model(torch.tensor([tokens]), cache=cache)[0, -1].argmax()))
+    return tokens[len(prompt_ids):]
+
+
+def decode_without_cache(model, prompt_ids, max_new_tokens):
+    tokens = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt_ids):]
+
+
+def decode_double_advance(model, prompt_ids, max_new_tokens):  # positions off by one per step
+    cache = KVCache(model.config, 1, 2 * (len(prompt_ids) + max_new_tokens))
+    out = [int(model(torch.tensor([prompt_ids]), cache=cache)[0, -1].argmax())]
+    while len(out) < max_new_tokens:
+        cache.advance(1)
+        out.append(int(model(torch.tensor([[out[-1]]]), cache=cache)[0, -1].argmax()))
+    return out
+
+
+def decode_refeeds_last_prompt_token(model, prompt_ids, max_new_tokens):  # off by one: prompt[-1] fed twice
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + 1)
+    model(torch.tensor([prompt_ids]), cache=cache)
+    out, last = [], prompt_ids[-1]
+    for _ in range(max_new_tokens):
+        last = int(model(torch.tensor([[last]]), cache=cache)[0, -1].argmax())
+        out.append(last)
+    return out
+
+
+def decode_new_cache_each_step(model, prompt_ids, max_new_tokens):  # a fresh cache per call: the whole prefix again
+    tokens = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        cache = KVCache(model.config, 1, len(tokens))
+        tokens.append(int(model(torch.tensor([tokens]), cache=cache)[0, -1].argmax()))
+    return tokens[len(prompt_ids):]
+
+
+def decode_first_position_logits(model, prompt_ids, max_new_tokens):  # argmax of the wrong position
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens)
+    out = [int(model(torch.tensor([prompt_ids]), cache=cache)[0, 0].argmax())]
+    while len(out) < max_new_tokens:
+        out.append(int(model(torch.tensor([[out[-1]]]), cache=cache)[0, -1].argmax()))
+    return out
+
+
+def _flops_formula(cfg, position, use_cache, *, kv_heads=None, attn_heads=None, square=False, head_all=False,
+                   self_excluded=False, factor=2):
+    """decode_step_flops written out, with switches for the usual mistakes."""
+    L, E, F, V, D = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    Hq, Hkv = cfg.num_attention_heads, kv_heads or cfg.num_key_value_heads
+    T = 1 if use_cache else position + 1
+    per_layer = E * Hq * D + 2 * E * Hkv * D + Hq * D * E + 3 * E * F
+    if use_cache:
+        pairs = position + 1
+    else:
+        pairs = T * T if square else T * (T + 1) // 2
+    pairs -= T * self_excluded
+    return factor * (T * L * per_layer + (T if head_all else 1) * E * V + 2 * L * (attn_heads or Hq) * D * pairs)
+
+
+@pytest.mark.parametrize("check, good, broken", [
+    (lesson01.check_kv_cache_bytes, kv_cache_bytes, [
+        lambda c, n, b, e: c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n * b * e,  # forgot the 2
+        lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n * b * e,  # Hq, not Hkv
+        lambda c, n, b, e: 2 * c.num_hidden_layers * c.hidden_size * n * b * e,  # E = Hq·D: the MHA assumption
+        lambda c, n, b, e: 2 * c.num_key_value_heads * c.head_dim * n * b * e,  # one layer
+        lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n * e,  # no batch
+    ]),
+    (lesson01.check_kv_cache_update, update_good, [
+        update_writes_at_zero, update_whole_buffer, update_copy, update_not_in_place, update_swapped,
+        lambda ck, cv, k, v, start: (k, v),  # returns only the new tokens
+    ]),
+    (lesson01.check_decode_step_flops, flops.decode_step_flops, [
+        lambda c, p, u: _flops_formula(c, p, u, attn_heads=c.num_key_value_heads),
+        lambda c, p, u: _flops_formula(c, p, u, kv_heads=c.num_attention_heads),
+        lambda c, p, u: _flops_formula(c, p, u, square=True),
+        lambda c, p, u: _flops_formula(c, p, u, head_all=True),
+        lambda c, p, u: _flops_formula(c, p, u, self_excluded=True),
+        lambda c, p, u: _flops_formula(c, p, u, factor=1),
+        lambda c, p, u: _flops_formula(c, p, True),  # ignores use_cache
+    ]),
+])
+def test_python_checks(check, good, broken):
+    assert check(good).status == "passed"
+    stub = check(_stub)
+    assert (stub.status, stub.points) == ("not attempted", 0)
+    for fn in broken:
+        result = check(fn)
+        assert (result.status, result.points) == ("failed", 0), fn
+        assert "hint:" in result.message
+
+
+def _stub(*args):
+    raise NotImplementedError("Exercise: write this function")
+
+
+def test_flops_formula_helper_is_the_library_formula():
+    for cfg in (TINY, PRESETS["llama-3-8b"]):
+        for p in (0, 5, 300):
+            for use in (True, False):
+                assert _flops_formula(cfg, p, use) == flops.decode_step_flops(cfg, p, use)
+
+
+@pytest.mark.parametrize("fn, message", [
+    (update_writes_at_zero, "landed at position 0"),
+    (update_whole_buffer, "return only the filled positions"),
+    (update_copy, "a view of cache_k"),
+    (update_not_in_place, "write into the preallocated buffer"),
+])
+def test_update_check_hints(fn, message):
+    assert message in lesson01.check_kv_cache_update(fn).message
+
+
+@pytest.mark.parametrize("fn, message", [
+    (lambda c, n, b, e: kv_cache_bytes(c, n, b, e) // 2, "factor 2"),
+    (lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n * b * e, "num_key_value_heads"),
+])
+def test_kv_cache_bytes_hints(fn, message):
+    assert message in lesson01.check_kv_cache_bytes(fn).message
+
+
+def test_decode_step_flops_hints():
+    assert "QUERY head" in lesson01.check_decode_step_flops(
+        lambda c, p, u: _flops_formula(c, p, u, attn_heads=c.num_key_value_heads)).message
+    assert "causal" in lesson01.check_decode_step_flops(lambda c, p, u: _flops_formula(c, p, u, square=True)).message
+    assert "last position only" in lesson01.check_decode_step_flops(
+        lambda c, p, u: _flops_formula(c, p, u, head_all=True)).message
+
+
+def test_cached_greedy_decode_check():
+    assert lesson01.check_cached_greedy_decode(decode_good).status == "passed"
+    stub = lesson01.check_cached_greedy_decode(_stub)
+    assert (stub.status, stub.points) == ("not attempted", 0)
+    for fn, message in [
+        (decode_whole_sequence_with_cache, "only the newest token"),
+        (decode_without_cache, "no cache"),
+        (decode_double_advance, "don't call cache.advance()"),
+        (decode_refeeds_last_prompt_token, "call(s)"),
+        (decode_first_position_logits, "LAST position"),
+        (decode_new_cache_each_step, "another cache"),
+    ]:
+        result = lesson01.check_cached_greedy_decode(fn)
+        assert (result.status, result.points) == ("failed", 0), fn.__name__
+        assert message in result.message, (fn.__name__, result.message)
+
+
+# ---------------------------------------------------------------- the solution notebook's own answers
+def _notebook_functions(path: Path) -> dict:
+    """Execute the exercise cells (those with solution markers, or their stubs) of a notebook; return its namespace."""
+    import nbformat
+
+    namespace = {"torch": torch, "KVCache": KVCache}
+    for cell in nbformat.read(path, as_version=4).cells:
+        if cell.cell_type == "code" and ("# BEGIN SOLUTION" in cell.source or "NotImplementedError" in cell.source):
+            exec(compile(cell.source, f"{path.name}", "exec"), namespace)
+    return namespace
+
+
+def test_solution_notebook_answers_pass_and_exercise_stubs_are_not_attempted():
+    checks = {"kv_cache_bytes": lesson01.check_kv_cache_bytes, "update": lesson01.check_kv_cache_update,
+              "cached_greedy_decode": lesson01.check_cached_greedy_decode,
+              "decode_step_flops": lesson01.check_decode_step_flops}
+    solved = _notebook_functions(ROOT / "solutions" / "01_kv_cache.ipynb")
+    stubs = _notebook_functions(ROOT / "exercises" / "01_kv_cache.ipynb")
+    for name, check in checks.items():
+        assert check(solved[name]).status == "passed", name
+        assert check(stubs[name]).status == "not attempted", name
