@@ -69,3 +69,34 @@ def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
         rows = torch.arange(Sq, device=q.device)[:, None] + (Skv - Sq)
         scores = scores.masked_fill(torch.arange(Skv, device=q.device)[None, :] > rows, float("-inf"))
     return flash_attention(q, k, v, causal=causal, sm_scale=sm_scale), torch.logsumexp(scores, dim=-1)
+
+
+def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  k_scale: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor, *,
+                  k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None) -> None:
+    """Reference for ``kernels.store_kv_int8``: quantize k, v [T, Hkv, D] per (token, kv head) with
+    ``course_lib.kv_quant.quantize(x, "head")`` and write codes into k_cache, v_cache [N, P, Hkv, D] (int8 or
+    float8_e4m3fn) and scales (zero points) into k_scale, v_scale (k_zero, v_zero) [N, P, Hkv] at slot_mapping."""
+    from course_lib.kv_quant import quantize
+
+    N, P, Hkv, D = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kv_dtype = "fp8" if k_cache.dtype == torch.float8_e4m3fn else "int8"
+    for x, cache, scale, zero in ((k, k_cache, k_scale, k_zero), (v, v_cache, v_scale, v_zero)):
+        q = quantize(x[keep], "head", kv_dtype=kv_dtype, zero_point=zero is not None, scale_dtype=scale.dtype)
+        cache.view(N * P, Hkv, D)[slots] = q.codes
+        scale.view(N * P, Hkv)[slots] = q.scale[..., 0]
+        if zero is not None:
+            zero.view(N * P, Hkv)[slots] = q.zero[..., 0]
+
+
+def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                k_scale: torch.Tensor, v_scale: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, *, k_zero: torch.Tensor | None = None,
+                                v_zero: torch.Tensor | None = None, sm_scale: float | None = None, **_) -> torch.Tensor:
+    """Reference for ``kernels.paged_attention_int8_decode``: dequantize the whole 8-bit cache in float32
+    (codes · scale + zero) and run ``paged_attention_decode`` on it. Returns [B, Hq, D] in q's dtype."""
+    k = k_cache.float() * k_scale.float()[..., None] + (0 if k_zero is None else k_zero.float()[..., None])
+    v = v_cache.float() * v_scale.float()[..., None] + (0 if v_zero is None else v_zero.float()[..., None])
+    return paged_attention_decode(q.float(), k, v, block_tables, context_lens, sm_scale=sm_scale).to(q.dtype)

@@ -1,0 +1,170 @@
+"""Checks of lesson 07 (KV-cache quantization): symmetric per-token INT8 quantize / dequantize, and the
+dequantizing load inside a paged-attention kernel in Triton.
+
+Every check runs small edge cases first, then random ones (fixed seeds), and stops at the first failure
+with the case, expected vs got, and a hint aimed at the usual mistake.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import random
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
+
+from course_lib.device import DEVICE
+from course_lib.grading.core import Checker, CheckResult
+from course_lib.kv_quant import quantize
+from kernels.reference import paged_attention_int8_decode as _reference_attention
+
+
+# ---------------------------------------------------------------- 1. quantize / dequantize
+def _inputs_for_quantize():
+    """(description, x) cases, small and special first."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [("one row [1, 4]", torch.tensor([[0.5, -1.0, 0.25, 0.1]])),
+             ("the largest magnitude is negative", torch.tensor([[0.3, -2.0, 1.0, 0.0], [4.0, 1.0, -1.0, 3.9]])),
+             ("a row of zeros (its scale must not divide 0 by 0)", torch.tensor([[1.0, 2.0, 3.0, -4.0], [0.0, 0.0, 0.0, 0.0]])),
+             ("[3, 2, 8] (tokens, heads, head_dim): one scale per (token, head)", torch.randn(3, 2, 8, generator=gen)),
+             ("rows of very different sizes", torch.randn(4, 16, generator=gen) * torch.tensor([[1e-3], [1.0], [50.0], [1e4]]))]
+    for i in range(3):
+        shape = [(5, 32), (2, 4, 16), (7, 3, 2, 8)][i]
+        cases.append((f"random {list(shape)}", torch.randn(*shape, generator=gen) * (i + 1)))
+    cases.append(("float16 input [4, 2, 32]", (torch.randn(4, 2, 32, generator=gen) * 3).half()))
+    return cases
+
+
+def check_quantize_per_token(quantize_fn, dequantize_fn) -> CheckResult:
+    """``quantize_fn(x) -> (codes, scale)``: x ``[..., D]``, one scale per row of D values (per token and head):
+    scale = max|row| / 127 (float32, shape ``x.shape[:-1]``), codes = round(x / scale) (int8, x's shape), an
+    all-zero row gives codes 0 and a finite scale. ``dequantize_fn(codes, scale) -> codes · scale`` (float32).
+    Checked: dtypes and shapes, the scales, |x - dequantize(quantize(x))| <= scale / 2, and dequantize alone."""
+    with Checker("quantize_per_token", points=2) as c:
+        for name, x in _inputs_for_quantize():
+            x = x.to(DEVICE)
+            case = f"{name}: x of shape {list(x.shape)}, {x.dtype}"
+            result = quantize_fn(x.clone())
+            c.check(isinstance(result, tuple) and len(result) == 2, case=case, expected="a tuple (codes, scale)",
+                    got=type(result).__name__, hint="return codes, scale")
+            codes, scale = result
+            c.check(isinstance(codes, torch.Tensor) and codes.dtype == torch.int8 and codes.shape == x.shape, case=case,
+                    expected=f"codes: an int8 tensor of shape {list(x.shape)}",
+                    got=f"{type(codes).__name__} {getattr(codes, 'dtype', '')} {list(getattr(codes, 'shape', []))}",
+                    hint="round first, then .to(torch.int8) (values are already in [-127, 127])")
+            want_shape = list(x.shape[:-1])
+            c.check(isinstance(scale, torch.Tensor) and list(scale.shape) in (want_shape, want_shape + [1]), case=case,
+                    expected=f"scale of shape {want_shape} (one per row of D values)",
+                    got=f"shape {list(getattr(scale, 'shape', []))}",
+                    hint="one scale per row: the max of |x| over the LAST dimension only "
+                         "(x.abs().amax(dim=-1)), not over the whole tensor")
+            scale = scale.reshape(want_shape).float()
+            amax = x.float().abs().amax(dim=-1)
+            nonzero = amax > 0
+            c.check(bool(torch.isfinite(scale).all()) and bool(torch.isfinite(codes.float()).all()), case=case,
+                    expected="finite scales", got=f"scale {scale.flatten()[:6].tolist()}",
+                    hint="an all-zero row has max|x| = 0: clamp the scale to a tiny positive number (clamp_min(1e-8)) "
+                         "so that x / scale is 0, not 0 / 0 = NaN")
+            c.check_close(scale[nonzero], amax[nonzero] / 127, case=case + ": the scales of the non-zero rows",
+                          rtol=1e-5, atol=0,
+                          hint="symmetric INT8: scale = max|row| / 127, so that the largest value becomes code ±127 "
+                               "(127, not 128: +128 does not fit in an int8, and ±127 keeps the grid symmetric)")
+            c.check(bool((codes[~nonzero] == 0).all()), case=case + ": all-zero rows", expected="codes 0",
+                    got=str(codes[~nonzero].flatten()[:8].tolist()), hint="0 / scale is 0")
+            err = (codes.float() * scale[..., None] - x.float()).abs()
+            bound = (scale[..., None] / 2 * (1 + 1e-4) + 1e-12).expand_as(err)
+            worst = int(torch.argmax((err - bound).flatten()))
+            c.check(bool((err <= bound).all()), case=case,
+                    expected="|codes · scale - x| <= scale / 2 for every element (round to the NEAREST code)",
+                    got=f"error {err.flatten()[worst].item():.4g} > scale / 2 = {(bound.flatten()[worst].item()):.4g} at "
+                        f"flat index {worst} (x = {x.flatten()[worst].item():.4g}, code {int(codes.flatten()[worst])})",
+                    hint="codes = torch.round(x / scale[..., None]): .to(torch.int8) alone truncates toward zero; "
+                         "and divide by the scale of the element's own row (scale[..., None] broadcasts)")
+            ref = quantize(x[..., None, :], "head")       # the library's symmetric per-(token, head) quantization
+            got = dequantize_fn(ref.codes[..., 0, :], ref.scale[..., 0, 0])
+            c.check_close(got, ref.codes[..., 0, :].float() * ref.scale[..., 0, :], case=case + ": dequantize_fn(codes, scale)",
+                          rtol=1e-6, atol=0, hint="dequantize: codes.float() * scale[..., None] (float32, x's shape)")
+    return c.result
+
+
+# ---------------------------------------------------------------- 2. the dequantizing load in Triton
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch the learner's kernel; surface their own exception (the interpreter wraps it)."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, NotImplementedError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        try:
+            source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
+        except (OSError, TypeError):
+            source = ""
+        if "raise NotImplementedError" in source:  # compiled on a GPU: `raise` does not compile
+            raise NotImplementedError("Exercise: write the dequantizing loads of _int8_attention_kernel") from err
+        if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
+            raise err.__cause__ from None
+        raise
+
+
+def int8_paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed, scale_dtype=torch.float16):
+    """q, INT8 caches with per-(slot, head) scales, block tables (blocks scattered at random), context lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    max_blocks = max(-(-L // P) for L in lens) + 1
+    N = B * max_blocks + 2
+    # K with a few large channels and rows of different sizes: a wrong scale index shows
+    k = torch.randn(N, P, Hkv, D, generator=gen) * torch.rand(N, P, Hkv, 1, generator=gen).mul(4).add(0.1)
+    v = torch.randn(N, P, Hkv, D, generator=gen) * torch.rand(N, P, Hkv, 1, generator=gen).mul(4).add(0.1)
+    qk, qv = quantize(k, "head", scale_dtype=scale_dtype), quantize(v, "head", scale_dtype=scale_dtype)
+    tables = torch.randperm(N, generator=gen)[: B * max_blocks].view(B, max_blocks).to(DEVICE, torch.int32)
+    q = torch.randn(B, Hq, D, generator=gen).to(DEVICE, dtype)
+    return (q, qk.codes.to(DEVICE), qv.codes.to(DEVICE), qk.scale[..., 0].contiguous().to(DEVICE),
+            qv.scale[..., 0].contiguous().to(DEVICE), tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE))
+
+
+def check_int8_attention_kernel(kernel) -> CheckResult:
+    """A Triton kernel, launched on the grid (B, Hq), computing one decode step of attention over an INT8 paged
+    cache: ``kernel[(B, Hq)](q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, out, sm_scale,
+    max_blocks_per_seq, NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D)``; caches int8
+    ``[N, P, Hkv, D]``, scales float16 ``[N, P, Hkv]``, all contiguous. Compared with
+    ``kernels.reference.paged_attention_int8_decode`` (MHA, GQA, partly filled blocks, float32 and float16 q)."""
+    cases = [(1, 1, 1, 16, 4, [4], torch.float32), (1, 1, 1, 16, 4, [6], torch.float32),
+             (2, 2, 2, 16, 4, [3, 7], torch.float32), (2, 4, 2, 16, 8, [9, 16], torch.float32),
+             (3, 8, 2, 32, 16, [1, 33, 40], torch.float32), (2, 4, 1, 16, 8, [8, 13], torch.float16)]
+    rng = random.Random(7)
+    for _ in range(2):
+        Hkv, G, P = rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([4, 8, 16])
+        cases.append((2, Hkv * G, Hkv, 16, P, [rng.randint(1, 3 * P) for _ in range(2)], torch.float32))
+    with Checker("int8_attention_kernel", points=3, timeout_s=180) as c:
+        c.check(callable(getattr(kernel, "__getitem__", None)), case="the object passed in",
+                expected="a Triton kernel (a function decorated with @triton.jit)", got=type(kernel).__name__,
+                hint="pass the kernel itself: check_int8_attention_kernel(_int8_attention_kernel)")
+        for i, (B, Hq, Hkv, D, P, lens, dtype) in enumerate(cases):
+            q, kc, vc, ks, vs, tables, context_lens = int8_paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed=i)
+            out = torch.full_like(q, float("nan"))
+            _launch(kernel, (B, Hq), q, kc, vc, ks, vs, tables, context_lens, out, 1 / math.sqrt(D), tables.shape[1],
+                    NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D)
+            want = _reference_attention(q, kc, vc, ks, vs, tables, context_lens)
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-3, atol=3e-3)
+
+            def close(k_scale, v_scale):
+                other = _reference_attention(q, kc, vc, k_scale, v_scale, tables, context_lens)
+                return bool(torch.isclose(out.float(), other.float(), **tol).all())
+
+            ones = torch.ones_like(ks)
+            if bool(torch.isnan(out).any()):
+                hint = ("some outputs are NaN or were never written: mask the loads (other=0) and the scores of "
+                        "positions >= context_len, and store one [HEAD_DIM] row per program")
+            elif close(ones, ones) or close(ones, vs) or close(ks, ones):
+                hint = ("a cache holds codes, not values: multiply each row of codes by its scale, "
+                        "k = k_codes.to(tl.float32) * k_scale[:, None] (and the same for v with v_scale)")
+            elif close(ks, ks) or close(vs, vs):
+                hint = "keys and values have their own scales: dequantize K with k_scale_ptr, V with v_scale_ptr"
+            else:
+                hint = ("the scale of token slot (block, offset) and kv head h is at (block * BLOCK_SIZE + offset) * "
+                        "NUM_KV_HEADS + h: the same `rows` index as its codes (without their * HEAD_DIM)")
+            c.check_close(out, want, case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, q {dtype}",
+                          hint=hint, **tol)
+    return c.result

@@ -1,0 +1,244 @@
+"""Paged decode attention over an 8-bit KV cache, dequantizing on the fly (lesson 07).
+
+The same kernel as lesson 02's ``kernels.paged_attention`` — one program per (sequence, kv head, split), all
+``G = Hq / Hkv`` query heads of a kv head at once, tiles of ``BLOCK_N`` tokens gathered through the block table,
+online softmax, split-K with a log-sum-exp merge — except that each tile arrives as **one-byte codes** plus one
+scale per (token, kv head) (``kernels.store_kv_int8`` wrote them). Decode is memory-bound, so half the bytes
+could mean about half the time — if the dequantization costs (almost) nothing. Two tricks keep it cheap:
+
+* **scales are folded into the math, not into the tile.** With k_t ≈ c_t · s_t (c: codes, s: scale of token t)
+  the scores are ``q · k_t = s_t · (q · c_t)``: one ``tl.dot`` on the raw codes, then one multiply per *score*
+  instead of one per element. The same for V: ``Σ_t p_t v_t = Σ_t (p_t s_t) c_t``: scale the probabilities.
+  A zero point z_t adds ``z_t · Σ_d q_d`` to each score and ``Σ_t p_t z_t`` to each output row.
+* **INT8 -> fp16 without the int-to-float converter** (``FAST_I2F``): the fp16 number with bits
+  ``0x6400 | (c + 128)`` is exactly ``1024 + c + 128``, so ``bitcast(int16(c) + 0x6480) - 1152 == c`` with two
+  cheap integer/fp16 ops, instead of the I2F instruction, which runs at a quarter of the fp16 rate on recent GPUs
+  and would otherwise compete with the memory system for the time budget.
+
+Codes are exact small integers in fp16 / bf16 / fp32 (FP8 codes too), so the only error is the quantization's.
+
+Measured on an H200 (``benchmarks/results/kv_quant_nvidia-h200.json``) that is not enough: this kernel moves 8-bit
+K/V at ~1.9 TB/s where lesson 02's FP16 kernel reads 4.4 TB/s, so INT8 takes 1.1-1.2x the FP16 time. The compiled
+code shows why: the int8 tile reaches the tensor cores' operand layout through scalar shared-memory loads (no
+``ldmatrix``) plus byte unpacking — per-element work, not HBM, is the limit. Lesson 07 discusses it.
+"""
+from __future__ import annotations
+
+import math
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
+import triton
+import triton.language as tl
+
+from course_lib.device import INTERPRET
+from kernels.paged_attention import _merge_splits_kernel, _num_sms, choose_num_splits
+from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Tile and launch parameters, the fastest of 8 timed on an H200 at batch 32 x 8k (benchmarks/kv_quant.py: BLOCK_N
+#: 128 / 4 warps 293 us, 64 / 4 warps 390 us). FAST_I2F: the bit trick above (INT8 codes, fp16 queries): 15% faster.
+CONFIG = dict(BLOCK_N=128, num_warps=4, num_stages=3, FAST_I2F=True)
+
+
+@triton.jit
+def _load_codes(ptrs, mask, DOT_TY: tl.constexpr, FAST_I2F: tl.constexpr):
+    """A tile of 8-bit codes, as exact integers (INT8) or exact fp8 values, in the dot's dtype."""
+    c = tl.load(ptrs, mask=mask, other=0.0)
+    if FAST_I2F:   # int8 -> fp16: bits 0x6400 | (c + 128) are the fp16 number 1024 + c + 128
+        return (c.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return c.to(DOT_TY)
+
+
+@triton.jit
+def _paged_attention_int8_kernel(
+    q_ptr,                          # [B, Hq, D]
+    k_cache_ptr, v_cache_ptr,       # [N, P, Hkv, D] int8 / float8_e4m3fn, contiguous
+    k_scale_ptr, v_scale_ptr,       # [N, P, Hkv] fp16 / fp32, contiguous
+    k_zero_ptr, v_zero_ptr,         # [N, P, Hkv] zero points (HAS_ZERO only)
+    block_tables_ptr,               # [B, max_blocks] int32
+    context_lens_ptr,               # [B] int32
+    out_ptr,                        # [B, Hq, D] (unsplit) or partial results [B, Hq, splits, D] float32 (split)
+    lse_ptr,                        # [B, Hq, splits] float32 log2-sum-exp of each split (split only)
+    sm_scale_log2e,                 # sm_scale * log2(e): exp2 is what the hardware computes
+    tokens_per_split,
+    stride_qb, stride_qh, stride_bt,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    NUM_KV_HEADS: tl.constexpr,
+    QUERIES_PER_KV: tl.constexpr,   # G = Hq // Hkv
+    GROUP_PAD: tl.constexpr,        # G padded to >= 16 (the smallest tl.dot on a GPU)
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,       # P, tokens per KV block
+    BLOCK_N: tl.constexpr,          # tokens per tile
+    SPLIT: tl.constexpr,            # write partial results + lse (True) or the final output (False)
+    HAS_ZERO: tl.constexpr,         # asymmetric codes: x = c * s + z
+    FAST_I2F: tl.constexpr,         # INT8 codes and fp16 queries: the bit-trick conversion
+    IEEE_FP32: tl.constexpr,        # fp32 queries: exact fp32 dots instead of TF32
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = split * tokens_per_split
+    end = tl.minimum(context_len, start + tokens_per_split)
+    DOT_TY: tl.constexpr = q_ptr.dtype.element_ty
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, DIM_PAD)
+    q_heads = kv_head * QUERIES_PER_KV + g
+    g_mask = g < QUERIES_PER_KV
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qb + q_heads[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)                     # [G, D]
+    if HAS_ZERO:
+        q_sum = tl.sum(q.to(tl.float32), axis=1)                                       # [G]: Σ_d q_d
+
+    m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")   # running max of the scores (log2 units)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)                  # running sum of exp2(score - m_i)
+    acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)         # running sum of exp2(score - m_i) * v
+    for tile_start in range(start, end, BLOCK_N):
+        t = tile_start + tl.arange(0, BLOCK_N)                      # logical token positions of this tile
+        t_mask = t < end
+        block_ids = tl.load(block_tables_ptr + seq * stride_bt + t // BLOCK_SIZE, mask=t_mask, other=0)
+        slot = block_ids.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE                    # [BLOCK_N] physical slots
+        row = (slot * NUM_KV_HEADS + kv_head)                                          # row of [N*P*Hkv, D]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        # ---- scores: s_t * (q . c_t) (+ z_t * sum(q))
+        k = _load_codes(k_cache_ptr + row[:, None] * HEAD_DIM + d[None, :], kv_mask, DOT_TY, FAST_I2F)  # [BLOCK_N, D]
+        k_scale = tl.load(k_scale_ptr + row, mask=t_mask, other=0.0).to(tl.float32)                    # [BLOCK_N]
+        if IEEE_FP32:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))                                                  # [G, BLOCK_N] fp32
+        s = s * k_scale[None, :]
+        if HAS_ZERO:
+            s += q_sum[:, None] * tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[None, :]
+        s = tl.where(t_mask[None, :], s * sm_scale_log2e, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))   # finite: every tile has >= 1 valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # ---- values: sum_t (p_t * s_t) c_t (+ sum_t p_t z_t)
+        v = _load_codes(v_cache_ptr + row[:, None] * HEAD_DIM + d[None, :], kv_mask, DOT_TY, FAST_I2F)
+        v_scale = tl.load(v_scale_ptr + row, mask=t_mask, other=0.0).to(tl.float32)
+        pv = (p * v_scale[None, :]).to(DOT_TY)
+        if IEEE_FP32:
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pv, v)
+        if HAS_ZERO:
+            v_zero = tl.load(v_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(p * v_zero[None, :], axis=1)[:, None]
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)   # an empty range (context 0, or a split past the end): output 0
+    out = acc / l_safe[:, None]
+    o_ptrs = out_ptr + seq * stride_ob + q_heads[:, None] * stride_oh + split * stride_os + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if SPLIT:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + seq * stride_lb + q_heads * stride_lh + split, lse, mask=g_mask)
+
+
+def _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_tables, context_lens) -> None:
+    named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale),
+             ("block_tables", block_tables), ("context_lens", context_lens)]
+    named += [(n, t) for n, t in (("k_zero", k_zero), ("v_zero", v_zero)) if t is not None]
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not INTERPRET and t.device.type != "cuda":
+            raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
+        if INTERPRET and t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}; expected the device of q, {q.device}")
+    if q.dim() != 3:
+        raise ValueError(f"q has shape {tuple(q.shape)}; expected [B, Hq, D] (one query token per sequence)")
+    validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero)
+    B, Hq, D = q.shape
+    N, P, Hkv, Dk = k_cache.shape
+    if Dk != D:
+        raise ValueError(f"k_cache has head_dim {Dk} (shape {tuple(k_cache.shape)}); expected q's head_dim D={D}")
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, not a multiple of k_cache's {Hkv} kv heads (GQA needs Hq % Hkv == 0)")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q has dtype {q.dtype}; expected one of {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if q.stride(2) != 1:
+        raise ValueError("q must be contiguous in its last (head_dim) dimension")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous (slot s, head h starts at (s * Hkv + h) * D)")
+    if k_cache.dtype == torch.float8_e4m3fn and not INTERPRET and not fp8_supported()[0]:
+        raise ValueError(f"k_cache has dtype torch.float8_e4m3fn: {fp8_supported()[1]}")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"block_tables has shape {tuple(block_tables.shape)}; expected [B={B}, max_blocks]")
+    if block_tables.dtype != torch.int32:
+        raise ValueError(f"block_tables has dtype {block_tables.dtype}; expected torch.int32")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous in its last dimension")
+    if context_lens.shape != (B,):
+        raise ValueError(f"context_lens has shape {tuple(context_lens.shape)}; expected [B={B}]")
+    if context_lens.dtype != torch.int32:
+        raise ValueError(f"context_lens has dtype {context_lens.dtype}; expected torch.int32")
+
+
+def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                k_scale: torch.Tensor, v_scale: torch.Tensor, block_tables: torch.Tensor,
+                                context_lens: torch.Tensor, *, k_zero: torch.Tensor | None = None,
+                                v_zero: torch.Tensor | None = None, sm_scale: float | None = None,
+                                num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
+    """Decode attention through block tables over 8-bit K/V: ``[B, Hq, D]``, in q's dtype.
+
+    As ``kernels.paged_attention_decode`` (q ``[B, Hq, D]``; block_tables int32 ``[B, max_blocks]``;
+    context_lens int32 ``[B]``; sm_scale, num_splits, max_context_len), with k_cache, v_cache ``[N, P, Hkv, D]``
+    torch.int8 or torch.float8_e4m3fn codes and k_scale, v_scale ``[N, P, Hkv]`` (k_zero, v_zero for asymmetric
+    INT8) as written by ``kernels.store_kv_int8``: key t of kv head h is ``k_cache[..] * k_scale[..] (+ k_zero[..])``.
+    Raises ValueError, naming the argument, on wrong inputs.
+    """
+    _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_tables, context_lens)
+    B, Hq, D = q.shape
+    N, P, Hkv, _ = k_cache.shape
+    capacity = block_tables.shape[1] * P
+    if max_context_len is None:
+        max_context_len = int(context_lens.max()) if B else 0
+        if B and int(context_lens.min()) < 0:
+            raise ValueError(f"context_lens holds {int(context_lens.min())}; lengths must be >= 0")
+    if max_context_len > capacity:
+        raise ValueError(f"a context length of {max_context_len} tokens is longer than block_tables can address: "
+                         f"{block_tables.shape[1]} blocks x block_size {P} = {capacity} tokens")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
+    cfg = CONFIG
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device))
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    num_splits = triton.cdiv(max(max_context_len, 1), tokens_per_split)
+    G = Hq // Hkv
+    has_zero = k_zero is not None
+    zeros = (k_zero, v_zero) if has_zero else (k_scale, v_scale)   # unused pointers when symmetric
+    meta = dict(NUM_KV_HEADS=Hkv, QUERIES_PER_KV=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
+                DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=P, BLOCK_N=cfg["BLOCK_N"], HAS_ZERO=has_zero,
+                FAST_I2F=bool(cfg["FAST_I2F"]) and k_cache.dtype == torch.int8 and q.dtype == torch.float16,
+                IEEE_FP32=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    common = (q, k_cache, v_cache, k_scale, v_scale, *zeros, block_tables, context_lens)
+    if num_splits == 1:
+        _paged_attention_int8_kernel[(B, Hkv, 1)](
+            *common, out, out, scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0),
+            out.stride(0), out.stride(1), 0, 0, 0, SPLIT=False, **meta)
+        return out
+    partial = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    _paged_attention_int8_kernel[(B, Hkv, num_splits)](
+        *common, partial, lse, scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1), SPLIT=True, **meta)
+    _merge_splits_kernel[(B, Hq)](
+        partial, lse, out, num_splits, partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D), SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
