@@ -28,10 +28,13 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin: [S, D] for integer positions [S] (the 'rotate half' layout of Hugging Face LLaMA)."""
+    """cos, sin: [S, D] for integer positions [S], or [B, 1, S, D] for [B, S] (the 'rotate half' layout of
+    Hugging Face LLaMA)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]           # [S, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)                           # [S, D]
+    freqs = positions.float()[..., None] * inv_freq                   # [S, D/2] or [B, S, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)                           # [S, D] or [B, S, D]
+    if emb.dim() == 3:
+        emb = emb[:, None]                                            # [B, 1, S, D]: broadcasts over heads
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -117,22 +120,28 @@ class Llama(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, *, cache=None, last_token_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, *, cache=None, last_token_only: bool = False,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] (float32), or [B, 1, V] with ``last_token_only``.
 
         Without ``cache`` every token attends to the tokens before it in ``input_ids`` (the no-cache path).
         With a cache the new tokens sit at positions ``cache.length ...``, attend to everything cached, and
         their K/V are appended to it. A cache is any object with ``length``, ``attend(layer, q, k, v)`` and
         ``advance(num_tokens)``: ``course_lib.kv_cache.KVCache`` (contiguous) is the first of them.
+        ``positions`` ([S], or [B, S] per row) overrides ``cache.length + arange(S)``: a serving engine that
+        flattens the tokens of many sequences into one row passes each token's own position (lesson 04).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if start + S > self.config.max_position_embeddings:
-            raise ValueError(f"{start} cached + {S} new tokens exceed the model's context of "
-                             f"{self.config.max_position_embeddings} positions")
-        positions = torch.arange(start, start + S, device=input_ids.device)
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            if start + S > self.config.max_position_embeddings:
+                raise ValueError(f"{start} cached + {S} new tokens exceed the model's context of "
+                                 f"{self.config.max_position_embeddings} positions")
+            positions = torch.arange(start, start + S, device=input_ids.device)
+        elif positions.shape not in ((S,), (B, S)):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}; expected [S={S}] or [B={B}, S={S}]")
         x = self.model.embed_tokens(input_ids)                                    # [B, S, E]
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):

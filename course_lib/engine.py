@@ -1,0 +1,259 @@
+"""``LLMEngine``: continuous batching on a paged KV cache (lesson 04).
+
+The loop of a serving engine, one iteration per forward pass ("iteration-level scheduling", Orca, OSDI 2022):
+
+    while requests are unfinished:
+        admit the requests that have arrived           (they wait in the scheduler's queue)
+        out = scheduler.schedule()                     (which tokens of which sequences: decodes + prompt chunks)
+        copy swapped blocks out / in                   (preemption by swap)
+        logits = model(all scheduled tokens, flattened)   (course_lib.model_runner: paged K/V, the course kernels)
+        sample one token for every sequence that reached the end of its tokens
+        scheduler.update(...)                          (append tokens, finish sequences, free their blocks)
+
+A finished sequence leaves the batch at once and a waiting one takes its place in the very next step; static
+batching (``course_lib.static_batching``) instead waits until the whole batch is done.
+
+**Time.** ``generate`` replays requests that arrive at ``arrival_times`` (seconds; default all at 0) on a clock
+that advances by the measured wall time of each step (scheduling, copies, forward pass and sampling included)
+and, when the engine is idle, jumps to the next arrival instead of sleeping. Latencies (TTFT, TPOT) are read
+on that clock.
+
+**Bad input.** A request with an empty prompt, a prompt that fills the model's context, token ids outside the
+vocabulary, invalid sampling parameters (a dict that ``SamplingParams`` rejects) or more tokens than the whole
+KV cache holds gets a ``RequestOutput`` whose ``error`` is a ``ValueError`` naming the field; the other requests
+are served. Misusing the call itself (prompts not a list, a params list of the wrong length, ...) raises
+``TypeError`` / ``ValueError`` before anything runs.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from course_lib.block_manager import BlockManager
+from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
+from course_lib.model_runner import KVPool, ModelRunner
+from course_lib.sampling import SamplingParams, sample_token
+from course_lib.scheduler import PREEMPTION_MODES, Scheduler, Sequence
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache of ``num_blocks`` blocks of ``block_size`` tokens.
+
+    max_num_seqs            sequences in the running batch at most
+    max_num_batched_tokens  tokens per step (the token budget); default 512 with chunked prefill, else the
+                            model's context length (a whole prompt must fit one step)
+    num_blocks              KV blocks on the device; default: enough for max_num_seqs full-context sequences
+    preemption_mode         "recompute" or "swap" (to ``num_cpu_blocks`` CPU blocks, default num_blocks)
+    enable_chunked_prefill  split long prompts into chunks that share steps with decodes (default True)
+    use_kernels             Triton kernels (default for a model on a GPU) or their plain-torch references (default
+                            for a model on the CPU)
+    tokenizer               lets prompts be strings and fills ``.text`` of the outputs
+    seed                    seeds the generators of requests without a seed of their own
+    """
+
+    def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = False,
+                 preemption_mode: str = "recompute", enable_chunked_prefill: bool = True,
+                 num_cpu_blocks: int | None = None, tokenizer=None, use_kernels: bool | None = None, seed: int = 0):
+        if enable_prefix_caching:
+            raise NotImplementedError("prefix caching arrives in lesson 05")
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = model.config.max_position_embeddings
+        self.block_size = _positive_int("block_size", block_size)
+        self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        self.num_blocks = _positive_int("num_blocks", max_num_seqs * blocks_per_seq if num_blocks is None else num_blocks)
+        self.enable_chunked_prefill = bool(enable_chunked_prefill)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(512 if enable_chunked_prefill else self.max_model_len, max_num_seqs)
+        self.max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
+        if self.max_num_batched_tokens < max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
+                             f"({max_num_seqs}): every running sequence must be able to decode in every step")
+        if not enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= the model's context "
+                             f"({self.max_model_len}) without chunked prefill: a whole prompt must fit one step")
+        self.preemption_mode = preemption_mode
+        swap = preemption_mode == "swap"
+        self.num_cpu_blocks = (self.num_blocks if num_cpu_blocks is None else num_cpu_blocks) if swap else 0
+        if swap:
+            _positive_int("num_cpu_blocks", self.num_cpu_blocks)
+        self.pool = KVPool(model.config, self.num_blocks, block_size, num_cpu_blocks=self.num_cpu_blocks,
+                           dtype=model.dtype, device=model.device)
+        self.use_kernels = use_kernels
+        self._rng = random.Random(seed)
+        self.metrics: RunMetrics | None = None      # of the last generate call
+        self.scheduler: Scheduler | None = None     # of the last generate call (its queues are empty at the end)
+
+    # ---------------------------------------------------------------- the public call
+    def generate(self, prompts, params=None, *, arrival_times=None, use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Generate completions for ``prompts`` (token-id lists, or strings with a tokenizer). ``params``: one
+        SamplingParams for all, or a list with one per prompt. Returns one RequestOutput per prompt, in order;
+        the run's metrics are in ``self.metrics``. The progress bar shows by default from 64 requests on."""
+        prompts, params_list, arrivals = check_call(prompts, params, arrival_times)
+        bm = BlockManager(self.num_blocks, self.block_size)
+        cpu_bm = BlockManager(self.num_cpu_blocks, self.block_size) if self.num_cpu_blocks else None
+        self.scheduler = scheduler = Scheduler(
+            bm, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
+            preemption_mode=self.preemption_mode, cpu_block_manager=cpu_bm)
+        runner = ModelRunner(self.model, bm, self.pool, self.use_kernels)
+        outputs, pending, next_seq_id = [], [], 0
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            prompt_ids, p, error = check_request(i, prompt, p, vocab_size=self.model.config.vocab_size,
+                                                 max_model_len=self.max_model_len, tokenizer=self.tokenizer)
+            if error is None:
+                error = self._check_blocks(i, prompt_ids, p, scheduler)
+            outputs.append(RequestOutput(i, prompt_ids, error=error))
+            if error is None:
+                seqs = [Sequence(next_seq_id + j, i, list(prompt_ids), p, arrivals[i], j, self._generator(p, j))
+                        for j in range(p.n)]
+                next_seq_id += p.n
+                pending.append((arrivals[i], i, seqs))
+        pending.sort(key=lambda r: (r[0], r[1]))
+        sequences = {i: seqs for _, i, seqs in pending}
+        bar = tqdm(total=len(pending), desc="requests", unit="req",
+                   disable=not (len(prompts) >= 64 if use_tqdm is None else use_tqdm))
+        clock, steps, device = 0.0, [], self.model.device
+        while pending or scheduler.has_unfinished():
+            while pending and pending[0][0] <= clock:             # requests that have arrived join the queue
+                for seq in pending.pop(0)[2]:
+                    scheduler.add(seq)
+            if not scheduler.has_unfinished():                    # idle: jump to the next arrival
+                clock = pending[0][0]
+                continue
+            _synchronize(device)
+            t0 = time.perf_counter()
+            out = scheduler.schedule()
+            if not out.chunks:
+                raise RuntimeError("the scheduler scheduled nothing although requests are unfinished (a bug)")
+            self.pool.swap_out(out.swap_out)
+            self.pool.swap_in(out.swap_in)
+            next_tokens = self._sample(out.chunks, runner.execute(out.chunks))
+            for chunk in out.chunks:
+                if chunk.seq.first_scheduled_time is None:
+                    chunk.seq.first_scheduled_time = clock
+            _synchronize(device)
+            duration = time.perf_counter() - t0
+            finished = scheduler.update(out, next_tokens, clock + duration)
+            steps.append(StepRecord(
+                start=clock, duration=duration, num_prefill_tokens=out.num_prefill_tokens,
+                num_decode_tokens=out.num_decode_tokens, num_running=len(out.chunks),
+                num_waiting=len(scheduler.waiting), num_swapped=len(scheduler.swapped),
+                blocks_used=bm.num_used_blocks, preempted=out.preempted, swapped_out_blocks=len(out.swap_out),
+                swapped_in_blocks=len(out.swap_in), composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks]))
+            clock += duration
+            done = {seq.request_id for seq in finished if all(s.finish_reason for s in sequences[seq.request_id])}
+            bar.update(len(done))
+        bar.close()
+        for i, seqs in sequences.items():
+            outputs[i] = self._request_output(outputs[i], seqs)
+        swapped = sum(s.swapped_out_blocks for s in steps)
+        self.metrics = summarize(
+            "continuous", outputs, steps, clock - min(arrivals, default=0.0), num_blocks=self.num_blocks,
+            preemptions={m: scheduler.num_preemptions[m] for m in PREEMPTION_MODES},
+            num_recomputed_tokens=scheduler.num_recomputed_tokens, num_swapped_blocks=swapped,
+            swap_bytes=swapped * self.pool.bytes_per_block)
+        return outputs
+
+    # ---------------------------------------------------------------- helpers
+    def _sample(self, chunks, logits: torch.Tensor) -> dict[int, int]:
+        """The next token of every chunk that samples: one argmax over all greedy rows (one device-to-host
+        copy), a draw with its own generator for each sampling row."""
+        seqs = [c.seq for c in chunks if c.samples]
+        greedy = logits.argmax(dim=-1).tolist()
+        return {seq.seq_id: (greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator))
+                for i, seq in enumerate(seqs)}
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        seed = params.seed + index if params.seed is not None else self._rng.randrange(2**63)
+        return torch.Generator().manual_seed(seed)
+
+    def _check_blocks(self, i: int, prompt: list[int], params: SamplingParams, scheduler: Scheduler):
+        """A ValueError if the sequence could not fit the KV cache even alone (it would never finish)."""
+        total = min(len(prompt) + params.max_tokens, self.max_model_len)
+        need, most = -(-total // self.block_size), scheduler.max_blocks_per_seq()
+        if need > most:
+            return ValueError(f"request {i}: max_tokens: prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) "
+                              f"need {need} KV blocks, more than the {most} one sequence may use "
+                              f"(num_blocks={self.num_blocks}): lower max_tokens or add blocks")
+        return None
+
+    def _request_output(self, out: RequestOutput, seqs: list[Sequence]) -> RequestOutput:
+        decode = self.tokenizer.decode if self.tokenizer is not None else None
+        out.outputs = [CompletionOutput(s.sample_index, list(s.output_token_ids),
+                                        decode(s.output_token_ids) if decode else None, s.finish_reason,
+                                        list(s.token_times)) for s in seqs]
+        out.metrics = RequestMetrics(
+            arrival_time=seqs[0].arrival_time, first_scheduled_time=min(s.first_scheduled_time for s in seqs),
+            first_token_time=min(s.token_times[0] for s in seqs), finished_time=max(s.token_times[-1] for s in seqs),
+            num_output_tokens=sum(len(s.output_token_ids) for s in seqs),
+            num_preemptions=sum(s.num_preemptions for s in seqs))
+        return out
+
+
+# ---------------------------------------------------------------- validation (shared with the static baseline)
+def check_call(prompts, params, arrival_times) -> tuple[list, list, list[float]]:
+    """Whole-call misuse raises before anything runs: (prompts, one params entry per prompt, arrival times)."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of prompts (token-id lists or strings), got {type(prompts).__name__}")
+    if params is None or isinstance(params, (SamplingParams, dict)):
+        params = [params] * len(prompts)
+    elif not isinstance(params, (list, tuple)) or len(params) != len(prompts):
+        raise ValueError(f"params must be one SamplingParams or a list of one per prompt ({len(prompts)}), got "
+                         f"{type(params).__name__}" + (f" of length {len(params)}" if hasattr(params, "__len__") else ""))
+    if arrival_times is None:
+        arrival_times = [0.0] * len(prompts)
+    arrival_times = [float(a) for a in arrival_times]
+    if len(arrival_times) != len(prompts) or any(not a >= 0 for a in arrival_times):
+        raise ValueError(f"arrival_times must hold one time >= 0 (s) per prompt ({len(prompts)} prompts)")
+    return list(prompts), list(params), arrival_times
+
+
+def check_request(i: int, prompt, params, *, vocab_size: int, max_model_len: int, tokenizer=None):
+    """(prompt token ids, SamplingParams, None) for a valid request, else (..., a ValueError naming the field)."""
+    try:
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams(**params)          # raises ValueError naming the bad field
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"params: expected SamplingParams or a dict, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("prompt: a string prompt needs a tokenizer (LLMEngine(..., tokenizer=...))")
+            prompt = tokenizer.encode(prompt)
+        try:
+            prompt = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError(f"prompt: expected a list of token ids or a string, got {prompt!r:.60}") from None
+        if not prompt:
+            raise ValueError("prompt: it is empty; generation needs at least one token to condition on")
+        if not all(0 <= t < vocab_size for t in prompt):
+            raise ValueError(f"prompt: token id {next(t for t in prompt if not 0 <= t < vocab_size)} is outside the "
+                             f"vocabulary 0 ... {vocab_size - 1}")
+        if len(prompt) >= max_model_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens, but the model's context is {max_model_len} tokens: "
+                             "no room to generate")
+    except ValueError as err:
+        err.args = (f"request {i}: {err.args[0]}",)
+        return (prompt if isinstance(prompt, list) else []), params, err
+    return prompt, params, None

@@ -1,0 +1,215 @@
+"""Checks of lesson 04 (continuous batching): admitting requests under a block budget, choosing and executing a
+preemption, and splitting a step's token budget between decodes and prefill chunks.
+
+Every check runs small edge cases first, then random ones (fixed seeds) against a model solution, and stops at
+the first failure with the case, expected vs got, and a hint aimed at the usual mistake.
+"""
+from __future__ import annotations
+
+import random
+
+from course_lib.block_manager import BlockManager, OutOfBlocksError
+from course_lib.grading.core import Checker, CheckResult
+from course_lib.scheduler import RUNNING, SWAPPED, WAITING, Sequence
+
+
+# ---------------------------------------------------------------- 1. admission
+def _admit(waiting, num_free_blocks, block_size, num_running, max_num_seqs, token_budget, watermark=0):
+    admitted = []
+    for seq_id, num_tokens in waiting:
+        need = -(-num_tokens // block_size)
+        if num_running + len(admitted) >= max_num_seqs or num_tokens > token_budget or num_free_blocks - need < watermark:
+            break
+        admitted.append(seq_id)
+        num_free_blocks -= need
+        token_budget -= num_tokens
+    return admitted
+
+
+def _admission_hint(got, case_args) -> str:
+    waiting, free, P, running, max_seqs, budget, watermark = case_args
+    floor = _admit([(s, n // P * P) for s, n in waiting], free, P, running, max_seqs, budget, watermark)
+    if got == floor:
+        return "a sequence of n tokens needs ceil(n / block_size) blocks: its last block may be partly filled"
+    skipping = []
+    f, b = free, budget
+    for s, n in waiting:
+        need = -(-n // P)
+        if running + len(skipping) < max_seqs and n <= b and f - need >= watermark:
+            skipping.append(s)
+            f, b = f - need, b - n
+    if got == skipping:
+        return ("first come, first served: stop at the first request that does not fit; admitting a later, smaller "
+                "one would let short requests overtake a long one forever (starvation)")
+    if got == _admit(waiting, free, P, running, max_seqs, budget, 0) and watermark:
+        return "keep `watermark` blocks free: admit only while num_free_blocks - need >= watermark"
+    if got == _admit(waiting, free, P, running, max_seqs, 10**9, watermark):
+        return "each admitted prompt is prefilled in this step: its tokens must fit in what is left of token_budget"
+    if got == _admit(waiting, free, P, 0, max_seqs, budget, watermark):
+        return "the running batch already holds num_running sequences: at most max_num_seqs - num_running can join"
+    return ("walk the queue in order; admit while (1) the batch has room, (2) the prompt fits the token budget, (3) its "
+            "blocks fit above the watermark; subtract each admitted request's blocks and tokens")
+
+
+def check_admit(student_fn) -> CheckResult:
+    """``admit(waiting, num_free_blocks, block_size, num_running, max_num_seqs, token_budget, watermark)``:
+    ``waiting`` is a list of ``(seq_id, num_prompt_tokens)`` in arrival order; return the ids admitted into this
+    step, in order (first come first served, stopping at the first that does not fit)."""
+    cases = [([], 10, 4, 0, 4, 64, 0), ([(0, 8)], 2, 4, 0, 4, 64, 0), ([(0, 9)], 2, 4, 0, 4, 64, 0),
+             ([(0, 5), (1, 3)], 2, 4, 0, 4, 64, 0), ([(0, 12), (1, 1)], 2, 4, 0, 4, 64, 0),
+             ([(0, 4), (1, 4), (2, 4)], 10, 4, 2, 4, 64, 0), ([(0, 4), (1, 4)], 3, 4, 0, 4, 64, 2),
+             ([(0, 30), (1, 30), (2, 5)], 100, 16, 0, 8, 64, 0), ([(0, 70)], 100, 16, 0, 8, 64, 0)]
+    rng = random.Random(4)
+    for _ in range(40):
+        waiting = [(i, rng.randint(1, 60)) for i in range(rng.randint(0, 8))]
+        cases.append((waiting, rng.randint(0, 30), rng.choice([1, 4, 16]), rng.randint(0, 4), rng.randint(1, 8),
+                      rng.randint(1, 128), rng.choice([0, 0, 1, 3])))
+    with Checker("admit", points=2) as c:
+        for args in cases:
+            waiting, free, P, running, max_seqs, budget, watermark = args
+            got = student_fn(list(waiting), free, P, running, max_seqs, budget, watermark)
+            want = _admit(*args)
+            c.check_equal(list(got) if isinstance(got, (list, tuple)) else got, want,
+                          case=f"waiting={waiting}, num_free_blocks={free}, block_size={P}, num_running={running}, "
+                               f"max_num_seqs={max_seqs}, token_budget={budget}, watermark={watermark}",
+                          hint=_admission_hint(list(got) if isinstance(got, (list, tuple)) else got, args))
+    return c.result
+
+
+# ---------------------------------------------------------------- 2. preemption
+def _scene(rng: random.Random, mode: str, cpu_blocks: int):
+    """A running batch over a small block pool; returns what preempt() gets."""
+    P = rng.choice([2, 4])
+    bm, cpu = BlockManager(64, P), BlockManager(max(cpu_blocks, 1), P)
+    running = []
+    for i in rng.sample(range(20), rng.randint(1, 5)):
+        n = rng.randint(1, 12)
+        seq = Sequence(i, i, list(range(1, n + 1)), arrival_time=rng.choice([0.0, 0.5, 1.0, 2.0]), status=RUNNING)
+        seq.num_computed_tokens = n
+        bm.allocate(i, n)
+        running.append(seq)
+    rng.shuffle(running)
+    waiting = [Sequence(100 + j, 100 + j, [1, 2], arrival_time=5.0) for j in range(rng.randint(0, 2))]
+    swapped = []
+    return bm, cpu, running, waiting, swapped
+
+
+def check_preempt(student_fn) -> CheckResult:
+    """``preempt(running, block_manager, cpu_block_manager, waiting, swapped, mode) -> (victim, mapping)``:
+    choose the running sequence with the lowest priority (the largest ``seq.priority``: the latest arrival), take
+    it out of ``running`` and free its device blocks; by ``"swap"`` (when the CPU pool has room) first copy the
+    block table to CPU blocks (mapping = [(device block, CPU block), ...]) and append it to ``swapped``; by
+    ``"recompute"`` (or swap with a full CPU pool) forget its K/V (num_computed_tokens = 0) and put it at the
+    FRONT of ``waiting`` (mapping = [])."""
+    rng = random.Random(7)
+    scenes = [("recompute", 8), ("swap", 64), ("swap", 1)] + [(rng.choice(["recompute", "swap"]), rng.choice([1, 64]))
+                                                               for _ in range(12)]
+    with Checker("preempt", points=3) as c:
+        for k, (mode, cpu_blocks) in enumerate(scenes):
+            bm, cpu, running, waiting, swapped = _scene(rng, mode, cpu_blocks)
+            want = max(running, key=lambda s: s.priority)
+            table, held = bm.block_table(want.seq_id), bm.num_tokens[want.seq_id]
+            fits = cpu.can_allocate(held)
+            free_before, waiting_before = bm.num_free_blocks, list(waiting)
+            desc = ", ".join(f"seq {s.seq_id} (arrived {s.arrival_time}, {len(bm.block_table(s.seq_id))} blocks)"
+                             for s in running)
+            case = f"mode={mode!r}, CPU pool of {cpu.allocator.num_blocks} blocks, running: {desc}"
+            try:
+                result = student_fn(running, bm, cpu, waiting, swapped, mode)
+            except OutOfBlocksError:
+                c.check(False, case=case, expected="a fall back to recompute (the CPU pool is too small)",
+                        got="OutOfBlocksError raised", hint="before swapping, ask cpu_block_manager.can_allocate(tokens); "
+                        "when the CPU pool is full, preempt by recompute instead")
+            c.check(isinstance(result, tuple) and len(result) == 2, case=case, expected="a tuple (victim, mapping)",
+                    got=repr(result)[:80], hint="return the preempted Sequence and the list of block copies")
+            victim, mapping = result
+            c.check(victim is want, case=case, expected=f"seq {want.seq_id} (priority {want.priority})",
+                    got=f"seq {getattr(victim, 'seq_id', victim)}",
+                    hint="preempt the lowest-priority sequence: the one with the LARGEST seq.priority (latest arrival, "
+                         "then largest id), so that the oldest requests keep making progress")
+            c.check(want not in running, case=case, expected="the victim removed from running", got="still in running",
+                    hint="running.remove(victim)")
+            c.check(want.seq_id not in bm.block_tables and bm.num_free_blocks == free_before + len(table), case=case,
+                    expected=f"its {len(table)} device blocks freed", got=f"{bm.num_free_blocks - free_before} freed",
+                    hint="block_manager.free(victim.seq_id) gives its blocks back (after copying them, for a swap)")
+            if mode == "swap" and fits:
+                c.check(want.seq_id in cpu.block_tables, case=case, expected="CPU blocks allocated for the victim",
+                        got="none", hint="cpu_block_manager.allocate(seq_id, block_manager.num_tokens[seq_id])")
+                c.check_equal(list(mapping), list(zip(table, cpu.block_table(want.seq_id))), case=case + ": mapping",
+                              hint="pair the victim's device blocks with its new CPU blocks, in order: "
+                                   "list(zip(device_table, cpu_table)); read the device table BEFORE freeing it")
+                c.check(swapped and swapped[-1] is want and want.status == SWAPPED, case=case,
+                        expected="the victim at the end of swapped, status 'swapped'",
+                        got=f"swapped={[s.seq_id for s in swapped]}, status {want.status!r}",
+                        hint="swapped.append(victim); victim.status = SWAPPED")
+                c.check(want.num_computed_tokens == held, case=case, expected="num_computed_tokens unchanged",
+                        got=str(want.num_computed_tokens), hint="a swap keeps the K/V: nothing must be recomputed")
+            else:
+                why = " (the CPU pool is too small: fall back to recompute)" if mode == "swap" else ""
+                c.check_equal(list(mapping), [], case=case + ": mapping" + why,
+                              hint="recompute copies nothing: return an empty mapping" + why)
+                c.check(want.seq_id not in cpu.block_tables, case=case + why, expected="no CPU blocks used",
+                        got="CPU blocks allocated", hint="check cpu_block_manager.can_allocate(tokens) before swapping")
+                c.check(want.num_computed_tokens == 0, case=case + why, expected="num_computed_tokens = 0",
+                        got=str(want.num_computed_tokens),
+                        hint="its K/V is gone: set num_computed_tokens = 0 so that prompt + generated tokens are "
+                             "prefilled again when it is readmitted")
+                c.check(waiting == [want] + waiting_before and want.status == WAITING, case=case + why,
+                        expected="the victim first in waiting, status 'waiting'",
+                        got=f"waiting={[s.seq_id for s in waiting]}, status {want.status!r}",
+                        hint="waiting.insert(0, victim): it arrived before everyone waiting, so it goes first")
+    return c.result
+
+
+# ---------------------------------------------------------------- 3. the token budget
+def _split(decodes, prefills, budget, chunked=True):
+    out = []
+    for seq_id in decodes:
+        if budget == 0:
+            break
+        out.append((seq_id, 1))
+        budget -= 1
+    for seq_id, remaining in prefills:
+        n = min(remaining, budget) if chunked else (remaining if remaining <= budget else 0)
+        if n == 0:
+            break
+        out.append((seq_id, n))
+        budget -= n
+    return out
+
+
+def check_split_budget(student_fn) -> CheckResult:
+    """``split_budget(decodes, prefills, budget, chunked) -> [(seq_id, num_tokens), ...]``: decodes (ids) first,
+    one token each; then prefills ``(seq_id, remaining prompt tokens)`` in order, each taking what it needs of what
+    is left (``chunked``: a chunk of min(remaining, left); not chunked: the whole prompt or nothing, stopping at the
+    first that does not fit). No entry with 0 tokens; the total never exceeds ``budget``."""
+    cases = [([], [], 8, True), ([1, 2], [], 8, True), ([1, 2, 3], [], 2, True), ([], [(5, 20)], 8, True),
+             ([1, 2], [(5, 20)], 8, True), ([1], [(5, 3), (6, 10)], 8, True), ([1, 2], [(5, 6)], 8, True),
+             ([1, 2], [(5, 7), (6, 1)], 8, False), ([1], [(5, 4), (6, 2)], 8, False), ([1, 2, 3, 4], [(9, 4)], 4, True)]
+    rng = random.Random(11)
+    for _ in range(40):
+        ids = rng.sample(range(100), 12)
+        decodes = ids[:rng.randint(0, 6)]
+        prefills = [(i, rng.randint(1, 40)) for i in ids[6:6 + rng.randint(0, 4)]]
+        cases.append((decodes, prefills, rng.randint(1, 48), rng.random() < 0.6))
+    with Checker("split_budget", points=2) as c:
+        for decodes, prefills, budget, chunked in cases:
+            got = student_fn(list(decodes), list(prefills), budget, chunked)
+            got = [tuple(x) for x in got] if isinstance(got, (list, tuple)) else got
+            want = _split(decodes, prefills, budget, chunked)
+            if isinstance(got, list) and any(n == 0 for _, n in got):
+                hint = "leave out sequences that get 0 tokens: an empty chunk would still cost a row of the batch"
+            elif isinstance(got, list) and got and decodes and got[0][0] != decodes[0] and prefills:
+                hint = ("decodes first: each needs only 1 token, and a running request must not wait a whole step "
+                        "behind a prompt (that stall is what chunked prefill removes)")
+            elif isinstance(got, list) and sum(n for _, n in got) > budget:
+                hint = "the step's tokens must not exceed the budget: a chunk is min(remaining, what is left)"
+            elif not chunked:
+                hint = ("without chunking a prompt runs whole or not at all, and the queue stops at the first that "
+                        "does not fit (first come, first served)")
+            else:
+                hint = ("chunked: decodes take 1 token each while the budget lasts, then each prefill gets a chunk of "
+                        "min(remaining, left) tokens, even when its whole prompt does not fit")
+            c.check_equal(got, want, case=f"decodes={decodes}, prefills={prefills}, budget={budget}, chunked={chunked}",
+                          hint=hint)
+    return c.result

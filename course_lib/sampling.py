@@ -1,0 +1,86 @@
+"""Sampling parameters of a request, and how one next token is drawn from its logits (lesson 04).
+
+``SamplingParams`` is a validated dataclass (the names are vLLM's): a bad value raises a ``ValueError`` that
+names the field when the object is built, so a wrong request never reaches the engine's batch.
+Each sequence draws its tokens with its own ``torch.Generator``: with a ``seed`` a request's tokens do not
+depend on which other requests share its batch (continuous batching changes the company at every step).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate the completion(s) of one request.
+
+    temperature      0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
+    top_p            nucleus sampling: keep the smallest set of tokens whose probabilities sum to >= top_p (1 = all)
+    top_k            keep the top_k most likely tokens (None = all)
+    max_tokens       generate at most this many tokens (fewer at a stop token or at the model's context length)
+    stop_token_ids   stop after generating one of these (it is kept in the output); () = never stop early
+    seed             seed of the request's random generator (None: drawn from the engine's generator)
+    n                number of completions of the prompt (each sampled independently; sample i uses seed + i)
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    max_tokens: int = 16
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    n: int = 1
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        if not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, bool) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, numbers.Real) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an int >= 1, got {self.n!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        try:
+            stops = tuple(self.stop_token_ids)
+        except TypeError:
+            raise ValueError(f"stop_token_ids must be a sequence of token ids, got {self.stop_token_ids!r}") from None
+        if not all(is_int(t) and t >= 0 for t in stops):
+            raise ValueError(f"stop_token_ids must hold ints >= 0, got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in stops))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
+    """logits [V] -> float32 logits divided by the temperature, with the tokens outside top-k / top-p at -inf."""
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (so the most likely one always stays)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
+    """One token id from logits [V]: argmax when greedy, else a draw from the filtered softmax with ``generator``."""
+    if params.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))

@@ -1,0 +1,295 @@
+"""The scheduler of a continuous-batching engine (lesson 04): which tokens of which sequences run in the next step.
+
+Every step (one forward pass of the model) the scheduler picks, under three limits,
+
+* ``max_num_seqs``            sequences in the running batch,
+* ``max_num_batched_tokens``  tokens in one step (the **token budget**: a decode costs 1, a prefill its prompt),
+* the free KV blocks of the ``BlockManager`` (lesson 02),
+
+from three queues, in this order (vLLM's policy, first come first served):
+
+1. **running**: every running sequence decodes one token (decodes go first), or prefills its next chunk of
+   prompt with what is left of the budget. When a
+   sequence needs a new block and none is free, the *most recently arrived* running sequence is **preempted**:
+   by **recompute** (its blocks are freed; it goes back to the waiting queue and its K/V is recomputed later,
+   as a prefill of prompt + generated tokens) or by **swap** (its blocks are copied to a pool of CPU blocks and
+   copied back later). A sequence with no room even after everyone else is preempted preempts itself.
+2. **swapped**: swapped-out sequences come back first (they are older than anything waiting), if no one was
+   preempted in this step and their blocks fit.
+3. **waiting**: new requests are admitted while all three limits allow, with blocks for their whole prompt.
+
+**Chunked prefill** (split-fuse, Sarathi-Serve): with ``enable_chunked_prefill`` a prompt larger than what is
+left of the token budget is cut into chunks that share steps with the running decodes, so a long prompt never
+stalls them for more than one budget's worth of work. Without it a prompt is prefilled whole, in one step.
+
+The scheduler only does bookkeeping (block ids, token counts). The engine (``course_lib.engine``) runs the
+model on the chunks it returns, copies the swapped blocks, and reports the sampled tokens with ``update``.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from course_lib.block_manager import BlockManager
+from course_lib.sampling import SamplingParams
+
+WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sequence of tokens being generated (a request with ``n`` samples has n of them)."""
+
+    seq_id: int
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    arrival_time: float = 0.0
+    sample_index: int = 0                     # which of the request's n samples
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    status: str = WAITING
+    num_computed_tokens: int = 0              # tokens whose K/V are in the cache
+    finish_reason: str | None = None          # "stop" (a stop token) or "length" (max_tokens or the context)
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    token_times: list[float] = field(default_factory=list)   # when each output token was produced
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def priority(self) -> tuple[float, int]:
+        """Smaller is served first: first come, first served (arrival time, then id)."""
+        return (self.arrival_time, self.seq_id)
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens ``start ... start + num_tokens - 1`` of ``seq`` run in this step. A chunk that reaches the end of
+    the sequence's tokens yields logits for the next token (``samples``); an early prompt chunk does not."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start >= len(self.seq.prompt_token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step runs: chunks (decodes first), block copies to do before the forward pass, preemptions."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (GPU block, CPU block) copies
+    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (CPU block, GPU block) copies
+    preempted: list[tuple[int, str]] = field(default_factory=list)  # (seq_id, "recompute" | "swap")
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks if not c.is_decode)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for c in self.chunks if c.is_decode)
+
+
+class Scheduler:
+    """Waiting / running / swapped queues over a GPU ``BlockManager`` (and a CPU one for swapping)."""
+
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, enable_chunked_prefill: bool = True, preemption_mode: str = "recompute",
+                 cpu_block_manager: BlockManager | None = None, watermark: float = 0.01):
+        if preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
+        if preemption_mode == "swap" and cpu_block_manager is None:
+            raise ValueError("preemption_mode='swap' needs a cpu_block_manager (the CPU block pool)")
+        self.block_manager, self.cpu_block_manager = block_manager, cpu_block_manager
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len, self.enable_chunked_prefill = max_model_len, enable_chunked_prefill
+        self.preemption_mode = preemption_mode
+        # Admission keeps a few blocks free, so that the sequences just admitted can grow a little before
+        # anyone must be preempted (vLLM keeps 1% of the blocks).
+        self.watermark_blocks = int(watermark * block_manager.allocator.num_blocks)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self.num_preemptions: Counter = Counter()     # by mode
+        self.num_recomputed_tokens = 0                # K/V thrown away by recompute preemptions
+
+    # ---------------------------------------------------------------- queues
+    def add(self, seq: Sequence) -> None:
+        seq.status = WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.priority)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def max_blocks_per_seq(self) -> int:
+        """Blocks that one sequence may need when it has the cache to itself (validation uses it)."""
+        return self.block_manager.allocator.num_blocks - self.watermark_blocks
+
+    # ---------------------------------------------------------------- the step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        # 1. running sequences: decodes first (one token each, so that no prompt chunk can stall them), then the
+        #    chunks of prompts being prefilled; oldest first in each group. A victim of preemption is the most
+        #    recently arrived of those not yet scheduled in this step.
+        queue = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.priority))
+        kept = []
+        while queue:
+            seq = queue.pop(0)
+            n = self._num_new_tokens(seq, budget)
+            if n == 0:                              # no budget left in this step: it keeps its blocks and waits
+                kept.append(seq)
+                continue
+            while not self._can_reserve(seq, n):
+                victim = max(queue, key=lambda s: s.priority) if queue else seq
+                if victim is not seq:
+                    queue.remove(victim)
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                self._reserve(seq, n)
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                budget -= n
+                kept.append(seq)
+        self.running = kept
+        # 2. swapped sequences come back (not in a step that just preempted: that would thrash)
+        while self.swapped and not out.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.swapped[0]
+            n = self._num_new_tokens(seq, budget)
+            held = self.cpu_block_manager.num_tokens[seq.seq_id]
+            if n == 0 or self.block_manager.num_blocks_for(max(held, seq.num_computed_tokens + n)) > \
+                    self.block_manager.num_free_blocks:
+                break
+            self.swapped.pop(0)
+            self._swap_in(seq, out)
+            self._reserve(seq, n)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        # 3. waiting sequences are admitted, first come first served (never past the first that does not fit)
+        while self.waiting and not self.swapped and not out.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._num_new_tokens(seq, budget)
+            if n == 0 or not self.can_allocate(seq):
+                break
+            self.waiting.pop(0)
+            self.allocate(seq)
+            self._reserve(seq, n)
+            seq.status = RUNNING
+            self.running.append(seq)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        out.chunks.sort(key=lambda c: c.num_tokens > 1)   # one-token chunks (decodes) first: one batched kernel call
+        return out
+
+    def update(self, out: SchedulerOutput, next_tokens: dict[int, int], now: float) -> list[Sequence]:
+        """After the forward pass: advance every chunk's computed tokens, append the sampled tokens
+        (``next_tokens[seq_id]`` for the chunks that sample), finish sequences, free their blocks.
+        Returns the sequences that finished in this step."""
+        finished = []
+        for chunk in out.chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_tokens
+            if not chunk.samples:
+                continue
+            token = next_tokens[seq.seq_id]
+            seq.output_token_ids.append(token)
+            seq.token_times.append(now)
+            if token in seq.params.stop_token_ids:
+                seq.finish_reason = "stop"
+            elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                seq.status = FINISHED
+                self.block_manager.free(seq.seq_id)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    # ---------------------------------------------------------------- blocks (the hook points)
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Blocks for every token of a sequence being admitted fit, above the watermark."""
+        need = self.block_manager.num_blocks_for(seq.num_tokens)
+        return self.block_manager.num_free_blocks - need >= self.watermark_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give an admitted sequence its blocks: room for all of its tokens (the prompt, plus the tokens it had
+        generated before a recompute preemption). The one place a sequence gets blocks: a prefix cache
+        (lesson 05) wraps it to reuse cached blocks and start ``num_computed_tokens`` past the shared prefix."""
+        self.block_manager.allocate(seq.seq_id, seq.num_tokens)
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """Tokens of seq to run now: all it has not computed yet (1 when decoding), or a chunk of its prompt that
+        fits the budget (chunked prefill); 0 when it does not fit."""
+        remaining = seq.num_tokens - seq.num_computed_tokens
+        if self.enable_chunked_prefill:
+            return min(remaining, budget)
+        return remaining if remaining <= budget else 0
+
+    def _slots_needed(self, seq: Sequence, n: int) -> int:
+        return max(0, seq.num_computed_tokens + n - self.block_manager.num_tokens[seq.seq_id])
+
+    def _can_reserve(self, seq: Sequence, n: int) -> bool:
+        return self.block_manager.can_append(seq.seq_id, self._slots_needed(seq, n))
+
+    def _reserve(self, seq: Sequence, n: int) -> None:
+        """Make sure seq has slots for its tokens up to num_computed_tokens + n (a decode may open a block)."""
+        need = self._slots_needed(seq, n)
+        if need:
+            self.block_manager.append_slots(seq.seq_id, need)
+
+    # ---------------------------------------------------------------- preemption
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Take a running sequence's blocks away: swap them to the CPU pool, or free them (recompute later).
+        Swap falls back to recompute when the CPU pool is full."""
+        seq.num_preemptions += 1
+        held = self.block_manager.num_tokens[seq.seq_id]
+        cpu = self.cpu_block_manager
+        if self.preemption_mode == "swap" and cpu.can_allocate(held):
+            cpu_table = cpu.allocate(seq.seq_id, held)
+            out.swap_out += list(zip(self.block_manager.block_table(seq.seq_id), cpu_table))
+            self.block_manager.free(seq.seq_id)
+            seq.status = SWAPPED
+            bisect.insort(self.swapped, seq, key=lambda s: s.priority)
+            mode = "swap"
+        else:
+            self.block_manager.free(seq.seq_id)
+            self.num_recomputed_tokens += seq.num_computed_tokens
+            seq.num_computed_tokens = 0          # its K/V is gone: prompt + generated tokens are prefilled again
+            seq.status = WAITING
+            bisect.insort(self.waiting, seq, key=lambda s: s.priority)
+            mode = "recompute"
+        self.num_preemptions[mode] += 1
+        out.preempted.append((seq.seq_id, mode))
+
+    def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> None:
+        held = self.cpu_block_manager.num_tokens[seq.seq_id]
+        cpu_table = self.cpu_block_manager.block_table(seq.seq_id)
+        gpu_table = self.block_manager.allocate(seq.seq_id, held)
+        out.swap_in += list(zip(cpu_table, gpu_table))
+        self.cpu_block_manager.free(seq.seq_id)
+        seq.status = RUNNING
+        self.running.append(seq)
