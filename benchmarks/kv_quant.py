@@ -7,8 +7,9 @@ Shapes: a LLaMA-3-8B-like attention layer, Hq = 32, Hkv = 8, D = 128, block size
 context 1k ... 32k. For each point the *same* random K/V is stored twice: in fp16, and quantized to INT8 by the
 fused ``kernels.store_kv_int8`` (one fp16 scale per token and kv head). ``kernels.paged_attention_decode``
 (lesson 02) reads the first, ``kernels.paged_attention_int8_decode`` the second; both timed as one call replayed
-from a CUDA graph, L2 flushed. FP8 e4m3 too where the GPU has it. Before the sweep, a few tile configurations of
-the INT8 kernel are timed at batch 32 x 8k and the fastest is used (all recorded). Target: INT8 time <= 0.6x the
+from a CUDA graph, L2 flushed. FP8 e4m3 too where the GPU has it. Before the sweep, a few configurations of the
+INT8 kernel (tile sizes; codes read as 32-bit words or as bytes) are checked against the reference and timed at
+batch 32 x 8k, and the fastest correct one is used (all recorded). Target: INT8 time <= 0.6x the
 FP16 time at contexts >= 8k. Writes ``benchmarks/results/kv_quant_<device-slug>.json`` with device, versions,
 date and every number.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import itertools
 import json
 import platform
 import sys
@@ -66,11 +66,18 @@ def make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes, seed=0):
 def config(quick: bool) -> dict:
     if quick or not HAS_GPU:   # the interpreter: tiny shapes, just to prove the script runs
         return dict(Hq=4, Hkv=2, D=16, P=8, warmup=1, reps=2, correctness=[(2, 40)],
-                    sweep=[(2, 64)], tune_at=(2, 64), tune=dict(BLOCK_N=[64], num_warps=[4], FAST_I2F=[True, False]))
+                    sweep=[(2, 64)], tune_at=(2, 64), tune=[dict(BLOCK_N=64, num_warps=4, WORDS=True),
+                                                            dict(BLOCK_N=64, num_warps=4, WORDS=False)])
     return dict(Hq=32, Hkv=8, D=128, P=16, warmup=3, reps=20,
                 correctness=[(32, 1000), (4, 8192), (1, 32768), (64, 4096)],
                 sweep=[(32, L) for L in (1024, 2048, 4096, 8192, 16384, 32768)] + [(64, L) for L in (1024, 4096, 8192, 16384)],
-                tune_at=(32, 8192), tune=dict(BLOCK_N=[64, 128], num_warps=[4, 8], FAST_I2F=[True, False]))
+                tune_at=(32, 8192), tune=[
+                    # codes read as int32 words, unpacked by PTX (ASM) or by Triton integer ops
+                    *(dict(BLOCK_N=n, num_warps=w, num_stages=3, WORDS=True, ASM=True) for n in (64, 128) for w in (4, 8)),
+                    dict(BLOCK_N=128, num_warps=4, num_stages=2, WORDS=True, ASM=True),
+                    dict(BLOCK_N=128, num_warps=4, num_stages=3, WORDS=True, ASM=False),
+                    # the previous kernel: codes read byte by byte (the compiler stages bytes, scalar loads)
+                    dict(BLOCK_N=128, num_warps=4, num_stages=3, WORDS=False, FAST_I2F=True)])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,7 +96,32 @@ def main(argv: list[str] | None = None) -> dict:
           f"kernels: {'interpreter' if INTERPRET else 'compiled'}  Hq={Hq} Hkv={Hkv} D={D} P={P}  "
           f"FP8: {'yes' if fp8_ok else 'no (' + fp8_why + ')'}", flush=True)
 
-    # 1. Correctness at real shapes: the 8-bit kernels vs the reference on the same codes, and the quantization
+    # 1. A small tile-configuration sweep of the INT8 kernel at one point; each configuration is first checked
+    #    against the reference (a wrong or failing one is skipped); the fastest correct one is used below.
+    B, L = cfg["tune_at"]
+    q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, dtype, {"int8": torch.int8}, seed=1)
+    want = ref.paged_attention_int8_decode(q, *quantized["int8"], tables, lens).float()
+    default, tuning = dict(pa8.CONFIG), []
+    for variant in cfg["tune"]:
+        pa8.CONFIG.clear()
+        pa8.CONFIG.update({**default, **variant})
+        call = lambda: kernels.paged_attention_int8_decode(q, *quantized["int8"], tables, lens, max_context_len=L)  # noqa: E731
+        try:
+            err = (call().float() - want).abs().max().item()
+            ok = err <= TOL[dtype] * (1 + want.abs().max().item())
+            t = best_time(call, warmup, reps)[0] if ok else None
+            why = None if ok else f"wrong result: max abs error {err:.3g}"
+        except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory, a PTX the compiler rejects)
+            t, why = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+        tuning.append(dict(B=B, context=L, **pa8.CONFIG, seconds=t, failed=why))
+        print(f"tune B={B} L={L} {pa8.CONFIG}: " + (f"{t * 1e6:.1f} us" if t else f"skipped ({why})"), flush=True)
+    best = min((r for r in tuning if r["seconds"]), key=lambda r: r["seconds"])
+    pa8.CONFIG.clear()
+    pa8.CONFIG.update({k: best[k] for k in default})
+    print(f"using {pa8.CONFIG} (default was {default})", flush=True)
+    del q, kc, vc, quantized
+
+    # 2. Correctness at real shapes (with the configuration chosen above): the 8-bit kernels vs the reference on the same codes, and the quantization
     #    error itself (INT8 attention vs FP16 attention on the original K/V).
     correctness = []
     for B, L in cfg["correctness"]:
@@ -108,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{correctness[-1]['vs_fp16']['relative']:.2e}", flush=True)
         del q, kc, vc, quantized
 
-    # 2. Memory, measured from the tensors of one point: bytes per token (all K/V of this layer, scales included).
+    # 3. Memory, measured from the tensors of one point: bytes per token (all K/V of this layer, scales included).
     B, L = cfg["sweep"][0]
     q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes)
     tokens = kc.shape[0] * P
@@ -117,25 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
         memory[kv] = sum(t.numel() * t.element_size() for t in caches) / tokens
     memory = dict(bytes_per_token_per_layer=memory, ratio_int8_to_fp16=memory["int8"] / memory["float16"])
     print(f"bytes per token and layer: {memory['bytes_per_token_per_layer']}", flush=True)
-    del q, kc, vc, quantized
-
-    # 3. A small tile-configuration sweep of the INT8 kernel; the fastest is used below.
-    B, L = cfg["tune_at"]
-    q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, dtype, {"int8": torch.int8}, seed=1)
-    default, tuning = dict(pa8.CONFIG), []
-    for block_n, warps, fast in itertools.product(*cfg["tune"].values()):
-        pa8.CONFIG.update(BLOCK_N=block_n, num_warps=warps, FAST_I2F=fast)
-        try:
-            t = best_time(lambda: kernels.paged_attention_int8_decode(q, *quantized["int8"], tables, lens, max_context_len=L),
-                          warmup, reps)[0]
-        except Exception as err:  # noqa: BLE001  (e.g. out of shared memory)
-            t = None
-            print(f"config {pa8.CONFIG} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
-        tuning.append(dict(B=B, context=L, **pa8.CONFIG, seconds=t))
-        print(f"tune B={B} L={L} {pa8.CONFIG}: {t and t * 1e6:.1f} us" if t else "", flush=True)
-    best = min((r for r in tuning if r["seconds"]), key=lambda r: r["seconds"])
-    pa8.CONFIG.update({k: best[k] for k in default})
-    print(f"using {pa8.CONFIG} (default was {default})", flush=True)
     del q, kc, vc, quantized
 
     # 4. The sweep: FP16 vs INT8 (vs FP8) on the same K/V.
