@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from course_lib.block_manager import BlockManager
 from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
 from course_lib.model_runner import KVPool, ModelRunner
+from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.sampling import SamplingParams, sample_token
 from course_lib.scheduler import PREEMPTION_MODES, Scheduler, Sequence
 
@@ -59,6 +60,8 @@ class LLMEngine:
     num_blocks              KV blocks on the device; default: enough for max_num_seqs full-context sequences
     preemption_mode         "recompute" or "swap" (to ``num_cpu_blocks`` CPU blocks, default num_blocks)
     enable_chunked_prefill  split long prompts into chunks that share steps with decodes (default True)
+    enable_prefix_caching   reuse the K/V blocks of prompt prefixes computed before (lesson 05); the cache lives
+                            as long as the engine, across generate calls (``reset_prefix_cache`` empties it)
     use_kernels             Triton kernels (default for a model on a GPU) or their plain-torch references (default
                             for a model on the CPU)
     tokenizer               lets prompts be strings and fills ``.text`` of the outputs
@@ -69,8 +72,6 @@ class LLMEngine:
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = False,
                  preemption_mode: str = "recompute", enable_chunked_prefill: bool = True,
                  num_cpu_blocks: int | None = None, tokenizer=None, use_kernels: bool | None = None, seed: int = 0):
-        if enable_prefix_caching:
-            raise NotImplementedError("prefix caching arrives in lesson 05")
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -97,6 +98,10 @@ class LLMEngine:
         self.pool = KVPool(model.config, self.num_blocks, block_size, num_cpu_blocks=self.num_cpu_blocks,
                            dtype=model.dtype, device=model.device)
         self.use_kernels = use_kernels
+        # lesson 05: one block manager for the engine's lifetime, so that its prefix cache outlives a generate
+        # call (the K/V it points to stay in self.pool); without caching, a fresh one per call
+        self.enable_prefix_caching = bool(enable_prefix_caching)
+        self.block_manager = PrefixCachingBlockManager(self.num_blocks, block_size) if enable_prefix_caching else None
         self._rng = random.Random(seed)
         self.metrics: RunMetrics | None = None      # of the last generate call
         self.scheduler: Scheduler | None = None     # of the last generate call (its queues are empty at the end)
@@ -107,7 +112,9 @@ class LLMEngine:
         SamplingParams for all, or a list with one per prompt. Returns one RequestOutput per prompt, in order;
         the run's metrics are in ``self.metrics``. The progress bar shows by default from 64 requests on."""
         prompts, params_list, arrivals = check_call(prompts, params, arrival_times)
-        bm = BlockManager(self.num_blocks, self.block_size)
+        bm = self.block_manager or BlockManager(self.num_blocks, self.block_size)
+        for seq_id in list(bm.block_tables):   # a previous call that raised midway: its sequences are gone
+            bm.free(seq_id)
         cpu_bm = BlockManager(self.num_cpu_blocks, self.block_size) if self.num_cpu_blocks else None
         self.scheduler = scheduler = Scheduler(
             bm, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -207,7 +214,14 @@ class LLMEngine:
             first_token_time=min(s.token_times[0] for s in seqs), finished_time=max(s.token_times[-1] for s in seqs),
             num_output_tokens=sum(len(s.output_token_ids) for s in seqs),
             num_preemptions=sum(s.num_preemptions for s in seqs))
+        out.num_cached_tokens = seqs[0].num_cached_tokens
         return out
+
+    def reset_prefix_cache(self) -> None:
+        """Empty the prefix cache (every cached block back to the free list); no-op without prefix caching."""
+        if self.block_manager is not None:
+            cache = self.block_manager.prefix_cache
+            cache.evict(len(cache))
 
 
 # ---------------------------------------------------------------- validation (shared with the static baseline)

@@ -60,6 +60,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     metrics: RequestMetrics | None = None
     error: Exception | None = None
+    num_cached_tokens: int = 0                 # prompt tokens served from the prefix cache (lesson 05)
 
     @property
     def ok(self) -> bool:
@@ -122,6 +123,12 @@ class RunMetrics:
     num_recomputed_tokens: int = 0
     num_swapped_blocks: int = 0                    # blocks copied out to the CPU (and as many back)
     swap_bytes: int = 0
+    num_cached_tokens: int = 0                     # prompt tokens served from the prefix cache (lesson 05)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Fraction of the prompt tokens whose K/V came from the prefix cache (prefill work saved)."""
+        return self.num_cached_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
     @property
     def throughput(self) -> float:
@@ -140,7 +147,9 @@ class RunMetrics:
                    max_blocks_used=max(self.blocks_used, default=0), num_blocks=self.num_blocks,
                    preemptions=dict(self.preemptions), num_recomputed_tokens=self.num_recomputed_tokens,
                    num_swapped_blocks=self.num_swapped_blocks, swap_bytes=self.swap_bytes,
-                   num_padding_tokens=sum(s.num_padding_tokens for s in self.steps))
+                   num_padding_tokens=sum(s.num_padding_tokens for s in self.steps),
+                   num_prefill_tokens=sum(s.num_prefill_tokens for s in self.steps),
+                   num_cached_tokens=self.num_cached_tokens, prefix_cache_hit_rate=self.prefix_cache_hit_rate)
         for name in ("ttft", "tpot", "latency", "itl"):
             out.update(_stats(getattr(self, name), name))
         out["itl_max"] = max(self.itl, default=float("nan"))
@@ -156,4 +165,5 @@ def summarize(name: str, outputs: list[RequestOutput], steps: list[StepRecord], 
         num_prompt_tokens=sum(len(o.prompt_token_ids) for o in ok),
         num_output_tokens=sum(len(c.token_ids) for o in ok for c in o.outputs), elapsed_s=elapsed_s,
         ttft=[o.metrics.ttft for o in ok], tpot=[o.metrics.tpot for o in ok if o.metrics.tpot is not None],
-        latency=[o.metrics.latency for o in ok], itl=itl, steps=steps, **extra)
+        latency=[o.metrics.latency for o in ok], itl=itl, steps=steps,
+        num_cached_tokens=sum(o.num_cached_tokens for o in ok), **extra)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from course_lib.block_manager import BlockManager
+from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.sampling import SamplingParams
 
 WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
@@ -56,6 +57,7 @@ class Sequence:
     num_computed_tokens: int = 0              # tokens whose K/V are in the cache
     finish_reason: str | None = None          # "stop" (a stop token) or "length" (max_tokens or the context)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0                # prompt tokens taken from the prefix cache at the first admission
     first_scheduled_time: float | None = None
     token_times: list[float] = field(default_factory=list)   # when each output token was produced
 
@@ -127,6 +129,8 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.enable_chunked_prefill = max_model_len, enable_chunked_prefill
         self.preemption_mode = preemption_mode
+        # lesson 05: with a prefix-caching block manager, admissions start on the cached prefix of their tokens
+        self.prefix_caching = isinstance(block_manager, PrefixCachingBlockManager)
         # Admission keeps a few blocks free, so that the sequences just admitted can grow a little before
         # anyone must be preempted (vLLM keeps 1% of the blocks).
         self.watermark_blocks = int(watermark * block_manager.allocator.num_blocks)
@@ -197,6 +201,7 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             self.allocate(seq)
+            n = self._num_new_tokens(seq, budget)   # fewer tokens to compute when a prefix came from the cache
             self._reserve(seq, n)
             seq.status = RUNNING
             self.running.append(seq)
@@ -213,6 +218,8 @@ class Scheduler:
         for chunk in out.chunks:
             seq = chunk.seq
             seq.num_computed_tokens += chunk.num_tokens
+            if self.prefix_caching:              # the full blocks just computed join the cache (before any free)
+                self._cache_computed_blocks(seq)
             if not chunk.samples:
                 continue
             token = next_tokens[seq.seq_id]
@@ -232,14 +239,29 @@ class Scheduler:
     # ---------------------------------------------------------------- blocks (the hook points)
     def can_allocate(self, seq: Sequence) -> bool:
         """Blocks for every token of a sequence being admitted fit, above the watermark."""
-        need = self.block_manager.num_blocks_for(seq.num_tokens)
-        return self.block_manager.num_free_blocks - need >= self.watermark_blocks
+        if self.prefix_caching:              # blocks found in the cache need not be allocated
+            need, free = self.block_manager.num_blocks_to_allocate(seq.token_ids[:-1], seq.num_tokens)
+        else:
+            need, free = self.block_manager.num_blocks_for(seq.num_tokens), self.block_manager.num_free_blocks
+        return free - need >= self.watermark_blocks
 
     def allocate(self, seq: Sequence) -> None:
         """Give an admitted sequence its blocks: room for all of its tokens (the prompt, plus the tokens it had
         generated before a recompute preemption). The one place a sequence gets blocks: a prefix cache
-        (lesson 05) wraps it to reuse cached blocks and start ``num_computed_tokens`` past the shared prefix."""
-        self.block_manager.allocate(seq.seq_id, seq.num_tokens)
+        (lesson 05) reuses cached blocks and starts ``num_computed_tokens`` past the shared prefix: every token
+        but the last may come from the cache (the last one must run through the model to give the next token's
+        logits), so a preempted sequence resumes on the blocks it cached before."""
+        if not self.prefix_caching:
+            self.block_manager.allocate(seq.seq_id, seq.num_tokens)
+            return
+        seq.num_computed_tokens = self.block_manager.allocate_with_prefix(seq.seq_id, seq.token_ids[:-1], seq.num_tokens)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def _cache_computed_blocks(self, seq: Sequence) -> None:
+        bm = self.block_manager
+        if seq.num_computed_tokens // bm.block_size > bm.num_cached_blocks[seq.seq_id]:   # a block was filled
+            bm.cache_blocks(seq.seq_id, seq.token_ids[:seq.num_computed_tokens])
 
     def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
         """Tokens of seq to run now: all it has not computed yet (1 when decoding), or a chunk of its prompt that
@@ -288,8 +310,14 @@ class Scheduler:
     def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> None:
         held = self.cpu_block_manager.num_tokens[seq.seq_id]
         cpu_table = self.cpu_block_manager.block_table(seq.seq_id)
-        gpu_table = self.block_manager.allocate(seq.seq_id, held)
-        out.swap_in += list(zip(cpu_table, gpu_table))
+        reused = 0
+        if self.prefix_caching:     # blocks still cached on the device are shared again, not copied in twice
+            computed = seq.token_ids[:seq.num_computed_tokens]
+            reused = self.block_manager.allocate_with_prefix(seq.seq_id, computed, held) // self.block_manager.block_size
+            gpu_table = self.block_manager.block_table(seq.seq_id)
+        else:
+            gpu_table = self.block_manager.allocate(seq.seq_id, held)
+        out.swap_in += list(zip(cpu_table[reused:], gpu_table[reused:]))
         self.cpu_block_manager.free(seq.seq_id)
         seq.status = RUNNING
         self.running.append(seq)

@@ -255,11 +255,6 @@ def test_engine_arguments_are_validated(field, kwargs):
         LLMEngine(MICRO, **kwargs)
 
 
-def test_prefix_caching_is_announced_for_lesson_05():
-    with pytest.raises(NotImplementedError, match="lesson 05"):
-        LLMEngine(MICRO, enable_prefix_caching=True)
-
-
 # ---------------------------------------------------------------- sampling
 def test_seeded_sampling_does_not_depend_on_the_batch():
     engine = LLMEngine(MICRO, block_size=4, max_num_seqs=4)
