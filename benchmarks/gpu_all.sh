@@ -22,7 +22,11 @@ step() {  # step NAME SECONDS CUDA_VISIBLE_DEVICES COMMAND...: run with a time l
   local t0=$(date +%s)
   CUDA_VISIBLE_DEVICES=$devices timeout "$limit" "$@" > "$OUT/$name.part" 2>&1
   local rc=$?
-  { echo "=================== $name (rc=$rc, $(( $(date +%s) - t0 )) s, GPUs $devices): $*"; tail -n 40 "$OUT/$name.part"; } >> "$LOG"
+  # a failing step keeps its whole output (the failures), a passing one its last lines
+  { echo "=================== $name (rc=$rc, $(( $(date +%s) - t0 )) s, GPUs $devices): $*"
+    if [ $rc -eq 0 ]; then tail -n 40 "$OUT/$name.part"; else grep -v "ProcessGroupNCCL.cpp\|c10d_logger\|return func" "$OUT/$name.part" | tail -n 400; fi; } >> "$LOG"
+  # results are copied as soon as a step writes them: a later step running out of time loses nothing
+  find benchmarks/results -name "*.json" -newer "$OUT/.start" -exec cp {} "$OUT/" \;
   echo "$name rc=$rc ($(( $(date +%s) - t0 )) s)"
   rm -f "$OUT/$name.part"
 }
@@ -31,6 +35,7 @@ step() {  # step NAME SECONDS CUDA_VISIBLE_DEVICES COMMAND...: run with a time l
   python3 -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
   date -u +%FT%TZ; } > "$LOG" 2>&1
 cat "$LOG"
+touch "$OUT/.start"
 
 if [ "$gpus" -ge 2 ]; then
   step tp2 120 0,1 python3 -m course_lib.parallel --tp 2
@@ -40,8 +45,8 @@ if [ "$gpus" -ge 2 ]; then
 fi
 
 second=$(( gpus >= 2 ? 1 : 0 ))
-( step pytest "${T_PYTEST:-240}" $second python3 -m pytest -q -p no:cacheprovider tests --ignore=tests/browser
-  step nbval "${T_NBVAL:-240}" $second python3 -m pytest -q -p no:cacheprovider --nbval-lax --nbval-current-env notebooks/ solutions/
+( step pytest "${T_PYTEST:-240}" $second python3 -m pytest -q -p no:cacheprovider -rf tests --ignore=tests/browser
+  step nbval "${T_NBVAL:-240}" $second python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax --nbval-current-env notebooks/ solutions/
   step grade "${T_GRADE:-150}" $second python3 -m course_lib.grade solutions/ --require-full ) &
 
 step bench_speculative "${T_BENCH:-120}" 0 python3 benchmarks/speculative.py
@@ -49,5 +54,4 @@ step bench_batching "${T_BENCH:-120}" 0 python3 benchmarks/engine_batching.py
 step bench_prefix "${T_BENCH:-120}" 0 python3 benchmarks/prefix_caching.py
 [ "$gpus" -ge 2 ] && step bench_parallel "${T_BENCH:-120}" 0,1 python3 benchmarks/parallel.py --quick
 wait
-find benchmarks/results -name "*.json" -newer "$LOG" -exec cp {} "$OUT/" \;
 echo "done"

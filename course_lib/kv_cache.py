@@ -6,6 +6,7 @@ import torch
 
 from course_lib.attention import attention
 from course_lib.config import ModelConfig
+from course_lib.device import DEVICE
 
 
 def kv_cache_bytes(config: ModelConfig, num_tokens: int, batch_size: int = 1, bytes_per_element: int = 2) -> int:
@@ -24,7 +25,8 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        device = DEVICE if device is None else device   # the course's device: where the models live by default
         shape = (batch_size, config.num_key_value_heads, max_seq_len, config.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]

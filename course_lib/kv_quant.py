@@ -24,6 +24,7 @@ import kernels
 import kernels.reference
 from course_lib.attention import attention
 from course_lib.config import ModelConfig
+from course_lib.device import DEVICE
 from course_lib.kv_cache import KVCache
 from course_lib.paged_cache import PagedKVCache
 
@@ -133,7 +134,7 @@ class RoundedKVCache(KVCache):
     group of each write. A measuring tool (quality of a format, independent of kernels), not a memory saver."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int, *, kv_format: str = "fp16",
-                 granularity: str = "head", zero_point: bool = False, device: torch.device | str = "cpu"):
+                 granularity: str = "head", zero_point: bool = False, device: torch.device | str | None = None):
         if kv_format not in ("fp16", "bf16", *KV_DTYPES):
             raise ValueError(f"kv_format must be 'fp16', 'bf16', 'int8' or 'fp8', got {kv_format!r}")
         super().__init__(config, batch_size, max_seq_len, dtype=torch.float32, device=device)
@@ -165,13 +166,14 @@ class QuantizedPagedKVCache(PagedKVCache):
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16, batch_size: int = 1, *,
                  kv_dtype: str = "int8", zero_point: bool = False, scale_dtype: torch.dtype = torch.float16,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", use_kernel: bool = True):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, use_kernel: bool = True):
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {tuple(KV_DTYPES)}, got {kv_dtype!r}")
         if zero_point and kv_dtype != "int8":
             raise ValueError("zero_point=True is for kv_dtype='int8' (FP8 is symmetric)")
         if scale_dtype not in (torch.float16, torch.float32):
             raise ValueError(f"scale_dtype must be torch.float16 or torch.float32, got {scale_dtype}")
+        device = DEVICE if device is None else device   # the course's device by default
         super().__init__(config, num_blocks, block_size, batch_size, dtype=KV_DTYPES[kv_dtype][0], device=device,
                          use_kernel=use_kernel)
         self.kv_dtype, self.zero_point, self.scale_dtype, self.dtype = kv_dtype, zero_point, scale_dtype, dtype
@@ -255,7 +257,7 @@ class QuantizedPagedKVCache(PagedKVCache):
 
 def make_paged_kv_cache(config: ModelConfig, num_blocks: int, block_size: int = 16, batch_size: int = 1, *,
                         kv_dtype: str | None = None, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", use_kernel: bool = True, **quant_options) -> PagedKVCache:
+                        device: torch.device | str | None = None, use_kernel: bool = True, **quant_options) -> PagedKVCache:
     """The engine's one switch: ``kv_dtype=None`` (K/V in the model's ``dtype``: lesson 02's ``PagedKVCache``),
     ``"int8"`` or ``"fp8"`` (``QuantizedPagedKVCache``; ``quant_options``: zero_point, scale_dtype)."""
     if kv_dtype is None:

@@ -27,7 +27,7 @@ import kernels.reference
 from course_lib.attention import attention
 from course_lib.block_manager import BlockManager
 from course_lib.config import ModelConfig
-from course_lib.device import INTERPRET
+from course_lib.device import DEVICE, INTERPRET
 from course_lib.scheduler import ScheduledChunk
 from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES
 
@@ -60,7 +60,8 @@ class KVPool:
     copies are asynchronous DMA transfers)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, num_cpu_blocks: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        device = DEVICE if device is None else device   # the course's device by default
         shape = (block_size, config.num_key_value_heads, config.head_dim)
         L, device = config.num_hidden_layers, torch.device(device)
         self.k_caches = [torch.zeros((num_blocks, *shape), dtype=dtype, device=device) for _ in range(L)]

@@ -23,13 +23,15 @@ import kernels.reference
 from course_lib.attention import attention
 from course_lib.block_manager import BlockManager
 from course_lib.config import ModelConfig
+from course_lib.device import DEVICE
 
 
 class PagedKVCache:
     """Paged K/V for the sequences ``seq_ids`` (batch row i of the model's input is sequence seq_ids[i])."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int = 16, batch_size: int = 1, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", use_kernel: bool = True):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, use_kernel: bool = True):
+        device = DEVICE if device is None else device   # the course's device by default
         self.block_manager = BlockManager(num_blocks, block_size)
         self.block_size = block_size
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)      # [N, P, Hkv, D]

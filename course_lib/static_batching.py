@@ -25,6 +25,7 @@ from course_lib.engine import _synchronize, check_call, check_request
 from course_lib.kv_cache import KVCache
 from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
 from course_lib.sampling import sample_token
+from course_lib.device import DEVICE
 
 PAD_ID = 0   # any id works: padded keys are masked, and padded/finished rows' outputs are discarded
 
@@ -50,7 +51,8 @@ def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pad_lens
 class PaddedKVCache(KVCache):
     """The contiguous cache of lesson 01, attending with a padding mask (row b starts with pad_lens[b] pads)."""
 
-    def __init__(self, config, pad_lens: list[int], max_seq_len: int, *, dtype=torch.float32, device="cpu"):
+    def __init__(self, config, pad_lens: list[int], max_seq_len: int, *, dtype=torch.float32, device=None):
+        device = DEVICE if device is None else device
         super().__init__(config, len(pad_lens), max_seq_len, dtype=dtype, device=device)
         self.pad_lens = torch.tensor(pad_lens, device=device)
 

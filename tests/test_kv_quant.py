@@ -125,9 +125,14 @@ def test_store_kv_int8_matches_reference(dtype, Hkv, D, zero_point, scale_dtype)
     ref.store_kv_int8(k, v, *want, slots, **wz)
     for g, w in zip(got[:2], want[:2]):
         _assert_same_codes(g, w)
-    for g, w in zip(got[2:] + list(gz.values()), want[2:] + list(wz.values())):
+    for g, w in zip(got[2:], want[2:]):
         # scales: the same bits on CPU; on a GPU torch's `amax / 127` multiplies by 1/127 (1 ulp off IEEE division)
         torch.testing.assert_close(g, w, **(dict(rtol=0, atol=0) if INTERPRET else dict(rtol=3e-7, atol=0)))
+    for (name, g), w, scale in zip(gz.items(), wz.values(), want[2:]):
+        # zero = min + 128 * scale: one ulp of the scale becomes up to 128 ulps of it in the zero point
+        # (compiled only; seen on an H200 for fp32 scales, 2026-11-27)
+        atol = 0.0 if INTERPRET else 2e-5 * float(scale.float().abs().max())
+        torch.testing.assert_close(g, w, rtol=0 if INTERPRET else 3e-7, atol=atol, msg=lambda m: f"{name}: {m}")
     zero_token = got[0].view(-1, Hkv, D)[slots[2]].float() * got[2].view(-1, Hkv)[slots[2]].float()[:, None]
     if zero_point:
         zero_token = zero_token + gz["k_zero"].view(-1, Hkv)[slots[2]].float()[:, None]
