@@ -5,7 +5,6 @@ first, and stops at the first failure with the case, expected vs got, and a hint
 """
 from __future__ import annotations
 
-import inspect
 import math
 import random
 
@@ -16,6 +15,7 @@ import triton
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.roofline import H100_SXM, attainable_flops, bound, matmul_intensity
+from course_lib.grading.kernels import launch
 
 # Two machines to test against: the H100 datasheet and a laptop-class CPU (~200 GFLOP/s, ~40 GB/s).
 _MACHINES = {"H100 (989 TFLOP/s, 3.35 TB/s)": (H100_SXM.peak_flops, H100_SXM.hbm_bandwidth),
@@ -107,31 +107,6 @@ def check_bound(student_fn) -> CheckResult:
 _BLOCK_SIZE = 128
 
 
-def _is_stub(kernel) -> bool:
-    try:
-        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
-    except (OSError, TypeError):
-        return False
-    return "raise NotImplementedError" in source
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch `kernel`; surface the learner's own exception (the interpreter wraps it in InterpreterError)."""
-    try:
-        kernel[grid](*args, **kwargs)
-    except Exception as err:
-        cause = err
-        while cause is not None and not isinstance(cause, NotImplementedError):
-            cause = cause.__cause__
-        if cause is not None:  # interpreter: the stub's own NotImplementedError
-            raise cause from None
-        if _is_stub(kernel):  # compiled on a GPU: `raise` does not compile at all
-            raise NotImplementedError("Exercise: write the body of _scale_add_kernel") from err
-        if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
-            raise err.__cause__ from None  # the learner's error, with the line of their kernel
-        raise
-
-
 def check_scale_add_kernel(kernel) -> CheckResult:
     """A Triton kernel ``(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE)`` computing out = a·x + y.
 
@@ -154,7 +129,8 @@ def check_scale_add_kernel(kernel) -> CheckResult:
                 out_buf = torch.full((n + _BLOCK_SIZE,), float("nan"), dtype=dtype, device=DEVICE)
                 x, y, out = x_buf[:n], y_buf[:n], out_buf[:n]
                 grid = (triton.cdiv(n, _BLOCK_SIZE),)
-                _launch(kernel, grid, x, y, out, a, n, BLOCK_SIZE=_BLOCK_SIZE)
+                launch(kernel, grid, x, y, out, a, n, BLOCK_SIZE=_BLOCK_SIZE,
+                       exercise="Exercise: write the body of _scale_add_kernel")
                 case = f"n={n}, a={a}, dtype={dtype}, BLOCK_SIZE={_BLOCK_SIZE}, grid={grid}"
                 overwritten = int((~torch.isnan(out_buf[n:])).sum())
                 c.check(overwritten == 0, case=case, expected="nothing written after out[n-1]",

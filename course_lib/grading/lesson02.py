@@ -6,7 +6,6 @@ with the case, expected vs got, and a hint aimed at the usual mistake.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections import Counter
@@ -17,6 +16,7 @@ import torch
 from course_lib.block_manager import BlockAllocator, OutOfBlocksError
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
+from course_lib.grading.kernels import launch
 from kernels.reference import paged_attention_decode as _reference_attention
 
 
@@ -200,25 +200,6 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
 
 
 # ---------------------------------------------------------------- 5. the Triton kernel
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch the learner's kernel; surface their own exception (the interpreter wraps it)."""
-    try:
-        kernel[grid](*args, **kwargs)
-    except Exception as err:
-        cause = err
-        while cause is not None and not isinstance(cause, NotImplementedError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        try:
-            source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
-        except (OSError, TypeError):
-            source = ""
-        if "raise NotImplementedError" in source:  # compiled on a GPU: `raise` does not compile
-            raise NotImplementedError("Exercise: write the body of _paged_attention_kernel") from err
-        if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
-            raise err.__cause__ from None
-        raise
 
 
 def _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed):
@@ -253,8 +234,9 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
             q, k_cache, v_cache, tables, context_lens = _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed=i)
             out = torch.full_like(q, float("nan"))
             scale = 1 / math.sqrt(D)
-            _launch(kernel, (B, Hq), q, k_cache, v_cache, tables, context_lens, out, scale, tables.shape[1],
-                    NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D)
+            launch(kernel, (B, Hq), q, k_cache, v_cache, tables, context_lens, out, scale, tables.shape[1],
+                    NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D,
+                   exercise="Exercise: write the body of _paged_attention_kernel")
             want = _reference_attention(q, k_cache, v_cache, tables, context_lens)
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-3, atol=3e-3)
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 
 import torch
@@ -15,6 +14,7 @@ from torch.utils._pytree import tree_flatten
 from course_lib.attention import attention
 from course_lib.device import DEVICE, HAS_GPU
 from course_lib.grading.core import Checker, CheckResult
+from course_lib.grading.kernels import launch
 
 LOG2E = 1.4426950408889634
 
@@ -124,29 +124,6 @@ def check_tiled_attention(student_fn) -> CheckResult:
 
 
 # ---------------------------------------------------------------- exercises 3 and 4: the Triton kernels
-def _is_stub(kernel) -> bool:
-    try:
-        source = getattr(kernel, "src", None) or inspect.getsource(getattr(kernel, "fn", kernel))
-    except (OSError, TypeError):
-        return False
-    return "raise NotImplementedError" in source
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch `kernel`; surface the learner's own exception (the interpreter wraps it in InterpreterError)."""
-    try:
-        kernel[grid](*args, **kwargs)
-    except Exception as err:
-        cause = err
-        while cause is not None and not isinstance(cause, NotImplementedError):
-            cause = cause.__cause__
-        if cause is not None:  # interpreter: the stub's own NotImplementedError
-            raise cause from None
-        if _is_stub(kernel):  # compiled on a GPU: `raise` does not compile at all
-            raise NotImplementedError("Exercise: write the kernel") from err
-        if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
-            raise err.__cause__ from None  # the learner's error, with the line of their kernel
-        raise
 
 
 _BLOCK = dict(BLOCK_M=16, BLOCK_N=16)
@@ -169,7 +146,8 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
             out = out_buf[: B * Hq * Sq * D].view(B, Hq, Sq, D)
             qk_scale = LOG2E / math.sqrt(D)
             grid = (triton.cdiv(Sq, _BLOCK["BLOCK_M"]), B * Hq)
-            _launch(kernel, grid, q, k, v, out, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM=D, **_BLOCK)
+            launch(kernel, grid, q, k, v, out, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM=D, **_BLOCK,
+                   exercise="Exercise: write the kernel")
             case = (f"q [B={B}, Hq={Hq}, Sq={Sq}, D={D}], k/v [B={B}, Hkv={Hkv}, Skv={Skv}, D={D}], {dtype}, "
                     f"qk_scale={qk_scale:.4f}, BLOCK_M=BLOCK_N=16, grid={grid}")
             spill = int((~torch.isnan(out_buf[out.numel():])).sum())
