@@ -23,7 +23,9 @@ setup() {
 case "${1:-}" in
   lab)
     setup
-    exec .venv/bin/python -m jupyterlab notebooks/00_start_here.ipynb ;;
+    # Jupyter refuses to run as root unless told: containers, Colab-like machines and CI run as root
+    root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)
+    exec .venv/bin/python -m jupyterlab "${root[@]}" notebooks/00_start_here.ipynb ;;
   test)
     setup
     py=.venv/bin/python
