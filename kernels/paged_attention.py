@@ -197,6 +197,30 @@ def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
         raise ValueError(f"context_lens has dtype {context_lens.dtype}; expected torch.int32")
 
 
+def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int | None,
+                max_context_len: int | None, block_n: int) -> tuple[int, int, int]:
+    """Host-side checks and the split-K plan of a paged decode call: (max_context_len, num_splits,
+    tokens_per_split). Shared by the FP16 and the INT8 kernels."""
+    B = q.shape[0]
+    capacity = block_tables.shape[1] * P
+    if max_context_len is None:
+        max_context_len = int(context_lens.max()) if B else 0
+        if B and int(context_lens.min()) < 0:
+            raise ValueError(f"context_lens holds {int(context_lens.min())}; lengths must be >= 0")
+    if max_context_len > capacity:
+        raise ValueError(f"a context length of {max_context_len} tokens is longer than block_tables can address: "
+                         f"{block_tables.shape[1]} blocks x block_size {P} = {capacity} tokens")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    if B == 0:
+        return max_context_len, 1, block_n
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device))
+    # Every split covers a whole number of tiles; with the rounding there may be fewer splits than asked.
+    tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
+    return max_context_len, triton.cdiv(max(max_context_len, 1), tokens_per_split), tokens_per_split
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, sm_scale: float | None = None,
                            num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
@@ -212,26 +236,13 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _validate(q, k_cache, v_cache, block_tables, context_lens)
     B, Hq, D = q.shape
     N, P, Hkv, _ = k_cache.shape
-    capacity = block_tables.shape[1] * P
-    if max_context_len is None:
-        max_context_len = int(context_lens.max()) if B else 0
-        if B and int(context_lens.min()) < 0:
-            raise ValueError(f"context_lens holds {int(context_lens.min())}; lengths must be >= 0")
-    if max_context_len > capacity:
-        raise ValueError(f"a context length of {max_context_len} tokens is longer than block_tables can address: "
-                         f"{block_tables.shape[1]} blocks x block_size {P} = {capacity} tokens")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
+                                                                max_context_len, CONFIG["BLOCK_N"])
     out = torch.empty_like(q)
     if B == 0:
         return out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
     cfg = CONFIG
-    if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device))
-    # Every split covers a whole number of tiles; with the rounding there may be fewer splits than asked.
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    num_splits = triton.cdiv(max(max_context_len, 1), tokens_per_split)
     G = Hq // Hkv
     meta = dict(QUERIES_PER_KV=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
                 DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=P, BLOCK_N=cfg["BLOCK_N"],

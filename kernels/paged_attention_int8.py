@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
-from kernels.paged_attention import _merge_splits_kernel, _num_sms, choose_num_splits
+from kernels.paged_attention import _merge_splits_kernel, plan_splits
 from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -276,25 +276,13 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_tables, context_lens)
     B, Hq, D = q.shape
     N, P, Hkv, _ = k_cache.shape
-    capacity = block_tables.shape[1] * P
-    if max_context_len is None:
-        max_context_len = int(context_lens.max()) if B else 0
-        if B and int(context_lens.min()) < 0:
-            raise ValueError(f"context_lens holds {int(context_lens.min())}; lengths must be >= 0")
-    if max_context_len > capacity:
-        raise ValueError(f"a context length of {max_context_len} tokens is longer than block_tables can address: "
-                         f"{block_tables.shape[1]} blocks x block_size {P} = {capacity} tokens")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
+                                                                max_context_len, CONFIG["BLOCK_N"])
     out = torch.empty_like(q)
     if B == 0:
         return out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
     cfg = CONFIG
-    if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device))
-    tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    num_splits = triton.cdiv(max(max_context_len, 1), tokens_per_split)
     G = Hq // Hkv
     has_zero = k_zero is not None
     zeros = (k_zero, v_zero) if has_zero else (k_scale, v_scale)   # unused pointers when symmetric
