@@ -25,7 +25,8 @@ case "${1:-}" in
     setup
     # Jupyter refuses to run as root unless told: containers, Colab-like machines and CI run as root
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)
-    exec .venv/bin/python -m jupyterlab "${root[@]}" notebooks/00_start_here.ipynb ;;
+    # root_dir: the whole course (notebooks/, exercises/, solutions/) in the file browser, not only notebooks/
+    exec .venv/bin/python -m jupyterlab "${root[@]}" --ServerApp.root_dir=. notebooks/00_start_here.ipynb ;;
   test)
     setup
     py=.venv/bin/python
