@@ -13,6 +13,11 @@ The loop of a serving engine, one iteration per forward pass ("iteration-level s
 A finished sequence leaves the batch at once and a waiting one takes its place in the very next step; static
 batching (``course_lib.static_batching``) instead waits until the whole batch is done.
 
+**Speculative decoding** (lesson 06): with ``speculative_model`` and ``num_speculative_tokens`` = k the forward
+pass and the sampling of a step become ``course_lib.spec_decode.SpecDecodeWorker.step``: k batched passes of the
+draft model, one pass of the target over every sequence's tokens + its drafts, verification; a sequence gains
+1 ... k + 1 tokens per step, with the target's greedy tokens / the target's distribution.
+
 **Time.** ``generate`` replays requests that arrive at ``arrival_times`` (seconds; default all at 0) on a clock
 that advances by the measured wall time of each step (scheduling, copies, forward pass and sampling included)
 and, when the engine is idle, jumps to the next arrival instead of sleeping. Latencies (TTFT, TPOT) are read
@@ -34,10 +39,12 @@ from tqdm.auto import tqdm
 
 from course_lib.block_manager import BlockManager
 from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
-from course_lib.model_runner import KVPool, ModelRunner
+from course_lib.kv_pool import make_kv_pool
+from course_lib.model_runner import ModelRunner
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.sampling import SamplingParams, sample_token
 from course_lib.scheduler import PREEMPTION_MODES, Scheduler, Sequence
+from course_lib.spec_decode import SpecDecodeWorker, check_speculative_config
 
 
 def _synchronize(device: torch.device) -> None:
@@ -62,8 +69,15 @@ class LLMEngine:
     enable_chunked_prefill  split long prompts into chunks that share steps with decodes (default True)
     enable_prefix_caching   reuse the K/V blocks of prompt prefixes computed before (lesson 05); the cache lives
                             as long as the engine, across generate calls (``reset_prefix_cache`` empties it)
+    kv_cache_dtype          "auto" (K/V in the model's dtype) or "int8" / "fp8" (8-bit codes + a float16 scale per
+                            token and kv head, lesson 07: ~half the bytes, so a memory budget holds ~twice the blocks;
+                            size ``num_blocks`` with ``course_lib.kv_quant.num_blocks_for_memory``)
     use_kernels             Triton kernels (default for a model on a GPU) or their plain-torch references (default
                             for a model on the CPU)
+    speculative_model       a draft model (same vocabulary) for speculative decoding (``course_lib.spec_decode``):
+                            its K/V get a pool of their own with the same blocks
+    num_speculative_tokens  draft tokens per sequence and step (k; 0 = off, the default). The token budget must
+                            then hold 1 + k tokens per running sequence (the default does)
     tokenizer               lets prompts be strings and fills ``.text`` of the outputs
     seed                    seeds the generators of requests without a seed of their own
     """
@@ -71,7 +85,9 @@ class LLMEngine:
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = False,
                  preemption_mode: str = "recompute", enable_chunked_prefill: bool = True,
-                 num_cpu_blocks: int | None = None, tokenizer=None, use_kernels: bool | None = None, seed: int = 0):
+                 num_cpu_blocks: int | None = None, kv_cache_dtype: str = "auto", tokenizer=None,
+                 use_kernels: bool | None = None, seed: int = 0, speculative_model=None,
+                 num_speculative_tokens: int = 0):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -81,12 +97,15 @@ class LLMEngine:
         blocks_per_seq = -(-self.max_model_len // block_size)
         self.num_blocks = _positive_int("num_blocks", max_num_seqs * blocks_per_seq if num_blocks is None else num_blocks)
         self.enable_chunked_prefill = bool(enable_chunked_prefill)
+        k = self.num_speculative_tokens = check_speculative_config(model, speculative_model, num_speculative_tokens)
+        self.speculative_model = speculative_model
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(512 if enable_chunked_prefill else self.max_model_len, max_num_seqs)
+            max_num_batched_tokens = max(512 if enable_chunked_prefill else self.max_model_len, max_num_seqs * (1 + k))
         self.max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
-        if self.max_num_batched_tokens < max_num_seqs:
+        if self.max_num_batched_tokens < max_num_seqs * (1 + k):
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs "
-                             f"({max_num_seqs}): every running sequence must be able to decode in every step")
+                             f"({max_num_seqs})" + (f" x (1 + num_speculative_tokens ({k}))" if k else "") +
+                             ": every running sequence must be able to decode in every step")
         if not enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= the model's context "
                              f"({self.max_model_len}) without chunked prefill: a whole prompt must fit one step")
@@ -95,8 +114,13 @@ class LLMEngine:
         self.num_cpu_blocks = (self.num_blocks if num_cpu_blocks is None else num_cpu_blocks) if swap else 0
         if swap:
             _positive_int("num_cpu_blocks", self.num_cpu_blocks)
-        self.pool = KVPool(model.config, self.num_blocks, block_size, num_cpu_blocks=self.num_cpu_blocks,
-                           dtype=model.dtype, device=model.device)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.pool = make_kv_pool(model.config, self.num_blocks, block_size, kv_cache_dtype=kv_cache_dtype,
+                                 num_cpu_blocks=self.num_cpu_blocks, dtype=model.dtype, device=model.device)
+        # speculative decoding: the draft's K/V in blocks of their own, at the same block ids as the target's
+        self.draft_pool = None if speculative_model is None else make_kv_pool(
+            speculative_model.config, self.num_blocks, block_size, kv_cache_dtype=kv_cache_dtype,
+            num_cpu_blocks=self.num_cpu_blocks, dtype=speculative_model.dtype, device=speculative_model.device)
         self.use_kernels = use_kernels
         # lesson 05: one block manager for the engine's lifetime, so that its prefix cache outlives a generate
         # call (the K/V it points to stay in self.pool); without caching, a fresh one per call
@@ -119,8 +143,12 @@ class LLMEngine:
         self.scheduler = scheduler = Scheduler(
             bm, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
-            preemption_mode=self.preemption_mode, cpu_block_manager=cpu_bm)
+            preemption_mode=self.preemption_mode, cpu_block_manager=cpu_bm,
+            num_lookahead_slots=self.num_speculative_tokens)
         runner = ModelRunner(self.model, bm, self.pool, self.use_kernels)
+        spec = None if self.speculative_model is None else SpecDecodeWorker(
+            runner, ModelRunner(self.speculative_model, bm, self.draft_pool, self.use_kernels))
+        pools = [self.pool] + ([self.draft_pool] if spec else [])   # swapping moves the blocks of both models
         outputs, pending, next_seq_id = [], [], 0
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             prompt_ids, p, error = check_request(i, prompt, p, vocab_size=self.model.config.vocab_size,
@@ -150,9 +178,10 @@ class LLMEngine:
             out = scheduler.schedule()
             if not out.chunks:
                 raise RuntimeError("the scheduler scheduled nothing although requests are unfinished (a bug)")
-            self.pool.swap_out(out.swap_out)
-            self.pool.swap_in(out.swap_in)
-            next_tokens = self._sample(out.chunks, runner.execute(out.chunks))
+            for pool in pools:
+                pool.swap_out(out.swap_out)
+                pool.swap_in(out.swap_in)
+            next_tokens = spec.step(out.chunks) if spec else self._sample(out.chunks, runner.execute(out.chunks))
             for chunk in out.chunks:
                 if chunk.seq.first_scheduled_time is None:
                     chunk.seq.first_scheduled_time = clock
@@ -164,7 +193,8 @@ class LLMEngine:
                 num_decode_tokens=out.num_decode_tokens, num_running=len(out.chunks),
                 num_waiting=len(scheduler.waiting), num_swapped=len(scheduler.swapped),
                 blocks_used=bm.num_used_blocks, preempted=out.preempted, swapped_out_blocks=len(out.swap_out),
-                swapped_in_blocks=len(out.swap_in), composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks]))
+                swapped_in_blocks=len(out.swap_in), num_draft_tokens=out.num_lookahead_tokens,
+                composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks]))
             clock += duration
             done = {seq.request_id for seq in finished if all(s.finish_reason for s in sequences[seq.request_id])}
             bar.update(len(done))
@@ -172,11 +202,13 @@ class LLMEngine:
         for i, seqs in sequences.items():
             outputs[i] = self._request_output(outputs[i], seqs)
         swapped = sum(s.swapped_out_blocks for s in steps)
+        bytes_per_block = sum(pool.bytes_per_block for pool in pools)   # with a draft: its K/V in the block too
         self.metrics = summarize(
             "continuous", outputs, steps, clock - min(arrivals, default=0.0), num_blocks=self.num_blocks,
             preemptions={m: scheduler.num_preemptions[m] for m in PREEMPTION_MODES},
             num_recomputed_tokens=scheduler.num_recomputed_tokens, num_swapped_blocks=swapped,
-            swap_bytes=swapped * self.pool.bytes_per_block)
+            swap_bytes=swapped * bytes_per_block, bytes_per_block=bytes_per_block,
+            speculative=spec.stats if spec else None)
         return outputs
 
     # ---------------------------------------------------------------- helpers

@@ -12,8 +12,12 @@ Latency vocabulary (as in vLLM's benchmarks):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from course_lib.speculative import SpeculativeStats
 
 
 @dataclass
@@ -93,6 +97,7 @@ class StepRecord:
     swapped_out_blocks: int = 0
     swapped_in_blocks: int = 0
     composition: list[tuple[int, int]] = field(default_factory=list, repr=False)   # (request id, tokens) per chunk
+    num_draft_tokens: int = 0          # speculative decoding: draft tokens the target verified (lookahead slots)
 
 
 def _stats(values: list[float], prefix: str) -> dict[str, float]:
@@ -124,6 +129,8 @@ class RunMetrics:
     num_swapped_blocks: int = 0                    # blocks copied out to the CPU (and as many back)
     swap_bytes: int = 0
     num_cached_tokens: int = 0                     # prompt tokens served from the prefix cache (lesson 05)
+    bytes_per_block: int = 0                       # K/V bytes of one block in all layers (halved by INT8, lesson 07)
+    speculative: SpeculativeStats | None = None    # speculative decoding's counters (None when it is off)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -145,11 +152,20 @@ class RunMetrics:
                    num_prompt_tokens=self.num_prompt_tokens, num_output_tokens=self.num_output_tokens,
                    elapsed_s=self.elapsed_s, throughput_tok_s=self.throughput, num_steps=len(self.steps),
                    max_blocks_used=max(self.blocks_used, default=0), num_blocks=self.num_blocks,
+                   bytes_per_block=self.bytes_per_block,
+                   max_kv_bytes_used=max(self.blocks_used, default=0) * self.bytes_per_block,
                    preemptions=dict(self.preemptions), num_recomputed_tokens=self.num_recomputed_tokens,
                    num_swapped_blocks=self.num_swapped_blocks, swap_bytes=self.swap_bytes,
                    num_padding_tokens=sum(s.num_padding_tokens for s in self.steps),
                    num_prefill_tokens=sum(s.num_prefill_tokens for s in self.steps),
                    num_cached_tokens=self.num_cached_tokens, prefix_cache_hit_rate=self.prefix_cache_hit_rate)
+        if self.speculative is not None:   # LLMEngine(speculative_model=...): lesson 06's counters over the run
+            s = self.speculative
+            out.update(spec_num_draft_tokens=s.proposed, spec_num_accepted_tokens=s.accepted,
+                       spec_acceptance_rate=s.acceptance_rate,             # α: accepted / tested drafts
+                       spec_draft_acceptance_rate=s.accepted / s.proposed if s.proposed else float("nan"),  # vLLM's
+                       spec_tokens_per_target_forward=s.tokens_per_target_forward,   # per sequence and step
+                       spec_num_draft_forwards=s.draft_forwards)
         for name in ("ttft", "tpot", "latency", "itl"):
             out.update(_stats(getattr(self, name), name))
         out["itl_max"] = max(self.itl, default=float("nan"))

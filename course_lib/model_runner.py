@@ -13,7 +13,9 @@ multiply over the T tokens. Attention is the only per-sequence part; ``StepBatch
   (cached prefix + the chunk itself), with ``kernels.flash_attention`` (lesson 03), whose causal mask is
   aligned bottom-right for exactly this case: queries that are the last Sq of Skv positions.
 
-Before attending, every layer writes the step's new K/V into their slots with ``kernels.store_kv``. On a CPU
+Before attending, every layer writes the step's new K/V into their slots with ``kernels.store_kv``. The K/V live
+in a pool of blocks (``course_lib.kv_pool``): in the model's dtype, or as 8-bit codes plus scales
+(``LLMEngine(kv_cache_dtype="int8")``, lesson 07), whose pool quantizes on write and dequantizes as it reads. On a CPU
 the Triton kernels run in the (slow) interpreter, so by default the engine uses their plain-torch references
 there (``kernels.reference``: same signatures, same results; for decode a batched version of the reference,
 ``paged_decode_attention_torch``) and the kernels on a GPU; ``use_kernels`` forces either.
@@ -23,71 +25,12 @@ from __future__ import annotations
 import torch
 
 import kernels
-import kernels.reference
 from course_lib.attention import attention
 from course_lib.block_manager import BlockManager
-from course_lib.config import ModelConfig
-from course_lib.device import DEVICE, INTERPRET
+from course_lib.device import INTERPRET
+from course_lib.kv_pool import KVPool, paged_decode_attention_torch  # noqa: F401  (the engine's pools live there)
 from course_lib.scheduler import ScheduledChunk
 from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES
-
-
-def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 block_tables: torch.Tensor, context_lens: torch.Tensor, **_) -> torch.Tensor:
-    """What ``kernels.reference.paged_attention_decode`` computes, vectorized over the batch: the engine's CPU
-    path (the reference loops over sequences in Python, which dominates a CPU step at batch 16). Gathers every
-    sequence's blocks into a padded ``[B, Hkv, max_blocks * P, D]`` and masks the positions >= its length (and
-    falls back to the loop when the padding would more than double the work).
-    q [B, Hq, D]; caches [N, P, Hkv, D]; block_tables int32 [B, max_blocks]; context_lens int32 [B] (all >= 1)."""
-    B, Hq, D = q.shape
-    N, P, Hkv, _ = k_cache.shape
-    if B * block_tables.shape[1] * P > 2 * int(context_lens.sum()) + B * P:
-        # very uneven lengths (one long context among short ones): padding would more than double the work
-        return kernels.reference.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens)
-    k = k_cache[block_tables.long()].reshape(B, -1, Hkv, D).transpose(1, 2).float()      # [B, Hkv, Lmax, D]
-    v = v_cache[block_tables.long()].reshape(B, -1, Hkv, D).transpose(1, 2).float()
-    qg = q.float().reshape(B, Hkv, Hq // Hkv, D)                                          # [B, Hkv, G, D]
-    scores = torch.einsum("bhgd,bhkd->bhgk", qg, k) / D ** 0.5                            # [B, Hkv, G, Lmax]
-    beyond = torch.arange(k.shape[2], device=q.device)[None, :] >= context_lens[:, None]  # [B, Lmax]
-    scores = scores.masked_fill(beyond[:, None, None, :], float("-inf"))
-    out = torch.einsum("bhgk,bhkd->bhgd", torch.softmax(scores, dim=-1), v)               # [B, Hkv, G, D]
-    return out.reshape(B, Hq, D).to(q.dtype)
-
-
-class KVPool:
-    """The K/V memory of the engine: per layer ``[N, P, Hkv, D]`` blocks on the device (what the kernels read)
-    and, for swapping, ``[N_cpu, P, Hkv, D]`` blocks in CPU memory (pinned on a GPU machine, so that the
-    copies are asynchronous DMA transfers)."""
-
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, num_cpu_blocks: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        device = DEVICE if device is None else device   # the course's device by default
-        shape = (block_size, config.num_key_value_heads, config.head_dim)
-        L, device = config.num_hidden_layers, torch.device(device)
-        self.k_caches = [torch.zeros((num_blocks, *shape), dtype=dtype, device=device) for _ in range(L)]
-        self.v_caches = [torch.zeros((num_blocks, *shape), dtype=dtype, device=device) for _ in range(L)]
-        pin = device.type == "cuda"
-        self.cpu_k_caches = [torch.zeros((num_cpu_blocks, *shape), dtype=dtype, pin_memory=pin) for _ in range(L)]
-        self.cpu_v_caches = [torch.zeros((num_cpu_blocks, *shape), dtype=dtype, pin_memory=pin) for _ in range(L)]
-        self.bytes_per_block = 2 * L * block_size * config.num_key_value_heads * config.head_dim * self.k_caches[0].element_size()
-
-    def swap_out(self, mapping: list[tuple[int, int]]) -> None:
-        """Copy device blocks to CPU blocks: mapping = [(device block, CPU block), ...]."""
-        self._copy(mapping, self.k_caches + self.v_caches, self.cpu_k_caches + self.cpu_v_caches)
-
-    def swap_in(self, mapping: list[tuple[int, int]]) -> None:
-        """Copy CPU blocks back to device blocks: mapping = [(CPU block, device block), ...]."""
-        self._copy(mapping, self.cpu_k_caches + self.cpu_v_caches, self.k_caches + self.v_caches)
-
-    @staticmethod
-    def _copy(mapping, sources, destinations) -> None:
-        # non_blocking: the host only enqueues the copies and goes on. That is safe without any sync because
-        # every later use of these blocks (the forward pass writing into freed device blocks, or reading
-        # swapped-in ones) is queued on the same CUDA stream, after the copy. Pinned CPU memory makes the
-        # device-to-host copy truly asynchronous (pageable memory would be staged through a bounce buffer).
-        for src, dst in zip(sources, destinations):
-            for s, d in mapping:
-                dst[d].copy_(src[s], non_blocking=True)
 
 
 class StepBatch:
@@ -99,7 +42,8 @@ class StepBatch:
         self.pool, self.use_kernels = pool, use_kernels
         self.length = 0                       # unused: the engine passes every token's position explicitly
         token_ids, positions, slots = [], [], []
-        self.sample_rows = []                 # row of each sampling chunk's last token (its next-token logits)
+        self.sample_rows = []                 # rows whose logits the step needs: each sampling chunk's last one
+                                              # (a speculative verify chunk: one per draft token + 1)
         self.prefills = []                    # (first row, tokens, context length, block ids) per prefill chunk
         decode_tables, decode_lens = [], []
         for chunk in chunks:
@@ -114,8 +58,7 @@ class StepBatch:
                 decode_lens.append(start + 1)
             else:
                 self.prefills.append((row, n, start + n, torch.tensor(table, device=device)))
-            if chunk.samples:
-                self.sample_rows.append(row + n - 1)
+            self.sample_rows += range(row + n - chunk.num_logits, row + n)
         self.num_decodes = len(decode_tables)
         width = max((len(t) for t in decode_tables), default=1)
         self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32,
@@ -128,21 +71,17 @@ class StepBatch:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] of the flattened step -> attention output [1, Hq, T, D]."""
-        k_cache, v_cache = self.pool.k_caches[layer], self.pool.v_caches[layer]
-        store_kv = kernels.store_kv if self.use_kernels else kernels.reference.store_kv
-        store_kv(k[0].transpose(0, 1), v[0].transpose(0, 1), k_cache, v_cache, self.slot_mapping)   # [T, Hkv, D]
+        pool = self.pool
+        pool.store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping, self.use_kernels)  # [T, Hkv, D]
         out = torch.empty_like(q)
         Bd = self.num_decodes
         if Bd:   # all decodes at once, through the block tables
-            decode = kernels.paged_attention_decode if self.use_kernels else paged_decode_attention_torch
             q_dec = q[0, :, :Bd].transpose(0, 1)                                               # [Bd, Hq, D]
-            o = decode(q_dec, k_cache, v_cache, self.decode_tables, self.decode_lens, max_context_len=self.max_decode_len)
+            o = pool.decode(layer, q_dec, self.decode_tables, self.decode_lens, self.max_decode_len, self.use_kernels)
             out[0, :, :Bd] = o.transpose(0, 1)
-        _, Hkv, _, D = k.shape
         for row, n, context_len, blocks in self.prefills:   # each prefill chunk over its sequence's cached K/V
-            k_seq = k_cache[blocks].reshape(-1, Hkv, D)[:context_len].transpose(0, 1)[None]   # [1, Hkv, L, D]
-            v_seq = v_cache[blocks].reshape(-1, Hkv, D)[:context_len].transpose(0, 1)[None]
-            out[:, :, row:row + n] = self._prefill_attention(q[:, :, row:row + n], k_seq, v_seq)
+            k_seq, v_seq = pool.gather(layer, blocks, context_len, q.dtype)                    # [Hkv, L, D] each
+            out[:, :, row:row + n] = self._prefill_attention(q[:, :, row:row + n], k_seq[None], v_seq[None])
         return out
 
     def _prefill_attention(self, q, k, v):
@@ -165,7 +104,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """logits [number of chunks that sample, V] (float32), in the order of those chunks."""
+        """logits [rows, V] (float32): ``chunk.num_logits`` rows per chunk (1 per chunk that samples, the last
+        k + 1 positions of a speculative verify chunk), in the order of the chunks."""
         batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
         logits = self.model(batch.input_ids, cache=batch, positions=batch.positions)      # [1, T, V]
         return logits[0, batch.sample_rows]

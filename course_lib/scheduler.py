@@ -22,6 +22,11 @@ from three queues, in this order (vLLM's policy, first come first served):
 left of the token budget is cut into chunks that share steps with the running decodes, so a long prompt never
 stalls them for more than one budget's worth of work. Without it a prompt is prefilled whole, in one step.
 
+**Lookahead slots** (speculative decoding, ``course_lib.spec_decode``): with ``num_lookahead_slots`` = k > 0 a
+chunk that samples also gets up to k slots past the sequence's tokens, where the step writes the K/V of the
+draft tokens it verifies; they count against the token budget (a decode then costs 1 + k). A step may then
+append up to k + 1 tokens to a sequence (``update``).
+
 The scheduler only does bookkeeping (block ids, token counts). The engine (``course_lib.engine``) runs the
 model on the chunks it returns, copies the swapped blocks, and reports the sampled tokens with ``update``.
 """
@@ -83,10 +88,17 @@ class ScheduledChunk:
     seq: Sequence
     start: int
     num_tokens: int
+    num_lookahead: int = 0      # speculative decoding: slots reserved for draft tokens after the chunk's tokens
 
     @property
     def samples(self) -> bool:
         return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def num_logits(self) -> int:
+        """Rows of logits the step needs from this chunk: its last one if it samples (a verify chunk of
+        speculative decoding needs more: ``course_lib.spec_decode.VerifyChunk``)."""
+        return int(self.samples)
 
     @property
     def is_decode(self) -> bool:
@@ -104,7 +116,11 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_tokens + c.num_lookahead for c in self.chunks)
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        return sum(c.num_lookahead for c in self.chunks)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -120,7 +136,8 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True, preemption_mode: str = "recompute",
-                 cpu_block_manager: BlockManager | None = None, watermark: float = 0.01):
+                 cpu_block_manager: BlockManager | None = None, watermark: float = 0.01,
+                 num_lookahead_slots: int = 0):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         if preemption_mode == "swap" and cpu_block_manager is None:
@@ -129,6 +146,9 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.enable_chunked_prefill = max_model_len, enable_chunked_prefill
         self.preemption_mode = preemption_mode
+        if not isinstance(num_lookahead_slots, int) or num_lookahead_slots < 0:
+            raise ValueError(f"num_lookahead_slots must be an int >= 0, got {num_lookahead_slots!r}")
+        self.num_lookahead_slots = num_lookahead_slots     # speculative decoding: draft tokens per step and sequence
         # lesson 05: with a prefix-caching block manager, admissions start on the cached prefix of their tokens
         self.prefix_caching = isinstance(block_manager, PrefixCachingBlockManager)
         # Admission keeps a few blocks free, so that the sequences just admitted can grow a little before
@@ -175,9 +195,10 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                self._reserve(seq, n)
-                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-                budget -= n
+                ahead = self._lookahead(seq, n, budget)
+                self._reserve(seq, n + ahead)
+                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
+                budget -= n + ahead
                 kept.append(seq)
         self.running = kept
         # 2. swapped sequences come back (not in a step that just preempted: that would thrash)
@@ -190,9 +211,10 @@ class Scheduler:
                 break
             self.swapped.pop(0)
             self._swap_in(seq, out)
-            self._reserve(seq, n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-            budget -= n
+            ahead = self._lookahead(seq, n, budget)
+            self._reserve(seq, n + ahead)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
+            budget -= n + ahead
         # 3. waiting sequences are admitted, first come first served (never past the first that does not fit)
         while self.waiting and not self.swapped and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -202,27 +224,41 @@ class Scheduler:
             self.waiting.pop(0)
             self.allocate(seq)
             n = self._num_new_tokens(seq, budget)   # fewer tokens to compute when a prefix came from the cache
-            self._reserve(seq, n)
+            ahead = self._lookahead(seq, n, budget)
+            self._reserve(seq, n + ahead)
             seq.status = RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
-            budget -= n
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
+            budget -= n + ahead
         out.chunks.sort(key=lambda c: c.num_tokens > 1)   # one-token chunks (decodes) first: one batched kernel call
         return out
 
-    def update(self, out: SchedulerOutput, next_tokens: dict[int, int], now: float) -> list[Sequence]:
-        """After the forward pass: advance every chunk's computed tokens, append the sampled tokens
-        (``next_tokens[seq_id]`` for the chunks that sample), finish sequences, free their blocks.
-        Returns the sequences that finished in this step."""
+    def update(self, out: SchedulerOutput, next_tokens: dict[int, int | list[int]], now: float) -> list[Sequence]:
+        """After the forward pass: append the new tokens of the chunks that sample (``next_tokens[seq_id]``: one
+        token, or with speculative decoding a list: the accepted draft tokens and one token of the target's,
+        appended up to the first stop token or the length limit), advance every chunk's computed tokens,
+        finish sequences, free their blocks. Returns the sequences that finished in this step."""
         finished = []
         for chunk in out.chunks:
             seq = chunk.seq
-            seq.num_computed_tokens += chunk.num_tokens
+            new = next_tokens[seq.seq_id] if chunk.samples else []
+            appended = self._append_tokens(seq, [new] if isinstance(new, int) else new, now)
+            # K/V now valid (in every model's pool): the chunk's tokens and, with speculative decoding, the accepted
+            # draft tokens that both models ran: all appended tokens but the last, and at most num_lookahead - 1
+            # (the draft model never runs its own last proposal; see course_lib.spec_decode)
+            seq.num_computed_tokens += chunk.num_tokens + max(0, min(appended - 1, chunk.num_lookahead - 1))
             if self.prefix_caching:              # the full blocks just computed join the cache (before any free)
                 self._cache_computed_blocks(seq)
-            if not chunk.samples:
-                continue
-            token = next_tokens[seq.seq_id]
+            if seq.finish_reason:
+                seq.status = FINISHED
+                self.block_manager.free(seq.seq_id)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int], now: float) -> int:
+        """Append tokens to seq until one finishes it (a stop token, max_tokens, the context); returns how many."""
+        for i, token in enumerate(tokens):
             seq.output_token_ids.append(token)
             seq.token_times.append(now)
             if token in seq.params.stop_token_ids:
@@ -230,11 +266,8 @@ class Scheduler:
             elif len(seq.output_token_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                 seq.finish_reason = "length"
             if seq.finish_reason:
-                seq.status = FINISHED
-                self.block_manager.free(seq.seq_id)
-                self.running.remove(seq)
-                finished.append(seq)
-        return finished
+                return i + 1
+        return len(tokens)
 
     # ---------------------------------------------------------------- blocks (the hook points)
     def can_allocate(self, seq: Sequence) -> bool:
@@ -270,6 +303,20 @@ class Scheduler:
         if self.enable_chunked_prefill:
             return min(remaining, budget)
         return remaining if remaining <= budget else 0
+
+    def _lookahead(self, seq: Sequence, n: int, budget: int) -> int:
+        """Speculative decoding: lookahead slots for a chunk of n tokens of seq (0 when off). Only a chunk that
+        samples gets them; never more than the budget left, nor more than the tokens seq may still generate minus
+        one (a step appends up to lookahead + 1 tokens, so its slots stay within min(prompt + max_tokens, context),
+        which the engine checked fits the cache); and only from free blocks: speculation never preempts anyone,
+        without room the sequence just decodes one token."""
+        if not self.num_lookahead_slots or seq.num_computed_tokens + n < seq.num_tokens:
+            return 0
+        limit = min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.max_model_len)
+        ahead = max(0, min(self.num_lookahead_slots, budget - n, limit - seq.num_tokens - 1))
+        while ahead and not self._can_reserve(seq, n + ahead):
+            ahead -= 1
+        return ahead
 
     def _slots_needed(self, seq: Sequence, n: int) -> int:
         return max(0, seq.num_computed_tokens + n - self.block_manager.num_tokens[seq.seq_id])
