@@ -8,7 +8,7 @@ context 1k ... 32k. For each point the *same* random K/V is stored twice: in fp1
 fused ``kernels.store_kv_int8`` (one fp16 scale per token and kv head). ``kernels.paged_attention_decode``
 (lesson 02) reads the first, ``kernels.paged_attention_int8_decode`` the second; both timed as one call replayed
 from a CUDA graph, L2 flushed. FP8 e4m3 too where the GPU has it. Before the sweep, a few configurations of the
-INT8 kernel (tile sizes; codes read as 32-bit words or as bytes) are checked against the reference and timed at
+INT8 kernel (tile sizes, warps, PTX or Triton unpacking) are checked against the reference and timed at
 batch 32 x 8k, and the fastest correct one is used (all recorded). Target: INT8 time <= 0.6x the
 FP16 time at contexts >= 8k. Writes ``benchmarks/results/kv_quant_<device-slug>.json`` with device, versions,
 date and every number.
@@ -66,18 +66,16 @@ def make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes, seed=0):
 def config(quick: bool) -> dict:
     if quick or not HAS_GPU:   # the interpreter: tiny shapes, just to prove the script runs
         return dict(Hq=4, Hkv=2, D=16, P=8, warmup=1, reps=2, correctness=[(2, 40)],
-                    sweep=[(2, 64)], tune_at=(2, 64), tune=[dict(BLOCK_N=64, num_warps=4, WORDS=True),
-                                                            dict(BLOCK_N=64, num_warps=4, WORDS=False)])
+                    sweep=[(2, 64)], tune_at=(2, 64), tune=[dict(BLOCK_N=64, num_warps=2), dict(BLOCK_N=32, num_warps=4)])
     return dict(Hq=32, Hkv=8, D=128, P=16, warmup=3, reps=20,
                 correctness=[(32, 1000), (4, 8192), (1, 32768), (64, 4096)],
                 sweep=[(32, L) for L in (1024, 2048, 4096, 8192, 16384, 32768)] + [(64, L) for L in (1024, 4096, 8192, 16384)],
                 tune_at=(32, 8192), tune=[
-                    # codes read as int32 words, unpacked by PTX (ASM) or by Triton integer ops
-                    *(dict(BLOCK_N=n, num_warps=w, num_stages=3, WORDS=True, ASM=True) for n in (64, 128) for w in (4, 8)),
-                    dict(BLOCK_N=128, num_warps=4, num_stages=2, WORDS=True, ASM=True),
-                    dict(BLOCK_N=128, num_warps=4, num_stages=3, WORDS=True, ASM=False),
-                    # the previous kernel: codes read byte by byte (the compiler stages bytes, scalar loads)
-                    dict(BLOCK_N=128, num_warps=4, num_stages=3, WORDS=False, FAST_I2F=True)])
+                    # byte planes + software prefetch (the kernel's loop); tiles, warps, Triton's pipelining on top
+                    *(dict(BLOCK_N=n, num_warps=w, num_stages=1) for n in (32, 64, 128) for w in (2, 4)),
+                    dict(BLOCK_N=64, num_warps=2, num_stages=2),
+                    # the INT8 codes unpacked by Triton integer ops instead of the PTX (ASM) routine
+                    dict(BLOCK_N=64, num_warps=2, num_stages=1, ASM=False)])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -142,14 +142,15 @@ def _num_sms(device: torch.device) -> int:
     return 4 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int,
+                      programs_per_sm: int = PROGRAMS_PER_SM) -> int:
     """Splits per sequence: 1 when B·Hkv programs already keep the GPU busy (>= 3 per SM: enough loads in
     flight to saturate HBM, measured on an H200); otherwise enough splits to get there, each with at least
     MIN_TOKENS_PER_SPLIT tokens (below that the merge costs more than the extra parallelism gains)."""
     programs = batch_size * num_kv_heads
-    if programs >= PROGRAMS_PER_SM * num_sms or max_context_len < 2 * MIN_TOKENS_PER_SPLIT:
+    if programs >= programs_per_sm * num_sms or max_context_len < 2 * MIN_TOKENS_PER_SPLIT:
         return 1
-    wanted = math.ceil(PROGRAMS_PER_SM * num_sms / programs)
+    wanted = math.ceil(programs_per_sm * num_sms / programs)
     return max(1, min(wanted, max_context_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
 
 
@@ -198,9 +199,9 @@ def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
 
 
 def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int | None,
-                max_context_len: int | None, block_n: int) -> tuple[int, int, int]:
+                max_context_len: int | None, block_n: int, programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int, int]:
     """Host-side checks and the split-K plan of a paged decode call: (max_context_len, num_splits,
-    tokens_per_split). Shared by the FP16 and the INT8 kernels."""
+    tokens_per_split). Shared by the FP16 and the INT8 kernels (which aim at more programs per SM)."""
     B = q.shape[0]
     capacity = block_tables.shape[1] * P
     if max_context_len is None:
@@ -215,7 +216,7 @@ def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int
     if B == 0:
         return max_context_len, 1, block_n
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device))
+        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device), programs_per_sm)
     # Every split covers a whole number of tiles; with the rounding there may be fewer splits than asked.
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     return max_context_len, triton.cdiv(max(max_context_len, 1), tokens_per_split), tokens_per_split

@@ -4,30 +4,29 @@ The same kernel as lesson 02's ``kernels.paged_attention`` — one program per (
 ``G = Hq / Hkv`` query heads of a kv head at once, tiles of ``BLOCK_N`` tokens gathered through the block table,
 online softmax, split-K with a log-sum-exp merge — except that each tile arrives as **one-byte codes** plus one
 scale per (token, kv head) (``kernels.store_kv_int8`` wrote them). Decode is memory-bound, so half the bytes
-could mean about half the time — if the dequantization costs (almost) nothing. Three tricks keep it cheap:
+could mean about half the time — if the dequantization costs (almost) nothing. Four tricks keep it cheap:
 
 * **scales are folded into the math, not into the tile.** With k_t ≈ c_t · s_t (c: codes, s: scale of token t)
-  the scores are ``q · k_t = s_t · (q · c_t)``: one ``tl.dot`` on the raw codes, then one multiply per *score*
-  instead of one per element. The same for V: ``Σ_t p_t v_t = Σ_t (p_t s_t) c_t``: scale the probabilities.
+  the scores are ``q · k_t = s_t · (q · c_t)``: dots on the raw codes, then one multiply per *score* instead of
+  one per element. The same for V: ``Σ_t p_t v_t = Σ_t (p_t s_t) c_t``: scale the probabilities.
   A zero point z_t adds ``z_t · Σ_d q_d`` to each score and ``Σ_t p_t z_t`` to each output row.
-* **INT8 -> fp16 without the int-to-float converter** (``FAST_I2F``): the fp16 number with bits
-  ``0x6400 | (c + 128)`` is exactly ``1024 + c + 128``, so ``bitcast(int16(c) + 0x6480) - 1152 == c`` with two
-  cheap integer/fp16 ops, instead of the I2F instruction, which runs at a quarter of the fp16 rate on recent GPUs
-  and would otherwise compete with the memory system for the time budget.
-* **codes read as 32-bit words** (``WORDS``): 4 codes per load element, unpacked in registers (``ASM``: 5 PTX
-  instructions per word) and re-assembled with ``tl.join`` / ``tl.reshape``. Read as bytes and converted
-  elementwise, the compiler stages the *bytes* in shared memory and fetches every element into the tensor cores'
-  operand layout with its own scalar load (no ``ldmatrix`` for 8-bit transposes): that version took 1.1-1.2x the
-  FP16 time on an H200. With words, K goes from shared memory to the tensor cores 32 bits at a time, and V is
-  converted once and staged as fp16 for ``ldmatrix``.
+* **codes read as 32-bit words**, 4 codes per load element, unpacked in registers; for INT8 with fp16 queries
+  by 5 PTX instructions per word (``_int8x4_to_fp16_asm``: the fp16 number with bits ``0x6400 | (c + 128)`` is
+  exactly ``1024 + c + 128``, so no int-to-float converter is needed).
+* **byte planes instead of re-interleaving.** Byte j of word w is channel 4w + j. Putting the 4 unpacked planes
+  back into one ``[BLOCK_N, D]`` tile (join + reshape) is a shuffle through shared memory; instead the *dots*
+  are split by plane: ``q · c_t = Σ_j q[j::4] · plane_j`` (q loaded as 4 strided planes) and the output channels
+  ``4w + j`` are accumulated plane by plane, ``acc_j += p · plane_j``. Same FLOPs, no shuffle.
+* **software prefetch**: the words of tile i+1 are loaded before tile i is computed (and the block-table entries
+  of tile i+2 before that: the words' addresses depend on them), so every program keeps loads in flight while it
+  computes; with 2 warps per program, more programs fit on an SM.
 
 Codes are exact small integers in fp16 / bf16 / fp32 (FP8 codes too), so the only error is the quantization's.
 
-Measured on an H200 (``benchmarks/results/kv_quant_nvidia-h200.json``, B = 32/64, contexts 1k-32k): 0.82-1.05x the
-FP16 time — faster at short contexts, about equal at >= 8k, still far from the byte ratio (0.51). The 8-bit data
-moves at ~2.2 TB/s where the FP16 kernel reads 4.4 TB/s: per byte, the unpacking, the second shared-memory pass for
-V and the per-tile work (block table, softmax) cost more instructions than the memory system's time. Lesson 07
-discusses it.
+Measured on an H200 (``benchmarks/results/kv_quant_nvidia-h200.json``, B = 32/64, contexts 1k-32k): see lesson 07.
+The previous version (one re-interleaved tile, Triton's pipelining, 4 warps) took 0.85-0.96x the FP16 time at
+>= 8k; this one about 0.65-0.75x in the experiment that chose it (2026-11-28, H200). The 8-bit data still moves
+at ~2.8 TB/s where the FP16 kernel reads ~4.3: per byte, the unpacking and the per-tile work cost instructions.
 """
 from __future__ import annotations
 
@@ -43,21 +42,13 @@ from kernels.paged_attention import _merge_splits_kernel, plan_splits
 from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Tile and launch parameters. WORDS: read the codes as 32-bit words, 4 codes each (below); ASM: unpack INT8 words
-#: to fp16 with 5 PTX instructions per word (compiled only; the interpreter uses the same math in Triton ops);
-#: FAST_I2F: the fp16 bit trick (both paths). The fastest of 7 configurations checked and timed on an H200 at
-#: batch 32 x 8k (benchmarks/kv_quant.py): 245 us; BLOCK_N 128: 278 us; bytes instead of words: 296 us.
-CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3, WORDS=True, ASM=True, FAST_I2F=True)
-
-
-@triton.jit
-def _load_codes(ptrs, mask, DOT_TY: tl.constexpr, FAST_I2F: tl.constexpr):
-    """A tile of 8-bit codes, as exact integers (INT8) or exact fp8 values, in the dot's dtype."""
-    c = tl.load(ptrs, mask=mask, other=0.0)
-    if FAST_I2F:   # int8 -> fp16: bits 0x6400 | (c + 128) are the fp16 number 1024 + c + 128
-        return (c.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
-    else:
-        return c.to(DOT_TY)
+#: Tile and launch parameters. ASM: unpack INT8 words to fp16 with 5 PTX instructions per word (compiled only; the
+#: interpreter uses the same math in Triton ops); FAST_I2F: the fp16 bit trick. The fastest of 34 configurations
+#: timed on an H200 (B = 8-64, contexts 8k-32k; 2 warps beat 4 and 8, BLOCK_N 64 beat 32 and 128).
+CONFIG = dict(BLOCK_N=64, num_warps=2, num_stages=1, ASM=True, FAST_I2F=True)
+#: Split-K aims at this many programs per SM (lesson 02's FP16 kernel: 3): an INT8 program moves half the bytes
+#: per tile, so it takes more of them to keep enough loads in flight (H100/H200 sweeps: 2 splits at B = 32, 8k).
+PROGRAMS_PER_SM = 6
 
 
 @triton.jit
@@ -93,15 +84,9 @@ def _byte_of(w, j: tl.constexpr, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAS
 
 
 @triton.jit
-def _load_code_words(ptrs, mask, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexpr,
-                     ASM: tl.constexpr):
-    """A [BLOCK_N, W] tile of int32 words (4 codes each) -> the [BLOCK_N, 4 W] tile of codes in DOT_TY.
-
-    Why words: tl.dot wants fp16 operands; if the tile is loaded as bytes and converted elementwise, the compiler
-    moves the conversion *after* the shared-memory staging (less shared memory), and reading single bytes into the
-    tensor cores' layout costs one scalar load per element. The join + reshape below is not elementwise, so the
-    conversion happens in registers on whole words and the tensor cores get fp16 tiles (ldmatrix), as in FP16."""
-    w = tl.load(ptrs, mask=mask, other=0)
+def _planes(w, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexpr, ASM: tl.constexpr):
+    """A [BLOCK_N, W] tile of int32 words (4 codes each) -> its 4 byte planes [BLOCK_N, W] in DOT_TY: plane j holds
+    channels j, 4 + j, 8 + j, ... (byte j of every word)."""
     if ASM:
         a, b, c, d = _int8x4_to_fp16_asm(w)
     else:
@@ -109,15 +94,28 @@ def _load_code_words(ptrs, mask, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAS
         b = _byte_of(w, 1, DOT_TY, IS_FP8, FAST_I2F)
         c = _byte_of(w, 2, DOT_TY, IS_FP8, FAST_I2F)
         d = _byte_of(w, 3, DOT_TY, IS_FP8, FAST_I2F)
-    # tl.join stacks along a new *last* axis: x[n, w, j, i] = (a, c)[j] if i == 0 else (b, d)[j], i.e. code 4w + 2j + i
-    x = tl.join(tl.join(a, c), tl.join(b, d))                        # [BLOCK_N, W, 2, 2]
-    return tl.reshape(x, [w.shape[0], 4 * w.shape[1]])
+    return a, b, c, d
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE_FP32: tl.constexpr):
+    if IEEE_FP32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _rows(block_tables_ptr, seq, stride_bt, t, end, BLOCK_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, kv_head):
+    """Row of [N*P*Hkv, .] of the tokens t of this sequence and kv head, through the block table."""
+    block_ids = tl.load(block_tables_ptr + seq * stride_bt + t // BLOCK_SIZE, mask=t < end, other=0)
+    return (block_ids.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE) * NUM_KV_HEADS + kv_head
 
 
 @triton.jit
 def _paged_attention_int8_kernel(
     q_ptr,                          # [B, Hq, D]
-    k_cache_ptr, v_cache_ptr,       # [N, P, Hkv, D] int8 / float8_e4m3fn codes (WORDS: the same bytes as int32, [.., D // 4])
+    k_cache_ptr, v_cache_ptr,       # [N, P, Hkv, D // 4] int32 words: the [N, P, Hkv, D] 8-bit codes, 4 per word
     k_scale_ptr, v_scale_ptr,       # [N, P, Hkv] fp16 / fp32, contiguous
     k_zero_ptr, v_zero_ptr,         # [N, P, Hkv] zero points (HAS_ZERO only)
     block_tables_ptr,               # [B, max_blocks] int32
@@ -132,15 +130,15 @@ def _paged_attention_int8_kernel(
     NUM_KV_HEADS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr,   # G = Hq // Hkv
     GROUP_PAD: tl.constexpr,        # G padded to >= 16 (the smallest tl.dot on a GPU)
-    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    WORDS_PAD: tl.constexpr,        # D / 4 words per row, padded to a power of 2 >= 16 (tl.dot's smallest size)
     BLOCK_SIZE: tl.constexpr,       # P, tokens per KV block
     BLOCK_N: tl.constexpr,          # tokens per tile
     SPLIT: tl.constexpr,            # write partial results + lse (True) or the final output (False)
     HAS_ZERO: tl.constexpr,         # asymmetric codes: x = c * s + z
-    WORDS: tl.constexpr,            # read codes as int32 words (k/v_cache_ptr point to int32; needs D % 4 == 0)
-    IS_FP8: tl.constexpr,           # codes are float8_e4m3fn (WORDS: decode each byte as fp8)
+    IS_FP8: tl.constexpr,           # codes are float8_e4m3fn
     FAST_I2F: tl.constexpr,         # INT8 codes and fp16 queries: the bit-trick conversion
-    ASM: tl.constexpr,              # WORDS + FAST_I2F, compiled: the 5-instruction PTX unpacking
+    ASM: tl.constexpr,              # FAST_I2F, compiled: the 5-instruction PTX unpacking
     IEEE_FP32: tl.constexpr,        # fp32 queries: exact fp32 dots instead of TF32
 ):
     seq = tl.program_id(0)
@@ -150,41 +148,57 @@ def _paged_attention_int8_kernel(
     start = split * tokens_per_split
     end = tl.minimum(context_len, start + tokens_per_split)
     DOT_TY: tl.constexpr = q_ptr.dtype.element_ty
+    W: tl.constexpr = HEAD_DIM // 4                                 # words per row
 
     g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, DIM_PAD)
+    w = tl.arange(0, WORDS_PAD)
+    n = tl.arange(0, BLOCK_N)
     q_heads = kv_head * QUERIES_PER_KV + g
     g_mask = g < QUERIES_PER_KV
-    d_mask = d < HEAD_DIM
-    w = tl.arange(0, DIM_PAD // 4)                                  # words of 4 codes (WORDS)
-    q = tl.load(q_ptr + seq * stride_qb + q_heads[:, None] * stride_qh + d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)                     # [G, D]
+    gw_mask = g_mask[:, None] & (w < W)[None, :]
+    # q as 4 byte planes, like the codes: plane j = channels j, 4 + j, ... (q[:, j::4])
+    q_row = q_ptr + seq * stride_qb + q_heads[:, None] * stride_qh + 4 * w[None, :]
+    q0 = tl.load(q_row + 0, mask=gw_mask, other=0.0)                                   # [G, W] each
+    q1 = tl.load(q_row + 1, mask=gw_mask, other=0.0)
+    q2 = tl.load(q_row + 2, mask=gw_mask, other=0.0)
+    q3 = tl.load(q_row + 3, mask=gw_mask, other=0.0)
     if HAS_ZERO:
-        q_sum = tl.sum(q.to(tl.float32), axis=1)                                       # [G]: Σ_d q_d
+        q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)  # [G]
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")   # running max of the scores (log2 units)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)                  # running sum of exp2(score - m_i)
-    acc = tl.zeros([GROUP_PAD, DIM_PAD], dtype=tl.float32)         # running sum of exp2(score - m_i) * v
+    acc0 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)      # running sum of exp2(score - m_i) * v, by plane
+    acc1 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)
+    acc2 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)
+    acc3 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)
+    # software prefetch: the first tile's words, and the rows of the second
+    t = start + n
+    row = _rows(block_tables_ptr, seq, stride_bt, t, end, BLOCK_SIZE, NUM_KV_HEADS, kv_head)
+    row_next = _rows(block_tables_ptr, seq, stride_bt, t + BLOCK_N, end, BLOCK_SIZE, NUM_KV_HEADS, kv_head)
+    tw_mask = (t < end)[:, None] & (w < W)[None, :]
+    k_words = tl.load(k_cache_ptr + row[:, None] * W + w[None, :], mask=tw_mask, other=0)          # [BLOCK_N, W]
+    v_words = tl.load(v_cache_ptr + row[:, None] * W + w[None, :], mask=tw_mask, other=0)
+    k_scale = tl.load(k_scale_ptr + row, mask=t < end, other=0.0)                                  # [BLOCK_N]
+    v_scale = tl.load(v_scale_ptr + row, mask=t < end, other=0.0)
     for tile_start in range(start, end, BLOCK_N):
-        t = tile_start + tl.arange(0, BLOCK_N)                      # logical token positions of this tile
+        t = tile_start + n                                          # logical token positions of this tile
         t_mask = t < end
-        block_ids = tl.load(block_tables_ptr + seq * stride_bt + t // BLOCK_SIZE, mask=t_mask, other=0)
-        slot = block_ids.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE                    # [BLOCK_N] physical slots
-        row = (slot * NUM_KV_HEADS + kv_head)                                          # row of [N*P*Hkv, D]
-        kv_mask = t_mask[:, None] & d_mask[None, :]
-        word_mask = t_mask[:, None] & (w < HEAD_DIM // 4)[None, :]
-        # ---- scores: s_t * (q . c_t) (+ z_t * sum(q))
-        if WORDS:
-            k = _load_code_words(k_cache_ptr + row[:, None] * (HEAD_DIM // 4) + w[None, :], word_mask,
-                                 DOT_TY, IS_FP8, FAST_I2F, ASM)                                    # [BLOCK_N, D]
-        else:
-            k = _load_codes(k_cache_ptr + row[:, None] * HEAD_DIM + d[None, :], kv_mask, DOT_TY, FAST_I2F)
-        k_scale = tl.load(k_scale_ptr + row, mask=t_mask, other=0.0).to(tl.float32)                    # [BLOCK_N]
-        if IEEE_FP32:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))                                                  # [G, BLOCK_N] fp32
-        s = s * k_scale[None, :]
+        # ---- issue the loads of the next tile first (rows known since the last iteration), then its successor's rows
+        tn = t + BLOCK_N
+        tn_mask = (tn < end)[:, None] & (w < W)[None, :]
+        k_words_next = tl.load(k_cache_ptr + row_next[:, None] * W + w[None, :], mask=tn_mask, other=0)
+        v_words_next = tl.load(v_cache_ptr + row_next[:, None] * W + w[None, :], mask=tn_mask, other=0)
+        k_scale_next = tl.load(k_scale_ptr + row_next, mask=tn < end, other=0.0)
+        v_scale_next = tl.load(v_scale_ptr + row_next, mask=tn < end, other=0.0)
+        row_after = _rows(block_tables_ptr, seq, stride_bt, tn + BLOCK_N, end, BLOCK_SIZE, NUM_KV_HEADS, kv_head)
+        # ---- scores: s_t * sum_j (q plane j . c_t plane j) (+ z_t * sum(q))
+        k0, k1, k2, k3 = _planes(k_words, DOT_TY, IS_FP8, FAST_I2F, ASM)                  # [BLOCK_N, W] each
+        s = tl.zeros([GROUP_PAD, BLOCK_N], dtype=tl.float32)
+        s = _dot(q0, tl.trans(k0), s, IEEE_FP32)
+        s = _dot(q1, tl.trans(k1), s, IEEE_FP32)
+        s = _dot(q2, tl.trans(k2), s, IEEE_FP32)
+        s = _dot(q3, tl.trans(k3), s, IEEE_FP32)                                          # [G, BLOCK_N]
+        s = s * k_scale.to(tl.float32)[None, :]
         if HAS_ZERO:
             s += q_sum[:, None] * tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[None, :]
         s = tl.where(t_mask[None, :], s * sm_scale_log2e, float("-inf"))
@@ -192,27 +206,30 @@ def _paged_attention_int8_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        # ---- values: sum_t (p_t * s_t) c_t (+ sum_t p_t z_t)
-        if WORDS:
-            v = _load_code_words(v_cache_ptr + row[:, None] * (HEAD_DIM // 4) + w[None, :], word_mask,
-                                 DOT_TY, IS_FP8, FAST_I2F, ASM)
-        else:
-            v = _load_codes(v_cache_ptr + row[:, None] * HEAD_DIM + d[None, :], kv_mask, DOT_TY, FAST_I2F)
-        v_scale = tl.load(v_scale_ptr + row, mask=t_mask, other=0.0).to(tl.float32)
-        pv = (p * v_scale[None, :]).to(DOT_TY)
-        if IEEE_FP32:
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv, v)
+        # ---- values: plane j of the output += sum_t (p_t * s_t) c_t plane j (+ sum_t p_t z_t)
+        v0, v1, v2, v3 = _planes(v_words, DOT_TY, IS_FP8, FAST_I2F, ASM)
+        pv = (p * v_scale.to(tl.float32)[None, :]).to(DOT_TY)
+        acc0 = _dot(pv, v0, acc0 * alpha[:, None], IEEE_FP32)
+        acc1 = _dot(pv, v1, acc1 * alpha[:, None], IEEE_FP32)
+        acc2 = _dot(pv, v2, acc2 * alpha[:, None], IEEE_FP32)
+        acc3 = _dot(pv, v3, acc3 * alpha[:, None], IEEE_FP32)
         if HAS_ZERO:
-            v_zero = tl.load(v_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(p * v_zero[None, :], axis=1)[:, None]
+            pz = tl.sum(p * tl.load(v_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[None, :], axis=1)[:, None]
+            acc0 += pz
+            acc1 += pz
+            acc2 += pz
+            acc3 += pz
         m_i = m_new
+        k_words, v_words, k_scale, v_scale = k_words_next, v_words_next, k_scale_next, v_scale_next
+        row, row_next = row_next, row_after
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)   # an empty range (context 0, or a split past the end): output 0
-    out = acc / l_safe[:, None]
-    o_ptrs = out_ptr + seq * stride_ob + q_heads[:, None] * stride_oh + split * stride_os + d[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    o_row = out_ptr + seq * stride_ob + q_heads[:, None] * stride_oh + split * stride_os + 4 * w[None, :]
+    o_ty = out_ptr.dtype.element_ty
+    tl.store(o_row + 0, (acc0 / l_safe[:, None]).to(o_ty), mask=gw_mask)               # channels 0, 4, 8, ...
+    tl.store(o_row + 1, (acc1 / l_safe[:, None]).to(o_ty), mask=gw_mask)
+    tl.store(o_row + 2, (acc2 / l_safe[:, None]).to(o_ty), mask=gw_mask)
+    tl.store(o_row + 3, (acc3 / l_safe[:, None]).to(o_ty), mask=gw_mask)
     if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + seq * stride_lb + q_heads * stride_lh + split, lse, mask=g_mask)
@@ -246,6 +263,12 @@ def _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_table
         raise ValueError("q must be contiguous in its last (head_dim) dimension")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous (slot s, head h starts at (s * Hkv + h) * D)")
+    if D % 4:
+        raise ValueError(f"q has head_dim {D}; the kernel reads codes as 32-bit words of 4, so D must be a multiple of 4")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.data_ptr() % 4:
+            raise ValueError(f"{name} does not start at a 4-byte boundary (the kernel reads codes as 32-bit words): "
+                             "pass the whole cache tensor, not a view that starts mid-word")
     if k_cache.dtype == torch.float8_e4m3fn and not INTERPRET and not fp8_supported()[0]:
         raise ValueError(f"k_cache has dtype torch.float8_e4m3fn: {fp8_supported()[1]}")
     if block_tables.dim() != 2 or block_tables.shape[0] != B:
@@ -277,7 +300,7 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     B, Hq, D = q.shape
     N, P, Hkv, _ = k_cache.shape
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
-                                                                max_context_len, CONFIG["BLOCK_N"])
+                                                                max_context_len, CONFIG["BLOCK_N"], PROGRAMS_PER_SM)
     out = torch.empty_like(q)
     if B == 0:
         return out
@@ -287,15 +310,12 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     has_zero = k_zero is not None
     zeros = (k_zero, v_zero) if has_zero else (k_scale, v_scale)   # unused pointers when symmetric
     fast = bool(cfg["FAST_I2F"]) and k_cache.dtype == torch.int8 and q.dtype == torch.float16
-    # Words of 4 codes: each row of D codes must be whole words (D % 4 == 0) starting at a 4-byte boundary.
-    words = bool(cfg["WORDS"]) and D % 4 == 0 and all(t.data_ptr() % 4 == 0 for t in (k_cache, v_cache))
     meta = dict(NUM_KV_HEADS=Hkv, QUERIES_PER_KV=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
-                DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=P, BLOCK_N=cfg["BLOCK_N"], HAS_ZERO=has_zero,
-                WORDS=words, IS_FP8=k_cache.dtype == torch.float8_e4m3fn, FAST_I2F=fast,
-                ASM=words and fast and bool(cfg["ASM"]) and not INTERPRET,
+                WORDS_PAD=max(16, triton.next_power_of_2(D // 4)), BLOCK_SIZE=P, BLOCK_N=cfg["BLOCK_N"],
+                HAS_ZERO=has_zero, IS_FP8=k_cache.dtype == torch.float8_e4m3fn, FAST_I2F=fast,
+                ASM=fast and bool(cfg["ASM"]) and not INTERPRET,
                 IEEE_FP32=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if words:   # the same bytes, seen as int32 words: [N, P, Hkv, D // 4]
-        k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)
+    k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)   # the same bytes: [N, P, Hkv, D // 4]
     common = (q, k_cache, v_cache, k_scale, v_scale, *zeros, block_tables, context_lens)
     if num_splits == 1:
         _paged_attention_int8_kernel[(B, Hkv, 1)](

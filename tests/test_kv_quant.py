@@ -260,23 +260,24 @@ def test_head_dim_not_a_power_of_two_sm_scale_empty_sequences_and_auto_split():
                                **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("words", [True, False])
-def test_paged_attention_int8_word_and_byte_reads_agree(words, monkeypatch):
-    """Codes read as int32 words (4 per load, the default) or byte by byte: the same result. A cache that does not
-    start at a 4-byte boundary falls back to bytes."""
-    import kernels.paged_attention_int8 as pa8
-    monkeypatch.setitem(pa8.CONFIG, "WORDS", words)
+@pytest.mark.parametrize("splits", [1, 2])
+def test_paged_attention_int8_reads_words_and_refuses_what_is_not_whole_words(splits):
+    """Codes are read as int32 words of 4: a cache that does not start at a 4-byte boundary, or a head_dim that is
+    not a multiple of 4, gets a ValueError instead of misaligned reads."""
     args, _, _ = make_quantized(3, 8, 2, 24, 8, [5, 8, 23], torch.float16, seed=7)
     want = ref.paged_attention_int8_decode(*args)
-    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, num_splits=1), want, **TOL[torch.float16])
+    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, num_splits=splits), want, **TOL[torch.float16])
     shifted = []
     for codes in args[1:3]:                                           # the same codes, 1 byte past a word boundary
         buf = torch.empty(codes.numel() + 1, dtype=codes.dtype, device=codes.device)[1:].view(codes.shape)
         buf.copy_(codes)
         shifted.append(buf)
     assert shifted[0].data_ptr() % 4 != 0
-    got = kernels.paged_attention_int8_decode(args[0], *shifted, *args[3:], num_splits=2)
-    torch.testing.assert_close(got, want, **TOL[torch.float16])
+    with pytest.raises(ValueError, match="k_cache does not start at a 4-byte boundary"):
+        kernels.paged_attention_int8_decode(args[0], *shifted, *args[3:], num_splits=splits)
+    args, _, _ = make_quantized(1, 2, 1, 18, 8, [5], torch.float16, seed=7)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kernels.paged_attention_int8_decode(*args)
 
 
 def test_int8_attention_is_close_to_full_precision_attention():
