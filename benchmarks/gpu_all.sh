@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of the course in one run, for a 2-GPU machine (one GPU works too; the TP/PP part then
+# Every GPU check of the course, for a 4-GPU machine (fewer work too, in turn; with one, the TP/PP part
 # skips). Run from the repository root:
 #     bash benchmarks/gpu_all.sh            # logs and result files go to $OUT (default /tmp/gpu_all)
-# GPU 0 runs the benchmarks one after another (their timings are recorded under benchmarks/results/);
-# GPU 1, at the same time, runs the test suite, nbval over the notebooks and the grader, all compiled.
+#     PART=checks bash benchmarks/gpu_all.sh; PART=engines bash benchmarks/gpu_all.sh   # the same in two halves
+# Benchmarks record their timings under benchmarks/results/; the tests, nbval over the notebooks and the grader
+# run compiled. On 4 GPUs the streams below run side by side, one GPU each.
 # A machine without Jupyter needs the wheels of ../shared/tools/device-wheels.sh in .whl/ (installed here).
 set -u
 OUT=${OUT:-/tmp/gpu_all}
@@ -37,21 +38,46 @@ step() {  # step NAME SECONDS CUDA_VISIBLE_DEVICES COMMAND...: run with a time l
 cat "$LOG"
 touch "$OUT/.start"
 
-if [ "$gpus" -ge 2 ]; then
-  step tp2 120 0,1 python3 -m course_lib.parallel --tp 2
-  step pp2 120 0,1 python3 -m course_lib.parallel --pp 2 --microbatches 4
-  step pp2_1f1b 120 0,1 python3 -m course_lib.parallel --pp 2 --microbatches 4 --schedule 1f1b
-  step torchrun_tp2 120 0,1 torchrun --nproc-per-node 2 -m course_lib.parallel --tp 2
+# Four streams of steps. With 4 GPUs each stream gets its own GPU (benchmarks never share a GPU with anything);
+# with fewer, the streams run one after the other on GPU 0. PART=checks runs the correctness checks and the
+# kernels' benchmarks, PART=engines the engine benchmarks (each half fits the 10 minutes of one device-tool call
+# on 4 GPUs); the default runs both.
+gpu_slug=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from roofline import device_name, slug; print(slug(device_name()))")
+g() { if [ "$gpus" -ge 4 ]; then echo "$1"; else echo 0; fi; }   # the GPU of stream $1
+parallel_checks() {   # tensor and pipeline parallelism over NCCL: needs 2 GPUs
+  [ "$gpus" -ge 2 ] || return 0
+  local pair=$1
+  step tp2 120 "$pair" python3 -m course_lib.parallel --tp 2
+  step pp2 120 "$pair" python3 -m course_lib.parallel --pp 2 --microbatches 4
+  step pp2_1f1b 120 "$pair" python3 -m course_lib.parallel --pp 2 --microbatches 4 --schedule 1f1b
+  step torchrun_tp2 120 "$pair" torchrun --nproc-per-node 2 -m course_lib.parallel --tp 2
+}
+run_streams() {   # run_streams "stream 0 function" "stream 1 function" ...: in parallel on 4 GPUs, else in turn
+  local k=0 pids=()
+  for f in "$@"; do
+    if [ "$gpus" -ge 4 ]; then "$f" "$k" & pids+=($!); else "$f" 0; fi
+    k=$((k + 1))
+  done
+  [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
+}
+checks_kernels() { step bench_kv_quant 200 "$1" python3 benchmarks/kv_quant.py
+                   step bench_engine "${T_ENGINE:-300}" "$1" python3 -m benchmarks.engine; }
+checks_pytest() { step pytest "${T_PYTEST:-520}" "$1" python3 -m pytest -q -p no:cacheprovider -rf tests --ignore=tests/browser; }
+checks_notebooks() { if [ "$gpus" -ge 4 ]; then parallel_checks 2,3; fi
+                     step nbval "${T_NBVAL:-300}" "$1" python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax --nbval-current-env notebooks/ solutions/
+                     step grade "${T_GRADE:-150}" "$1" python3 -m course_lib.grade solutions/ --require-full; }
+engines_batching() { step bench_batching "${T_BATCHING:-450}" "$1" python3 benchmarks/engine_batching.py; }
+engines_speculative() { step bench_speculative 300 "$1" python3 benchmarks/speculative.py; }
+engines_prefix() { step bench_prefix 200 "$1" python3 benchmarks/prefix_caching.py; }
+engines_capstone_1b() {   # the capstone on a 1.2 B-parameter LLaMA shape (random weights, the same for both systems)
+  step bench_engine_1b 300 "$1" python3 -m benchmarks.engine --config llama-1b --workloads chat --num-requests 64 \
+    --time-limit 240 --out "benchmarks/results/engine_llama-1b_$gpu_slug.json"; }
+
+if [ "${PART:-all}" != engines ]; then
+  [ "$gpus" -ge 4 ] || parallel_checks 0,1
+  run_streams checks_kernels checks_pytest checks_notebooks
 fi
-
-second=$(( gpus >= 2 ? 1 : 0 ))
-( step pytest "${T_PYTEST:-240}" $second python3 -m pytest -q -p no:cacheprovider -rf tests --ignore=tests/browser
-  step nbval "${T_NBVAL:-240}" $second python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax --nbval-current-env notebooks/ solutions/
-  step grade "${T_GRADE:-150}" $second python3 -m course_lib.grade solutions/ --require-full ) &
-
-step bench_speculative "${T_BENCH:-120}" 0 python3 benchmarks/speculative.py
-step bench_batching "${T_BENCH:-120}" 0 python3 benchmarks/engine_batching.py
-step bench_prefix "${T_BENCH:-120}" 0 python3 benchmarks/prefix_caching.py
-[ "$gpus" -ge 2 ] && step bench_parallel "${T_BENCH:-120}" 0,1 python3 benchmarks/parallel.py --quick
-wait
+if [ "${PART:-all}" != checks ]; then
+  run_streams engines_batching engines_speculative engines_prefix engines_capstone_1b
+fi
 echo "done"

@@ -106,7 +106,7 @@ def test_flops_match_torch_flop_counter_with_cache(tiny, batch_size, prefix, new
     model, _ = tiny
     gen = torch.Generator().manual_seed(prefix)
     ids = torch.randint(0, TINY.vocab_size, (batch_size, prefix + new), generator=gen)
-    cache = KVCache(model.config, batch_size, prefix + new)
+    cache = KVCache(model.config, batch_size, prefix + new, device=model.device)
     with torch.no_grad():
         model(ids[:, :prefix], cache=cache)
         got = counted(lambda: model(ids[:, prefix:], cache=cache, last_token_only=True))
@@ -186,35 +186,35 @@ def decode_good(model, prompt_ids, max_new_tokens):
 
 
 def decode_whole_sequence_with_cache(model, prompt_ids, max_new_tokens):  # double-caching
-    cache = KVCache(model.config, 1, 4 * (len(prompt_ids) + max_new_tokens))
+    cache = KVCache(model.config, 1, 4 * (len(prompt_ids) + max_new_tokens), dtype=model.dtype, device=model.device)
     tokens = list(prompt_ids)
     for _ in range(max_new_tokens):
-        tokens.append(int(model(torch.tensor([tokens]), cache=cache)[0, -1].argmax()))
+        tokens.append(int(model(torch.tensor([tokens], device=model.device), cache=cache)[0, -1].argmax()))
     return tokens[len(prompt_ids):]
 
 
 def decode_without_cache(model, prompt_ids, max_new_tokens):
     tokens = list(prompt_ids)
     for _ in range(max_new_tokens):
-        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+        tokens.append(int(model(torch.tensor([tokens], device=model.device))[0, -1].argmax()))
     return tokens[len(prompt_ids):]
 
 
 def decode_double_advance(model, prompt_ids, max_new_tokens):  # positions off by one per step
-    cache = KVCache(model.config, 1, 2 * (len(prompt_ids) + max_new_tokens))
-    out = [int(model(torch.tensor([prompt_ids]), cache=cache)[0, -1].argmax())]
+    cache = KVCache(model.config, 1, 2 * (len(prompt_ids) + max_new_tokens), dtype=model.dtype, device=model.device)
+    out = [int(model(torch.tensor([prompt_ids], device=model.device), cache=cache)[0, -1].argmax())]
     while len(out) < max_new_tokens:
         cache.advance(1)
-        out.append(int(model(torch.tensor([[out[-1]]]), cache=cache)[0, -1].argmax()))
+        out.append(int(model(torch.tensor([[out[-1]]], device=model.device), cache=cache)[0, -1].argmax()))
     return out
 
 
 def decode_refeeds_last_prompt_token(model, prompt_ids, max_new_tokens):  # off by one: prompt[-1] fed twice
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + 1)
-    model(torch.tensor([prompt_ids]), cache=cache)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens + 1, dtype=model.dtype, device=model.device)
+    model(torch.tensor([prompt_ids], device=model.device), cache=cache)
     out, last = [], prompt_ids[-1]
     for _ in range(max_new_tokens):
-        last = int(model(torch.tensor([[last]]), cache=cache)[0, -1].argmax())
+        last = int(model(torch.tensor([[last]], device=model.device), cache=cache)[0, -1].argmax())
         out.append(last)
     return out
 
@@ -222,16 +222,16 @@ def decode_refeeds_last_prompt_token(model, prompt_ids, max_new_tokens):  # off 
 def decode_new_cache_each_step(model, prompt_ids, max_new_tokens):  # a fresh cache per call: the whole prefix again
     tokens = list(prompt_ids)
     for _ in range(max_new_tokens):
-        cache = KVCache(model.config, 1, len(tokens))
-        tokens.append(int(model(torch.tensor([tokens]), cache=cache)[0, -1].argmax()))
+        cache = KVCache(model.config, 1, len(tokens), dtype=model.dtype, device=model.device)
+        tokens.append(int(model(torch.tensor([tokens], device=model.device), cache=cache)[0, -1].argmax()))
     return tokens[len(prompt_ids):]
 
 
 def decode_first_position_logits(model, prompt_ids, max_new_tokens):  # argmax of the wrong position
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens)
-    out = [int(model(torch.tensor([prompt_ids]), cache=cache)[0, 0].argmax())]
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device)
+    out = [int(model(torch.tensor([prompt_ids], device=model.device), cache=cache)[0, 0].argmax())]
     while len(out) < max_new_tokens:
-        out.append(int(model(torch.tensor([[out[-1]]]), cache=cache)[0, -1].argmax()))
+        out.append(int(model(torch.tensor([[out[-1]]], device=model.device), cache=cache)[0, -1].argmax()))
     return out
 
 

@@ -58,7 +58,7 @@ def test_cached_forward_equals_full_forward(hf_and_ours):
     _, ours = hf_and_ours
     ids = torch.randint(0, ours.config.vocab_size, (2, 12))
     full = ours(ids)
-    cache = KVCache(ours.config, batch_size=2, max_seq_len=12)
+    cache = KVCache(ours.config, batch_size=2, max_seq_len=12, device=ours.device)
     parts = [ours(ids[:, :5], cache=cache), ours(ids[:, 5:6], cache=cache), ours(ids[:, 6:], cache=cache)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
     assert cache.length == 12

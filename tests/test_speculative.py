@@ -216,7 +216,7 @@ def test_cache_rollback_keeps_exactly_the_accepted_tokens(pair, temperature):
     """After every round each cache holds the K/V of every token but the newest, equal to a fresh prefill."""
     target, draft, prompts = pair
     tokens = list(prompts[0])
-    caches = {m: KVCache(m.config, 1, 128, dtype=m.dtype) for m in (target, draft)}
+    caches = {m: KVCache(m.config, 1, 128, dtype=m.dtype, device=m.device) for m in (target, draft)}
     stats, gen = spec.SpeculativeStats(), torch.Generator().manual_seed(0)
     while len(tokens) < 24 + 48:
         tokens += spec.speculative_step(target, draft, tokens, caches[target], caches[draft], 4, temperature, gen, stats)
@@ -224,7 +224,7 @@ def test_cache_rollback_keeps_exactly_the_accepted_tokens(pair, temperature):
         assert len(tokens) - 3 <= caches[draft].length <= len(tokens) - 1
     assert stats.rejected > 0 and stats.rejected < stats.target_forwards  # both kinds of round happened
     for model, cache in caches.items():
-        fresh = KVCache(model.config, 1, 128, dtype=model.dtype)
+        fresh = KVCache(model.config, 1, 128, dtype=model.dtype, device=model.device)
         model(torch.tensor([tokens[:cache.length]]), cache=fresh)
         for layer in range(model.config.num_hidden_layers):
             torch.testing.assert_close(cache.k[layer][:, :, :cache.length], fresh.k[layer][:, :, :cache.length],

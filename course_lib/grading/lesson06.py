@@ -136,7 +136,7 @@ def check_rollback_caches(student_fn) -> CheckResult:
         target, draft, prompts = _pair_and_prompts()
         for temperature, gamma, prompt in [(0.0, 2, prompts[0]), (0.0, 5, prompts[1]), (1.0, 4, prompts[0])]:
             tokens, stats, gen = list(prompt), SpeculativeStats(), torch.Generator().manual_seed(0)
-            caches = [KVCache(m.config, 1, 128, dtype=m.dtype) for m in (target, draft)]
+            caches = [KVCache(m.config, 1, 128, dtype=m.dtype, device=m.device) for m in (target, draft)]
             seen = {}
 
             def rollback(target_cache, draft_cache, num_tokens):
