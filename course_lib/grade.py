@@ -138,7 +138,14 @@ def grade_notebook(path: Path, timeout: float = 120, label: str | None = None) -
             on_cell_start=lambda cell, cell_index: current.update(index=cell_index),
         )
         try:
-            client.execute(env=env)
+            try:
+                client.execute(env=env)
+            except RuntimeError as err:
+                if "before replying" not in str(err):
+                    raise
+                # the kernel died while starting (two kernels launched at once can race for the same ports):
+                # no cell ran yet, so start it once more
+                client.execute(env=env)
         except CellTimeoutError:
             stopped = f"cell {current['index'] + 1} timed out after {timeout:g} s"
         except DeadKernelError:
