@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 import kernels.reference
-from course_lib import ModelConfig, Llama, load_tiny
+from course_lib import ModelConfig, Llama
 from course_lib.device import DEVICE
 from course_lib.engine import LLMEngine
 from course_lib.generate import greedy_generate
@@ -24,19 +24,7 @@ from course_lib.attention import attention
 from course_lib.workloads import long_prompt_trace, multimodal_prompt, poisson_arrivals, sharegpt_trace, uniform_trace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast as two and steady when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tokenizer = load_tiny("target", dtype=torch.float32, device="cpu")
-    return model, tokenizer
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def micro_model(max_len: int = 64, seed: int = 0) -> Llama:

@@ -20,17 +20,7 @@ from course_lib.sampling import SamplingParams
 from test_engine import assert_all_blocks_free, micro_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tiny("target", dtype=torch.float32, device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def alone_int8(model, prompt: list[int], max_tokens: int, kv_dtype: str = "int8") -> list[int]:

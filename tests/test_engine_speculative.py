@@ -27,13 +27,7 @@ from course_lib.sampling import SamplingParams, filter_logits
 from test_speculative import chi_square_threshold   # the χ² quantile of lesson 06's test (Wilson–Hilferty)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is as fast as two and steady when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

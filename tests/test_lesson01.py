@@ -10,19 +10,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib import PRESETS, ModelConfig, load_tiny
+from course_lib import PRESETS, ModelConfig
 from course_lib import flops
 from course_lib.grading import lesson01
 from course_lib.kv_cache import KVCache, kv_cache_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    model, tok = load_tiny("target", dtype=torch.float32, device="cpu")
-    return model, tok
 
 
 def counted(fn) -> int:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
-from course_lib import load_tiny
 from course_lib.engine import LLMEngine
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.prefix_hash import PrefixHashCache
@@ -16,18 +15,7 @@ from course_lib.prefix_workloads import chat_conversations, shared_prompt_reques
 from course_lib.sampling import SamplingParams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny model: one thread is as fast as two and steady when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_tiny("target", dtype=torch.float32, device="cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
