@@ -345,15 +345,6 @@ def test_real_shapes_on_gpu(dtype, B, L, P, kv_dtype):
 
 
 # ---------------------------------------------------------------- the shipped model through the 8-bit cache
-@pytest.fixture
-def one_torch_thread():
-    """On a small CPU, torch's OpenMP threads and the interpreter's numpy threads spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from course_lib import load_tiny
@@ -373,7 +364,7 @@ def _decode(model, cache, prompt_ids, steps, forced=None):
     return [list(col) for col in zip(*out)]
 
 
-def test_model_int8_cache_kernels_equal_references(tiny, one_torch_thread):
+def test_model_int8_cache_kernels_equal_references(tiny, one_thread):
     model, tok = tiny
     prompts = [tok.encode("In the beginning God created"), tok.encode("And the LORD spake unto Moses")]
     n = min(len(p) for p in prompts)
@@ -406,7 +397,7 @@ def fp32_greedy(tiny):
 
 
 @pytest.mark.parametrize("options", [dict(kv_dtype="int8"), dict(kv_dtype="int8", zero_point=True), dict(kv_dtype="fp8")])
-def test_model_8bit_cache_agrees_with_full_precision(tiny, fp32_greedy, one_torch_thread, options):
+def test_model_8bit_cache_agrees_with_full_precision(tiny, fp32_greedy, one_thread, options):
     """Teacher-forced along the FP32 cache's greedy output (so one early near-tie cannot derail the rest), the
     8-bit cache picks the same next token at >= 97% of 3 x 100 steps (measured: 100%; plain-torch path)."""
     model, _ = tiny

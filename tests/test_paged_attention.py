@@ -152,16 +152,6 @@ def test_real_shapes_on_gpu(dtype, B, L, P):
 
 
 # ---------------------------------------------------------------- the shipped model through the paged cache
-@pytest.fixture
-def one_torch_thread():
-    """On a small CPU, torch's OpenMP threads and the interpreter's numpy threads spin against each other
-    (3x slower steps measured on 2 cores); the tiny model runs as fast on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from course_lib import load_tiny
@@ -182,7 +172,7 @@ def _greedy(model, cache, prompt_ids, n):
 
 
 @pytest.mark.parametrize("block_size, batch_size, steps", [(8, 2, 6), (16, 1, 12)])
-def test_model_greedy_tokens_paged_equal_contiguous(tiny, one_torch_thread, block_size, batch_size, steps):
+def test_model_greedy_tokens_paged_equal_contiguous(tiny, one_thread, block_size, batch_size, steps):
     from course_lib.kv_cache import KVCache
     from course_lib.paged_cache import PagedKVCache
 
@@ -198,7 +188,7 @@ def test_model_greedy_tokens_paged_equal_contiguous(tiny, one_torch_thread, bloc
     assert cache.num_used_blocks == batch_size * -(-(n + steps - 1) // block_size)
 
 
-def test_fork_shares_the_prompt_and_copies_on_write(tiny, one_torch_thread):
+def test_fork_shares_the_prompt_and_copies_on_write(tiny, one_thread):
     from course_lib.paged_cache import PagedKVCache
 
     model, tok = tiny
