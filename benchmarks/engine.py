@@ -101,6 +101,9 @@ def parse_args(argv):
     p.add_argument("--max-num-seqs", type=int, default=None, help="the engine's running batch at most")
     p.add_argument("--hf-large-batch", type=int, default=None, help="batch of the second HF row (default max-num-seqs)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--speculative-disable-by-batch-size", type=int, default=None,
+                   help="the speculative row drafts nothing in steps that start with this many running sequences or "
+                        "more (default: always drafts)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up (default: warm up on a GPU)")
     p.add_argument("--time-limit", type=float, default=None,
                    help="seconds: rows not started by then are skipped, the JSON still written (default: 240 on a "
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     seed=args.seed)[w] for w in names}
     contexts = args.kv_budget_contexts or cfg["kv_budget_contexts"]
     setup = AblationSetup(C, contexts * C, max_num_seqs=args.max_num_seqs or cfg["max_num_seqs"],
-                          hf_large_batch=args.hf_large_batch, num_speculative_tokens=args.num_speculative_tokens)
+                          hf_large_batch=args.hf_large_batch, num_speculative_tokens=args.num_speculative_tokens,
+                          speculative_disable_by_batch_size=args.speculative_disable_by_batch_size)
     warm = HAS_GPU and not args.no_warmup
     ablation = Ablation(model, setup, hf_model=hf_model, draft=draft,
                         warmup_trace=warmup_trace(traces) if warm else None)

@@ -53,6 +53,7 @@ class AblationSetup:
     chunk_tokens: int | None = None            # rows with speculative decoding: at least max_num_seqs * (1 + k)
     hf_large_batch: int | None = None          # default max_num_seqs
     num_speculative_tokens: int = 4
+    speculative_disable_by_batch_size: int | None = None   # the speculative row: no drafts from this batch on
 
     def __post_init__(self):
         self.hf_batch = kv_budget_batch_size(self.kv_budget_tokens, self.max_model_len)
@@ -94,11 +95,14 @@ def ladder(setup: AblationSetup, *, draft=None) -> list[RowConfig]:
                           features=feats + ("INT8 KV",)))
     if engine_supports(*int8):
         kw, feats = kw | int8, feats + ("INT8 KV",)
-    k = s.num_speculative_tokens
+    k, off = s.num_speculative_tokens, s.speculative_disable_by_batch_size
     spec = dict(speculative_model=draft, num_speculative_tokens=k,
                 # a step must hold 1 + k tokens of every running sequence: a smaller token budget grows to that
                 max_num_batched_tokens=max(s.chunk_tokens, s.max_num_seqs * (1 + k)))
-    rows.append(RowConfig(f"+ speculative (k={k})", "engine", engine_kwargs=kw | spec,
+    if off is not None:
+        spec["speculative_disable_by_batch_size"] = off
+    name = f"+ speculative (k={k})" if off is None else f"+ speculative (k={k}, off from batch {off})"
+    rows.append(RowConfig(name, "engine", engine_kwargs=kw | spec,
                           needs=("speculative_model", "num_speculative_tokens"),
                           features=feats + ("speculative decoding",)))
     return rows

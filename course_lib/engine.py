@@ -78,6 +78,11 @@ class LLMEngine:
                             its K/V get a pool of their own with the same blocks
     num_speculative_tokens  draft tokens per sequence and step (k; 0 = off, the default). The token budget must
                             then hold 1 + k tokens per running sequence (the default does)
+    speculative_disable_by_batch_size
+                            no drafts in a step that starts with this many running sequences or more (vLLM's name;
+                            default None: always speculate). A big batch already fills a step: a verify pass of
+                            1 + k tokens per sequence then costs more than the drafts it accepts save. The draft
+                            model still runs once over such a step's tokens, so that its K/V stay complete
     tokenizer               lets prompts be strings and fills ``.text`` of the outputs
     seed                    seeds the generators of requests without a seed of their own
     """
@@ -87,7 +92,7 @@ class LLMEngine:
                  preemption_mode: str = "recompute", enable_chunked_prefill: bool = True,
                  num_cpu_blocks: int | None = None, kv_cache_dtype: str = "auto", tokenizer=None,
                  use_kernels: bool | None = None, seed: int = 0, speculative_model=None,
-                 num_speculative_tokens: int = 0):
+                 num_speculative_tokens: int = 0, speculative_disable_by_batch_size: int | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -99,6 +104,12 @@ class LLMEngine:
         self.enable_chunked_prefill = bool(enable_chunked_prefill)
         k = self.num_speculative_tokens = check_speculative_config(model, speculative_model, num_speculative_tokens)
         self.speculative_model = speculative_model
+        if speculative_disable_by_batch_size is not None:
+            _positive_int("speculative_disable_by_batch_size", speculative_disable_by_batch_size)
+            if not k:
+                raise ValueError("speculative_disable_by_batch_size needs speculative decoding on "
+                                 "(speculative_model and num_speculative_tokens)")
+        self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(512 if enable_chunked_prefill else self.max_model_len, max_num_seqs * (1 + k))
         self.max_num_batched_tokens = _positive_int("max_num_batched_tokens", max_num_batched_tokens)
@@ -144,7 +155,8 @@ class LLMEngine:
             bm, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=self.enable_chunked_prefill,
             preemption_mode=self.preemption_mode, cpu_block_manager=cpu_bm,
-            num_lookahead_slots=self.num_speculative_tokens)
+            num_lookahead_slots=self.num_speculative_tokens,
+            lookahead_disable_by_batch_size=self.speculative_disable_by_batch_size)
         runner = ModelRunner(self.model, bm, self.pool, self.use_kernels)
         spec = None if self.speculative_model is None else SpecDecodeWorker(
             runner, ModelRunner(self.speculative_model, bm, self.draft_pool, self.use_kernels))

@@ -25,7 +25,8 @@ stalls them for more than one budget's worth of work. Without it a prompt is pre
 **Lookahead slots** (speculative decoding, ``course_lib.spec_decode``): with ``num_lookahead_slots`` = k > 0 a
 chunk that samples also gets up to k slots past the sequence's tokens, where the step writes the K/V of the
 draft tokens it verifies; they count against the token budget (a decode then costs 1 + k). A step may then
-append up to k + 1 tokens to a sequence (``update``).
+append up to k + 1 tokens to a sequence (``update``). With ``lookahead_disable_by_batch_size`` = b, a step that
+starts with b or more running sequences gets no lookahead slots (plain decodes).
 
 The scheduler only does bookkeeping (block ids, token counts). The engine (``course_lib.engine``) runs the
 model on the chunks it returns, copies the swapped blocks, and reports the sampled tokens with ``update``.
@@ -137,7 +138,7 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True, preemption_mode: str = "recompute",
                  cpu_block_manager: BlockManager | None = None, watermark: float = 0.01,
-                 num_lookahead_slots: int = 0):
+                 num_lookahead_slots: int = 0, lookahead_disable_by_batch_size: int | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         if preemption_mode == "swap" and cpu_block_manager is None:
@@ -149,6 +150,8 @@ class Scheduler:
         if not isinstance(num_lookahead_slots, int) or num_lookahead_slots < 0:
             raise ValueError(f"num_lookahead_slots must be an int >= 0, got {num_lookahead_slots!r}")
         self.num_lookahead_slots = num_lookahead_slots     # speculative decoding: draft tokens per step and sequence
+        self.lookahead_disable_by_batch_size = lookahead_disable_by_batch_size   # no drafts from this batch size on
+        self._lookahead_on = True                          # this step's decision (schedule)
         # lesson 05: with a prefix-caching block manager, admissions start on the cached prefix of their tokens
         self.prefix_caching = isinstance(block_manager, PrefixCachingBlockManager)
         # Admission keeps a few blocks free, so that the sequences just admitted can grow a little before
@@ -176,6 +179,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        limit = self.lookahead_disable_by_batch_size       # speculative decoding off for a step of a big batch
+        self._lookahead_on = limit is None or len(self.running) < limit
         # 1. running sequences: decodes first (one token each, so that no prompt chunk can stall them), then the
         #    chunks of prompts being prefilled; oldest first in each group. A victim of preemption is the most
         #    recently arrived of those not yet scheduled in this step.
@@ -310,7 +315,7 @@ class Scheduler:
         one (a step appends up to lookahead + 1 tokens, so its slots stay within min(prompt + max_tokens, context),
         which the engine checked fits the cache); and only from free blocks: speculation never preempts anyone,
         without room the sequence just decodes one token."""
-        if not self.num_lookahead_slots or seq.num_computed_tokens + n < seq.num_tokens:
+        if not (self.num_lookahead_slots and self._lookahead_on) or seq.num_computed_tokens + n < seq.num_tokens:
             return 0
         limit = min(len(seq.prompt_token_ids) + seq.params.max_tokens, self.max_model_len)
         ahead = max(0, min(self.num_lookahead_slots, budget - n, limit - seq.num_tokens - 1))

@@ -145,6 +145,10 @@ def test_ladder_is_cumulative():
     assert engine[4].engine_kwargs["max_num_batched_tokens"] == 128                     # 16 x (1 + 4) fit
     wide = ladder(AblationSetup(512, 4 * 512, max_num_seqs=64), draft=object())
     assert wide[-1].engine_kwargs["max_num_batched_tokens"] == 64 * (1 + 4)             # room for 1 + k per sequence
+    assert "speculative_disable_by_batch_size" not in last
+    paused = ladder(AblationSetup(512, 4 * 512, max_num_seqs=16, speculative_disable_by_batch_size=8), draft=object())
+    assert paused[-1].name == "+ speculative (k=4, off from batch 8)"
+    assert paused[-1].engine_kwargs["speculative_disable_by_batch_size"] == 8
 
 
 def test_missing_engine_keyword_is_reported_not_raised(models):

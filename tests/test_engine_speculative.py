@@ -152,6 +152,23 @@ def test_speculation_takes_fewer_steps(pair, workload):
     assert fast.metrics.speculative.tokens_per_target_forward > 1.5
 
 
+def test_speculation_pauses_while_the_batch_is_big(pair, workload):
+    """speculative_disable_by_batch_size = 4: steps that start with >= 4 running sequences verify no drafts,
+    the others do; the tokens stay the target's greedy tokens."""
+    target, draft, _ = pair
+    prompts, params, reference = workload
+    engine = LLMEngine(target, max_num_seqs=8, speculative_model=draft, num_speculative_tokens=3,
+                       speculative_disable_by_batch_size=4)
+    assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == reference
+    steps = engine.metrics.steps
+    running_before = [0] + [s.num_running for s in steps[:-1]]         # the batch a step starts with (approximately:
+    big = [s for s, n in zip(steps, running_before) if n >= 8]         # the previous step's, before finishes/admissions)
+    small = [s for s, n in zip(steps, running_before) if n <= 2]
+    assert big and all(s.num_draft_tokens == 0 for s in big)
+    assert small and any(s.num_draft_tokens > 0 for s in small)
+    assert_all_blocks_back(engine)
+
+
 # ---------------------------------------------------------------- prefix caching: both models' K/V in a cached block
 def assert_cached_blocks_hold_both_models_kv(engine: LLMEngine) -> None:
     """Every block of the prefix cache holds, in the target's pool and in the draft's, the K/V that a fresh run
@@ -449,6 +466,9 @@ def _with_config(model: Llama, **changes) -> Llama:
                                      num_speculative_tokens=2)),
     ("max_num_batched_tokens", dict(speculative_model=MICRO_DRAFT, num_speculative_tokens=4, max_num_seqs=8,
                                     max_num_batched_tokens=16)),
+    ("speculative_disable_by_batch_size", dict(speculative_model=MICRO_DRAFT, num_speculative_tokens=2,
+                                               speculative_disable_by_batch_size=0)),
+    ("speculative_disable_by_batch_size", dict(speculative_disable_by_batch_size=4)),
 ])
 def test_bad_arguments_name_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
