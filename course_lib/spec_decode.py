@@ -178,13 +178,7 @@ class SpecDecodeWorker:
             out = rejection_sample(drafted, q, p, seq.generator)
             tested = min(len(out), k)                                                 # accepted + the rejected one
             accept_prob = float(torch.minimum(p[:tested], q[:tested]).sum())
-        n = len(out) - 1
-        stats.target_forwards += 1
-        stats.proposed += k
-        stats.accepted += n
-        stats.rejected += int(n < k)
-        stats.accept_prob_sum += accept_prob
-        stats.accepted_per_round.append(n)
+        stats.record_round(k, len(out) - 1, accept_prob)
         return out
 
 

@@ -108,6 +108,16 @@ class SpeculativeStats:
     accept_prob_sum: float = 0.0  # Σ_x min(p(x), q(x)) over every tested position: the exact acceptance odds
     accepted_per_round: list[int] = field(default_factory=list)
 
+    def record_round(self, num_proposed: int, num_accepted: int, accept_prob: float) -> None:
+        """One verification: num_proposed drafts, num_accepted of them kept (the round ended in a rejection if
+        fewer than all), accept_prob = Σ min(p, q) over the tested positions; one target forward pass."""
+        self.target_forwards += 1
+        self.proposed += num_proposed
+        self.accepted += num_accepted
+        self.rejected += int(num_accepted < num_proposed)
+        self.accept_prob_sum += accept_prob
+        self.accepted_per_round.append(num_accepted)
+
     @property
     def acceptance_rate(self) -> float:
         """α: accepted / tested draft tokens (the tokens after a rejection are never tested)."""
@@ -171,13 +181,7 @@ def speculative_step(target, draft, tokens: list[int], target_cache: KVCache, dr
         tested = min(len(out), gamma)  # the accepted positions and the rejected one
         accept_prob = float(torch.minimum(p[:tested], q[:tested]).sum())
 
-    n = len(out) - 1
-    stats.target_forwards += 1
-    stats.proposed += gamma
-    stats.accepted += n
-    stats.rejected += int(n < gamma)
-    stats.accept_prob_sum += accept_prob
-    stats.accepted_per_round.append(n)
+    stats.record_round(gamma, len(out) - 1, accept_prob)
     rollback(target_cache, draft_cache, len(tokens) + len(out))
     return out
 

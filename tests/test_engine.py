@@ -67,6 +67,17 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
         assert s.cpu_block_manager.num_free_blocks == engine.num_cpu_blocks and not s.cpu_block_manager.block_tables
 
 
+def assert_preemptions(engine: LLMEngine, expected: str | None) -> None:
+    """The run's preemptions: only by `expected` ("recompute" or "swap"), by both ("both"), or none (None)."""
+    counts = engine.metrics.preemptions
+    if expected in ("recompute", "swap"):
+        assert counts[expected] > 0 and sum(counts.values()) == counts[expected], counts
+    elif expected == "both":
+        assert counts["recompute"] > 0 and counts["swap"] > 0, counts
+    else:
+        assert sum(counts.values()) == 0, counts
+
+
 # ---------------------------------------------------------------- greedy == alone, without a cache
 ENGINE_SETUPS = {
     "ample memory, chunked prefill": (dict(max_num_seqs=8), None),
@@ -92,13 +103,7 @@ def test_greedy_equals_decoding_alone_without_cache(tiny, workload, setup):
     outputs = engine.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == reference
     assert all(o.ok and o.outputs[0].finish_reason == "length" for o in outputs)
-    counts = engine.metrics.preemptions
-    if preempts in ("recompute", "swap"):
-        assert counts[preempts] > 0 and sum(counts.values()) == counts[preempts], counts
-    elif preempts == "both":
-        assert counts["recompute"] > 0 and counts["swap"] > 0, counts
-    else:
-        assert sum(counts.values()) == 0
+    assert_preemptions(engine, preempts)
     assert_all_blocks_free(engine)
     # every step respects the token budget and the batch size
     assert all(s.num_prefill_tokens + s.num_decode_tokens <= engine.max_num_batched_tokens for s in engine.metrics.steps)

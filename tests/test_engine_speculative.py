@@ -24,6 +24,7 @@ from course_lib.kv_cache import KVCache
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.prefix_workloads import shared_prompt_requests
 from course_lib.sampling import SamplingParams, filter_logits
+from test_engine import assert_preemptions
 from test_speculative import chi_square_threshold   # the χ² quantile of lesson 06's test (Wilson–Hilferty)
 
 
@@ -127,13 +128,7 @@ def test_greedy_equals_the_targets_greedy_tokens(pair, workload, setup):
     outputs = engine.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outputs] == reference
     assert all(o.ok and o.outputs[0].finish_reason == "length" for o in outputs)
-    counts = engine.metrics.preemptions
-    if preempts in ("recompute", "swap"):
-        assert counts[preempts] > 0 and sum(counts.values()) == counts[preempts], counts
-    elif preempts == "both":
-        assert counts["recompute"] > 0 and counts["swap"] > 0, counts
-    else:
-        assert sum(counts.values()) == 0
+    assert_preemptions(engine, preempts)
     assert_all_blocks_back(engine)
     assert_budget_and_stats(engine)
     stats = engine.metrics.speculative
