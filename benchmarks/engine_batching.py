@@ -23,10 +23,6 @@ of each engine over the trace is a warm-up (Triton compilation and autotuning, a
 """
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,16 +30,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from course_lib import load_tiny  # noqa: E402
 from course_lib.device import HAS_GPU  # noqa: E402
 from course_lib.engine import LLMEngine  # noqa: E402
-from course_lib.roofline import RESULTS_DIR  # noqa: E402
 from course_lib.static_batching import StaticBatchEngine  # noqa: E402
 from course_lib.workloads import (long_prompt_trace, multimodal_prompt, sharegpt_trace,  # noqa: E402
                                   with_context_length)
-from roofline import device_name, slug  # noqa: E402
+import record  # noqa: E402
+from roofline import device_name  # noqa: E402
 
 
 def config(quick: bool) -> dict:
@@ -60,17 +55,8 @@ def run(engine, trace) -> tuple[dict, list]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the model is tiny, and one thread is as fast and far "
-                             "steadier when other processes share the cores)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output JSON (default: benchmarks/results/batching_<device>.json)")
-    args = parser.parse_args(argv)
+    args = record.parse_args(__doc__, "batching", "fewer requests", argv)
     cfg = config(args.quick)
-    if not HAS_GPU:
-        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     name = device_name()
     model, tokenizer = load_tiny("target")
@@ -138,13 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{1e3 * max(gaps):.1f} ms, its TTFT {1e3 * outputs[-1].metrics.ttft:.1f} ms", flush=True)
 
     result = dict(
-        benchmark="engine_batching", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda if HAS_GPU else None, dtype=str(model.dtype).removeprefix("torch."),
-        torch_threads=torch.get_num_threads(), quick=args.quick,
-        kernels="Triton (compiled)" if HAS_GPU else "plain-torch references (CPU)",
-        command=" ".join(["python", "benchmarks/engine_batching.py", *(argv if argv is not None else sys.argv[1:])]),
+        **record.provenance("engine_batching", "benchmarks/engine_batching.py", argv, model.dtype, args.quick),
         model="course_lib tiny-target (5.4M parameters, context 512)",
         trace=dict(description=offline.description, num_requests=len(offline), scale=cfg["scale"],
                    mean_prompt=float(offline.prompt_lens.mean()), mean_output=float(offline.output_lens.mean()),
@@ -161,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         long_prompt=dict(prompt_tokens=len(prompt), decoders=cfg["decoders"], decode_len=cfg["decode_len"], **res_long),
         total_seconds=time.perf_counter() - t_start,
     )
-    out_path = args.out or RESULTS_DIR / f"batching_{slug(name)}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    out_path = record.write(result, "batching", args.out)
     print(f"wrote {out_path} ({result['total_seconds']:.0f} s)")
     return result
 

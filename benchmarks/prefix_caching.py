@@ -22,10 +22,6 @@ the workload once untimed (Triton compilation, autotuning, allocator), then its 
 """
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,16 +29,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from course_lib import load_tiny  # noqa: E402
 from course_lib.device import HAS_GPU  # noqa: E402
 from course_lib.engine import LLMEngine  # noqa: E402
 from course_lib.prefix_workloads import chat_conversations, shared_prompt_requests  # noqa: E402
-from course_lib.roofline import RESULTS_DIR  # noqa: E402
 from course_lib.sampling import SamplingParams  # noqa: E402
 from course_lib.workloads import poisson_arrivals  # noqa: E402
-from roofline import device_name, slug  # noqa: E402
+import record  # noqa: E402
+from roofline import device_name  # noqa: E402
 
 KEYS = ("num_prompt_tokens", "num_cached_tokens", "prefix_cache_hit_rate", "num_prefill_tokens", "num_output_tokens",
         "elapsed_s", "throughput_tok_s", "num_steps", "ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean", "tpot_p50",
@@ -122,17 +117,8 @@ def chat(engines: dict, cfg: dict, tokenizer, warm_up: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer requests and conversations")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: the model is tiny, and one thread is as fast and far "
-                             "steadier when other processes share the cores)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output JSON (default: benchmarks/results/prefix_caching_<device>.json)")
-    args = parser.parse_args(argv)
+    args = record.parse_args(__doc__, "prefix_caching", "fewer requests and conversations", argv)
     cfg = config(args.quick)
-    if not HAS_GPU:
-        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     name = device_name()
     model, tokenizer = load_tiny("target")
@@ -159,21 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"shared {shared['outputs_identical']}, chat {multi['outputs_identical']}", flush=True)
 
     result = dict(
-        benchmark="prefix_caching", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda if HAS_GPU else None, dtype=str(model.dtype).removeprefix("torch."),
-        torch_threads=torch.get_num_threads(), quick=args.quick,
-        kernels="Triton (compiled)" if HAS_GPU else "plain-torch references (CPU)",
-        command=" ".join(["python", "benchmarks/prefix_caching.py", *(argv if argv is not None else sys.argv[1:])]),
+        **record.provenance("prefix_caching", "benchmarks/prefix_caching.py", argv, model.dtype, args.quick),
         model="course_lib tiny-target (5.4M parameters, context 512)", config=cfg,
         block_size=engines["prefix_cache"].block_size, num_blocks=engines["prefix_cache"].num_blocks,
         timing="engine clock: measured wall time of every step (CUDA synchronized), idle time skipped; "
                + ("one untimed warm-up pass per engine, then the prefix cache emptied" if HAS_GPU else "no warm-up"),
         shared_prompt=shared, chat=multi, total_seconds=time.perf_counter() - t_start)
-    out_path = args.out or RESULTS_DIR / f"prefix_caching_{slug(name)}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    out_path = record.write(result, "prefix_caching", args.out)
     print(f"wrote {out_path} ({result['total_seconds']:.0f} s)")
     return result
 

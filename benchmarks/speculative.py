@@ -13,10 +13,6 @@ and, greedy, whether the tokens equal the target's own greedy tokens. Writes
 """
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,16 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 from course_lib import load_tiny  # noqa: E402
 from course_lib.corpus import load_text  # noqa: E402
 from course_lib.device import DEVICE, HAS_GPU  # noqa: E402
 from course_lib.generate import generate  # noqa: E402
 from course_lib.kv_cache import KVCache  # noqa: E402
-from course_lib.roofline import RESULTS_DIR  # noqa: E402
 from course_lib.speculative import expected_speedup, expected_tokens_per_step, speculative_generate  # noqa: E402
-from roofline import device_name, slug  # noqa: E402
+import record  # noqa: E402
+from roofline import device_name  # noqa: E402
 
 
 def config(quick: bool) -> dict:
@@ -77,17 +72,8 @@ def forward_ms(model, num_tokens: int, context: int, reps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer prompts and tokens")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: these models are tiny, and one thread is faster "
-                             "and far steadier when other processes share the cores)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output JSON (default: benchmarks/results/speculative_<device>.json)")
-    args = parser.parse_args(argv)
+    args = record.parse_args(__doc__, "speculative", "fewer prompts and tokens", argv)
     cfg = config(args.quick)
-    if not HAS_GPU:
-        torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     name = device_name()
     target, tokenizer = load_tiny("target")
@@ -154,12 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"T={temperature}: target alone {runs[-1]['baseline_tokens_per_s']:.1f} tok/s", flush=True)
 
     result = dict(
-        benchmark="speculative", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
-        cuda=torch.version.cuda if HAS_GPU else None, dtype=str(target.dtype).removeprefix("torch."),
-        torch_threads=torch.get_num_threads(), quick=args.quick,
-        command=" ".join(["python", "benchmarks/speculative.py", *(argv if argv is not None else sys.argv[1:])]),
+        **record.provenance("speculative", "benchmarks/speculative.py", argv, target.dtype, args.quick, engine=False),
         models=dict(target="course_lib tiny-target (5.4M parameters)", draft="course_lib tiny-draft (0.9M parameters)"),
         workload=dict(batch_size=1, num_prompts=len(batch), prompt_tokens=cfg["prompt_len"], new_tokens=N,
                       prompts="evenly spaced windows of the validation text"),
@@ -171,9 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
                         verify_cost={str(g): t_target[g + 1] / t_target[1] for g in cfg["gammas"]}),
         runs=runs, total_seconds=time.perf_counter() - t_start,
     )
-    out_path = args.out or RESULTS_DIR / f"speculative_{slug(name)}.json"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    out_path = record.write(result, "speculative", args.out)
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
     return result
 

@@ -1,0 +1,60 @@
+"""What every engine benchmark shares: its command line (--quick, --threads, --out), the run's provenance (device,
+versions, date, command) and writing the result to ``benchmarks/results/<name>_<device-slug>.json``."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
+import triton
+
+from course_lib.device import HAS_GPU
+from course_lib.roofline import RESULTS_DIR
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import device_name, slug  # noqa: E402
+
+
+def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None) -> argparse.Namespace:
+    """--quick, --threads (set here on a CPU), --out (default benchmarks/results/<name>_<device>.json)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: the models are tiny, and one thread is as fast and far "
+                             "steadier when other processes share the cores)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output JSON (default: benchmarks/results/{name}_<device>.json)")
+    args = parser.parse_args(argv)
+    if not HAS_GPU:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def provenance(benchmark: str, script: str, argv: list[str] | None, dtype: torch.dtype, quick: bool, *,
+               engine: bool = True) -> dict:
+    """Device, versions, date, dtype, threads and the command line of this run (and, for an engine benchmark, which
+    attention kernels the engine ran)."""
+    name = device_name()
+    info = dict(
+        benchmark=benchmark, device=name, device_slug=slug(name),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+        cuda=torch.version.cuda if HAS_GPU else None, dtype=str(dtype).removeprefix("torch."),
+        torch_threads=torch.get_num_threads(), quick=quick,
+        command=" ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]))
+    if engine:
+        info["kernels"] = "Triton (compiled)" if HAS_GPU else "plain-torch references (CPU)"
+    return info
+
+
+def write(result: dict, name: str, out: Path | None) -> Path:
+    """Write result as JSON to out, or to benchmarks/results/<name>_<device-slug>.json."""
+    path = out or RESULTS_DIR / f"{name}_{result['device_slug']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
