@@ -154,6 +154,32 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, 
     return max(1, min(wanted, max_context_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
 
 
+#: A split plan "fills its waves" when the last wave of programs keeps at least this share of the GPU's slots busy.
+WAVE_FILL = 0.9
+
+
+def choose_num_splits_in_waves(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int,
+                               resident_per_sm: int) -> int:
+    """Splits per sequence for a kernel of which ``resident_per_sm`` programs fit on one SM at once (its registers
+    decide): the fewest splits whose programs fill whole waves of the GPU's ``resident_per_sm * num_sms`` slots.
+
+    Programs of equal length run in waves: 1,024 programs on 528 slots take two waves, the second half empty,
+    so 4 splits of a 256-program batch run slower than 2 (measured on an H200 with the INT8 kernel: B = 32, 8k:
+    2 splits 0.75x the FP16 time, 3 splits 0.97x, 4 splits 0.77x; ``int8_split_sweep_nvidia-h200_2026-11-28.json``).
+    """
+    programs = batch_size * num_kv_heads
+    slots = resident_per_sm * num_sms
+    most = max(1, min(max_context_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
+    if programs >= slots:
+        return 1
+
+    def fill(splits: int) -> float:   # share of the slots busy, averaged over the waves
+        n = programs * splits
+        return n / (math.ceil(n / slots) * slots)
+
+    return next((s for s in range(1, most + 1) if fill(s) >= WAVE_FILL), max(range(1, most + 1), key=fill))
+
+
 def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
                     ("context_lens", context_lens)):
@@ -199,9 +225,11 @@ def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
 
 
 def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int | None,
-                max_context_len: int | None, block_n: int, programs_per_sm: int = PROGRAMS_PER_SM) -> tuple[int, int, int]:
+                max_context_len: int | None, block_n: int, programs_per_sm: int = PROGRAMS_PER_SM,
+                resident_per_sm: int | None = None) -> tuple[int, int, int]:
     """Host-side checks and the split-K plan of a paged decode call: (max_context_len, num_splits,
-    tokens_per_split). Shared by the FP16 and the INT8 kernels (which aim at more programs per SM)."""
+    tokens_per_split). Shared by the FP16 kernel (``choose_num_splits``: >= programs_per_sm programs per SM) and
+    the INT8 kernel (``resident_per_sm`` given: ``choose_num_splits_in_waves``)."""
     B = q.shape[0]
     capacity = block_tables.shape[1] * P
     if max_context_len is None:
@@ -216,7 +244,10 @@ def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int
     if B == 0:
         return max_context_len, 1, block_n
     if num_splits is None:
-        num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device), programs_per_sm)
+        if resident_per_sm:
+            num_splits = choose_num_splits_in_waves(B, Hkv, max_context_len, _num_sms(q.device), resident_per_sm)
+        else:
+            num_splits = choose_num_splits(B, Hkv, max_context_len, _num_sms(q.device), programs_per_sm)
     # Every split covers a whole number of tiles; with the rounding there may be fewer splits than asked.
     tokens_per_split = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), block_n) * block_n
     return max_context_len, triton.cdiv(max(max_context_len, 1), tokens_per_split), tokens_per_split

@@ -23,10 +23,13 @@ could mean about half the time — if the dequantization costs (almost) nothing.
 
 Codes are exact small integers in fp16 / bf16 / fp32 (FP8 codes too), so the only error is the quantization's.
 
-Measured on an H200 (``benchmarks/results/kv_quant_nvidia-h200.json``, B = 32/64, contexts 1k-32k): see lesson 07.
-The previous version (one re-interleaved tile, Triton's pipelining, 4 warps) took 0.85-0.96x the FP16 time at
->= 8k; this one about 0.65-0.75x in the experiment that chose it (2026-11-28, H200). The 8-bit data still moves
-at ~2.8 TB/s where the FP16 kernel reads ~4.3: per byte, the unpacking and the per-tile work cost instructions.
+Recorded by ``benchmarks/kv_quant.py`` (B = 32/64, contexts 8k-32k, 2026-11-28): 0.56-0.58x the FP16 kernel's time
+on an H100, 0.74-0.76x on an H200, whose faster HBM leaves the per-byte instructions exposed: the 8-bit data moves
+at 2.5-2.7 TB/s (H100) and 2.8-3.1 TB/s (H200), where the FP16 kernel reads 2.9-3.0 and 4.2-4.45. What did not help
+(``benchmarks/int8_kernel_sweep.py``, results in ``benchmarks/results/int8_*_sweep_*.json``): one ``[BLOCK_N, D]``
+int8 tile per load with Triton's pipelining (0.85-1.0x), K through int8 tensor-core dots with a quantized q, fewer
+registers for more programs per SM, L2 prefetches further ahead. What did: choosing split-K so that the programs
+fill whole waves (``RESIDENT_PER_SM``).
 """
 from __future__ import annotations
 
@@ -46,9 +49,11 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: interpreter uses the same math in Triton ops); FAST_I2F: the fp16 bit trick. The fastest of 34 configurations
 #: timed on an H200 (B = 8-64, contexts 8k-32k; 2 warps beat 4 and 8, BLOCK_N 64 beat 32 and 128).
 CONFIG = dict(BLOCK_N=64, num_warps=2, num_stages=1, ASM=True, FAST_I2F=True)
-#: Split-K aims at this many programs per SM (lesson 02's FP16 kernel: 3): an INT8 program moves half the bytes
-#: per tile, so it takes more of them to keep enough loads in flight (H100/H200 sweeps: 2 splits at B = 32, 8k).
-PROGRAMS_PER_SM = 6
+#: Programs of this kernel that fit on one SM at once: its registers decide (~241 per thread at CONFIG, 2 warps:
+#: 4 programs, from Nsight Compute on an H200). Split-K chooses the fewest splits that fill whole waves of
+#: 4 x num_sms programs (``choose_num_splits_in_waves``); giving the kernel fewer registers (maxnreg 128/168,
+#: 4 warps, no V prefetch) for more programs per SM made it slower (``int8_regs_sweep_nvidia-h200_2026-11-28.json``).
+RESIDENT_PER_SM = 4
 
 
 @triton.jit
@@ -198,10 +203,10 @@ def _paged_attention_int8_kernel(
         s = _dot(q1, tl.trans(k1), s, IEEE_FP32)
         s = _dot(q2, tl.trans(k2), s, IEEE_FP32)
         s = _dot(q3, tl.trans(k3), s, IEEE_FP32)                                          # [G, BLOCK_N]
-        s = s * k_scale.to(tl.float32)[None, :]
+        s = s * (k_scale.to(tl.float32) * sm_scale_log2e)[None, :]     # one multiply per score: both scales
         if HAS_ZERO:
-            s += q_sum[:, None] * tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[None, :]
-        s = tl.where(t_mask[None, :], s * sm_scale_log2e, float("-inf"))
+            s += q_sum[:, None] * (tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32) * sm_scale_log2e)[None, :]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))   # finite: every tile has >= 1 valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -300,7 +305,8 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     B, Hq, D = q.shape
     N, P, Hkv, _ = k_cache.shape
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
-                                                                max_context_len, CONFIG["BLOCK_N"], PROGRAMS_PER_SM)
+                                                                max_context_len, CONFIG["BLOCK_N"],
+                                                                resident_per_sm=RESIDENT_PER_SM)
     out = torch.empty_like(q)
     if B == 0:
         return out
