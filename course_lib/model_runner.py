@@ -11,7 +11,9 @@ multiply over the T tokens. Attention is the only per-sequence part; ``StepBatch
   reading each sequence's K/V through its block table;
 * each prefill chunk on its own: its queries attend causally to the sequence's K/V gathered from its blocks
   (cached prefix + the chunk itself), with ``kernels.flash_attention`` (lesson 03), whose causal mask is
-  aligned bottom-right for exactly this case: queries that are the last Sq of Skv positions.
+  aligned bottom-right for exactly this case: queries that are the last Sq of Skv positions. With a fixed
+  launch config (``serving_config``): lesson 03's autotuning would compile and time configs for every new
+  length bucket in the middle of serving.
 
 Before attending, every layer writes the step's new K/V into their slots with ``kernels.store_kv``. The K/V live
 in a pool of blocks (``course_lib.kv_pool``): in the model's dtype, or as 8-bit codes plus scales
@@ -24,13 +26,12 @@ from __future__ import annotations
 
 import torch
 
-import kernels
 from course_lib.attention import attention
 from course_lib.block_manager import BlockManager
 from course_lib.device import INTERPRET
 from course_lib.kv_pool import KVPool, paged_decode_attention_torch  # noqa: F401  (the engine's pools live there)
 from course_lib.scheduler import ScheduledChunk
-from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES
+from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES, _flash_attention, serving_config
 
 
 class StepBatch:
@@ -87,7 +88,7 @@ class StepBatch:
     def _prefill_attention(self, q, k, v):
         dtypes = INTERPRETER_DTYPES if INTERPRET else GPU_DTYPES
         if self.use_kernels and q.shape[-1] in HEAD_DIMS and q.dtype in dtypes:   # else: the plain attention
-            return kernels.flash_attention(q, k, v, causal=True)
+            return _flash_attention(q, k, v, causal=True, config=serving_config(q.shape[2]))   # no autotuning
         return attention(q, k, v, causal=True)
 
     def advance(self, num_tokens: int) -> None:
