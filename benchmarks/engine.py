@@ -4,6 +4,7 @@
     python -m benchmarks.engine                      # GPU: the full run (tiny model, bf16; see --time-limit)
     python -m benchmarks.engine --model PATH         # any local HF LLaMA / Qwen2 checkpoint folder (+ --draft PATH)
     python -m benchmarks.engine --config llama-1b    # a random-init LLaMA-3.2-1B-shaped model, saved to a temp folder
+    python -m benchmarks.engine --merge A.json B.json   # one result from per-workload runs (--workloads X --out A.json)
 
 Prints, for each workload of ``course_lib.capstone_workloads`` (chat, multi-turn, long chain-of-thought,
 multimodal-style long prefills; lengths scale with the model's context), the ablation table of
@@ -112,6 +113,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="output JSON (default benchmarks/results/engine_<device>.json)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="instead of running: merge results of the same setup on different workloads into one "
+                        "(--out, default engine_<device>.json)")
     return p.parse_args(argv)
 
 
@@ -163,6 +167,8 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.merge:
+        return merge_main(args.merge, args.out)
     t_start = time.perf_counter()
     if not HAS_GPU:
         torch.set_num_threads(args.threads)
@@ -246,24 +252,71 @@ def main(argv: list[str] | None = None) -> dict:
             save()
 
     result["complete"] = True
-    rel = ratios(result["rows"])
+    result["headline"] = headline_of(result["rows"])
+    save()
+    report(result, out_path)
+    return result
+
+
+def headline_of(rows: list[dict]) -> dict:
+    """Per workload: the row with every feature and the fastest engine row, each as a multiple of HF's throughput."""
     headline = {}
-    for w, r in rel.items():
-        engine_rows = [row for row in result["rows"] if row["workload"] == w and row["kind"] == "engine"
-                       and row["status"] == "ok"]
+    for w, r in ratios(rows).items():
+        engine_rows = [row for row in rows if row["workload"] == w and row["kind"] == "engine" and row["status"] == "ok"]
         if engine_rows:
             best = max(engine_rows, key=lambda row: row["throughput_tok_s"])
             headline[w] = dict(all_features=engine_rows[-1]["config"], all_features_x_hf=r[engine_rows[-1]["config"]],
                                best=best["config"], best_x_hf=r[best["config"]])
-    result["headline"] = headline
-    save()
+    return headline
+
+
+def report(result: dict, out_path: Path) -> None:
     print()
     print(format_table(result["rows"]))
     print()
-    for w, h in headline.items():
+    for w, h in result["headline"].items():
         print(f"{w}: all features ({h['all_features']}) {h['all_features_x_hf']:.1f}x transformers' generate(); "
               f"best row ({h['best']}) {h['best_x_hf']:.1f}x")
     print(f"wrote {out_path} ({result['total_seconds']:.0f} s)")
+
+
+#: Fields that must agree for runs to be merged into one result (the time limit and the workloads may differ).
+SAME_SETUP = ("benchmark", "device", "python", "torch", "triton", "transformers", "cuda", "dtype", "quick", "kernels", "model")
+
+
+def merge(records: list[dict]) -> dict:
+    """One result from runs of the same setup on different workloads (e.g. one workload per GPU of a host, with
+    ``--workloads X --out ...``): rows, workloads, ratios and headline together; ``parts`` keeps each run's
+    command, date and duration. Raises ValueError if the runs differ in device, versions, dtype or model, or in
+    the config (KV budget, batch sizes), or repeat a workload."""
+    if not records:
+        raise ValueError("nothing to merge")
+    first = records[0]
+    config = lambda r: {k: v for k, v in r["config"].items() if k != "time_limit_s"}  # noqa: E731
+    for r in records[1:]:
+        for key in SAME_SETUP:
+            if r.get(key) != first.get(key):
+                raise ValueError(f"cannot merge: '{key}' differs ({first.get(key)!r} vs {r.get(key)!r})")
+        if config(r) != config(first):
+            raise ValueError(f"cannot merge: the configs differ ({config(first)} vs {config(r)})")
+    workloads = [w for r in records for w in r["workloads"]]
+    if len(set(workloads)) != len(workloads):
+        raise ValueError(f"cannot merge: a workload appears in more than one run ({workloads})")
+    rows = [row for r in records for row in r["rows"]]
+    return dict(
+        first, date=max(r["date"] for r in records), command=" ; ".join(r["command"] for r in records),
+        workloads={w: d for r in records for w, d in r["workloads"].items()}, rows=rows,
+        complete=all(r.get("complete") for r in records) and all(row["status"] == "ok" for row in rows),
+        ratios_to_hf=ratios(rows), headline=headline_of(rows), total_seconds=sum(r["total_seconds"] for r in records),
+        parts=[dict(command=r["command"], date=r["date"], total_seconds=r["total_seconds"],
+                    workloads=list(r["workloads"])) for r in records])
+
+
+def merge_main(paths: list[Path], out: Path | None) -> dict:
+    result = merge([json.loads(p.read_text()) for p in paths])
+    out = out or RESULTS_DIR / f"engine_{result['device_slug']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, out)
     return result
 
 

@@ -3,6 +3,7 @@
 # skips). Run from the repository root:
 #     bash benchmarks/gpu_all.sh            # logs and result files go to $OUT (default /tmp/gpu_all)
 #     PART=checks bash benchmarks/gpu_all.sh; PART=engines bash benchmarks/gpu_all.sh   # the same in two halves
+#     PART=ablation ...; PART=tests ...   # the capstone ablation by workload; the tests file by file (see below)
 # Benchmarks record their timings under benchmarks/results/; the tests, nbval over the notebooks and the grader
 # run compiled. On 4 GPUs the streams below run side by side, one GPU each.
 # A machine without Jupyter needs the wheels of ../shared/tools/device-wheels.sh in .whl/ (installed here).
@@ -72,6 +73,59 @@ engines_prefix() { step bench_prefix 200 "$1" python3 benchmarks/prefix_caching.
 engines_capstone_1b() {   # the capstone on a 1.2 B-parameter LLaMA shape (random weights, the same for both systems)
   step bench_engine_1b 300 "$1" python3 -m benchmarks.engine --config llama-1b --workloads chat --num-requests 64 \
     --time-limit 240 --out "benchmarks/results/engine_llama-1b_$gpu_slug.json"; }
+
+WORKLOAD_LIST=(chat multi-turn long-cot multimodal)
+# PART=ablation,kvquant,quickchecks,tests (any of them, comma-separated): jobs that any free GPU takes in turn, so they
+# spread over however many GPUs there are. ablation: the capstone's ablation, one job and one JSON per workload;
+# kvquant: the INT8 KV benchmark; tests: nbval + the grader, and the compiled test suite one file at a time
+# (in TEST_JOBS jobs, so a slow file neither hides the others' results nor runs past the slot).
+ablation_job() { step "engine_$1" "${T_ABLATION:-280}" "$2" python3 -m benchmarks.engine --workloads "$1" \
+                   --time-limit "${ABLATION_LIMIT:-240}" --out "benchmarks/results/engine_${1}_$gpu_slug.json"; }
+kvquant_job() { step bench_kv_quant 240 "$1" python3 benchmarks/kv_quant.py; }
+notebooks_job() { step nbval "${T_NBVAL:-300}" "$1" python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax \
+                    --nbval-current-env notebooks/ solutions/
+                  step grade "${T_GRADE:-150}" "$1" python3 -m course_lib.grade solutions/ --require-full; }
+testfiles_job() {   # $1 of $2: every $2-th test file from the $1-th; $3: GPU
+  local i=0 f
+  for f in tests/test_*.py; do
+    [ $((i % $2)) -eq "$1" ] && step "pytest_$(basename "$f" .py)" "${T_TESTFILE:-200}" "$3" \
+      python3 -m pytest -q -p no:cacheprovider --tb=short -rf "$f"
+    i=$((i + 1))
+  done
+}
+quickchecks_job() {   # the test files and lessons that changed since the last full GPU run ($QUICK_TESTS, $QUICK_NBS)
+  step pytest_quick "${T_QUICK:-240}" "$1" python3 -m pytest -q -p no:cacheprovider --tb=short -rf ${QUICK_TESTS:-tests}
+  step nbval_quick "${T_QUICK:-240}" "$1" python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax --nbval-current-env \
+    ${QUICK_NBS:-notebooks}; }
+run_jobs() {        # run_jobs "job args" ...: each GPU takes the next job when it is free (the GPU is appended)
+  local jobs=("$@") q=$OUT/.queue d pids=()
+  echo 0 > "$q"
+  for ((d = 0; d < (gpus < 1 ? 1 : gpus); d++)); do
+    ( while :; do
+        until mkdir "$q.lock" 2> /dev/null; do sleep 0.1; done
+        i=$(cat "$q"); echo $((i + 1)) > "$q"; rmdir "$q.lock"
+        [ "$i" -lt ${#jobs[@]} ] || break
+        eval "${jobs[$i]} $d"
+      done ) & pids+=($!)
+  done
+  wait "${pids[@]}"; rm -f "$q"
+}
+if [[ ",${PART:-all}," =~ ,(ablation|kvquant|tests|quickchecks), ]]; then
+  jobs=()
+  [[ ",$PART," == *,ablation,* ]] && jobs+=("ablation_job ${WORKLOAD_LIST[0]}")   # chat: the longest first
+  [[ ",$PART," == *,kvquant,* ]] && jobs+=("kvquant_job")
+  [[ ",$PART," == *,quickchecks,* ]] && jobs+=("quickchecks_job")
+  [[ ",$PART," == *,ablation,* ]] && for w in "${WORKLOAD_LIST[@]:1}"; do jobs+=("ablation_job $w"); done
+  [[ ",$PART," == *,tests,* ]] && for ((k = 0; k < ${TEST_JOBS:-3}; k++)); do jobs+=("testfiles_job $k ${TEST_JOBS:-3}"); done \
+    && jobs+=("notebooks_job")
+  run_jobs "${jobs[@]}"
+  if [[ ",$PART," == *,ablation,* ]]; then   # the four workloads' results as one (engine_<device>.json)
+    parts=(); for w in "${WORKLOAD_LIST[@]}"; do parts+=("benchmarks/results/engine_${w}_$gpu_slug.json"); done
+    python3 -m benchmarks.engine --merge "${parts[@]}" > "$OUT/merge.log" 2>&1 && rm -f "${parts[@]}" "$OUT"/engine_*_"$gpu_slug".json \
+      && cp "benchmarks/results/engine_$gpu_slug.json" "$OUT/"; tail -n 6 "$OUT/merge.log"
+  fi
+  rm -f "$OUT/.start"; echo done; exit 0
+fi
 
 if [ "${PART:-all}" != engines ]; then
   [ "$gpus" -ge 4 ] || parallel_checks 0,1
