@@ -172,10 +172,16 @@ def _bench():
     return importlib.import_module("benchmarks.engine")
 
 
-def test_benchmark_quick_machinery(tmp_path):
-    out = tmp_path / "engine.json"
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "engine.json"
     result = _bench().main(["--quick", "--num-requests", "3", "--workloads", "chat,multimodal", "--dtype", "float32",
                             "--out", str(out)])
+    return result, out
+
+
+def test_benchmark_quick_machinery(quick_run):
+    result, out = quick_run
     assert json.loads(out.read_text()) == result and result["complete"]
     for key in ("device", "date", "torch", "triton", "transformers", "config", "workloads", "rows", "ratios_to_hf"):
         assert key in result, key
@@ -191,6 +197,28 @@ def test_benchmark_quick_machinery(tmp_path):
                 assert r["same_tokens_as_hf"] == 1.0, r["config"]     # float32: the very same tokens
     assert result["ratios_to_hf"]["chat"][rows[0]["config"]] == 1.0
     assert result["headline"]["chat"]["all_features"] == rows[7]["config"] or rows[7]["status"] != "ok"
+
+
+def test_merge_puts_per_workload_runs_back_together(quick_run):
+    """Runs of one setup on different workloads (one per GPU) merge into the result of one run of both."""
+    result, _ = quick_run
+    bench = _bench()
+    parts = []
+    for w in ("chat", "multimodal"):
+        rows = [r for r in result["rows"] if r["workload"] == w]
+        parts.append(dict(result, workloads={w: result["workloads"][w]}, rows=rows, command=f"run {w}",
+                          ratios_to_hf=bench.ratios(rows), headline=bench.headline_of(rows), total_seconds=1.0))
+    merged = bench.merge(parts)
+    assert merged["rows"] == result["rows"] and merged["workloads"] == result["workloads"]
+    assert merged["ratios_to_hf"] == result["ratios_to_hf"] and merged["headline"] == result["headline"]
+    assert merged["command"] == "run chat ; run multimodal" and merged["total_seconds"] == 2.0
+    assert [p["workloads"] for p in merged["parts"]] == [["chat"], ["multimodal"]]
+    with pytest.raises(ValueError, match="'device' differs"):
+        bench.merge([parts[0], dict(parts[1], device="another GPU")])
+    with pytest.raises(ValueError, match="configs differ"):
+        bench.merge([parts[0], dict(parts[1], config=dict(parts[1]["config"], kv_budget_contexts=99))])
+    with pytest.raises(ValueError, match="more than one run"):
+        bench.merge([parts[0], parts[0]])
 
 
 def test_benchmark_random_config_loads_the_same_weights(tmp_path):
