@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
+from kernels._checks import check_device
 
 #: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
 HEAD_DIMS = (16, 32, 64, 128)
@@ -187,10 +188,7 @@ def _check_inputs(q, k, v, causal, sm_scale) -> None:
             why = (" (the Triton interpreter's bfloat16 tl.dot returns garbage, triton issue 11584: on CPU use "
                    "float16 or float32)" if INTERPRET and t.dtype == torch.bfloat16 else "")
             raise ValueError(f"{name} has dtype {t.dtype}; expected one of {', '.join(map(str, allowed))}{why}")
-        if not INTERPRET and t.device.type != "cuda":
-            raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
-        if INTERPRET and t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
+        check_device(name, t)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype}; expected the dtype of q, {q.dtype}")

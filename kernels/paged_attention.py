@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
+from kernels._checks import check_tensors
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Tile and launch parameters: tokens per tile, warps, software-pipelining stages (tuned on an H100).
@@ -181,16 +182,8 @@ def choose_num_splits_in_waves(batch_size: int, num_kv_heads: int, max_context_l
 
 
 def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("context_lens", context_lens)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not INTERPRET and t.device.type != "cuda":
-            raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
-        if INTERPRET and t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}; expected the device of q, {q.device}")
+    check_tensors([("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                   ("context_lens", context_lens)], same_device_as="q")
     if q.dim() != 3:
         raise ValueError(f"q has shape {tuple(q.shape)}; expected [B, Hq, D] (one query token per sequence)")
     if k_cache.dim() != 4:

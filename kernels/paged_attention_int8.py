@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
+from kernels._checks import check_tensors
 from kernels.paged_attention import _merge_splits_kernel, plan_splits
 from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache
 
@@ -244,15 +245,7 @@ def _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_table
     named = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale), ("v_scale", v_scale),
              ("block_tables", block_tables), ("context_lens", context_lens)]
     named += [(n, t) for n, t in (("k_zero", k_zero), ("v_zero", v_zero)) if t is not None]
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not INTERPRET and t.device.type != "cuda":
-            raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
-        if INTERPRET and t.device.type != "cpu":
-            raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}; expected the device of q, {q.device}")
+    check_tensors(named, same_device_as="q")
     if q.dim() != 3:
         raise ValueError(f"q has shape {tuple(q.shape)}; expected [B, Hq, D] (one query token per sequence)")
     validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero)

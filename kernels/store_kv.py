@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from course_lib.device import INTERPRET
+from kernels._checks import check_tensors
 
 #: Dtypes of keys, values and caches the kernel accepts.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -40,13 +40,6 @@ def _store_kv_kernel(
         tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def _check_device(name: str, t: torch.Tensor) -> None:
-    if not INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
-    if INTERPRET and t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
-
-
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Write k, v ``[T, Hkv, D]`` into k_cache, v_cache ``[N, P, Hkv, D]`` at ``slot_mapping`` ``[T]`` (in place).
@@ -54,10 +47,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     Slots are ``block * P + offset``; a negative slot skips its token. Raises ValueError, naming the
     argument, on a wrong shape, dtype, device, layout or an out-of-range slot.
     """
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_device(name, t)
+    check_tensors([("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)])
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; expected [num_blocks, block_size, Hkv, D]")
     N, P, Hkv, D = k_cache.shape

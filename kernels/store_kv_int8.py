@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import HAS_GPU, INTERPRET
+from kernels._checks import check_tensors
 
 #: Dtypes of the new keys / values the kernel accepts (the model's compute dtype).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,13 +121,6 @@ def _store_kv_int8_kernel(
             tl.store(v_zero_ptr + dst_scale, zero.to(SCALE_TY), mask=h_ok)
 
 
-def _check_device(name: str, t: torch.Tensor) -> None:
-    if not INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
-    if INTERPRET and t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
-
-
 def validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero) -> None:
     """Shape / dtype / layout checks shared by the store and the attention kernel (ValueError naming the argument)."""
     if k_cache.dim() != 4:
@@ -173,10 +167,7 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     tensors = [("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale),
                ("v_scale", v_scale), ("slot_mapping", slot_mapping)]
     tensors += [(n, t) for n, t in (("k_zero", k_zero), ("v_zero", v_zero)) if t is not None]
-    for name, t in tensors:
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        _check_device(name, t)
+    check_tensors(tensors)
     validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero)
     N, P, Hkv, D = k_cache.shape
     if k.dim() != 3 or k.shape[1:] != (Hkv, D):

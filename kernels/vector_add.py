@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from course_lib.device import INTERPRET
+from kernels._checks import check_device
 
 #: Dtypes the kernel accepts (its loads, add and store work the same in each).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,11 +59,7 @@ def _check_tensor(name: str, t: object) -> None:
     # The kernel indexes flat memory (element i lives at ptr + i), which is only right for contiguous data.
     if not t.is_contiguous():
         raise ValueError(f"{name} with shape {tuple(t.shape)} is not contiguous; pass {name}.contiguous()")
-    # Compiled kernels read GPU memory; the interpreter reads CPU memory.
-    if not INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
-    if INTERPRET and t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
+    check_device(name, t)   # compiled kernels read GPU memory; the interpreter reads CPU memory
 
 
 def add(x: torch.Tensor, y: torch.Tensor, *, block_size: int = 1024) -> torch.Tensor:

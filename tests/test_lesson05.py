@@ -178,45 +178,35 @@ def _unused_nodes(root, allocator, leaves_only=True):
     return out
 
 
-def evict(root, allocator, num_blocks):
+def _evict_by(root, allocator, num_blocks, candidates, pick):
+    """The eviction loop: take the node ``pick`` chooses among ``candidates()`` until enough blocks are free."""
     freed = []
     while len(freed) < num_blocks:
-        leaves = _unused_nodes(root, allocator)
-        if not leaves:
+        nodes = candidates()
+        if not nodes:
             break
-        victim = min(leaves, key=lambda n: n.last_access)
+        victim = pick(nodes)
         del victim.parent.children[victim.token_ids]
         allocator.free(victim.block_id)
         freed.append(victim.block_id)
     return freed
+
+
+def evict(root, allocator, num_blocks):   # LRU over unused leaves (a parent may become a leaf in turn)
+    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, allocator),
+                     lambda leaves: min(leaves, key=lambda n: n.last_access))
 
 
 def evict_ignores_refs(root, allocator, num_blocks):
     class AllUnused:
         ref_counts = [1] * allocator.num_blocks
-    freed = []
-    while len(freed) < num_blocks:
-        leaves = _unused_nodes(root, AllUnused)
-        if not leaves:
-            break
-        victim = min(leaves, key=lambda n: n.last_access)
-        del victim.parent.children[victim.token_ids]
-        allocator.free(victim.block_id)
-        freed.append(victim.block_id)
-    return freed
+    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, AllUnused),
+                     lambda leaves: min(leaves, key=lambda n: n.last_access))
 
 
 def evict_inner_nodes(root, allocator, num_blocks):   # LRU over every unused node, leaves or not
-    freed = []
-    while len(freed) < num_blocks:
-        nodes = _unused_nodes(root, allocator, leaves_only=False)
-        if not nodes:
-            break
-        victim = min(nodes, key=lambda n: (n.last_access, n.depth))
-        del victim.parent.children[victim.token_ids]
-        allocator.free(victim.block_id)
-        freed.append(victim.block_id)
-    return freed
+    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, allocator, leaves_only=False),
+                     lambda nodes: min(nodes, key=lambda n: (n.last_access, n.depth)))
 
 
 def evict_one_pass(root, allocator, num_blocks):      # the leaves of the start only: parents never become leaves
@@ -228,16 +218,8 @@ def evict_one_pass(root, allocator, num_blocks):      # the leaves of the start 
 
 
 def evict_mru(root, allocator, num_blocks):
-    freed = []
-    while len(freed) < num_blocks:
-        leaves = _unused_nodes(root, allocator)
-        if not leaves:
-            break
-        victim = max(leaves, key=lambda n: n.last_access)
-        del victim.parent.children[victim.token_ids]
-        allocator.free(victim.block_id)
-        freed.append(victim.block_id)
-    return freed
+    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, allocator),
+                     lambda leaves: max(leaves, key=lambda n: n.last_access))
 
 
 def evict_no_free(root, allocator, num_blocks):

@@ -68,45 +68,10 @@ def test_quantize_per_token_check():
 def _int8_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
                            context_lens_ptr, out_ptr, sm_scale, max_blocks_per_seq,
                            NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
-                           BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    kv_head = head // QUERIES_PER_KV                     # GQA: consecutive query heads share a kv head
-    num_heads = NUM_KV_HEADS * QUERIES_PER_KV
-    context_len = tl.load(context_lens_ptr + seq)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_p = tl.arange(0, BLOCK_SIZE)
-    q = tl.load(q_ptr + (seq * num_heads + head) * HEAD_DIM + offs_d).to(tl.float32)
-    m_i = tl.zeros([1], dtype=tl.float32) - float("inf")   # running max of the scores
-    l_i = tl.zeros([1], dtype=tl.float32)                  # running sum of exp(score - m_i)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)           # running sum of exp(score - m_i) * v
-    for j in range(0, tl.cdiv(context_len, BLOCK_SIZE)):
-        block_id = tl.load(block_tables_ptr + seq * max_blocks_per_seq + j)
-        mask = j * BLOCK_SIZE + offs_p < context_len
-        rows = (block_id * BLOCK_SIZE + offs_p) * NUM_KV_HEADS + kv_head     # [P]: row of [N*P*Hkv, D] and of the scales
-        k_codes = tl.load(k_cache_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0)
-        k_scale = tl.load(k_scale_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-        k = k_codes.to(tl.float32) * k_scale[:, None]
-        s = tl.sum(k * q[None, :], axis=1) * sm_scale                        # [P] scores
-        s = tl.where(mask, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        p = tl.exp(s - m_new)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        v_codes = tl.load(v_cache_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0)
-        v_scale = tl.load(v_scale_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-        v = v_codes.to(tl.float32) * v_scale[:, None]
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m_i = m_new
-    tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM + offs_d, acc / l_i)
-
-
-@triton.jit
-def _broken(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr,
-                           context_lens_ptr, out_ptr, sm_scale, max_blocks_per_seq,
-                           NUM_KV_HEADS: tl.constexpr, QUERIES_PER_KV: tl.constexpr,
                            BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-            NO_SCALE: tl.constexpr, K_SCALE_FOR_V: tl.constexpr, SCALE_NO_HEAD: tl.constexpr):
+                           # the classic mistakes, off by default (the solution); _Variant switches one on
+                           NO_SCALE: tl.constexpr = False, K_SCALE_FOR_V: tl.constexpr = False,
+                           SCALE_NO_HEAD: tl.constexpr = False):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // QUERIES_PER_KV                     # GQA: consecutive query heads share a kv head
@@ -151,13 +116,14 @@ def _broken(q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tab
     tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM + offs_d, acc / l_i)
 
 class _Variant:
-    """_broken with one of the classic mistakes switched on (launched like any kernel: variant[grid](...))."""
+    """_int8_attention_kernel with one of the classic mistakes switched on (launched like any kernel:
+    variant[grid](...))."""
 
     def __init__(self, **mistakes):
-        self.mistakes = {"NO_SCALE": False, "K_SCALE_FOR_V": False, "SCALE_NO_HEAD": False, **mistakes}
+        self.mistakes = mistakes
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: _broken[grid](*args, **kwargs, **self.mistakes)
+        return lambda *args, **kwargs: _int8_attention_kernel[grid](*args, **kwargs, **self.mistakes)
 
 
 @triton.jit
