@@ -43,7 +43,8 @@ from course_lib.kv_pool import make_kv_pool
 from course_lib.model_runner import ModelRunner
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.sampling import SamplingParams, sample_token
-from course_lib.scheduler import PREEMPTION_MODES, Scheduler, Sequence
+from course_lib.scheduler import PREEMPTION_MODES, Scheduler
+from course_lib.sequence import Sequence
 from course_lib.spec_decode import SpecDecodeWorker, check_speculative_config
 
 

@@ -30,7 +30,7 @@ from course_lib.attention import attention
 from course_lib.block_manager import BlockManager
 from course_lib.device import INTERPRET
 from course_lib.kv_pool import KVPool, paged_decode_attention_torch  # noqa: F401  (the engine's pools live there)
-from course_lib.scheduler import ScheduledChunk
+from course_lib.sequence import ScheduledChunk
 from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES, _flash_attention, serving_config
 
 

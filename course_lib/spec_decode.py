@@ -45,7 +45,7 @@ import torch
 
 from course_lib.model_runner import ModelRunner
 from course_lib.sampling import filter_logits
-from course_lib.scheduler import ScheduledChunk, Sequence
+from course_lib.sequence import ScheduledChunk, Sequence
 from course_lib.speculative import SpeculativeStats, rejection_sample
 
 
