@@ -450,3 +450,21 @@ def test_benchmark_script_quick(tmp_path):
     for key in ("device", "date", "torch", "triton", "correctness", "decode", "memory", "targets"):
         assert key in result
     assert all(c["max_abs_error"] <= c["tolerance"] for c in result["correctness"])
+
+
+def test_sweep_candidates_match_the_reference():
+    """benchmarks/int8_kernel_sweep.py's tile kernels (the candidates the shipped kernel was chosen against) compute
+    the same attention, split or not; the PTX conversion is compiled-only, Triton's own conversion runs here."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sweep = importlib.import_module("int8_kernel_sweep")
+    from kv_quant import make_caches
+    q, _, _, tables, _, quantized = make_caches(2, 70, 4, 2, 16, 8, torch.float16 if HAS_GPU else torch.float32,
+                                                {"int8": torch.int8}, seed=3)
+    lens = torch.tensor([70, 23], dtype=torch.int32, device=DEVICE)
+    want = ref.paged_attention_int8_decode(q, *quantized["int8"], tables, lens).float()
+    for k_int8_dot in (False, True):          # K through an int8 dot rounds q: a looser tolerance
+        for splits in (None, 3):
+            got = sweep.tile_decode(q, *quantized["int8"], tables, lens, max_context_len=70, BLOCK_N=16,
+                                    CONV_ASM=HAS_GPU, K_INT8_DOT=k_int8_dot, num_splits=splits).float()
+            torch.testing.assert_close(got, want, atol=2e-2 if k_int8_dot else 2e-3, rtol=0)
