@@ -231,7 +231,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 def serving_config(num_queries: int) -> dict:
     """A fixed launch config for a serving engine's prefill chunks (``course_lib.model_runner``): no autotuning
     inside the engine's loop, where every new (Sq, Skv) bucket would compile and time up to 7 configs while the
-    requests wait (seen on an H200: the first engine run with chunked prefill at 0.2-0.6x the speed of the next).
+    requests wait (seen on an H200: the first capstone run with chunked prefill at 0.13-0.5x the speed of the second).
     16 query rows per program for short chunks (speculative verify, small tails), 64 above."""
     if INTERPRET:
         return dict(INTERPRETER_CONFIG)

@@ -155,7 +155,8 @@ def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, 
     return max(1, min(wanted, max_context_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
 
 
-#: A split plan "fills its waves" when the last wave of programs keeps at least this share of the GPU's slots busy.
+#: A split plan "fills its waves" when its programs keep at least this share of the GPU's slots busy, averaged
+#: over the waves they take.
 WAVE_FILL = 0.9
 
 

@@ -27,7 +27,7 @@ Recorded by ``benchmarks/kv_quant.py`` (B = 32/64, contexts 8k-32k, 2026-11-28):
 on an H100, 0.74-0.76x on an H200, whose faster HBM leaves the per-byte instructions exposed: the 8-bit data moves
 at 2.5-2.7 TB/s (H100) and 2.8-3.1 TB/s (H200), where the FP16 kernel reads 2.9-3.0 and 4.2-4.45. What did not help
 (``benchmarks/int8_kernel_sweep.py``, results in ``benchmarks/results/int8_*_sweep_*.json``): one ``[BLOCK_N, D]``
-int8 tile per load with Triton's pipelining (0.85-1.0x), K through int8 tensor-core dots with a quantized q, fewer
+int8 tile per load with Triton's pipelining (0.84-1.5x), K through int8 tensor-core dots with a quantized q, fewer
 registers for more programs per SM, L2 prefetches further ahead. What did: choosing split-K so that the programs
 fill whole waves (``RESIDENT_PER_SM``).
 """
