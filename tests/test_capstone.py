@@ -230,3 +230,24 @@ def test_benchmark_random_config_loads_the_same_weights(tmp_path):
     assert [r["config"] for r in rows] == ["HF generate (B=2)", "paged + continuous"]
     assert rows[1]["same_tokens_as_hf"] == 1.0 and "random init" in result["model"]["description"]
     assert result["model"]["config"]["max_position_embeddings"] == 256
+
+
+def test_benchmark_runs_a_local_qwen2_checkpoint(tmp_path):
+    """--model PATH with a Qwen2 folder (q/k/v biases): both systems load it, and produce the same greedy tokens."""
+    import transformers
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):            # HF starts them at zero: make them count
+                p.copy_(0.5 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "qwen2", safe_serialization=True)
+    result = _bench().main(["--model", str(tmp_path / "qwen2"), "--num-requests", "2", "--workloads", "chat",
+                            "--rows", "HF generate (B=2),paged", "--kv-budget-contexts", "2", "--max-num-seqs", "4",
+                            "--dtype", "float32", "--out", str(tmp_path / "r.json")])
+    rows = result["rows"]
+    assert [r["config"] for r in rows] == ["HF generate (B=2)", "paged + continuous"]
+    assert all(r["status"] == "ok" for r in rows) and rows[1]["same_tokens_as_hf"] == 1.0
+    assert result["model"]["config"]["attention_bias"] is True

@@ -17,19 +17,32 @@ CONFIGS = {
                      tie_word_embeddings=True, rope_theta=500000.0),
     "mqa": dict(vocab_size=50, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+    # Qwen2: the LLaMA architecture plus biases on the q/k/v projections (its model_type selects them)
+    "qwen2": dict(vocab_size=89, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=1000000.0),
 }
+
+
+def make_hf_model(name: str):
+    """A random transformers model of CONFIGS[name] (Qwen2ForCausalLM for "qwen2", else LlamaForCausalLM), with
+    random norm weights and biases so that neither is left at its initial value."""
+    if name == "qwen2":
+        hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIGS[name], attn_implementation="eager"))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIGS[name], attn_implementation="eager"))
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if pname.endswith("norm.weight"):       # RMSNorm weights start at ones
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif pname.endswith(".bias"):           # HF initializes biases to zero
+                p.copy_(0.5 * torch.randn_like(p))
+    return hf.float().eval()
 
 
 @pytest.fixture(params=list(CONFIGS))
 def hf_and_ours(request, tmp_path):
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(**CONFIGS[request.param], attn_implementation="eager")
-    hf = transformers.LlamaForCausalLM(hf_config).float().eval()
-    # Random norms too, so RMSNorm weights are actually exercised (they start at ones).
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1 + 0.1 * torch.randn_like(p))
+    hf = make_hf_model(request.param)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     ours = load_pretrained(tmp_path, dtype=torch.float32, device="cpu")
     return hf, ours
