@@ -67,6 +67,19 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
         assert s.cpu_block_manager.num_free_blocks == engine.num_cpu_blocks and not s.cpu_block_manager.block_tables
 
 
+def assert_same_outputs(outputs, reference, prompts, max_tokens, stop) -> None:
+    """A run's outputs against a reference run of the same requests: every request answered in order, with the
+    reference's tokens, ended by its max_tokens or a stop token, and its times in order."""
+    assert [o.request_id for o in outputs] == list(range(len(prompts)))
+    for o, a, p, m in zip(outputs, reference, prompts, max_tokens):
+        assert o.ok and o.prompt_token_ids == p and len(o.outputs) == 1
+        toks = o.token_ids
+        assert toks == a.token_ids, (toks, a.token_ids)
+        assert len(toks) == m or (toks and toks[-1] in stop and len(toks) < m)
+        t = o.metrics
+        assert t.arrival_time <= t.first_scheduled_time <= t.first_token_time <= t.finished_time
+
+
 def assert_preemptions(engine: LLMEngine, expected: str | None) -> None:
     """The run's preemptions: only by `expected` ("recompute" or "swap"), by both ("both"), or none (None)."""
     counts = engine.metrics.preemptions
@@ -174,13 +187,7 @@ def test_no_request_lost_or_duplicated_and_all_blocks_freed(data):
                        num_cpu_blocks=data.draw(st.integers(1, num_blocks), label="num_cpu_blocks"))
     outputs = engine.generate(prompts, params, arrival_times=arrivals, use_tqdm=False)
     ample = LLMEngine(model, max_num_seqs=8).generate(prompts, params, use_tqdm=False)
-    assert [o.request_id for o in outputs] == list(range(n))
-    for o, a, p, m in zip(outputs, ample, prompts, max_tokens):
-        assert o.ok and o.prompt_token_ids == p and len(o.outputs) == 1
-        toks = o.token_ids
-        assert toks == a.token_ids                                   # the same tokens, whatever the memory
-        assert len(toks) == m or (toks and toks[-1] in stop and len(toks) < m)
-        assert o.metrics.arrival_time <= o.metrics.first_scheduled_time <= o.metrics.first_token_time <= o.metrics.finished_time
+    assert_same_outputs(outputs, ample, prompts, max_tokens, stop)    # the same tokens, whatever the memory
     assert_all_blocks_free(engine)
     # every token computed exactly once, plus the recomputed ones
     computed = sum(s.num_prefill_tokens + s.num_decode_tokens for s in engine.metrics.steps)

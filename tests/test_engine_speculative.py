@@ -24,7 +24,7 @@ from course_lib.kv_cache import KVCache
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.prefix_workloads import shared_prompt_requests
 from course_lib.sampling import SamplingParams, filter_logits
-from test_engine import assert_preemptions
+from test_engine import assert_preemptions, assert_same_outputs
 from test_speculative import chi_square_threshold   # the χ² quantile of lesson 06's test (Wilson–Hilferty)
 
 
@@ -412,14 +412,7 @@ def test_no_request_lost_or_duplicated_and_all_blocks_back(data):
                        num_cpu_blocks=data.draw(st.integers(1, num_blocks), label="num_cpu_blocks"))
     outputs = engine.generate(prompts, params, arrival_times=arrivals, use_tqdm=False)
     plain = LLMEngine(MICRO, max_num_seqs=8).generate(prompts, params, use_tqdm=False)
-    assert [o.request_id for o in outputs] == list(range(n))
-    for o, a, p, m in zip(outputs, plain, prompts, max_tokens):
-        assert o.ok and o.prompt_token_ids == p and len(o.outputs) == 1
-        toks = o.token_ids
-        assert toks == a.token_ids                                   # the target's greedy tokens, whatever happened
-        assert len(toks) == m or (toks and toks[-1] in stop and len(toks) < m)
-        t = o.metrics
-        assert t.arrival_time <= t.first_scheduled_time <= t.first_token_time <= t.finished_time
+    assert_same_outputs(outputs, plain, prompts, max_tokens, stop)    # the target's greedy tokens, whatever happened
     assert_all_blocks_back(engine)
     assert_budget_and_stats(engine)
 
