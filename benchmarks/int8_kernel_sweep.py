@@ -181,7 +181,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument("--splits", action="store_true",
-                        help="instead: the shipped kernel at forced split counts over many shapes, and its SASS mix")
+                        help="instead: the shipped kernel at forced split counts over many shapes, and its registers")
     args = parser.parse_args(argv)
     if not HAS_GPU:
         sys.exit("int8_kernel_sweep.py times compiled kernels: it needs a CUDA GPU")
@@ -257,27 +257,16 @@ def main(argv=None):
     print(f"wrote {out} in {result['seconds']:.0f} s")
 
 
-def sass_mix(jit_fn) -> dict:
-    """Opcode counts of the compiled kernel's SASS (the most recent compilation of jit_fn), from Triton's cache."""
-    import collections
-    import re
+def compiled_resources(jit_fn) -> dict:
+    """Registers and spills per thread, shared memory per program, of the kernel jit_fn compiled last (with
+    SPLIT=True: the split sweep's last launches), from Triton's cache."""
     compiled = None
     for cache in jit_fn.device_caches.values():
         for k in cache[0].values():
             compiled = k
     if compiled is None:
         return {}
-    try:
-        sass = compiled.asm["sass"]
-    except Exception as exc:  # noqa: BLE001
-        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
-            ops[m.group(1).split(".")[0]] += 1
-    return dict(ops.most_common(40), total=sum(ops.values()), n_regs=compiled.n_regs, n_spills=compiled.n_spills,
-                shared=compiled.metadata.shared)
+    return dict(n_regs=compiled.n_regs, n_spills=compiled.n_spills, shared=compiled.metadata.shared)
 
 
 def split_sweep(args, name, t0):
@@ -301,12 +290,12 @@ def split_sweep(args, name, t0):
             line.append(f"{splits or 'auto'}:{chosen}={us / t16:.3f}")
         print(f"B={B} L={L} fp16 {t16:.1f} us ({2 * B * L * Hkv * D * 2 / t16 / 1e6:.2f} TB/s): " + " ".join(line), flush=True)
         del q, kc, vc, quantized, caches
-    mix = sass_mix(pa8._paged_attention_int8_kernel)
-    print("SASS mix:", json.dumps(mix), flush=True)
-    result = dict(note="Split-count sweep of kernels/paged_attention_int8.py (shipped CONFIG) + its SASS opcode mix",
+    resources = compiled_resources(pa8._paged_attention_int8_kernel)
+    print("compiled:", json.dumps(resources), flush=True)
+    result = dict(note="Split-count sweep of kernels/paged_attention_int8.py (shipped CONFIG) + its registers per thread",
                   date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), device=name,
                   torch=torch.__version__, triton=triton.__version__, config=dict(pa8.CONFIG),
-                  resident_per_sm=pa8.RESIDENT_PER_SM, rows=rows, sass_mix=mix, seconds=time.perf_counter() - t0)
+                  resident_per_sm=pa8.RESIDENT_PER_SM, rows=rows, compiled=resources, seconds=time.perf_counter() - t0)
     out = args.out or Path("benchmarks/results") / f"int8_split_sweep_{slug(name)}_{dt.date.today()}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out} in {result['seconds']:.0f} s")
