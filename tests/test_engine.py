@@ -39,13 +39,11 @@ def micro_model(max_len: int = 64, seed: int = 0) -> Llama:
     return model
 
 
-@pytest.fixture(scope="module")
-def workload(tiny):
+def corpus_requests(model, tokenizer):
     """12 requests: prompts of 1 ... 40 tokens cut from the validation text, 1 ... 24 new tokens each, and the
-    reference tokens of each, decoded alone without any cache."""
+    model's greedy tokens for each, decoded alone without any cache."""
     from course_lib.corpus import load_text
 
-    model, tokenizer = tiny
     ids = tokenizer.encode(load_text("validation")[:20000])
     rng = random.Random(0)
     prompts, params = [[ids[5]]], [SamplingParams(max_tokens=6)]          # a one-token prompt
@@ -55,6 +53,11 @@ def workload(tiny):
         params.append(SamplingParams(max_tokens=rng.randint(1, 24)))
     reference = [greedy_generate(model, p, sp.max_tokens, use_cache=False) for p, sp in zip(prompts, params)]
     return prompts, params, reference
+
+
+@pytest.fixture(scope="module")
+def workload(tiny):
+    return corpus_requests(*tiny)
 
 
 def assert_all_blocks_free(engine: LLMEngine) -> None:

@@ -24,7 +24,7 @@ from course_lib.kv_cache import KVCache
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.prefix_workloads import shared_prompt_requests
 from course_lib.sampling import SamplingParams, filter_logits
-from test_engine import assert_preemptions, assert_same_outputs
+from test_engine import assert_preemptions, assert_same_outputs, corpus_requests
 from test_speculative import chi_square_threshold   # the χ² quantile of lesson 06's test (Wilson–Hilferty)
 
 
@@ -87,20 +87,9 @@ def assert_budget_and_stats(engine: LLMEngine) -> None:
 # ---------------------------------------------------------------- greedy == the target's greedy tokens
 @pytest.fixture(scope="module")
 def workload(pair):
-    """12 requests: prompts of 1 ... 40 tokens of the validation text, 1 ... 24 new tokens, and the target's
-    greedy tokens for each, decoded alone without any cache."""
-    from course_lib.corpus import load_text
-
+    """test_engine's 12 requests, with the target's greedy tokens."""
     target, _, tokenizer = pair
-    ids = tokenizer.encode(load_text("validation")[:20000])
-    rng = random.Random(0)
-    prompts, params = [[ids[5]]], [SamplingParams(max_tokens=6)]
-    for _ in range(11):
-        n, start = rng.randint(2, 40), rng.randint(0, len(ids) - 50)
-        prompts.append(ids[start:start + n])
-        params.append(SamplingParams(max_tokens=rng.randint(1, 24)))
-    reference = [greedy_generate(target, p, sp.max_tokens, use_cache=False) for p, sp in zip(prompts, params)]
-    return prompts, params, reference
+    return corpus_requests(target, tokenizer)
 
 
 SETUPS = {   # (engine kwargs, k, preemptions expected)
