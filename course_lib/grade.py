@@ -1,33 +1,56 @@
-"""Grade exercise notebooks: ``python -m course_lib.grade [PATH ...] [--json] [--timeout SECONDS]``.
+"""Grade exercise notebooks: ``python -m course_lib.grade [PATH ...] [--json] [--timeout S] [--deadline S]``.
 
-PATH is a notebook or a folder of notebooks (default: ``exercises/``). Each notebook runs top to
-bottom in its own Jupyter kernel (the current Python), with its folder as working directory, so a
-crash or a hang in a learner's cell cannot take the grader down. The checks the notebook calls
-(``check_<name>(...)`` in its code cells) report their results to a temporary file through
-``$COURSE_GRADE_REPORT``; a check that never reports (an earlier cell raised, a cell timed out,
-the kernel died) counts as failed, with the reason.
+PATH is a notebook or a folder of notebooks (default: ``exercises/``). For each notebook the grader
+
+1. looks its checks up in the manifest (``course_lib/grading/manifest.json``: names, arguments, points), by the
+   notebook's file name (``01_kv_cache.ipynb``, also ``01_kv_cache-Copy1.ipynb``);
+2. runs the notebook's cells in a fresh Jupyter kernel (this Python, the notebook's folder as working
+   directory), except the cells that only call checks; a cell that runs past ``--timeout`` is interrupted, a
+   cell that kills the kernel is skipped after a restart (the cells before it run again), so one broken cell
+   costs only what depends on it;
+3. runs every check of the manifest **in the grader's own process**, handing it references to the objects the
+   notebook defined (``course_lib.grading.remote``): the learner's code runs in the kernel, only the values it
+   returns come back, and the verdict is computed here.
+
+Threat model. Defended: accidents (a crash, a hang, an endless print, a fork left running, a kernel that dies) and
+the cheats a learner tried on the earlier grader: printing or appending "passed" to a report, replacing the
+``Checker`` or its methods in the notebook, defining one's own ``check_*``, deleting check cells (a missing check
+fails at full points), reporting extra checks or points (only the manifest's count), planting a ``.py`` beside the
+notebook, writing fake JSON to the grader's output (the kernel's stdout and stderr go to /dev/null), rewriting the
+course's grading code on disk (the grader imports its checks before any notebook runs, and reports files that
+differ from git's HEAD: the run is then "unverified" and ``--require-full`` fails). Not defended: a determined
+attacker running as the same OS user, who can edit the installed libraries and commit the change, patch this
+process's memory, or write an exercise that calls the course's own reference implementation; a function written
+to forge the instruments a check hands it (the recorded decode loop of lesson 01, say) fools only those
+instruments. Only a container that runs the notebook as another user stops such an attacker.
+
+Limits: ``--timeout`` per cell and per remote call (default 120 s), ``--deadline`` for the whole notebook (cells
+and checks, default 1200 s); both must be positive and finite. The kernel's process group is killed at the end.
 
 Exit status: 0 for a completed run, unless
-  --require-full           anything short of full points (a check that "needs a GPU" is fine), or
+  --require-full           anything short of full points (a check that "needs a GPU" is fine) or an unverified run,
   --expect-none-attempted  anything other than "not attempted" / "needs a GPU" (i.e. stubs that pass),
-then 1. CI runs ``python -m course_lib.grade solutions/ --require-full`` and
+then 1; 2 for a usage error. CI runs ``python -m course_lib.grade solutions/ --require-full`` and
 ``python -m course_lib.grade exercises/ --expect-none-attempted``.
 """
 from __future__ import annotations
 
 import argparse
-import ast
+import importlib
 import json
-import os
-import re
+import math
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from course_lib.grading.manifest import Check, Manifest
+from course_lib.grading.manifest import PATH as MANIFEST_PATH
+from course_lib.grading.manifest import load as load_manifest
+from course_lib.grading.notebook_run import NotebookRun
+
 FAILED, PASSED, NOT_ATTEMPTED, NEEDS_GPU = "failed", "passed", "not attempted", "needs a GPU"
-_CHECK_CALL = re.compile(r"(?<![\w.])check_(\w+)\s*\(")
-_GRADING_DIR = Path(__file__).resolve().parent / "grading"
 _REPO_EXERCISES = Path(__file__).resolve().parents[1] / "exercises"
 
 
@@ -39,7 +62,7 @@ class Row:
     name: str
     status: str
     points: float
-    max_points: float | None  # None: the check never reported and its Checker was not found
+    max_points: float | None
     message: str = ""
 
 
@@ -57,136 +80,74 @@ class NotebookGrade:
         return sum(r.max_points or 0 for r in self.rows)
 
 
-def expected_checks(nb) -> list[tuple[str, int]]:
-    """(check name, cell index) of every ``check_<name>(`` call in the notebook's code cells, in order."""
-    found: dict[str, int] = {}
-    for index, cell in enumerate(nb.cells):
-        if cell.cell_type != "code":
-            continue
-        for line in cell.source.splitlines():
-            code = line.split("#", 1)[0]
-            if re.match(r"\s*(def|class|import|from)\s", code):
-                continue
-            for name in _CHECK_CALL.findall(code):
-                found.setdefault(name, index)
-    return list(found.items())
+def import_checks(manifest: Manifest) -> dict[str, object]:
+    """Every check function of the manifest, imported now: before any notebook runs and could change them."""
+    if str(manifest.folder) not in sys.path:
+        sys.path.append(str(manifest.folder))  # a manifest's own check modules (the tests' toy checks)
+    functions = {}
+    for check in (c for checks in manifest.notebooks.values() for c in checks):
+        module, _, name = check.check.partition(":")
+        functions[check.check] = getattr(importlib.import_module(module), name)
+    return functions
 
 
-def declared_points(folders: list[Path]) -> dict[str, float]:
-    """Points of every ``Checker("name", points=N)`` in the .py files of the given folders.
-
-    Used only for checks that never reported (their notebook stopped before them), so that the
-    total still counts their points.
-    """
-    points: dict[str, float] = {}
-    for path in (p for folder in folders for p in sorted(folder.glob("*.py"))):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        for node in ast.walk(tree):
-            func = getattr(node, "func", None)
-            if not isinstance(node, ast.Call) or getattr(func, "id", getattr(func, "attr", None)) != "Checker":
-                continue
-            args = [a.value for a in node.args if isinstance(a, ast.Constant)]
-            kw = {k.arg: k.value.value for k in node.keywords if isinstance(k.value, ast.Constant)}
-            if args and isinstance(args[0], str):
-                points[args[0]] = kw.get("points", args[1] if len(args) > 1 else 1)
-    return points
-
-
-def _kernel_config(tmp: Path):
-    """A traitlets config whose only kernel, "python3", is this very interpreter (sys.executable)."""
-    from traitlets.config import Config
-
-    spec_dir = tmp / "kernels" / "python3"
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (course grader)", "language": "python"}
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    return Config({"KernelSpecManager": {"kernel_dirs": [str(tmp / "kernels")], "ensure_native_kernel": False}})
-
-
-def _cell_error(cell) -> str | None:
-    for out in cell.get("outputs", []):
-        if out.get("output_type") == "error":
-            return f"{out.get('ename')}: {out.get('evalue')}"
-    return None
-
-
-def grade_notebook(path: Path, timeout: float = 120, label: str | None = None) -> NotebookGrade:
-    """Run one notebook in a fresh kernel and return its graded checks."""
+def grade_notebook(path: Path, manifest: Manifest, functions: dict, timeout: float = 120, deadline: float = 1200,
+                   label: str | None = None) -> NotebookGrade:
+    """Run one notebook in a fresh kernel, then grade each of its manifest's checks from this process."""
     import nbformat
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     label = label or str(path)
+    key = manifest.lesson_of(path)
+    if key is None:
+        known = ", ".join(sorted(manifest.notebooks))
+        return NotebookGrade(label, [Row(label, "(notebook)", FAILED, 0, 0, f"not an exercise notebook of the course "
+                                         f"(its name should start with one of: {known})")])
+    checks = manifest.notebooks[key]
     try:
         nb = nbformat.read(path, as_version=4)
     except Exception as err:  # not JSON, not a notebook
-        return NotebookGrade(label, [Row(label, "(notebook)", FAILED, 0, None, f"could not read the notebook: {err}")])
-    expected = expected_checks(nb)
-    current = {"index": 0}
-    stopped: str | None = None  # why the run stopped early, if it did
-    with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
-        report = Path(tmp) / "report.jsonl"
-        env = {**os.environ, "COURSE_GRADE_REPORT": str(report), "COURSE_GRADE_NOTEBOOK": label, "PYTHONUNBUFFERED": "1"}
-        client = NotebookClient(
-            nb, timeout=timeout, allow_errors=True, interrupt_on_timeout=False, kernel_name="python3",
-            shutdown_kernel="immediate", config=_kernel_config(Path(tmp)),
-            resources={"metadata": {"path": str(path.parent.resolve())}},
-            on_cell_start=lambda cell, cell_index: current.update(index=cell_index),
-        )
-        try:
-            try:
-                client.execute(env=env)
-            except RuntimeError as err:
-                if "before replying" not in str(err):
-                    raise
-                # the kernel died while starting (two kernels launched at once can race for the same ports):
-                # no cell ran yet, so start it once more
-                client.execute(env=env)
-        except CellTimeoutError:
-            stopped = f"cell {current['index'] + 1} timed out after {timeout:g} s"
-        except DeadKernelError:
-            stopped = f"the kernel died in cell {current['index'] + 1}"
-        except Exception as err:  # the kernel did not start, the notebook is malformed, ...
-            stopped = f"the notebook could not run ({type(err).__name__}: {err})"
-        reports = []
-        for line in report.read_text(encoding="utf-8").splitlines() if report.exists() else []:
-            try:
-                reports.append(json.loads(line))
-            except json.JSONDecodeError:  # a learner's code wrote to the report file: ignore the garbage
-                pass
-
-    by_name = {r["name"]: r for r in reports}  # a check called twice: its last result counts
-    points = declared_points([_GRADING_DIR, path.parent, path.parent.parent]) if len(by_name) < len(expected) else {}
+        return NotebookGrade(label, [Row(label, c.name, FAILED, 0, c.points, f"could not read the notebook: {err}")
+                                     for c in checks])
     grade = NotebookGrade(label)
-    for name, index in expected:
-        if name in by_name:
-            r = by_name.pop(name)
-            grade.rows.append(Row(label, name, r["status"], r["points"], r["max_points"], r.get("message", "")))
-        else:
-            previous = max((i for _, i in expected if i < index), default=-1)  # the check cell before this one
-            status, why = _why_not_run(nb, index, previous, stopped, current["index"])
-            grade.rows.append(Row(label, name, status, 0, points.get(name), why))
-    for r in by_name.values():  # reported but not found by the scan (e.g. called through a helper)
-        grade.rows.append(Row(label, r["name"], r["status"], r["points"], r["max_points"], r.get("message", "")))
+    with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
+        run = NotebookRun(nb, path, Path(tmp), timeout=timeout, deadline=deadline)
+        try:
+            run.execute()
+            for check in checks:
+                grade.rows.append(_grade_check(run, check, functions[check.check], label))
+        finally:
+            run.close()
     return grade
 
 
-def _why_not_run(nb, index: int, previous_index: int, stopped: str | None, stop_index: int) -> tuple[str, str]:
-    """Status and reason for a check (called in cell ``index``) that never reported."""
-    if stopped and index >= stop_index:
-        return FAILED, f"did not run: {stopped}"
-    errors = [(i, e) for i, cell in enumerate(nb.cells[: index + 1]) if (e := _cell_error(cell))]
-    recent = [(i, e) for i, e in errors if i > previous_index]
-    if recent and recent[0][1].startswith("NotImplementedError"):  # a top-level stub right before its check
-        return NOT_ATTEMPTED, f"cell {recent[0][0] + 1} still raises {recent[0][1]}"
-    if errors:
-        i, e = recent[0] if recent else errors[-1]
-        return FAILED, f"did not run: cell {i + 1} raised {e}"
-    return FAILED, "did not run: the check never reported a result"
+def _grade_check(run: NotebookRun, check: Check, function, label: str) -> Row:
+    from course_lib.grading.core import quiet
+
+    def row(status, message=""):
+        return Row(label, check.name, status, check.points if status == PASSED else 0, check.points, message)
+
+    problem = run.unavailable()
+    if problem:
+        return row(FAILED, f"did not run: {problem}")
+    args = []
+    for expression in check.args:
+        try:
+            args.append(run.session.eval(expression))
+        except Exception as err:  # noqa: BLE001 (the name is missing: say why, from the cells' outcomes)
+            return row(*run.why_undefined(expression, check.check.partition(":")[2], err))
+    try:
+        with quiet():
+            result = function(*args)
+    except Exception as err:  # noqa: BLE001 (a check must never take the grader down)
+        result = None
+        message = f"the check could not run: {type(err).__name__}: {err}"
+    finally:
+        run.after_check()
+    if result is None or getattr(result, "status", None) not in (PASSED, FAILED, NOT_ATTEMPTED, NEEDS_GPU):
+        return row(FAILED, message if result is None else "the check returned no result")
+    if result.name != check.name:
+        return row(FAILED, f"the check reported {result.name!r}, the manifest expects {check.name!r}")
+    return row(result.status, result.message)
 
 
 def find_notebooks(paths: list[str]) -> list[Path]:
@@ -205,7 +166,7 @@ def _fmt(x: float | None) -> str:
     return "?" if x is None else f"{x:g}"
 
 
-def score_table(grades: list[NotebookGrade]) -> str:
+def score_table(grades: list[NotebookGrade], changed: list[str] | None = None) -> str:
     """The human-readable table: one row per check, a total per notebook, then the overall score."""
     header = ("notebook", "exercise", "status", "points", "note")
     rows: list[tuple[str, ...]] = []
@@ -217,37 +178,59 @@ def score_table(grades: list[NotebookGrade]) -> str:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
-    s = summary(grades)
+    s = summary(grades, changed)
     out.append(f"\nscore: {s['points']:g}/{s['max_points']:g} points ({s['percent']:.0f}%)")
     if s["gpu_points"]:
         rest = s["max_points"] - s["gpu_points"]
         out.append(f"{s['gpu_points']:g} point(s) need a GPU; without them: {s['points']:g}/{rest:g} "
-                   f"({100 * s['points'] / rest if rest else 100:.0f}%). Run those checks on a GPU machine for their points.")
+                   f"({100 * s['points'] / rest if rest else 0:.0f}%). Run those checks on a GPU machine for their points.")
+    if changed:
+        out.append(f"\nUNVERIFIED: the course's code differs from the committed version ({', '.join(changed[:5])}"
+                   f"{' ...' if len(changed) > 5 else ''}); restore it with `git checkout -- course_lib kernels` "
+                   "(and remove files you added there) for a score that counts.")
     return "\n".join(out)
 
 
-def summary(grades: list[NotebookGrade]) -> dict:
+def summary(grades: list[NotebookGrade], changed: list[str] | None = None) -> dict:
     got, total = sum(g.points for g in grades), sum(g.max_points for g in grades)
     gpu = sum(r.max_points or 0 for g in grades for r in g.rows if r.status == NEEDS_GPU)
-    return {"points": got, "max_points": total, "percent": 100 * got / total if total else 100.0, "gpu_points": gpu,
+    return {"points": got, "max_points": total, "percent": 100 * got / total if total else 0.0, "gpu_points": gpu,
+            "verified": not changed, "changed_files": changed or [],
             "notebooks": [{"notebook": g.notebook, "points": g.points, "max_points": g.max_points,
                            "checks": [asdict(r) for r in g.rows]} for g in grades]}
 
 
-def exit_code(grades: list[NotebookGrade], require_full: bool = False, expect_none_attempted: bool = False) -> int:
+def exit_code(grades: list[NotebookGrade], require_full: bool = False, expect_none_attempted: bool = False,
+              verified: bool = True) -> int:
     statuses = [r.status for g in grades for r in g.rows]
-    if require_full and any(s not in (PASSED, NEEDS_GPU) for s in statuses):
+    if require_full and (not verified or not statuses or any(s not in (PASSED, NEEDS_GPU) for s in statuses)):
         return 1
-    if expect_none_attempted and any(s not in (NOT_ATTEMPTED, NEEDS_GPU) for s in statuses):
+    if expect_none_attempted and (not statuses or any(s not in (NOT_ATTEMPTED, NEEDS_GPU) for s in statuses)):
         return 1
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive, finite number of seconds")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    from course_lib.grading.integrity import changed_files
+
     parser = argparse.ArgumentParser(prog="python -m course_lib.grade", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", metavar="PATH", help="notebooks or folders (default: exercises/)")
     parser.add_argument("--json", action="store_true", help="print a machine-readable summary instead of the table")
-    parser.add_argument("--timeout", type=float, default=120, metavar="SECONDS", help="per-cell time limit (default 120)")
+    parser.add_argument("--timeout", type=_seconds, default=120, metavar="SECONDS",
+                        help="time limit per cell and per call of your code (default 120)")
+    parser.add_argument("--deadline", type=_seconds, default=1200, metavar="SECONDS",
+                        help="time limit per notebook, cells and checks together (default 1200)")
+    parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH, help=argparse.SUPPRESS)  # the tests' toy lesson
     parser.add_argument("--require-full", action="store_true", help="exit 1 unless every check passed (or needs a GPU)")
     parser.add_argument("--expect-none-attempted", action="store_true", help="exit 1 unless every check is a stub (or needs a GPU)")
     args = parser.parse_args(argv)
@@ -255,18 +238,26 @@ def main(argv: list[str] | None = None) -> int:
         args.paths = [next((str(p) for p in (Path("exercises"), _REPO_EXERCISES) if p.is_dir()), "exercises")]
     try:
         notebooks = find_notebooks(args.paths)
-    except FileNotFoundError as err:
+        manifest = load_manifest(args.manifest)
+    except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     if not notebooks:
         print(f"no notebooks found in {' '.join(args.paths)}", file=sys.stderr)
         return 2
+    functions = import_checks(manifest)
+    changed = changed_files()
+    if changed is None and not args.json:
+        print("note: not a git checkout, so the grader cannot verify that the course's code is unchanged", file=sys.stderr)
     grades = []
     for nb in notebooks:
         if not args.json:
             print(f"grading {nb} ...", file=sys.stderr, flush=True)
-        grades.append(grade_notebook(nb, timeout=args.timeout))
-    print(json.dumps(summary(grades), indent=2) if args.json else score_table(grades))
-    return exit_code(grades, args.require_full, args.expect_none_attempted)
+        started = time.monotonic()
+        grades.append(grade_notebook(nb, manifest, functions, timeout=args.timeout, deadline=args.deadline))
+        if not args.json:
+            print(f"  {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    print(json.dumps(summary(grades, changed), indent=2) if args.json else score_table(grades, changed))
+    return exit_code(grades, args.require_full, args.expect_none_attempted, verified=not changed)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ A check module (``course_lib/grading/lessonNN.py``) writes each check like this:
         return c.result
 
 ``check_close`` / ``check_equal`` / ``check`` stop the block at the first failing case. The Checker
-then suppresses the exception (the notebook keeps running), prints a short report and, when the
-environment variable ``COURSE_GRADE_REPORT`` names a file, appends one JSON line to it (this is
-how ``python -m course_lib.grade`` collects scores).
+then suppresses the exception (the notebook keeps running) and prints a short report. In a notebook
+that report is the learner's feedback and nothing more: ``python -m course_lib.grade`` runs every
+check again in its own process, on references to the learner's objects (``course_lib.grading.remote``),
+and trusts only what it computes there.
 
 GPU-only checks pass ``needs_gpu=True`` and call ``c.require_gpu()`` first; without a GPU it ends
 the block there and the result is "needs a GPU" (0 points, not a failure)::
@@ -27,17 +28,15 @@ the block there and the result is "needs a GPU" (0 points, not a failure)::
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import numbers
-import os
 import signal
-import sys
 import sysconfig
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -155,9 +154,29 @@ def _compare(got, want, rtol: float, atol: float, exact: bool, path: str = "") -
     return None if equal else (f"{where}expected {_short(want)}, got {_short(got)}" if path else "")
 
 
-def _student_frame(tb) -> traceback.FrameSummary | None:
+_quiet = False  # the grader's process: results are returned, not printed
+
+
+@contextlib.contextmanager
+def quiet():
+    """Checks inside this block print nothing (the grader collects their results itself)."""
+    global _quiet
+    old, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = old
+
+
+def _frames(exc: BaseException | None, tb) -> list[traceback.FrameSummary]:
+    """The traceback of an exception; for one raised in the learner's kernel, the frames it had there."""
+    remote = getattr(exc, "remote_frames", None)
+    return list(remote) if remote is not None else traceback.extract_tb(tb)
+
+
+def _student_frame(exc: BaseException | None, tb) -> traceback.FrameSummary | None:
     """The innermost frame of the learner's own code: outside the grader, course_lib, kernels and libraries."""
-    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith(_GRADING_DIR)]
+    frames = [f for f in _frames(exc, tb) if not f.filename.startswith(_GRADING_DIR)]
     own = [f for f in frames if not f.filename.startswith(_LIBRARY_DIRS)]
     return (own or frames or [None])[-1]
 
@@ -236,9 +255,9 @@ class Checker:
         if not self.skipped:  # a skipped check keeps the result made in __enter__ (it may already be returned)
             status, message = self._classify(exc, tb)
             self.result = CheckResult(self.name, status, self.points if status == PASSED else 0, self.points, message)
-        print(format_result(self.result), flush=True)
-        self.result._printed = True
-        _report(self.result)
+        if not _quiet:
+            print(format_result(self.result), flush=True)
+            self.result._printed = True
         return True
 
     def _classify(self, exc: BaseException | None, tb) -> tuple[str, str]:
@@ -248,26 +267,11 @@ class Checker:
             return FAILED, str(exc)
         if isinstance(exc, _Timeout):
             return FAILED, f"timed out after {self.timeout_s:g} s (an infinite loop? a shape far too large for CPU?)"
-        last = (traceback.extract_tb(tb) or [None])[-1]  # a stub raises it in the learner's own code
+        last = (_frames(exc, tb) or [None])[-1]  # a stub raises it in the learner's own code
         stub = last is not None and not last.filename.startswith(_LIBRARY_DIRS + (_GRADING_DIR,)) and \
             (last.line or "").strip().startswith("raise NotImplementedError")
         if isinstance(exc, NotImplementedError) and (stub or str(exc).startswith("Exercise")):
             return NOT_ATTEMPTED, str(exc)
         after = f" (after {self.cases_passed} passing case(s))" if self.cases_passed else ""
-        lines = [f"your code raised {type(exc).__name__}: {exc}{after}", _where(_student_frame(tb))]
+        lines = [f"your code raised {type(exc).__name__}: {exc}{after}", _where(_student_frame(exc, tb))]
         return FAILED, "\n".join(line for line in lines if line)
-
-
-def _report(result: CheckResult) -> None:
-    """Append the result as one JSON line to $COURSE_GRADE_REPORT (set by ``python -m course_lib.grade``)."""
-    path = os.environ.get("COURSE_GRADE_REPORT")
-    if not path:
-        return
-    record = asdict(result)
-    if os.environ.get("COURSE_GRADE_NOTEBOOK"):
-        record = {"notebook": os.environ["COURSE_GRADE_NOTEBOOK"], **record}
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    except OSError as err:  # never let reporting break the learner's notebook
-        print(f"(could not write the grade report {path}: {err})", file=sys.stderr)

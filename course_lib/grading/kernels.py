@@ -3,6 +3,22 @@ from __future__ import annotations
 
 import inspect
 
+from course_lib.grading.remote import is_remote, run_beside, type_name
+
+
+def is_kernel(obj) -> bool:
+    """True for a Triton kernel (what ``@triton.jit`` makes: launched as ``kernel[grid](...)``), here or in the
+    learner's notebook."""
+    if is_remote(obj):
+        return bool(run_beside(obj, "course_lib.grading.kernels:is_kernel", obj))
+    return callable(getattr(obj, "__getitem__", None))
+
+
+def check_is_kernel(c, kernel, example: str) -> None:
+    """The first case of every kernel check: the object passed in is a Triton kernel."""
+    c.check(is_kernel(kernel), case="the object passed in", expected="a Triton kernel (a function decorated with "
+            "@triton.jit)", got=type_name(kernel), hint=f"pass the kernel itself: {example}")
+
 
 def is_stub(kernel) -> bool:
     """True while the kernel's source still holds the exercise's ``raise NotImplementedError``."""
@@ -20,6 +36,8 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", **
     IndexError) in its own InterpreterError: unwrap it, so the check reports "not attempted" or the learner's
     line. Compiled on a GPU a stub does not even compile (``raise`` is not Triton): report it as not attempted.
     """
+    if is_remote(kernel):  # run the launch, and the unwrapping below, in the learner's kernel
+        return run_beside(kernel, "course_lib.grading.kernels:launch", kernel, grid, *args, exercise=exercise, **kwargs)
     try:
         kernel[grid](*args, **kwargs)
     except Exception as err:

@@ -15,7 +15,7 @@ import triton
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.roofline import H100_SXM, attainable_flops, bound, matmul_intensity
-from course_lib.grading.kernels import launch
+from course_lib.grading.kernels import check_is_kernel, launch
 
 # Two machines to test against: the H100 datasheet and a laptop-class CPU (~200 GFLOP/s, ~40 GB/s).
 _MACHINES = {"H100 (989 TFLOP/s, 3.35 TB/s)": (H100_SXM.peak_flops, H100_SXM.hbm_bandwidth),
@@ -117,9 +117,7 @@ def check_scale_add_kernel(kernel) -> CheckResult:
     gen = torch.Generator().manual_seed(3)
     cases = [(1, 2.0), (7, -0.5), (128, 3.0), (200, 1.5), (1000, -2.25), (4099, 0.75)]
     with Checker("scale_add_kernel", points=3, timeout_s=120) as c:
-        c.check(callable(getattr(kernel, "__getitem__", None)), case="the object passed in",
-                expected="a Triton kernel (a function decorated with @triton.jit)", got=type(kernel).__name__,
-                hint="pass the kernel itself: check_scale_add_kernel(_scale_add_kernel)")
+        check_is_kernel(c, kernel, "check_scale_add_kernel(_scale_add_kernel)")
         for dtype in (torch.float32, torch.float16):
             tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
             for n, a in cases:

@@ -6,6 +6,7 @@ expected vs got, and a hint aimed at the usual mistake (recognised from the wron
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from course_lib.config import PRESETS, ModelConfig
 from course_lib.flops import attention_pairs, decode_step_flops, linear_params_per_layer
 from course_lib.grading.core import Checker, CheckResult
+from course_lib.grading.remote import run_beside
 from course_lib.kv_cache import kv_cache_bytes
 
 _TINY = ModelConfig()  # the shape of the shipped tiny models: L=6, E=256, Hq=8, Hkv=4, D=32, V=2048
@@ -111,36 +113,57 @@ def check_kv_cache_update(student_fn) -> CheckResult:
 
 
 # ---------------------------------------------------------------- exercise 3: the cached decode loop
-class _RecordingModel:
-    """Wraps the model and checks every forward call as it happens: the first must prefill the whole prompt
-    into an empty cache, every later one must feed one token into that same cache, at the right position."""
+def _decode_call_problem(step: int, shape: tuple, cache: str, length, prompt_len: int) -> dict | None:
+    """What is wrong with forward call ``step`` of a cached decode loop (None: nothing). ``cache`` is "none", "first"
+    (the cache of the first call), "other" (another one); ``length``: the cache's length before the call."""
+    P = prompt_len
+    if step == 0:
+        if length == 0 and shape == (1, P):
+            return None
+        return dict(case="the first call (prefill)", expected=f"input_ids of shape (1, {P}) (the whole prompt) with an "
+                    "empty cache", got=f"input_ids of shape {shape} with " + ("no cache" if cache == "none" else
+                    f"a cache of {length} tokens"), hint="create cache = KVCache(model.config, 1, len(prompt_ids) + "
+                    "max_new_tokens, dtype=model.dtype, device=model.device), then prefill once: "
+                    "model(torch.tensor([prompt_ids]), cache=cache)")
+    where = f"decode call {step} (after the prefill)"
+    if cache != "first":
+        return dict(case=where, expected="the same cache as the prefill", got="no cache" if cache == "none" else
+                    "another cache", hint="keep one KVCache for the whole generation and pass it to every call: "
+                    "model(ids, cache=cache)")
+    if shape != (1, 1):
+        return dict(case=where, expected="input_ids of shape (1, 1): only the newest token", got=f"input_ids of shape "
+                    f"{shape}", hint="the cache already holds the K/V of every earlier token; feeding them again appends "
+                    "them a second time (at the wrong positions). Feed [[next_id]]")
+    if length != P + step - 1:
+        return dict(case=where, expected=f"the cache holds {P + step - 1} tokens before the call", got=f"it holds {length}",
+                    hint="the model advances the cache itself (by the number of tokens fed): don't call "
+                    "cache.advance() yourself, and don't feed a token twice")
+    return None
 
-    def __init__(self, model, checker: Checker, case: str, prompt_len: int):
-        self._model, self._c, self._case, self._P = model, checker, case, prompt_len
-        self.calls, self._cache_id = 0, None
+
+class _StopDecode(BaseException):
+    """Ends the learner's loop at its first wrong call (a BaseException: `except Exception` cannot swallow it)."""
+
+
+class _RecordingModel:
+    """Wraps the model and records every forward call: (input shape, which cache, its length before the call).
+    It stops the loop at the first call that ``_decode_call_problem`` finds wrong."""
+
+    def __init__(self, model, prompt_len: int):
+        self._model, self._P = model, prompt_len
+        self.records: list[tuple] = []
+        self._first_cache = None
 
     def __call__(self, input_ids, *args, **kwargs):
-        c, P, step, cache = self._c, self._P, self.calls, kwargs.get("cache")
-        shape, length = tuple(getattr(input_ids, "shape", ())), getattr(cache, "length", None)
-        if step == 0:
-            c.check(length == 0 and shape == (1, P), case=f"{self._case}: the first call (prefill)",
-                    expected=f"input_ids of shape (1, {P}) (the whole prompt) with an empty cache",
-                    got=f"input_ids of shape {shape} with " + ("no cache" if cache is None else f"a cache of {length} tokens"),
-                    hint="create cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=model.dtype, "
-                         "device=model.device), then prefill once: model(torch.tensor([prompt_ids]), cache=cache)")
-            self._cache_id = id(cache)
-        else:
-            where = f"{self._case}: decode call {step} (after the prefill)"
-            c.check(cache is not None and id(cache) == self._cache_id, case=where,
-                    expected="the same cache as the prefill", got="no cache" if cache is None else "another cache",
-                    hint="keep one KVCache for the whole generation and pass it to every call: model(ids, cache=cache)")
-            c.check(shape == (1, 1), case=where, expected="input_ids of shape (1, 1): only the newest token",
-                    got=f"input_ids of shape {shape}", hint="the cache already holds the K/V of every earlier token; "
-                    "feeding them again appends them a second time (at the wrong positions). Feed [[next_id]]")
-            c.check(length == P + step - 1, case=where, expected=f"the cache holds {P + step - 1} tokens before the call",
-                    got=f"it holds {length}", hint="the model advances the cache itself (by the number of tokens fed): "
-                    "don't call cache.advance() yourself, and don't feed a token twice")
-        self.calls += 1
+        cache = kwargs.get("cache")
+        if not self.records:
+            self._first_cache = cache
+        which = "none" if cache is None else "first" if cache is self._first_cache else "other"
+        shape = tuple(int(n) for n in getattr(input_ids, "shape", ()))
+        record = (shape, which, getattr(cache, "length", None))
+        self.records.append(record)
+        if _decode_call_problem(len(self.records) - 1, *record, self._P):
+            raise _StopDecode
         return self._model(input_ids, *args, **kwargs)
 
     forward = __call__
@@ -149,15 +172,32 @@ class _RecordingModel:
         return getattr(self._model, name)
 
 
+@functools.lru_cache(maxsize=1)
+def _float32_target():
+    from course_lib.checkpoint import load_tiny
+
+    # float32: with bf16 (the GPU default) the cached and uncached paths round differently and may flip a near-tie.
+    return load_tiny("target", dtype=torch.float32)
+
+
+def record_decode(student_fn, prompt: list[int], max_new_tokens: int):
+    """Run the learner's loop on a recording model: ``(returned tokens or None if stopped, call records)``. Runs
+    where the learner's function lives (the grader runs it in the notebook's kernel)."""
+    recorder = _RecordingModel(_float32_target()[0], len(prompt))
+    try:
+        got = student_fn(recorder, list(prompt), max_new_tokens)
+    except _StopDecode:
+        got = None
+    return got, recorder.records
+
+
 def check_cached_greedy_decode(student_fn) -> CheckResult:
     """cached_greedy_decode(model, prompt_ids, max_new_tokens) returns the same tokens as greedy decoding without
     a cache, on the shipped tiny model (in float32), and does it the cached way: one prefill call with the whole
     prompt and an empty cache, then exactly one call per further token, feeding only that token."""
-    from course_lib.checkpoint import load_tiny
     from course_lib.generate import greedy_generate
 
-    # float32: with bf16 (the GPU default) the cached and uncached paths round differently and may flip a near-tie.
-    model, tok = load_tiny("target", dtype=torch.float32)
+    model, tok = _float32_target()
     prompts = [("And", 1), ("And", 6), ("In the beginning God created", 20),
                ("1 In the beginning God created the heaven and the earth.\n2 And the earth was", 60)]
     with Checker("cached_greedy_decode", points=3, timeout_s=90) as c:
@@ -165,10 +205,13 @@ def check_cached_greedy_decode(student_fn) -> CheckResult:
             prompt = tok.encode(text)
             P = len(prompt)
             case = f"prompt {text!r} ({P} token{'s' * (P > 1)}), max_new_tokens={n}"
-            recorder = _RecordingModel(model, c, case, P)
-            got = student_fn(recorder, list(prompt), n)
-            c.check(recorder.calls == n, case=case, expected=f"{n} model call(s): 1 prefill + {n - 1} decode step(s)",
-                    got=f"{recorder.calls} call(s)", hint="call the model object passed in, model(ids, cache=cache). "
+            got, records = run_beside(student_fn, "course_lib.grading.lesson01:record_decode", student_fn, prompt, n)
+            for step, record in enumerate(records):
+                problem = _decode_call_problem(step, *record, P)
+                if problem:
+                    c.check(False, **{**problem, "case": f"{case}: {problem['case']}"})
+            c.check(len(records) == n, case=case, expected=f"{n} model call(s): 1 prefill + {n - 1} decode step(s)",
+                    got=f"{len(records)} call(s)", hint="call the model object passed in, model(ids, cache=cache). "
                     "The prefill already yields the first new token and each later call one more; the last token is "
                     "never fed back (there is nothing left to predict)")
             c.check(isinstance(got, list) and len(got) == n and all(isinstance(t, int) for t in got), case=case,

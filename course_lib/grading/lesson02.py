@@ -16,7 +16,7 @@ import torch
 from course_lib.block_manager import BlockAllocator, OutOfBlocksError
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.grading.kernels import launch
+from course_lib.grading.kernels import check_is_kernel, launch
 from kernels.reference import paged_attention_decode as _reference_attention
 
 
@@ -227,9 +227,7 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
         Hkv, G, P = rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([4, 8, 16])
         cases.append((2, Hkv * G, Hkv, 16, P, [rng.randint(1, 3 * P) for _ in range(2)], torch.float32))
     with Checker("paged_attention_kernel", points=4, timeout_s=180) as c:
-        c.check(callable(getattr(kernel, "__getitem__", None)), case="the object passed in",
-                expected="a Triton kernel (a function decorated with @triton.jit)", got=type(kernel).__name__,
-                hint="pass the kernel itself: check_paged_attention_kernel(_paged_attention_kernel)")
+        check_is_kernel(c, kernel, "check_paged_attention_kernel(_paged_attention_kernel)")
         for i, (B, Hq, Hkv, D, P, lens, dtype) in enumerate(cases):
             q, k_cache, v_cache, tables, context_lens = _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed=i)
             out = torch.full_like(q, float("nan"))

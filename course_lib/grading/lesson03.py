@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_flatten
 from course_lib.attention import attention
 from course_lib.device import DEVICE, HAS_GPU
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.grading.kernels import launch
+from course_lib.grading.kernels import check_is_kernel, launch
+from course_lib.grading.remote import run_beside
 
 LOG2E = 1.4426950408889634
 
@@ -44,6 +45,19 @@ def _watch_softmax():
             setattr(owner, name, fn)
 
 
+def call_watched(student_fn, *args, spy_shapes: bool = False, **kwargs):
+    """``student_fn(*args, **kwargs)`` under the softmax watch (and the shape spy): ``(result, softmax calls seen,
+    shapes created)``. Runs where the learner's function lives (the grader runs it in the notebook's kernel)."""
+    spy = _ShapeSpy() if spy_shapes else contextlib.nullcontext()
+    with _watch_softmax() as used, spy:
+        result = student_fn(*args, **kwargs)
+    return result, list(used), spy.shapes if spy_shapes else []
+
+
+def _watched(student_fn, *args, **kwargs):
+    return run_beside(student_fn, "course_lib.grading.lesson03:call_watched", student_fn, *args, **kwargs)
+
+
 _NO_SOFTMAX_HINT = ("compute it yourself with a running max m and running sum l (that is the exercise); "
                     "torch.softmax / logsumexp are not allowed here")
 
@@ -65,8 +79,7 @@ def check_online_softmax(student_fn) -> CheckResult:
              ("3-D input", torch.randn(2, 3, 33, generator=gen) * 10, 5)]
     with Checker("online_softmax", points=2) as c:
         for name, x, block in cases:
-            with _watch_softmax() as used:
-                got = student_fn(x.clone(), block)
+            got, used, _ = _watched(student_fn, x.clone(), block)
             case = f"{name}: x {tuple(x.shape)}, block_size={block}"
             c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
                     hint=_NO_SOFTMAX_HINT)
@@ -107,11 +120,10 @@ def check_tiled_attention(student_fn) -> CheckResult:
             q = q * 3  # scores of a few tens: large enough that a missing rescale shows (D != Skv in every case,
             # so that the only [.., Sq, Skv] tensor can be a score matrix)
             case = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, causal={causal}, block_n={block_n}"
-            with _watch_softmax() as used, _ShapeSpy() as spy:
-                got = student_fn(q, k, v, causal=causal, block_n=block_n)
+            got, used, shapes = _watched(student_fn, q, k, v, causal=causal, block_n=block_n, spy_shapes=True)
             c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
                     hint=_NO_SOFTMAX_HINT)
-            full = [s for s in spy.shapes if len(s) >= 2 and s[-2:] == (Sq, Skv)]
+            full = [s for s in shapes if len(s) >= 2 and s[-2:] == (Sq, Skv)]
             c.check(not full or Skv <= block_n, case=case, expected=f"no [.., {Sq}, {Skv}] score matrix (that is O(S²) memory)",
                     got=f"a tensor of shape {full[0] if full else ''} was created",
                     hint="compute q @ k_blockᵀ for one block of block_n keys at a time, inside the loop")
@@ -130,9 +142,7 @@ _BLOCK = dict(BLOCK_M=16, BLOCK_N=16)
 
 
 def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
-    c.check(callable(getattr(kernel, "__getitem__", None)), case="the object passed in",
-            expected="a Triton kernel (a function decorated with @triton.jit)", got=type(kernel).__name__,
-            hint="pass the kernel itself, e.g. check_flash_kernel(_flash_fwd_kernel)")
+    check_is_kernel(c, kernel, "check_flash_kernel(_flash_fwd_kernel)")
     gen = torch.Generator().manual_seed(5)
     dtypes = [torch.float16, torch.bfloat16] if HAS_GPU else [torch.float32, torch.float16]
     for dtype in dtypes:

@@ -15,7 +15,7 @@ import torch
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.kv_quant import quantize
-from course_lib.grading.kernels import launch
+from course_lib.grading.kernels import check_is_kernel, launch
 from kernels.reference import paged_attention_int8_decode as _reference_attention
 
 
@@ -119,9 +119,7 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
         Hkv, G, P = rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([4, 8, 16])
         cases.append((2, Hkv * G, Hkv, 16, P, [rng.randint(1, 3 * P) for _ in range(2)], torch.float32))
     with Checker("int8_attention_kernel", points=3, timeout_s=180) as c:
-        c.check(callable(getattr(kernel, "__getitem__", None)), case="the object passed in",
-                expected="a Triton kernel (a function decorated with @triton.jit)", got=type(kernel).__name__,
-                hint="pass the kernel itself: check_int8_attention_kernel(_int8_attention_kernel)")
+        check_is_kernel(c, kernel, "check_int8_attention_kernel(_int8_attention_kernel)")
         for i, (B, Hq, Hkv, D, P, lens, dtype) in enumerate(cases):
             q, kc, vc, ks, vs, tables, context_lens = int8_paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed=i)
             out = torch.full_like(q, float("nan"))

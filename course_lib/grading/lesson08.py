@@ -11,8 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from course_lib.grading.core import Checker, CheckResult
+from course_lib.grading.remote import run_beside
 from course_lib.parallel.simulate import run_ranks
 from course_lib.parallel.tensor import shard
+
+
+def run_ranks_counted(student_fn, args_per_rank: list[tuple]) -> tuple[list, list[int]]:
+    """``run_ranks`` where the learner's function lives (the grader runs it in the notebook's kernel): the
+    results of the ranks and how many times each called all_reduce."""
+    results, group = run_ranks(student_fn, args_per_rank)
+    return results, list(group.calls)
+
+
+def _ranks(student_fn, args_per_rank):
+    return run_beside(student_fn, "course_lib.grading.lesson08:run_ranks_counted", student_fn, args_per_rank)
 
 
 def _close(a, b) -> bool:
@@ -36,14 +48,14 @@ def check_row_parallel_forward(student_fn) -> CheckResult:
             want = x @ w.T + (b if has_bias else 0)
             partials = [shard(x, -1, r, tp) @ shard(w, 1, r, tp).T for r in range(tp)]
             args = [(shard(x, -1, r, tp), shard(w, 1, r, tp), b) for r in range(tp)]
-            got, group = run_ranks(student_fn, args)
+            got, calls = _ranks(student_fn, args)
             case = (f"tp={tp}, x {tuple(x_shape)} split into x_shard {tuple(args[0][0].shape)} per rank, "
                     f"W [{out}, {x_shape[-1]}] into weight_shard {tuple(args[0][1].shape)}, bias={'yes' if has_bias else 'None'}")
             g = got[0]
             if g is None:
                 hint = ("you returned None: all_reduce works in place and returns None (like dist.all_reduce); "
                         "return the tensor you passed to it")
-            elif group.calls[0] == 0:
+            elif calls[0] == 0:
                 hint = "no all_reduce call: each rank holds only a partial sum over its slice of the inputs"
             elif has_bias and _close(g, want + (tp - 1) * b):
                 hint = f"the bias was added before the all-reduce, so it was summed {tp} times: add it after"
@@ -55,8 +67,8 @@ def check_row_parallel_forward(student_fn) -> CheckResult:
             for r in range(1, tp):
                 c.check_close(got[r], want, case=case + f", rank {r}'s output", rtol=1e-4, atol=1e-4,
                               hint="every rank must return the full result (that is what all-reduce gives)")
-            c.check(group.calls == [1] * tp, case=case, expected="exactly 1 all_reduce per rank",
-                    got=f"all_reduce calls per rank: {group.calls}",
+            c.check(calls == [1] * tp, case=case, expected="exactly 1 all_reduce per rank",
+                    got=f"all_reduce calls per rank: {calls}",
                     hint="one all-reduce of the [..., out] partial sums is all a row-parallel layer needs")
     return c.result
 
@@ -81,10 +93,10 @@ def check_tp_mlp_forward(student_fn) -> CheckResult:
             down = torch.randn(E, Fh, generator=gen) / Fh**0.5
             want = _mlp(x, gate, up, down)
             args = [(x, shard(gate, 0, r, tp), shard(up, 0, r, tp), shard(down, 1, r, tp)) for r in range(tp)]
-            got, group = run_ranks(student_fn, args)
+            got, all_calls = _ranks(student_fn, args)
             case = (f"tp={tp}, x {tuple(x_shape)} (E={E}), F={Fh}: gate_shard/up_shard {tuple(args[0][1].shape)}, "
                     f"down_shard {tuple(args[0][3].shape)}")
-            calls = group.calls[0]
+            calls = all_calls[0]
             if got[0] is None:
                 hint = "you returned None: all_reduce works in place and returns None; return the reduced tensor"
             elif calls == 0:
@@ -99,7 +111,7 @@ def check_tp_mlp_forward(student_fn) -> CheckResult:
             for r in range(1, tp):
                 c.check_close(got[r], want, case=case + f", rank {r}'s output", rtol=1e-4, atol=1e-4,
                               hint="every rank must return the full MLP output")
-            c.check(group.calls == [1] * tp, case=case, expected="exactly 1 all_reduce per rank",
-                    got=f"all_reduce calls per rank: {group.calls}",
+            c.check(all_calls == [1] * tp, case=case, expected="exactly 1 all_reduce per rank",
+                    got=f"all_reduce calls per rank: {all_calls}",
                     hint="pairing a column-parallel layer with a row-parallel one needs one all-reduce, at the end")
     return c.result
