@@ -36,7 +36,8 @@ def _shard_files(path: Path) -> list[Path]:
         names, source = sorted(p.name for p in path.glob("*.safetensors")), "checkpoint file"
     if not names:
         raise FileNotFoundError(f"no *.safetensors in {path} (pickled .bin checkpoints are not loaded, by design)")
-    root = (path.parent.parent if path.parent.name == "snapshots" else path).resolve()
+    root = path.resolve()
+    root = root.parent.parent if root.parent.name == "snapshots" else root
     files = []
     for name in names:
         file = path / name

@@ -249,7 +249,7 @@ def test_symlink_pointing_outside_the_folder_is_refused(ckpt, sharded):
         load(ckpt)
 
 
-def test_hub_cache_snapshot_with_symlinks_into_blobs_loads(tmp_path):
+def test_hub_cache_snapshot_with_symlinks_into_blobs_loads(tmp_path, monkeypatch):
     """huggingface_hub's cache: snapshots/<rev>/model.safetensors -> ../../blobs/<sha>; that is one repository."""
     repo = tmp_path / "models--course--tiny"
     snapshot = make_checkpoint(repo / "snapshots" / "abc123")
@@ -257,6 +257,8 @@ def test_hub_cache_snapshot_with_symlinks_into_blobs_loads(tmp_path):
     (snapshot / "model.safetensors").rename(repo / "blobs" / "f00d")
     os.symlink("../../blobs/f00d", snapshot / "model.safetensors")
     load(snapshot)
+    monkeypatch.chdir(snapshot)
+    load(".")                               # the same folder named relatively
 
 
 def test_missing_shard_is_named(ckpt):
