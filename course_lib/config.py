@@ -40,7 +40,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("rms_norm_eps", "rope_theta"):   # NaN passes every comparison: check it by name
+        for name in ("rms_norm_eps", "rope_theta"):   # NaN fails every comparison: "<= 0" alone lets it in
             value = getattr(self, name)
             if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
