@@ -2,8 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "max_position_embeddings")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -26,16 +35,33 @@ class ModelConfig:
     eos_token_id: int | None = None
 
     def __post_init__(self):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        # Types first: a JSON "1024", 2.0 or true must not slip through as a size (bool is an int in Python).
+        for name in _SIZES + (() if self.head_dim is None else ("head_dim",)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):   # NaN fails every comparison: "<= 0" alone lets it in
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            setattr(self, name, float(value))
+        for name in ("tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value < self.vocab_size):
+                raise ValueError(f"{name} must be null or a token id in 0..{self.vocab_size - 1} "
+                                 f"(vocab_size={self.vocab_size}), got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                                 f"({self.num_attention_heads}) when head_dim is not given (D = E / Hq)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -55,33 +81,91 @@ class ModelConfig:
     # --- Hugging Face config.json -------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """From a Hugging Face config dict (LlamaConfig, Qwen2Config, MistralConfig).
+
+        Refuses with a ValueError naming the field what the course model would compute differently from
+        transformers: another activation than silu, MLP biases, RoPE scaling, a sliding window in use.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama", "qwen2", "mistral"):
+            raise ValueError(f"model_type {model_type!r} is not a LLaMA-architecture decoder (llama, qwen2, mistral)")
+        missing = [k for k in _SIZES if k not in d and k != "num_key_value_heads"]
+        if missing:  # the course's defaults (E=256, ...) are no stand-in for a checkpoint's sizes
+            raise ValueError(f"missing {', '.join(missing)}")
+        if d.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: the course model's MLP is SwiGLU (silu)")
+        if d.get("mlp_bias", False) is not False:
+            raise ValueError(f"mlp_bias {d['mlp_bias']!r} is not supported: the course model's MLP has no biases")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("num_key_value_heads") is None:  # Hugging Face's rule for configs older than GQA
+            kwargs["num_key_value_heads"] = d["num_attention_heads"]
         if isinstance(kwargs.get("eos_token_id"), list):  # some HF configs list several
-            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
         if kwargs.get("head_dim") is None:
             kwargs.pop("head_dim", None)
-        if d.get("model_type") == "qwen2":
+        if model_type == "qwen2":
             kwargs.setdefault("attention_bias", True)
         # transformers >= 5 keeps RoPE settings in rope_parameters; older configs use rope_theta/rope_scaling.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters / rope_scaling must be a JSON object, got {rope!r}")
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by the course model")
         if kwargs.get("rope_theta") is None:
             kwargs.pop("rope_theta", None)
             if "rope_theta" in rope:
                 kwargs["rope_theta"] = rope["rope_theta"]
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        _check_sliding_window(d, config)
+        return config
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """From a Hugging Face config.json; a ValueError names the file and the field."""
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as err:  # json's and UTF-8's decoding errors are ValueErrors too
+            raise ValueError(f"{path}: {err}") from err
 
     def to_hf_dict(self) -> dict:
         d = asdict(self)
         d.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu", mlp_bias=False,
                  attention_dropout=0.0, rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
         return d
+
+
+def _check_sliding_window(d: dict, config: ModelConfig) -> None:
+    """Refuse a sliding window that transformers would apply within the model's context.
+
+    "In use" as transformers decides it: LLaMA ignores ``sliding_window``; Mistral applies it to every
+    layer; Qwen2 only with ``use_sliding_window: true``, to the layers ``layer_types`` marks
+    "sliding_attention" (without ``layer_types``: layers >= ``max_window_layers``). A window of at least
+    ``max_position_embeddings`` tokens never hides a token, so it is harmless.
+    """
+    window, model_type, L = d.get("sliding_window"), d.get("model_type", "llama"), config.num_hidden_layers
+    if window is None or model_type == "llama":
+        return
+    if not _is_int(window) or window < 1:
+        raise ValueError(f"sliding_window must be null or an int >= 1, got {window!r}")
+    layers = list(range(L))
+    if model_type == "qwen2":
+        use, first, types = d.get("use_sliding_window", False), d.get("max_window_layers", 28), d.get("layer_types")
+        if not isinstance(use, bool) or not _is_int(first) or not isinstance(types, (list, type(None))):
+            raise ValueError(f"use_sliding_window must be true/false, max_window_layers an int and layer_types a list, "
+                             f"got {use!r}, {first!r}, {types!r}")
+        if not use:
+            return
+        layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if types else list(range(first, L))
+    if layers and window < config.max_position_embeddings:
+        raise ValueError(
+            f"sliding_window={window} is in use ({model_type}: {len(layers)} of {L} layers, from layer {layers[0]}, "
+            f"attend to the last {window} tokens only) and is shorter than max_position_embeddings="
+            f"{config.max_position_embeddings}; the course model implements full causal attention only, so past "
+            f"{window} tokens its outputs would differ")
 
 
 # Real configurations (from each model's published config.json), for the memory and FLOP arithmetic

@@ -101,7 +101,9 @@ def test_cli_exit_code_one_when_different(monkeypatch, capsys):
 
 
 def test_cli_rejects_tp_that_does_not_divide_kv_heads(capsys):
-    assert cli.main(["--tp", "3"]) == 2
+    with pytest.raises(SystemExit) as exit_:   # a usage error (parser.error), before any rank starts
+        cli.main(["--tp", "3"])
+    assert exit_.value.code == 2
     assert "num_key_value_heads % tp == 0, got Hkv=4" in capsys.readouterr().err
 
 

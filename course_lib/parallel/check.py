@@ -16,13 +16,17 @@ from course_lib.parallel.tensor import check_tp_size, greedy_no_cache, tp_rank
 
 def sample_batch(batch: int = 4, seq: int = 32, offset: int = 0) -> torch.Tensor:
     """Token ids [batch, seq]: consecutive windows of the validation text (real text, fixed)."""
-    from course_lib.checkpoint import load_tiny
+    from course_lib.checkpoint import CHECKPOINTS
     from course_lib.corpus import load_text
+    from course_lib.tokenizer import Tokenizer
 
-    _, tokenizer = load_tiny("target", device="cpu")
+    if batch < 1 or seq < 1:
+        raise ValueError(f"sample_batch: batch and seq must be >= 1, got {batch} and {seq}")
+    tokenizer = Tokenizer(CHECKPOINTS / "tiny-target")  # the tokenizer alone: no need to load the model
     ids = tokenizer.encode(load_text("validation")[offset: offset + 40 * batch * seq])
     if len(ids) < batch * seq:
-        raise ValueError(f"not enough text for {batch} x {seq} tokens")
+        raise ValueError(f"not enough validation text for {batch} x {seq} = {batch * seq:,} tokens: "
+                         f"{len(ids):,} from offset {offset}")
     return torch.tensor(ids[: batch * seq]).view(batch, seq)
 
 
