@@ -208,3 +208,44 @@ def test_a_malformed_reply_is_an_error_not_a_crash(session, tmp_path):
     fake = Session(lambda code, timeout: exec(code, namespace), tmp_path, lambda: 60)
     with pytest.raises(RemoteError, match="malformed"):
         fake.call(("op", "eval"), ("1",), {})
+
+
+# ---------------------------------------------------------------- instruments watch the learner's code where it runs
+INSTRUMENTED = '''
+import torch
+from course_lib.kv_cache import KVCache
+
+def softmax_cheat(x, block_size):
+    return torch.softmax(x, dim=-1)
+
+def uncached_decode(model, prompt_ids, max_new_tokens):
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt_ids):]
+
+def no_all_reduce(x_shard, weight_shard, bias, all_reduce):
+    y = x_shard @ weight_shard.T
+    return y + bias if bias is not None else y
+'''
+
+
+@pytest.fixture
+def instrumented(tmp_path):
+    namespace: dict = {}
+    exec(textwrap.dedent(INSTRUMENTED), namespace)
+    namespace["__course_grader__"] = KernelServer(namespace)
+    return Session(lambda code, timeout: exec(code, namespace), tmp_path, lambda: 60)
+
+
+def test_instruments_run_beside_the_learners_code(instrumented):
+    from course_lib.grading import lesson01, lesson03, lesson08
+    from course_lib.grading.core import quiet
+
+    with quiet():
+        softmax = lesson03.check_online_softmax(instrumented.eval("softmax_cheat"))
+        decode = lesson01.check_cached_greedy_decode(instrumented.eval("uncached_decode"))
+        ranks = lesson08.check_row_parallel_forward(instrumented.eval("no_all_reduce"))
+    assert softmax.status == "failed" and "torch.softmax / logsumexp are not allowed" in softmax.message
+    assert decode.status == "failed" and "the first call (prefill)" in decode.message
+    assert ranks.status == "failed" and "no all_reduce call" in ranks.message
