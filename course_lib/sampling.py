@@ -7,23 +7,35 @@ depend on which other requests share its batch (continuous batching changes the 
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
 import torch
+
+#: Temperatures below this count as greedy (vLLM's ``_SAMPLING_EPS``): logits / 1e-310 overflow to inf, and the
+#: softmax of that is NaN.
+SAMPLING_EPS = 1e-5
+#: Seeds are non-negative 63-bit ints, the range of ``random.Random.getrandbits(63)`` and of a torch seed.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate the completion(s) of one request.
 
-    temperature      0 = greedy (argmax); > 0 samples from softmax(logits / temperature)
+    temperature      0 = greedy (argmax); > 0 samples from softmax(logits / temperature). A finite number >= 0;
+                     below SAMPLING_EPS = 1e-5 it is greedy too (vLLM's rule: the division would overflow)
     top_p            nucleus sampling: keep the smallest set of tokens whose probabilities sum to >= top_p (1 = all)
     top_k            keep the top_k most likely tokens (None = all)
     max_tokens       generate at most this many tokens (fewer at a stop token or at the model's context length)
     stop_token_ids   stop after generating one of these (it is kept in the output); () = never stop early
-    seed             seed of the request's random generator (None: drawn from the engine's generator)
+    seed             seed of the request's random generator, an int in [0, 2**63 - 1] (None: drawn from the
+                     engine's generator)
     n                number of completions of the prompt (each sampled independently; sample i uses seed + i)
+
+    Passed to the engine as a dict, the keys must be these names: an unknown key (a typo such as ``temprature``)
+    is refused, not ignored.
     """
 
     temperature: float = 0.0
@@ -38,8 +50,9 @@ class SamplingParams:
         def is_int(x):
             return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
-        if not isinstance(self.temperature, numbers.Real) or isinstance(self.temperature, bool) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        t = self.temperature
+        if not isinstance(t, numbers.Real) or isinstance(t, bool) or not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
         if not isinstance(self.top_p, numbers.Real) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
@@ -48,8 +61,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an int >= 1, got {self.n!r}")
-        if self.seed is not None and not is_int(self.seed):
-            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {self.seed!r}")
         try:
             stops = tuple(self.stop_token_ids)
         except TypeError:
@@ -60,7 +73,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
