@@ -53,7 +53,7 @@ from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, 
 from course_lib.kv_pool import make_kv_pool
 from course_lib.model_runner import ModelRunner
 from course_lib.prefix_cache import PrefixCachingBlockManager
-from course_lib.sampling import SamplingParams, sample_token
+from course_lib.sampling import MAX_SEED, SamplingParams, sample_token
 from course_lib.scheduler import PREEMPTION_MODES, Scheduler
 from course_lib.sequence import Sequence
 from course_lib.spec_decode import SpecDecodeWorker, check_speculative_config
@@ -191,7 +191,7 @@ class LLMEngine:
                 error = self._check_blocks(i, prompt_ids, p, scheduler)
             outputs.append(RequestOutput(i, prompt_ids, error=error))
             if error is None:
-                seqs = [Sequence(next_seq_id + j, i, list(prompt_ids), p, arrivals[i], j, self._generator(p, j))
+                seqs = [Sequence(next_seq_id + j, i, list(prompt_ids), p, arrivals[i], j, self._seed(p, j))
                         for j in range(p.n)]
                 next_seq_id += p.n
                 pending.append((arrivals[i], i, seqs))
@@ -248,17 +248,18 @@ class LLMEngine:
     # ---------------------------------------------------------------- helpers
     def _sample(self, chunks, logits: torch.Tensor) -> dict[int, int]:
         """The next token of every chunk that samples: one argmax over all greedy rows (one device-to-host
-        copy), a draw with its own generator for each sampling row."""
+        copy), a draw for each sampling row with the generator of its sequence and position."""
         seqs = [c.seq for c in chunks if c.samples]
         greedy = logits.argmax(dim=-1).tolist()
-        return {seq.seq_id: (greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator))
+        return {seq.seq_id: (greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator()))
                 for i, seq in enumerate(seqs)}
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+    def _seed(self, params: SamplingParams, index: int) -> int | None:
+        """The seed of sample ``index`` of a request (None when greedy): its own seed + index, else one drawn from
+        the engine's generator."""
         if params.greedy:
             return None
-        seed = params.seed + index if params.seed is not None else self._rng.randrange(2**63)
-        return torch.Generator().manual_seed(seed)
+        return params.seed + index if params.seed is not None else self._rng.randrange(MAX_SEED + 1)
 
     def _free_unfinished(self) -> None:
         """Free the blocks of every sequence the last call left behind (it raised midway) and empty its queues."""

@@ -2,13 +2,19 @@
 
 ``SamplingParams`` is a validated dataclass (the names are vLLM's): a bad value raises a ``ValueError`` that
 names the field when the object is built, so a wrong request never reaches the engine's batch.
-Each sequence draws its tokens with its own ``torch.Generator``: with a ``seed`` a request's tokens do not
-depend on which other requests share its batch (continuous batching changes the company at every step).
+
+**Seeded draws that no batch can change.** A draw is an *exponential race* (the Gumbel-max trick in another
+guise): every token x gets a random time E_x ~ Exp(1), and the token with the largest p_x / E_x wins, which
+happens with probability exactly p_x. The noise E of output token t of a sequence comes from a generator seeded
+by (the sequence's seed, t) alone (``token_generator``), never from a stream that other draws advance. So a
+request's tokens depend on its seed and its logits only: not on which requests share its steps, how a prompt
+was chunked, whether it was preempted, nor (``course_lib.spec_decode``) on how many draft tokens a step verified.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import random
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +36,8 @@ class SamplingParams:
     top_k            keep the top_k most likely tokens (None = all)
     max_tokens       generate at most this many tokens (fewer at a stop token or at the model's context length)
     stop_token_ids   stop after generating one of these (it is kept in the output); () = never stop early
-    seed             seed of the request's random generator, an int in [0, 2**63 - 1] (None: drawn from the
-                     engine's generator)
+    seed             an int in [0, 2**63 - 1]: the request's tokens depend on it and on the logits only, never on
+                     the batch (see the module docstring); None: the engine draws one
     n                number of completions of the prompt (each sampled independently; sample i uses seed + i)
 
     Passed to the engine as a dict, the keys must be these names: an unknown key (a typo such as ``temprature``)
@@ -91,9 +97,25 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = 
     return logits
 
 
+def token_generator(seed: int, position: int) -> torch.Generator:
+    """The generator of the draw of output token ``position`` of a sequence seeded with ``seed``: a seed for the
+    pair, hashed (sha512) so that neighbouring pairs give unrelated noise."""
+    return torch.Generator().manual_seed(random.Random(f"{seed}/{position}").getrandbits(63))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """One token from probs [V] by an exponential race: argmax_x p_x / E_x with E_x ~ Exp(1) from ``generator``
+    (x wins with probability p_x; None: torch's global generator). ``torch.multinomial(probs, 1)`` races the
+    same way, with noise from whatever stream it is given."""
+    probs = probs.float().cpu()
+    e = torch.empty_like(probs).exponential_(generator=generator)           # [V]
+    return int(torch.where(probs > 0, probs / e, -1.0).argmax())          # a token of probability 0 never wins
+
+
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V]: argmax when greedy, else a draw from the filtered softmax with ``generator``."""
+    """One token id from logits [V]: argmax when greedy, else a draw from the filtered softmax with ``generator``
+    (a sequence's ``token_generator(seed, position)``)."""
     if params.greedy:
         return int(logits.argmax())
     probs = torch.softmax(filter_logits(logits, params.temperature, params.top_k, params.top_p), dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    return draw(probs, generator)
