@@ -96,7 +96,7 @@ class LLMEngine:
                             1 + k tokens per sequence then costs more than the drafts it accepts save. The draft
                             model still runs once over such a step's tokens, so that its K/V stay complete
     tokenizer               lets prompts be strings and fills ``.text`` of the outputs
-    seed                    seeds the generators of requests without a seed of their own
+    seed                    draws the seeds of requests without a seed of their own (course_lib.sampling)
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,

@@ -46,6 +46,20 @@ def test_a_tiny_positive_temperature_is_greedy():
     assert [o.token_ids for o in outs] == [greedy_generate(MICRO, p, 3, use_cache=False) for p in ([1, 2], [3, 4])]
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_the_lessons_samplers_refuse_a_temperature_that_is_not_finite(temperature):
+    """generate.sample_next (lesson 01) and speculative.probabilities (lesson 06) let NaN through to
+    torch.multinomial ("probability tensor contains either inf, nan or element < 0"); a tiny temperature is greedy."""
+    from course_lib.generate import sample_next
+    from course_lib.speculative import probabilities
+
+    logits = torch.tensor([0.5, 2.0, -1.0])
+    for f in (sample_next, probabilities):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            f(logits, temperature)
+    assert sample_next(logits, 1e-310) == 1 and probabilities(logits, 1e-310).tolist() == [0.0, 1.0, 0.0]
+
+
 # ---------------------------------------------------------------- one bad request among good ones
 BAD_REQUESTS = [   # (prompt, params, words its error must name)
     ([3, 4], dict(max_tokens=3, temperature=float("nan")), ["temperature"]),
