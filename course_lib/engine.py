@@ -23,16 +23,27 @@ that advances by the measured wall time of each step (scheduling, copies, forwar
 and, when the engine is idle, jumps to the next arrival instead of sleeping. Latencies (TTFT, TPOT) are read
 on that clock.
 
-**Bad input.** A request with an empty prompt, a prompt that fills the model's context, token ids outside the
-vocabulary, invalid sampling parameters (a dict that ``SamplingParams`` rejects) or more tokens than the whole
-KV cache holds gets a ``RequestOutput`` whose ``error`` is a ``ValueError`` naming the field; the other requests
-are served. Misusing the call itself (prompts not a list, a params list of the wrong length, ...) raises
-``TypeError`` / ``ValueError`` before anything runs.
+**Bad input: one bad request never sinks the batch.** Every request is checked before anything runs. A request
+with an empty prompt, a prompt that fills the model's context, a token id that is not an integer (``1.7`` is not
+token 1) or lies outside the vocabulary (the error names its position, ``prompt[3]``), invalid sampling parameters
+(a NaN temperature, a seed outside [0, 2**63 - 1], an unknown key in a params dict) or more tokens than the whole
+KV cache holds gets a ``RequestOutput`` whose ``error`` is a ``ValueError`` naming the request and the field;
+the other requests are served. Misusing the call itself (prompts not a list, a params list of the wrong length,
+...) raises ``TypeError`` / ``ValueError`` before anything runs.
+
+**One call at a time.** An engine owns one KV pool and one block manager: ``generate`` on an engine whose
+``generate`` is still running (another thread) raises a ``RuntimeError`` instead of sharing them. A call that
+fails midway (an exception from the model, a KeyboardInterrupt) gives every block back before the exception
+leaves it, so the engine serves the next call with its whole cache.
 """
 from __future__ import annotations
 
+import difflib
+import numbers
 import random
+import threading
 import time
+from dataclasses import fields
 
 import torch
 from tqdm.auto import tqdm
@@ -42,7 +53,7 @@ from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, 
 from course_lib.kv_pool import make_kv_pool
 from course_lib.model_runner import ModelRunner
 from course_lib.prefix_cache import PrefixCachingBlockManager
-from course_lib.sampling import SamplingParams, sample_token
+from course_lib.sampling import MAX_SEED, SamplingParams, sample_token
 from course_lib.scheduler import PREEMPTION_MODES, Scheduler
 from course_lib.sequence import Sequence
 from course_lib.spec_decode import SpecDecodeWorker, check_speculative_config
@@ -85,7 +96,7 @@ class LLMEngine:
                             1 + k tokens per sequence then costs more than the drafts it accepts save. The draft
                             model still runs once over such a step's tokens, so that its K/V stay complete
     tokenizer               lets prompts be strings and fills ``.text`` of the outputs
-    seed                    seeds the generators of requests without a seed of their own
+    seed                    draws the seeds of requests without a seed of their own (course_lib.sampling)
     """
 
     def __init__(self, model, *, block_size: int = 16, num_blocks: int | None = None, max_num_seqs: int = 32,
@@ -139,18 +150,28 @@ class LLMEngine:
         self.enable_prefix_caching = bool(enable_prefix_caching)
         self.block_manager = PrefixCachingBlockManager(self.num_blocks, block_size) if enable_prefix_caching else None
         self._rng = random.Random(seed)
+        self._busy = threading.Lock()               # held by the generate call that runs
         self.metrics: RunMetrics | None = None      # of the last generate call
         self.scheduler: Scheduler | None = None     # of the last generate call (its queues are empty at the end)
 
     # ---------------------------------------------------------------- the public call
     def generate(self, prompts, params=None, *, arrival_times=None, use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Generate completions for ``prompts`` (token-id lists, or strings with a tokenizer). ``params``: one
-        SamplingParams for all, or a list with one per prompt. Returns one RequestOutput per prompt, in order;
-        the run's metrics are in ``self.metrics``. The progress bar shows by default from 64 requests on."""
+        """Generate completions for ``prompts`` (token-id lists or 1-D integer tensors, or strings with a tokenizer).
+        ``params``: one SamplingParams (or dict) for all, or a list with one per prompt. Returns one RequestOutput per
+        prompt, in order (a bad request's carries its ``error``); the run's metrics are in ``self.metrics``. The
+        progress bar shows by default from 64 requests on. One call at a time per engine (``RuntimeError``)."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("LLMEngine.generate is already running on this engine (called from another thread?): "
+                               "an engine serves one call at a time; wait for it, or give each thread its own engine")
+        try:
+            return self._generate(prompts, params, arrival_times, use_tqdm)
+        finally:
+            self._free_unfinished()   # no-op after a clean run; after an exception, every block comes back
+            self._busy.release()
+
+    def _generate(self, prompts, params, arrival_times, use_tqdm) -> list[RequestOutput]:
         prompts, params_list, arrivals = check_call(prompts, params, arrival_times)
         bm = self.block_manager or BlockManager(self.num_blocks, self.block_size)
-        for seq_id in list(bm.block_tables):   # a previous call that raised midway: its sequences are gone
-            bm.free(seq_id)
         cpu_bm = BlockManager(self.num_cpu_blocks, self.block_size) if self.num_cpu_blocks else None
         self.scheduler = scheduler = Scheduler(
             bm, max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -170,7 +191,7 @@ class LLMEngine:
                 error = self._check_blocks(i, prompt_ids, p, scheduler)
             outputs.append(RequestOutput(i, prompt_ids, error=error))
             if error is None:
-                seqs = [Sequence(next_seq_id + j, i, list(prompt_ids), p, arrivals[i], j, self._generator(p, j))
+                seqs = [Sequence(next_seq_id + j, i, list(prompt_ids), p, arrivals[i], j, self._seed(p, j))
                         for j in range(p.n)]
                 next_seq_id += p.n
                 pending.append((arrivals[i], i, seqs))
@@ -227,17 +248,29 @@ class LLMEngine:
     # ---------------------------------------------------------------- helpers
     def _sample(self, chunks, logits: torch.Tensor) -> dict[int, int]:
         """The next token of every chunk that samples: one argmax over all greedy rows (one device-to-host
-        copy), a draw with its own generator for each sampling row."""
+        copy), a draw for each sampling row with the generator of its sequence and position."""
         seqs = [c.seq for c in chunks if c.samples]
         greedy = logits.argmax(dim=-1).tolist()
-        return {seq.seq_id: (greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator))
+        return {seq.seq_id: (greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator()))
                 for i, seq in enumerate(seqs)}
 
-    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+    def _seed(self, params: SamplingParams, index: int) -> int | None:
+        """The seed of sample ``index`` of a request (None when greedy): its own seed + index, else one drawn from
+        the engine's generator."""
         if params.greedy:
             return None
-        seed = params.seed + index if params.seed is not None else self._rng.randrange(2**63)
-        return torch.Generator().manual_seed(seed)
+        return params.seed + index if params.seed is not None else self._rng.randrange(MAX_SEED + 1)
+
+    def _free_unfinished(self) -> None:
+        """Free the blocks of every sequence the last call left behind (it raised midway) and empty its queues."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        for bm in filter(None, (scheduler.block_manager, scheduler.cpu_block_manager)):
+            for seq_id in list(bm.block_tables):
+                bm.free(seq_id)     # blocks the prefix cache holds stay cached (their K/V were complete)
+        for queue in (scheduler.waiting, scheduler.running, scheduler.swapped):
+            queue.clear()
 
     def _check_blocks(self, i: int, prompt: list[int], params: SamplingParams, scheduler: Scheduler):
         """A ValueError if the sequence could not fit the KV cache even alone (it would never finish)."""
@@ -287,32 +320,63 @@ def check_call(prompts, params, arrival_times) -> tuple[list, list, list[float]]
     return list(prompts), list(params), arrival_times
 
 
-def check_request(i: int, prompt, params, *, vocab_size: int, max_model_len: int, tokenizer=None):
-    """(prompt token ids, SamplingParams, None) for a valid request, else (..., a ValueError naming the field)."""
+PARAM_NAMES = tuple(f.name for f in fields(SamplingParams))
+
+
+def check_params(params) -> SamplingParams:
+    """SamplingParams from None (the defaults), a SamplingParams or a dict of its fields; a ValueError names an
+    unknown key (``SamplingParams(**params)`` would raise a TypeError, which sank the whole call)."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if not isinstance(params, dict):
+        raise ValueError(f"params: expected SamplingParams or a dict, got {type(params).__name__}")
+    for key in params:
+        if key not in PARAM_NAMES:
+            near = difflib.get_close_matches(str(key), PARAM_NAMES, n=1)
+            raise ValueError(f"params: unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                             + f"; SamplingParams has {', '.join(PARAM_NAMES)}")
+    return SamplingParams(**params)                  # raises ValueError naming the bad field
+
+
+def check_prompt(prompt, vocab_size: int, tokenizer=None) -> list[int]:
+    """The token ids of a prompt: a string (encoded by the tokenizer), a list / tuple / array of ints, or a 1-D
+    integer tensor. Each id must be an integer in [0, vocab_size): ``1.7`` is refused, never truncated to 1."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("prompt: a string prompt needs a tokenizer (LLMEngine(..., tokenizer=...))")
+        prompt = tokenizer.encode(prompt)
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise ValueError(f"prompt: a tensor of token ids must be 1-D with an integer dtype, got shape "
+                             f"{tuple(prompt.shape)} and dtype {prompt.dtype}")
+        prompt = prompt.tolist()
     try:
-        if params is None:
-            params = SamplingParams()
-        elif isinstance(params, dict):
-            params = SamplingParams(**params)          # raises ValueError naming the bad field
-        elif not isinstance(params, SamplingParams):
-            raise ValueError(f"params: expected SamplingParams or a dict, got {type(params).__name__}")
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                raise ValueError("prompt: a string prompt needs a tokenizer (LLMEngine(..., tokenizer=...))")
-            prompt = tokenizer.encode(prompt)
-        try:
-            prompt = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise ValueError(f"prompt: expected a list of token ids or a string, got {prompt!r:.60}") from None
-        if not prompt:
-            raise ValueError("prompt: it is empty; generation needs at least one token to condition on")
-        if not all(0 <= t < vocab_size for t in prompt):
-            raise ValueError(f"prompt: token id {next(t for t in prompt if not 0 <= t < vocab_size)} is outside the "
-                             f"vocabulary 0 ... {vocab_size - 1}")
-        if len(prompt) >= max_model_len:
-            raise ValueError(f"prompt: {len(prompt)} tokens, but the model's context is {max_model_len} tokens: "
+        ids = list(prompt)
+    except TypeError:
+        raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}") from None
+    if not ids:
+        raise ValueError("prompt: it is empty; generation needs at least one token to condition on")
+    for pos, t in enumerate(ids):
+        if not isinstance(t, numbers.Integral) or isinstance(t, bool):
+            raise ValueError(f"prompt[{pos}] = {t!r} is not an integer token id ({type(t).__name__})")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"prompt[{pos}] = {t} is outside the vocabulary [0, {vocab_size})")
+    return [int(t) for t in ids]
+
+
+def check_request(i: int, prompt, params, *, vocab_size: int, max_model_len: int, tokenizer=None):
+    """(prompt token ids, SamplingParams, None) for a valid request, else (..., a ValueError naming the request
+    and the field: the request's output carries it, the other requests are served)."""
+    prompt_ids = []
+    try:
+        params = check_params(params)
+        prompt_ids = check_prompt(prompt, vocab_size, tokenizer)
+        if len(prompt_ids) >= max_model_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens, but the model's context is {max_model_len} tokens: "
                              "no room to generate")
     except ValueError as err:
         err.args = (f"request {i}: {err.args[0]}",)
-        return (prompt if isinstance(prompt, list) else []), params, err
-    return prompt, params, None
+        return prompt_ids, params, err
+    return prompt_ids, params, None

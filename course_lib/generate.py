@@ -1,12 +1,14 @@
 """Autoregressive generation for one sequence, with and without the KV cache (lesson 01)."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from course_lib.kv_cache import KVCache
+from course_lib.sampling import SAMPLING_EPS
 
 
 @dataclass
@@ -17,10 +19,11 @@ class GenerationResult:
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 generator: torch.Generator | None = None) -> int:
-    """One token from logits [V]: argmax at temperature 0, else a sample from softmax(logits / T) (top-k)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
+    """One token from logits [V]: argmax at temperature 0 (below 1e-5, where logits / T would overflow), else a
+    sample from softmax(logits / T) (top-k)."""
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if temperature < SAMPLING_EPS:
         return int(logits.argmax())
     logits = logits.float() / temperature
     if top_k is not None:

@@ -36,7 +36,8 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     N, P, Hkv, _ = k_cache.shape
     if B * block_tables.shape[1] * P > 2 * int(context_lens.sum()) + B * P:
         # very uneven lengths (one long context among short ones): padding would more than double the work
-        return kernels.reference.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens)
+        return kernels.reference.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens,
+                                                        validate=False)
     k = k_cache[block_tables.long()].reshape(B, -1, Hkv, D).transpose(1, 2).float()      # [B, Hkv, Lmax, D]
     v = v_cache[block_tables.long()].reshape(B, -1, Hkv, D).transpose(1, 2).float()
     qg = q.float().reshape(B, Hkv, Hq // Hkv, D)                                          # [B, Hkv, G, D]
@@ -97,17 +98,19 @@ class KVPool:
                     dst[d].copy_(src[s], non_blocking=True)
 
     # ---------------------------------------------------------------- what a step does with the blocks
+    # The block manager made every slot and block table of a step, so the kernels run with validate=False: they
+    # read nothing back from the device to check them (a step must never wait on the GPU).
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, use_kernels: bool):
         """Write k, v ``[T, Hkv, D]`` at ``slot_mapping`` ``[T]``."""
         store_kv = kernels.store_kv if use_kernels else kernels.reference.store_kv
-        store_kv(k, v, self.k_caches[layer], self.v_caches[layer], slot_mapping)
+        store_kv(k, v, self.k_caches[layer], self.v_caches[layer], slot_mapping, validate=False)
 
     def decode(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                max_context_len: int, use_kernels: bool) -> torch.Tensor:
         """Decode attention of q ``[B, Hq, D]`` over each sequence's K/V: ``[B, Hq, D]``."""
         decode = kernels.paged_attention_decode if use_kernels else paged_decode_attention_torch
         return decode(q, self.k_caches[layer], self.v_caches[layer], block_tables, context_lens,
-                      max_context_len=max_context_len)
+                      max_context_len=max_context_len, validate=False)
 
     def gather(self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype):
         """The first ``length`` K and V of the sequence whose blocks are ``blocks`` [n]: ``[Hkv, length, D]`` each."""
@@ -148,12 +151,12 @@ class QuantizedKVPool(KVPool):
 
     def store(self, layer, k, v, slot_mapping, use_kernels):
         store = kernels.store_kv_int8 if use_kernels else kernels.reference.store_kv_int8
-        store(k, v, *self._layer(layer), slot_mapping)
+        store(k, v, *self._layer(layer), slot_mapping, validate=False)
 
     def decode(self, layer, q, block_tables, context_lens, max_context_len, use_kernels):
         if use_kernels:
             return kernels.paged_attention_int8_decode(q, *self._layer(layer), block_tables, context_lens,
-                                                       max_context_len=max_context_len)
+                                                       max_context_len=max_context_len, validate=False)
         # CPU: dequantize only the blocks of this batch, then the batched torch decode over them
         B, width = block_tables.shape
         P, Hkv, D = self.block_size, self.num_kv_heads, self.head_dim

@@ -64,7 +64,7 @@ class PagedKVCache:
         L = self.length + S
         if S == 1 and self.use_kernel:   # decode: the paged-attention kernel reads K/V through the tables
             out = kernels.paged_attention_decode(q[:, :, 0], k_cache, v_cache, block_tables, context_lens,
-                                                 max_context_len=L)
+                                                 max_context_len=L, validate=False)   # tables of our own
             return out[:, :, None]                                                       # [B, Hq, 1, D]
         # prefill: gather each sequence's blocks into a contiguous [B, Hkv, L, D] and attend causally
         Hkv = k_cache.shape[2]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from course_lib.sampling import SamplingParams
+from course_lib.sampling import SamplingParams, token_generator
 
 WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
 
@@ -22,7 +22,7 @@ class Sequence:
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = 0.0
     sample_index: int = 0                     # which of the request's n samples
-    generator: torch.Generator | None = None
+    seed: int | None = None                   # seed of its draws (sampling.token_generator); None when greedy
     output_token_ids: list[int] = field(default_factory=list)
     status: str = WAITING
     num_computed_tokens: int = 0              # tokens whose K/V are in the cache
@@ -39,6 +39,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """The generator of the draw of output token ``len(output_token_ids) + offset`` (a speculative step draws
+        the tokens after the next one too): keyed by the seed and the position, never by the batch."""
+        return token_generator(self.seed, len(self.output_token_ids) + offset)
 
     @property
     def priority(self) -> tuple[float, int]:

@@ -11,8 +11,9 @@ in the same steps, on the paged K/V of lesson 04. One engine step:
     draft pass i    one token per speculating sequence: d_(i-1) -> d_i              (i = 2 ... k: k - 1 passes)
     target pass     ONE pass in which each speculating sequence is a chunk of its tokens + its drafts (a
                     ``VerifyChunk``: "prefill-like", it attends over the paged cache), logits at its last k + 1 rows
-    verify          per sequence ``greedy_verify`` / ``rejection_sample`` (lesson 06): j accepted drafts + one
-                    token of the target's (the correction, or the bonus when all k pass)
+    verify          per sequence lesson 06's ``greedy_verify``, or when sampling its twin on coupled draws (see
+                    "Same output"): j accepted drafts + one token of the target's (the correction, or the bonus
+                    when all k pass)
     update          the scheduler appends the 1 ... k + 1 tokens, stopping at a stop token or the length limit
 
 The k draft passes and the verify pass each serve all sequences at once. Whether a step of k + 1 tokens per
@@ -33,9 +34,15 @@ drafts are stale: nothing counts them, and the next steps overwrite those slots.
 
 **Same output.** Greedy: a draft token is kept only if it is the target's argmax, so the tokens are the
 target's greedy tokens, one for one (up to float round-off: a verify chunk runs through the prefill attention
-path, a plain decode through the decode path). Sampling: q and p are the draft's and the target's
-distributions after the request's temperature / top-k / top-p (``filter_logits``); ``rejection_sample`` then
-keeps exactly the target's filtered distribution, the one the engine samples from without speculation.
+path, a plain decode through the decode path). Sampling: the same, with the target's *draw* in place of its
+argmax. Output token t of a sequence is drawn by an exponential race with noise keyed by (its seed, t)
+(``course_lib.sampling``): the draft proposes the winner of the race under its distribution q, the target
+computes the winner under its distribution p with the *same* noise, and a draft token is kept exactly when the
+two agree (Daliri et al. 2024, "drafter-invariant speculative decoding"). Every output token is the target's own
+draw, so a seeded request gets the tokens the engine draws without speculation, whatever k, the batch or the
+budget (which decide how many drafts each step verifies). The price: the two races agree a little less often
+than lesson 06's rejection rule accepts (Σ min(p, q), which keeps the distribution but not the tokens when k
+changes): on the shipped tiny pair at T = 1, 0.60 vs 0.65 of the draft tokens (256 positions of validation text).
 """
 from __future__ import annotations
 
@@ -44,9 +51,9 @@ from dataclasses import dataclass
 import torch
 
 from course_lib.model_runner import ModelRunner
-from course_lib.sampling import filter_logits
+from course_lib.sampling import draw, filter_logits
 from course_lib.sequence import ScheduledChunk, Sequence
-from course_lib.speculative import SpeculativeStats, rejection_sample
+from course_lib.speculative import SpeculativeStats
 
 
 def check_speculative_config(model, speculative_model, num_speculative_tokens) -> int:
@@ -108,7 +115,8 @@ class SpecDecodeWorker:
     """One speculative step over the engine's chunks: k batched draft passes, one target pass, verification.
     ``stats`` (lesson 06's ``SpeculativeStats``) counts over the worker's life, with a *round* being one
     sampling chunk of one step: ``target_forwards`` = rounds (each is a slice of a step's one target pass),
-    ``draft_forwards`` = batched draft passes; ``tokens_per_target_forward`` = tokens a sequence gains per round."""
+    ``draft_forwards`` = batched draft passes; ``tokens_per_target_forward`` = tokens a sequence gains per round;
+    ``expected_acceptance_rate`` = Σ min(p, q), lesson 06's rule, which the coupled draws approach from below."""
 
     def __init__(self, target: ModelRunner, draft: ModelRunner):
         self.target, self.draft = target, draft
@@ -152,8 +160,8 @@ class SpecDecodeWorker:
 
     # ---------------------------------------------------------------- helpers
     def _propose(self, seq_ids, logits, seqs, drafts, draft_probs) -> None:
-        """The next draft token of each sequence: the draft's argmax (greedy), or a draw from its filtered
-        distribution q with the sequence's generator (q kept for the verification)."""
+        """The next draft token of each sequence: the draft's argmax (greedy), or the winner of the race under its
+        filtered distribution q with the noise of that output position (q kept for the statistics)."""
         best = logits.argmax(dim=-1).tolist()
         for sid, row, top in zip(seq_ids, logits, best):
             seq = seqs[sid]
@@ -161,23 +169,26 @@ class SpecDecodeWorker:
                 drafts[sid].append(top)
                 continue
             q = _probs(row, seq).cpu()
-            drafts[sid].append(int(torch.multinomial(q, 1, generator=seq.generator)))
+            drafts[sid].append(draw(q, seq.generator(len(drafts[sid]))))
             draft_probs[sid].append(q)
 
     def _verify(self, seq: Sequence, drafted: list[int], q_rows: list, logits: torch.Tensor,
                 best: list[int]) -> list[int]:
-        """Lesson 06's verification of one sequence's drafts against the target's logits [k + 1, V] (their
-        argmaxes ``best`` already on the host)."""
+        """The accepted drafts and one token of the target's, from its logits [k + 1, V] (their argmaxes ``best``
+        already on the host): greedy_verify, or its sampling twin, the target's draws with the drafts' noise."""
         k, stats = len(drafted), self.stats
         if seq.params.greedy:   # greedy_verify, on argmaxes already on the host
             n = next((i for i, (d, b) in enumerate(zip(drafted, best)) if d != b), k)
             out, accept_prob = drafted[:n] + [best[n]], n
         else:
             p = torch.stack([_probs(row, seq) for row in logits]).cpu()              # [k + 1, V]
-            q = torch.stack(q_rows) if k else p[:0]
-            out = rejection_sample(drafted, q, p, seq.generator)
+            out = []
+            for i in range(k + 1):            # the target's draw at each position, up to the first disagreement
+                out.append(draw(p[i], seq.generator(i)))
+                if i == k or out[i] != drafted[i]:
+                    break
             tested = min(len(out), k)                                                 # accepted + the rejected one
-            accept_prob = float(torch.minimum(p[:tested], q[:tested]).sum())
+            accept_prob = float(torch.minimum(p[:tested], torch.stack(q_rows[:tested])).sum()) if tested else 0.0
         stats.record_round(k, len(out) - 1, accept_prob)
         return out
 

@@ -15,20 +15,23 @@ Shapes use the legend of ``course_lib/__init__.py``; γ (``gamma``) is the numbe
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from course_lib.kv_cache import KVCache
+from course_lib.sampling import SAMPLING_EPS
 
 
 # ---------------------------------------------------------------- distributions and the acceptance rule
 def probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits [..., V] -> float32 probabilities [..., V]: softmax(logits / T), or one-hot argmax at T = 0."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if temperature == 0:
+    """logits [..., V] -> float32 probabilities [..., V]: softmax(logits / T), or one-hot argmax at T = 0 (below
+    1e-5, where logits / T would overflow)."""
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if temperature < SAMPLING_EPS:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return torch.softmax(logits.float() / temperature, dim=-1)
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from course_lib.engine import _synchronize, check_call, check_request
 from course_lib.kv_cache import KVCache
 from course_lib.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
-from course_lib.sampling import sample_token
+from course_lib.sampling import sample_token, token_generator
 from course_lib.device import DEVICE
 
 PAD_ID = 0   # any id works: padded keys are masked, and padded/finished rows' outputs are discarded
@@ -118,8 +118,7 @@ class StaticBatchEngine:
         pads = [S - n for n in lens]
         cache = PaddedKVCache(model.config, pads, S + steps_needed, dtype=model.dtype, device=device)
         reserved_blocks = -(-len(batch) * (S + steps_needed) // self.block_size)
-        gens = [None if p.greedy else torch.Generator().manual_seed(p.seed + j if p.seed is not None else self.seed + i)
-                for (_, i, j, _, p) in batch]
+        seeds = [p.seed + j if p.seed is not None else self.seed + i for (_, i, j, _, p) in batch]
         ids = torch.tensor([[PAD_ID] * pad + r[3] for pad, r in zip(pads, batch)], device=device)      # [B, S]
         pad_t = torch.tensor(pads, device=device)
         positions = (torch.arange(S, device=device)[None, :] - pad_t[:, None]).clamp(min=0)           # [B, S]
@@ -135,7 +134,7 @@ class StaticBatchEngine:
             for b, (_, _, _, _, p) in enumerate(batch):
                 if done[b]:
                     continue
-                tok = greedy[b] if p.greedy else sample_token(logits[b], p, gens[b])
+                tok = greedy[b] if p.greedy else sample_token(logits[b], p, token_generator(seeds[b], len(tokens[b])))
                 tokens[b].append(tok)
                 done[b] = tok in p.stop_token_ids or len(tokens[b]) >= budgets[b]
             ids = torch.tensor([[t[-1] if t else PAD_ID] for t in tokens], device=device)            # [B, 1]

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
-from kernels._checks import check_device
+from kernels._checks import check_device, check_sm_scale
 
 #: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
 HEAD_DIMS = (16, 32, 64, 128)
@@ -209,8 +209,7 @@ def _check_inputs(q, k, v, causal, sm_scale) -> None:
     if causal and Sq > Skv:
         raise ValueError(f"causal attention needs Sq <= Skv (queries are the last Sq of the Skv positions); "
                          f"got q with Sq={Sq} and k with Skv={Skv}")
-    if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"sm_scale must be a positive finite number or None, got {sm_scale!r}")
+    check_sm_scale(sm_scale)
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
-from kernels._checks import check_tensors
+from kernels._checks import check_block_tables, check_sm_scale, check_tensors
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Tile and launch parameters: tokens per tile, warps, software-pipelining stages (tuned on an H100).
@@ -249,19 +249,27 @@ def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *, sm_scale: float | None = None,
-                           num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, max_context_len: int | None = None,
+                           validate: bool = True) -> torch.Tensor:
     """Decode attention through block tables: ``[B, Hq, D]``, in q's dtype.
 
     q ``[B, Hq, D]``; k_cache, v_cache ``[N, P, Hkv, D]``; block_tables int32 ``[B, max_blocks]``;
     context_lens int32 ``[B]`` (sequence b attends to its tokens 0 ... context_lens[b]-1; 0 gives zeros).
+    Only the entries of a row that hold the sequence's tokens are read: past them, padding (-1, 0) is fine.
     sm_scale defaults to 1/sqrt(D). ``num_splits``: None chooses (``choose_num_splits``), 1 forces the
     unsplit kernel, k > 1 forces split-K with up to k splits. ``max_context_len``: max(context_lens) if the
-    caller knows it (a scheduler does), which saves a device-to-host sync; it is then trusted, else the
-    lengths are checked against the tables. Raises ValueError, naming the argument, on wrong inputs.
+    caller knows it (a scheduler does). Raises ValueError, naming the argument (and the entry), on wrong inputs:
+    shapes, dtypes and devices always; with ``validate`` (the default) also the values the kernel will read
+    (``kernels._checks.check_block_tables``: every block id it reads inside [0, N), the lengths), one
+    device-to-host copy. ``validate=False`` with ``max_context_len`` reads nothing back: the engine's hot path,
+    for tables it built itself (a block id outside the cache then reads memory that is not the cache).
     """
     _validate(q, k_cache, v_cache, block_tables, context_lens)
+    check_sm_scale(sm_scale)
     B, Hq, D = q.shape
     N, P, Hkv, _ = k_cache.shape
+    if validate:
+        max_context_len = check_block_tables(block_tables, context_lens, N, P, max_context_len)
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
                                                                 max_context_len, CONFIG["BLOCK_N"])
     out = torch.empty_like(q)

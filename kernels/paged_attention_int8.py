@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import INTERPRET
-from kernels._checks import check_tensors
+from kernels._checks import check_block_tables, check_sm_scale, check_tensors
 from kernels.paged_attention import _merge_splits_kernel, plan_splits
 from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache
 
@@ -285,18 +285,23 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 k_scale: torch.Tensor, v_scale: torch.Tensor, block_tables: torch.Tensor,
                                 context_lens: torch.Tensor, *, k_zero: torch.Tensor | None = None,
                                 v_zero: torch.Tensor | None = None, sm_scale: float | None = None,
-                                num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
+                                num_splits: int | None = None, max_context_len: int | None = None,
+                                validate: bool = True) -> torch.Tensor:
     """Decode attention through block tables over 8-bit K/V: ``[B, Hq, D]``, in q's dtype.
 
     As ``kernels.paged_attention_decode`` (q ``[B, Hq, D]``; block_tables int32 ``[B, max_blocks]``;
-    context_lens int32 ``[B]``; sm_scale, num_splits, max_context_len), with k_cache, v_cache ``[N, P, Hkv, D]``
-    torch.int8 or torch.float8_e4m3fn codes and k_scale, v_scale ``[N, P, Hkv]`` (k_zero, v_zero for asymmetric
-    INT8) as written by ``kernels.store_kv_int8``: key t of kv head h is ``k_cache[..] * k_scale[..] (+ k_zero[..])``.
-    Raises ValueError, naming the argument, on wrong inputs.
+    context_lens int32 ``[B]``; sm_scale, num_splits, max_context_len, validate), with k_cache, v_cache
+    ``[N, P, Hkv, D]`` torch.int8 or torch.float8_e4m3fn codes and k_scale, v_scale ``[N, P, Hkv]`` (k_zero, v_zero
+    for asymmetric INT8) as written by ``kernels.store_kv_int8``: key t of kv head h is
+    ``k_cache[..] * k_scale[..] (+ k_zero[..])``. Raises ValueError, naming the argument (and the entry: a block id
+    outside the cache, unless ``validate=False``), on wrong inputs.
     """
     _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_tables, context_lens)
+    check_sm_scale(sm_scale)
     B, Hq, D = q.shape
     N, P, Hkv, _ = k_cache.shape
+    if validate:   # block ids inside [0, N), lengths the tables can address (one device-to-host copy)
+        max_context_len = check_block_tables(block_tables, context_lens, N, P, max_context_len)
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
                                                                 max_context_len, CONFIG["BLOCK_N"],
                                                                 resident_per_sm=RESIDENT_PER_SM)

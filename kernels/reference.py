@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._checks import check_block_tables, check_finite, check_slot_mapping, check_sm_scale
+
 
 def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Elementwise ``x + y`` (reference for ``kernels.add``); x, y: same shape, dtype and device."""
@@ -22,10 +24,12 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, *, validate: bool = True) -> None:
     """Reference for ``kernels.store_kv``: k, v [T, Hkv, D] written in place into k_cache, v_cache
     [N, P, Hkv, D] at slots ``slot_mapping`` [T] (slot = block * P + offset; a negative slot is skipped)."""
     N, P, Hkv, D = k_cache.shape
+    if validate:
+        check_slot_mapping(slot_mapping, N * P)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     k_cache.view(N * P, Hkv, D)[slots] = k[keep]
@@ -34,14 +38,19 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, *,
-                           sm_scale: float | None = None, **_) -> torch.Tensor:
+                           sm_scale: float | None = None, validate: bool = True, **_) -> torch.Tensor:
     """Reference for ``kernels.paged_attention_decode``: q [B, Hq, D]; caches [N, P, Hkv, D]; block_tables
     int32 [B, max_blocks]; context_lens int32 [B]. Gathers each sequence's K/V through its block table into
     a contiguous [1, Hkv, L, D] and calls the plain attention. Returns [B, Hq, D] (zeros where L = 0).
-    Extra keyword arguments of the kernel (num_splits, max_context_len) are accepted and ignored."""
+    Refuses what the kernel refuses (with ``validate``: a block id outside the cache, which torch would read
+    from the end of the cache if negative). Extra keyword arguments of the kernel (num_splits, max_context_len)
+    are accepted and ignored."""
     from course_lib.attention import attention
 
     N, P, Hkv, D = k_cache.shape
+    check_sm_scale(sm_scale)
+    if validate:
+        check_block_tables(block_tables, context_lens, N, P)
     out = torch.zeros_like(q)
     for b in range(q.shape[0]):
         L = int(context_lens[b])
@@ -73,13 +82,19 @@ def flash_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ca
 
 def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   k_scale: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor, *,
-                  k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None) -> None:
+                  k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,
+                  validate: bool = True) -> None:
     """Reference for ``kernels.store_kv_int8``: quantize k, v [T, Hkv, D] per (token, kv head) with
     ``course_lib.kv_quant.quantize(x, "head")`` and write codes into k_cache, v_cache [N, P, Hkv, D] (int8 or
-    float8_e4m3fn) and scales (zero points) into k_scale, v_scale (k_zero, v_zero) [N, P, Hkv] at slot_mapping."""
+    float8_e4m3fn) and scales (zero points) into k_scale, v_scale (k_zero, v_zero) [N, P, Hkv] at slot_mapping.
+    With ``validate``, refuses what the kernel refuses: a slot past the cache, a value that is not finite."""
     from course_lib.kv_quant import quantize
 
     N, P, Hkv, D = k_cache.shape
+    if validate:
+        check_slot_mapping(slot_mapping, N * P)
+        check_finite("k", k, slot_mapping)
+        check_finite("v", v, slot_mapping)
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     kv_dtype = "fp8" if k_cache.dtype == torch.float8_e4m3fn else "int8"
@@ -94,9 +109,11 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 k_scale: torch.Tensor, v_scale: torch.Tensor, block_tables: torch.Tensor,
                                 context_lens: torch.Tensor, *, k_zero: torch.Tensor | None = None,
-                                v_zero: torch.Tensor | None = None, sm_scale: float | None = None, **_) -> torch.Tensor:
+                                v_zero: torch.Tensor | None = None, sm_scale: float | None = None,
+                                validate: bool = True, **_) -> torch.Tensor:
     """Reference for ``kernels.paged_attention_int8_decode``: dequantize the whole 8-bit cache in float32
     (codes · scale + zero) and run ``paged_attention_decode`` on it. Returns [B, Hq, D] in q's dtype."""
     k = k_cache.float() * k_scale.float()[..., None] + (0 if k_zero is None else k_zero.float()[..., None])
     v = v_cache.float() * v_scale.float()[..., None] + (0 if v_zero is None else v_zero.float()[..., None])
-    return paged_attention_decode(q.float(), k, v, block_tables, context_lens, sm_scale=sm_scale).to(q.dtype)
+    return paged_attention_decode(q.float(), k, v, block_tables, context_lens, sm_scale=sm_scale,
+                                  validate=validate).to(q.dtype)

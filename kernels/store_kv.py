@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import check_tensors
+from kernels._checks import check_slot_mapping, check_tensors
 
 #: Dtypes of keys, values and caches the kernel accepts.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -41,11 +41,12 @@ def _store_kv_kernel(
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, *, validate: bool = True) -> None:
     """Write k, v ``[T, Hkv, D]`` into k_cache, v_cache ``[N, P, Hkv, D]`` at ``slot_mapping`` ``[T]`` (in place).
 
     Slots are ``block * P + offset``; a negative slot skips its token. Raises ValueError, naming the
-    argument, on a wrong shape, dtype, device, layout or an out-of-range slot.
+    argument, on a wrong shape, dtype, device, layout or (with ``validate``, one device-to-host copy) an
+    out-of-range slot. ``validate=False``: the engine's path, for slots its block manager computed.
     """
     check_tensors([("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)])
     if k_cache.dim() != 4:
@@ -76,9 +77,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     T = k.shape[0]
     if T == 0:
         return
-    # One host sync to validate: a slot past the cache would write someone else's memory.
-    if int(slot_mapping.max()) >= N * P:
-        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())}; the cache has only N*P = {N * P} slots")
+    if validate:   # a slot past the cache would write someone else's memory
+        check_slot_mapping(slot_mapping, N * P)
     _store_kv_kernel[(T,)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_KV_HEADS=Hkv, HEAD_DIM=D, HEADS_PAD=triton.next_power_of_2(Hkv), DIM_PAD=triton.next_power_of_2(D),

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from course_lib.device import HAS_GPU, INTERPRET
-from kernels._checks import check_tensors
+from kernels._checks import check_finite, check_slot_mapping, check_tensors
 
 #: Dtypes of the new keys / values the kernel accepts (the model's compute dtype).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -156,13 +156,17 @@ def validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero) -> N
 
 def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   k_scale: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor, *,
-                  k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None) -> None:
+                  k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,
+                  validate: bool = True) -> None:
     """Quantize k, v ``[T, Hkv, D]`` per (token, kv head) and write them at ``slot_mapping`` ``[T]`` (in place).
 
     k_cache, v_cache: ``[N, P, Hkv, D]`` torch.int8 (or torch.float8_e4m3fn on a GPU that has it);
     k_scale, v_scale: ``[N, P, Hkv]`` float16 / float32; k_zero, v_zero (INT8 only, optional): the same, for
     asymmetric quantization. A negative slot skips its token. Raises ValueError, naming the argument, on a wrong
-    shape, dtype, device, layout or an out-of-range slot.
+    shape, dtype, device, layout and, with ``validate`` (device-to-host copies), on an out-of-range slot or a
+    value that is not finite: one inf in a row would make its scale inf (every value of the row would then
+    dequantize to NaN), one NaN would be stored as a finite code (a silent wrong value). ``validate=False``: the
+    engine's path, for slots its block manager computed; a non-finite row is then stored as just said.
     """
     tensors = [("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("k_scale", k_scale),
                ("v_scale", v_scale), ("slot_mapping", slot_mapping)]
@@ -196,8 +200,10 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     T = k.shape[0]
     if T == 0:
         return
-    if int(slot_mapping.max()) >= N * P:   # one host sync: a slot past the cache would write someone else's memory
-        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())}; the cache has only N*P = {N * P} slots")
+    if validate:
+        check_slot_mapping(slot_mapping, N * P)   # a slot past the cache would write someone else's memory
+        check_finite("k", k, slot_mapping)
+        check_finite("v", v, slot_mapping)
     mode = MODE_FP8 if k_cache.dtype == torch.float8_e4m3fn else MODE_ASYMMETRIC if k_zero is not None else MODE_SYMMETRIC
     zeros = (k_zero, v_zero) if k_zero is not None else (k_scale, v_scale)   # unused pointers when symmetric
     _store_kv_int8_kernel[(T,)](

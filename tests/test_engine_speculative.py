@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import ModelConfig, Llama, load_tiny
-from course_lib import speculative as spec
 from course_lib.engine import LLMEngine
 from course_lib.generate import greedy_generate
 from course_lib.kv_cache import KVCache
 from course_lib.prefix_cache import PrefixCachingBlockManager
 from course_lib.prefix_workloads import shared_prompt_requests
-from course_lib.sampling import SamplingParams, filter_logits
+from course_lib.sampling import SamplingParams, filter_logits, token_generator
+from course_lib.sequence import Sequence
 from test_engine import assert_preemptions, assert_same_outputs, corpus_requests
 from test_speculative import chi_square_threshold   # the χ² quantile of lesson 06's test (Wilson–Hilferty)
 
@@ -355,10 +355,11 @@ def test_sampled_tokens_have_the_targets_distribution(params, k):
     assert_all_blocks_back(engine)
 
 
-def test_the_test_catches_a_wrong_correction(monkeypatch):
-    """Power check: a correction drawn from p instead of norm(max(0, p − q)) must fail the same test."""
+def test_the_test_catches_noise_reused_across_positions(monkeypatch):
+    """Power check: each output token must race with noise of its own position. One noise for all positions (keyed
+    by the seed alone) keeps every token's own distribution but couples the tokens: the same test must fail."""
     params, k = SAMPLING_CASES[0]
-    monkeypatch.setattr(spec, "residual_distribution", lambda p, q: p)
+    monkeypatch.setattr(Sequence, "generator", lambda self, offset=0: token_generator(self.seed, 0))
     samples, _ = sample_through_engine(params, k)
     stat, dof, _ = chi_square(samples, exact_joint(SMALL_TARGET, params), (0, 1))
     assert stat > chi_square_threshold(dof, SIGNIFICANCE)

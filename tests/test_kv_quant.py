@@ -315,6 +315,44 @@ def test_paged_attention_int8_rejects_bad_inputs(change, match):
         kernels.paged_attention_int8_decode(**change(args))
 
 
+@pytest.mark.parametrize("bad", [517, -1])
+def test_paged_attention_int8_refuses_a_block_id_outside_the_cache(bad):
+    """A block id past the cache segfaulted the process (or gave NaN); padding past the used entries is fine."""
+    args, _, _ = make_quantized(2, 4, 2, 16, 8, [5, 12], torch.float32)     # N = 9 blocks
+    want = ref.paged_attention_int8_decode(*args)
+    tables = args[5].clone()
+    tables[0, 1:], tables[1, 2] = -1, -1                                  # never read: padding
+    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args[:5], tables, args[6]), want, **TOL[torch.float32])
+    tables[1, 1] = bad
+    with pytest.raises(ValueError, match=rf"block_tables\[1, 1\] = {bad} is outside \[0, num_blocks=9\) "
+                                         rf"\(sequence 1 reads block_tables\[1, 0:2\] for context_lens\[1\] = 12\)"):
+        kernels.paged_attention_int8_decode(*args[:5], tables, args[6])
+    for sm_scale in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="sm_scale must be a positive finite number"):
+            kernels.paged_attention_int8_decode(*args, sm_scale=sm_scale)
+    # the engine's path: tables it built itself, the longest context known, nothing read back from the device
+    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, max_context_len=12, validate=False), want,
+                               **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_store_kv_int8_refuses_values_that_are_not_finite(name, bad):
+    """One inf made the row's scale inf (every value of the row then dequantized to NaN); one NaN was stored as
+    code 0 (the kernel) or made the scale NaN (the reference): refused, naming the token and the kv head."""
+    (kc, vc, ks, vs), _ = _caches(2, 8, 2, 16)
+    x = dict(k=torch.randn(3, 2, 16, device=DEVICE), v=torch.randn(3, 2, 16, device=DEVICE))
+    x[name][2, 1, 5] = bad
+    for store in (kernels.store_kv_int8, ref.store_kv_int8):
+        with pytest.raises(ValueError, match=rf"{name}\[2, 1\] holds {bad}"):
+            store(**x, k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs, slot_mapping=torch.tensor([0, 5, 9], device=DEVICE))
+    # validate=False: the engine's path (its model's K/V), no check and no host sync
+    x[name][2, 1, 5] = 0.0
+    kernels.store_kv_int8(**x, k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs,
+                          slot_mapping=torch.tensor([0, 5, 9], device=DEVICE), validate=False)
+    assert torch.isfinite(ks).all() and torch.isfinite(vs).all()
+
+
 # ---------------------------------------------------------------- compiled on a GPU, real shapes
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

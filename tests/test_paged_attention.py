@@ -153,6 +153,48 @@ def test_paged_attention_rejects_bad_inputs(change, match):
         kernels.paged_attention_decode(**change(args))
 
 
+# ---------------------------------------------------------------- checked before the kernel reads memory
+DECODES = {"kernel": kernels.paged_attention_decode, "reference": ref.paged_attention_decode}
+
+
+@pytest.mark.parametrize("decode", DECODES)
+@pytest.mark.parametrize("bad", [517, 26, -1, 2**31 - 1])
+def test_a_block_id_outside_the_cache_is_refused_naming_the_sequence_and_the_block(decode, bad):
+    """A block id past the cache segfaulted the process (or gave NaN); a negative one read another block."""
+    q, k_cache, v_cache, block_tables, context_lens = make_paged(2, 4, 2, 16, 8, [5, 12], torch.float32)  # N = 9
+    block_tables[1, 1] = bad                               # sequence 1 reads entries 0, 1 (12 tokens, 8 per block)
+    with pytest.raises(ValueError, match=rf"block_tables\[1, 1\] = {bad} is outside \[0, num_blocks=9\) "
+                                         rf"\(sequence 1 reads block_tables\[1, 0:2\] for context_lens\[1\] = 12\)"):
+        DECODES[decode](q, k_cache, v_cache, block_tables, context_lens)
+
+
+@pytest.mark.parametrize("decode", DECODES)
+def test_entries_past_a_sequence_s_blocks_may_hold_padding(decode):
+    """Only the entries covering context_lens are read: padding (-1 here; the engine pads with 0) is fine."""
+    args = make_paged(3, 4, 2, 16, 8, [5, 12, 0], torch.float32)
+    want = ref.paged_attention_decode(*args)
+    tables = args[3].clone()
+    tables[0, 1:], tables[1, 2:], tables[2, :] = -1, -1, 2**31 - 1     # never read
+    torch.testing.assert_close(DECODES[decode](*args[:3], tables, args[4]), want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("sm_scale", [float("nan"), float("inf"), 0.0, -0.5, "0.1"])
+def test_a_scale_that_is_not_a_positive_finite_number_is_refused(sm_scale):
+    args = make_paged(2, 4, 2, 16, 8, [5, 12], torch.float32)
+    for decode in DECODES.values():
+        with pytest.raises(ValueError, match="sm_scale must be a positive finite number"):
+            decode(*args, sm_scale=sm_scale)
+
+
+def test_a_max_context_len_shorter_than_a_context_is_refused_and_validate_false_trusts_the_caller():
+    args = make_paged(2, 4, 2, 16, 8, [5, 12], torch.float32)
+    with pytest.raises(ValueError, match=r"max_context_len = 10 is shorter than context_lens\[1\] = 12"):
+        kernels.paged_attention_decode(*args, max_context_len=10)      # would silently skip tokens 10 and 11
+    # the engine's path: it built the tables and knows the longest context, so nothing is read back from the device
+    torch.testing.assert_close(kernels.paged_attention_decode(*args, max_context_len=12, validate=False),
+                               ref.paged_attention_decode(*args), **TOL[torch.float32])
+
+
 # ---------------------------------------------------------------- compiled on a GPU, real shapes
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
