@@ -60,7 +60,8 @@ class ModelConfig:
                                  f"RopeScaling {sorted(names)}, got {self.rope_scaling!r}")
             self.rope_scaling = RopeScaling(**self.rope_scaling)
         elif not isinstance(self.rope_scaling, (RopeScaling, type(None))):
-            raise ValueError(f"rope_scaling must be null, a RopeScaling or a dict of its fields, got {self.rope_scaling!r}")
+            raise ValueError(f"rope_scaling must be null, a RopeScaling or a dict of its fields, "
+                             f"got {self.rope_scaling!r}")
         for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -199,7 +200,8 @@ def _check_sliding_window(d: dict, config: ModelConfig) -> None:
 
 
 # Real configurations (from each model's published config.json), for the memory and FLOP arithmetic
-# of the lessons. Only the shapes matter here; no weights of these models are used.
+# of the lessons. Shapes only: no weights of these models are used, and ``Llama(PRESETS[name])`` has random
+# weights (build it on the "meta" device to inspect it without allocating them).
 PRESETS: dict[str, ModelConfig] = {
     "llama-2-7b": ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                               num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
@@ -219,4 +221,19 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen2-7b": ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                             num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
                             rope_theta=1000000.0, attention_bias=True),
+    # small models of the families load_pretrained reads; parameters (a tied head counted once): 0.49 B, 0.60 B
+    # (0.44 B without the embedding), 1.24 B, as their model cards say (tests/test_model_families.py)
+    "qwen2.5-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                                attention_bias=True),
+    "qwen3-0.6b": ModelConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                              num_attention_heads=16, num_key_value_heads=8, head_dim=128,   # not E / Hq = 64
+                              max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                              tie_word_embeddings=True, qk_norm=True),
+    "llama-3.2-1b": ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                rope_theta=500000.0, tie_word_embeddings=True,
+                                rope_scaling=RopeScaling("llama3", factor=32.0, low_freq_factor=1.0,
+                                                         high_freq_factor=4.0, original_max_position_embeddings=8192)),
 }

@@ -31,7 +31,7 @@ def test_linear_params_add_up_to_the_parameter_count():
         if cfg.attention_bias:
             continue  # biases are parameters but not matmul weights
         E, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
-        norms = 2 * E * L + E
+        norms = 2 * E * L + E + (2 * cfg.head_dim * L if cfg.qk_norm else 0)   # Qwen3: q/k norms of D weights
         embed_and_head = V * E * (1 if cfg.tie_word_embeddings else 2)
         assert L * flops.linear_params_per_layer(cfg) + norms + embed_and_head == cfg.num_parameters()
 
