@@ -60,7 +60,8 @@ class RopeScaling:
             raise ValueError(f"rope scaling 'linear' takes only a factor, got {self!r}")
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError(f"rope scaling high_freq_factor ({self.high_freq_factor}) must be greater than "
-                             f"low_freq_factor ({self.low_freq_factor}): the blend between them divides by the difference")
+                             f"low_freq_factor ({self.low_freq_factor}): the blend between them divides by their "
+                             "difference")
 
     def to_hf_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
