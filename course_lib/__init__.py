@@ -6,7 +6,8 @@ Shape legend, used in every signature, comment and notebook of the course:
     S    sequence length (tokens in this forward pass);  Skv: tokens of keys/values (cache + new)
     Hq   query heads;  Hkv  key/value heads (GQA: Hq % Hkv == 0;  MQA: Hkv == 1)
     D    head dimension (head_dim)
-    E    model (embedding) dimension = Hq * D;  F  MLP hidden dimension
+    E    model (embedding) dimension: Hq * D, unless head_dim is set apart (Qwen3-0.6B: Hq * D = 2E)
+    F    MLP hidden dimension
     V    vocabulary size
     L    number of layers
     P    tokens per KV block (block_size);  N  number of KV blocks

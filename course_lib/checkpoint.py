@@ -66,7 +66,8 @@ def _read_safetensors(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None) -> Llama:
-    """A LLaMA/Qwen2-architecture model from a local Hugging Face folder (config.json + safetensors).
+    """A model from a local Hugging Face folder (config.json + safetensors) of the LLaMA architecture's families:
+    Llama-2 and Llama-3.x (RoPE scaling "llama3"), Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), Mistral.
 
     A config or checkpoint that does not describe exactly the course model raises a ValueError naming the
     file and the field or tensor (see ``ModelConfig.from_dict`` for what is refused).

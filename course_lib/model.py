@@ -1,6 +1,7 @@
-"""A LLaMA-architecture decoder: RMSNorm, rotary position embeddings (RoPE), grouped-query attention
-(GQA) and a SwiGLU MLP. Parameter names follow Hugging Face's LlamaForCausalLM (and Qwen2's, which
-adds q/k/v biases), so real checkpoints load with ``course_lib.load_pretrained``.
+"""A LLaMA-architecture decoder: RMSNorm, rotary position embeddings (RoPE, ``course_lib.rope``), grouped-query
+attention (GQA) and a SwiGLU MLP. Parameter names follow Hugging Face's LlamaForCausalLM, and its relatives'
+(Qwen2 adds q/k/v biases, Qwen3 an RMSNorm on each query and key head), so real checkpoints load with
+``course_lib.load_pretrained``.
 
 Shapes use the legend of ``course_lib/__init__.py``.
 """
@@ -12,6 +13,7 @@ from torch import nn
 
 from course_lib.attention import attention
 from course_lib.config import ModelConfig
+from course_lib.rope import apply_rope, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -27,23 +29,6 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin: [S, D] for integer positions [S], or [B, 1, S, D] for [B, S] (the 'rotate half' layout of
-    Hugging Face LLaMA)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[..., None] * inv_freq                   # [S, D/2] or [B, S, D/2]
-    emb = torch.cat([freqs, freqs], dim=-1)                           # [S, D] or [B, S, D]
-    if emb.dim() == 3:
-        emb = emb[:, None]                                            # [B, 1, S, D]: broadcasts over heads
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[i], x[i + D/2]) of x [B, H, S, D] by the angle of its position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -54,12 +39,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.num_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(E, self.num_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * D, E, bias=False)
+        # Qwen3: an RMSNorm over each head's D features of q and k (one weight vector shared by all heads)
+        self.q_norm = RMSNorm(D, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(D, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(self, x, cos, sin, layer: int, cache=None) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)      # [B, Hq, S, D]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)                      # [B, S, Hq, D]
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)                   # [B, S, Hkv, D]
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
+        if self.q_norm is not None:   # before RoPE: q·k keeps its scale whatever the projections learn
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                      # [B, H, S, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = attention(q, k, v, causal=True)                                        # [B, Hq, S, D]
@@ -143,7 +134,8 @@ class Llama(nn.Module):
         elif positions.shape not in ((S,), (B, S)):
             raise ValueError(f"positions has shape {tuple(positions.shape)}; expected [S={S}] or [B={B}, S={S}]")
         x = self.model.embed_tokens(input_ids)                                    # [B, S, E]
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.rope_scaling)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, i, cache)
         if cache is not None:

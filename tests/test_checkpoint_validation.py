@@ -322,3 +322,147 @@ def test_tensor_of_integer_dtype_is_named(ckpt):
 def test_dtype_argument_must_be_a_floating_torch_dtype(ckpt, dtype):
     with pytest.raises(ValueError, match="dtype"):
         load_pretrained(ckpt, dtype=dtype, device="cpu")
+
+
+# ---------------------------------------------------------------- model families: Llama-3.x RoPE scaling, Qwen3
+LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_position_embeddings=8)
+
+
+@pytest.fixture
+def llama3(tmp_path):
+    return make_checkpoint(tmp_path / "llama3", rope_scaling=LLAMA3, rope_theta=500000.0)
+
+
+def test_llama3_scaling_written_both_ways_and_read_from_either(llama3):
+    """save_pretrained writes rope_parameters (transformers >= 5) and rope_theta + rope_scaling (older, and
+    Llama-3.2's own config.json); each alone reads back the same config."""
+    written = json.loads((llama3 / "config.json").read_text())
+    assert written["rope_parameters"] == LLAMA3 | {"rope_theta": 500000.0}
+    assert written["rope_scaling"] == LLAMA3 and written["rope_theta"] == 500000.0
+    want = load(llama3).config
+    assert want.rope_scaling.rope_type == "llama3" and want.rope_scaling.original_max_position_embeddings == 8
+    edit_config(llama3, rope_scaling=...)                           # transformers 5's way only
+    assert load(llama3).config == want
+    edit_config(llama3, rope_scaling=LLAMA3, rope_parameters=...)  # the older way only
+    assert load(llama3).config == want
+    edit_config(llama3, rope_scaling=LLAMA3 | {"type": "llama3"})  # configs of transformers < 4.45 said "type"
+    assert load(llama3).config == want
+
+
+def test_llama3_scaling_without_original_context_uses_max_position_embeddings(llama3):
+    """transformers' fallback when original_max_position_embeddings is missing."""
+    edit_config(llama3, rope_scaling=..., rope_parameters={k: v for k, v in LLAMA3.items()
+                                                           if k != "original_max_position_embeddings"})
+    assert load(llama3).config.rope_scaling.original_max_position_embeddings == 16
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8),
+    dict(rope_type="dynamic", factor=2.0),
+    dict(rope_type="longrope", short_factor=[1.0], long_factor=[2.0]),
+    dict(type="su", factor=2.0),
+])
+def test_unsupported_rope_type_is_refused(ckpt, key, rope):
+    edit_config(ckpt, **{"rope_parameters": ..., key: rope})
+    with pytest.raises(ValueError, match=rf"config\.json(.|\n)*rope_type '{rope.get('rope_type', rope.get('type'))}'"):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(factor=0.5), "factor"), (dict(factor="8"), "factor"), (dict(factor=math.nan), "factor"),
+    (dict(low_freq_factor=None), "low_freq_factor"), (dict(low_freq_factor=-1.0), "low_freq_factor"),
+    (dict(high_freq_factor=1.0), "high_freq_factor"),           # not above low_freq_factor: the blend divides by 0
+    (dict(original_max_position_embeddings=8.5), "original_max_position_embeddings"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+])
+def test_bad_llama3_scaling_field_is_named(llama3, changes, field):
+    edit_config(llama3, rope_scaling=..., rope_parameters=LLAMA3 | changes)
+    with pytest.raises(ValueError, match=rf"config\.json(.|\n)*{field}"):
+        load(llama3)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(rope_scaling=LLAMA3 | {"factor": 4.0}),                           # two scalings
+    dict(rope_theta=10000.0),                                              # two thetas
+    dict(rope_scaling=None, rope_parameters=dict(rope_type="default", rope_theta=1e4), rope_theta=5e5),
+])
+def test_rope_settings_given_twice_must_agree(llama3, changes):
+    """transformers 5 would silently pick one (rope_scaling, the dict's theta): refuse to guess."""
+    edit_config(llama3, **changes)
+    with pytest.raises(ValueError, match=r"config\.json(.|\n)*(disagree|rope_theta is given more than once)"):
+        load(llama3)
+
+
+def test_linear_rope_scaling_loads(ckpt):
+    edit_config(ckpt, rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4))
+    assert load(ckpt).config.rope_scaling.factor == 4.0
+
+
+def test_rope_parameters_per_layer_type_are_refused(ckpt):
+    edit_config(ckpt, rope_parameters=dict(full_attention=dict(rope_type="default", rope_theta=1e4),
+                                           sliding_attention=dict(rope_type="default", rope_theta=1e4)))
+    with pytest.raises(ValueError, match=r"config\.json(.|\n)*rope_parameters per layer type"):
+        load(ckpt)
+
+
+@pytest.fixture
+def qwen3(tmp_path):
+    return make_checkpoint(tmp_path / "qwen3", qk_norm=True, head_dim=16)
+
+
+def test_qwen3_checkpoint_is_written_and_read_as_qwen3(qwen3):
+    written = json.loads((qwen3 / "config.json").read_text())
+    assert written["model_type"] == "qwen3" and written["head_dim"] == 16 and "qk_norm" not in written
+    model = load(qwen3)
+    assert model.config.qk_norm and model.config.head_dim == 16 != 16 // 2
+    assert model.model.layers[1].self_attn.k_norm.weight.shape == (16,)
+
+
+def test_qwen3_without_head_dim_has_transformers_default_of_128(qwen3):
+    edit_config(qwen3, head_dim=...)
+    assert ModelConfig.from_json(qwen3 / "config.json").head_dim == 128   # Qwen3Config's, not E / Hq = 8
+
+
+def test_qwen3_missing_q_norm_is_named(qwen3):
+    state = load_file(str(qwen3 / "model.safetensors"))
+    del state["model.layers.0.self_attn.q_norm.weight"]
+    save_file(state, str(qwen3 / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing(.|\n)*model\.layers\.0\.self_attn\.q_norm\.weight"):
+        load(qwen3)
+
+
+def test_a_llama_checkpoint_with_q_norm_tensors_is_refused(qwen3):
+    """model_type decides the family: q_norm tensors under a llama config.json are not silently dropped."""
+    edit_config(qwen3, model_type="llama")
+    with pytest.raises(ValueError, match=r"unexpected(.|\n)*q_norm"):
+        load(qwen3)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_attention_bias_with_an_o_proj_bias_is_refused(ckpt, model_type):
+    """LLaMA's and Qwen3's attention_bias also biases o_proj; the course model has q/k/v biases only (Qwen2's)."""
+    edit_config(ckpt, model_type=model_type, attention_bias=True)
+    with pytest.raises(ValueError, match=r"config\.json(.|\n)*attention_bias true(.|\n)*o_proj"):
+        load(ckpt)
+
+
+def test_qwen3_sliding_window_in_use_is_refused(qwen3):
+    edit_config(qwen3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    with pytest.raises(ValueError, match=r"config\.json(.|\n)*sliding_window=8"):
+        load(qwen3)
+    edit_config(qwen3, use_sliding_window=False)
+    assert load(qwen3).config.qk_norm
+
+
+@pytest.mark.parametrize("rope_scaling", [dict(rope_type="llama3", factor=8.0), dict(rope_type="linear", factor=2.0,
+                                                                                   extra=1), "linear", 5])
+def test_model_config_rope_scaling_is_validated(rope_scaling):
+    with pytest.raises(ValueError, match="rope"):
+        ModelConfig(**SMALL, rope_scaling=rope_scaling)
+
+
+def test_model_config_qk_norm_must_be_a_bool():
+    with pytest.raises(ValueError, match="qk_norm"):
+        ModelConfig(**SMALL, qk_norm=1)

@@ -31,7 +31,7 @@ def test_linear_params_add_up_to_the_parameter_count():
         if cfg.attention_bias:
             continue  # biases are parameters but not matmul weights
         E, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
-        norms = 2 * E * L + E
+        norms = 2 * E * L + E + (2 * cfg.head_dim * L if cfg.qk_norm else 0)   # Qwen3: q/k norms of D weights
         embed_and_head = V * E * (1 if cfg.tie_word_embeddings else 2)
         assert L * flops.linear_params_per_layer(cfg) + norms + embed_and_head == cfg.num_parameters()
 
@@ -230,12 +230,13 @@ def decode_first_position_logits(model, prompt_ids, max_new_tokens):  # argmax o
 
 
 def _flops_formula(cfg, position, use_cache, *, kv_heads=None, attn_heads=None, square=False, head_all=False,
-                   self_excluded=False, factor=2):
+                   self_excluded=False, factor=2, implied_head_dim=False, square_q_o=False):
     """decode_step_flops written out, with switches for the usual mistakes."""
     L, E, F, V, D = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     Hq, Hkv = cfg.num_attention_heads, kv_heads or cfg.num_key_value_heads
+    D = E // Hq if implied_head_dim else D
     T = 1 if use_cache else position + 1
-    per_layer = E * Hq * D + 2 * E * Hkv * D + Hq * D * E + 3 * E * F
+    per_layer = (E * E if square_q_o else E * Hq * D) * 2 + 2 * E * Hkv * D + 3 * E * F
     if use_cache:
         pairs = position + 1
     else:
@@ -300,6 +301,8 @@ def test_update_check_hints(fn, message):
 @pytest.mark.parametrize("fn, message", [
     (lambda c, n, b, e: kv_cache_bytes(c, n, b, e) // 2, "factor 2"),
     (lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n * b * e, "num_key_value_heads"),
+    (lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+     * n * b * e, "config.head_dim"),                              # right for every preset but Qwen3's
 ])
 def test_kv_cache_bytes_hints(fn, message):
     assert message in lesson01.check_kv_cache_bytes(fn).message
@@ -311,6 +314,10 @@ def test_decode_step_flops_hints():
     assert "causal" in lesson01.check_decode_step_flops(lambda c, p, u: _flops_formula(c, p, u, square=True)).message
     assert "last position only" in lesson01.check_decode_step_flops(
         lambda c, p, u: _flops_formula(c, p, u, head_all=True)).message
+    # right for every preset but Qwen3's, whose head_dim is set apart: Hq·D = 2E
+    assert "config.head_dim" in lesson01.check_decode_step_flops(
+        lambda c, p, u: _flops_formula(c, p, u, implied_head_dim=True)).message
+    assert "not E -> E" in lesson01.check_decode_step_flops(lambda c, p, u: _flops_formula(c, p, u, square_q_o=True)).message
 
 
 def test_cached_greedy_decode_check():

@@ -22,7 +22,7 @@ _MQA = dataclasses.replace(PRESETS["llama-2-7b"], num_key_value_heads=1)  # a hy
 _CONFIGS = [("tiny (L=6, Hq=8, Hkv=4, D=32)", _TINY), ("llama-2-7b (MHA)", PRESETS["llama-2-7b"]),
             ("llama-2-13b (MHA)", PRESETS["llama-2-13b"]), ("llama-3-8b (GQA, Hkv=8)", PRESETS["llama-3-8b"]),
             ("llama-2-70b (GQA, Hkv=8)", PRESETS["llama-2-70b"]), ("qwen2-7b (GQA, Hkv=4)", PRESETS["qwen2-7b"]),
-            ("llama-2-7b as MQA (Hkv=1)", _MQA)]
+            ("llama-2-7b as MQA (Hkv=1)", _MQA), ("qwen3-0.6b (D=128, not E/Hq=64)", PRESETS["qwen3-0.6b"])]
 
 
 def _diagnose(got, candidates: dict[str, float], default: str) -> str:
@@ -45,7 +45,9 @@ def check_kv_cache_bytes(student_fn) -> CheckResult:
             got = student_fn(cfg, n, b, e)
             L, Hq, Hkv, D = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
             want = kv_cache_bytes(cfg, n, b, e)
-            hint = _diagnose(got, {
+            hint = _diagnose(got, {   # (first: on Qwen3-0.6B, D = E/Hq would also look like a missing factor 2)
+                "use config.head_dim: Qwen3 sets it apart, so hidden_size // num_attention_heads is not D there":
+                    2 * L * Hkv * (cfg.hidden_size // Hq) * n * b * e,
                 "you forgot the factor 2: the cache holds a key AND a value vector per token, layer and KV head":
                     want / 2,
                 "the cache stores num_key_value_heads heads, not num_attention_heads: with GQA several query heads "
@@ -255,6 +257,10 @@ def check_decode_step_flops(student_fn) -> CheckResult:
                 "a token attends to itself too: the new token sees position + 1 keys, not position":
                     linear + head + 4 * L * Hq * D * (pairs - T),
                 "a matmul [M, K] @ [K, N] is 2·M·N·K FLOPs (multiply AND add)": want / 2,
+                "use config.head_dim: Qwen3 sets it apart, so hidden_size // num_attention_heads is not D there":
+                    decode_step_flops(dataclasses.replace(cfg, head_dim=E // Hq), p, use_cache),
+                "q_proj is E -> Hq·D and o_proj Hq·D -> E, not E -> E (Qwen3-0.6B: Hq·D = 2E)":
+                    want - 2 * T * L * 2 * E * (Hq * D - E),
             }, "with the cache: 1 token through the layers, attending to position + 1 keys; without: position + 1 tokens, "
                "causal pairs (p+1)(p+2)/2; both: lm_head on the last token only")
             c.check_close(got, want, rtol=1e-12, atol=0, hint=hint,

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from course_lib.model import rope_cos_sin
+from course_lib.rope import rope_cos_sin
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -57,7 +57,8 @@ class Stage(nn.Module):
         if self.is_first:
             x = self.embed_tokens(x)                                            # [b, S, E]
         positions = torch.arange(x.shape[1], device=x.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype,
+                                self.config.rope_scaling)
         for i, layer in zip(self.layer_ids, self.layers):
             x = layer(x, cos, sin, i)
         if self.is_last:
