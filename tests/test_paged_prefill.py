@@ -1,5 +1,5 @@
 """kernels.paged_prefill_attention vs its plain-torch reference (interpreter at tiny shapes on CPU; compiled, also
-at real shapes, on a GPU) and its ValueErrors."""
+at real shapes, on a GPU), its ValueErrors, and the engine running it (use_kernels=True on the CPU too)."""
 from __future__ import annotations
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
@@ -210,6 +210,35 @@ def test_interpreter_rejects_bfloat16_with_the_reason():
         kernels.paged_prefill_attention(**args)
 
 
+# ---------------------------------------------------------------- the engine runs it
+def test_engine_with_kernels_equals_engine_without(monkeypatch):
+    """The shipped draft model (2 layers, D = 32, Hq/Hkv = 4/2) in the engine with use_kernels=True (the
+    interpreter on a CPU) and without: the same greedy tokens, with chunked prefill (several prefill chunks in one
+    step, one launch per layer) and prefix caching (chunks over a cached prefix)."""
+    from course_lib import load_tiny
+    from course_lib.engine import LLMEngine
+    from course_lib.sampling import SamplingParams
+    import course_lib.kv_pool as kv_pool
+
+    model, tok = load_tiny("draft", dtype=torch.float32, device=DEVICE)
+    shared = tok.encode("And God said, Let there be light: and there was light.")[:11]
+    prompts = [shared + tok.encode(" And God saw")[:3], tok.encode("In the beginning")[:4], shared, [7, 8]]
+    params = SamplingParams(max_tokens=3)
+    kw = dict(block_size=4, num_blocks=40, max_num_seqs=4, max_num_batched_tokens=16, enable_prefix_caching=True)
+    want = [o.token_ids for o in LLMEngine(model, use_kernels=False, **kw).generate(prompts, params, use_tqdm=False)]
+    launches = []
+
+    def spy(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, **kwargs):
+        launches.append((q.shape[0], block_tables.shape[0], (seq_lens - cu_seqlens_q.diff()).tolist()))
+        return paged_prefill_attention_unchecked(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, **kwargs)
+
+    monkeypatch.setattr(kv_pool, "paged_prefill_attention_unchecked", spy)
+    engine = LLMEngine(model, use_kernels=True, **kw)
+    assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == want
+    assert any(num_seqs > 1 for _, num_seqs, _ in launches)                    # several chunks in one launch
+    assert any(p > 0 for *_, prefixes in launches for p in prefixes)           # a chunk over a cached prefix
+
+
 # ---------------------------------------------------------------- compiled on a GPU, real shapes
 GPU_MIXES = {
     "1 chunk of 2048 over 0": [(2048, 0)],
@@ -252,3 +281,20 @@ def test_gpu_other_block_sizes_head_dims_groups_and_fp32(P, Hq, Hkv, D):
     for dtype in (torch.bfloat16, torch.float32):
         args = make_prefill(chunks, Hq, Hkv, D, P, dtype, seed=P + D)
         torch.testing.assert_close(kernels.paged_prefill_attention(*args), ref.paged_prefill_attention(*args), **TOL[dtype])
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_gpu_matches_the_gather_and_flash_path():
+    """What the engine computed before: gather each sequence's K/V, then kernels.flash_attention per chunk."""
+    from course_lib.kv_pool import chunk_attention
+
+    chunks = [(512, 1024 * i) for i in range(4)] + [(16, 4096)]
+    q, k_cache, v_cache, tables, cu, lens = make_prefill(chunks, 32, 8, 128, 16, torch.bfloat16, seed=9)
+    got = kernels.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens)
+    for s, (n, prefix) in enumerate(chunks):
+        L, a = n + prefix, int(cu[s])
+        blocks = tables[s, : -(-L // 16)].long()
+        k = k_cache[blocks].reshape(-1, 8, 128)[:L].transpose(0, 1)[None]
+        v = v_cache[blocks].reshape(-1, 8, 128)[:L].transpose(0, 1)[None]
+        old = chunk_attention(q[a:a + n].transpose(0, 1)[None], k, v, use_kernels=True)[0].transpose(0, 1)
+        torch.testing.assert_close(got[a:a + n], old, **TOL[torch.bfloat16])
