@@ -318,8 +318,9 @@ def _check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, sm_
     for name, t, shape in (("block_tables", block_tables, None), ("cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,)),
                            ("seq_lens", seq_lens, (num_seqs,))):
         if shape is not None and tuple(t.shape) != shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{'num_seqs + 1' if name == 'cu_seqlens_q' else 'num_seqs'}"
-                             f" = {shape[0]}] (num_seqs = {num_seqs}: the rows of block_tables)")
+            what = "num_seqs + 1" if name == "cu_seqlens_q" else "num_seqs"
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [{what} = {shape[0]}] (num_seqs = "
+                             f"{num_seqs}: the rows of block_tables)")
         if t.dtype != torch.int32:
             raise ValueError(f"{name} has dtype {t.dtype}; expected torch.int32")
         if t.numel() and t.stride(-1) != 1:
@@ -339,7 +340,8 @@ def _check_values(q, k_cache, block_tables, cu_seqlens_q, seq_lens) -> None:
     for s in range(num_seqs):
         n, L = cu[s + 1] - cu[s], lens[s]
         if n < 0:
-            raise ValueError(f"cu_seqlens_q must be non-decreasing; it goes from {cu[s]} down to {cu[s + 1]} at index {s + 1}")
+            raise ValueError(f"cu_seqlens_q must be non-decreasing; it goes from {cu[s]} down to {cu[s + 1]} "
+                             f"at index {s + 1}")
         if L < n:
             raise ValueError(f"seq_lens[{s}] = {L} is shorter than sequence {s}'s chunk of {n} query tokens; seq_lens "
                              "counts the cached prefix plus the chunk")
