@@ -1,5 +1,6 @@
 """kernels.paged_prefill_attention vs its plain-torch reference (interpreter at tiny shapes on CPU; compiled, also
-at real shapes, on a GPU), its ValueErrors, and the engine running it (use_kernels=True on the CPU too)."""
+at real shapes, on a GPU), its ValueErrors, the engine running it (use_kernels=True on the CPU too), and a smoke
+run of benchmarks/paged_prefill.py."""
 from __future__ import annotations
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
@@ -123,8 +124,10 @@ def test_strided_q_and_out_in_place_as_the_engine_passes_them():
     out_step = torch.zeros_like(q_step)
     got = paged_prefill_attention_unchecked(q_step[0, :, 3:].transpose(0, 1), k_cache, v_cache, tables, cu, lens,
                                             out=out_step[0, :, 3:].transpose(0, 1))
-    assert got.data_ptr() == out_step[0, :, 3:].data_ptr() and torch.equal(out_step[0, :, :3], torch.zeros_like(out_step[0, :, :3]))
-    torch.testing.assert_close(out_step[0, :, 3:].transpose(0, 1), ref.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens), **TOL[dtype])
+    assert got.data_ptr() == out_step[0, :, 3:].data_ptr()
+    assert torch.equal(out_step[0, :, :3], torch.zeros_like(out_step[0, :, :3]))     # the decode rows: untouched
+    want = ref.paged_prefill_attention(q, k_cache, v_cache, tables, cu, lens)
+    torch.testing.assert_close(out_step[0, :, 3:].transpose(0, 1), want, **TOL[dtype])
 
 
 def test_empty_step_and_empty_chunks():
@@ -168,7 +171,8 @@ def _i32(values):
     (_args(v_cache=lambda t: t[:, :2]), {}, "v_cache has shape .* expected the shape of k_cache"),
     (_args(q=lambda t: t[..., :8].contiguous()), {}, "k_cache has head_dim 16 .* expected q's head_dim D=8"),
     (_args(q=lambda t: t[:, :3]), {}, "q has 3 heads, not a multiple of k_cache's 2 kv heads"),
-    (_args(q=lambda t: t.double(), k_cache=lambda t: t.double(), v_cache=lambda t: t.double()), {}, "q has dtype torch.float64"),
+    (_args(q=lambda t: t.double(), k_cache=lambda t: t.double(), v_cache=lambda t: t.double()), {},
+     "q has dtype torch.float64"),
     (_args(v_cache=lambda t: t.half()), {}, "v_cache has dtype torch.float16; expected the dtype of q"),
     (_args(q=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)), {}, "q must be contiguous in its last"),
     (_args(block_tables=lambda t: t.long()), {}, "block_tables has dtype torch.int64; expected torch.int32"),
@@ -237,6 +241,20 @@ def test_engine_with_kernels_equals_engine_without(monkeypatch):
     assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == want
     assert any(num_seqs > 1 for _, num_seqs, _ in launches)                    # several chunks in one launch
     assert any(p > 0 for *_, prefixes in launches for p in prefixes)           # a chunk over a cached prefix
+
+
+# ---------------------------------------------------------------- the benchmark script runs
+def test_benchmark_dry_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paged_prefill.py"
+    spec = importlib.util.spec_from_file_location("bench_paged_prefill", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--dry-run", "--out", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").exists() and result["rows"]
+    assert all(row["max_abs_diff"] < 1e-3 for row in result["rows"])
 
 
 # ---------------------------------------------------------------- compiled on a GPU, real shapes
