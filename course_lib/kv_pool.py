@@ -8,6 +8,8 @@ does not care which it has:
 
     store(layer, k, v, slot_mapping)                 write the step's new K/V [T, Hkv, D] into their slots
     decode(layer, q, block_tables, context_lens)     decode attention [B, Hq, D] through the block tables
+    prefill(layer, q, block_tables, cu_seqlens_q,    causal attention of the step's prefill chunks [T, Hq, D], each
+            seq_lens, spans, out=out)                over its sequence's cached K/V and its own
     gather(layer, blocks, length, dtype)             one sequence's first ``length`` K/V, [Hkv, length, D] each
 
 with ``use_kernels`` choosing the Triton kernels (a GPU) or their plain-torch references (a CPU).
@@ -18,9 +20,12 @@ import torch
 
 import kernels
 import kernels.reference
+from course_lib.attention import attention
 from course_lib.config import ModelConfig
-from course_lib.device import DEVICE
+from course_lib.device import DEVICE, INTERPRET
 from course_lib.kv_quant import KV_DTYPES
+from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES, _flash_attention, serving_config
+from kernels.paged_prefill import is_supported as paged_prefill_supports, paged_prefill_attention_unchecked
 
 KV_CACHE_DTYPES = ("auto", *KV_DTYPES)   # "auto": the model's dtype
 
@@ -112,6 +117,27 @@ class KVPool:
         return decode(q, self.k_caches[layer], self.v_caches[layer], block_tables, context_lens,
                       max_context_len=max_context_len, validate=False)
 
+    def prefill(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                seq_lens: torch.Tensor, spans: list[tuple[int, int, int]], use_kernels: bool, *, out: torch.Tensor):
+        """Causal attention of the prefill chunks q ``[T, Hq, D]`` (chunk s: rows cu_seqlens_q[s] ... cu_seqlens_q[s+1]-1)
+        over the first seq_lens[s] K/V of their sequences, written into ``out`` ``[T, Hq, D]``; ``spans`` holds the
+        same on the host, (first row, tokens, length) per chunk. With kernels: one launch of
+        ``kernels.paged_prefill_attention`` reading the blocks in place; else the gathering path (the CPU default)."""
+        if use_kernels and paged_prefill_supports(q.dtype, self.head_dim):
+            paged_prefill_attention_unchecked(q, self.k_caches[layer], self.v_caches[layer], block_tables,
+                                              cu_seqlens_q, seq_lens, out=out)   # one launch, no host sync
+        else:
+            self._prefill_gathered(layer, q, block_tables, spans, use_kernels, out)
+
+    def _prefill_gathered(self, layer, q, block_tables, spans, use_kernels, out) -> None:
+        """Chunk by chunk: copy the sequence's K/V out of its blocks (``gather``), then FlashAttention (kernels)
+        or the plain attention over the contiguous copy."""
+        P = self.block_size
+        for s, (row, n, length) in enumerate(spans):
+            k, v = self.gather(layer, block_tables[s, :-(-length // P)], length, q.dtype)        # [Hkv, L, D] each
+            o = chunk_attention(q[row:row + n].transpose(0, 1)[None], k[None], v[None], use_kernels)   # [1, Hq, n, D]
+            out[row:row + n] = o[0].transpose(0, 1)
+
     def gather(self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype):
         """The first ``length`` K and V of the sequence whose blocks are ``blocks`` [n]: ``[Hkv, length, D]`` each."""
         Hkv, D = self.num_kv_heads, self.head_dim
@@ -166,11 +192,26 @@ class QuantizedKVPool(KVPool):
         own_tables = torch.arange(B * width, dtype=torch.int32, device=q.device).view(B, width)
         return paged_decode_attention_torch(q, k, v, own_tables, context_lens)
 
+    def prefill(self, layer, q, block_tables, cu_seqlens_q, seq_lens, spans, use_kernels, *, out):
+        # No paged prefill kernel reads 8-bit codes yet: every chunk attends to its sequence's K/V dequantized
+        # into a contiguous copy (with use_kernels through kernels.flash_attention).
+        self._prefill_gathered(layer, q, block_tables, spans, use_kernels, out)
+
     def gather(self, layer, blocks, length, dtype):
         Hkv, D = self.num_kv_heads, self.head_dim
         return tuple((codes[layer][blocks].to(dtype) * scales[layer][blocks].to(dtype)[..., None])
                      .reshape(-1, Hkv, D)[:length].transpose(0, 1)
                      for codes, scales in ((self.k_caches, self.k_scales), (self.v_caches, self.v_scales)))
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+    """Causal attention of one chunk q ``[1, Hq, n, D]`` over its sequence's contiguous k, v ``[1, Hkv, L, D]``
+    (the chunk is the last n of L positions): ``kernels.flash_attention`` with the serving config, or the plain
+    attention without kernels or where the kernel does not run (its dtypes, head dims)."""
+    dtypes = INTERPRETER_DTYPES if INTERPRET else GPU_DTYPES
+    if use_kernels and q.shape[-1] in HEAD_DIMS and q.dtype in dtypes:
+        return _flash_attention(q, k, v, causal=True, config=serving_config(q.shape[2]))   # no autotuning
+    return attention(q, k, v, causal=True)
 
 
 def make_kv_pool(config: ModelConfig, num_blocks: int, block_size: int, *, kv_cache_dtype: str = "auto",

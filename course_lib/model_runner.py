@@ -9,29 +9,27 @@ multiply over the T tokens. Attention is the only per-sequence part; ``StepBatch
 
 * all one-token chunks (decodes) in **one** batched call of ``kernels.paged_attention_decode`` (lesson 02),
   reading each sequence's K/V through its block table;
-* each prefill chunk on its own: its queries attend causally to the sequence's K/V gathered from its blocks
-  (cached prefix + the chunk itself), with ``kernels.flash_attention`` (lesson 03), whose causal mask is
-  aligned bottom-right for exactly this case: queries that are the last Sq of Skv positions. With a fixed
-  launch config (``serving_config``): lesson 03's autotuning would compile and time configs for every new
-  length bucket in the middle of serving.
+* all prefill chunks (two tokens or more: prompt chunks, speculative verify chunks) in **one** call of
+  ``kernels.paged_prefill_attention``: FlashAttention (lesson 03) over variable-length query chunks, each causal
+  over its sequence's cached prefix + the chunk (queries that are the last n of L positions), reading the K/V
+  through the block tables like the decode kernel. The 8-bit pool, and the CPU's plain-torch path, instead
+  gather each sequence's K/V into a contiguous tensor and attend chunk by chunk (``KVPool.prefill``).
 
 Before attending, every layer writes the step's new K/V into their slots with ``kernels.store_kv``. The K/V live
 in a pool of blocks (``course_lib.kv_pool``): in the model's dtype, or as 8-bit codes plus scales
 (``LLMEngine(kv_cache_dtype="int8")``, lesson 07), whose pool quantizes on write and dequantizes as it reads. On a CPU
 the Triton kernels run in the (slow) interpreter, so by default the engine uses their plain-torch references
 there (``kernels.reference``: same signatures, same results; for decode a batched version of the reference,
-``paged_decode_attention_torch``) and the kernels on a GPU; ``use_kernels`` forces either.
+``paged_decode_attention_torch``; for prefill the gather path with the plain attention) and the kernels on a GPU;
+``use_kernels`` forces either.
 """
 from __future__ import annotations
 
 import torch
 
-from course_lib.attention import attention
 from course_lib.block_manager import BlockManager
-from course_lib.device import INTERPRET
 from course_lib.kv_pool import KVPool, paged_decode_attention_torch  # noqa: F401  (the engine's pools live there)
 from course_lib.sequence import ScheduledChunk
-from kernels.flash_attention import GPU_DTYPES, HEAD_DIMS, INTERPRETER_DTYPES, _flash_attention, serving_config
 
 
 class StepBatch:
@@ -45,8 +43,8 @@ class StepBatch:
         token_ids, positions, slots = [], [], []
         self.sample_rows = []                 # rows whose logits the step needs: each sampling chunk's last one
                                               # (a speculative verify chunk: one per draft token + 1)
-        self.prefills = []                    # (first row, tokens, context length, block ids) per prefill chunk
         decode_tables, decode_lens = [], []
+        prefill_tables, prefill_spans = [], []    # per prefill chunk: its blocks; (first row, tokens, length)
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             row = len(token_ids)
@@ -55,17 +53,26 @@ class StepBatch:
             slots += block_manager.slot_mapping(seq.seq_id, start, start + n)
             table = block_manager.block_tables[seq.seq_id][:block_manager.num_blocks_for(start + n)]
             if n == 1:
+                if prefill_spans:   # rows [0, Bd) are the decodes: the scheduler (and spec_decode) sort them first
+                    raise RuntimeError("a one-token chunk after a prefill chunk: the step's chunks must come "
+                                       "one-token chunks first (a bug)")
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:
-                self.prefills.append((row, n, start + n, torch.tensor(table, device=device)))
+                prefill_tables.append(table)
+                prefill_spans.append((row - len(decode_tables), n, start + n))
             self.sample_rows += range(row + n - chunk.num_logits, row + n)
         self.num_decodes = len(decode_tables)
-        width = max((len(t) for t in decode_tables), default=1)
-        self.decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32,
-                                          device=device).view(-1, width)                     # [Bd, max_blocks]
+        self.decode_tables = _padded_table(decode_tables, device)                          # [Bd, max_blocks]
         self.decode_lens = torch.tensor(decode_lens, dtype=torch.int32, device=device)     # [Bd]
         self.max_decode_len = max(decode_lens, default=0)
+        # the prefill chunks, rows Bd ... T-1, as kernels.paged_prefill_attention takes them (and on the host)
+        self.prefill_spans = prefill_spans                                                 # [(row, n, L)] * Bp
+        if prefill_spans:
+            self.prefill_tables = _padded_table(prefill_tables, device)                    # [Bp, max_blocks]
+            self.cu_seqlens_q = torch.tensor([0] + [r + n for r, n, _ in prefill_spans], dtype=torch.int32,
+                                             device=device)                                # [Bp + 1]
+            self.prefill_lens = torch.tensor([L for _, _, L in prefill_spans], dtype=torch.int32, device=device)
         self.input_ids = torch.tensor([token_ids], device=device)                          # [1, T]
         self.positions = torch.tensor(positions, device=device)                            # [T]
         self.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)          # [T]
@@ -80,19 +87,20 @@ class StepBatch:
             q_dec = q[0, :, :Bd].transpose(0, 1)                                               # [Bd, Hq, D]
             o = pool.decode(layer, q_dec, self.decode_tables, self.decode_lens, self.max_decode_len, self.use_kernels)
             out[0, :, :Bd] = o.transpose(0, 1)
-        for row, n, context_len, blocks in self.prefills:   # each prefill chunk over its sequence's cached K/V
-            k_seq, v_seq = pool.gather(layer, blocks, context_len, q.dtype)                    # [Hkv, L, D] each
-            out[:, :, row:row + n] = self._prefill_attention(q[:, :, row:row + n], k_seq[None], v_seq[None])
+        if self.prefill_spans:   # all prefill chunks at once, each over its sequence's cached K/V + its own
+            pool.prefill(layer, q[0, :, Bd:].transpose(0, 1), self.prefill_tables, self.cu_seqlens_q,  # [Tp, Hq, D]
+                         self.prefill_lens, self.prefill_spans, self.use_kernels,
+                         out=out[0, :, Bd:].transpose(0, 1))                                   # written in place
         return out
-
-    def _prefill_attention(self, q, k, v):
-        dtypes = INTERPRETER_DTYPES if INTERPRET else GPU_DTYPES
-        if self.use_kernels and q.shape[-1] in HEAD_DIMS and q.dtype in dtypes:   # else: the plain attention
-            return _flash_attention(q, k, v, causal=True, config=serving_config(q.shape[2]))   # no autotuning
-        return attention(q, k, v, causal=True)
 
     def advance(self, num_tokens: int) -> None:
         pass   # the scheduler counts computed tokens (Scheduler.update)
+
+
+def _padded_table(tables: list[list[int]], device) -> torch.Tensor:
+    """Block tables of different lengths as one int32 [rows, max_blocks] tensor (padded with block 0, never read)."""
+    width = max((len(t) for t in tables), default=1)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device).view(-1, width)
 
 
 class ModelRunner:

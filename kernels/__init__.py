@@ -11,3 +11,4 @@ from kernels.paged_attention import paged_attention_decode  # noqa: F401,E402
 from kernels.flash_attention import flash_attention  # noqa: F401,E402
 from kernels.store_kv_int8 import store_kv_int8  # noqa: F401,E402
 from kernels.paged_attention_int8 import paged_attention_int8_decode  # noqa: F401,E402
+from kernels.paged_prefill import paged_prefill_attention  # noqa: F401,E402

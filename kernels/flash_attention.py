@@ -228,7 +228,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 
 def serving_config(num_queries: int) -> dict:
-    """A fixed launch config for a serving engine's prefill chunks (``course_lib.model_runner``): no autotuning
+    """A fixed launch config for a serving engine's prefill chunks (``course_lib.kv_pool.chunk_attention``: the
+    8-bit pool's prefill, which attends over dequantized contiguous copies): no autotuning
     inside the engine's loop, where every new (Sq, Skv) bucket would compile and time up to 7 configs while the
     requests wait (seen on an H200: the first capstone run with chunked prefill at 0.13-0.5x the speed of the second).
     16 query rows per program for short chunks (speculative verify, small tails), 64 above."""

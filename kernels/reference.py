@@ -117,3 +117,28 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     v = v_cache.float() * v_scale.float()[..., None] + (0 if v_zero is None else v_zero.float()[..., None])
     return paged_attention_decode(q.float(), k, v, block_tables, context_lens, sm_scale=sm_scale,
                                   validate=validate).to(q.dtype)
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
+                            sm_scale: float | None = None, **_) -> torch.Tensor:
+    """Reference for ``kernels.paged_prefill_attention``: q [T, Hq, D] (chunk s is q[cu_seqlens_q[s] :
+    cu_seqlens_q[s+1]]); caches [N, P, Hkv, D]; block_tables int32 [num_seqs, max_blocks]; seq_lens int32
+    [num_seqs] (K/V tokens of sequence s, its chunk included). Gathers each sequence's K/V through its block table
+    into a contiguous [1, Hkv, L, D] and calls the plain attention, causal bottom-right (query i of a chunk of n
+    sits at position L - n + i). Returns [T, Hq, D]."""
+    from course_lib.attention import attention
+
+    N, P, Hkv, D = k_cache.shape
+    out = torch.zeros_like(q)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for s, L in enumerate(lens):
+        a, b = cu[s], cu[s + 1]
+        if a == b:
+            continue
+        blocks = block_tables[s, : -(-L // P)].long()                          # the blocks holding tokens 0 ... L-1
+        k = k_cache[blocks].reshape(-1, Hkv, D)[:L].transpose(0, 1)[None]      # [1, Hkv, L, D]
+        v = v_cache[blocks].reshape(-1, Hkv, D)[:L].transpose(0, 1)[None]
+        o = attention(q[a:b].transpose(0, 1)[None], k, v, causal=True, sm_scale=sm_scale)   # [1, Hq, n, D]
+        out[a:b] = o[0].transpose(0, 1)
+    return out
