@@ -66,6 +66,10 @@ if ! [[ "$load" =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 
+# nbval runs each notebook in a fresh kernel; its 60 s default for the kernel to start is too short on a busy CPU
+# (seen: a kernel that did not answer within 60 s at load average 8 on 2 cores)
+nbval=(--nbval-lax --nbval-current-env --nbval-kernel-startup-timeout=300)
+
 case "${1:-}" in
   lab)
     setup
@@ -93,12 +97,12 @@ case "${1:-}" in
     echo "== the grader over exercises/ (every check must be 'not attempted')"
     $py -m course_lib.grade exercises/ --expect-none-attempted
     echo "== nbval: every ${lessons:+lesson and }solution notebook, top to bottom"
-    $py -m pytest -q --nbval-lax --nbval-current-env $lessons solutions/ ;;
+    $py -m pytest -q "${nbval[@]}" $lessons solutions/ ;;
   lessons)
     setup
     start_load "$load"
     echo "== nbval: every lesson, top to bottom"
-    .venv/bin/python -m pytest -q --nbval-lax --nbval-current-env notebooks/ ;;
+    .venv/bin/python -m pytest -q "${nbval[@]}" notebooks/ ;;
   *)
     echo "usage: bash course.sh lab | test [--loaded] | lessons [--loaded]" >&2
     exit 2 ;;
