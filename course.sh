@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The course's two commands (see README.md):
+# The course's commands (see README.md):
 #   bash course.sh lab    set up .venv and open the course in JupyterLab at lesson 00
 #   bash course.sh test   set up .venv and run every test: unit tests, the lessons in JupyterLab in a headless
 #                         Chromium (skipped when /usr/bin/chromium is absent), the grader over solutions/ (must
 #                         be 100%) and exercises/ (nothing attempted), and nbval over solutions/ (and over
 #                         notebooks/ where the browser test did not run them)
+#   bash course.sh lessons   set up .venv and run nbval over notebooks/ only: every lesson, top to bottom
+# `--loaded` after `test` or `lessons` runs the lessons on a busy CPU: COURSE_LOAD busy-looping processes (default 2)
+# run beside everything after the unit tests (browser test, graders, nbval) and are stopped at exit, however it
+# ends. A lesson asserts counts (FLOPs, bytes, steps, tokens), never a wall-clock time, so it must pass that way too.
+# COURSE_LOAD=N without `--loaded` does the same with N processes. CI runs `lessons --loaded` after `test`.
 # Arguments after `lab` go to JupyterLab (e.g. `bash course.sh lab --no-browser --port=8890`).
 # Setup creates .venv with $PYTHON (default python3, 3.10 or newer) and installs requirements.txt into it;
 # it runs again only when requirements.txt or pyproject.toml change.
@@ -23,6 +28,48 @@ setup() {
   fi
 }
 
+# The lessons on a busy CPU: start_load N starts N busy-looping processes (pure shell: no I/O, one core each) and
+# stops them when this script exits, on success, failure or Ctrl-C. Should the script be killed outright (kill -9,
+# a CI timeout), each loop sees its parent gone within a fraction of a second and ends by itself.
+load_pids=()
+stop_load() {
+  if [ "${#load_pids[@]}" -gt 0 ]; then
+    kill "${load_pids[@]}" 2>/dev/null || true
+    wait "${load_pids[@]}" 2>/dev/null || true
+    echo "== load stopped (${#load_pids[@]} busy processes)"
+    load_pids=()
+  fi
+}
+start_load() {
+  local n=$1 i
+  [ "$n" -gt 0 ] || return 0
+  trap stop_load EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  for ((i = 0; i < n; i++)); do
+    ( while kill -0 $$ 2>/dev/null; do for ((j = 0; j < 100000; j++)); do :; done; done ) &
+    load_pids+=($!)
+  done
+  echo "== load: $n busy processes (pids ${load_pids[*]}) share the CPU with the lessons until this command ends"
+}
+
+# COURSE_LOAD (default 0; `--loaded` makes the default 2): how many busy processes run beside the lessons.
+load=${COURSE_LOAD:-0}
+for arg in "${@:2}"; do
+  case "$arg" in
+    --loaded) load=${COURSE_LOAD:-2} ;;
+    *) [ "${1:-}" = lab ] || { echo "unknown argument: $arg (usage: bash course.sh test|lessons [--loaded])" >&2; exit 2; } ;;
+  esac
+done
+if ! [[ "$load" =~ ^[0-9]+$ ]]; then
+  echo "COURSE_LOAD must be a number of busy processes, got '$load'" >&2
+  exit 2
+fi
+
+# nbval runs each notebook in a fresh kernel; its 60 s default for the kernel to start is too short on a busy CPU
+# (seen: a kernel that did not answer within 60 s at load average 8 on 2 cores)
+nbval=(--nbval-lax --nbval-current-env --nbval-kernel-startup-timeout=300)
+
 case "${1:-}" in
   lab)
     setup
@@ -35,6 +82,7 @@ case "${1:-}" in
     py=.venv/bin/python
     echo "== unit tests, grader tests, exercises-in-sync test"
     $py -m pytest -q tests --ignore=tests/browser
+    start_load "$load"
     echo "== the lessons as a learner sees them: JupyterLab in headless Chromium (skipped without /usr/bin/chromium)"
     $py -m pytest -q -rs tests/browser
     # Where that test ran, it executed every lesson top to bottom and failed on any cell's error, as nbval would:
@@ -49,8 +97,13 @@ case "${1:-}" in
     echo "== the grader over exercises/ (every check must be 'not attempted')"
     $py -m course_lib.grade exercises/ --expect-none-attempted
     echo "== nbval: every ${lessons:+lesson and }solution notebook, top to bottom"
-    $py -m pytest -q --nbval-lax --nbval-current-env $lessons solutions/ ;;
+    $py -m pytest -q "${nbval[@]}" $lessons solutions/ ;;
+  lessons)
+    setup
+    start_load "$load"
+    echo "== nbval: every lesson, top to bottom"
+    .venv/bin/python -m pytest -q "${nbval[@]}" notebooks/ ;;
   *)
-    echo "usage: bash course.sh lab | test" >&2
+    echo "usage: bash course.sh lab | test [--loaded] | lessons [--loaded]" >&2
     exit 2 ;;
 esac
