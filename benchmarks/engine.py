@@ -6,10 +6,10 @@
     python -m benchmarks.engine --config llama-1b    # a random-init LLaMA-3.2-1B-shaped model, saved to a temp folder
     python -m benchmarks.engine --merge A.json B.json   # one result from per-workload runs (--workloads X --out A.json)
 
-Prints, for each workload of ``course_lib.capstone_workloads`` (chat, multi-turn, long chain-of-thought,
+Prints, for each workload of ``course_lib.experiments.capstone_workloads`` (chat, multi-turn, long chain-of-thought,
 multimodal-style long prefills; lengths scale with the model's context), the ablation table of
-``course_lib.ablation`` (throughput, TTFT, TPOT, inter-token latency p99, KV memory; one row per feature) and the
-ratio to the ``transformers`` ``generate()`` baseline (``course_lib.hf_baseline``). What makes the ratio honest:
+``course_lib.experiments.ablation`` (throughput, TTFT, TPOT, inter-token latency p99, KV memory; one row per feature) and the
+ratio to the ``transformers`` ``generate()`` baseline (``course_lib.serving.hf_baseline``). What makes the ratio honest:
 
 * **same weights**: the engine loads the checkpoint folder with ``course_lib.load_pretrained``, transformers
   loads the same folder with ``from_pretrained`` (``--config`` first saves a random-init model there); same
@@ -43,14 +43,14 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from course_lib import Llama, ModelConfig, load_pretrained, save_pretrained  # noqa: E402
-from course_lib.ablation import Ablation, AblationSetup, format_table, ratios  # noqa: E402
-from course_lib.capstone_workloads import WORKLOADS, capstone_workloads  # noqa: E402
-from course_lib.checkpoint import CHECKPOINTS  # noqa: E402
+from course_lib.experiments.ablation import Ablation, AblationSetup, format_table, ratios  # noqa: E402
+from course_lib.experiments.capstone_workloads import WORKLOADS, capstone_workloads  # noqa: E402
+from course_lib.model.checkpoint import CHECKPOINTS  # noqa: E402
 from course_lib.device import DEVICE, HAS_GPU, default_dtype  # noqa: E402
-from course_lib.hf_baseline import load_hf_model, static_batch_accounting  # noqa: E402
-from course_lib.roofline import RESULTS_DIR  # noqa: E402
-from course_lib.tokenizer import Tokenizer  # noqa: E402
-from course_lib.workloads import Trace, with_context_length  # noqa: E402
+from course_lib.serving.hf_baseline import load_hf_model, static_batch_accounting  # noqa: E402
+from course_lib.analysis.roofline import RESULTS_DIR  # noqa: E402
+from course_lib.model.tokenizer import Tokenizer  # noqa: E402
+from course_lib.experiments.workloads import Trace, with_context_length  # noqa: E402
 from roofline import device_name, slug  # noqa: E402
 
 #: Random-init models for --config (no weights needed: both systems load the same random weights).

@@ -3,7 +3,7 @@
     python benchmarks/engine_batching.py            # full run (GPU: < 2 min on an H100)
     python benchmarks/engine_batching.py --quick    # fewer requests (CPU: < 30 s)
 
-The course's tiny target model serves a ShareGPT-like trace (course_lib.workloads.sharegpt_trace: the vLLM
+The course's tiny target model serves a ShareGPT-like trace (course_lib.experiments.workloads.sharegpt_trace: the vLLM
 paper's mean lengths times ``scale``, log-normal, exactly that many output tokens per request) with
 
 1. **offline** arrivals (all at t = 0: throughput at saturation, the headline ratio continuous / static);
@@ -16,7 +16,7 @@ paper's mean lengths times ``scale``, log-normal, exactly that many output token
    prefill (the model's context limit is lifted to 4,096 positions for this timing-only run).
 
 Both engines take ``max_num_seqs`` sequences at most; the static one pads to the longest prompt and runs each
-batch until its longest request is done (course_lib.static_batching). Everything is timed on the engines' own
+batch until its longest request is done (course_lib.serving.static_batching). Everything is timed on the engines' own
 clock: the measured wall time of every step (CUDA synchronized), idle time skipped. On a GPU the first full pass
 of each engine over the trace is a warm-up (Triton compilation and autotuning, allocator), not timed. Writes
 ``benchmarks/results/batching_<device-slug>.json`` with device, versions, date and every number.
@@ -33,9 +33,9 @@ import torch  # noqa: E402
 
 from course_lib import load_tiny  # noqa: E402
 from course_lib.device import HAS_GPU  # noqa: E402
-from course_lib.engine import LLMEngine  # noqa: E402
-from course_lib.static_batching import StaticBatchEngine  # noqa: E402
-from course_lib.workloads import (long_prompt_trace, multimodal_prompt, sharegpt_trace,  # noqa: E402
+from course_lib.serving.engine import LLMEngine  # noqa: E402
+from course_lib.serving.static_batching import StaticBatchEngine  # noqa: E402
+from course_lib.experiments.workloads import (long_prompt_trace, multimodal_prompt, sharegpt_trace,  # noqa: E402
                                   with_context_length)
 import record  # noqa: E402
 from roofline import device_name  # noqa: E402

@@ -28,8 +28,8 @@ import triton
 
 import kernels
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
-from course_lib.online_softmax import attention_flops, naive_attention, peak_memory, score_matrix_bytes
-from course_lib.roofline import RESULTS_DIR, time_fn
+from course_lib.model.online_softmax import attention_flops, naive_attention, peak_memory, score_matrix_bytes
+from course_lib.analysis.roofline import RESULTS_DIR, time_fn
 
 
 def device_name() -> str:

@@ -31,8 +31,8 @@ import kernels
 import kernels.paged_attention_int8 as pa8
 import kernels.reference as ref
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
-from course_lib.kv_quant import quantization_error
-from course_lib.roofline import RESULTS_DIR
+from course_lib.quant.kv_quant import quantization_error
+from course_lib.analysis.roofline import RESULTS_DIR
 from kernels.store_kv_int8 import fp8_supported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -31,7 +31,7 @@ import kernels
 import kernels.paged_attention as pa
 import kernels.reference as ref
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
-from course_lib.roofline import RESULTS_DIR, human, measure_copy_bandwidth, time_fn
+from course_lib.analysis.roofline import RESULTS_DIR, human, measure_copy_bandwidth, time_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import device_name, slug  # noqa: E402  (same device naming as the roofline benchmark)

@@ -8,7 +8,7 @@ K/V gathered beforehand (the floor that ignores the gather).
 
 Each mix is one step's prefill chunks, (query tokens, cached prefix) per sequence, e.g. 8 chunks of 512 over
 prefixes of 0 ... 7k. The K/V of every sequence sit in 16-token blocks scattered at random over a
-``course_lib.kv_pool.KVPool`` (as after hours of serving), and the first two ways run the engine's own code:
+``course_lib.serving.kv_pool.KVPool`` (as after hours of serving), and the first two ways run the engine's own code:
 
 * ``gather_flash``: ``KVPool._prefill_gathered`` with kernels, what ``StepBatch.attend`` did before: per chunk, copy
   the sequence's K/V out of its blocks into a contiguous ``[Hkv, L, D]`` (``KVPool.gather``), then
@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from course_lib.config import ModelConfig
+from course_lib.model.config import ModelConfig
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
-from course_lib.kv_pool import KVPool
-from course_lib.roofline import RESULTS_DIR, time_fn
+from course_lib.serving.kv_pool import KVPool
+from course_lib.analysis.roofline import RESULTS_DIR, time_fn
 from kernels.paged_prefill import paged_prefill_attention_unchecked, prefill_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

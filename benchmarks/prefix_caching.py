@@ -32,10 +32,10 @@ import torch  # noqa: E402
 
 from course_lib import load_tiny  # noqa: E402
 from course_lib.device import HAS_GPU  # noqa: E402
-from course_lib.engine import LLMEngine  # noqa: E402
-from course_lib.prefix_workloads import chat_conversations, shared_prompt_requests  # noqa: E402
-from course_lib.sampling import SamplingParams  # noqa: E402
-from course_lib.workloads import poisson_arrivals  # noqa: E402
+from course_lib.serving.engine import LLMEngine  # noqa: E402
+from course_lib.experiments.prefix_workloads import chat_conversations, shared_prompt_requests  # noqa: E402
+from course_lib.model.sampling import SamplingParams  # noqa: E402
+from course_lib.experiments.workloads import poisson_arrivals  # noqa: E402
 import record  # noqa: E402
 from roofline import device_name  # noqa: E402
 

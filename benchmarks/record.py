@@ -14,7 +14,7 @@ import torch
 import triton
 
 from course_lib.device import HAS_GPU
-from course_lib.roofline import RESULTS_DIR
+from course_lib.analysis.roofline import RESULTS_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import device_name, slug  # noqa: E402

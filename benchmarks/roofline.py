@@ -26,7 +26,7 @@ import triton
 
 import kernels
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
-from course_lib.roofline import (RESULTS_DIR, human, matmul_bytes, matmul_flops, matmul_intensity,
+from course_lib.analysis.roofline import (RESULTS_DIR, human, matmul_bytes, matmul_flops, matmul_intensity,
                                  measure_copy_bandwidth, measure_matmul_flops, ridge_point, time_fn)
 
 

@@ -22,11 +22,11 @@ import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET befor
 import torch  # noqa: E402
 
 from course_lib import load_tiny  # noqa: E402
-from course_lib.corpus import load_text  # noqa: E402
+from course_lib.model.corpus import load_text  # noqa: E402
 from course_lib.device import DEVICE, HAS_GPU  # noqa: E402
-from course_lib.generate import generate  # noqa: E402
-from course_lib.kv_cache import KVCache  # noqa: E402
-from course_lib.speculative import expected_speedup, expected_tokens_per_step, speculative_generate  # noqa: E402
+from course_lib.model.generate import generate  # noqa: E402
+from course_lib.model.kv_cache import KVCache  # noqa: E402
+from course_lib.serving.speculative import expected_speedup, expected_tokens_per_step, speculative_generate  # noqa: E402
 import record  # noqa: E402
 from roofline import device_name  # noqa: E402
 

@@ -1,9 +1,9 @@
 """Triton kernels of the course, each with a plain-torch twin in ``kernels.reference``.
 
-``course_lib.device`` is imported first: without a GPU it sets ``TRITON_INTERPRET=1``, which Triton reads
+``kernels.device`` is imported first: without a GPU it sets ``TRITON_INTERPRET=1``, which Triton reads
 when it is first imported, so the same kernels run in the interpreter on CPU tensors.
 """
-import course_lib.device  # noqa: F401  (must come before any import of triton)
+import kernels.device  # noqa: F401  (must come before any import of triton)
 
 from kernels.vector_add import add  # noqa: F401
 from kernels.store_kv import store_kv  # noqa: F401,E402

@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from course_lib.device import INTERPRET
+from kernels.device import INTERPRET
 
 
 def check_device(name: str, t: torch.Tensor) -> None:

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 import triton
 import triton.language as tl
 
-from course_lib.device import INTERPRET
+from kernels.device import INTERPRET
 from kernels._checks import check_device, check_sm_scale
 
 #: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
@@ -213,7 +213,7 @@ def _check_inputs(q, k, v, causal, sm_scale) -> None:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    sm_scale: float | None = None, return_lse: bool = False):
+                    sm_scale: float | None = None, return_lse: bool = False, config: dict | None = None):
     """softmax(q kᵀ · sm_scale) v with the Triton FlashAttention forward kernel ``_attn_fwd``.
 
     q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0; D in 16/32/64/128; any Sq, Skv >= 1.
@@ -222,13 +222,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     sm_scale: default 1/sqrt(D).
     Returns out [B, Hq, Sq, D] in q's dtype, and with ``return_lse`` also the log-sum-exp of each row of
     scaled scores, lse [B, Hq, Sq] float32 (natural log), so that softmax = exp(scores·sm_scale - lse).
+    config: a fixed launch config ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of
+    autotuning (a serving engine's ``serving_config``, tests).
     Raises ValueError, naming the argument, for shapes, dtypes or devices it cannot handle.
     """
-    return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse)
+    return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse, config=config)
 
 
 def serving_config(num_queries: int) -> dict:
-    """A fixed launch config for a serving engine's prefill chunks (``course_lib.kv_pool.chunk_attention``: the
+    """A fixed launch config for a serving engine's prefill chunks (``course_lib.serving.kv_pool.chunk_attention``: the
     8-bit pool's prefill, which attends over dequantized contiguous copies): no autotuning
     inside the engine's loop, where every new (Sq, Skv) bucket would compile and time up to 7 configs while the
     requests wait (seen on an H200: the first capstone run with chunked prefill at 0.13-0.5x the speed of the second).

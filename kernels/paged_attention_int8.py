@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import math
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 import triton
 import triton.language as tl
 
-from course_lib.device import INTERPRET
+from kernels.device import INTERPRET
 from kernels._checks import check_block_tables, check_sm_scale, check_tensors
 from kernels.paged_attention import _merge_splits_kernel, plan_splits
 from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache

@@ -32,19 +32,19 @@ Work split (one launch for the whole step):
   diagonal of the whole tile are never loaded. A K/V tile of ``BLOCK_N`` tokens is gathered token by token
   through the block table (block ``block_tables[s, j // P]``, row ``j % P``), so any block size P works.
 
-Shapes: q ``[T, Hq, D]``, caches ``[N, P, Hkv, D]`` (``course_lib.kv_pool``), block_tables int32
+Shapes: q ``[T, Hq, D]``, caches ``[N, P, Hkv, D]`` (``course_lib.serving.kv_pool``), block_tables int32
 ``[num_seqs, max_blocks]``, cu_seqlens_q int32 ``[num_seqs + 1]``, seq_lens int32 ``[num_seqs]``; out ``[T, Hq, D]``.
 """
 from __future__ import annotations
 
 import math
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 import triton
 import triton.language as tl
 
-from course_lib.device import INTERPRET
+from kernels.device import INTERPRET
 from kernels._checks import check_tensors
 
 #: Dtypes compiled on a GPU (fp32 with exact fp32 dots); the interpreter runs float32/float16 (its bfloat16 tl.dot

@@ -4,9 +4,40 @@ Every kernel in ``kernels/`` is tested against the function of the same name her
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kernels._checks import check_block_tables, check_finite, check_slot_mapping, check_sm_scale
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · sm_scale) v, materializing the full score matrix.
+
+    q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0 (query head h reads kv head h // (Hq/Hkv)).
+    With ``causal`` the queries are the *last* Sq positions of the Skv keys (bottom-right alignment, as in
+    decoding or in prefill after a cached prefix): query i may see keys j <= Skv - Sq + i.
+    Scores and softmax are computed in float32; the result has q's dtype.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if Skv < Sq and causal:
+        raise ValueError(f"causal attention needs Skv >= Sq, got Sq={Sq}, Skv={Skv}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    group = Hq // Hkv
+    # GQA: view the Hq query heads as [Hkv, group] so each kv head serves its group without copying K/V.
+    qg = q.float().reshape(B, Hkv, group, Sq, D)                       # [B, Hkv, G, Sq, D]
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.float()) * scale  # [B, Hkv, G, Sq, Skv]
+    if causal:
+        rows = torch.arange(Sq, device=q.device)[:, None] + (Skv - Sq)
+        cols = torch.arange(Skv, device=q.device)[None, :]
+        scores = scores.masked_fill(cols > rows, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, v.float())          # [B, Hkv, G, Sq, D]
+    return out.reshape(B, Hq, Sq, D).to(q.dtype)
 
 
 def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -17,9 +48,7 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     sm_scale: float | None = None) -> torch.Tensor:
     """Reference for ``kernels.flash_attention``: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], GQA, causal aligned
-    bottom-right. The course model's own attention (``course_lib.attention.attention``): one implementation."""
-    from course_lib.attention import attention
-
+    bottom-right. The course model's own attention (``attention`` above, which the model imports): one implementation."""
     return attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
 
@@ -45,8 +74,6 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Refuses what the kernel refuses (with ``validate``: a block id outside the cache, which torch would read
     from the end of the cache if negative). Extra keyword arguments of the kernel (num_splits, max_context_len)
     are accepted and ignored."""
-    from course_lib.attention import attention
-
     N, P, Hkv, D = k_cache.shape
     check_sm_scale(sm_scale)
     if validate:
@@ -85,10 +112,10 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
                   k_zero: torch.Tensor | None = None, v_zero: torch.Tensor | None = None,
                   validate: bool = True) -> None:
     """Reference for ``kernels.store_kv_int8``: quantize k, v [T, Hkv, D] per (token, kv head) with
-    ``course_lib.kv_quant.quantize(x, "head")`` and write codes into k_cache, v_cache [N, P, Hkv, D] (int8 or
+    ``course_lib.quant.kv_quant.quantize(x, "head")`` and write codes into k_cache, v_cache [N, P, Hkv, D] (int8 or
     float8_e4m3fn) and scales (zero points) into k_scale, v_scale (k_zero, v_zero) [N, P, Hkv] at slot_mapping.
     With ``validate``, refuses what the kernel refuses: a slot past the cache, a value that is not finite."""
-    from course_lib.kv_quant import quantize
+    from kernels.quant import quantize
 
     N, P, Hkv, D = k_cache.shape
     if validate:
@@ -127,8 +154,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     [num_seqs] (K/V tokens of sequence s, its chunk included). Gathers each sequence's K/V through its block table
     into a contiguous [1, Hkv, L, D] and calls the plain attention, causal bottom-right (query i of a chunk of n
     sits at position L - n + i). Returns [T, Hq, D]."""
-    from course_lib.attention import attention
-
     N, P, Hkv, D = k_cache.shape
     out = torch.zeros_like(q)
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()

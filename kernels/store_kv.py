@@ -7,7 +7,7 @@ slot means "skip this token" (vLLM's convention for padding). One program per to
 """
 from __future__ import annotations
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 import triton
 import triton.language as tl

@@ -20,12 +20,12 @@ with ``div_rn`` (IEEE division: Triton's default fp32 ``/`` on a GPU is approxim
 """
 from __future__ import annotations
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 import triton
 import triton.language as tl
 
-from course_lib.device import HAS_GPU, INTERPRET
+from kernels.device import HAS_GPU, INTERPRET
 from kernels._checks import check_finite, check_slot_mapping, check_tensors
 
 #: Dtypes of the new keys / values the kernel accepts (the model's compute dtype).

@@ -9,7 +9,7 @@ interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by ``course_lib.device``
 """
 from __future__ import annotations
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 import triton
 import triton.language as tl

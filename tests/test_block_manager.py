@@ -8,7 +8,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from course_lib.block_manager import BlockAllocator, BlockManager, OutOfBlocksError
+from course_lib.paging.block_manager import BlockAllocator, BlockManager, OutOfBlocksError
 
 
 # ---------------------------------------------------------------- unit tests

@@ -10,13 +10,13 @@ import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import load_tiny
-from course_lib.ablation import NOT_AVAILABLE, Ablation, AblationSetup, RowConfig, engine_supports, format_table, ladder
-from course_lib.capstone_workloads import WORKLOADS, capstone_workloads
-from course_lib.checkpoint import CHECKPOINTS
-from course_lib.engine import LLMEngine
-from course_lib.generate import greedy_generate
-from course_lib.hf_baseline import HFStaticBatchBaseline, kv_budget_batch_size, load_hf_model, static_batch_accounting
-from course_lib.sampling import SamplingParams
+from course_lib.experiments.ablation import NOT_AVAILABLE, Ablation, AblationSetup, RowConfig, engine_supports, format_table, ladder
+from course_lib.experiments.capstone_workloads import WORKLOADS, capstone_workloads
+from course_lib.model.checkpoint import CHECKPOINTS
+from course_lib.serving.engine import LLMEngine
+from course_lib.model.generate import greedy_generate
+from course_lib.serving.hf_baseline import HFStaticBatchBaseline, kv_budget_batch_size, load_hf_model, static_batch_accounting
+from course_lib.model.sampling import SamplingParams
 
 pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_hf_baseline_ignores_eos(models):
     """The checkpoint's eos (0) must not stop a row: a prompt whose greedy continuation emits it still gets
     every requested token (found by search, so the test cannot pass vacuously)."""
     model, hf, tok = models
-    from course_lib.workloads import sharegpt_trace
+    from course_lib.experiments.workloads import sharegpt_trace
 
     prompts = sharegpt_trace(40, scale=0.25, tokenizer=tok).prompts
     prompt, want = next((p, o) for p in prompts if 0 in (o := greedy_generate(model, p, 150, use_cache=True)))

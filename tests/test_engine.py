@@ -15,13 +15,13 @@ import course_lib  # noqa: F401  (resolves the device before anything imports tr
 import kernels.reference
 from course_lib import ModelConfig, Llama
 from course_lib.device import DEVICE
-from course_lib.engine import LLMEngine
-from course_lib.generate import greedy_generate
-from course_lib.model_runner import paged_decode_attention_torch
-from course_lib.sampling import SamplingParams, filter_logits
-from course_lib.static_batching import StaticBatchEngine, padded_attention
-from course_lib.attention import attention
-from course_lib.workloads import long_prompt_trace, multimodal_prompt, poisson_arrivals, sharegpt_trace, uniform_trace
+from course_lib.serving.engine import LLMEngine
+from course_lib.model.generate import greedy_generate
+from course_lib.serving.model_runner import paged_decode_attention_torch
+from course_lib.model.sampling import SamplingParams, filter_logits
+from course_lib.serving.static_batching import StaticBatchEngine, padded_attention
+from course_lib.model.attention import attention
+from course_lib.experiments.workloads import long_prompt_trace, multimodal_prompt, poisson_arrivals, sharegpt_trace, uniform_trace
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -42,7 +42,7 @@ def micro_model(max_len: int = 64, seed: int = 0) -> Llama:
 def corpus_requests(model, tokenizer):
     """12 requests: prompts of 1 ... 40 tokens cut from the validation text, 1 ... 24 new tokens each, and the
     model's greedy tokens for each, decoded alone without any cache."""
-    from course_lib.corpus import load_text
+    from course_lib.model.corpus import load_text
 
     ids = tokenizer.encode(load_text("validation")[:20000])
     rng = random.Random(0)

@@ -10,13 +10,13 @@ import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import load_tiny
-from course_lib.corpus import load_text
+from course_lib.model.corpus import load_text
 from course_lib.device import DEVICE
-from course_lib.engine import LLMEngine
-from course_lib.kv_pool import KVPool, QuantizedKVPool, make_kv_pool
-from course_lib.kv_quality import decode_logits
-from course_lib.kv_quant import QuantizedPagedKVCache, kv_bytes_per_token
-from course_lib.sampling import SamplingParams
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.kv_pool import KVPool, QuantizedKVPool, make_kv_pool
+from course_lib.quant.kv_quality import decode_logits
+from course_lib.quant.kv_quant import QuantizedPagedKVCache, kv_bytes_per_token
+from course_lib.model.sampling import SamplingParams
 from test_engine import assert_all_blocks_free, micro_model
 
 

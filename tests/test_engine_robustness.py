@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
-from course_lib.engine import LLMEngine
-from course_lib.generate import greedy_generate
-from course_lib.model_runner import ModelRunner
-from course_lib.sampling import SamplingParams
-from course_lib.static_batching import StaticBatchEngine
+from course_lib.serving.engine import LLMEngine
+from course_lib.model.generate import greedy_generate
+from course_lib.serving.model_runner import ModelRunner
+from course_lib.model.sampling import SamplingParams
+from course_lib.serving.static_batching import StaticBatchEngine
 from test_engine import MICRO, assert_all_blocks_free
 from test_engine_speculative import MICRO as SPEC_TARGET, MICRO_DRAFT, assert_all_blocks_back
 
@@ -50,8 +50,8 @@ def test_a_tiny_positive_temperature_is_greedy():
 def test_the_lessons_samplers_refuse_a_temperature_that_is_not_finite(temperature):
     """generate.sample_next (lesson 01) and speculative.probabilities (lesson 06) let NaN through to
     torch.multinomial ("probability tensor contains either inf, nan or element < 0"); a tiny temperature is greedy."""
-    from course_lib.generate import sample_next
-    from course_lib.speculative import probabilities
+    from course_lib.model.generate import sample_next
+    from course_lib.serving.speculative import probabilities
 
     logits = torch.tensor([0.5, 2.0, -1.0])
     for f in (sample_next, probabilities):

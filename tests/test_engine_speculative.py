@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import ModelConfig, Llama, load_tiny
-from course_lib.engine import LLMEngine
-from course_lib.generate import greedy_generate
-from course_lib.kv_cache import KVCache
-from course_lib.prefix_cache import PrefixCachingBlockManager
-from course_lib.prefix_workloads import shared_prompt_requests
-from course_lib.sampling import SamplingParams, filter_logits, token_generator
-from course_lib.sequence import Sequence
+from course_lib.serving.engine import LLMEngine
+from course_lib.model.generate import greedy_generate
+from course_lib.model.kv_cache import KVCache
+from course_lib.serving.prefix_cache import PrefixCachingBlockManager
+from course_lib.experiments.prefix_workloads import shared_prompt_requests
+from course_lib.model.sampling import SamplingParams, filter_logits, token_generator
+from course_lib.serving.sequence import Sequence
 from test_engine import assert_preemptions, assert_same_outputs, corpus_requests
 from test_speculative import chi_square_threshold   # the χ² quantile of lesson 06's test (Wilson–Hilferty)
 
@@ -218,7 +218,7 @@ def test_after_every_step_computed_tokens_have_valid_kv_in_both_pools(monkeypatc
     """``num_computed_tokens`` counts exactly the tokens whose K/V are valid in both pools, after every step:
     through prefill chunks, partial and full acceptances, swaps and recomputes. (Greedy equality cannot see a
     wrong draft K/V: it only lowers the acceptance rate.)"""
-    from course_lib.scheduler import Scheduler
+    from course_lib.serving.scheduler import Scheduler
 
     engine = LLMEngine(MICRO, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, speculative_model=MICRO_DRAFT,
                        num_speculative_tokens=3, **kw)

@@ -1,9 +1,9 @@
-"""course_lib.explorer: controls with room for their labels, and the function's return value not displayed."""
+"""course_lib.notebook.explorer: controls with room for their labels, and the function's return value not displayed."""
 from unittest import mock
 
 import ipywidgets as widgets
 
-from course_lib import explorer as explorer_module
+from course_lib.notebook import explorer as explorer_module
 
 
 def test_explorer_shows_controls_with_full_labels_and_hides_the_return_value():

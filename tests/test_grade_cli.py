@@ -18,7 +18,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from course_lib.grade import NotebookGrade, Row, exit_code, summary
+from course_lib.grading.cli import NotebookGrade, Row, exit_code, summary
 from course_lib.grading.integrity import changed_files
 
 ROOT = Path(__file__).resolve().parents[1]

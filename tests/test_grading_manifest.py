@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from course_lib.grade import import_checks
+from course_lib.grading.cli import import_checks
 from course_lib.grading import manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from course_lib.block_manager import BlockAllocator, OutOfBlocksError
+from course_lib.paging.block_manager import BlockAllocator, OutOfBlocksError
 from course_lib.grading import wire
 from course_lib.grading.core import Checker
 from course_lib.grading.remote import KernelServer, RemoteError, RemoteObject, Session, run_beside, type_name
-from course_lib.sequence import Sequence
+from course_lib.serving.sequence import Sequence
 
 NOTEBOOK = '''
 import numpy as np, torch
-from course_lib.block_manager import OutOfBlocksError
-from course_lib.sequence import Sequence
+from course_lib.paging.block_manager import OutOfBlocksError
+from course_lib.serving.sequence import Sequence
 
 def append_two(xs):
     xs.append(len(xs))
@@ -213,7 +213,7 @@ def test_a_malformed_reply_is_an_error_not_a_crash(session, tmp_path):
 # ---------------------------------------------------------------- instruments watch the learner's code where it runs
 INSTRUMENTED = '''
 import torch
-from course_lib.kv_cache import KVCache
+from course_lib.model.kv_cache import KVCache
 
 def softmax_cheat(x, block_size):
     return torch.softmax(x, dim=-1)

@@ -1,6 +1,6 @@
 """KV-cache quantization (lesson 07): the torch helpers' error bounds, kernels.store_kv_int8 and
 kernels.paged_attention_int8_decode vs their references (interpreter on CPU, compiled on a GPU), their
-ValueErrors, and the shipped model decoding through course_lib.kv_quant.QuantizedPagedKVCache."""
+ValueErrors, and the shipped model decoding through course_lib.quant.kv_quant.QuantizedPagedKVCache."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,7 +15,7 @@ import torch
 import kernels
 import kernels.reference as ref
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes
-from course_lib.kv_quant import (QuantizedPagedKVCache, dequantize, fake_quantize, kv_bytes_per_token,
+from course_lib.quant.kv_quant import (QuantizedPagedKVCache, dequantize, fake_quantize, kv_bytes_per_token,
                                  make_paged_kv_cache, num_blocks_for_memory, quantization_error, quantize)
 from kernels.store_kv_int8 import fp8_supported
 
@@ -423,7 +423,7 @@ AGREEMENT_STEPS = 100
 @pytest.fixture(scope="module")
 def fp32_greedy(tiny):
     """The FP32 contiguous cache's greedy continuation of each text: (prompt ids, [tokens])."""
-    from course_lib.kv_cache import KVCache
+    from course_lib.model.kv_cache import KVCache
 
     model, tok = tiny
     out = []
@@ -449,7 +449,7 @@ def test_model_8bit_cache_agrees_with_full_precision(tiny, fp32_greedy, one_thre
 
 
 def test_quantized_cache_memory_fork_and_factory(tiny):
-    from course_lib.paged_cache import PagedKVCache
+    from course_lib.paging.paged_cache import PagedKVCache
 
     model, tok = tiny
     cfg = model.config                                               # D = 32: int8 + fp16 scale = 34 of 64 bytes

@@ -15,7 +15,7 @@ import triton.language as tl
 
 import kernels
 import kernels.reference
-from course_lib import roofline
+from course_lib.analysis import roofline
 from course_lib.device import DEVICE, kernel_dtypes
 from course_lib.grading import lesson00
 
@@ -62,7 +62,7 @@ def test_add_rejects_bad_block_size(block_size):
         kernels.add(x, x, block_size=block_size)
 
 
-# ---------------------------------------------------------------- course_lib.roofline
+# ---------------------------------------------------------------- course_lib.analysis.roofline
 def test_intensity_formulas():
     assert roofline.matmul_intensity(1, 1, 1, 4) == pytest.approx(2 / 12)
     # GEMV in fp16 is ~1 FLOP/byte: each 2-byte weight is used for one multiply-add.

@@ -1,4 +1,4 @@
-"""Lesson 01: the FLOP/byte counts of course_lib.flops (cross-checked against torch's FLOP counter on the real
+"""Lesson 01: the FLOP/byte counts of course_lib.analysis.flops (cross-checked against torch's FLOP counter on the real
 model), and every check of course_lib.grading.lesson01 (passes the reference, "not attempted" for a stub,
 fails deliberately broken variants with a hint)."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from course_lib import PRESETS, ModelConfig
-from course_lib import flops
+from course_lib.analysis import flops
 from course_lib.grading import lesson01
-from course_lib.kv_cache import KVCache, kv_cache_bytes
+from course_lib.model.kv_cache import KVCache, kv_cache_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig()
@@ -25,7 +25,7 @@ def counted(fn) -> int:
     return counter.get_total_flops()
 
 
-# ---------------------------------------------------------------- course_lib.flops
+# ---------------------------------------------------------------- course_lib.analysis.flops
 def test_linear_params_add_up_to_the_parameter_count():
     for cfg in [TINY, *PRESETS.values()]:
         if cfg.attention_bias:
@@ -83,7 +83,7 @@ def test_breakdown_options():
 
 
 # The cross-check: torch's own FLOP counter (it counts every aten.mm/bmm the real model runs) agrees exactly.
-# course_lib.attention is dense (it computes the masked scores too), hence count_masked=True for S > 1.
+# course_lib.model.attention is dense (it computes the masked scores too), hence count_masked=True for S > 1.
 # (Not S = 1 alone: with a single key, torch.einsum turns P·V into an elementwise product the counter skips.)
 @pytest.mark.parametrize("prompt_len", [2, 9, 40])
 def test_flops_match_torch_flop_counter_without_cache(tiny, prompt_len):

@@ -11,7 +11,7 @@ import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before tri
 import triton
 import triton.language as tl
 
-from course_lib.block_manager import OutOfBlocksError
+from course_lib.paging.block_manager import OutOfBlocksError
 from course_lib.grading import lesson02
 
 ROOT = Path(__file__).resolve().parents[1]

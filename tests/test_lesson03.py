@@ -1,4 +1,4 @@
-"""Lesson 03: course_lib.online_softmax vs torch, the formulas, and the checks (solution passes, stub is not
+"""Lesson 03: course_lib.model.online_softmax vs torch, the formulas, and the checks (solution passes, stub is not
 attempted, broken variants fail: no rescale of the running sum, mask off by the Skv - Sq offset, wrong GQA mapping)."""
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from course_lib import online_softmax as osm
-from course_lib.attention import attention
+from course_lib.model import online_softmax as osm
+from course_lib.model.attention import attention
 from course_lib.grading import lesson03
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------- course_lib.online_softmax
+# ---------------------------------------------------------------- course_lib.model.online_softmax
 @pytest.mark.parametrize("block_size", [1, 3, 16, 100])
 def test_online_softmax_equals_softmax(block_size):
     gen = torch.Generator().manual_seed(0)

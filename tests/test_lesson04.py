@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from course_lib.grading import lesson04
-from course_lib.scheduler import RUNNING, SWAPPED, WAITING
+from course_lib.serving.scheduler import RUNNING, SWAPPED, WAITING
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from course_lib.grading import lesson05
-from course_lib.prefix_cache import Node
+from course_lib.serving.prefix_cache import Node
 
 
 def _stub(*args):

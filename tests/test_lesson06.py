@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from course_lib import speculative as spec
+from course_lib.serving import speculative as spec
 from course_lib.grading import lesson06
 
 

@@ -3,10 +3,10 @@ or much faster than the one a lesson calibrated on (a busy CPU is a slower machi
 import pytest
 import torch
 
-from course_lib.engine import LLMEngine
-from course_lib.roofline import time_fn
-from course_lib.static_batching import StaticBatchEngine
-from course_lib.workloads import sharegpt_trace
+from course_lib.serving.engine import LLMEngine
+from course_lib.analysis.roofline import time_fn
+from course_lib.serving.static_batching import StaticBatchEngine
+from course_lib.experiments.workloads import sharegpt_trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,12 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import PRESETS, Llama, ModelConfig
-from course_lib import flops
-from course_lib.engine import LLMEngine
-from course_lib.generate import generate
-from course_lib.kv_cache import KVCache, kv_cache_bytes
-from course_lib.rope import RopeScaling
-from course_lib.sampling import SamplingParams
+from course_lib.analysis import flops
+from course_lib.serving.engine import LLMEngine
+from course_lib.model.generate import generate
+from course_lib.model.kv_cache import KVCache, kv_cache_bytes
+from course_lib.model.rope import RopeScaling
+from course_lib.model.sampling import SamplingParams
 from kernels.flash_attention import HEAD_DIMS
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -148,7 +148,7 @@ MAX_TOKENS = [6, 9, 12, 5]
 @pytest.mark.parametrize("family", ["qwen3", "llama3-rope"])
 def test_engine_greedy_tokens_equal_plain_generation(family, use_kernels):
     """LLMEngine (paged KV, flattened steps with explicit positions, chunked prefill) against
-    course_lib.generate.generate (contiguous cache): the same greedy tokens. "llama3-rope": RoPE scaled with a
+    course_lib.model.generate.generate (contiguous cache): the same greedy tokens. "llama3-rope": RoPE scaled with a
     pretraining context of 8, so prompts and outputs run far past it."""
     changes = {} if family == "qwen3" else dict(
         qk_norm=False, head_dim=16, rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 8))

@@ -8,8 +8,8 @@ import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import ModelConfig, load_pretrained, save_pretrained
-from course_lib.generate import greedy_generate
-from course_lib.kv_cache import KVCache
+from course_lib.model.generate import greedy_generate
+from course_lib.model.kv_cache import KVCache
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,7 +128,7 @@ def test_bad_input_is_named():
 def test_shipped_checkpoints_load_in_transformers(name):
     """The shipped checkpoints are real Hugging Face checkpoints: transformers reads them and agrees."""
     from course_lib import load_tiny
-    from course_lib.checkpoint import CHECKPOINTS
+    from course_lib.model.checkpoint import CHECKPOINTS
 
     ours, tokenizer = load_tiny(name, dtype=torch.float32, device="cpu")
     hf = transformers.LlamaForCausalLM.from_pretrained(CHECKPOINTS / f"tiny-{name}", dtype=torch.float32).eval()
@@ -165,7 +165,7 @@ def test_llama3_frequencies_equal_transformers():
     """rope_inv_freq against transformers' own function, on Llama-3.2-1B's real settings."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from course_lib.rope import RopeScaling, rope_inv_freq
+    from course_lib.model.rope import RopeScaling, rope_inv_freq
 
     cfg = ModelConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,

@@ -1,5 +1,5 @@
 """kernels.store_kv and kernels.paged_attention_decode vs their references (interpreter on CPU, compiled on a
-GPU), their ValueErrors, and the shipped model decoding through course_lib.paged_cache.PagedKVCache."""
+GPU), their ValueErrors, and the shipped model decoding through course_lib.paging.paged_cache.PagedKVCache."""
 from __future__ import annotations
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
@@ -229,8 +229,8 @@ def _greedy(model, cache, prompt_ids, n):
 
 @pytest.mark.parametrize("block_size, batch_size, steps", [(8, 2, 6), (16, 1, 12)])
 def test_model_greedy_tokens_paged_equal_contiguous(tiny, one_thread, block_size, batch_size, steps):
-    from course_lib.kv_cache import KVCache
-    from course_lib.paged_cache import PagedKVCache
+    from course_lib.model.kv_cache import KVCache
+    from course_lib.paging.paged_cache import PagedKVCache
 
     model, tok = tiny
     prompts = [tok.encode("In the beginning God created"), tok.encode("And the LORD spake unto Moses")][:batch_size]
@@ -245,7 +245,7 @@ def test_model_greedy_tokens_paged_equal_contiguous(tiny, one_thread, block_size
 
 
 def test_fork_shares_the_prompt_and_copies_on_write(tiny, one_thread):
-    from course_lib.paged_cache import PagedKVCache
+    from course_lib.paging.paged_cache import PagedKVCache
 
     model, tok = tiny
     prompt = tok.encode("In the beginning God created")[:6]          # 6 tokens: block 0 partly filled (P = 8)

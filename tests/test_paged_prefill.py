@@ -220,9 +220,9 @@ def test_engine_with_kernels_equals_engine_without(monkeypatch):
     interpreter on a CPU) and without: the same greedy tokens, with chunked prefill (several prefill chunks in one
     step, one launch per layer) and prefix caching (chunks over a cached prefix)."""
     from course_lib import load_tiny
-    from course_lib.engine import LLMEngine
-    from course_lib.sampling import SamplingParams
-    import course_lib.kv_pool as kv_pool
+    from course_lib.serving.engine import LLMEngine
+    from course_lib.model.sampling import SamplingParams
+    import course_lib.serving.kv_pool as kv_pool
 
     model, tok = load_tiny("draft", dtype=torch.float32, device=DEVICE)
     shared = tok.encode("And God said, Let there be light: and there was light.")[:11]
@@ -304,7 +304,7 @@ def test_gpu_other_block_sizes_head_dims_groups_and_fp32(P, Hq, Hkv, D):
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_gpu_matches_the_gather_and_flash_path():
     """What the engine computed before: gather each sequence's K/V, then kernels.flash_attention per chunk."""
-    from course_lib.kv_pool import chunk_attention
+    from course_lib.serving.kv_pool import chunk_attention
 
     chunks = [(512, 1024 * i) for i in range(4)] + [(16, 4096)]
     q, k_cache, v_cache, tables, cu, lens = make_prefill(chunks, 32, 8, 128, 16, torch.bfloat16, seed=9)

@@ -160,7 +160,7 @@ def test_1f1b_op_order():
 
 
 def test_greedy_no_cache_matches_generate(model, ids):
-    from course_lib.generate import greedy_generate
+    from course_lib.model.generate import greedy_generate
 
     _, tokens = greedy_no_cache(model, ids[:1], 4)
     assert tokens[0].tolist() == greedy_generate(model, ids[0].tolist(), 4)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from course_lib.block_manager import BlockAllocator, OutOfBlocksError
-from course_lib.prefix_cache import PrefixCache, PrefixCachingBlockManager, full_blocks
-from course_lib.prefix_hash import PrefixHashCache
+from course_lib.paging.block_manager import BlockAllocator, OutOfBlocksError
+from course_lib.serving.prefix_cache import PrefixCache, PrefixCachingBlockManager, full_blocks
+from course_lib.serving.prefix_hash import PrefixHashCache
 
 CACHES = [PrefixCache, PrefixHashCache]
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
-from course_lib.engine import LLMEngine
-from course_lib.prefix_cache import PrefixCachingBlockManager
-from course_lib.prefix_hash import PrefixHashCache
-from course_lib.prefix_workloads import chat_conversations, shared_prompt_requests
-from course_lib.sampling import SamplingParams
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.prefix_cache import PrefixCachingBlockManager
+from course_lib.serving.prefix_hash import PrefixHashCache
+from course_lib.experiments.prefix_workloads import chat_conversations, shared_prompt_requests
+from course_lib.model.sampling import SamplingParams
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py

@@ -1,4 +1,4 @@
-"""The quiz of lesson 11 (course_lib.quiz): right answers accepted within tolerance, with or without units; wrong
+"""The quiz of lesson 11 (course_lib.review.quiz): right answers accepted within tolerance, with or without units; wrong
 ones rejected with feedback that says why; bad input raises; the widget grades headless (its buttons clicked)."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from course_lib.quiz import Question, format_value, grade_answer, parse_value, quiz_widget, unit_scale
+from course_lib.review.quiz import Question, format_value, grade_answer, parse_value, quiz_widget, unit_scale
 
 KV13 = Question("KV cache per token of LLaMA-2-13B in fp16?", 800.0, 0.05, "KiB", "2 x 40 x 40 x 128 x 2 B",
                 hint="K and V, every layer, every kv head", lesson="01")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from course_lib import review
-from course_lib.glossary import GLOSSARY, glossary_html, lookup
-from course_lib.review import (BENCHMARKS, Claim, availability, claims_html, engine_summary, engine_vs_hf, find_values,
+from course_lib.review import review
+from course_lib.review.glossary import GLOSSARY, glossary_html, lookup
+from course_lib.review.review import (BENCHMARKS, Claim, availability, claims_html, engine_summary, engine_vs_hf, find_values,
                                html_table, is_gpu, latest, lesson_link, lesson_notebook, not_recorded, recorded)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""course_lib.speculative: rejection sampling keeps the target's distribution (a chi-square test on small
+"""course_lib.serving.speculative: rejection sampling keeps the target's distribution (a chi-square test on small
 Markov-chain "models" whose exact probabilities are known), greedy speculative decoding reproduces the
 target's greedy tokens on the shipped models, and both KV caches are rolled back correctly."""
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from course_lib import load_tiny
-from course_lib import speculative as spec
-from course_lib.corpus import load_text
-from course_lib.generate import generate
-from course_lib.kv_cache import KVCache
+from course_lib.serving import speculative as spec
+from course_lib.model.corpus import load_text
+from course_lib.model.generate import generate
+from course_lib.model.kv_cache import KVCache
 
 ROOT = Path(__file__).resolve().parents[1]
 

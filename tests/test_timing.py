@@ -1,10 +1,10 @@
-"""course_lib.timing: repeats, their median and spread, and observations that warn instead of failing."""
+"""course_lib.notebook.timing: repeats, their median and spread, and observations that warn instead of failing."""
 import os
 
 import pytest
 
-from course_lib import timing
-from course_lib.timing import NOISY_SPREAD, Timing, machine_busy, observe, time_repeats
+from course_lib.notebook import timing
+from course_lib.notebook.timing import NOISY_SPREAD, Timing, machine_busy, observe, time_repeats
 
 
 def test_median_min_and_spread():

@@ -1,4 +1,4 @@
-"""Train the course's tiny target and draft models on the King James Bible (course_lib/corpus.py).
+"""Train the course's tiny target and draft models on the King James Bible (course_lib/model/corpus.py).
 
     python tools/train_tiny.py tokenizer                 # byte-level BPE, 2,048 tokens -> checkpoints/tokenizer.json
     python tools/train_tiny.py target      # on an H200: about 2 minutes
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 import course_lib  # noqa: F401  (device first)
 from course_lib import ModelConfig, corpus
-from course_lib.checkpoint import CHECKPOINTS, save_pretrained
-from course_lib.model import Llama
-from course_lib.tokenizer import EOS, Tokenizer
+from course_lib.model.checkpoint import CHECKPOINTS, save_pretrained
+from course_lib.model.llama import Llama
+from course_lib.model.tokenizer import EOS, Tokenizer
 
 CONFIGS = {
     "target": ModelConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=6,

@@ -14,7 +14,7 @@ import triton
 
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.roofline import H100_SXM, attainable_flops, bound, matmul_intensity
+from course_lib.analysis.roofline import H100_SXM, attainable_flops, bound, matmul_intensity
 from course_lib.grading.kernels import check_is_kernel, launch
 
 # Two machines to test against: the H100 datasheet and a laptop-class CPU (~200 GFLOP/s, ~40 GB/s).

@@ -11,11 +11,11 @@ import math
 
 import torch
 
-from course_lib.config import PRESETS, ModelConfig
-from course_lib.flops import attention_pairs, decode_step_flops, linear_params_per_layer
+from course_lib.model.config import PRESETS, ModelConfig
+from course_lib.analysis.flops import attention_pairs, decode_step_flops, linear_params_per_layer
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.remote import run_beside
-from course_lib.kv_cache import kv_cache_bytes
+from course_lib.model.kv_cache import kv_cache_bytes
 
 _TINY = ModelConfig()  # the shape of the shipped tiny models: L=6, E=256, Hq=8, Hkv=4, D=32, V=2048
 _MQA = dataclasses.replace(PRESETS["llama-2-7b"], num_key_value_heads=1)  # a hypothetical multi-query 7B
@@ -176,7 +176,7 @@ class _RecordingModel:
 
 @functools.lru_cache(maxsize=1)
 def _float32_target():
-    from course_lib.checkpoint import load_tiny
+    from course_lib.model.checkpoint import load_tiny
 
     # float32: with bf16 (the GPU default) the cached and uncached paths round differently and may flip a near-tie.
     return load_tiny("target", dtype=torch.float32)
@@ -197,7 +197,7 @@ def check_cached_greedy_decode(student_fn) -> CheckResult:
     """cached_greedy_decode(model, prompt_ids, max_new_tokens) returns the same tokens as greedy decoding without
     a cache, on the shipped tiny model (in float32), and does it the cached way: one prefill call with the whole
     prompt and an empty cache, then exactly one call per further token, feeding only that token."""
-    from course_lib.generate import greedy_generate
+    from course_lib.model.generate import greedy_generate
 
     model, tok = _float32_target()
     prompts = [("And", 1), ("And", 6), ("In the beginning God created", 20),
@@ -231,7 +231,7 @@ def check_cached_greedy_decode(student_fn) -> CheckResult:
 
 # ---------------------------------------------------------------- exercise 4: FLOPs per decode step
 def check_decode_step_flops(student_fn) -> CheckResult:
-    """decode_step_flops(config, position, use_cache) == the matmul FLOPs of course_lib.flops.decode_step_flops."""
+    """decode_step_flops(config, position, use_cache) == the matmul FLOPs of course_lib.analysis.flops.decode_step_flops."""
     cases = [(name, cfg, p, use) for name, cfg in _CONFIGS for p in (0, 1, 10, 2047) for use in (True, False)
              if p < cfg.max_position_embeddings]
     with Checker("decode_step_flops", points=2) as c:

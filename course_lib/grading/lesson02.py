@@ -13,7 +13,7 @@ from collections import Counter
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import torch
 
-from course_lib.block_manager import BlockAllocator, OutOfBlocksError
+from course_lib.paging.block_manager import BlockAllocator, OutOfBlocksError
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.kernels import check_is_kernel, launch
@@ -41,7 +41,7 @@ def check_allocator(allocator_cls) -> CheckResult:
             raised = type(err).__name__
         c.check(raised == "OutOfBlocksError", case="Allocator(4): a fifth allocate()", expected="OutOfBlocksError",
                 got=f"{raised} raised" if raised else f"returned {extra!r}",
-                hint="when the free list is empty, raise OutOfBlocksError (from course_lib.block_manager)")
+                hint="when the free list is empty, raise OutOfBlocksError (from course_lib.paging.block_manager)")
         b = got[0]
         a.share(b)
         c.check_equal(a.ref_counts[b], 2, case=f"share({b}) after allocate", hint="share() adds one owner: ref_counts[b] += 1")

@@ -11,7 +11,7 @@ import triton
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from course_lib.attention import attention
+from course_lib.model.attention import attention
 from course_lib.device import DEVICE, HAS_GPU
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.kernels import check_is_kernel, launch

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 
-from course_lib.block_manager import BlockManager, OutOfBlocksError
+from course_lib.paging.block_manager import BlockManager, OutOfBlocksError
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.scheduler import RUNNING, SWAPPED, WAITING, Sequence
+from course_lib.serving.scheduler import RUNNING, SWAPPED, WAITING, Sequence
 
 
 # ---------------------------------------------------------------- 1. admission

@@ -1,7 +1,7 @@
 """Checks of lesson 05 (prefix caching): the longest cached prefix, inserting a sequence's blocks into the tree,
 LRU eviction of unused leaves, and how many prompt tokens may be reused.
 
-The learner's functions work on a tree of ``course_lib.prefix_cache.Node`` (children keyed by the tuple of a
+The learner's functions work on a tree of ``course_lib.serving.prefix_cache.Node`` (children keyed by the tuple of a
 block's token ids) and a ``BlockAllocator``. Every check compares them with the library's ``PrefixCache`` on
 small hand-made cases first, then on trees grown by random requests that share prefixes (fixed seeds), and
 stops at the first failure with the case, expected vs got, and a hint aimed at the usual mistake.
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 
-from course_lib.block_manager import BlockAllocator
+from course_lib.paging.block_manager import BlockAllocator
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.prefix_cache import Node, PrefixCache
+from course_lib.serving.prefix_cache import Node, PrefixCache
 
 
 # ---------------------------------------------------------------- test trees

@@ -13,8 +13,8 @@ import random
 import torch
 
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.kv_cache import KVCache
-from course_lib.speculative import (SpeculativeStats, count_accepted, expected_tokens_per_step,
+from course_lib.model.kv_cache import KVCache
+from course_lib.serving.speculative import (SpeculativeStats, count_accepted, expected_tokens_per_step,
                                     residual_distribution, speculative_step)
 
 
@@ -116,7 +116,7 @@ def check_residual_distribution(student_fn) -> CheckResult:
 @functools.lru_cache(maxsize=1)
 def _pair_and_prompts():
     from course_lib import load_tiny
-    from course_lib.corpus import load_text
+    from course_lib.model.corpus import load_text
 
     target, tok = load_tiny("target", dtype=torch.float32, device="cpu")
     draft, _ = load_tiny("draft", dtype=torch.float32, device="cpu")
@@ -128,7 +128,7 @@ def check_rollback_caches(student_fn) -> CheckResult:
     """rollback_caches(target_cache, draft_cache, num_tokens), called at the end of every speculative round,
     leaves the target cache with num_tokens − 1 tokens and the draft cache with min(its length, num_tokens − 1);
     with it, speculative decoding reproduces the target's greedy tokens."""
-    from course_lib.generate import generate
+    from course_lib.model.generate import generate
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady on a busy machine

@@ -14,7 +14,7 @@ import torch
 
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.kv_quant import quantize
+from course_lib.quant.kv_quant import quantize
 from course_lib.grading.kernels import check_is_kernel, launch
 from kernels.reference import paged_attention_int8_decode as _reference_attention
 

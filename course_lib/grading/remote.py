@@ -291,7 +291,7 @@ _REMOTE_ERRORS: dict[str, type] = {}
 
 
 def _raisable() -> dict:
-    from course_lib.block_manager import OutOfBlocksError
+    from course_lib.paging.block_manager import OutOfBlocksError
 
     found = {("builtins", name): obj for name, obj in vars(builtins).items()
              if isinstance(obj, type) and issubclass(obj, Exception)}

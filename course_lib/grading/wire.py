@@ -87,11 +87,11 @@ def _reduce_tensor(t: torch.Tensor, storages: dict, storage_ref) -> tuple:
 
 # ---------------------------------------------------------------- what the grader may read
 def _allowed() -> dict[tuple[str, str], object]:
-    from course_lib.block_manager import BlockAllocator, BlockManager, OutOfBlocksError
-    from course_lib.config import ModelConfig
-    from course_lib.kv_cache import KVCache
-    from course_lib.prefix_cache import Node, PrefixCache
-    from course_lib.sequence import Sequence
+    from course_lib.paging.block_manager import BlockAllocator, BlockManager, OutOfBlocksError
+    from course_lib.model.config import ModelConfig
+    from course_lib.model.kv_cache import KVCache
+    from course_lib.serving.prefix_cache import Node, PrefixCache
+    from course_lib.serving.sequence import Sequence
 
     allowed: dict[tuple[str, str], object] = {}
     for obj in (rebuild_storage, rebuild_tensor, rebuild_ndarray, BlockAllocator, BlockManager, OutOfBlocksError,

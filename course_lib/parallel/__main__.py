@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from course_lib.checkpoint import CHECKPOINTS
-from course_lib.config import ModelConfig
+from course_lib.model.checkpoint import CHECKPOINTS
+from course_lib.model.config import ModelConfig
 from course_lib.parallel.check import run_pp, run_tp, sample_batch
 from course_lib.parallel.launcher import under_torchrun
 from course_lib.parallel.schedule import bubble_formula, measured_bubble

@@ -16,9 +16,9 @@ from course_lib.parallel.tensor import check_tp_size, greedy_no_cache, tp_rank
 
 def sample_batch(batch: int = 4, seq: int = 32, offset: int = 0) -> torch.Tensor:
     """Token ids [batch, seq]: consecutive windows of the validation text (real text, fixed)."""
-    from course_lib.checkpoint import CHECKPOINTS
-    from course_lib.corpus import load_text
-    from course_lib.tokenizer import Tokenizer
+    from course_lib.model.checkpoint import CHECKPOINTS
+    from course_lib.model.corpus import load_text
+    from course_lib.model.tokenizer import Tokenizer
 
     if batch < 1 or seq < 1:
         raise ValueError(f"sample_batch: batch and seq must be >= 1, got {batch} and {seq}")
@@ -32,7 +32,7 @@ def sample_batch(batch: int = 4, seq: int = 32, offset: int = 0) -> torch.Tensor
 
 def reference(input_ids: torch.Tensor, steps: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Single-process float32 logits [B, S, V] and greedy tokens [B, steps] of the shipped model."""
-    from course_lib.checkpoint import load_tiny
+    from course_lib.model.checkpoint import load_tiny
 
     if torch.device(device).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -82,8 +82,8 @@ def _compare(mode, backend, logits, tokens, input_ids, steps, tol, ranks) -> Com
 def run_tp(tp: int, input_ids: torch.Tensor, *, steps: int = 4, backend: str | None = None,
            tol: float | None = None, time_comm: bool = False, reps: int = 1, timeout_s: float = 120) -> Comparison:
     """Tensor-parallel over ``tp`` processes vs the single-process model."""
-    from course_lib.checkpoint import CHECKPOINTS
-    from course_lib.config import ModelConfig
+    from course_lib.model.checkpoint import CHECKPOINTS
+    from course_lib.model.config import ModelConfig
 
     # A clear error here, before any process starts, if the heads don't divide by tp.
     check_tp_size(ModelConfig.from_json(CHECKPOINTS / "tiny-target" / "config.json"), tp)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from course_lib.rope import rope_cos_sin
+from course_lib.model.rope import rope_cos_sin
 
 
 def split_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -156,7 +156,7 @@ def pp_rank(ctx, input_ids: torch.Tensor, num_microbatches: int, schedule: str =
     The timeline is that of the fastest of ``reps`` timed forwards (after one warm-up), times in seconds
     from the moment the first rank leaves a barrier.
     """
-    from course_lib.checkpoint import load_tiny
+    from course_lib.model.checkpoint import load_tiny
 
     model, _ = load_tiny("target", dtype=getattr(torch, dtype), device=ctx.device)
     stage = Stage(model, ctx.rank, ctx.world_size)

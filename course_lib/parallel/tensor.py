@@ -131,7 +131,7 @@ def tp_rank(ctx, input_ids: torch.Tensor, steps: int = 4, dtype: str = "float32"
     import statistics
     import time
 
-    from course_lib.checkpoint import load_tiny
+    from course_lib.model.checkpoint import load_tiny
 
     model, _ = load_tiny("target", dtype=getattr(torch, dtype), device=ctx.device)
     tp, stats = shard_model(model, ctx.rank, ctx.world_size)

@@ -73,7 +73,7 @@ STATE_JS = """(path) => {
           connection: kernel ? kernel.connectionStatus : 'none', cells};
 }"""
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/svg+xml")
-# explorer(f, ...) (course_lib.explorer, what the lessons use), interact(f, ...), interactive(f, ...)
+# explorer(f, ...) (course_lib.notebook.explorer, what the lessons use), interact(f, ...), interactive(f, ...)
 EXPLORER_CALL = re.compile(r"\b(explorer|interact(ive)?(\.options\([^)]*\))?)\(")
 ERROR_OUTPUT = '.jp-OutputArea-child:has([data-mime-type="application/vnd.jupyter.stderr"])'  # tracebacks too
 
