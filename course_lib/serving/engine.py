@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from course_lib.paging.block_manager import BlockManager
 from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
 from course_lib.serving.kv_pool import make_kv_pool
+from course_lib.serving.cuda_graph import DecodeGraphs
 from course_lib.serving.model_runner import ModelRunner
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
 from course_lib.model.sampling import MAX_SEED, SamplingParams, sample_token
@@ -86,6 +87,8 @@ class LLMEngine:
                             size ``num_blocks`` with ``course_lib.quant.kv_quant.num_blocks_for_memory``)
     use_kernels             Triton kernels (default for a model on a GPU) or their plain-torch references (default
                             for a model on the CPU)
+    enforce_eager           never replay CUDA graphs (vLLM's name). By default, with the kernels on a GPU, decode-only
+                            steps replay one CUDA graph per batch-size bucket (``course_lib.serving.cuda_graph``)
     speculative_model       a draft model (same vocabulary) for speculative decoding (``course_lib.serving.spec_decode``):
                             its K/V get a pool of their own with the same blocks
     num_speculative_tokens  draft tokens per sequence and step (k; 0 = off, the default). The token budget must
@@ -104,7 +107,8 @@ class LLMEngine:
                  preemption_mode: str = "recompute", enable_chunked_prefill: bool = True,
                  num_cpu_blocks: int | None = None, kv_cache_dtype: str = "auto", tokenizer=None,
                  use_kernels: bool | None = None, seed: int = 0, speculative_model=None,
-                 num_speculative_tokens: int = 0, speculative_disable_by_batch_size: int | None = None):
+                 num_speculative_tokens: int = 0, speculative_disable_by_batch_size: int | None = None,
+                 enforce_eager: bool = False):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -145,6 +149,8 @@ class LLMEngine:
             speculative_model.config, self.num_blocks, block_size, kv_cache_dtype=kv_cache_dtype,
             num_cpu_blocks=self.num_cpu_blocks, dtype=speculative_model.dtype, device=speculative_model.device)
         self.use_kernels = use_kernels
+        self.enforce_eager = bool(enforce_eager)
+        self._graphs: dict[int, DecodeGraphs] = {}   # per model (target, draft): captured on the first decode step
         # lesson 05: one block manager for the engine's lifetime, so that its prefix cache outlives a generate
         # call (the K/V it points to stay in self.pool); without caching, a fresh one per call
         self.enable_prefix_caching = bool(enable_prefix_caching)
@@ -179,9 +185,10 @@ class LLMEngine:
             preemption_mode=self.preemption_mode, cpu_block_manager=cpu_bm,
             num_lookahead_slots=self.num_speculative_tokens,
             lookahead_disable_by_batch_size=self.speculative_disable_by_batch_size)
-        runner = ModelRunner(self.model, bm, self.pool, self.use_kernels)
+        runner = ModelRunner(self.model, bm, self.pool, self.use_kernels, self._decode_graphs(self.model, self.pool))
         spec = None if self.speculative_model is None else SpecDecodeWorker(
-            runner, ModelRunner(self.speculative_model, bm, self.draft_pool, self.use_kernels))
+            runner, ModelRunner(self.speculative_model, bm, self.draft_pool, self.use_kernels,
+                                self._decode_graphs(self.speculative_model, self.draft_pool)))
         pools = [self.pool] + ([self.draft_pool] if spec else [])   # swapping moves the blocks of both models
         outputs, pending, next_seq_id = [], [], 0
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
@@ -246,6 +253,16 @@ class LLMEngine:
         return outputs
 
     # ---------------------------------------------------------------- helpers
+    def _decode_graphs(self, model, pool) -> DecodeGraphs | None:
+        """The CUDA graphs of ``model``'s decode steps (kept for the engine's life), or None where they cannot
+        run: ``enforce_eager``, a model on the CPU, or the plain-torch path (``use_kernels=False``)."""
+        if self.enforce_eager or model.device.type != "cuda" or self.use_kernels is False:
+            return None
+        if id(model) not in self._graphs:
+            self._graphs[id(model)] = DecodeGraphs(model, pool, max_num_seqs=self.max_num_seqs,
+                                                   max_model_len=self.max_model_len, block_size=self.block_size)
+        return self._graphs[id(model)]
+
     def _sample(self, chunks, logits: torch.Tensor) -> dict[int, int]:
         """The next token of every chunk that samples: one argmax over all greedy rows (one device-to-host
         copy), a draw for each sampling row with the generator of its sequence and position."""

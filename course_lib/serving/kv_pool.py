@@ -57,6 +57,9 @@ class KVPool:
     """K/V blocks in the model's dtype: per layer ``[N, P, Hkv, D]`` on the device and, for swapping,
     ``[N_cpu, P, Hkv, D]`` in CPU memory (pinned on a GPU machine, so that the copies are asynchronous DMA)."""
 
+    #: prefill chunks through ``kernels.paged_prefill_attention`` (False: the older gather path, for comparisons)
+    use_paged_prefill = True
+
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, *, num_cpu_blocks: int = 0,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
         self.device = torch.device(DEVICE if device is None else device)   # the course's device by default
@@ -123,7 +126,7 @@ class KVPool:
         over the first seq_lens[s] K/V of their sequences, written into ``out`` ``[T, Hq, D]``; ``spans`` holds the
         same on the host, (first row, tokens, length) per chunk. With kernels: one launch of
         ``kernels.paged_prefill_attention`` reading the blocks in place; else the gathering path (the CPU default)."""
-        if use_kernels and paged_prefill_supports(q.dtype, self.head_dim):
+        if use_kernels and self.use_paged_prefill and paged_prefill_supports(q.dtype, self.head_dim):
             paged_prefill_attention_unchecked(q, self.k_caches[layer], self.v_caches[layer], block_tables,
                                               cu_seqlens_q, seq_lens, out=out)   # one launch, no host sync
         else:

@@ -104,10 +104,12 @@ def _padded_table(tables: list[list[int]], device) -> torch.Tensor:
 
 
 class ModelRunner:
-    """Executes scheduled chunks: builds the StepBatch, runs the model once, returns the sampling rows' logits."""
+    """Executes scheduled chunks: builds the StepBatch, runs the model once, returns the sampling rows' logits.
+    With ``graphs`` (``course_lib.serving.cuda_graph.DecodeGraphs``), decode-only steps replay a CUDA graph."""
 
-    def __init__(self, model, block_manager: BlockManager, pool: KVPool, use_kernels: bool | None = None):
-        self.model, self.block_manager, self.pool = model, block_manager, pool
+    def __init__(self, model, block_manager: BlockManager, pool: KVPool, use_kernels: bool | None = None,
+                 graphs=None):
+        self.model, self.block_manager, self.pool, self.graphs = model, block_manager, pool, graphs
         # default: the Triton kernels for a model on a GPU, their plain-torch references for a model on the CPU
         self.use_kernels = model.device.type == "cuda" if use_kernels is None else use_kernels
 
@@ -115,6 +117,8 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """logits [rows, V] (float32): ``chunk.num_logits`` rows per chunk (1 per chunk that samples, the last
         k + 1 positions of a speculative verify chunk), in the order of the chunks."""
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return self.graphs.run(chunks, self.block_manager)
         batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
         logits = self.model(batch.input_ids, cache=batch, positions=batch.positions)      # [1, T, V]
         return logits[0, batch.sample_rows]

@@ -1,0 +1,221 @@
+"""Where an engine step's time goes (lesson 10): a decode step against its HBM floor, eager and as a CUDA graph,
+and the engine on a decode-heavy trace, old path against new, with the GPU's busy fraction.
+
+    python -m benchmarks.serving_step            # on a GPU: ~3 min; writes benchmarks/results/serving_step_<device>.json
+
+Part 1, one decode step of the ``qwen3-0.6b`` shape (random weights: the time does not depend on their values) at
+batch B over contexts of L tokens, timed three ways in the same run: the eager step (every kernel launched from
+Python), the step replayed as a CUDA graph, and the **HBM floor**: the bytes a step must read (every weight once,
+the K/V of every sequence once) divided by this card's measured copy bandwidth.
+
+Part 2, a serving trace (the 0.37B LLaMA shape of issue 18: 128 requests, prompts 64-512 tokens, 256 output tokens
+each, greedy, no early stop) through ``LLMEngine`` three ways: the old engine (eager, prefill through the gather
+path), + the paged prefill kernel, + CUDA graphs (the default). Throughput, steps, and the GPU's busy fraction
+(kernel time / wall time, from torch.profiler over a shorter run of the same trace).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import statistics
+import time
+
+import course_lib.device  # noqa: F401  (first: the interpreter switch)
+import torch
+
+from benchmarks import record
+from course_lib.device import HAS_GPU
+from course_lib.model.config import PRESETS, ModelConfig
+from course_lib.model.llama import Llama
+from course_lib.model.sampling import SamplingParams
+from course_lib.paging.block_manager import BlockManager
+from course_lib.serving.cuda_graph import DecodeGraphs
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.kv_pool import KVPool
+from course_lib.serving.model_runner import ModelRunner
+from course_lib.serving.sequence import ScheduledChunk, Sequence
+
+#: the 0.37B LLaMA of issue 18's measurements (hidden 1024, 24 layers, 16 heads, 8 KV heads, head dim 64)
+LLAMA_037B = ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=1024)
+
+
+def random_model(config: ModelConfig, dtype=torch.bfloat16) -> Llama:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Llama(config).to(dtype).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    return model
+
+
+def copy_bandwidth(nbytes: int = 2 * 2**30, reps: int = 20) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), median of ``reps``."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / statistics.median(times[3:])
+
+
+def time_cuda(fn, reps: int = 30) -> float:
+    """Median seconds of fn() by CUDA events (after 3 warm-ups)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def gpu_busy(fn) -> dict:
+    """Run fn under torch.profiler: kernels launched, their total time, and the union of their intervals over the
+    wall time (the GPU's busy fraction)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    busy, cur_start, cur_end = 0.0, None, None
+    for s, e in spans:
+        if cur_end is None or s > cur_end:
+            busy += 0 if cur_end is None else cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    busy += 0 if cur_end is None else cur_end - cur_start
+    return dict(wall_s=wall, kernels=len(spans), kernel_time_s=sum(e - s for s, e in spans) / 1e6,
+                busy_s=busy / 1e6, busy_fraction=busy / 1e6 / wall)
+
+
+# ---------------------------------------------------------------- part 1: one decode step vs its floor
+def decode_step(model: Llama, batch: int, context: int, bandwidth: float, block_size: int = 16) -> dict:
+    cfg = model.config
+    blocks = -(-(context + 1) // block_size)
+    pool = KVPool(cfg, batch * blocks + 1, block_size, dtype=model.dtype, device="cuda")
+    for t in pool.k_caches + pool.v_caches:
+        t.normal_()
+    bm = BlockManager(batch * blocks + 1, block_size)
+    rng = random.Random(0)
+    chunks = []
+    for i in range(batch):
+        seq = Sequence(i, i, [rng.randrange(cfg.vocab_size) for _ in range(context + 1)])
+        bm.allocate(i, context + 1)
+        chunks.append(ScheduledChunk(seq, context, 1))   # decode the last token over `context` cached ones
+    eager = ModelRunner(model, bm, pool, use_kernels=True)
+    graphs = DecodeGraphs(model, pool, max_num_seqs=batch, max_model_len=context + 1, block_size=block_size)
+    graphs.buckets = [batch]                               # one graph: this batch
+    graphed = ModelRunner(model, bm, pool, use_kernels=True, graphs=graphs)
+    out_eager, out_graph = eager.execute(chunks), graphed.execute(chunks)
+    same = bool(torch.equal(out_eager.argmax(-1), out_graph.argmax(-1)))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())   # tied embeddings counted once
+    kv = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+    floor = (weights + kv) / bandwidth
+    t_eager, t_graph = time_cuda(lambda: eager.execute(chunks)), time_cuda(lambda: graphed.execute(chunks))
+    wall = {}
+    for name, runner in (("eager", eager), ("graph", graphed)):   # host + GPU: what a step costs the engine
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            runner.execute(chunks)
+        torch.cuda.synchronize()
+        wall[name] = (time.perf_counter() - t0) / 20
+    profile = {name: gpu_busy(lambda r=r: [r.execute(chunks) for _ in range(10)]) for name, r in
+               (("eager", eager), ("graph", graphed))}
+    return dict(batch=batch, context=context, weight_bytes=weights, kv_bytes=kv, floor_s=floor,
+                eager_gpu_s=t_eager, graph_gpu_s=t_graph, eager_wall_s=wall["eager"], graph_wall_s=wall["graph"],
+                graph_over_floor=wall["graph"] / floor, eager_over_floor=wall["eager"] / floor,
+                same_greedy_tokens=same, kernels_per_step=profile["eager"]["kernels"] / 10,
+                busy_fraction_eager=profile["eager"]["busy_fraction"],
+                busy_fraction_graph=profile["graph"]["busy_fraction"])
+
+
+# ---------------------------------------------------------------- part 2: the engine on a trace
+def trace(num_requests: int, output_len: int, vocab: int, seed: int = 0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(64, 512))] for _ in range(num_requests)]
+    return prompts, SamplingParams(max_tokens=output_len)
+
+
+def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_len: int, max_num_seqs: int) -> list:
+    prompts, params = trace(num_requests, output_len, model.config.vocab_size)
+    short_prompts, short_params = prompts[:32], SamplingParams(max_tokens=64)
+    results = []
+    for name, opts in rows:
+        engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                           enforce_eager=opts["enforce_eager"])
+        engine.pool.use_paged_prefill = opts["paged_prefill"]
+        engine.generate(short_prompts[:8], SamplingParams(max_tokens=8))     # warm-up: kernels compiled, graphs captured
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        busy = gpu_busy(lambda: engine.generate(short_prompts, short_params))
+        steps = len(engine.metrics.steps)
+        results.append(dict(row=name, **opts, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+                            steps=steps, busy=busy))
+        print(f"  {name:40s} {tokens / wall:9,.0f} tok/s  GPU busy {busy['busy_fraction']:.0%} "
+              f"({busy['kernels']} kernels in {busy['wall_s']:.2f} s)", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and batches")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not HAS_GPU:
+        raise SystemExit("this benchmark needs a CUDA GPU (it measures CUDA graphs and the GPU's busy time)")
+    result = record.provenance("serving_step", "-m benchmarks.serving_step", argv, torch.bfloat16, args.quick)
+    bandwidth = copy_bandwidth()
+    result["copy_bandwidth_Bps"] = bandwidth
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    qwen = dataclasses.replace(PRESETS["qwen3-0.6b"], max_position_embeddings=4096)
+    model = random_model(qwen)
+    result["decode_model"] = "qwen3-0.6b shape, random weights, bf16"
+    result["decode"] = []
+    for batch in ((1, 64) if args.quick else (1, 16, 64, 128)):
+        row = decode_step(model, batch, 1024, bandwidth)
+        result["decode"].append(row)
+        print(f"  decode B={batch:3d} L=1024: floor {row['floor_s'] * 1e3:.2f} ms, eager {row['eager_wall_s'] * 1e3:.2f} ms "
+              f"({row['eager_over_floor']:.1f}x), graph {row['graph_wall_s'] * 1e3:.2f} ms ({row['graph_over_floor']:.2f}x)"
+              f", same tokens {row['same_greedy_tokens']}", flush=True)
+    del model
+    torch.cuda.empty_cache()
+    model = random_model(LLAMA_037B)
+    result["serving_model"] = "LLaMA 0.37B shape (hidden 1024, 24 layers, 16/8 heads, head dim 64), random weights, bf16"
+    n = 32 if args.quick else 128
+    result["serving_trace"] = f"{n} requests, prompts uniform in 64-512 tokens, 256 output tokens each, greedy, no stop"
+    rows = [("old: eager, prefill by gather", dict(enforce_eager=True, paged_prefill=False)),
+            ("+ paged prefill kernel", dict(enforce_eager=True, paged_prefill=True)),
+            ("+ CUDA graphs (default)", dict(enforce_eager=False, paged_prefill=True))]
+    result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
+    base = result["serving"][0]["tokens_per_s"]
+    for r in result["serving"]:
+        r["speedup_over_old"] = r["tokens_per_s"] / base
+    path = record.write(result, "serving_step", args.out)
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
