@@ -27,6 +27,7 @@ import torch
 from benchmarks import record
 from course_lib.device import HAS_GPU
 from course_lib.model.config import PRESETS, ModelConfig
+from course_lib.model.fused import fuse, unfuse
 from course_lib.model.llama import Llama
 from course_lib.model.sampling import SamplingParams
 from course_lib.paging.block_manager import BlockManager
@@ -81,28 +82,21 @@ def time_cuda(fn, reps: int = 30) -> float:
 
 
 def gpu_busy(fn) -> dict:
-    """Run fn under torch.profiler: kernels launched, their total time, and the union of their intervals over the
-    wall time (the GPU's busy fraction)."""
+    """The GPU's busy fraction while fn() runs: the kernel time torch.profiler records in one run of fn, over the
+    wall time of another run of fn without the profiler (whose own overhead would stretch the wall time)."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
-    busy, cur_start, cur_end = 0.0, None, None
-    for s, e in spans:
-        if cur_end is None or s > cur_end:
-            busy += 0 if cur_end is None else cur_end - cur_start
-            cur_start, cur_end = s, e
-        else:
-            cur_end = max(cur_end, e)
-    busy += 0 if cur_end is None else cur_end - cur_start
-    return dict(wall_s=wall, kernels=len(spans), kernel_time_s=sum(e - s for s, e in spans) / 1e6,
-                busy_s=busy / 1e6, busy_fraction=busy / 1e6 / wall)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
+    kernel_time = sum(e.time_range.end - e.time_range.start for e in kernels) / 1e6
+    return dict(wall_s=wall, kernels=len(kernels), kernel_time_s=kernel_time, busy_fraction=min(kernel_time / wall, 1.0))
 
 
 # ---------------------------------------------------------------- part 1: one decode step vs its floor
@@ -123,28 +117,26 @@ def decode_step(model: Llama, batch: int, context: int, bandwidth: float, block_
     graphs = DecodeGraphs(model, pool, max_num_seqs=batch, max_model_len=context + 1, block_size=block_size)
     graphs.buckets = [batch]                               # one graph: this batch
     graphed = ModelRunner(model, bm, pool, use_kernels=True, graphs=graphs)
-    out_eager, out_graph = eager.execute(chunks), graphed.execute(chunks)
-    same = bool(torch.equal(out_eager.argmax(-1), out_graph.argmax(-1)))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())   # tied embeddings counted once
     kv = batch * context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
-    floor = (weights + kv) / bandwidth
-    t_eager, t_graph = time_cuda(lambda: eager.execute(chunks)), time_cuda(lambda: graphed.execute(chunks))
-    wall = {}
-    for name, runner in (("eager", eager), ("graph", graphed)):   # host + GPU: what a step costs the engine
+    row = dict(batch=batch, context=context, weight_bytes=weights, kv_bytes=kv, floor_s=(weights + kv) / bandwidth)
+    tokens = {}
+    for name, runner, fused in (("eager", eager, False), ("eager_fused", eager, True), ("graph_fused", graphed, True)):
+        (fuse if fused else unfuse)(model)
+        tokens[name] = runner.execute(chunks).argmax(-1)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(20):
+        for _ in range(20):                                # host + GPU, back to back: what a step costs the engine
             runner.execute(chunks)
         torch.cuda.synchronize()
-        wall[name] = (time.perf_counter() - t0) / 20
-    profile = {name: gpu_busy(lambda r=r: [r.execute(chunks) for _ in range(10)]) for name, r in
-               (("eager", eager), ("graph", graphed))}
-    return dict(batch=batch, context=context, weight_bytes=weights, kv_bytes=kv, floor_s=floor,
-                eager_gpu_s=t_eager, graph_gpu_s=t_graph, eager_wall_s=wall["eager"], graph_wall_s=wall["graph"],
-                graph_over_floor=wall["graph"] / floor, eager_over_floor=wall["eager"] / floor,
-                same_greedy_tokens=same, kernels_per_step=profile["eager"]["kernels"] / 10,
-                busy_fraction_eager=profile["eager"]["busy_fraction"],
-                busy_fraction_graph=profile["graph"]["busy_fraction"])
+        row[f"{name}_s"] = (time.perf_counter() - t0) / 20
+        row[f"{name}_over_floor"] = row[f"{name}_s"] / row["floor_s"]
+        busy = gpu_busy(lambda r=runner: [r.execute(chunks) for _ in range(10)])
+        row[f"{name}_kernels_per_step"] = busy["kernels"] / 10
+        row[f"{name}_gpu_s"] = busy["kernel_time_s"] / 10
+        row[f"{name}_busy_fraction"] = busy["busy_fraction"]
+    row["same_next_tokens_fused_vs_plain"] = float((tokens["graph_fused"] == tokens["eager"]).float().mean())
+    return row
 
 
 # ---------------------------------------------------------------- part 2: the engine on a trace
@@ -156,21 +148,22 @@ def trace(num_requests: int, output_len: int, vocab: int, seed: int = 0):
 
 def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_len: int, max_num_seqs: int) -> list:
     prompts, params = trace(num_requests, output_len, model.config.vocab_size)
-    short_prompts, short_params = prompts[:32], SamplingParams(max_tokens=64)
+    short_prompts = prompts[:8]
     results = []
     for name, opts in rows:
         engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
                            enforce_eager=opts["enforce_eager"])
         engine.pool.use_paged_prefill = opts["paged_prefill"]
-        engine.generate(short_prompts[:8], SamplingParams(max_tokens=8))     # warm-up: kernels compiled, graphs captured
+        (fuse if opts["fused_kernels"] else unfuse)(model)
+        engine.generate(short_prompts, SamplingParams(max_tokens=8))     # warm-up: kernels compiled, graphs captured
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = engine.generate(prompts, params)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        busy = gpu_busy(lambda: engine.generate(short_prompts, short_params))
         steps = len(engine.metrics.steps)
+        busy = gpu_busy(lambda: engine.generate(prompts[:64], params))
         results.append(dict(row=name, **opts, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
                             steps=steps, busy=busy))
         print(f"  {name:40s} {tokens / wall:9,.0f} tok/s  GPU busy {busy['busy_fraction']:.0%} "
@@ -196,18 +189,20 @@ def main(argv: list[str] | None = None) -> dict:
     for batch in ((1, 64) if args.quick else (1, 16, 64, 128)):
         row = decode_step(model, batch, 1024, bandwidth)
         result["decode"].append(row)
-        print(f"  decode B={batch:3d} L=1024: floor {row['floor_s'] * 1e3:.2f} ms, eager {row['eager_wall_s'] * 1e3:.2f} ms "
-              f"({row['eager_over_floor']:.1f}x), graph {row['graph_wall_s'] * 1e3:.2f} ms ({row['graph_over_floor']:.2f}x)"
-              f", same tokens {row['same_greedy_tokens']}", flush=True)
+        print(f"  decode B={batch:3d} L=1024: floor {row['floor_s'] * 1e3:.2f} ms | " + " | ".join(
+              f"{n} {row[n + '_s'] * 1e3:.2f} ms ({row[n + '_over_floor']:.2f}x, {row[n + '_kernels_per_step']:.0f} kernels, "
+              f"busy {row[n + '_busy_fraction']:.0%})" for n in ("eager", "eager_fused", "graph_fused"))
+              + f" | same next token {row['same_next_tokens_fused_vs_plain']:.0%}", flush=True)
     del model
     torch.cuda.empty_cache()
     model = random_model(LLAMA_037B)
     result["serving_model"] = "LLaMA 0.37B shape (hidden 1024, 24 layers, 16/8 heads, head dim 64), random weights, bf16"
     n = 32 if args.quick else 128
     result["serving_trace"] = f"{n} requests, prompts uniform in 64-512 tokens, 256 output tokens each, greedy, no stop"
-    rows = [("old: eager, prefill by gather", dict(enforce_eager=True, paged_prefill=False)),
-            ("+ paged prefill kernel", dict(enforce_eager=True, paged_prefill=True)),
-            ("+ CUDA graphs (default)", dict(enforce_eager=False, paged_prefill=True))]
+    rows = [("old: eager, prefill by gather", dict(enforce_eager=True, paged_prefill=False, fused_kernels=False)),
+            ("+ paged prefill kernel", dict(enforce_eager=True, paged_prefill=True, fused_kernels=False)),
+            ("+ fused norm/RoPE/SwiGLU, merged GEMMs", dict(enforce_eager=True, paged_prefill=True, fused_kernels=True)),
+            ("+ CUDA graphs (the default)", dict(enforce_eager=False, paged_prefill=True, fused_kernels=True))]
     result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
     base = result["serving"][0]["tokens_per_s"]
     for r in result["serving"]:

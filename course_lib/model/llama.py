@@ -11,18 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.model import fused as fused_path
 from course_lib.model.attention import attention
 from course_lib.model.config import ModelConfig
 from course_lib.model.rope import apply_rope, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
+    fused = False   # True: one Triton kernel (course_lib.model.fused, the serving engine's GPU path)
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_path.rms_norm(x, self.weight, self.eps)
         # Normalize in float32 (as LLaMA does): squares of bf16 activations lose precision.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -30,6 +35,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    fused = False   # True: one q/k/v GEMM, norm + RoPE in one kernel (course_lib.model.fused)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         E, D = config.hidden_size, config.head_dim
@@ -45,13 +52,16 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer: int, cache=None) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)                      # [B, S, Hq, D]
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)                   # [B, S, Hkv, D]
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
-        if self.q_norm is not None:   # before RoPE: q·k keeps its scale whatever the projections learn
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)                                      # [B, H, S, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused:
+            q, k, v = fused_path.qkv_rope(self, x, cos, sin)                                  # [B, H, S, D]
+        else:
+            q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)                  # [B, S, Hq, D]
+            k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)               # [B, S, Hkv, D]
+            v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)   # [B, Hkv, S, D]
+            if self.q_norm is not None:   # before RoPE: q·k keeps its scale whatever the projections learn
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)                                  # [B, H, S, D]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = attention(q, k, v, causal=True)                                        # [B, Hq, S, D]
         else:  # the cache stores the new k, v and attends over everything it holds (contiguous, paged, ...)
@@ -60,6 +70,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = False   # True: one gate/up GEMM, silu(gate) * up in one kernel (course_lib.model.fused)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         E, Fh = config.hidden_size, config.intermediate_size
@@ -68,6 +80,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(Fh, E, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_path.mlp(self, x)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
 
 

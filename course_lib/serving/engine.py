@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from course_lib.paging.block_manager import BlockManager
 from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
 from course_lib.serving.kv_pool import make_kv_pool
+from course_lib.model.fused import fuse
 from course_lib.serving.cuda_graph import DecodeGraphs
 from course_lib.serving.model_runner import ModelRunner
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
@@ -150,6 +151,9 @@ class LLMEngine:
             num_cpu_blocks=self.num_cpu_blocks, dtype=speculative_model.dtype, device=speculative_model.device)
         self.use_kernels = use_kernels
         self.enforce_eager = bool(enforce_eager)
+        for m in (model, speculative_model):   # the GPU kernel path: the model's fused kernels (course_lib.model.fused)
+            if m is not None and m.device.type == "cuda" and use_kernels is not False:
+                fuse(m)
         self._graphs: dict[int, DecodeGraphs] = {}   # per model (target, draft): captured on the first decode step
         # lesson 05: one block manager for the engine's lifetime, so that its prefix cache outlives a generate
         # call (the K/V it points to stay in self.pool); without caching, a fresh one per call
