@@ -47,6 +47,7 @@ from course_lib.analysis.roofline import RESULTS_DIR, time_fn
 from kernels.paged_prefill import paged_prefill_attention_unchecked, prefill_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from record import git_commit  # noqa: E402
 from roofline import device_name, slug  # noqa: E402  (same device naming as the other benchmarks)
 
 #: name -> (query tokens, cached prefix) per sequence of the step.
@@ -65,18 +66,6 @@ DRY_HEADS = [(4, 2, 16)]
 TUNE_CONFIGS = [(16, 64, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 3), (128, 64, 4, 3),
                 (128, 32, 4, 3), (128, 128, 8, 2)]
 BLOCK_SIZE = 16
-
-
-def git_commit() -> str:
-    """The commit this run measured (``-dirty`` when the tree has uncommitted changes), or "unknown"."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
-                                        check=True).stdout.strip()
-        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def make_step(chunks, Hq, Hkv, D, dtype, seed=0):

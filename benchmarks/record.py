@@ -35,6 +35,24 @@ def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None) -> 
     return args
 
 
+def git_commit() -> str:
+    """The commit a run measured: $COURSE_GIT_COMMIT when set (a copy of the tree without its .git, as on a lent
+    GPU machine), else ``git rev-parse HEAD`` (``-dirty`` with uncommitted changes), else "unknown"."""
+    import os
+    import subprocess
+
+    if os.environ.get("COURSE_GIT_COMMIT"):
+        return os.environ["COURSE_GIT_COMMIT"]
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        check=True).stdout.strip()
+        sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def provenance(benchmark: str, script: str, argv: list[str] | None, dtype: torch.dtype, quick: bool, *,
                engine: bool = True) -> dict:
     """Device, versions, date, dtype, threads and the command line of this run (and, for an engine benchmark, which
@@ -43,7 +61,7 @@ def provenance(benchmark: str, script: str, argv: list[str] | None, dtype: torch
     info = dict(
         benchmark=benchmark, device=name, device_slug=slug(name),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+        git_commit=git_commit(), python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda if HAS_GPU else None, dtype=str(dtype).removeprefix("torch."),
         torch_threads=torch.get_num_threads(), quick=quick,
         command=" ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]))

@@ -7,6 +7,8 @@ import dataclasses
 
 import pytest
 import torch
+
+from course_lib.device import DEVICE
 from torch.utils.flop_counter import FlopCounterMode
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
@@ -152,7 +154,7 @@ def test_engine_greedy_tokens_equal_plain_generation(family, use_kernels):
     pretraining context of 8, so prompts and outputs run far past it."""
     changes = {} if family == "qwen3" else dict(
         qk_norm=False, head_dim=16, rope_scaling=RopeScaling("llama3", 4.0, 1.0, 4.0, 8))
-    model = tiny_qwen3(**changes)
+    model = tiny_qwen3(**changes).to(DEVICE if use_kernels else "cpu")   # compiled kernels read GPU memory
     assert model.config.head_dim in HEAD_DIMS                    # the flash and paged kernels take it
     want = [generate(model, p, n).token_ids for p, n in zip(PROMPTS, MAX_TOKENS)]
     assert len({tuple(w) for w in want}) == len(want)            # not one repeated token: the test can fail

@@ -126,7 +126,7 @@ class Llama(nn.Module):
         return self.lm_head.weight.dtype
 
     def forward(self, input_ids: torch.Tensor, *, cache=None, last_token_only: bool = False,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] (float32), or [B, 1, V] with ``last_token_only``.
 
         Without ``cache`` every token attends to the tokens before it in ``input_ids`` (the no-cache path).
@@ -135,6 +135,8 @@ class Llama(nn.Module):
         ``advance(num_tokens)``: ``course_lib.model.kv_cache.KVCache`` (contiguous) is the first of them.
         ``positions`` ([S], or [B, S] per row) overrides ``cache.length + arange(S)``: a serving engine that
         flattens the tokens of many sequences into one row passes each token's own position (lesson 04).
+        ``logits_indices`` (rows of the flattened [B * S] tokens) returns only those rows' logits, [rows, V]: a
+        prefill chunk of 2,000 tokens samples one, and 2,000 x a vocabulary of 150k floats is 1.2 GB.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
@@ -154,7 +156,8 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, i, cache)
         if cache is not None:
             cache.advance(S)
-        x = self.model.norm(x)
-        if last_token_only:
+        if logits_indices is not None:   # a serving step: only its sampling rows need the vocabulary projection
+            x = x.reshape(B * S, -1)[logits_indices]                               # [rows, E]
+        elif last_token_only:
             x = x[:, -1:]      # generation needs only the last position's logits: skip the rest of lm_head
-        return self.lm_head(x).float()
+        return self.lm_head(self.model.norm(x)).float()

@@ -53,6 +53,7 @@ from course_lib.serving.metrics import CompletionOutput, RequestMetrics, Request
 from course_lib.serving.kv_pool import make_kv_pool
 from course_lib.model.fused import fuse
 from course_lib.serving.cuda_graph import DecodeGraphs
+from course_lib.serving.memory import num_blocks_for_gpu
 from course_lib.serving.model_runner import ModelRunner
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
 from course_lib.model.sampling import MAX_SEED, SamplingParams, sample_token
@@ -88,6 +89,9 @@ class LLMEngine:
                             size ``num_blocks`` with ``course_lib.quant.kv_quant.num_blocks_for_memory``)
     use_kernels             Triton kernels (default for a model on a GPU) or their plain-torch references (default
                             for a model on the CPU)
+    gpu_memory_utilization  share of the GPU's memory the engine may use (vLLM's name, default 0.9): without
+                            ``num_blocks``, on a GPU the KV cache gets what a profiling pass of the largest step
+                            leaves of it (``course_lib.serving.memory``); on a CPU, max_num_seqs full contexts
     enforce_eager           never replay CUDA graphs (vLLM's name). By default, with the kernels on a GPU, decode-only
                             steps replay one CUDA graph per batch-size bucket (``course_lib.serving.cuda_graph``)
     speculative_model       a draft model (same vocabulary) for speculative decoding (``course_lib.serving.spec_decode``):
@@ -109,7 +113,7 @@ class LLMEngine:
                  num_cpu_blocks: int | None = None, kv_cache_dtype: str = "auto", tokenizer=None,
                  use_kernels: bool | None = None, seed: int = 0, speculative_model=None,
                  num_speculative_tokens: int = 0, speculative_disable_by_batch_size: int | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -117,6 +121,9 @@ class LLMEngine:
         self.block_size = _positive_int("block_size", block_size)
         self.max_num_seqs = _positive_int("max_num_seqs", max_num_seqs)
         blocks_per_seq = -(-self.max_model_len // block_size)
+        if not (isinstance(gpu_memory_utilization, (int, float)) and 0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        self.gpu_memory_utilization, self.memory_profile = float(gpu_memory_utilization), None
         self.num_blocks = _positive_int("num_blocks", max_num_seqs * blocks_per_seq if num_blocks is None else num_blocks)
         self.enable_chunked_prefill = bool(enable_chunked_prefill)
         k = self.num_speculative_tokens = check_speculative_config(model, speculative_model, num_speculative_tokens)
@@ -143,6 +150,17 @@ class LLMEngine:
         if swap:
             _positive_int("num_cpu_blocks", self.num_cpu_blocks)
         self.kv_cache_dtype = kv_cache_dtype
+        if num_blocks is None and model.device.type == "cuda":   # what a profiling pass leaves of the card
+            for m in (model, speculative_model):
+                if m is not None and use_kernels is not False:
+                    fuse(m)                            # profile the path the engine runs
+            models = [m for m in (model, speculative_model) if m is not None]
+            self.num_blocks, self.memory_profile = num_blocks_for_gpu(
+                models, block_size, kv_cache_dtype, self.max_num_batched_tokens, self.gpu_memory_utilization)
+            if self.num_blocks < blocks_per_seq:
+                raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization}: the KV cache gets "
+                                 f"{self.memory_profile['kv_bytes'] / 2**30:.2f} GiB, {self.num_blocks} blocks, fewer than "
+                                 f"one sequence of max_model_len={self.max_model_len} needs ({blocks_per_seq})")
         self.pool = make_kv_pool(model.config, self.num_blocks, block_size, kv_cache_dtype=kv_cache_dtype,
                                  num_cpu_blocks=self.num_cpu_blocks, dtype=model.dtype, device=model.device)
         # speculative decoding: the draft's K/V in blocks of their own, at the same block ids as the target's

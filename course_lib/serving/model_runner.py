@@ -120,5 +120,5 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, self.block_manager)
         batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
-        logits = self.model(batch.input_ids, cache=batch, positions=batch.positions)      # [1, T, V]
-        return logits[0, batch.sample_rows]
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=batch.input_ids.device)
+        return self.model(batch.input_ids, cache=batch, positions=batch.positions, logits_indices=rows)   # [rows, V]
