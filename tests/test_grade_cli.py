@@ -154,7 +154,7 @@ for _ in range(200):
     started = time.monotonic()
     main = grade(SOLUTION, EXERCISE, CRASH, DIES, env_dir / "env.ipynb", "--json",
                  env={"EXPECTED_CWD": os.path.realpath(env_dir)})
-    hang = grade(HANG, "--timeout", "5")
+    hang = grade(HANG, "--timeout", "20")   # 20: the first cell imports torch, slow on a busy machine
     cheats = grade(cheat_root / "exercises", "--json", manifest=cheat_root / "manifest.json")
     limit_run = grade(limits / "toy_forks_and_floods.ipynb", "--json", env={"CHILD_PID_FILE": str(pid_file)})
     deadline_run = grade(limits / "deadline", "--json", "--deadline", "5")
@@ -218,7 +218,7 @@ def test_kernel_is_this_python_in_the_notebook_folder_and_the_checkers_timer_wor
 def test_hanging_cell_times_out_and_the_rest_is_graded(runs):
     code, out, err = runs["hang"]
     assert code == 0, err
-    assert "did not run: cell 4 timed out after 5 s" in out
+    assert "did not run: cell 4 timed out after 20 s" in out
     lines = {line.split()[1]: line for line in out.splitlines() if "hang.ipynb" in line}
     assert " passed " in lines["add"] and " failed " in lines["factor"]
 

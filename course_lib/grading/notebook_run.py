@@ -122,8 +122,9 @@ class NotebookRun:
             reply = self.kernel.execute(_START_SERVER, min(60, max(self.time_left(), 1)))
         except (ExecuteTimeout, KernelDied):
             return self._died()
-        if reply.status != "ok":
-            self.stopped = f"the grader's helper did not start in the kernel ({reply.ename}: {reply.evalue})"
+        if reply.status != "ok":   # e.g. an interrupted cell left a half-imported module: once more, fresh
+            if self._died() or self.stopped:
+                self.stopped = f"the grader's helper did not start in the kernel ({reply.ename}: {reply.evalue})"
             return False
         self.session = Session(self._call, self.workdir, lambda: min(self.timeout, self.time_left()))
         return True

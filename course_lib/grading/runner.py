@@ -41,9 +41,11 @@ class Reply:
 class Kernel:
     """A kernel started on ``start()`` and ended, with its process group, on ``kill()``."""
 
-    def __init__(self, cwd: Path, env: dict, workdir: Path, startup_timeout: float = 60):
+    def __init__(self, cwd: Path, env: dict, workdir: Path, startup_timeout: float = 180):
+        # 180 s: on a busy 2-core machine a kernel took over 60 s to start (nbval's default failed there)
         self.cwd, self.env, self.workdir, self.startup_timeout = Path(cwd), dict(env), Path(workdir), startup_timeout
         self.km = self.kc = None
+        self._unanswered: str | None = None   # the request that ran past its time (interrupt() waits for its reply)
 
     def start(self) -> None:
         from jupyter_client import KernelManager
@@ -81,11 +83,15 @@ class Kernel:
     def execute(self, code: str, timeout: float) -> Reply:
         """Run ``code``; raise ``ExecuteTimeout`` after ``timeout`` seconds, ``KernelDied`` if the kernel ends."""
         msg_id = self.kc.execute(code, store_history=False, allow_stdin=False, stop_on_error=False)
+        return self._reply(msg_id, timeout)
+
+    def _reply(self, msg_id: str, timeout: float) -> Reply:
         deadline = time.monotonic() + max(timeout, 0)
         while True:
             self._drain_output()
             left = deadline - time.monotonic()
             if left <= 0:
+                self._unanswered = msg_id
                 raise ExecuteTimeout(f"no reply in {timeout:g} s")
             try:
                 msg = self.kc.get_shell_msg(timeout=min(left, 0.25))
@@ -108,11 +114,15 @@ class Kernel:
             except queue.Empty:
                 return
 
-    def interrupt(self, wait: float = 5) -> bool:
-        """SIGINT to the kernel; True when it answers again within ``wait`` seconds."""
+    def interrupt(self, wait: float = 30) -> bool:
+        """SIGINT to the kernel; True when the request that ran too long has answered (with its
+        KeyboardInterrupt) within ``wait`` seconds. Waiting for that very reply, not for a later request's,
+        makes sure the interrupt cannot land in the next request (an import half done)."""
+        pending, self._unanswered = self._unanswered, None
         try:
             self.km.interrupt_kernel()
-            self.execute("pass", timeout=wait)
+            if pending is not None:
+                self._reply(pending, wait)
             return True
         except Exception:  # noqa: BLE001 (a kernel that does not answer is killed by the caller)
             return False
