@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from course_lib.grading import lesson04
+from course_lib.serving.scheduler import RUNNING
 from conftest import assert_caught, assert_not_attempted, edited, solution, stub
 
 SOLVED = solution("04_continuous_batching")
@@ -39,6 +40,7 @@ preempt_mapping_after_free = edited(SOLVED.preempt, {
 
 
 def test_preempt_check():
+    assert RUNNING == "running"
     assert lesson04.check_preempt(SOLVED.preempt).status == "passed"
     assert_not_attempted(lesson04.check_preempt(stub))
     assert_caught(lesson04.check_preempt(preempt_oldest), "LARGEST seq.priority")
