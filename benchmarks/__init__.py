@@ -1,2 +1,2 @@
-"""Benchmark scripts (run from the repository root: ``python benchmarks/<name>.py`` or ``python -m benchmarks.<name>``);
-their recorded results are in ``benchmarks/results/``."""
+"""Benchmark scripts, run from the repository root as modules: ``python -m benchmarks.<name>`` (they import one
+another as ``benchmarks.roofline``, ``benchmarks.record``, ...); their recorded results are in ``benchmarks/results/``."""

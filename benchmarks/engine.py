@@ -37,21 +37,20 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
-import torch  # noqa: E402
-import triton  # noqa: E402
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
+import triton
 
-from course_lib import Llama, ModelConfig, load_pretrained, save_pretrained  # noqa: E402
-from course_lib.experiments.ablation import Ablation, AblationSetup, format_table, ratios  # noqa: E402
-from course_lib.experiments.capstone_workloads import WORKLOADS, capstone_workloads  # noqa: E402
-from course_lib.model.checkpoint import CHECKPOINTS  # noqa: E402
-from course_lib.device import DEVICE, HAS_GPU, default_dtype  # noqa: E402
-from course_lib.serving.hf_baseline import load_hf_model, static_batch_accounting  # noqa: E402
-from course_lib.analysis.roofline import RESULTS_DIR  # noqa: E402
-from course_lib.model.tokenizer import Tokenizer  # noqa: E402
-from course_lib.experiments.workloads import Trace, with_context_length  # noqa: E402
-from roofline import device_name, slug  # noqa: E402
+from course_lib import Llama, ModelConfig, load_pretrained, save_pretrained
+from course_lib.experiments.ablation import Ablation, AblationSetup, format_table, ratios
+from course_lib.experiments.capstone_workloads import WORKLOADS, capstone_workloads
+from course_lib.model.checkpoint import CHECKPOINTS
+from course_lib.device import DEVICE, HAS_GPU, default_dtype
+from course_lib.serving.hf_baseline import load_hf_model, static_batch_accounting
+from course_lib.analysis.roofline import RESULTS_DIR
+from course_lib.model.tokenizer import Tokenizer
+from course_lib.experiments.workloads import Trace, with_context_length
+from benchmarks.roofline import device_name, slug
 
 #: Random-init models for --config (no weights needed: both systems load the same random weights).
 CONFIG_PRESETS = {

@@ -1,7 +1,7 @@
 """Continuous vs static batching on the same model and the same trace (lesson 04).
 
-    python benchmarks/engine_batching.py            # full run (GPU: < 2 min on an H100)
-    python benchmarks/engine_batching.py --quick    # fewer requests (CPU: < 30 s)
+    python -m benchmarks.engine_batching            # full run (GPU: < 2 min on an H100)
+    python -m benchmarks.engine_batching --quick    # fewer requests (CPU: < 30 s)
 
 The course's tiny target model serves a ShareGPT-like trace (course_lib.experiments.workloads.sharegpt_trace: the vLLM
 paper's mean lengths times ``scale``, log-normal, exactly that many output tokens per request) with
@@ -23,22 +23,19 @@ of each engine over the trace is a warm-up (Triton compilation and autotuning, a
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
-import torch  # noqa: E402
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
 
-from course_lib import load_tiny  # noqa: E402
-from course_lib.device import HAS_GPU  # noqa: E402
-from course_lib.serving.engine import LLMEngine  # noqa: E402
-from course_lib.serving.static_batching import StaticBatchEngine  # noqa: E402
-from course_lib.experiments.workloads import (long_prompt_trace, multimodal_prompt, sharegpt_trace,  # noqa: E402
+from course_lib import load_tiny
+from course_lib.device import HAS_GPU
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.static_batching import StaticBatchEngine
+from course_lib.experiments.workloads import (long_prompt_trace, multimodal_prompt, sharegpt_trace,
                                   with_context_length)
-import record  # noqa: E402
-from roofline import device_name  # noqa: E402
+from benchmarks import record
+from benchmarks.roofline import device_name
 
 
 def config(quick: bool) -> dict:
@@ -124,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{1e3 * max(gaps):.1f} ms, its TTFT {1e3 * outputs[-1].metrics.ttft:.1f} ms", flush=True)
 
     result = dict(
-        **record.provenance("engine_batching", "benchmarks/engine_batching.py", argv, model.dtype, args.quick),
+        **record.provenance("engine_batching", "benchmarks.engine_batching", argv, model.dtype, args.quick),
         model="course_lib tiny-target (5.4M parameters, context 512)",
         trace=dict(description=offline.description, num_requests=len(offline), scale=cfg["scale"],
                    mean_prompt=float(offline.prompt_lens.mean()), mean_output=float(offline.output_lens.mean()),

@@ -1,7 +1,7 @@
 """FlashAttention forward: our Triton kernel vs torch SDPA (flash and cuDNN backends) vs naive attention (lesson 03).
 
-    python benchmarks/flash_attention.py            # GPU: fp16/bf16, D = 64/128, N = 1k..16k, causal and not (< 5 min)
-    python benchmarks/flash_attention.py --quick    # smoke run: tiny shapes in the interpreter on CPU (seconds), 2 shapes on a GPU
+    python -m benchmarks.flash_attention            # GPU: fp16/bf16, D = 64/128, N = 1k..16k, causal and not (< 5 min)
+    python -m benchmarks.flash_attention --quick    # smoke run: tiny shapes in the interpreter on CPU (seconds), 2 shapes on a GPU
 
 Shapes follow FlashAttention's benchmarks: B·N = 16k tokens, Hq = Hkv = 2048 / D heads (model width 2048).
 FLOPs = 4·B·H·N²·D, halved when causal. Every implementation is timed in the same run with
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         cudnn=torch.backends.cudnn.version() if HAS_GPU else None, kernel_mode="interpreter" if INTERPRET else "compiled",
-        quick=args.quick, command=" ".join(["python", "benchmarks/flash_attention.py", *(argv if argv is not None else sys.argv[1:])]),
+        quick=args.quick, command=" ".join(["python -m benchmarks.flash_attention", *(argv if argv is not None else sys.argv[1:])]),
         timing=dict(tool="triton.testing.do_bench" if HAS_GPU else "time.perf_counter", statistic="median",
                     warmup_ms=25, rep_ms=100),
         shapes=dict(rule=f"B = {cfg['tokens']} // N, Hq = Hkv = {cfg['width']} // D, Sq = Skv = N",

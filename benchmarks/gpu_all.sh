@@ -43,7 +43,7 @@ touch "$OUT/.start"
 # with fewer, the streams run one after the other on GPU 0. PART=checks runs the correctness checks and the
 # kernels' benchmarks, PART=engines the engine benchmarks (each half fits the 10 minutes of one device-tool call
 # on 4 GPUs); the default runs both.
-gpu_slug=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from roofline import device_name, slug; print(slug(device_name()))")
+gpu_slug=$(python3 -c "from benchmarks.roofline import device_name, slug; print(slug(device_name()))")
 g() { if [ "$gpus" -ge 4 ]; then echo "$1"; else echo 0; fi; }   # the GPU of stream $1
 parallel_checks() {   # tensor and pipeline parallelism over NCCL: needs 2 GPUs
   [ "$gpus" -ge 2 ] || return 0
@@ -61,15 +61,15 @@ run_streams() {   # run_streams "stream 0 function" "stream 1 function" ...: in 
   done
   [ ${#pids[@]} -eq 0 ] || wait "${pids[@]}"
 }
-checks_kernels() { step bench_kv_quant 200 "$1" python3 benchmarks/kv_quant.py
+checks_kernels() { step bench_kv_quant 200 "$1" python3 -m benchmarks.kv_quant
                    step bench_engine "${T_ENGINE:-300}" "$1" python3 -m benchmarks.engine; }
 checks_pytest() { step pytest "${T_PYTEST:-520}" "$1" python3 -m pytest -q -p no:cacheprovider -rf tests --ignore=tests/browser; }
 checks_notebooks() { if [ "$gpus" -ge 4 ]; then parallel_checks 2,3; fi
                      step nbval "${T_NBVAL:-300}" "$1" python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax --nbval-current-env notebooks/ solutions/
                      step grade "${T_GRADE:-150}" "$1" python3 -m course_lib.grade solutions/ --require-full; }
-engines_batching() { step bench_batching "${T_BATCHING:-450}" "$1" python3 benchmarks/engine_batching.py; }
-engines_speculative() { step bench_speculative 300 "$1" python3 benchmarks/speculative.py; }
-engines_prefix() { step bench_prefix 200 "$1" python3 benchmarks/prefix_caching.py; }
+engines_batching() { step bench_batching "${T_BATCHING:-450}" "$1" python3 -m benchmarks.engine_batching; }
+engines_speculative() { step bench_speculative 300 "$1" python3 -m benchmarks.speculative; }
+engines_prefix() { step bench_prefix 200 "$1" python3 -m benchmarks.prefix_caching; }
 engines_capstone_1b() {   # the capstone on a 1.2 B-parameter LLaMA shape (random weights, the same for both systems):
   # its HF row alone ran past 4 minutes on an H200 with 64 requests (outputs up to ~2k tokens), so it gets a slot
   # of its own and fewer requests; the file name keeps it out of the lessons' engine_*.json (tiny-model runs)
@@ -83,7 +83,7 @@ WORKLOAD_LIST=(chat multi-turn long-cot multimodal)
 # (in TEST_JOBS jobs, so a slow file neither hides the others' results nor runs past the slot).
 ablation_job() { step "engine_$1" "${T_ABLATION:-280}" "$2" python3 -m benchmarks.engine --workloads "$1" \
                    --time-limit "${ABLATION_LIMIT:-240}" --out "benchmarks/results/engine_${1}_$gpu_slug.json"; }
-kvquant_job() { step bench_kv_quant 240 "$1" python3 benchmarks/kv_quant.py; }
+kvquant_job() { step bench_kv_quant 240 "$1" python3 -m benchmarks.kv_quant; }
 notebooks_job() { step nbval "${T_NBVAL:-300}" "$1" python3 -m pytest -q -p no:cacheprovider -rf --nbval-lax \
                     --nbval-current-env notebooks/ solutions/
                   step grade "${T_GRADE:-150}" "$1" python3 -m course_lib.grade solutions/ --require-full; }

@@ -1,7 +1,7 @@
 """Experiment behind lesson 07's INT8 decode kernel: candidate kernels, checked and timed against FP16 on a GPU.
 
-    python benchmarks/int8_kernel_sweep.py [--out FILE]      # GPU only: ~1 min on an H100/H200
-    python benchmarks/int8_kernel_sweep.py --splits          # the shipped kernel at forced split counts, ~15 s
+    python -m benchmarks.int8_kernel_sweep [--out FILE]      # GPU only: ~1 min on an H100/H200
+    python -m benchmarks.int8_kernel_sweep --splits          # the shipped kernel at forced split counts, ~15 s
 
 Not a course benchmark (``benchmarks/kv_quant.py`` records the kernel the course ships); this is the script that
 chooses it. Every candidate is first checked against ``kernels.reference.paged_attention_int8_decode`` on the
@@ -38,10 +38,9 @@ import kernels.reference as ref
 from course_lib.device import HAS_GPU
 from kernels.paged_attention import _merge_splits_kernel, plan_splits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kv_quant import make_caches  # noqa: E402
-from paged_attention import graph_time  # noqa: E402
-from roofline import device_name, slug  # noqa: E402
+from benchmarks.kv_quant import make_caches
+from benchmarks.paged_attention import graph_time
+from benchmarks.roofline import device_name, slug
 
 
 @triton.jit

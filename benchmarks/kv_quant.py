@@ -1,7 +1,7 @@
 """INT8 (and FP8) KV cache vs FP16 on a GPU: decode-attention time at contexts 1k-32k, same run (lesson 07).
 
-    python benchmarks/kv_quant.py            # GPU: < 3 min on an H100/H200
-    python benchmarks/kv_quant.py --quick    # CPU smoke test (interpreter, tiny shapes): seconds
+    python -m benchmarks.kv_quant            # GPU: < 3 min on an H100/H200
+    python -m benchmarks.kv_quant --quick    # CPU smoke test (interpreter, tiny shapes): seconds
 
 Shapes: a LLaMA-3-8B-like attention layer, Hq = 32, Hkv = 8, D = 128, block size P = 16, batch 32 (and 64),
 context 1k ... 32k. For each point the *same* random K/V is stored twice: in fp16, and quantized to INT8 by the
@@ -35,9 +35,8 @@ from course_lib.quant.kv_quant import quantization_error
 from course_lib.analysis.roofline import RESULTS_DIR
 from kernels.store_kv_int8 import fp8_supported
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paged_attention import best_time  # noqa: E402  (CUDA-graph timing, as lesson 02's benchmark)
-from roofline import device_name, slug  # noqa: E402
+from benchmarks.paged_attention import best_time  # CUDA-graph timing, as lesson 02's benchmark
+from benchmarks.roofline import device_name, slug
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
-        command=" ".join(["python", "benchmarks/kv_quant.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=" ".join(["python -m benchmarks.kv_quant", *(argv if argv is not None else sys.argv[1:])]),
         shapes=dict(Hq=Hq, Hkv=Hkv, head_dim=D, block_size=P, q_dtype="float16", scale_dtype="float16"),
         fp8=dict(supported=fp8_ok, why_not=fp8_why or None), kernel_config=dict(pa8.CONFIG), tuning=tuning,
         timing=dict(warmup=warmup, reps=reps, statistic="median", clock="CUDA events" if HAS_GPU else "time.perf_counter",

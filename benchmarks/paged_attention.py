@@ -1,8 +1,8 @@
 """Paged-attention decode on a GPU: correctness at real shapes, and K/V bytes read per second vs torch SDPA (lesson 02).
 
-    python benchmarks/paged_attention.py            # GPU: < 4 min on an H100/H200
-    python benchmarks/paged_attention.py --tune     # also sweep tile/warp/stage configs at two key shapes
-    python benchmarks/paged_attention.py --quick    # CPU smoke test (interpreter, tiny shapes): seconds
+    python -m benchmarks.paged_attention            # GPU: < 4 min on an H100/H200
+    python -m benchmarks.paged_attention --tune     # also sweep tile/warp/stage configs at two key shapes
+    python -m benchmarks.paged_attention --quick    # CPU smoke test (interpreter, tiny shapes): seconds
 
 Shapes: a LLaMA-3-8B-like attention layer, Hq = 32, Hkv = 8, D = 128, block size P = 16, batch up to 256,
 context up to 32k, fp16 and bf16. For each (batch, context) the *same* K/V is stored twice: paged, in blocks
@@ -33,8 +33,7 @@ import kernels.reference as ref
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.analysis.roofline import RESULTS_DIR, human, measure_copy_bandwidth, time_fn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import device_name, slug  # noqa: E402  (same device naming as the roofline benchmark)
+from benchmarks.roofline import device_name, slug  # same device naming as the roofline benchmark
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
-        command=" ".join(["python", "benchmarks/paged_attention.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=" ".join(["python -m benchmarks.paged_attention", *(argv if argv is not None else sys.argv[1:])]),
         shapes=dict(Hq=Hq, Hkv=Hkv, head_dim=D, block_size=P), kernel_config=dict(pa.CONFIG),
         timing=dict(warmup=warmup, reps=reps, statistic="median", clock="CUDA events" if HAS_GPU else "time.perf_counter",
                     mode="seconds: one call replayed from a CUDA graph (GPU time, as serving engines run decode); "

@@ -2,9 +2,9 @@
 FlashAttention call per chunk, the paged prefill kernel (one launch over the block tables), and torch SDPA on
 K/V gathered beforehand (the floor that ignores the gather).
 
-    python benchmarks/paged_prefill.py              # GPU: < 2 min on an H100
-    python benchmarks/paged_prefill.py --tune       # also time the kernel's tile configs on every mix
-    python benchmarks/paged_prefill.py --dry-run    # the script's logic on tiny shapes (CPU: the interpreter), seconds
+    python -m benchmarks.paged_prefill              # GPU: < 2 min on an H100
+    python -m benchmarks.paged_prefill --tune       # also time the kernel's tile configs on every mix
+    python -m benchmarks.paged_prefill --dry-run    # the script's logic on tiny shapes (CPU: the interpreter), seconds
 
 Each mix is one step's prefill chunks, (query tokens, cached prefix) per sequence, e.g. 8 chunks of 512 over
 prefixes of 0 ... 7k. The K/V of every sequence sit in 16-token blocks scattered at random over a
@@ -46,9 +46,8 @@ from course_lib.serving.kv_pool import KVPool
 from course_lib.analysis.roofline import RESULTS_DIR, time_fn
 from kernels.paged_prefill import paged_prefill_attention_unchecked, prefill_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from record import git_commit  # noqa: E402
-from roofline import device_name, slug  # noqa: E402  (same device naming as the other benchmarks)
+from benchmarks.record import git_commit
+from benchmarks.roofline import device_name, slug  # same device naming as the other benchmarks
 
 #: name -> (query tokens, cached prefix) per sequence of the step.
 GPU_MIXES = {
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         kernel_mode="interpreter" if INTERPRET else "compiled", dtype=str(dtype).removeprefix("torch."),
         block_size=BLOCK_SIZE, dry_run=args.dry_run,
-        command=" ".join(["python", "benchmarks/paged_prefill.py", *(argv if argv is not None else sys.argv[1:])]),
+        command=" ".join(["python -m benchmarks.paged_prefill", *(argv if argv is not None else sys.argv[1:])]),
         timing=dict(tool="triton.testing.do_bench" if HAS_GPU and not args.dry_run else "time.perf_counter",
                     statistic="median", cuda_graphs=False),
         ways=dict(gather_flash="KVPool._prefill_gathered: per chunk gather + kernels.flash_attention (serving config)",

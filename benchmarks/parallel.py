@@ -1,7 +1,7 @@
 """Tensor and pipeline parallelism over 2 processes: equality with one process, and what it costs (lessons 08, 09).
 
-    python benchmarks/parallel.py            # gloo on CPU, or NCCL with 2 GPUs
-    python benchmarks/parallel.py --quick    # fewer shapes and repetitions (CPU: < 1 min)
+    python -m benchmarks.parallel            # gloo on CPU, or NCCL with 2 GPUs
+    python -m benchmarks.parallel --quick    # fewer shapes and repetitions (CPU: < 1 min)
 
 Measures, for the shipped model (float32, so equality is strict): TP=2 forward latency and the time
 inside its 2·L all-reduces next to one process; ``dist.all_reduce`` time for the message sizes of one
@@ -29,8 +29,7 @@ from course_lib.parallel.comm import time_all_reduce
 from course_lib.parallel.launcher import default_backend, launch
 from course_lib.parallel.schedule import bubble_formula, max_in_flight, measured_bubble
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import device_name, slug  # noqa: E402  (same device naming as the other results)
+from benchmarks.roofline import device_name, slug  # same device naming as the other results
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

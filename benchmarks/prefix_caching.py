@@ -1,7 +1,7 @@
 """Time to first token with and without prefix caching, on the engine of lesson 04 (lesson 05).
 
-    python benchmarks/prefix_caching.py            # full run (GPU: about a minute on an H100)
-    python benchmarks/prefix_caching.py --quick    # fewer requests (CPU: under a minute)
+    python -m benchmarks.prefix_caching            # full run (GPU: about a minute on an H100)
+    python -m benchmarks.prefix_caching --quick    # fewer requests (CPU: under a minute)
 
 Two workloads, served by ``LLMEngine`` with ``enable_prefix_caching`` off and on (same model, same requests,
 same arrival times; greedy, so the outputs must be identical, and that is checked):
@@ -22,22 +22,19 @@ the workload once untimed (Triton compilation, autotuning, allocator), then its 
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
-import torch  # noqa: E402
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
 
-from course_lib import load_tiny  # noqa: E402
-from course_lib.device import HAS_GPU  # noqa: E402
-from course_lib.serving.engine import LLMEngine  # noqa: E402
-from course_lib.experiments.prefix_workloads import chat_conversations, shared_prompt_requests  # noqa: E402
-from course_lib.model.sampling import SamplingParams  # noqa: E402
-from course_lib.experiments.workloads import poisson_arrivals  # noqa: E402
-import record  # noqa: E402
-from roofline import device_name  # noqa: E402
+from course_lib import load_tiny
+from course_lib.device import HAS_GPU
+from course_lib.serving.engine import LLMEngine
+from course_lib.experiments.prefix_workloads import chat_conversations, shared_prompt_requests
+from course_lib.model.sampling import SamplingParams
+from course_lib.experiments.workloads import poisson_arrivals
+from benchmarks import record
+from benchmarks.roofline import device_name
 
 KEYS = ("num_prompt_tokens", "num_cached_tokens", "prefix_cache_hit_rate", "num_prefill_tokens", "num_output_tokens",
         "elapsed_s", "throughput_tok_s", "num_steps", "ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean", "tpot_p50",
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"shared {shared['outputs_identical']}, chat {multi['outputs_identical']}", flush=True)
 
     result = dict(
-        **record.provenance("prefix_caching", "benchmarks/prefix_caching.py", argv, model.dtype, args.quick),
+        **record.provenance("prefix_caching", "benchmarks.prefix_caching", argv, model.dtype, args.quick),
         model="course_lib tiny-target (5.4M parameters, context 512)", config=cfg,
         block_size=engines["prefix_cache"].block_size, num_blocks=engines["prefix_cache"].num_blocks,
         timing="engine clock: measured wall time of every step (CUDA synchronized), idle time skipped; "

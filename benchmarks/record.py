@@ -16,8 +16,7 @@ import triton
 from course_lib.device import HAS_GPU
 from course_lib.analysis.roofline import RESULTS_DIR
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from roofline import device_name, slug  # noqa: E402
+from benchmarks.roofline import device_name, slug
 
 
 def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None) -> argparse.Namespace:
@@ -53,10 +52,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def provenance(benchmark: str, script: str, argv: list[str] | None, dtype: torch.dtype, quick: bool, *,
+def provenance(benchmark: str, module: str, argv: list[str] | None, dtype: torch.dtype, quick: bool, *,
                engine: bool = True) -> dict:
-    """Device, versions, date, dtype, threads and the command line of this run (and, for an engine benchmark, which
-    attention kernels the engine ran)."""
+    """Device, versions, date, dtype, threads and the command line of this run (``python -m <module> ...``; and, for
+    an engine benchmark, which attention kernels the engine ran)."""
     name = device_name()
     info = dict(
         benchmark=benchmark, device=name, device_slug=slug(name),
@@ -64,7 +63,7 @@ def provenance(benchmark: str, script: str, argv: list[str] | None, dtype: torch
         git_commit=git_commit(), python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda if HAS_GPU else None, dtype=str(dtype).removeprefix("torch."),
         torch_threads=torch.get_num_threads(), quick=quick,
-        command=" ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]))
+        command=" ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])]))
     if engine:
         info["kernels"] = "Triton (compiled)" if HAS_GPU else "plain-torch references (CPU)"
     return info

@@ -1,7 +1,7 @@
 """Measure this machine's roofline and put real kernels on it (lesson 00).
 
-    python benchmarks/roofline.py            # full run (GPU: < 2 min on an H100)
-    python benchmarks/roofline.py --quick    # smaller shapes (CPU: < 60 s)
+    python -m benchmarks.roofline            # full run (GPU: < 2 min on an H100)
+    python -m benchmarks.roofline --quick    # smaller shapes (CPU: < 60 s)
 
 Measures: peak matmul FLOP/s per dtype (large square GEMMs), copy bandwidth (a copy far larger than the
 last-level cache), a GEMM sweep ``[M, K] @ [K, N]`` for one LLaMA-ish projection (K = N = E) from M = 1
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         benchmark="roofline", device=name, device_slug=slug(name), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda if HAS_GPU else None, kernel_mode="interpreter" if INTERPRET else "compiled",
-        quick=args.quick, command=" ".join(["python", "benchmarks/roofline.py", *(argv if argv is not None else sys.argv[1:])]),
+        quick=args.quick, command=" ".join(["python -m benchmarks.roofline", *(argv if argv is not None else sys.argv[1:])]),
         # fp32 matmuls on a GPU run in true fp32 unless TF32 is allowed (torch's default: not allowed)
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if HAS_GPU else None,
         timing=dict(warmup=warmup, reps=reps, statistic="median",

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not HAS_GPU:
         raise SystemExit("this benchmark needs a CUDA GPU (it measures CUDA graphs and the GPU's busy time)")
-    result = record.provenance("serving_step", "-m benchmarks.serving_step", argv, torch.bfloat16, args.quick)
+    result = record.provenance("serving_step", "benchmarks.serving_step", argv, torch.bfloat16, args.quick)
     bandwidth = copy_bandwidth()
     result["copy_bandwidth_Bps"] = bandwidth
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)

@@ -1,7 +1,7 @@
 """Speculative decoding on the course's draft/target pair at batch 1 (lesson 06).
 
-    python benchmarks/speculative.py            # full run (GPU: < 2 min on an H100)
-    python benchmarks/speculative.py --quick    # fewer prompts and tokens (CPU: < 60 s)
+    python -m benchmarks.speculative            # full run (GPU: < 2 min on an H100)
+    python -m benchmarks.speculative --quick    # fewer prompts and tokens (CPU: < 60 s)
 
 Measures, on prompts cut from the validation text (never trained on): the cost of one target forward pass
 over S = 1 ... 9 tokens (verification of γ drafts costs the pass over γ + 1) and of one draft forward pass
@@ -13,22 +13,19 @@ and, greedy, whether the tokens equal the target's own greedy tokens. Writes
 """
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import course_lib.device  # noqa: F401,E402  (first: sets TRITON_INTERPRET before triton is imported)
-import torch  # noqa: E402
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
 
-from course_lib import load_tiny  # noqa: E402
-from course_lib.model.corpus import load_text  # noqa: E402
-from course_lib.device import DEVICE, HAS_GPU  # noqa: E402
-from course_lib.model.generate import generate  # noqa: E402
-from course_lib.model.kv_cache import KVCache  # noqa: E402
-from course_lib.serving.speculative import expected_speedup, expected_tokens_per_step, speculative_generate  # noqa: E402
-import record  # noqa: E402
-from roofline import device_name  # noqa: E402
+from course_lib import load_tiny
+from course_lib.model.corpus import load_text
+from course_lib.device import DEVICE, HAS_GPU
+from course_lib.model.generate import generate
+from course_lib.model.kv_cache import KVCache
+from course_lib.serving.speculative import expected_speedup, expected_tokens_per_step, speculative_generate
+from benchmarks import record
+from benchmarks.roofline import device_name
 
 
 def config(quick: bool) -> dict:
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"T={temperature}: target alone {runs[-1]['baseline_tokens_per_s']:.1f} tok/s", flush=True)
 
     result = dict(
-        **record.provenance("speculative", "benchmarks/speculative.py", argv, target.dtype, args.quick, engine=False),
+        **record.provenance("speculative", "benchmarks.speculative", argv, target.dtype, args.quick, engine=False),
         models=dict(target="course_lib tiny-target (5.4M parameters)", draft="course_lib tiny-draft (0.9M parameters)"),
         workload=dict(batch_size=1, num_prompts=len(batch), prompt_tokens=cfg["prompt_len"], new_tokens=N,
                       prompts="evenly spaced windows of the validation text"),

@@ -1,9 +1,6 @@
 """Lesson 10: the transformers baseline (same tokens, batch accounting), the capstone workloads, the ablation
 rows and the benchmark command's machinery on a tiny trace."""
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from course_lib.serving.hf_baseline import HFStaticBatchBaseline, kv_budget_batc
 from course_lib.model.sampling import SamplingParams
 
 pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +164,9 @@ def test_missing_engine_keyword_is_reported_not_raised(models):
 
 # ---------------------------------------------------------------- the benchmark command, on a tiny trace
 def _bench():
-    sys.path.insert(0, str(ROOT))
-    return importlib.import_module("benchmarks.engine")
+    from benchmarks import engine
+
+    return engine
 
 
 @pytest.fixture(scope="module")

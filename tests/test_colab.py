@@ -7,9 +7,9 @@ from unittest import mock
 
 import nbformat
 
+from tools import colab
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import colab  # noqa: E402
 
 
 def test_cells_and_badges_are_in_sync():

@@ -7,10 +7,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools import make_exercises
+from tools.make_exercises import MarkerError, make_exercise, render, strip_solutions
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import make_exercises  # noqa: E402
-from make_exercises import MarkerError, make_exercise, render, strip_solutions  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

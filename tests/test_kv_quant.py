@@ -3,10 +3,8 @@ kernels.paged_attention_int8_decode vs their references (interpreter on CPU, com
 ValueErrors, and the shipped model decoding through course_lib.quant.kv_quant.QuantizedPagedKVCache."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import pytest
@@ -19,7 +17,6 @@ from course_lib.quant.kv_quant import (QuantizedPagedKVCache, dequantize, fake_q
                                  make_paged_kv_cache, num_blocks_for_memory, quantization_error, quantize)
 from kernels.store_kv_int8 import fp8_supported
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Kernel vs reference (both on the same codes), per q dtype: only the kernel's own rounding differs.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
        torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
@@ -479,9 +476,8 @@ def test_quantized_cache_memory_fork_and_factory(tiny):
 
 # ---------------------------------------------------------------- the benchmark script runs (CPU smoke mode)
 def test_benchmark_script_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_kv_quant", ROOT / "benchmarks" / "kv_quant.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import kv_quant as bench
+
     out = tmp_path / "r.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
@@ -493,10 +489,9 @@ def test_benchmark_script_quick(tmp_path):
 def test_sweep_candidates_match_the_reference():
     """benchmarks/int8_kernel_sweep.py's tile kernels (the candidates the shipped kernel was chosen against) compute
     the same attention, split or not; the PTX conversion is compiled-only, Triton's own conversion runs here."""
-    import sys
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    sweep = importlib.import_module("int8_kernel_sweep")
-    from kv_quant import make_caches
+    from benchmarks import int8_kernel_sweep as sweep
+    from benchmarks.kv_quant import make_caches
+
     q, _, _, tables, _, quantized = make_caches(2, 70, 4, 2, 16, 8, torch.float16 if HAS_GPU else torch.float32,
                                                 {"int8": torch.int8}, seed=3)
     lens = torch.tensor([70, 23], dtype=torch.int32, device=DEVICE)

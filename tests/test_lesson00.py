@@ -1,26 +1,22 @@
 """Lesson 00: the Triton add kernel vs its reference, the roofline helpers, the benchmark script, and the checks."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import matplotlib
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import kernels
 import kernels.reference
 from course_lib.analysis import roofline
 from course_lib.device import DEVICE, kernel_dtypes
 from course_lib.grading import lesson00
+from conftest import assert_caught, assert_not_attempted, edited, exercise, solution, stub
 
 matplotlib.use("Agg")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- kernels.add vs kernels.reference.add
@@ -110,9 +106,8 @@ def test_plot_roofline_and_results(tmp_path):
 
 
 def test_benchmark_script_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_roofline", ROOT / "benchmarks" / "roofline.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import roofline as bench
+
     out = tmp_path / "r.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
@@ -122,10 +117,6 @@ def test_benchmark_script_quick(tmp_path):
 
 
 # ---------------------------------------------------------------- the checks: pass, not attempted, broken
-def _stub(*args):
-    raise NotImplementedError("Exercise: write this function")
-
-
 @pytest.mark.parametrize("check, good, broken", [
     (lesson00.check_matmul_intensity, roofline.matmul_intensity, [
         lambda M, N, K, b: M * N * K / ((M * K + K * N + M * N) * b),  # forgot the 2 of multiply-add
@@ -147,57 +138,28 @@ def _stub(*args):
 ])
 def test_python_checks(check, good, broken):
     assert check(good).status == "passed"
-    stub = check(_stub)
-    assert (stub.status, stub.points) == ("not attempted", 0)
+    assert_not_attempted(check(stub))
     for fn in broken:
-        result = check(fn)
-        assert (result.status, result.points) == ("failed", 0) and "hint:" in result.message
+        assert_caught(check(fn), "hint:")
 
 
-@triton.jit
-def _good(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE: tl.constexpr):
-    pid = tl.program_id(axis=0)
-    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < n_elements
-    x = tl.load(x_ptr + offsets, mask=mask)
-    y = tl.load(y_ptr + offsets, mask=mask)
-    tl.store(out_ptr + offsets, a * x + y, mask=mask)
-
-
-@triton.jit
-def _stub_kernel(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE: tl.constexpr):
-    raise NotImplementedError("Exercise: write the body of _scale_add_kernel")
-
-
-@triton.jit
-def _no_mask(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE: tl.constexpr):
-    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    tl.store(out_ptr + offsets, a * tl.load(x_ptr + offsets) + tl.load(y_ptr + offsets))
-
-
-@triton.jit
-def _no_pid_offset(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE: tl.constexpr):
-    offsets = tl.arange(0, BLOCK_SIZE)  # every program handles block 0
-    mask = offsets < n_elements
-    tl.store(out_ptr + offsets, a * tl.load(x_ptr + offsets, mask=mask) + tl.load(y_ptr + offsets, mask=mask), mask=mask)
-
-
-@triton.jit
-def _forgot_a(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE: tl.constexpr):
-    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offsets < n_elements
-    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) + tl.load(y_ptr + offsets, mask=mask), mask=mask)
+def test_solution_notebook_answers_pass():
+    answers = solution("00_start_here")
+    assert lesson00.check_matmul_intensity(answers.matmul_intensity).status == "passed"
+    assert lesson00.check_attainable_flops(answers.attainable_flops).status == "passed"
+    assert lesson00.check_bound(answers.bound).status == "passed"
 
 
 def test_scale_add_kernel_check():
-    assert lesson00.check_scale_add_kernel(_good).status == "passed"
-    stub = lesson00.check_scale_add_kernel(_stub_kernel)
-    assert (stub.status, stub.points) == ("not attempted", 0)
-    no_mask = lesson00.check_scale_add_kernel(_no_mask)
-    assert no_mask.status == "failed" and "past the end of out" in no_mask.message
-    no_pid = lesson00.check_scale_add_kernel(_no_pid_offset)
-    assert no_pid.status == "failed" and "pid * BLOCK_SIZE" in no_pid.message
-    assert lesson00.check_scale_add_kernel(_forgot_a).status == "failed"
+    good = solution("00_start_here")._scale_add_kernel
+    assert lesson00.check_scale_add_kernel(good).status == "passed"
+    assert_not_attempted(lesson00.check_scale_add_kernel(exercise("00_start_here")._scale_add_kernel))
+    no_mask = edited(good, {", mask=mask)": ")"})              # loads and stores past the end of the tensors
+    assert_caught(lesson00.check_scale_add_kernel(no_mask), "past the end of out")
+    no_pid = edited(good, {"offsets = pid * BLOCK_SIZE + tl.arange": "offsets = tl.arange"})   # every program: block 0
+    assert_caught(lesson00.check_scale_add_kernel(no_pid), "pid * BLOCK_SIZE")
+    forgot_a = edited(good, {"a * x + y": "x + y"})
+    assert lesson00.check_scale_add_kernel(forgot_a).status == "failed"
     not_a_kernel = lesson00.check_scale_add_kernel(lambda *args: None)
     assert not_a_kernel.status == "failed" and "@triton.jit" in not_a_kernel.message
 

@@ -3,8 +3,6 @@ model), and every check of course_lib.grading.lesson01 (passes the reference, "n
 fails deliberately broken variants with a hint)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import course_lib  # noqa: F401  (first: torch.utils.flop_counter imports triton)
 import pytest
 import torch
@@ -14,8 +12,8 @@ from course_lib import PRESETS, ModelConfig
 from course_lib.analysis import flops
 from course_lib.grading import lesson01
 from course_lib.model.kv_cache import KVCache, kv_cache_bytes
+from conftest import assert_caught, assert_not_attempted, edited, exercise, solution, stub
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ModelConfig()
 
 
@@ -137,28 +135,12 @@ def test_llama_2_13b_headline_number():
     assert kv_cache_bytes(PRESETS["llama-2-13b"], 2048, 1, 2) == 2 * 40 * 40 * 128 * 2048 * 2 == 1_677_721_600
 
 
-# ---------------------------------------------------------------- reference and broken solutions
-def update_good(cache_k, cache_v, k, v, start):
-    end = start + k.shape[2]
-    cache_k[:, :, start:end] = k
-    cache_v[:, :, start:end] = v
-    return cache_k[:, :, :end], cache_v[:, :, :end]
-
-
-def update_writes_at_zero(cache_k, cache_v, k, v, start):
-    S = k.shape[2]
-    cache_k[:, :, :S], cache_v[:, :, :S] = k, v
-    return cache_k[:, :, :start + S], cache_v[:, :, :start + S]
-
-
-def update_whole_buffer(cache_k, cache_v, k, v, start):
-    update_good(cache_k, cache_v, k, v, start)
-    return cache_k, cache_v
-
-
-def update_copy(cache_k, cache_v, k, v, start):
-    k_all, v_all = update_good(cache_k, cache_v, k, v, start)
-    return k_all.clone(), v_all.clone()
+# ---------------------------------------------------------------- the solution notebook's answers, and broken variants
+SOLVED = solution("01_kv_cache")
+RETURN_FILLED = "return cache_k[:, :, :end], cache_v[:, :, :end]"
+update_writes_at_zero = edited(SOLVED.update, {"[:, :, start:end] = ": "[:, :, :end - start] = "})
+update_whole_buffer = edited(SOLVED.update, {RETURN_FILLED: "return cache_k, cache_v"})
+update_copy = edited(SOLVED.update, {RETURN_FILLED: "return cache_k[:, :, :end].clone(), cache_v[:, :, :end].clone()"})
 
 
 def update_not_in_place(cache_k, cache_v, k, v, start):
@@ -166,17 +148,7 @@ def update_not_in_place(cache_k, cache_v, k, v, start):
 
 
 def update_swapped(cache_k, cache_v, k, v, start):
-    return update_good(cache_k, cache_v, v, k, start)
-
-
-def decode_good(model, prompt_ids, max_new_tokens):
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device)
-    logits = model(torch.tensor([prompt_ids], device=model.device), cache=cache, last_token_only=True)
-    out = [int(logits[0, -1].argmax())]
-    while len(out) < max_new_tokens:
-        logits = model(torch.tensor([[out[-1]]], device=model.device), cache=cache)
-        out.append(int(logits[0, -1].argmax()))
-    return out
+    return SOLVED.update(cache_k, cache_v, v, k, start)
 
 
 def decode_whole_sequence_with_cache(model, prompt_ids, max_new_tokens):  # double-caching
@@ -194,13 +166,10 @@ def decode_without_cache(model, prompt_ids, max_new_tokens):
     return tokens[len(prompt_ids):]
 
 
-def decode_double_advance(model, prompt_ids, max_new_tokens):  # positions off by one per step
-    cache = KVCache(model.config, 1, 2 * (len(prompt_ids) + max_new_tokens), dtype=model.dtype, device=model.device)
-    out = [int(model(torch.tensor([prompt_ids], device=model.device), cache=cache)[0, -1].argmax())]
-    while len(out) < max_new_tokens:
-        cache.advance(1)
-        out.append(int(model(torch.tensor([[out[-1]]], device=model.device), cache=cache)[0, -1].argmax()))
-    return out
+# positions off by one per step (a cache twice as long, so that the extra advances fit)
+decode_double_advance = edited(SOLVED.cached_greedy_decode, {
+    "len(prompt_ids) + max_new_tokens,": "2 * (len(prompt_ids) + max_new_tokens),",
+    "        step_input = ": "        cache.advance(1)\n        step_input = "})
 
 
 def decode_refeeds_last_prompt_token(model, prompt_ids, max_new_tokens):  # off by one: prompt[-1] fed twice
@@ -221,71 +190,62 @@ def decode_new_cache_each_step(model, prompt_ids, max_new_tokens):  # a fresh ca
     return tokens[len(prompt_ids):]
 
 
-def decode_first_position_logits(model, prompt_ids, max_new_tokens):  # argmax of the wrong position
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, dtype=model.dtype, device=model.device)
-    out = [int(model(torch.tensor([prompt_ids], device=model.device), cache=cache)[0, 0].argmax())]
-    while len(out) < max_new_tokens:
-        out.append(int(model(torch.tensor([[out[-1]]], device=model.device), cache=cache)[0, -1].argmax()))
-    return out
+decode_first_position_logits = edited(SOLVED.cached_greedy_decode, {   # the argmax of the wrong position
+    "cache=cache, last_token_only=True)  # prefill": "cache=cache)  # prefill",
+    "out = [int(logits[0, -1].argmax())]": "out = [int(logits[0, 0].argmax())]"})
 
 
-def _flops_formula(cfg, position, use_cache, *, kv_heads=None, attn_heads=None, square=False, head_all=False,
-                   self_excluded=False, factor=2, implied_head_dim=False, square_q_o=False):
-    """decode_step_flops written out, with switches for the usual mistakes."""
-    L, E, F, V, D = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
-    Hq, Hkv = cfg.num_attention_heads, kv_heads or cfg.num_key_value_heads
-    D = E // Hq if implied_head_dim else D
-    T = 1 if use_cache else position + 1
-    per_layer = (E * E if square_q_o else E * Hq * D) * 2 + 2 * E * Hkv * D + 3 * E * F
-    if use_cache:
-        pairs = position + 1
-    else:
-        pairs = T * T if square else T * (T + 1) // 2
-    pairs -= T * self_excluded
-    return factor * (T * L * per_layer + (T if head_all else 1) * E * V + 2 * L * (attn_heads or Hq) * D * pairs)
+def flops_with(replacements):
+    """The solution's decode_step_flops with one of the usual mistakes."""
+    return edited(SOLVED.decode_step_flops, replacements)
+
+
+FLOPS_KV_HEADS_FOR_ATTENTION = flops_with({"2 * 2 * L * Hq * D * pairs": "2 * 2 * L * Hkv * D * pairs"})
+FLOPS_SQUARE = flops_with({"(position + 1) * (position + 2) // 2": "(position + 1) ** 2"})   # no causal mask
+FLOPS_HEAD_ALL = flops_with({"lm_head = 2 * E * V": "lm_head = 2 * tokens * E * V"})          # lm_head on every row
+FLOPS_IMPLIED_HEAD_DIM = flops_with({"config.head_dim": "config.hidden_size // config.num_attention_heads"})
+FLOPS_SQUARE_Q_O = flops_with({"E * Hq * D + 2 * E * Hkv * D + Hq * D * E": "E * E + 2 * E * Hkv * D + E * E"})
 
 
 @pytest.mark.parametrize("check, good, broken", [
-    (lesson01.check_kv_cache_bytes, kv_cache_bytes, [
+    (lesson01.check_kv_cache_bytes, SOLVED.kv_cache_bytes, [
         lambda c, n, b, e: c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n * b * e,  # forgot the 2
         lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n * b * e,  # Hq, not Hkv
         lambda c, n, b, e: 2 * c.num_hidden_layers * c.hidden_size * n * b * e,  # E = Hq·D: the MHA assumption
         lambda c, n, b, e: 2 * c.num_key_value_heads * c.head_dim * n * b * e,  # one layer
         lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n * e,  # no batch
     ]),
-    (lesson01.check_kv_cache_update, update_good, [
+    (lesson01.check_kv_cache_update, SOLVED.update, [
         update_writes_at_zero, update_whole_buffer, update_copy, update_not_in_place, update_swapped,
         lambda ck, cv, k, v, start: (k, v),  # returns only the new tokens
     ]),
-    (lesson01.check_decode_step_flops, flops.decode_step_flops, [
-        lambda c, p, u: _flops_formula(c, p, u, attn_heads=c.num_key_value_heads),
-        lambda c, p, u: _flops_formula(c, p, u, kv_heads=c.num_attention_heads),
-        lambda c, p, u: _flops_formula(c, p, u, square=True),
-        lambda c, p, u: _flops_formula(c, p, u, head_all=True),
-        lambda c, p, u: _flops_formula(c, p, u, self_excluded=True),
-        lambda c, p, u: _flops_formula(c, p, u, factor=1),
-        lambda c, p, u: _flops_formula(c, p, True),  # ignores use_cache
+    (lesson01.check_decode_step_flops, SOLVED.decode_step_flops, [
+        FLOPS_KV_HEADS_FOR_ATTENTION,
+        flops_with({"2 * E * Hkv * D": "2 * E * Hq * D"}),                       # K/V projections of Hq heads
+        FLOPS_SQUARE,
+        FLOPS_HEAD_ALL,
+        flops_with({"pairs = position + 1 if use_cache else (position + 1) * (position + 2) // 2":
+                    "pairs = position if use_cache else position * (position + 1) // 2"}),   # a token misses itself
+        flops_with({"return linear + attention + lm_head": "return (linear + attention + lm_head) // 2"}),  # MACs
+        lambda c, p, u: SOLVED.decode_step_flops(c, p, True),  # ignores use_cache
     ]),
 ])
 def test_python_checks(check, good, broken):
     assert check(good).status == "passed"
-    stub = check(_stub)
-    assert (stub.status, stub.points) == ("not attempted", 0)
+    assert_not_attempted(check(stub))
     for fn in broken:
-        result = check(fn)
-        assert (result.status, result.points) == ("failed", 0), fn
-        assert "hint:" in result.message
+        assert_caught(check(fn), "hint:")
 
 
-def _stub(*args):
-    raise NotImplementedError("Exercise: write this function")
+def test_library_kv_cache_bytes_passes():
+    assert lesson01.check_kv_cache_bytes(kv_cache_bytes).status == "passed"
 
 
-def test_flops_formula_helper_is_the_library_formula():
-    for cfg in (TINY, PRESETS["llama-3-8b"]):
+def test_solution_formula_is_the_library_formula():
+    for cfg in (TINY, *PRESETS.values()):   # Qwen3 too: its head_dim is set apart (Hq·D = 2E)
         for p in (0, 5, 300):
             for use in (True, False):
-                assert _flops_formula(cfg, p, use) == flops.decode_step_flops(cfg, p, use)
+                assert SOLVED.decode_step_flops(cfg, p, use) == flops.decode_step_flops(cfg, p, use)
 
 
 @pytest.mark.parametrize("fn, message", [
@@ -309,21 +269,17 @@ def test_kv_cache_bytes_hints(fn, message):
 
 
 def test_decode_step_flops_hints():
-    assert "QUERY head" in lesson01.check_decode_step_flops(
-        lambda c, p, u: _flops_formula(c, p, u, attn_heads=c.num_key_value_heads)).message
-    assert "causal" in lesson01.check_decode_step_flops(lambda c, p, u: _flops_formula(c, p, u, square=True)).message
-    assert "last position only" in lesson01.check_decode_step_flops(
-        lambda c, p, u: _flops_formula(c, p, u, head_all=True)).message
+    assert "QUERY head" in lesson01.check_decode_step_flops(FLOPS_KV_HEADS_FOR_ATTENTION).message
+    assert "causal" in lesson01.check_decode_step_flops(FLOPS_SQUARE).message
+    assert "last position only" in lesson01.check_decode_step_flops(FLOPS_HEAD_ALL).message
     # right for every preset but Qwen3's, whose head_dim is set apart: Hq·D = 2E
-    assert "config.head_dim" in lesson01.check_decode_step_flops(
-        lambda c, p, u: _flops_formula(c, p, u, implied_head_dim=True)).message
-    assert "not E -> E" in lesson01.check_decode_step_flops(lambda c, p, u: _flops_formula(c, p, u, square_q_o=True)).message
+    assert "config.head_dim" in lesson01.check_decode_step_flops(FLOPS_IMPLIED_HEAD_DIM).message
+    assert "not E -> E" in lesson01.check_decode_step_flops(FLOPS_SQUARE_Q_O).message
 
 
 def test_cached_greedy_decode_check():
-    assert lesson01.check_cached_greedy_decode(decode_good).status == "passed"
-    stub = lesson01.check_cached_greedy_decode(_stub)
-    assert (stub.status, stub.points) == ("not attempted", 0)
+    assert lesson01.check_cached_greedy_decode(SOLVED.cached_greedy_decode).status == "passed"
+    assert_not_attempted(lesson01.check_cached_greedy_decode(stub))
     for fn, message in [
         (decode_whole_sequence_with_cache, "only the newest token"),
         (decode_without_cache, "no cache"),
@@ -337,24 +293,9 @@ def test_cached_greedy_decode_check():
         assert message in result.message, (fn.__name__, result.message)
 
 
-# ---------------------------------------------------------------- the solution notebook's own answers
-def _notebook_functions(path: Path) -> dict:
-    """Execute the exercise cells (those with solution markers, or their stubs) of a notebook; return its namespace."""
-    import nbformat
-
-    namespace = {"torch": torch, "KVCache": KVCache}
-    for cell in nbformat.read(path, as_version=4).cells:
-        if cell.cell_type == "code" and ("# BEGIN SOLUTION" in cell.source or "NotImplementedError" in cell.source):
-            exec(compile(cell.source, f"{path.name}", "exec"), namespace)
-    return namespace
-
-
-def test_solution_notebook_answers_pass_and_exercise_stubs_are_not_attempted():
-    checks = {"kv_cache_bytes": lesson01.check_kv_cache_bytes, "update": lesson01.check_kv_cache_update,
-              "cached_greedy_decode": lesson01.check_cached_greedy_decode,
-              "decode_step_flops": lesson01.check_decode_step_flops}
-    solved = _notebook_functions(ROOT / "solutions" / "01_kv_cache.ipynb")
-    stubs = _notebook_functions(ROOT / "exercises" / "01_kv_cache.ipynb")
-    for name, check in checks.items():
-        assert check(solved[name]).status == "passed", name
-        assert check(stubs[name]).status == "not attempted", name
+def test_exercise_stubs_are_not_attempted():
+    stubs = exercise("01_kv_cache")
+    for check, name in [(lesson01.check_kv_cache_bytes, "kv_cache_bytes"), (lesson01.check_kv_cache_update, "update"),
+                        (lesson01.check_cached_greedy_decode, "cached_greedy_decode"),
+                        (lesson01.check_decode_step_flops, "decode_step_flops")]:
+        assert_not_attempted(check(getattr(stubs, name)))

@@ -2,22 +2,20 @@
 attempted, broken variants fail: no rescale of the running sum, mask off by the Skv - Sq offset, wrong GQA mapping)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import math
 from pathlib import Path
 
-import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from course_lib.model import online_softmax as osm
 from course_lib.model.attention import attention
 from course_lib.grading import lesson03
+from conftest import assert_caught, assert_not_attempted, edited, exercise, solution, stub
 
 ROOT = Path(__file__).resolve().parents[1]
+SOLVED = solution("03_flash_attention")
+STUBS = exercise("03_flash_attention")
 
 
 # ---------------------------------------------------------------- course_lib.model.online_softmax
@@ -67,9 +65,8 @@ def test_peak_memory_on_cpu_grows_quadratically_for_naive_only():
 
 
 def test_benchmark_script_quick(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_flash", ROOT / "benchmarks" / "flash_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import flash_attention as bench
+
     out = tmp_path / "fa.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
@@ -89,18 +86,9 @@ def test_recorded_gpu_results_are_complete():
 
 
 # ---------------------------------------------------------------- the torch checks
-def _stub(*args, **kwargs):
-    raise NotImplementedError("Exercise: write this function")
-
-
-def _softmax_no_rescale(x, block_size):
-    m = torch.full(x.shape[:-1], float("-inf"))
-    l = torch.zeros(x.shape[:-1])
-    for s in range(0, x.shape[-1], block_size):
-        b = x[..., s:s + block_size]
-        m = torch.maximum(m, b.amax(-1))
-        l = l + torch.where(b == float("-inf"), 0.0, torch.exp(b - m[..., None])).sum(-1)  # bug: old l not rescaled
-    return torch.exp(x - m[..., None]) / l[..., None]
+RESCALE_L = {"l = l * alpha + p.sum(dim=-1)": "l = l + p.sum(dim=-1)"}   # the old running sum not rescaled
+_softmax_no_rescale = edited(SOLVED.online_softmax, RESCALE_L)
+_tiled_no_rescale = edited(SOLVED.tiled_attention, {**RESCALE_L, "acc = acc * alpha[..., None] + p @ vb": "acc = acc + p @ vb"})
 
 
 def _softmax_no_max(x, block_size):
@@ -111,22 +99,6 @@ def _softmax_no_max(x, block_size):
 def _softmax_drops_last_block(x, block_size):
     return osm.online_softmax(x[..., : (x.shape[-1] // block_size) * block_size], block_size) if x.shape[-1] >= block_size \
         else osm.online_softmax(x, block_size)
-
-
-def _tiled_no_rescale(q, k, v, *, causal=False, block_n=16):
-    Sq, Skv = q.shape[-2], k.shape[-2]
-    qf = q / math.sqrt(q.shape[-1])
-    m = torch.full(q.shape[:-1], float("-inf"))
-    l, acc = torch.zeros(q.shape[:-1]), torch.zeros(q.shape)
-    for s in range(0, Skv, block_n):
-        sc = qf @ k[..., s:s + block_n, :].transpose(-1, -2)
-        if causal:
-            cols = torch.arange(s, s + sc.shape[-1])
-            sc = sc.masked_fill(cols[None, :] > torch.arange(Sq)[:, None] + Skv - Sq, float("-inf"))
-        m_new = torch.maximum(m, sc.amax(-1))
-        p = torch.where(sc == float("-inf"), 0.0, torch.exp(sc - m_new[..., None]))
-        l, acc, m = l + p.sum(-1), acc + p @ v[..., s:s + block_n, :], m_new  # bug: l and acc not rescaled
-    return acc / l[..., None]
 
 
 def _tiled_top_left_causal(q, k, v, *, causal=False, block_n=16):
@@ -144,19 +116,18 @@ def _tiled_uses_softmax(q, k, v, *, causal=False, block_n=16):
     return torch.softmax(torch.zeros(1), -1) * 0 + osm.tiled_attention(q, k, v, causal=causal, block_n=block_n)
 
 
-@pytest.mark.parametrize("check, good, broken", [
-    (lesson03.check_online_softmax, osm.online_softmax,
+@pytest.mark.parametrize("check, goods, broken", [
+    (lesson03.check_online_softmax, [SOLVED.online_softmax, osm.online_softmax],
      [_softmax_no_rescale, _softmax_no_max, _softmax_drops_last_block, lambda x, b: torch.softmax(x, -1)]),
-    (lesson03.check_tiled_attention, osm.tiled_attention,
+    (lesson03.check_tiled_attention, [SOLVED.tiled_attention, osm.tiled_attention],
      [_tiled_no_rescale, _tiled_top_left_causal, _tiled_materializes, _tiled_uses_softmax]),
 ])
-def test_torch_checks(check, good, broken):
-    assert check(good).status == "passed"
-    stub = check(_stub)
-    assert (stub.status, stub.points) == ("not attempted", 0)
+def test_torch_checks(check, goods, broken):
+    for good in goods:   # the solution notebook's answer and the library's
+        assert check(good).status == "passed"
+    assert_not_attempted(check(stub))
     for fn in broken:
-        result = check(fn)
-        assert (result.status, result.points) == ("failed", 0) and "hint:" in result.message, fn.__name__
+        assert_caught(check(fn), "hint:")
 
 
 def test_no_rescale_hint_names_the_rescale():
@@ -165,112 +136,30 @@ def test_no_rescale_hint_names_the_rescale():
 
 
 # ---------------------------------------------------------------- the Triton checks
-# The solution kernels of exercises 3 and 4, with switches that plant the bugs the checks must catch.
-@triton.jit
-def _flash(q_ptr, k_ptr, v_ptr, out_ptr, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr = False, BUG_GQA: tl.constexpr = False,
-           BUG_RESCALE: tl.constexpr = False, BUG_OFFSET: tl.constexpr = False, BUG_NO_COL_MASK: tl.constexpr = False):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    b = off_bh // Hq
-    h = off_bh % Hq
-    if BUG_GQA:
-        h_kv = h % Hkv  # wrong: interleaves heads instead of grouping consecutive ones
-    else:
-        h_kv = h // (Hq // Hkv)
-    q_off = off_bh * Sq * HEAD_DIM
-    kv_off = (b * Hkv + h_kv) * Skv * HEAD_DIM
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    offset = Skv - Sq
-    if BUG_OFFSET:
-        offset = 0
-    if CAUSAL:
-        full_end = tl.minimum(start_m * BLOCK_M + offset + 1, Skv) // BLOCK_N * BLOCK_N
-        diag_end = tl.minimum((start_m + 1) * BLOCK_M + offset, Skv)
-    else:
-        full_end = 0
-        diag_end = Skv
-    for start_n in range(0, full_end, BLOCK_N):  # stage 1 (causal only): no mask
-        cols = start_n + offs_n
-        k = tl.load(k_ptr + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :])
-        v = tl.load(v_ptr + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        if BUG_RESCALE:
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    for start_n in range(full_end, diag_end, BLOCK_N):  # stage 2: masked
-        cols = start_n + offs_n
-        k = tl.load(k_ptr + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=cols[:, None] < Skv, other=0.0)
-        v = tl.load(v_ptr + kv_off + cols[:, None] * HEAD_DIM + offs_d[None, :], mask=cols[:, None] < Skv, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        if BUG_NO_COL_MASK:
-            visible = cols[None, :] >= 0
-        else:
-            visible = cols[None, :] < Skv
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= offs_m[:, None] + offset)
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        if BUG_RESCALE:
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + q_off + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=offs_m[:, None] < Sq)
-
-
-@triton.jit
-def _stub_kernel(q_ptr, k_ptr, v_ptr, out_ptr, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    raise NotImplementedError("Exercise: write the kernel")
-
-
-class _Variant:
-    """``kernel`` launched with extra constexpr switches, looking like a kernel to the check."""
-
-    def __init__(self, kernel, **switches):
-        self.kernel, self.switches, self.fn = kernel, switches, kernel.fn
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.switches)
+# The solution kernels of exercises 3 and 4, and each with one of the bugs the checks must catch.
+GQA_INTERLEAVED = {"h_kv = h // (Hq // Hkv)": "h_kv = h % Hkv"}   # interleaves heads instead of grouping them
+NO_RESCALE = {"l_i = l_i * alpha + tl.sum(p, 1)": "l_i = l_i + tl.sum(p, 1)"}
 
 
 def test_flash_kernel_check():
-    assert lesson03.check_flash_kernel(_flash).status == "passed"
-    stub = lesson03.check_flash_kernel(_stub_kernel)
-    assert (stub.status, stub.points) == ("not attempted", 0)
-    gqa = lesson03.check_flash_kernel(_Variant(_flash, BUG_GQA=True))
+    kernel = SOLVED._flash_fwd_kernel
+    assert lesson03.check_flash_kernel(kernel).status == "passed"
+    assert_not_attempted(lesson03.check_flash_kernel(STUBS._flash_fwd_kernel))
+    gqa = lesson03.check_flash_kernel(edited(kernel, GQA_INTERLEAVED))
     assert gqa.status == "failed" and "h // (Hq // Hkv)" in gqa.message
-    no_rescale = lesson03.check_flash_kernel(_Variant(_flash, BUG_RESCALE=True))
+    no_rescale = lesson03.check_flash_kernel(edited(kernel, NO_RESCALE))
     assert no_rescale.status == "failed" and "alpha" in no_rescale.message
-    no_mask = lesson03.check_flash_kernel(_Variant(_flash, BUG_NO_COL_MASK=True))
+    no_mask = lesson03.check_flash_kernel(edited(kernel, {'\n        qk = tl.where(cols[None, :] < Skv, qk, float("-inf"))': ""}))
     assert no_mask.status == "failed" and "-inf" in no_mask.message
     assert lesson03.check_flash_kernel(lambda *a: None).status == "failed"
 
 
 def test_causal_kernel_check():
-    assert lesson03.check_causal_kernel(_Variant(_flash, CAUSAL=True)).status == "passed"
-    stub = lesson03.check_causal_kernel(_stub_kernel)
-    assert (stub.status, stub.points) == ("not attempted", 0)
-    offset = lesson03.check_causal_kernel(_Variant(_flash, CAUSAL=True, BUG_OFFSET=True))
+    kernel = SOLVED._causal_flash_fwd_kernel
+    assert lesson03.check_causal_kernel(kernel).status == "passed"
+    assert_not_attempted(lesson03.check_causal_kernel(STUBS._causal_flash_fwd_kernel))
+    offset = lesson03.check_causal_kernel(edited(kernel, {"causal_offset = Skv - Sq": "causal_offset = 0"}))
     assert offset.status == "failed" and "Skv - Sq" in offset.message
-    assert lesson03.check_causal_kernel(_Variant(_flash, CAUSAL=True, BUG_RESCALE=True)).status == "failed"
-    assert lesson03.check_causal_kernel(_Variant(_flash, CAUSAL=True, BUG_GQA=True)).status == "failed"
-    assert lesson03.check_causal_kernel(_flash).status == "failed"  # not causal at all
+    assert lesson03.check_causal_kernel(edited(kernel, NO_RESCALE)).status == "failed"   # in both stages
+    assert lesson03.check_causal_kernel(edited(kernel, GQA_INTERLEAVED)).status == "failed"
+    assert lesson03.check_causal_kernel(SOLVED._flash_fwd_kernel).status == "failed"  # not causal at all

@@ -6,17 +6,9 @@ import pytest
 
 from course_lib.grading import lesson05
 from course_lib.serving.prefix_cache import Node
+from conftest import assert_caught, assert_not_attempted, edited, solution, stub
 
-
-def _stub(*args):
-    raise NotImplementedError("Exercise: write this function")
-
-
-def _assert_caught(result, hint_part=None):
-    assert (result.status, result.points) == ("failed", 0), result
-    assert "hint:" in result.message or "your code raised" in result.message
-    if hint_part:
-        assert hint_part in result.message, result.message
+SOLVED = solution("05_prefix_caching")
 
 
 def _key(token_ids, i, P):
@@ -24,17 +16,6 @@ def _key(token_ids, i, P):
 
 
 # ---------------------------------------------------------------- 1. match
-def match(root, token_ids, block_size, now):
-    node, blocks = root, []
-    for i in range(len(token_ids) // block_size):
-        node = node.children.get(_key(token_ids, i, block_size))
-        if node is None:
-            break
-        node.last_access = now
-        blocks.append(node.block_id)
-    return blocks, len(blocks) * block_size
-
-
 def match_no_stop(root, token_ids, block_size, now):      # skips a missing block instead of stopping
     node, blocks = root, []
     for i in range(len(token_ids) // block_size):
@@ -47,23 +28,12 @@ def match_no_stop(root, token_ids, block_size, now):      # skips a missing bloc
     return blocks, len(blocks) * block_size
 
 
-def match_counts_blocks(root, token_ids, block_size, now):
-    blocks, _ = match(root, token_ids, block_size, now)
-    return blocks, len(blocks)
-
-
-def match_no_touch(root, token_ids, block_size, now):
-    node, blocks = root, []
-    for i in range(len(token_ids) // block_size):
-        node = node.children.get(_key(token_ids, i, block_size))
-        if node is None:
-            break
-        blocks.append(node.block_id)
-    return blocks, len(blocks) * block_size
+match_counts_blocks = edited(SOLVED.match, {"return blocks, len(blocks) * block_size": "return blocks, len(blocks)"})
+match_no_touch = edited(SOLVED.match, {"        node.last_access = now\n": ""})
 
 
 def match_partial(root, token_ids, block_size, now):      # also counts a partial block that a child starts with
-    blocks, n = match(root, token_ids, block_size, now)
+    blocks, n = SOLVED.match(root, token_ids, block_size, now)
     rest = tuple(token_ids[n:n + block_size])
     node = root
     for b in blocks:
@@ -74,35 +44,20 @@ def match_partial(root, token_ids, block_size, now):      # also counts a partia
 
 
 def test_match_check():
-    assert lesson05.check_match(match).status == "passed"
-    assert lesson05.check_match(_stub).status == "not attempted"
-    _assert_caught(lesson05.check_match(match_no_stop), "stop at the first block")
-    _assert_caught(lesson05.check_match(match_counts_blocks), "counts tokens, not blocks")
-    _assert_caught(lesson05.check_match(match_no_touch), "last_access = now")
-    _assert_caught(lesson05.check_match(match_partial), "only full blocks")
+    assert lesson05.check_match(SOLVED.match).status == "passed"
+    assert_not_attempted(lesson05.check_match(stub))
+    assert_caught(lesson05.check_match(match_no_stop), "stop at the first block")
+    assert_caught(lesson05.check_match(match_counts_blocks), "counts tokens, not blocks")
+    assert_caught(lesson05.check_match(match_no_touch), "last_access = now")
+    assert_caught(lesson05.check_match(match_partial), "only full blocks")
 
 
 # ---------------------------------------------------------------- 2. insert
-def insert(root, token_ids, blocks, block_size, allocator, now):
-    node, cached = root, []
-    for i in range(len(token_ids) // block_size):
-        key = _key(token_ids, i, block_size)
-        child = node.children.get(key)
-        if child is None:
-            child = Node(blocks[i], key, node, depth=node.depth + 1)
-            node.children[key] = child
-            allocator.share(blocks[i])
-        child.last_access = now
-        cached.append(child.block_id)
-        node = child
-    return cached
-
-
 def insert_no_share(root, token_ids, blocks, block_size, allocator, now):
     class NoShare:
         def share(self, b):
             return b
-    return insert(root, token_ids, blocks, block_size, NoShare(), now)
+    return SOLVED.insert(root, token_ids, blocks, block_size, NoShare(), now)
 
 
 def insert_replaces(root, token_ids, blocks, block_size, allocator, now):   # overwrites existing nodes
@@ -120,7 +75,7 @@ def insert_replaces(root, token_ids, blocks, block_size, allocator, now):   # ov
 
 
 def insert_partial(root, token_ids, blocks, block_size, allocator, now):   # caches the partial last block too
-    cached = insert(root, token_ids, blocks, block_size, allocator, now)
+    cached = SOLVED.insert(root, token_ids, blocks, block_size, allocator, now)
     n = len(token_ids) // block_size
     if len(token_ids) % block_size:
         node = root
@@ -133,22 +88,12 @@ def insert_partial(root, token_ids, blocks, block_size, allocator, now):   # cac
     return cached
 
 
-def insert_touch_new_only(root, token_ids, blocks, block_size, allocator, now):
-    node, cached = root, []
-    for i in range(len(token_ids) // block_size):
-        key = _key(token_ids, i, block_size)
-        child = node.children.get(key)
-        if child is None:
-            child = Node(blocks[i], key, node, depth=node.depth + 1, last_access=now)
-            node.children[key] = child
-            allocator.share(blocks[i])
-        cached.append(child.block_id)
-        node = child
-    return cached
+insert_touch_new_only = edited(SOLVED.insert, {          # a node already cached keeps its old last_access
+    "depth=node.depth + 1)": "depth=node.depth + 1, last_access=now)", "        child.last_access = now\n": ""})
 
 
 def insert_flat_depth(root, token_ids, blocks, block_size, allocator, now):   # forgets the depth
-    cached = insert(root, token_ids, blocks, block_size, allocator, now)
+    cached = SOLVED.insert(root, token_ids, blocks, block_size, allocator, now)
     stack = [root]
     while stack:
         for child in stack.pop().children.values():
@@ -158,68 +103,36 @@ def insert_flat_depth(root, token_ids, blocks, block_size, allocator, now):   # 
 
 
 def test_insert_check():
-    assert lesson05.check_insert(insert).status == "passed"
-    assert lesson05.check_insert(_stub).status == "not attempted"
-    _assert_caught(lesson05.check_insert(insert_no_share), "allocator.share")
-    _assert_caught(lesson05.check_insert(insert_replaces), "an existing node keeps its block")
-    _assert_caught(lesson05.check_insert(insert_partial), "only full blocks")
-    _assert_caught(lesson05.check_insert(insert_touch_new_only), "last_access = now")
-    _assert_caught(lesson05.check_insert(insert_flat_depth), "depth")
+    assert lesson05.check_insert(SOLVED.insert).status == "passed"
+    assert_not_attempted(lesson05.check_insert(stub))
+    assert_caught(lesson05.check_insert(insert_no_share), "allocator.share")
+    assert_caught(lesson05.check_insert(insert_replaces), "an existing node keeps its block")
+    assert_caught(lesson05.check_insert(insert_partial), "only full blocks")
+    assert_caught(lesson05.check_insert(insert_touch_new_only), "last_access = now")
+    assert_caught(lesson05.check_insert(insert_flat_depth), "depth")
 
 
 # ---------------------------------------------------------------- 3. evict
-def _unused_nodes(root, allocator, leaves_only=True):
-    out, stack = [], [root]
-    while stack:
-        for child in stack.pop().children.values():
-            stack.append(child)
-            if (not leaves_only or not child.children) and allocator.ref_counts[child.block_id] == 1:
-                out.append(child)
-    return out
-
-
-def _evict_by(root, allocator, num_blocks, candidates, pick):
-    """The eviction loop: take the node ``pick`` chooses among ``candidates()`` until enough blocks are free."""
-    freed = []
-    while len(freed) < num_blocks:
-        nodes = candidates()
-        if not nodes:
-            break
-        victim = pick(nodes)
-        del victim.parent.children[victim.token_ids]
-        allocator.free(victim.block_id)
-        freed.append(victim.block_id)
-    return freed
-
-
-def evict(root, allocator, num_blocks):   # LRU over unused leaves (a parent may become a leaf in turn)
-    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, allocator),
-                     lambda leaves: min(leaves, key=lambda n: n.last_access))
-
-
-def evict_ignores_refs(root, allocator, num_blocks):
-    class AllUnused:
-        ref_counts = [1] * allocator.num_blocks
-    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, AllUnused),
-                     lambda leaves: min(leaves, key=lambda n: n.last_access))
-
-
-def evict_inner_nodes(root, allocator, num_blocks):   # LRU over every unused node, leaves or not
-    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, allocator, leaves_only=False),
-                     lambda nodes: min(nodes, key=lambda n: (n.last_access, n.depth)))
+evict_ignores_refs = edited(SOLVED.evict, {"elif allocator.ref_counts[child.block_id] == 1:": "else:"})
+evict_inner_nodes = edited(SOLVED.evict, {            # LRU over every unused node, leaves or not
+    "if child.children:\n                    stack.append(child)\n                elif allocator":
+    "stack.append(child)\n                if allocator",
+    "min(leaves, key=lambda n: n.last_access)": "min(leaves, key=lambda n: (n.last_access, n.depth))"})
+evict_mru = edited(SOLVED.evict, {"victim = min(leaves": "victim = max(leaves"})
 
 
 def evict_one_pass(root, allocator, num_blocks):      # the leaves of the start only: parents never become leaves
-    leaves = sorted(_unused_nodes(root, allocator), key=lambda n: n.last_access)[:num_blocks]
+    leaves, stack = [], [root]
+    while stack:
+        for child in stack.pop().children.values():
+            stack.append(child)
+            if not child.children and allocator.ref_counts[child.block_id] == 1:
+                leaves.append(child)
+    leaves = sorted(leaves, key=lambda n: n.last_access)[:num_blocks]
     for victim in leaves:
         del victim.parent.children[victim.token_ids]
         allocator.free(victim.block_id)
     return [n.block_id for n in leaves]
-
-
-def evict_mru(root, allocator, num_blocks):
-    return _evict_by(root, allocator, num_blocks, lambda: _unused_nodes(root, allocator),
-                     lambda leaves: max(leaves, key=lambda n: n.last_access))
 
 
 def evict_no_free(root, allocator, num_blocks):
@@ -227,17 +140,17 @@ def evict_no_free(root, allocator, num_blocks):
         ref_counts = allocator.ref_counts
         def free(self, b):
             pass
-    return evict(root, NoFree(), num_blocks)
+    return SOLVED.evict(root, NoFree(), num_blocks)
 
 
 def test_evict_check():
-    assert lesson05.check_evict(evict).status == "passed"
-    assert lesson05.check_evict(_stub).status == "not attempted"
-    _assert_caught(lesson05.check_evict(evict_ignores_refs), "never evict a block a running request uses")
-    _assert_caught(lesson05.check_evict(evict_inner_nodes))
-    _assert_caught(lesson05.check_evict(evict_one_pass), "its parent may become a leaf")
-    _assert_caught(lesson05.check_evict(evict_mru), "LRU order")
-    _assert_caught(lesson05.check_evict(evict_no_free), "allocator.free")
+    assert lesson05.check_evict(SOLVED.evict).status == "passed"
+    assert_not_attempted(lesson05.check_evict(stub))
+    assert_caught(lesson05.check_evict(evict_ignores_refs), "never evict a block a running request uses")
+    assert_caught(lesson05.check_evict(evict_inner_nodes))
+    assert_caught(lesson05.check_evict(evict_one_pass), "its parent may become a leaf")
+    assert_caught(lesson05.check_evict(evict_mru), "LRU order")
+    assert_caught(lesson05.check_evict(evict_no_free), "allocator.free")
 
 
 # ---------------------------------------------------------------- 4. reusable tokens
@@ -247,6 +160,6 @@ def test_evict_check():
     (lambda n, cached, P: (n - 1) // P * P, None),
 ])
 def test_num_reusable_tokens_check(broken, hint):
-    assert lesson05.check_num_reusable_tokens(lambda n, cached, P: min(cached, (n - 1) // P * P)).status == "passed"
-    assert lesson05.check_num_reusable_tokens(_stub).status == "not attempted"
-    _assert_caught(lesson05.check_num_reusable_tokens(broken), hint)
+    assert lesson05.check_num_reusable_tokens(SOLVED.num_reusable_tokens).status == "passed"
+    assert_not_attempted(lesson05.check_num_reusable_tokens(stub))
+    assert_caught(lesson05.check_num_reusable_tokens(broken), hint)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from course_lib.grading import lesson08, lesson09
 from course_lib.parallel.schedule import bubble_formula, measured_bubble
 from course_lib.parallel.tensor import row_parallel_forward
+from conftest import assert_not_attempted, solution, stub
 
-
-def _stub(*args, **kwargs):
-    raise NotImplementedError("Exercise: write this function")
+TP = solution("08_tensor_parallelism")
+PP = solution("09_pipeline_parallelism")
 
 
 # ---------------------------------------------------------------- lesson 08: row-parallel forward
@@ -49,12 +49,6 @@ def _row_wrong_transpose(x, w, b, all_reduce):
 
 
 # ---------------------------------------------------------------- lesson 08: column + row MLP
-def _mlp_good(x, gate, up, down, all_reduce):
-    y = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-    all_reduce(y)
-    return y
-
-
 def _mlp_reduce_hidden_too(x, gate, up, down, all_reduce):
     g, u = F.linear(x, gate), F.linear(x, up)
     all_reduce(g)  # sums *different* hidden units of the ranks: wrong, and an extra all-reduce
@@ -76,7 +70,7 @@ def _mlp_silu_after_reduce(x, gate, up, down, all_reduce):
 
 
 def _mlp_extra_harmless_reduce(x, gate, up, down, all_reduce):
-    y = _mlp_good(x, gate, up, down, all_reduce)
+    y = TP.tp_mlp_forward(x, gate, up, down, all_reduce)
     z = torch.zeros_like(y)
     all_reduce(z)  # right answer, but two all-reduces
     return y + z
@@ -105,27 +99,24 @@ def _bubble_per_stage_span(events):
     return idle / total
 
 
-def _micro_good(p, b):
-    return max(1, math.ceil((p - 1) * (1 - b) / b - 1e-9))
-
-
-@pytest.mark.parametrize("check, good, broken", [
-    (lesson08.check_row_parallel_forward, row_parallel_forward,
+@pytest.mark.parametrize("check, goods, broken", [
+    (lesson08.check_row_parallel_forward, [TP.row_parallel_forward, row_parallel_forward],
      [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose]),
-    (lesson08.check_tp_mlp_forward, _mlp_good,
+    (lesson08.check_tp_mlp_forward, [TP.tp_mlp_forward],
      [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce]),
-    (lesson09.check_bubble_fraction, measured_bubble, [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span]),
-    (lesson09.check_microbatches_for_bubble, _micro_good, [
+    (lesson09.check_bubble_fraction, [PP.bubble_fraction, measured_bubble],
+     [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span]),
+    (lesson09.check_microbatches_for_bubble, [PP.microbatches_for_bubble], [
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9) + 1,             # off by one
         lambda p, b: math.ceil((p - 1) / b),                                  # forgot the m + p - 1
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9),                 # 0 micro-batches for p = 1
     ]),
 ])
-def test_checks_pass_good_stub_and_broken(check, good, broken):
-    result = check(good)
-    assert result.status == "passed", result.message
-    stub = check(_stub)
-    assert (stub.status, stub.points) == ("not attempted", 0)
+def test_checks_pass_good_stub_and_broken(check, goods, broken):
+    for good in goods:   # the solution notebook's answer (and the library's)
+        result = check(good)
+        assert result.status == "passed", result.message
+    assert_not_attempted(check(stub))
     for fn in broken:
         r = check(fn)
         assert (r.status, r.points) == ("failed", 0), fn.__name__

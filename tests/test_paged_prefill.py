@@ -245,13 +245,8 @@ def test_engine_with_kernels_equals_engine_without(monkeypatch):
 
 # ---------------------------------------------------------------- the benchmark script runs
 def test_benchmark_dry_run(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from benchmarks import paged_prefill as bench
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "paged_prefill.py"
-    spec = importlib.util.spec_from_file_location("bench_paged_prefill", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     result = bench.main(["--dry-run", "--out", str(tmp_path / "r.json")])
     assert (tmp_path / "r.json").exists() and result["rows"]
     assert all(row["max_abs_diff"] < 1e-3 for row in result["rows"])

@@ -161,14 +161,10 @@ def test_seeded_sampling_is_unchanged_by_the_cache(tiny, shared):
 
 # ---------------------------------------------------------------- the benchmark script runs (CPU smoke mode)
 def test_benchmark_script_quick(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prefix_caching.py"
-    spec = importlib.util.spec_from_file_location("bench_prefix_caching", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import prefix_caching as bench
+
     out = tmp_path / "r.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

@@ -39,7 +39,7 @@ def test_recorded_filters_gpu_and_cpu(results_dir):
 
 
 def test_not_recorded_names_the_command():
-    assert not_recorded("speculative", gpu=True) == "not recorded yet: run `python benchmarks/speculative.py` on a GPU"
+    assert not_recorded("speculative", gpu=True) == "not recorded yet: run `python -m benchmarks.speculative` on a GPU"
     assert not_recorded("engine").startswith("not recorded yet: run `python -m benchmarks.engine")
 
 

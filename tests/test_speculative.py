@@ -3,10 +3,8 @@ Markov-chain "models" whose exact probabilities are known), greedy speculative d
 target's greedy tokens on the shipped models, and both KV caches are rolled back correctly."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 from statistics import NormalDist
 
 import pytest
@@ -17,8 +15,6 @@ from course_lib.serving import speculative as spec
 from course_lib.model.corpus import load_text
 from course_lib.model.generate import generate
 from course_lib.model.kv_cache import KVCache
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- the chi-square test
@@ -235,9 +231,8 @@ def test_cache_rollback_keeps_exactly_the_accepted_tokens(pair, temperature):
 
 # ---------------------------------------------------------------- the benchmark script
 def test_benchmark_script_quick(tmp_path):
-    spec_ = importlib.util.spec_from_file_location("bench_speculative", ROOT / "benchmarks" / "speculative.py")
-    bench = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(bench)
+    from benchmarks import speculative as bench
+
     out = tmp_path / "s.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result

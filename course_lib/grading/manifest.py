@@ -19,8 +19,6 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nbformat
-
 PATH = Path(__file__).resolve().parent / "manifest.json"
 _KEY = re.compile(r"^\d\d_[a-z0-9_]+$|^[a-z][a-z0-9_]*$")
 
@@ -123,6 +121,8 @@ def declared_checks(module_file: Path) -> dict[str, tuple[str, float]]:
 
 def build(solutions: Path, module_root: Path) -> Manifest:
     """The manifest of every solution notebook in ``solutions`` (modules resolved under ``module_root``)."""
+    import nbformat  # only here: reading a manifest (load) needs nothing beyond the standard library
+
     notebooks = {}
     for path in sorted(Path(solutions).glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)

@@ -2,7 +2,7 @@
 
 Every answer of the review is either computed live with ``course_lib`` or read from ``benchmarks/results/*.json``.
 A result file that is not there is never replaced by a number typed in: ``not_recorded(name)`` says which
-command records it, e.g. ``not recorded yet: run `python benchmarks/speculative.py` on a GPU``.
+command records it, e.g. ``not recorded yet: run `python -m benchmarks.speculative` on a GPU``.
 """
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ class Benchmark:
 
 #: The recorded results the review reads, and the command that (re)records each one.
 BENCHMARKS = {
-    "roofline": Benchmark("roofline_*.json", "python benchmarks/roofline.py", "00"),
-    "paged_attention": Benchmark("paged_attention_*.json", "python benchmarks/paged_attention.py", "02"),
-    "flash_attention": Benchmark("flash_attention_*.json", "python benchmarks/flash_attention.py", "03"),
-    "batching": Benchmark("batching_*.json", "python benchmarks/engine_batching.py", "04"),
-    "prefix_caching": Benchmark("prefix_caching_*.json", "python benchmarks/prefix_caching.py", "05"),
-    "speculative": Benchmark("speculative_*.json", "python benchmarks/speculative.py", "06"),
-    "kv_quant": Benchmark("kv_quant_*.json", "python benchmarks/kv_quant.py", "07"),
-    "parallel": Benchmark("parallel_*.json", "python benchmarks/parallel.py", "08"),
+    "roofline": Benchmark("roofline_*.json", "python -m benchmarks.roofline", "00"),
+    "paged_attention": Benchmark("paged_attention_*.json", "python -m benchmarks.paged_attention", "02"),
+    "flash_attention": Benchmark("flash_attention_*.json", "python -m benchmarks.flash_attention", "03"),
+    "batching": Benchmark("batching_*.json", "python -m benchmarks.engine_batching", "04"),
+    "prefix_caching": Benchmark("prefix_caching_*.json", "python -m benchmarks.prefix_caching", "05"),
+    "speculative": Benchmark("speculative_*.json", "python -m benchmarks.speculative", "06"),
+    "kv_quant": Benchmark("kv_quant_*.json", "python -m benchmarks.kv_quant", "07"),
+    "parallel": Benchmark("parallel_*.json", "python -m benchmarks.parallel", "08"),
     "engine": Benchmark("engine_*.json", "python -m benchmarks.engine", "10"),   # the capstone's (--quick on a CPU)
 }
 
@@ -57,7 +57,7 @@ def latest(name: str, *, gpu: bool | None = None, results_dir: Path | None = Non
 
 
 def not_recorded(name: str, *, gpu: bool | None = None) -> str:
-    """What to say instead of a number: ``not recorded yet: run `python benchmarks/x.py` [on a GPU]``."""
+    """What to say instead of a number: ``not recorded yet: run `python -m benchmarks.x` [on a GPU]``."""
     where = " on a GPU" if gpu else " on a CPU" if gpu is False else ""
     return f"not recorded yet: run `{BENCHMARKS[name].command}`{where}"
 
