@@ -31,8 +31,9 @@ import time
 
 import torch
 
-from course_lib.serving.engine import _synchronize, check_call, check_request
+from course_lib.serving.engine import _synchronize
 from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
+from course_lib.serving.validation import check_call, check_request
 
 
 def kv_budget_batch_size(kv_budget_tokens: int, max_model_len: int) -> int:
@@ -119,7 +120,7 @@ class HFStaticBatchBaseline:
                 error = ValueError(f"request {i}: params: the HF baseline is greedy, n = 1, no stop tokens (it "
                                    f"ignores EOS), got temperature={p.temperature}, n={p.n}, "
                                    f"stop_token_ids={p.stop_token_ids}")
-            outputs.append(RequestOutput(i, ids, error=error))
+            outputs.append(RequestOutput(i, ids, error=error, finished=True))   # returned when done
             if error is None:
                 queue.append((arrivals[i], i, ids, p))
         queue.sort(key=lambda r: (r[0], r[1]))
