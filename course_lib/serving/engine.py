@@ -213,6 +213,8 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- one step
     def _step(self) -> list[RequestOutput]:
+        """Admit the requests that have arrived, schedule, copy swapped blocks, run the model once over every
+        scheduled token, sample, update the sequences; the outputs of the requests that gained tokens."""
         self.last_step = None
         if not self._requests:
             return []
@@ -224,7 +226,7 @@ class LLMEngine:
         clock = self.clock
         _synchronize(device)
         t0 = time.perf_counter()
-        out = scheduler.schedule()
+        out = scheduler.schedule()                    # which tokens of which sequences (course_lib.serving.scheduler)
         if not out.chunks:
             raise RuntimeError("the scheduler scheduled nothing although requests are unfinished (a bug)")
         for pool in self._pools:
