@@ -96,7 +96,8 @@ class EngineConfig:
         if self.num_cpu_blocks is not None:
             if self.preemption_mode == "swap":
                 _positive_int("num_cpu_blocks", self.num_cpu_blocks)     # swapping needs somewhere to swap to
-            elif not isinstance(self.num_cpu_blocks, int) or isinstance(self.num_cpu_blocks, bool) or self.num_cpu_blocks < 0:
+            elif isinstance(self.num_cpu_blocks, bool) or not isinstance(self.num_cpu_blocks, int) \
+                    or self.num_cpu_blocks < 0:
                 raise ValueError(f"num_cpu_blocks must be an int >= 0 or None, got {self.num_cpu_blocks!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
@@ -146,7 +147,8 @@ def make_engine_config(config: EngineConfig | None = None, **kwargs) -> EngineCo
         if name not in CONFIG_FIELDS:
             near = difflib.get_close_matches(name, CONFIG_FIELDS, n=1)
             raise TypeError(f"LLMEngine got an unexpected keyword argument {name!r}"
-                            + (f" (did you mean {near[0]!r}?)" if near else "") + f"; EngineConfig has {', '.join(CONFIG_FIELDS)}")
+                            + (f" (did you mean {near[0]!r}?)" if near else "")
+                            + f"; EngineConfig has {', '.join(CONFIG_FIELDS)}")
     if config is not None and not isinstance(config, EngineConfig):
         raise TypeError(f"config must be an EngineConfig, got {type(config).__name__}")
     return EngineConfig(**kwargs) if config is None else replace(config, **kwargs)

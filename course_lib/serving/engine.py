@@ -31,12 +31,9 @@ draft model, one pass of the target over every sequence's tokens + its drafts, v
 the next arrival instead of sleeping. ``generate`` replays ``arrival_times`` (default all 0) that way, on a clock
 that starts at 0. Latencies (TTFT, TPOT) are read on that clock.
 
-**Bad input** (``course_lib.serving.validation``). ``add_request`` raises a ``ValueError`` naming the request and
-the field: an empty prompt, a prompt that fills the model's context, a token id that is not an integer or lies
-outside the vocabulary (``prompt[3]``), invalid sampling parameters, more tokens than the whole KV cache holds.
-``generate`` puts that error on the request's output (``error``; no tokens) and serves the other requests: one bad
-request never sinks the batch. Misusing the call itself (prompts not a list, a params list of the wrong length,
-...) raises ``TypeError`` / ``ValueError`` before anything runs.
+**Bad input** (``course_lib.serving.validation`` lists the checks): ``add_request`` raises a ``ValueError`` naming
+the request and the field; ``generate`` puts it on that request's output (``error``) and serves the others: one
+bad request never sinks the batch. Misusing the call itself (prompts not a list, ...) raises before anything runs.
 
 **One caller at a time.** An engine owns one KV pool and one block manager: a call (``generate``, ``step``,
 ``add_request``, ``abort_request``) while another thread is inside one raises a ``RuntimeError`` instead of
@@ -232,7 +229,10 @@ class LLMEngine:
         for pool in self._pools:
             pool.swap_out(out.swap_out)
             pool.swap_in(out.swap_in)
-        next_tokens = self._spec.step(out.chunks) if self._spec else self._sample(out.chunks, self._runner.execute(out.chunks))
+        if self._spec:                                # speculative decoding: drafts, one verify pass (lesson 06)
+            next_tokens = self._spec.step(out.chunks)
+        else:
+            next_tokens = self._sample(out.chunks, self._runner.execute(out.chunks))
         for chunk in out.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = clock
@@ -246,7 +246,8 @@ class LLMEngine:
             num_waiting=len(scheduler.waiting), num_swapped=len(scheduler.swapped),
             blocks_used=scheduler.block_manager.num_used_blocks, preempted=out.preempted,
             swapped_out_blocks=len(out.swap_out), swapped_in_blocks=len(out.swap_in),
-            num_draft_tokens=out.num_lookahead_tokens, composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks])
+            num_draft_tokens=out.num_lookahead_tokens,
+            composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks])
         self.clock += duration
         outputs = []
         for request_id in progressed:
