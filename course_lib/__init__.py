@@ -10,9 +10,10 @@ climbs: ``tests/test_layering.py``):
     course_lib.analysis   lessons 00-01: roofline (what bounds a kernel), flops (what a step computes and reads)
     course_lib.paging     lesson 02: block_manager (allocator, block tables, copy-on-write), paged_cache, waste
     course_lib.quant      lesson 07: kv_quant (8-bit K/V caches), kv_quality (what it costs in accuracy)
-    course_lib.serving    lessons 04-06, 10: the engine in vLLM's vocabulary: engine (LLMEngine), scheduler,
-                          sequence, prefix_cache, prefix_hash, model_runner, kv_pool, speculative (lesson 06's
-                          algorithm), spec_decode (its worker in the engine), metrics, static_batching, hf_baseline
+    course_lib.serving    lessons 04-06, 10: the engine in vLLM's vocabulary: engine (LLMEngine: add_request / step /
+                          generate), config (EngineConfig), validation, scheduler, sequence, prefix_cache,
+                          prefix_hash, model_runner, kv_pool, speculative (lesson 06's algorithm), spec_decode (its
+                          worker in the engine), metrics, static_batching, hf_baseline
     course_lib.experiments  traces and what is run on them: workloads, prefix_workloads, capstone_workloads,
                           ablation (lesson 10's ladder), timeline (pictures of a run)
     course_lib.parallel   lessons 08-09: tensor and pipeline parallelism on torch.distributed

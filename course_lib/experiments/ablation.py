@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 
+from course_lib.serving.config import CONFIG_FIELDS
 from course_lib.serving.engine import LLMEngine
 from course_lib.serving.hf_baseline import HFStaticBatchBaseline, kv_budget_batch_size
 from course_lib.model.kv_cache import kv_cache_bytes
@@ -36,8 +37,9 @@ KEYS = ("num_requests", "num_errors", "num_output_tokens", "elapsed_s", "through
 
 
 def engine_supports(*kwargs: str) -> bool:
-    """Whether ``LLMEngine`` takes all these keyword arguments (read from its signature at run time)."""
-    params = inspect.signature(LLMEngine).parameters
+    """Whether ``LLMEngine`` takes all these keyword arguments (its signature and its ``EngineConfig``'s fields,
+    read at run time)."""
+    params = set(inspect.signature(LLMEngine).parameters) | set(CONFIG_FIELDS)
     return all(k in params for k in kwargs)
 
 

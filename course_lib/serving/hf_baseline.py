@@ -31,8 +31,9 @@ import time
 
 import torch
 
-from course_lib.serving.engine import _synchronize, check_call, check_request
+from course_lib.serving.engine import _synchronize
 from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
+from course_lib.serving.validation import check_call, check_request
 
 
 def kv_budget_batch_size(kv_budget_tokens: int, max_model_len: int) -> int:
@@ -119,7 +120,7 @@ class HFStaticBatchBaseline:
                 error = ValueError(f"request {i}: params: the HF baseline is greedy, n = 1, no stop tokens (it "
                                    f"ignores EOS), got temperature={p.temperature}, n={p.n}, "
                                    f"stop_token_ids={p.stop_token_ids}")
-            outputs.append(RequestOutput(i, ids, error=error))
+            outputs.append(RequestOutput(i, ids, error=error, finished=True))   # returned when done
             if error is None:
                 queue.append((arrivals[i], i, ids, p))
         queue.sort(key=lambda r: (r[0], r[1]))
@@ -133,25 +134,36 @@ class HFStaticBatchBaseline:
         return outputs
 
     @torch.no_grad()
-    def _run_batch(self, batch, clock: float, steps: list[StepRecord], outputs: list[RequestOutput]) -> float:
+    def _padded_generate(self, batch, max_new_tokens: int) -> tuple[list[list[int]], list[float], float, float]:
+        """One batch the way ``transformers`` serves it: the prompts left-padded to the longest, an attention mask
+        that hides the pads, one greedy ``generate`` call (EOS ignored) of ``max_new_tokens``. Returns each row's
+        new tokens [B, <= max_new_tokens], when each step's tokens came out, and when the call started and
+        returned (``time.perf_counter``)."""
         device = self.model.device
-        lens = [len(r[2]) for r in batch]
-        S = max(lens)
-        budgets = [min(p.max_tokens, self.max_model_len - n) for (_, _, _, p), n in zip(batch, lens)]
-        T = max(budgets)
-        pads = [S - n for n in lens]
+        S = max(len(r[2]) for r in batch)
+        pads = [S - len(r[2]) for r in batch]
         ids = torch.tensor([[self.pad_token_id] * pad + r[2] for pad, r in zip(pads, batch)], device=device)  # [B, S]
         mask = (torch.arange(S, device=device)[None, :] >= torch.tensor(pads, device=device)[:, None]).long()
         streamer = _StepTimes(device)
         _synchronize(device)
         t0 = time.perf_counter()
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=T,
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   do_sample=False, eos_token_id=None, pad_token_id=self.pad_token_id,
                                   streamer=streamer)
         _synchronize(device)
-        end = clock + time.perf_counter() - t0
-        new = out[:, S:].tolist()                                                   # [B, <= T]
-        times = [clock + t - t0 for t in streamer.times[1:]]                        # when each step's tokens came
+        return out[:, S:].tolist(), streamer.times, t0, time.perf_counter()
+
+    def _run_batch(self, batch, clock: float, steps: list[StepRecord], outputs: list[RequestOutput]) -> float:
+        """Run one static batch (``_padded_generate``) and account for it: its steps, each row's useful tokens
+        (cut at the row's own length) and times. Returns the clock when the batch returned."""
+        lens = [len(r[2]) for r in batch]
+        S = max(lens)
+        budgets = [min(p.max_tokens, self.max_model_len - n) for (_, _, _, p), n in zip(batch, lens)]
+        T = max(budgets)
+        pads = [S - n for n in lens]
+        new, step_times, t0, t1 = self._padded_generate(batch, T)                   # new: [B, <= T]
+        end = clock + t1 - t0
+        times = [clock + t - t0 for t in step_times[1:]]                            # when each step's tokens came
         reserved_blocks = -(-len(batch) * (S + T) // self.block_size)
         for k, t in enumerate(times):
             start = clock if k == 0 else times[k - 1]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from course_lib.serving.sequence import Sequence
     from course_lib.serving.speculative import SpeculativeStats
 
 
@@ -27,7 +28,7 @@ class CompletionOutput:
     index: int
     token_ids: list[int]
     text: str | None = None
-    finish_reason: str | None = None           # "stop" or "length"
+    finish_reason: str | None = None           # "stop", "length" or "abort" (LLMEngine.abort_request); None: running
     token_times: list[float] = field(default_factory=list, repr=False)   # when each token was produced (s)
 
 
@@ -57,7 +58,9 @@ class RequestMetrics:
 
 @dataclass
 class RequestOutput:
-    """The result of one request: its completions, or the ValueError that rejected it (the others still run)."""
+    """The result of one request: its completions, or the ValueError that rejected it (the others still run).
+    ``LLMEngine.step`` returns one for every request that gained tokens in the step: its tokens so far, and
+    ``finished`` once every completion has ended (then its ``text`` is decoded too)."""
 
     request_id: int
     prompt_token_ids: list[int]
@@ -65,6 +68,28 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: Exception | None = None
     num_cached_tokens: int = 0                 # prompt tokens served from the prefix cache (lesson 05)
+    finished: bool = False                     # nothing more will come (done, aborted or rejected)
+
+    @classmethod
+    def from_seqs(cls, request_id, seqs: list[Sequence], tokenizer=None) -> RequestOutput:
+        """The output of a request now (vLLM's ``from_seq_group``), from its n sequences: their tokens so far;
+        ``finished`` and the text too once every sequence has finished."""
+        finished = all(s.finish_reason for s in seqs)
+        decode = tokenizer.decode if finished and tokenizer is not None else None
+        times = [s.token_times for s in seqs if s.token_times]
+        metrics = RequestMetrics(
+            arrival_time=seqs[0].arrival_time,
+            first_scheduled_time=min((s.first_scheduled_time for s in seqs if s.first_scheduled_time is not None),
+                                     default=None),
+            first_token_time=min((t[0] for t in times), default=None),
+            finished_time=max((t[-1] for t in times), default=None) if finished else None,
+            num_output_tokens=sum(len(s.output_token_ids) for s in seqs),
+            num_preemptions=sum(s.num_preemptions for s in seqs))
+        completions = [CompletionOutput(s.sample_index, list(s.output_token_ids),
+                                        decode(s.output_token_ids) if decode else None, s.finish_reason,
+                                        list(s.token_times)) for s in seqs]
+        return cls(request_id, seqs[0].prompt_token_ids, completions, metrics,
+                   num_cached_tokens=seqs[0].num_cached_tokens, finished=finished)
 
     @property
     def ok(self) -> bool:

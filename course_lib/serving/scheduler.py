@@ -6,17 +6,18 @@ Every step (one forward pass of the model) the scheduler picks, under three limi
 * ``max_num_batched_tokens``  tokens in one step (the **token budget**: a decode costs 1, a prefill its prompt),
 * the free KV blocks of the ``BlockManager`` (lesson 02),
 
-from three queues, in this order (vLLM's policy, first come first served):
+from three queues, in this order (vLLM's policy, first come first served), one method each:
 
-1. **running**: every running sequence decodes one token (decodes go first), or prefills its next chunk of
-   prompt with what is left of the budget. When a
-   sequence needs a new block and none is free, the *most recently arrived* running sequence is **preempted**:
-   by **recompute** (its blocks are freed; it goes back to the waiting queue and its K/V is recomputed later,
-   as a prefill of prompt + generated tokens) or by **swap** (its blocks are copied to a pool of CPU blocks and
-   copied back later). A sequence with no room even after everyone else is preempted preempts itself.
-2. **swapped**: swapped-out sequences come back first (they are older than anything waiting), if no one was
-   preempted in this step and their blocks fit.
-3. **waiting**: new requests are admitted while all three limits allow, with blocks for their whole prompt.
+1. **running** (``_schedule_running``): every running sequence decodes one token (decodes go first), or
+   prefills its next chunk of prompt with what is left of the budget. When a sequence needs a new block and none
+   is free, the *most recently arrived* running sequence is **preempted**: by **recompute** (its blocks are
+   freed; it goes back to the waiting queue and its K/V is recomputed later, as a prefill of prompt + generated
+   tokens) or by **swap** (its blocks are copied to a pool of CPU blocks and copied back later). A sequence with
+   no room even after everyone else is preempted preempts itself.
+2. **swapped** (``_schedule_swapped``): swapped-out sequences come back first (they are older than anything
+   waiting), if no one was preempted in this step and their blocks fit.
+3. **waiting** (``_schedule_waiting``): new requests are admitted while all three limits allow, with blocks for
+   their whole prompt.
 
 **Chunked prefill** (split-fuse, Sarathi-Serve): with ``enable_chunked_prefill`` a prompt larger than what is
 left of the token budget is cut into chunks that share steps with the running decodes, so a long prompt never
@@ -88,15 +89,45 @@ class Scheduler:
         """Blocks that one sequence may need when it has the cache to itself (validation uses it)."""
         return self.block_manager.allocator.num_blocks - self.watermark_blocks
 
+    def abort(self, seq: Sequence) -> None:
+        """Take seq out of its queue and give back its blocks (on the device, or on the CPU when swapped)."""
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq.seq_id)
+        elif seq.status == SWAPPED:
+            self.swapped.remove(seq)
+            self.cpu_block_manager.free(seq.seq_id)
+        elif seq.status == WAITING:
+            self.waiting.remove(seq)          # a waiting sequence holds no blocks (preemption freed them)
+        seq.status = FINISHED
+
+    def free_all(self) -> None:
+        """Give back every block (blocks the prefix cache holds stay cached: their K/V were complete) and empty
+        every queue: what an engine does after a step failed midway."""
+        for bm in filter(None, (self.block_manager, self.cpu_block_manager)):
+            for seq_id in list(bm.block_tables):
+                bm.free(seq_id)
+        for queue in (self.waiting, self.running, self.swapped):
+            queue.clear()
+
     # ---------------------------------------------------------------- the step
     def schedule(self) -> SchedulerOutput:
+        """The plan of the next step: the running sequences first, then the swapped ones, then the waiting ones,
+        each phase spending what the phases before it left of the token budget."""
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
         limit = self.lookahead_disable_by_batch_size       # speculative decoding off for a step of a big batch
         self._lookahead_on = limit is None or len(self.running) < limit
-        # 1. running sequences: decodes first (one token each, so that no prompt chunk can stall them), then the
-        #    chunks of prompts being prefilled; oldest first in each group. A victim of preemption is the most
-        #    recently arrived of those not yet scheduled in this step.
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        budget = self._schedule_swapped(out, budget)
+        self._schedule_waiting(out, budget)
+        out.chunks.sort(key=lambda c: c.num_tokens > 1)   # one-token chunks (decodes) first: one batched kernel call
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """1. Running sequences: decodes first (one token each, so that no prompt chunk can stall them), then the
+        chunks of prompts being prefilled; oldest first in each group. A sequence that needs a block when none is
+        free preempts the most recently arrived of those not yet scheduled in this step (or itself, when it is the
+        newest). Returns the budget left."""
         queue = sorted(self.running, key=lambda s: (s.num_tokens - s.num_computed_tokens > 1, s.priority))
         kept = []
         while queue:
@@ -113,13 +144,14 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                ahead = self._lookahead(seq, n, budget)
-                self._reserve(seq, n + ahead)
-                out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
-                budget -= n + ahead
+                budget -= self._schedule_chunk(seq, n, budget, out)
                 kept.append(seq)
         self.running = kept
-        # 2. swapped sequences come back (not in a step that just preempted: that would thrash)
+        return budget
+
+    def _schedule_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        """2. Swapped sequences come back, oldest first, while their blocks fit (not in a step that just preempted
+        someone: that would thrash). Returns the budget left."""
         while self.swapped and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.swapped[0]
             n = self._num_new_tokens(seq, budget)
@@ -129,11 +161,13 @@ class Scheduler:
                 break
             self.swapped.pop(0)
             self._swap_in(seq, out)
-            ahead = self._lookahead(seq, n, budget)
-            self._reserve(seq, n + ahead)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
-            budget -= n + ahead
-        # 3. waiting sequences are admitted, first come first served (never past the first that does not fit)
+            budget -= self._schedule_chunk(seq, n, budget, out)
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        """3. Waiting sequences are admitted, first come first served, while all three limits allow: never past the
+        first that does not fit, and not while anyone is swapped out or was preempted in this step (they are older).
+        Returns the budget left."""
         while self.waiting and not self.swapped and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = self._num_new_tokens(seq, budget)
@@ -142,14 +176,17 @@ class Scheduler:
             self.waiting.pop(0)
             self.allocate(seq)
             n = self._num_new_tokens(seq, budget)   # fewer tokens to compute when a prefix came from the cache
-            ahead = self._lookahead(seq, n, budget)
-            self._reserve(seq, n + ahead)
             seq.status = RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
-            budget -= n + ahead
-        out.chunks.sort(key=lambda c: c.num_tokens > 1)   # one-token chunks (decodes) first: one batched kernel call
-        return out
+            budget -= self._schedule_chunk(seq, n, budget, out)
+        return budget
+
+    def _schedule_chunk(self, seq: Sequence, n: int, budget: int, out: SchedulerOutput) -> int:
+        """Schedule n tokens of seq (and its lookahead slots) in this step; returns the tokens of budget they take."""
+        ahead = self._lookahead(seq, n, budget)
+        self._reserve(seq, n + ahead)
+        out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
+        return n + ahead
 
     def update(self, out: SchedulerOutput, next_tokens: dict[int, int | list[int]], now: float) -> list[Sequence]:
         """After the forward pass: append the new tokens of the chunks that sample (``next_tokens[seq_id]``: one

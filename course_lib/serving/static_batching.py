@@ -21,9 +21,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from course_lib.serving.engine import _synchronize, check_call, check_request
+from course_lib.serving.engine import _synchronize
 from course_lib.model.kv_cache import KVCache
 from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
+from course_lib.serving.validation import check_call, check_request
 from course_lib.model.sampling import sample_token, token_generator
 from course_lib.device import DEVICE
 
@@ -79,7 +80,7 @@ class StaticBatchEngine:
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             prompt_ids, p, error = check_request(i, prompt, p, vocab_size=self.model.config.vocab_size,
                                                  max_model_len=self.max_model_len, tokenizer=self.tokenizer)
-            outputs.append(RequestOutput(i, prompt_ids, error=error))
+            outputs.append(RequestOutput(i, prompt_ids, error=error, finished=True))   # returned when done
             if error is None:
                 queue += [(arrivals[i], i, j, prompt_ids, p) for j in range(p.n)]   # one row per sample
         queue.sort(key=lambda r: (r[0], r[1], r[2]))
