@@ -291,7 +291,7 @@ def merge(records: list[dict]) -> dict:
     if not records:
         raise ValueError("nothing to merge")
     first = records[0]
-    config = lambda r: {k: v for k, v in r["config"].items() if k != "time_limit_s"}  # noqa: E731
+    config = lambda r: {k: v for k, v in r["config"].items() if k != "time_limit_s"}
     for r in records[1:]:
         for key in SAME_SETUP:
             if r.get(key) != first.get(key):

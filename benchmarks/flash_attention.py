@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
                     save()
                     print(f"{row['dtype']:>8} D={D:3d} causal={causal!s:5} N={N:5d} B={B:2d} H={H:2d}: " + "  ".join(
                         f"{impl} {row[f'{impl}_tflops']:6.1f}" for impl in impls) + " TFLOP/s", flush=True)
-                    del q, k, v, ours
+                    q = k = v = ours = None  # free this shape's memory (not del: closures above use the names)
 
     # Peak memory beyond the inputs: naive attention holds O(N²), flash attention O(N) (its output).
     dtype = cfg["dtypes"][0]
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"memory N={N:5d}: flash {row['flash_peak_bytes'] / 2**20:9.1f} MiB  naive "
               f"{row.get('naive_peak_bytes', float('nan')) / 2**20:9.1f} MiB  (one score matrix "
               f"{row['score_matrix_bytes'] / 2**20:.1f} MiB)", flush=True)
-        del q, k, v
+        q = k = v = None  # free this shape's memory (not del: closures above use the names)
     save()
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
     return result

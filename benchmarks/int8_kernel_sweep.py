@@ -202,7 +202,7 @@ def main(argv=None):
                 h = handles[-1]
                 info = dict(n_regs=h.n_regs, n_spills=h.n_spills)
             return dict(err=err, us=graph_time(call, 3, 20) * 1e6, **info)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # a configuration that does not compile or run: recorded, the sweep goes on
             return dict(failed=f"{type(exc).__name__}: {str(exc)[:300]}")
 
     if args.splits:
@@ -220,7 +220,7 @@ def main(argv=None):
         r.update(c, B=B, L=L, fp16_us=t16, ratio=r["us"] / t16 if "us" in r else None)
         stage1.append(r)
         print(json.dumps(r), flush=True)
-    del q, kc, vc, quantized, caches
+    q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     ok = sorted((r for r in stage1 if r.get("us")), key=lambda r: r["us"])
     keys = ("kernel", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "CONV_ASM", "K_INT8_DOT")
     top = [{k: r[k] for k in keys if k in r} for r in ok[:args.top]]
@@ -242,7 +242,7 @@ def main(argv=None):
             f"{r['kernel']}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')}/"
             f"{r.get('programs_per_sm', '')}={r['ratio']:.3f}" if r.get("ratio") else f"{r['kernel']}=FAIL"
             for r in rows[-len(top):]), flush=True)
-        del q, kc, vc, quantized, caches
+        q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     result = dict(note=__doc__, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), device=name,
                   torch=torch.__version__, triton=triton.__version__, shapes=dict(Hq=Hq, Hkv=Hkv, D=D, P=P),
                   timing="CUDA-graph replay, L2 flushed, median of 20", stage1=stage1, top=top, rows=rows,
@@ -280,7 +280,7 @@ def split_sweep(args, name, t0):
         t16 = graph_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False), 3, 20) * 1e6
         line = []
         for splits in (None, 1, 2, 3, 4, 5, 6, 8, 12, 16):
-            call = lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L, validate=False, num_splits=splits)  # noqa: E731
+            call = lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L, validate=False, num_splits=splits)
             err = (call().float() - want).abs().max().item()
             us = graph_time(call, 3, 20) * 1e6
             chosen = pa8.plan_splits(q, tables, lens, P, Hkv, splits, L, pa8.CONFIG["BLOCK_N"],
@@ -288,7 +288,7 @@ def split_sweep(args, name, t0):
             rows.append(dict(B=B, L=L, splits=splits or "auto", actual_splits=chosen, us=us, fp16_us=t16, ratio=us / t16, err=err))
             line.append(f"{splits or 'auto'}:{chosen}={us / t16:.3f}")
         print(f"B={B} L={L} fp16 {t16:.1f} us ({2 * B * L * Hkv * D * 2 / t16 / 1e6:.2f} TB/s): " + " ".join(line), flush=True)
-        del q, kc, vc, quantized, caches
+        q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     resources = compiled_resources(pa8._paged_attention_int8_kernel)
     print("compiled:", json.dumps(resources), flush=True)
     result = dict(note="Split-count sweep of kernels/paged_attention_int8.py (shipped CONFIG) + its registers per thread",

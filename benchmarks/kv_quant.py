@@ -102,13 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in cfg["tune"]:
         pa8.CONFIG.clear()
         pa8.CONFIG.update({**default, **variant})
-        call = lambda: kernels.paged_attention_int8_decode(q, *quantized["int8"], tables, lens, max_context_len=L, validate=False)  # noqa: E731
+        call = lambda: kernels.paged_attention_int8_decode(q, *quantized["int8"], tables, lens, max_context_len=L, validate=False)
         try:
             err = (call().float() - want).abs().max().item()
             ok = err <= TOL[dtype] * (1 + want.abs().max().item())
             t = best_time(call, warmup, reps)[0] if ok else None
             why = None if ok else f"wrong result: max abs error {err:.3g}"
-        except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory, a PTX the compiler rejects)
+        except Exception as exc:  # e.g. out of shared memory, a PTX the compiler rejects
             t, why = None, f"{type(exc).__name__}: {str(exc)[:200]}"
         tuning.append(dict(B=B, context=L, **pa8.CONFIG, seconds=t, failed=why))
         print(f"tune B={B} L={L} {pa8.CONFIG}: " + (f"{t * 1e6:.1f} us" if t else f"skipped ({why})"), flush=True)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     pa8.CONFIG.clear()
     pa8.CONFIG.update({k: best[k] for k in default})
     print(f"using {pa8.CONFIG} (default was {default})", flush=True)
-    del q, kc, vc, quantized
+    q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     # 2. Correctness at real shapes (with the configuration chosen above): the 8-bit kernels vs the reference on the same codes, and the quantization
     #    error itself (INT8 attention vs FP16 attention on the original K/V).
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                 assert err <= tol, f"{kv} paged attention is wrong at B={B}, L={L}, splits={splits}: {err}"
             print(f"correct: {kv} B={B:3d} L={L:5d} (auto, unsplit, 8 splits); vs FP16 attention: relative error "
                   f"{correctness[-1]['vs_fp16']['relative']:.2e}", flush=True)
-        del q, kc, vc, quantized
+        q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     # 3. Memory, measured from the tensors of one point: bytes per token (all K/V of this layer, scales included).
     B, L = cfg["sweep"][0]
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         memory[kv] = sum(t.numel() * t.element_size() for t in caches) / tokens
     memory = dict(bytes_per_token_per_layer=memory, ratio_int8_to_fp16=memory["int8"] / memory["float16"])
     print(f"bytes per token and layer: {memory['bytes_per_token_per_layer']}", flush=True)
-    del q, kc, vc, quantized
+    q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     # 4. The sweep: FP16 vs INT8 (vs FP8) on the same K/V.
     points = []
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"B={B:3d} L={L:5d}: fp16 {t16 * 1e6:8.1f} us ({fp16_bytes / t16 / 1e12:.2f} TB/s)  " + "  ".join(
             f"{kv} {point[kv + '_seconds'] * 1e6:8.1f} us ({point[kv + '_bytes_per_s'] / 1e12:.2f} TB/s, "
             f"{point[kv + '_ratio_to_fp16']:.2f}x)" for kv in quantized) + f" [{mode}]", flush=True)
-        del q, kc, vc, quantized
+        q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     long = [p for p in points if p["context"] >= 8192] or points
     worst = max(p["int8_ratio_to_fp16"] for p in long)

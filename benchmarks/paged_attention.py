@@ -83,7 +83,7 @@ def graph_time(fn, warmup, reps):
         with torch.cuda.graph(graph):
             fn()
         return time_fn(graph.replay, warmup=warmup, reps=reps, flush=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"(CUDA graph capture failed: {type(err).__name__}: {str(err)[:200]}; eager timing only)", flush=True)
         torch.cuda.synchronize()
         return None
@@ -107,7 +107,7 @@ def time_sdpa(q4, k, v, warmup, reps):
                 return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
         try:
             call()
-        except Exception:  # noqa: BLE001  (this backend does not support the shape / GQA / dtype)
+        except Exception:  # this backend does not support the shape / GQA / dtype
             continue
         results[name], eager[name], _ = best_time(call, warmup, reps)
         calls[name] = call
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
                         try:
                             t = best_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
                                           2, 10)[0]
-                        except Exception as err:  # noqa: BLE001  (e.g. out of shared memory)
+                        except Exception as err:  # e.g. out of shared memory
                             t = None
                             print(f"config {pa.CONFIG} failed: {type(err).__name__}", flush=True)
                         tuning.append(dict(B=B, context=L, **pa.CONFIG, seconds=t,

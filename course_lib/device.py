@@ -6,9 +6,9 @@ Set ``COURSE_FORCE_CPU=1`` to use the CPU and the interpreter even on a GPU mach
 """
 from __future__ import annotations
 
-from kernels.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes  # noqa: F401  (first: OpenMP, the interpreter)
+from kernels.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes  # noqa: F401  (re-exported; first: sets OpenMP, TRITON_INTERPRET)
 
-import torch  # noqa: E402
+import torch
 
 
 def default_dtype() -> torch.dtype:

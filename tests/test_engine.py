@@ -17,7 +17,7 @@ from course_lib import ModelConfig, Llama
 from course_lib.device import DEVICE
 from course_lib.serving.engine import LLMEngine
 from course_lib.model.generate import greedy_generate
-from course_lib.serving.model_runner import paged_decode_attention_torch
+from course_lib.serving.kv_pool import paged_decode_attention_torch
 from course_lib.model.sampling import SamplingParams, filter_logits
 from course_lib.serving.static_batching import StaticBatchEngine, padded_attention
 from course_lib.model.attention import attention
@@ -275,7 +275,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = lambda x: torch.isfinite(x).tolist()  # noqa: E731
+    kept = lambda x: torch.isfinite(x).tolist()
     assert kept(filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
     assert kept(filter_logits(logits, 1.0, top_p=0.5)) == [True, False, False, False]
     assert kept(filter_logits(logits, 1.0, top_p=0.8)) == [True, True, False, False]

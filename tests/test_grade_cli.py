@@ -146,7 +146,7 @@ for _ in range(200):
     print("x" * 100_000)            # 20 MB of output: read and dropped, never stored
 '''), limits / "toy_forks_and_floods.ipynb")
     slow = _with_cell(SOLUTION, "time.sleep(3)", 4)
-    for i in range(3):
+    for _ in range(3):
         slow.cells.insert(5, nbformat.v4.new_code_cell("import time\ntime.sleep(2)"))
     (limits / "deadline").mkdir()
     nbformat.write(slow, limits / "deadline" / "toy_slow.ipynb")

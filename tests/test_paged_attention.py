@@ -108,13 +108,13 @@ def test_split_k_is_chosen_for_few_long_sequences():
 def test_wave_filling_splits_match_the_h200_sweep():
     # 4 resident programs per SM x 132 SMs = 528 slots; the best split counts measured for the INT8 kernel on an
     # H200 (int8_split_sweep_nvidia-h200_2026-11-28.json): B=32 8k -> 2, B=64 -> 1, B=16 -> 4, B=8 16k -> 8
-    waves = lambda B, L: choose_num_splits_in_waves(B, 8, L, num_sms=132, resident_per_sm=4)  # noqa: E731
+    waves = lambda B, L: choose_num_splits_in_waves(B, 8, L, num_sms=132, resident_per_sm=4)
     assert [waves(32, 8192), waves(64, 8192), waves(16, 8192), waves(8, 16384), waves(128, 8192)] == [2, 1, 4, 8, 1]
     assert waves(1, MIN_TOKENS_PER_SPLIT) == 1                        # too short to split
     assert waves(1, 4 * MIN_TOKENS_PER_SPLIT) == 4                    # splits stay >= 256 tokens: as many as allowed
     for B in range(1, 66):                                            # whenever some split count fills the waves,
         s = waves(B, 32768)                                           # the chosen one does, and no smaller one
-        fill = lambda k: B * 8 * k / (-(-B * 8 * k // 528) * 528)     # noqa: E731
+        fill = lambda k: B * 8 * k / (-(-B * 8 * k // 528) * 528)
         assert fill(s) >= WAVE_FILL or B * 8 >= 528, (B, s)
         assert all(fill(k) < WAVE_FILL for k in range(1, s)), (B, s)
 

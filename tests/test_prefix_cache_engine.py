@@ -5,7 +5,6 @@ computes its last token), swapped-in blocks are merged with the cached ones, and
 from __future__ import annotations
 
 import pytest
-import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib.serving.engine import LLMEngine

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import course_lib  # noqa: F401  (device first)
+import course_lib  # first: resolves the device before anything imports triton
 from course_lib import ModelConfig, corpus
 from course_lib.model.checkpoint import CHECKPOINTS, save_pretrained
 from course_lib.model.llama import Llama

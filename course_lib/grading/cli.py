@@ -133,12 +133,12 @@ def _grade_check(run: NotebookRun, check: Check, function, label: str) -> Row:
     for expression in check.args:
         try:
             args.append(run.session.eval(expression))
-        except Exception as err:  # noqa: BLE001 (the name is missing: say why, from the cells' outcomes)
+        except Exception as err:  # the name is missing: say why, from the cells' outcomes
             return row(*run.why_undefined(expression, check.check.partition(":")[2], err))
     try:
         with quiet():
             result = function(*args)
-    except Exception as err:  # noqa: BLE001 (a check must never take the grader down)
+    except Exception as err:  # a check must never take the grader down
         result = None
         message = f"the check could not run: {type(err).__name__}: {err}"
     finally:
@@ -176,7 +176,7 @@ def score_table(grades: list[NotebookGrade], changed: list[str] | None = None) -
             rows.append((r.notebook, r.name, r.status, f"{_fmt(r.points)}/{_fmt(r.max_points)}", note[:70]))
         rows.append((g.notebook, "total", "", f"{_fmt(g.points)}/{_fmt(g.max_points)}", ""))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     s = summary(grades, changed)
     out.append(f"\nscore: {s['points']:g}/{s['max_points']:g} points ({s['percent']:.0f}%)")

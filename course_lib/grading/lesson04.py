@@ -105,7 +105,7 @@ def check_preempt(student_fn) -> CheckResult:
     scenes = [("recompute", 8), ("swap", 64), ("swap", 1)] + [(rng.choice(["recompute", "swap"]), rng.choice([1, 64]))
                                                                for _ in range(12)]
     with Checker("preempt", points=3) as c:
-        for k, (mode, cpu_blocks) in enumerate(scenes):
+        for mode, cpu_blocks in scenes:
             bm, cpu, running, waiting, swapped = _scene(rng, mode, cpu_blocks)
             want = max(running, key=lambda s: s.priority)
             table, held = bm.block_table(want.seq_id), bm.num_tokens[want.seq_id]

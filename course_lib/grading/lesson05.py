@@ -102,7 +102,7 @@ def check_match(student_fn) -> CheckResult:
     with Checker("match", points=2) as c:
         for requests, P, queries in _match_cases(random.Random(0)):
             ref, mine = _grown_cache(requests, P), _grown_cache(requests, P)   # two identical trees
-            for step, (tokens, why) in enumerate(queries):
+            for tokens, why in queries:
                 now = ref.clock + 1
                 want = ref.match(tokens)
                 case = f"tree {_describe(mine)} (block_size={P}), token_ids={tokens}: {why}"

@@ -80,7 +80,7 @@ class NotebookRun:
         self.kernel = Kernel(self.cwd, env, self.workdir)
         try:
             self.kernel.start()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self.stopped = f"the kernel did not start ({type(err).__name__}: {err})"
 
     def _run_cells(self) -> bool:

@@ -309,7 +309,7 @@ class _TrackedStorage:
 
 
 class _KernelPickler(wire.WirePickler):
-    def __init__(self, file, server: "KernelServer", tracked_ids: dict, storage_index: dict):
+    def __init__(self, file, server: KernelServer, tracked_ids: dict, storage_index: dict):
         super().__init__(file)
         self._server, self._tracked, self._storage_index = server, tracked_ids, storage_index
 
@@ -354,7 +354,7 @@ class KernelServer:
         result = error = None
         try:
             result = self._run(request["fn"], request["args"], request["kwargs"])
-        except BaseException as exc:  # noqa: BLE001 (reported to the grader, which decides)
+        except BaseException as exc:  # reported to the grader, which decides
             error = _error_info(exc)
         tracked_ids = {id(obj): i for i, obj in enumerate(tracked)}
         storage_index = {(str(s.device), s.data_ptr(), s.nbytes()): j for j, s in enumerate(storages)}
@@ -364,7 +364,7 @@ class KernelServer:
         buf = io.BytesIO()
         try:
             _KernelPickler(buf, self, tracked_ids, storage_index).dump(reply)
-        except Exception as exc:  # noqa: BLE001 (a result that cannot travel: say so instead)
+        except Exception as exc:  # a result that cannot travel: say so instead
             buf = io.BytesIO()
             reply.update(result=None, error=_error_info(TypeError(f"your result could not be sent to the grader: {exc}")))
             _KernelPickler(buf, self, tracked_ids, storage_index).dump(reply)
@@ -376,7 +376,7 @@ class KernelServer:
     def _run(self, fn, args, kwargs):
         if isinstance(fn, tuple) and fn[0] == "op":
             if fn[1] == "eval":
-                return eval(args[0], self.namespace)  # noqa: S307 (the grader's own expression, from its manifest)
+                return eval(args[0], self.namespace)  # the grader's own expression, from its manifest
             return _OPS[fn[1]](*args, **kwargs)
         if isinstance(fn, tuple) and fn[0] == "lib":
             return _library_function(fn[1])(*args, **kwargs)

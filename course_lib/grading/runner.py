@@ -124,7 +124,7 @@ class Kernel:
             if pending is not None:
                 self._reply(pending, wait)
             return True
-        except Exception:  # noqa: BLE001 (a kernel that does not answer is killed by the caller)
+        except Exception:  # a kernel that does not answer is killed by the caller
             return False
 
     def kill(self) -> None:
@@ -140,7 +140,7 @@ class Kernel:
         if self.km is not None:
             try:
                 self.km.shutdown_kernel(now=True)
-            except Exception:  # noqa: BLE001 (already dead: only its files are left to clean)
+            except Exception:  # already dead: only its files are left to clean
                 pass
             self.km.cleanup_resources()
         self.km = self.kc = None

@@ -97,7 +97,7 @@ class ModelConfig:
 
     # --- Hugging Face config.json -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         """From a Hugging Face config dict: LlamaConfig (Llama-2, Llama-3.x), Qwen2Config (Qwen2/2.5),
         Qwen3Config, MistralConfig.
 
@@ -143,7 +143,7 @@ class ModelConfig:
         return config
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         """From a Hugging Face config.json; a ValueError names the file and the field."""
         path = Path(path)
         try:

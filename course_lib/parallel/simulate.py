@@ -59,7 +59,7 @@ def run_ranks(fn, args_per_rank: list[tuple], *, timeout_s: float = 20) -> tuple
             results[rank] = fn(*args_per_rank[rank], all_reduce=group.all_reduce_for(rank))
         except threading.BrokenBarrierError as err:
             errors[rank] = err
-        except BaseException as err:  # noqa: BLE001 (handed to the caller)
+        except BaseException as err:  # handed to the caller
             errors[rank] = err
             group.abort()
 

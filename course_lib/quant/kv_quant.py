@@ -26,7 +26,7 @@ from course_lib.model.config import ModelConfig
 from course_lib.device import DEVICE
 from course_lib.model.kv_cache import KVCache
 from course_lib.paging.paged_cache import PagedKVCache
-from kernels.quant import (GRANULARITIES, KV_DTYPES, Quantized, dequantize, fake_quantize,  # noqa: F401 (re-exported)
+from kernels.quant import (GRANULARITIES, KV_DTYPES, Quantized, dequantize, fake_quantize,  # noqa: F401  (re-exported)
                            quantize, round_half_away)
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:

@@ -188,7 +188,6 @@ class QuantizedKVPool(KVPool):
                                                        max_context_len=max_context_len, validate=False)
         # CPU: dequantize only the blocks of this batch, then the batched torch decode over them
         B, width = block_tables.shape
-        P, Hkv, D = self.block_size, self.num_kv_heads, self.head_dim
         idx = block_tables.long().flatten()                                                   # [B * width]
         k, v = (codes[layer][idx].float() * scales[layer][idx].float()[..., None]                 # [B*width, P, Hkv, D]
                 for codes, scales in ((self.k_caches, self.k_scales), (self.v_caches, self.v_scales)))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from course_lib.paging.block_manager import BlockManager
-from course_lib.serving.kv_pool import KVPool, paged_decode_attention_torch  # noqa: F401  (the engine's pools live there)
+from course_lib.serving.kv_pool import KVPool
 from course_lib.serving.sequence import ScheduledChunk
 
 

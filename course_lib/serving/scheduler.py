@@ -40,7 +40,7 @@ from collections import Counter
 
 from course_lib.paging.block_manager import BlockManager
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
-from course_lib.serving.sequence import (FINISHED, RUNNING, SWAPPED, WAITING, ScheduledChunk, SchedulerOutput,  # noqa: F401
+from course_lib.serving.sequence import (FINISHED, RUNNING, SWAPPED, WAITING, ScheduledChunk, SchedulerOutput,
                                  Sequence)
 
 PREEMPTION_MODES = ("recompute", "swap")

@@ -16,8 +16,8 @@ Shapes use the legend of ``course_lib/__init__.py``; γ (``gamma``) is the numbe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
