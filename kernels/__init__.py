@@ -13,5 +13,5 @@ from kernels.store_kv_int8 import store_kv_int8
 from kernels.paged_attention_int8 import paged_attention_int8_decode
 from kernels.paged_prefill import paged_prefill_attention
 
-__all__ = ["add", "store_kv", "paged_attention_decode", "flash_attention", "store_kv_int8", "paged_attention_int8_decode",
-           "paged_prefill_attention"]
+__all__ = ["add", "store_kv", "paged_attention_decode", "flash_attention", "store_kv_int8",
+           "paged_attention_int8_decode", "paged_prefill_attention"]

@@ -106,7 +106,7 @@ def test_paged_attention_kernel_check():
     assert_not_attempted(lesson02.check_paged_attention_kernel(STUBS._paged_attention_kernel))
     wrong_gqa = edited(kernel, {"kv_head = head // QUERIES_PER_KV": "kv_head = head % NUM_KV_HEADS"})
     assert_caught(lesson02.check_paged_attention_kernel(wrong_gqa), "kv_head = head // QUERIES_PER_KV")
-    truncate = edited(kernel, {"tl.cdiv(context_len, BLOCK_SIZE)": "context_len // BLOCK_SIZE"})   # drops the last block
+    truncate = edited(kernel, {"tl.cdiv(context_len, BLOCK_SIZE)": "context_len // BLOCK_SIZE"})  # drops the last block
     assert_caught(lesson02.check_paged_attention_kernel(truncate), "the last, partly filled block")
     assert_caught(lesson02.check_paged_attention_kernel(lambda *a: None), "@triton.jit")
 

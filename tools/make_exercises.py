@@ -37,10 +37,12 @@ def strip_solutions(source: str, where: str = "<cell>") -> str:
     for number, line in enumerate(source.splitlines(), start=1):
         if m := BEGIN.match(line):
             if begin_line is not None:
-                raise MarkerError(f"{where}, line {number}: '# BEGIN SOLUTION' inside the region opened at line {begin_line}")
+                raise MarkerError(f"{where}, line {number}: '# BEGIN SOLUTION' inside the region opened at line "
+                                  f"{begin_line}")
             begin_line = number
             message = re.sub(r"^Exercise:\s*", "", m["message"]) or DEFAULT_MESSAGE
-            out.append(f"{m['indent']}raise NotImplementedError({json.dumps('Exercise: ' + message, ensure_ascii=False)})")
+            stub = json.dumps("Exercise: " + message, ensure_ascii=False)
+            out.append(f"{m['indent']}raise NotImplementedError({stub})")
         elif END.match(line):
             if begin_line is None:
                 raise MarkerError(f"{where}, line {number}: '# END SOLUTION' without a '# BEGIN SOLUTION' before it")

@@ -18,7 +18,8 @@ def main(argv: list[str]) -> int:
     text = manifest.dump(manifest.build(ROOT / "solutions", ROOT))
     if "--check" in argv:
         stale = manifest.PATH.read_text(encoding="utf-8") != text
-        print(f"{manifest.PATH.relative_to(ROOT)} is {'stale: run python tools/make_manifest.py' if stale else 'up to date'}")
+        state = "stale: run python tools/make_manifest.py" if stale else "up to date"
+        print(f"{manifest.PATH.relative_to(ROOT)} is {state}")
         return int(stale)
     manifest.PATH.write_text(text, encoding="utf-8")
     print(f"wrote {manifest.PATH.relative_to(ROOT)}")

@@ -1,4 +1,5 @@
-"""Grade exercise notebooks: ``python -m course_lib.grade [PATH ...] [--json] [--timeout S] [--deadline S]`` (this module; ``course_lib/grade.py`` starts it).
+"""Grade exercise notebooks: ``python -m course_lib.grade [PATH ...] [--json] [--timeout S] [--deadline S]`` (this
+module; ``course_lib/grade.py`` starts it).
 
 PATH is a notebook or a folder of notebooks (default: ``exercises/``). For each notebook the grader
 
@@ -183,7 +184,8 @@ def score_table(grades: list[NotebookGrade], changed: list[str] | None = None) -
     if s["gpu_points"]:
         rest = s["max_points"] - s["gpu_points"]
         out.append(f"{s['gpu_points']:g} point(s) need a GPU; without them: {s['points']:g}/{rest:g} "
-                   f"({100 * s['points'] / rest if rest else 0:.0f}%). Run those checks on a GPU machine for their points.")
+                   f"({100 * s['points'] / rest if rest else 0:.0f}%). "
+                   "Run those checks on a GPU machine for their points.")
     if changed:
         out.append(f"\nUNVERIFIED: the course's code differs from the committed version ({', '.join(changed[:5])}"
                    f"{' ...' if len(changed) > 5 else ''}); restore it with `git checkout -- course_lib kernels` "
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time limit per notebook, cells and checks together (default 1200)")
     parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH, help=argparse.SUPPRESS)  # the tests' toy lesson
     parser.add_argument("--require-full", action="store_true", help="exit 1 unless every check passed (or needs a GPU)")
-    parser.add_argument("--expect-none-attempted", action="store_true", help="exit 1 unless every check is a stub (or needs a GPU)")
+    parser.add_argument("--expect-none-attempted", action="store_true",
+                        help="exit 1 unless every check is a stub (or needs a GPU)")
     args = parser.parse_args(argv)
     if not args.paths:  # exercises/ of the current folder, else of the course this module belongs to
         args.paths = [next((str(p) for p in (Path("exercises"), _REPO_EXERCISES) if p.is_dir()), "exercises")]
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     functions = import_checks(manifest)
     changed = changed_files()
     if changed is None and not args.json:
-        print("note: not a git checkout, so the grader cannot verify that the course's code is unchanged", file=sys.stderr)
+        print("note: not a git checkout, so the grader cannot verify that the course's code is unchanged",
+              file=sys.stderr)
     grades = []
     for nb in notebooks:
         if not args.json:

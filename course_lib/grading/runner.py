@@ -58,8 +58,9 @@ class Kernel:
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
         ksm = KernelSpecManager(kernel_dirs=[str(self.workdir / "kernels")], ensure_native_kernel=False)
         for attempt in range(2):  # two kernels started at once can race for the same ports: try once more
+            connection_file = self.workdir / f"kernel-{os.getpid()}-{time.monotonic_ns()}.json"
             self.km = KernelManager(kernel_name="python3", kernel_spec_manager=ksm,
-                                    connection_file=str(self.workdir / f"kernel-{os.getpid()}-{time.monotonic_ns()}.json"))
+                                    connection_file=str(connection_file))
             self.km.start_kernel(cwd=str(self.cwd), env=self.env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.kc = self.km.client()

@@ -5,8 +5,9 @@
 Two ways to get the processes:
 
 * **started here** (a notebook, a test, ``python -m course_lib.parallel``): ``world_size`` fresh Python
-  processes on this machine (forkserver, else spawn), rendezvous on a free localhost port. ``fn`` must be importable by name (a
-  function of ``course_lib``, not one defined in a notebook: spawned processes cannot see a notebook's code).
+  processes on this machine (forkserver, else spawn), rendezvous on a free localhost port. ``fn`` must be
+  importable by name (a function of ``course_lib``, not one defined in a notebook: spawned processes cannot see a
+  notebook's code).
 * **under torchrun** (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by it, on one node or several):
   this process *is* one rank; ``fn`` runs here and the results of every rank are gathered to every rank.
 

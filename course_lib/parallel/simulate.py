@@ -76,5 +76,6 @@ def run_ranks(fn, args_per_rank: list[tuple], *, timeout_s: float = 20) -> tuple
     if real:
         raise real[0]
     if any(errors):
-        raise RuntimeError("the ranks called all_reduce a different number of times, so some waited forever for the others")
+        raise RuntimeError("the ranks called all_reduce a different number of times, so some waited forever for the "
+                           "others")
     return results, group
