@@ -124,7 +124,8 @@ def bench(fn, dry_run: bool) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, one timing rep: checks the script (CPU ok)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes, one timing rep: checks the script (CPU ok)")
     parser.add_argument("--tune", action="store_true", help="also time the kernel with every config of TUNE_CONFIGS")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of q and the cache on a GPU (default bfloat16; the dry run on CPU uses float32)")

@@ -58,8 +58,8 @@ def serve(engine, prompts, params, arrivals=None) -> tuple[dict, list]:
 
 
 def shared_prompt(engines: dict, cfg: dict, tokenizer, warm_up: bool) -> dict:
-    prompts = shared_prompt_requests(cfg["num_requests"], system_len=cfg["system_len"], question_len=cfg["question_len"],
-                                     tokenizer=tokenizer, seed=0)
+    prompts = shared_prompt_requests(cfg["num_requests"], system_len=cfg["system_len"],
+                                     question_len=cfg["question_len"], tokenizer=tokenizer, seed=0)
     params = SamplingParams(max_tokens=cfg["max_tokens"])
     result, tokens = {"offline": {}, "poisson": {}}, {}
     for label, engine in engines.items():
