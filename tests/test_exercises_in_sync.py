@@ -91,7 +91,8 @@ def test_unbalanced_markers_name_file_cell_and_line(source, line, problem):
 
 def test_unbalanced_markers_fail_the_cli(tmp_path):
     (tmp_path / "solutions").mkdir()
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("# BEGIN SOLUTION\ny = 2")])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("# BEGIN SOLUTION\ny = 2")])
     nbformat.write(nb, tmp_path / "solutions" / "05_bad.ipynb")
     proc = run_check("--solutions", str(tmp_path / "solutions"), "--exercises", str(tmp_path / "exercises"))
     assert proc.returncode == 2

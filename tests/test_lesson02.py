@@ -62,7 +62,8 @@ def test_slot_mapping_check():
 FULL = "if num_tokens == len(block_table) * block_size:"
 append_slot_off_by_one = edited(SOLVED.append_slot, {          # grows one token late
     FULL: "if num_tokens > len(block_table) * block_size or not block_table:",
-    "return block_table[num_tokens // block_size]": "return block_table[min(num_tokens // block_size, len(block_table) - 1)]"})
+    "return block_table[num_tokens // block_size]":
+    "return block_table[min(num_tokens // block_size, len(block_table) - 1)]"})
 append_slot_always = edited(SOLVED.append_slot, {FULL: "if True:"})
 
 

@@ -132,14 +132,17 @@ def test_splits_agree_with_each_other_on_a_long_context():
     (lambda a: {**a, "q": a["q"][:, :3]}, "q has 3 heads, not a multiple of k_cache's 2 kv heads"),
     (lambda a: {**a, "q": a["q"][..., :8].contiguous()}, "k_cache has head_dim 16 .* expected q's head_dim D=8"),
     (lambda a: {**a, "q": a["q"].half()}, "k_cache has dtype torch.float32; expected the dtype of q"),
-    (lambda a: {**a, "q": a["q"].long(), "k_cache": a["k_cache"].long(), "v_cache": a["v_cache"].long()}, "q has dtype torch.int64"),
+    (lambda a: {**a, "q": a["q"].long(), "k_cache": a["k_cache"].long(), "v_cache": a["v_cache"].long()},
+     "q has dtype torch.int64"),
     (lambda a: {**a, "v_cache": a["v_cache"][:, :4]}, "v_cache has shape"),
     (lambda a: {**a, "k_cache": a["k_cache"][0]}, "k_cache has shape"),
-    (lambda a: {**a, "block_tables": a["block_tables"].long()}, "block_tables has dtype torch.int64; expected torch.int32"),
+    (lambda a: {**a, "block_tables": a["block_tables"].long()},
+     "block_tables has dtype torch.int64; expected torch.int32"),
     (lambda a: {**a, "block_tables": a["block_tables"][:1]}, r"block_tables has shape \(1, 3\); expected \[B=2"),
     (lambda a: {**a, "context_lens": a["context_lens"].long()}, "context_lens has dtype torch.int64"),
     (lambda a: {**a, "context_lens": a["context_lens"][:1]}, "context_lens has shape"),
-    (lambda a: {**a, "context_lens": a["context_lens"] + 40}, "longer than block_tables can address: 3 blocks x block_size 8 = 24"),
+    (lambda a: {**a, "context_lens": a["context_lens"] + 40},
+     "longer than block_tables can address: 3 blocks x block_size 8 = 24"),
     (lambda a: {**a, "context_lens": a["context_lens"] - 10}, "lengths must be >= 0"),
     (lambda a: {**a, "max_context_len": 25}, "a context length of 25 tokens is longer"),
     (lambda a: {**a, "num_splits": 0}, "num_splits must be None or a positive int"),
@@ -263,6 +266,7 @@ def test_fork_shares_the_prompt_and_copies_on_write(tiny, one_thread):
         model(torch.tensor([prompt], device=DEVICE), cache=alone)
     assert _greedy(model, alone, [[int(first[1])]], 2)[0] == tokens[1]  # the child is unaffected by its sibling
     cache.reorder([1, 1])                                             # beam search: keep only the second beam
-    assert cache.num_used_blocks == 1 and cache.block_manager.allocator.ref_counts[cache.block_manager.block_tables[cache.seq_ids[0]][0]] == 2
+    bm = cache.block_manager
+    assert cache.num_used_blocks == 1 and bm.allocator.ref_counts[bm.block_tables[cache.seq_ids[0]][0]] == 2
     cache.free()
     assert cache.num_used_blocks == 0
