@@ -74,6 +74,20 @@ def test_whole_cell_region_and_quotes_in_message():
         'raise NotImplementedError("Exercise: do it")'
 
 
+def test_a_long_message_is_split_over_lines_and_reads_the_same():
+    message = ("load the K and V blocks (masked), scores in log2 units, mask columns >= Skv, then the online-softmax "
+               "update")
+    source = f"def f():\n    if True:\n        # BEGIN SOLUTION {message}\n        pass\n        # END SOLUTION\n"
+    stubbed = strip_solutions(source)
+    assert max(len(line) for line in stubbed.splitlines()) <= make_exercises.STUB_WIDTH
+    assert len(stubbed.splitlines()) > 3                          # the stub takes more than one line
+    namespace = {}
+    exec(stubbed, namespace)
+    with pytest.raises(NotImplementedError) as err:
+        namespace["f"]()
+    assert str(err.value) == "Exercise: " + message
+
+
 def test_code_without_markers_is_unchanged():
     source = "x = 1  # BEGIN SOLUTION is only a marker on its own line\nprint(x)\n"
     assert strip_solutions(source) == source
