@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The course's commands (see README.md):
 #   bash course.sh lab    set up .venv and open the course in JupyterLab at lesson 00
-#   bash course.sh test   set up .venv and run every test: unit tests, the lessons in JupyterLab in a headless
-#                         Chromium (skipped when /usr/bin/chromium is absent), the grader over solutions/ (must
-#                         be 100%) and exercises/ (nothing attempted), and nbval over solutions/ (and over
-#                         notebooks/ where the browser test did not run them)
+#   bash course.sh test   set up .venv, lint the code and the notebooks (ruff), and run every test: unit tests,
+#                         the lessons in JupyterLab in a headless Chromium (skipped when /usr/bin/chromium is
+#                         absent), the grader over solutions/ (must be 100%) and exercises/ (nothing attempted),
+#                         and nbval over solutions/ (and over notebooks/ where the browser test did not run them)
 #   bash course.sh lessons   set up .venv and run nbval over notebooks/ only: every lesson, top to bottom
 # `--loaded` after `test` or `lessons` runs the lessons on a busy CPU: COURSE_LOAD busy-looping processes (default 2)
 # run beside everything after the unit tests (browser test, graders, nbval) and are stopped at exit, however it
@@ -80,6 +80,9 @@ case "${1:-}" in
   test)
     setup
     py=.venv/bin/python
+    # pyproject.toml's [tool.ruff] says what is checked; `ruff check --fix .` repairs the simple findings
+    echo "== lint: ruff check . (code and notebooks)"
+    $py -m ruff check .
     echo "== unit tests, grader tests, exercises-in-sync test"
     $py -m pytest -q tests --ignore=tests/browser
     start_load "$load"

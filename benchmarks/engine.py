@@ -8,8 +8,9 @@
 
 Prints, for each workload of ``course_lib.experiments.capstone_workloads`` (chat, multi-turn, long chain-of-thought,
 multimodal-style long prefills; lengths scale with the model's context), the ablation table of
-``course_lib.experiments.ablation`` (throughput, TTFT, TPOT, inter-token latency p99, KV memory; one row per feature) and the
-ratio to the ``transformers`` ``generate()`` baseline (``course_lib.serving.hf_baseline``). What makes the ratio honest:
+``course_lib.experiments.ablation`` (throughput, TTFT, TPOT, inter-token latency p99, KV memory; one row per feature)
+and the ratio to the ``transformers`` ``generate()`` baseline (``course_lib.serving.hf_baseline``). What makes the
+ratio honest:
 
 * **same weights**: the engine loads the checkpoint folder with ``course_lib.load_pretrained``, transformers
   loads the same folder with ``from_pretrained`` (``--config`` first saves a random-init model there); same
@@ -261,7 +262,8 @@ def headline_of(rows: list[dict]) -> dict:
     """Per workload: the row with every feature and the fastest engine row, each as a multiple of HF's throughput."""
     headline = {}
     for w, r in ratios(rows).items():
-        engine_rows = [row for row in rows if row["workload"] == w and row["kind"] == "engine" and row["status"] == "ok"]
+        engine_rows = [row for row in rows
+                       if row["workload"] == w and row["kind"] == "engine" and row["status"] == "ok"]
         if engine_rows:
             best = max(engine_rows, key=lambda row: row["throughput_tok_s"])
             headline[w] = dict(all_features=engine_rows[-1]["config"], all_features_x_hf=r[engine_rows[-1]["config"]],
@@ -280,7 +282,8 @@ def report(result: dict, out_path: Path) -> None:
 
 
 #: Fields that must agree for runs to be merged into one result (the time limit and the workloads may differ).
-SAME_SETUP = ("benchmark", "device", "python", "torch", "triton", "transformers", "cuda", "dtype", "quick", "kernels", "model")
+SAME_SETUP = ("benchmark", "device", "python", "torch", "triton", "transformers", "cuda", "dtype", "quick", "kernels",
+              "model")
 
 
 def merge(records: list[dict]) -> dict:
@@ -291,7 +294,7 @@ def merge(records: list[dict]) -> dict:
     if not records:
         raise ValueError("nothing to merge")
     first = records[0]
-    config = lambda r: {k: v for k, v in r["config"].items() if k != "time_limit_s"}  # noqa: E731
+    config = lambda r: {k: v for k, v in r["config"].items() if k != "time_limit_s"}
     for r in records[1:]:
         for key in SAME_SETUP:
             if r.get(key) != first.get(key):

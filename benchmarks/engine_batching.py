@@ -43,7 +43,8 @@ def config(quick: bool) -> dict:
         return dict(num_requests=128 if quick else 512, scale=0.5, max_num_seqs=32 if quick else 64, load=0.8,
                     long_prompt=2880, decoders=8, decode_len=64)
     return dict(num_requests=16 if quick else 64, scale=0.2 if quick else 0.25, max_num_seqs=4 if quick else 16,
-                load=0.8, long_prompt=384 if quick else 2880, decoders=4 if quick else 8, decode_len=12 if quick else 40)
+                load=0.8, long_prompt=384 if quick else 2880, decoders=4 if quick else 8,
+                decode_len=12 if quick else 40)
 
 
 def run(engine, trace) -> tuple[dict, list]:
@@ -81,12 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
     poisson = sharegpt_trace(cfg["num_requests"], rate=rate, scale=cfg["scale"], tokenizer=tokenizer, seed=0)
     res_poisson = {label: run(engine, poisson)[0] for label, engine in (("static", static), ("continuous", continuous))}
     for label, r in res_poisson.items():
-        print(f"poisson {rate:.1f} req/s {label:>10}: {r['throughput_tok_s']:9.1f} tok/s  TTFT p50 {r['ttft_p50']:.3f} s "
+        print(f"poisson {rate:.1f} req/s {label:>10}: {r['throughput_tok_s']:9.1f} tok/s  "
+              f"TTFT p50 {r['ttft_p50']:.3f} s "
               f"p99 {r['ttft_p99']:.3f} s  TPOT p50 {1e3 * r['tpot_p50']:.2f} ms  latency p50 {r['latency_p50']:.2f} s",
               flush=True)
 
     # 3. memory pressure: a quarter of the peak blocks (at least what the longest request needs), recompute vs swap
-    longest = max(-(-(len(p) + sp.max_tokens) // continuous.block_size) for p, sp in zip(offline.prompts, offline.params))
+    longest = max(-(-(len(p) + sp.max_tokens) // continuous.block_size)
+                  for p, sp in zip(offline.prompts, offline.params))
     num_blocks = max(res_offline["continuous"]["max_blocks_used"] // 4, longest + 1)
     res_pressure = {}
     for mode in ("recompute", "swap"):
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
             a.token_ids == b.token_ids for a, b in zip(o, outs["continuous"])) / len(offline)
         r = res_pressure[mode]
         print(f"pressure ({num_blocks} blocks) {mode:>9}: {r['throughput_tok_s']:9.1f} tok/s  preemptions "
-              f"{r['preemptions']}  recomputed {r['num_recomputed_tokens']} tokens  swapped {r['swap_bytes'] / 2**20:.1f} MiB",
+              f"{r['preemptions']}  recomputed {r['num_recomputed_tokens']} tokens  "
+              f"swapped {r['swap_bytes'] / 2**20:.1f} MiB",
               flush=True)
 
     # 4. a long prompt among decodes, without and with chunked prefill

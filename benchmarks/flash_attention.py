@@ -1,7 +1,8 @@
 """FlashAttention forward: our Triton kernel vs torch SDPA (flash and cuDNN backends) vs naive attention (lesson 03).
 
     python -m benchmarks.flash_attention            # GPU: fp16/bf16, D = 64/128, N = 1k..16k, causal and not (< 5 min)
-    python -m benchmarks.flash_attention --quick    # smoke run: tiny shapes in the interpreter on CPU (seconds), 2 shapes on a GPU
+    python -m benchmarks.flash_attention --quick    # smoke run: tiny shapes in the interpreter on CPU (seconds),
+                                                    # 2 shapes on a GPU
 
 Shapes follow FlashAttention's benchmarks: B·N = 16k tokens, Hq = Hkv = 2048 / D heads (model width 2048).
 FLOPs = 4·B·H·N²·D, halved when causal. Every implementation is timed in the same run with
@@ -75,8 +76,10 @@ def bench(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes (CPU, interpreter) or two shapes (GPU)")
-    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: benchmarks/results/flash_attention_<device>.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny shapes (CPU, interpreter) or two shapes (GPU)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: benchmarks/results/flash_attention_<device>.json)")
     args = parser.parse_args(argv)
     cfg = config(args.quick)
     t_start = time.perf_counter()
@@ -87,8 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         benchmark="flash_attention", device=name, device_slug=slug(name),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
-        cudnn=torch.backends.cudnn.version() if HAS_GPU else None, kernel_mode="interpreter" if INTERPRET else "compiled",
-        quick=args.quick, command=" ".join(["python -m benchmarks.flash_attention", *(argv if argv is not None else sys.argv[1:])]),
+        cudnn=torch.backends.cudnn.version() if HAS_GPU else None,
+        kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
+        command=" ".join(["python -m benchmarks.flash_attention", *(argv if argv is not None else sys.argv[1:])]),
         timing=dict(tool="triton.testing.do_bench" if HAS_GPU else "time.perf_counter", statistic="median",
                     warmup_ms=25, rep_ms=100),
         shapes=dict(rule=f"B = {cfg['tokens']} // N, Hq = Hkv = {cfg['width']} // D, Sq = Skv = N",
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save():
         result["total_seconds"] = time.perf_counter() - t_start
-        if not INTERPRET:  # what the autotuner picked, per (SQ_BUCKET, SKV_BUCKET, HEAD_DIM, CAUSAL, RETURN_LSE, dtypes)
+        # what the autotuner picked, per (SQ_BUCKET, SKV_BUCKET, HEAD_DIM, CAUSAL, RETURN_LSE, dtypes)
+        if not INTERPRET:
             from kernels.flash_attention import _attn_fwd_tuned
             result["autotuned"] = {str(key): str(conf) for key, conf in _attn_fwd_tuned.cache.items()}
         out_path.write_text(json.dumps(result, indent=1) + "\n")
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     usable = {b: backend for b, backend in backends.items() if result["backends"][b] == "available"}
     total_mem = torch.cuda.get_device_properties(0).total_memory if HAS_GPU else 2**31
 
-    print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}  backends {result['backends']}", flush=True)
+    print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}  backends {result['backends']}",
+          flush=True)
     for dtype in cfg["dtypes"]:
         for D in cfg["head_dims"]:
             for causal in (False, True):
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                     ours = kernels.flash_attention(q, k, v, causal=causal)  # the first call autotunes
                     row = dict(dtype=str(dtype).removeprefix("torch."), D=D, causal=causal, N=N, B=B, H=H, flops=flops)
                     impls = {"ours": lambda: kernels.flash_attention(q, k, v, causal=causal)}
-                    impls.update({b: (lambda backend=backend: sdpa(backend, q, k, v, causal)) for b, backend in usable.items()})
+                    impls.update({b: (lambda backend=backend: sdpa(backend, q, k, v, causal))
+                                  for b, backend in usable.items()})
                     # naive materializes 2 [B, H, N, N] matrices (+ the softmax's temporaries): only where it fits
                     if 4 * score_matrix_bytes(B, H, N, N, q.element_size()) < 0.5 * total_mem:
                         impls["naive"] = lambda: naive_attention(q, k, v, causal=causal)
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                     save()
                     print(f"{row['dtype']:>8} D={D:3d} causal={causal!s:5} N={N:5d} B={B:2d} H={H:2d}: " + "  ".join(
                         f"{impl} {row[f'{impl}_tflops']:6.1f}" for impl in impls) + " TFLOP/s", flush=True)
-                    del q, k, v, ours
+                    q = k = v = ours = None  # free this shape's memory (not del: closures above use the names)
 
     # Peak memory beyond the inputs: naive attention holds O(N²), flash attention O(N) (its output).
     dtype = cfg["dtypes"][0]
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"memory N={N:5d}: flash {row['flash_peak_bytes'] / 2**20:9.1f} MiB  naive "
               f"{row.get('naive_peak_bytes', float('nan')) / 2**20:9.1f} MiB  (one score matrix "
               f"{row['score_matrix_bytes'] / 2**20:.1f} MiB)", flush=True)
-        del q, k, v
+        q = k = v = None  # free this shape's memory (not del: closures above use the names)
     save()
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
     return result

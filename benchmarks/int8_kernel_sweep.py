@@ -70,7 +70,8 @@ def _codes_to(x, DOT_TY: tl.constexpr, CONV_ASM: tl.constexpr):
 
 @triton.jit
 def _tile_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr, lse_ptr, sm_scale_log2e,
-                 tokens_per_split, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                 tokens_per_split, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, stride_os, stride_lb,
+                 stride_lh,
                  NUM_KV_HEADS: tl.constexpr, G: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                  P: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, K_INT8_DOT: tl.constexpr,
                  CONV_ASM: tl.constexpr):
@@ -145,9 +146,10 @@ def tile_decode(q, k_cache, v_cache, k_scale, v_scale, tables, lens, *, max_cont
         h = _tile_kernel[(B, Hkv, splits)](*common, partial, lse, scale, per_split, q.stride(0), q.stride(1),
                                            tables.stride(0), partial.stride(0), partial.stride(1), partial.stride(2),
                                            lse.stride(0), lse.stride(1), SPLIT=True, **meta)
-        _merge_splits_kernel[(B, Hq)](partial, lse, out, splits, partial.stride(0), partial.stride(1), partial.stride(2),
-                                      lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=D,
-                                      DIM_PAD=triton.next_power_of_2(D), SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+        _merge_splits_kernel[(B, Hq)](partial, lse, out, splits, partial.stride(0), partial.stride(1),
+                                      partial.stride(2), lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+                                      HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D),
+                                      SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
     if kernel_out is not None:
         kernel_out.append(h)
     return out
@@ -202,7 +204,7 @@ def main(argv=None):
                 h = handles[-1]
                 info = dict(n_regs=h.n_regs, n_spills=h.n_spills)
             return dict(err=err, us=graph_time(call, 3, 20) * 1e6, **info)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # a configuration that does not compile or run: recorded, the sweep goes on
             return dict(failed=f"{type(exc).__name__}: {str(exc)[:300]}")
 
     if args.splits:
@@ -212,7 +214,8 @@ def main(argv=None):
     q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, torch.float16, {"int8": torch.int8}, seed=1)
     caches = quantized["int8"]
     want = ref.paged_attention_int8_decode(q, *caches, tables, lens).float()
-    t16 = graph_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False), 3, 20) * 1e6
+    fp16_call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False)
+    t16 = graph_time(fp16_call, 3, 20) * 1e6
     print(f"B={B} L={L}: fp16 {t16:.1f} us", flush=True)
     stage1 = []
     for c in candidates():
@@ -220,7 +223,7 @@ def main(argv=None):
         r.update(c, B=B, L=L, fp16_us=t16, ratio=r["us"] / t16 if "us" in r else None)
         stage1.append(r)
         print(json.dumps(r), flush=True)
-    del q, kc, vc, quantized, caches
+    q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     ok = sorted((r for r in stage1 if r.get("us")), key=lambda r: r["us"])
     keys = ("kernel", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "CONV_ASM", "K_INT8_DOT")
     top = [{k: r[k] for k in keys if k in r} for r in ok[:args.top]]
@@ -230,10 +233,12 @@ def main(argv=None):
     if best_k16 and best_k16 not in top:
         top.append(best_k16)
     for B, L in ((8, 16384), (32, 1024), (32, 4096), (32, 16384), (32, 32768), (64, 8192), (64, 16384)):
-        q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, torch.float16, {"int8": torch.int8}, seed=L + B)
+        q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, torch.float16, {"int8": torch.int8},
+                                                         seed=L + B)
         caches = quantized["int8"]
         want = ref.paged_attention_int8_decode(q, *caches, tables, lens).float()
-        t16 = graph_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False), 3, 20) * 1e6
+        fp16_call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False)
+        t16 = graph_time(fp16_call, 3, 20) * 1e6
         for c in top:
             r = check_and_time(c, q, caches, tables, lens, L, want)
             r.update(c, B=B, L=L, fp16_us=t16, ratio=r["us"] / t16 if "us" in r else None)
@@ -242,7 +247,7 @@ def main(argv=None):
             f"{r['kernel']}/{r.get('BLOCK_N', '')}/{r.get('num_warps', '')}/{r.get('num_stages', '')}/"
             f"{r.get('programs_per_sm', '')}={r['ratio']:.3f}" if r.get("ratio") else f"{r['kernel']}=FAIL"
             for r in rows[-len(top):]), flush=True)
-        del q, kc, vc, quantized, caches
+        q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     result = dict(note=__doc__, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), device=name,
                   torch=torch.__version__, triton=triton.__version__, shapes=dict(Hq=Hq, Hkv=Hkv, D=D, P=P),
                   timing="CUDA-graph replay, L2 flushed, median of 20", stage1=stage1, top=top, rows=rows,
@@ -274,24 +279,30 @@ def split_sweep(args, name, t0):
     rows = []
     for B, L in ((32, 8192), (64, 8192), (16, 8192), (8, 16384), (32, 16384), (64, 16384), (32, 32768), (128, 8192),
                  (32, 4096)):
-        q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, torch.float16, {"int8": torch.int8}, seed=B + L)
+        q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, torch.float16, {"int8": torch.int8},
+                                                         seed=B + L)
         caches = quantized["int8"]
         want = ref.paged_attention_int8_decode(q, *caches, tables, lens).float()
-        t16 = graph_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False), 3, 20) * 1e6
+        fp16_call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False)
+        t16 = graph_time(fp16_call, 3, 20) * 1e6
         line = []
         for splits in (None, 1, 2, 3, 4, 5, 6, 8, 12, 16):
-            call = lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L, validate=False, num_splits=splits)  # noqa: E731
+            call = lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L,
+                                                               validate=False, num_splits=splits)
             err = (call().float() - want).abs().max().item()
             us = graph_time(call, 3, 20) * 1e6
             chosen = pa8.plan_splits(q, tables, lens, P, Hkv, splits, L, pa8.CONFIG["BLOCK_N"],
                                      resident_per_sm=pa8.RESIDENT_PER_SM)[1]
-            rows.append(dict(B=B, L=L, splits=splits or "auto", actual_splits=chosen, us=us, fp16_us=t16, ratio=us / t16, err=err))
+            rows.append(dict(B=B, L=L, splits=splits or "auto", actual_splits=chosen, us=us, fp16_us=t16,
+                             ratio=us / t16, err=err))
             line.append(f"{splits or 'auto'}:{chosen}={us / t16:.3f}")
-        print(f"B={B} L={L} fp16 {t16:.1f} us ({2 * B * L * Hkv * D * 2 / t16 / 1e6:.2f} TB/s): " + " ".join(line), flush=True)
-        del q, kc, vc, quantized, caches
+        print(f"B={B} L={L} fp16 {t16:.1f} us ({2 * B * L * Hkv * D * 2 / t16 / 1e6:.2f} TB/s): " + " ".join(line),
+              flush=True)
+        q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     resources = compiled_resources(pa8._paged_attention_int8_kernel)
     print("compiled:", json.dumps(resources), flush=True)
-    result = dict(note="Split-count sweep of kernels/paged_attention_int8.py (shipped CONFIG) + its registers per thread",
+    result = dict(note="Split-count sweep of kernels/paged_attention_int8.py (shipped CONFIG) + its registers per "
+                       "thread",
                   date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), device=name,
                   torch=torch.__version__, triton=triton.__version__, config=dict(pa8.CONFIG),
                   resident_per_sm=pa8.RESIDENT_PER_SM, rows=rows, compiled=resources, seconds=time.perf_counter() - t0)

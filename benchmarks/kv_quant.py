@@ -65,10 +65,12 @@ def make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes, seed=0):
 def config(quick: bool) -> dict:
     if quick or not HAS_GPU:   # the interpreter: tiny shapes, just to prove the script runs
         return dict(Hq=4, Hkv=2, D=16, P=8, warmup=1, reps=2, correctness=[(2, 40)],
-                    sweep=[(2, 64)], tune_at=(2, 64), tune=[dict(BLOCK_N=64, num_warps=2), dict(BLOCK_N=32, num_warps=4)])
+                    sweep=[(2, 64)], tune_at=(2, 64),
+                    tune=[dict(BLOCK_N=64, num_warps=2), dict(BLOCK_N=32, num_warps=4)])
     return dict(Hq=32, Hkv=8, D=128, P=16, warmup=3, reps=20,
                 correctness=[(32, 1000), (4, 8192), (1, 32768), (64, 4096)],
-                sweep=[(32, L) for L in (1024, 2048, 4096, 8192, 16384, 32768)] + [(64, L) for L in (1024, 4096, 8192, 16384)],
+                sweep=[(32, L) for L in (1024, 2048, 4096, 8192, 16384, 32768)]
+                + [(64, L) for L in (1024, 4096, 8192, 16384)],
                 tune_at=(32, 8192), tune=[
                     # byte planes + software prefetch (the kernel's loop); tiles, warps, Triton's pipelining on top
                     *(dict(BLOCK_N=n, num_warps=w, num_stages=1) for n in (32, 64, 128) for w in (2, 4)),
@@ -80,7 +82,8 @@ def config(quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: benchmarks/results/kv_quant_<device>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: benchmarks/results/kv_quant_<device>.json)")
     args = parser.parse_args(argv)
     cfg = config(args.quick)
     Hq, Hkv, D, P, warmup, reps = cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["P"], cfg["warmup"], cfg["reps"]
@@ -102,13 +105,14 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in cfg["tune"]:
         pa8.CONFIG.clear()
         pa8.CONFIG.update({**default, **variant})
-        call = lambda: kernels.paged_attention_int8_decode(q, *quantized["int8"], tables, lens, max_context_len=L, validate=False)  # noqa: E731
+        call = lambda: kernels.paged_attention_int8_decode(q, *quantized["int8"], tables, lens, max_context_len=L,
+                                                           validate=False)
         try:
             err = (call().float() - want).abs().max().item()
             ok = err <= TOL[dtype] * (1 + want.abs().max().item())
             t = best_time(call, warmup, reps)[0] if ok else None
             why = None if ok else f"wrong result: max abs error {err:.3g}"
-        except Exception as exc:  # noqa: BLE001  (e.g. out of shared memory, a PTX the compiler rejects)
+        except Exception as exc:  # e.g. out of shared memory, a PTX the compiler rejects
             t, why = None, f"{type(exc).__name__}: {str(exc)[:200]}"
         tuning.append(dict(B=B, context=L, **pa8.CONFIG, seconds=t, failed=why))
         print(f"tune B={B} L={L} {pa8.CONFIG}: " + (f"{t * 1e6:.1f} us" if t else f"skipped ({why})"), flush=True)
@@ -116,10 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
     pa8.CONFIG.clear()
     pa8.CONFIG.update({k: best[k] for k in default})
     print(f"using {pa8.CONFIG} (default was {default})", flush=True)
-    del q, kc, vc, quantized
+    q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
-    # 2. Correctness at real shapes (with the configuration chosen above): the 8-bit kernels vs the reference on the same codes, and the quantization
-    #    error itself (INT8 attention vs FP16 attention on the original K/V).
+    # 2. Correctness at real shapes (with the configuration chosen above): the 8-bit kernels vs the reference on the
+    #    same codes, and the quantization error itself (INT8 attention vs FP16 attention on the original K/V).
     correctness = []
     for B, L in cfg["correctness"]:
         q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes, seed=B + L)
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                 assert err <= tol, f"{kv} paged attention is wrong at B={B}, L={L}, splits={splits}: {err}"
             print(f"correct: {kv} B={B:3d} L={L:5d} (auto, unsplit, 8 splits); vs FP16 attention: relative error "
                   f"{correctness[-1]['vs_fp16']['relative']:.2e}", flush=True)
-        del q, kc, vc, quantized
+        q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     # 3. Memory, measured from the tensors of one point: bytes per token (all K/V of this layer, scales included).
     B, L = cfg["sweep"][0]
@@ -146,20 +150,23 @@ def main(argv: list[str] | None = None) -> dict:
         memory[kv] = sum(t.numel() * t.element_size() for t in caches) / tokens
     memory = dict(bytes_per_token_per_layer=memory, ratio_int8_to_fp16=memory["int8"] / memory["float16"])
     print(f"bytes per token and layer: {memory['bytes_per_token_per_layer']}", flush=True)
-    del q, kc, vc, quantized
+    q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     # 4. The sweep: FP16 vs INT8 (vs FP8) on the same K/V.
     points = []
     for B, L in cfg["sweep"]:
         q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes, seed=L)
         fp16_bytes = 2 * B * L * Hkv * D * 2
-        t16, e16, mode = best_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
-                                   warmup, reps)
+        t16, e16, mode = best_time(
+            lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
+            warmup, reps)
         point = dict(B=B, context=L, timing_mode=mode, fp16_seconds=t16, fp16_eager_seconds=e16,
                      fp16_bytes_per_s=fp16_bytes / t16)
         for kv, caches in quantized.items():
-            t8, e8, _ = best_time(lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L, validate=False),
-                                  warmup, reps)
+            t8, e8, _ = best_time(
+                lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L,
+                                                            validate=False),
+                warmup, reps)
             kv_bytes = 2 * B * L * Hkv * (D + 2)
             point.update({f"{kv}_seconds": t8, f"{kv}_eager_seconds": e8, f"{kv}_bytes_per_s": kv_bytes / t8,
                           f"{kv}_ratio_to_fp16": t8 / t16})
@@ -167,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"B={B:3d} L={L:5d}: fp16 {t16 * 1e6:8.1f} us ({fp16_bytes / t16 / 1e12:.2f} TB/s)  " + "  ".join(
             f"{kv} {point[kv + '_seconds'] * 1e6:8.1f} us ({point[kv + '_bytes_per_s'] / 1e12:.2f} TB/s, "
             f"{point[kv + '_ratio_to_fp16']:.2f}x)" for kv in quantized) + f" [{mode}]", flush=True)
-        del q, kc, vc, quantized
+        q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     long = [p for p in points if p["context"] >= 8192] or points
     worst = max(p["int8_ratio_to_fp16"] for p in long)
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         command=" ".join(["python -m benchmarks.kv_quant", *(argv if argv is not None else sys.argv[1:])]),
         shapes=dict(Hq=Hq, Hkv=Hkv, head_dim=D, block_size=P, q_dtype="float16", scale_dtype="float16"),
         fp8=dict(supported=fp8_ok, why_not=fp8_why or None), kernel_config=dict(pa8.CONFIG), tuning=tuning,
-        timing=dict(warmup=warmup, reps=reps, statistic="median", clock="CUDA events" if HAS_GPU else "time.perf_counter",
+        timing=dict(warmup=warmup, reps=reps, statistic="median",
+                    clock="CUDA events" if HAS_GPU else "time.perf_counter",
                     mode="seconds: one call replayed from a CUDA graph; eager_seconds: one call from Python",
                     cache="L2 flushed before each repetition",
                     bytes="fp16: 2*B*L*Hkv*D*2; 8-bit: 2*B*L*Hkv*(D + 2) (codes + fp16 scales)"),

@@ -83,7 +83,7 @@ def graph_time(fn, warmup, reps):
         with torch.cuda.graph(graph):
             fn()
         return time_fn(graph.replay, warmup=warmup, reps=reps, flush=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"(CUDA graph capture failed: {type(err).__name__}: {str(err)[:200]}; eager timing only)", flush=True)
         torch.cuda.synchronize()
         return None
@@ -107,7 +107,7 @@ def time_sdpa(q4, k, v, warmup, reps):
                 return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
         try:
             call()
-        except Exception:  # noqa: BLE001  (this backend does not support the shape / GQA / dtype)
+        except Exception:  # this backend does not support the shape / GQA / dtype
             continue
         results[name], eager[name], _ = best_time(call, warmup, reps)
         calls[name] = call
@@ -121,9 +121,9 @@ def config(quick: bool) -> dict:
                     correctness=[(2, 40, 8, torch.float32), (1, 100, 16, torch.float16)],
                     sweep=[(1, 64), (2, 64)], split=(1, 512), key=(2, 64))
     return dict(Hq=32, Hkv=8, D=128, P=16, dtypes=[torch.float16, torch.bfloat16], warmup=3, reps=20,
-                correctness=[(256, 1024, 16, torch.float16), (64, 4096, 16, torch.bfloat16), (1, 32768, 16, torch.float16),
-                             (1, 32768, 16, torch.bfloat16), (8, 8192, 8, torch.bfloat16), (16, 2048, 32, torch.float16),
-                             (3, 1000, 8, torch.float16)],
+                correctness=[(256, 1024, 16, torch.float16), (64, 4096, 16, torch.bfloat16),
+                             (1, 32768, 16, torch.float16), (1, 32768, 16, torch.bfloat16),
+                             (8, 8192, 8, torch.bfloat16), (16, 2048, 32, torch.float16), (3, 1000, 8, torch.float16)],
                 sweep=[(1, 1024), (1, 4096), (1, 32768), (4, 8192), (16, 4096), (32, 4096), (64, 1024), (64, 4096),
                        (128, 4096), (256, 1024), (256, 4096)],
                 split=(1, 32768), key=(64, 4096))
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--tune", action="store_true", help="sweep BLOCK_N / num_warps / num_stages at two key shapes")
-    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: benchmarks/results/paged_attention_<device>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: benchmarks/results/paged_attention_<device>.json)")
     args = parser.parse_args(argv)
     cfg = config(args.quick)
     Hq, Hkv, D, P, warmup, reps = cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["P"], cfg["warmup"], cfg["reps"]
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
             got = kernels.paged_attention_decode(*inputs, num_splits=splits).float()
             err = (got - want).abs().max().item()
             tol = TOL[dtype] * (1 + want.abs().max().item())
-            correctness.append(dict(B=B, max_context=L, block_size=bs, dtype=str(dtype)[6:], num_splits=splits or "auto",
-                                    max_abs_error=err, tolerance=tol))
+            correctness.append(dict(B=B, max_context=L, block_size=bs, dtype=str(dtype)[6:],
+                                    num_splits=splits or "auto", max_abs_error=err, tolerance=tol))
             assert err <= tol, f"paged attention is wrong at B={B}, L={L}, P={bs}, {dtype}, splits={splits}: {err}"
         print(f"correct: B={B:3d} L<={L:5d} P={bs:2d} {str(dtype)[6:]:>8} (auto, unsplit, 8 splits)", flush=True)
         del inputs
@@ -171,20 +172,23 @@ def main(argv: list[str] | None = None) -> dict:
             kv_bytes = 2 * B * L * Hkv * D * kc.element_size()
             splits = pa.choose_num_splits(B, Hkv, L, pa._num_sms(q.device))
             t_paged, t_paged_eager, mode = best_time(
-                lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False), warmup, reps)
+                lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
+                warmup, reps)
             t_sdpa, t_sdpa_eager, backend, all_sdpa, sdpa_call = time_sdpa(q[:, :, None], k, v, warmup, reps)
             out_sdpa = sdpa_call()[:, :, 0]
-            err = (kernels.paged_attention_decode(q, kc, vc, tables, lens).float() - out_sdpa.float()).abs().max().item()
+            out_paged = kernels.paged_attention_decode(q, kc, vc, tables, lens)
+            err = (out_paged.float() - out_sdpa.float()).abs().max().item()
             points.append(dict(B=B, context=L, dtype=str(dtype)[6:], kv_bytes=kv_bytes, num_splits=splits,
                                timing_mode=mode, paged_seconds=t_paged, paged_bytes_per_s=kv_bytes / t_paged,
                                sdpa_seconds=t_sdpa, sdpa_bytes_per_s=kv_bytes / t_sdpa, sdpa_backend=backend,
                                paged_eager_seconds=t_paged_eager, sdpa_eager_seconds=t_sdpa_eager,
                                eager_ratio_to_sdpa=t_sdpa_eager / t_paged_eager,
                                sdpa_all_seconds=all_sdpa, ratio_to_sdpa=t_sdpa / t_paged, max_abs_diff_vs_sdpa=err))
-            print(f"B={B:3d} L={L:5d} {str(dtype)[6:]:>8} splits={splits:3d}: paged {human(kv_bytes / t_paged, 'B/s'):>11} "
-                  f"({t_paged * 1e6:8.1f} us)  SDPA[{backend}] {human(kv_bytes / t_sdpa, 'B/s'):>11} "
-                  f"({t_sdpa * 1e6:8.1f} us)  ratio {t_sdpa / t_paged:.2f} [{mode}]; eager: {t_paged_eager * 1e6:.1f} vs "
-                  f"{t_sdpa_eager * 1e6:.1f} us", flush=True)
+            print(f"B={B:3d} L={L:5d} {str(dtype)[6:]:>8} splits={splits:3d}: "
+                  f"paged {human(kv_bytes / t_paged, 'B/s'):>11} ({t_paged * 1e6:8.1f} us)  "
+                  f"SDPA[{backend}] {human(kv_bytes / t_sdpa, 'B/s'):>11} ({t_sdpa * 1e6:8.1f} us)  "
+                  f"ratio {t_sdpa / t_paged:.2f} [{mode}]; "
+                  f"eager: {t_paged_eager * 1e6:.1f} vs {t_sdpa_eager * 1e6:.1f} us", flush=True)
             del q, kc, vc, k, v
 
     # 3. Split-K: one long sequence, split vs unsplit.
@@ -193,16 +197,22 @@ def main(argv: list[str] | None = None) -> dict:
     kv_bytes = 2 * B * L * Hkv * D * 2
     splits = pa.choose_num_splits(B, Hkv, L, pa._num_sms(q.device))
     t_split, t_split_eager, mode = best_time(
-        lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False), warmup, reps)
+        lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
+        warmup, reps)
     t_unsplit, t_unsplit_eager, _ = best_time(
-        lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False, num_splits=1), warmup, reps)
+        lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False,
+                                               num_splits=1),
+        warmup, reps)
     split_k = dict(B=B, context=L, dtype="float16", num_splits=splits, timing_mode=mode, split_seconds=t_split,
                    unsplit_seconds=t_unsplit, split_eager_seconds=t_split_eager, unsplit_eager_seconds=t_unsplit_eager,
-                   split_bytes_per_s=kv_bytes / t_split, unsplit_bytes_per_s=kv_bytes / t_unsplit, speedup=t_unsplit / t_split)
+                   split_bytes_per_s=kv_bytes / t_split, unsplit_bytes_per_s=kv_bytes / t_unsplit,
+                   speedup=t_unsplit / t_split)
     print(f"split-K B={B} L={L}: {splits} splits {t_split * 1e6:.1f} us vs unsplit {t_unsplit * 1e6:.1f} us: "
           f"{t_unsplit / t_split:.1f}x", flush=True)
-    # the default call (validate=True): the wrapper reads the lengths and the block ids it uses back (a sync) to check them
-    t_sync = time_fn(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens), warmup=warmup, reps=reps, flush=True)
+    # the default call (validate=True): the wrapper reads the lengths and the block ids it uses back (a sync) to check
+    # them
+    t_sync = time_fn(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens), warmup=warmup, reps=reps,
+                     flush=True)
     t_no_sync = t_split_eager
     del q, kc, vc
 
@@ -212,14 +222,14 @@ def main(argv: list[str] | None = None) -> dict:
         default = dict(pa.CONFIG)
         for (B, L) in (cfg["key"], cfg["split"]):
             q, kc, vc, tables, lens = make_inputs(B, [L] * B, Hq, Hkv, D, P, torch.float16, seed=3)
+            call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False)
             for block_n in (32, 64, 128):
                 for warps in (4, 8):
                     for stages in (2, 3, 4):
                         pa.CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                         try:
-                            t = best_time(lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
-                                          2, 10)[0]
-                        except Exception as err:  # noqa: BLE001  (e.g. out of shared memory)
+                            t = best_time(call, 2, 10)[0]
+                        except Exception as err:  # e.g. out of shared memory
                             t = None
                             print(f"config {pa.CONFIG} failed: {type(err).__name__}", flush=True)
                         tuning.append(dict(B=B, context=L, **pa.CONFIG, seconds=t,
@@ -238,10 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
         command=" ".join(["python -m benchmarks.paged_attention", *(argv if argv is not None else sys.argv[1:])]),
         shapes=dict(Hq=Hq, Hkv=Hkv, head_dim=D, block_size=P), kernel_config=dict(pa.CONFIG),
-        timing=dict(warmup=warmup, reps=reps, statistic="median", clock="CUDA events" if HAS_GPU else "time.perf_counter",
+        timing=dict(warmup=warmup, reps=reps, statistic="median",
+                    clock="CUDA events" if HAS_GPU else "time.perf_counter",
                     mode="seconds: one call replayed from a CUDA graph (GPU time, as serving engines run decode); "
                          "eager_seconds: one call from Python, launch overhead included",
-                    cache="L2 flushed before each repetition", paged_call="max_context_len given, validate=False (no host sync)",
+                    cache="L2 flushed before each repetition",
+                    paged_call="max_context_len given, validate=False (no host sync)",
                     bytes="K and V bytes of all B x context tokens, read once"),
         copy_bandwidth=copy_bw, correctness=correctness, bandwidth=points, split_k=split_k,
         host_sync=dict(B=B, context=L, eager_seconds_with_max_context_len=t_no_sync, eager_seconds_without=t_sync),

@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,7 +124,8 @@ def bench(fn, dry_run: bool) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, one timing rep: checks the script (CPU ok)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny shapes, one timing rep: checks the script (CPU ok)")
     parser.add_argument("--tune", action="store_true", help="also time the kernel with every config of TUNE_CONFIGS")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of q and the cache on a GPU (default bfloat16; the dry run on CPU uses float32)")
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for bm, bn, w, s in TUNE_CONFIGS:
                     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
                     tuned = torch.empty_like(q)
-                    fn = lambda: paged_prefill_attention_unchecked(  # noqa: E731
+                    fn = lambda: paged_prefill_attention_unchecked(
                         q, pool.k_caches[0], pool.v_caches[0], tables, cu, seq_lens, out=tuned, config=cfg)
                     try:
                         fn()
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"paged {row['paged_ms']:8.3f} ms ({row['paged_tflops']:6.1f} TFLOP/s)  sdpa floor "
                   f"{row['sdpa_floor_ms']:8.3f} ms  -> {row['speedup_vs_gather_flash']:.2f}x vs gather+flash, "
                   f"{row['paged_vs_sdpa_floor']:.2f}x vs floor", flush=True)
-            del pool, q, outs, ways
+            pool = q = outs = ways = None  # free this shape's memory (not del: closures above use the names)
     save()
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
     return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import sys
@@ -59,18 +60,24 @@ def single_process_forward_s(ids: torch.Tensor, device: torch.device, reps: int)
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with 2 GPUs, else gloo")
-    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: benchmarks/results/parallel_<device>.json)")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default=None,
+                        help="default: nccl with 2 GPUs, else gloo")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: benchmarks/results/parallel_<device>.json)")
     args = parser.parse_args(argv)
     backend = args.backend or default_backend(2)
     device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
     reps = 5 if args.quick else 20
     t_start = time.perf_counter()
-    name = device_name() if backend == "nccl" else device_name().replace(f"({torch.get_num_threads()} threads)", "").strip()
+    name = device_name()
+    if backend != "nccl":
+        name = name.replace(f"({torch.get_num_threads()} threads)", "").strip()
     print(f"device: {name}  backend: {backend}  torch {torch.__version__}")
-    result = dict(device=name, backend=backend, world_size=2, dtype="float32", threads_per_rank=None if backend == "nccl"
-                  else max(1, (__import__("os").cpu_count() or 1) // 2), single_process_threads=None if backend == "nccl" else 1, torch=torch.__version__,
-                  python=platform.python_version(), cuda=torch.version.cuda, nccl=None, cpu_count=__import__("os").cpu_count(),
+    on_cpu = backend != "nccl"
+    result = dict(device=name, backend=backend, world_size=2, dtype="float32",
+                  threads_per_rank=max(1, (os.cpu_count() or 1) // 2) if on_cpu else None,
+                  single_process_threads=1 if on_cpu else None, torch=torch.__version__,
+                  python=platform.python_version(), cuda=torch.version.cuda, nccl=None, cpu_count=os.cpu_count(),
                   date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), quick=args.quick)
     if backend == "nccl":
         result["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
@@ -83,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         ids = sample_batch(B, S)
         cmp = run_tp(2, ids, steps=2, backend=backend, time_comm=True, reps=reps)
         r0 = cmp.ranks[0]
-        row = dict(batch=B, seq=S, tokens=B * S, equal=cmp.ok, max_abs_diff=cmp.max_abs_diff, tokens_equal=cmp.tokens_equal,
+        row = dict(batch=B, seq=S, tokens=B * S, equal=cmp.ok, max_abs_diff=cmp.max_abs_diff,
+                   tokens_equal=cmp.tokens_equal,
                    all_reduces=r0["all_reduces"], all_reduces_per_layer=r0["all_reduces"] / r0["num_layers"],
                    bytes_per_all_reduce=r0["sizes"][0], bytes_per_rank=r0["bytes"],
                    tp2_forward_s=max(r["forward_s"] for r in cmp.ranks),
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["tp"].append(row)
         print(f"TP=2 B={B:3d} S={S:4d}: {cmp.summary().split(': ', 1)[1]}")
         print(f"   forward {row['tp2_forward_s'] * 1e3:8.3f} ms (1 process {row['single_forward_s'] * 1e3:8.3f} ms); "
-              f"{row['all_reduces']} all-reduces of {row['bytes_per_all_reduce']:,} B take {row['tp2_all_reduce_s'] * 1e3:.3f} ms")
+              f"{row['all_reduces']} all-reduces of {row['bytes_per_all_reduce']:,} B take "
+              f"{row['tp2_all_reduce_s'] * 1e3:.3f} ms")
 
     # ---- all-reduce time for per-layer message sizes
     E_course, E_70b = 256, 8192
@@ -101,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     timings = launch(time_all_reduce, 2, sizes, reps=reps, backend=backend, timeout_s=300)
     result["all_reduce"] = [dict(t, seconds=max(r[i]["seconds"] for r in timings)) for i, t in enumerate(timings[0])]
     for t in result["all_reduce"]:
-        print(f"all-reduce {t['bytes']:>12,} B: {t['seconds'] * 1e6:10.1f} us   bus bandwidth {t['busbw'] / 1e9:7.2f} GB/s")
+        print(f"all-reduce {t['bytes']:>12,} B: {t['seconds'] * 1e6:10.1f} us   "
+              f"bus bandwidth {t['busbw'] / 1e9:7.2f} GB/s")
 
     # ---- PP=2: GPipe and 1F1B timelines, bubble vs formula
     B, S = 8, 64
@@ -116,8 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
                        bubble_measured=measured_bubble(events), bubble_formula=bubble_formula(2, m),
                        max_in_flight=max_in_flight(events), events=events)
             result["pp"].append(row)
-            print(f"PP=2 {schedule:5s} m={m}: {'equal' if cmp.ok else 'DIFFERENT'}, forward {row['forward_s'] * 1e3:7.2f} ms, "
-                  f"bubble {row['bubble_measured']:.1%} (formula {row['bubble_formula']:.1%}), in flight <= {row['max_in_flight']}")
+            print(f"PP=2 {schedule:5s} m={m}: {'equal' if cmp.ok else 'DIFFERENT'}, "
+                  f"forward {row['forward_s'] * 1e3:7.2f} ms, "
+                  f"bubble {row['bubble_measured']:.1%} (formula {row['bubble_formula']:.1%}), "
+                  f"in flight <= {row['max_in_flight']}")
     result["pp_single_forward_s"] = single_process_forward_s(ids, device, reps)
     result["all_equal"] = all(r["equal"] for r in result["tp"] + result["pp"])
     result["seconds"] = time.perf_counter() - t_start

@@ -58,8 +58,8 @@ def serve(engine, prompts, params, arrivals=None) -> tuple[dict, list]:
 
 
 def shared_prompt(engines: dict, cfg: dict, tokenizer, warm_up: bool) -> dict:
-    prompts = shared_prompt_requests(cfg["num_requests"], system_len=cfg["system_len"], question_len=cfg["question_len"],
-                                     tokenizer=tokenizer, seed=0)
+    prompts = shared_prompt_requests(cfg["num_requests"], system_len=cfg["system_len"],
+                                     question_len=cfg["question_len"], tokenizer=tokenizer, seed=0)
     params = SamplingParams(max_tokens=cfg["max_tokens"])
     result, tokens = {"offline": {}, "poisson": {}}, {}
     for label, engine in engines.items():
@@ -87,7 +87,7 @@ def chat(engines: dict, cfg: dict, tokenizer, warm_up: bool) -> dict:
     params = SamplingParams(max_tokens=cfg["reply_len"])
     result, replies = {}, {}
     for label, engine in engines.items():
-        for timed in ([False, True] if warm_up else [True]):
+        for _ in range(2 if warm_up else 1):   # a warm-up pass first, if asked: the last pass is the one kept
             engine.reset_prefix_cache()
             convs = chat_conversations(cfg["conversations"], cfg["turns"], system_len=cfg["chat_system_len"],
                                        user_len=cfg["user_len"], reply_len=None, tokenizer=tokenizer, seed=2)
@@ -98,7 +98,7 @@ def chat(engines: dict, cfg: dict, tokenizer, warm_up: bool) -> dict:
                     c.replies.append(o)
                 turns.append(summary)
         replies[label] = [c.replies for c in convs]
-        total = lambda key: sum(s[key] for s in turns)   # noqa: E731
+        total = lambda key: sum(s[key] for s in turns)
         n = len(convs) * len(turns)
         result[label] = dict(
             per_turn=turns, num_prompt_tokens=total("num_prompt_tokens"), num_cached_tokens=total("num_cached_tokens"),

@@ -44,7 +44,7 @@ def git_commit() -> str:
         return os.environ["COURSE_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,
                                         check=True).stdout.strip()
         sha, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
         return sha + ("-dirty" if dirty else "")

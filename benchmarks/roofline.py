@@ -71,7 +71,8 @@ def config(quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions")
-    parser.add_argument("--out", type=Path, default=None, help="output JSON (default: benchmarks/results/roofline_<device>.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output JSON (default: benchmarks/results/roofline_<device>.json)")
     args = parser.parse_args(argv)
     cfg = config(args.quick)
     warmup, reps = cfg["warmup"], cfg["reps"]
@@ -125,10 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     sweep_name = str(dtype).removeprefix("torch.")
     roof_flops = max([p["flops_per_s"] for p in peak if p["dtype"] == sweep_name] + [p["flops_per_s"] for p in sweep])
     result = dict(
-        benchmark="roofline", device=name, device_slug=slug(name), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        benchmark="roofline", device=name, device_slug=slug(name),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda if HAS_GPU else None, kernel_mode="interpreter" if INTERPRET else "compiled",
-        quick=args.quick, command=" ".join(["python -m benchmarks.roofline", *(argv if argv is not None else sys.argv[1:])]),
+        quick=args.quick,
+        command=" ".join(["python -m benchmarks.roofline", *(argv if argv is not None else sys.argv[1:])]),
         # fp32 matmuls on a GPU run in true fp32 unless TF32 is allowed (torch's default: not allowed)
         allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32) if HAS_GPU else None,
         timing=dict(warmup=warmup, reps=reps, statistic="median",
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         peak_matmul=peak, copy_bandwidth=copy,
         gemm_sweep=dict(dtype=sweep_name, bytes_per_element=bpe, N=E, K=E, points=sweep),
         vector_add=dict(dtype="float32", block_size=1024, points=add),
-        roofline=dict(dtype=sweep_name, peak_flops=roof_flops, peak_bandwidth=bw, ridge_point=ridge_point(roof_flops, bw)),
+        roofline=dict(dtype=sweep_name, peak_flops=roof_flops, peak_bandwidth=bw,
+                      ridge_point=ridge_point(roof_flops, bw)),
         total_seconds=time.perf_counter() - t_start,
     )
     out_path = args.out or RESULTS_DIR / f"roofline_{slug(name)}.json"

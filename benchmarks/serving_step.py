@@ -1,7 +1,7 @@
 """Where an engine step's time goes (lesson 10): a decode step against its HBM floor, eager and as a CUDA graph,
 and the engine on a decode-heavy trace, old path against new, with the GPU's busy fraction.
 
-    python -m benchmarks.serving_step            # on a GPU: ~3 min; writes benchmarks/results/serving_step_<device>.json
+    python -m benchmarks.serving_step   # on a GPU: ~3 min; writes benchmarks/results/serving_step_<device>.json
 
 Part 1, one decode step of the ``qwen3-0.6b`` shape (random weights: the time does not depend on their values) at
 batch B over contexts of L tokens, timed three ways in the same run: the eager step (every kernel launched from
@@ -96,7 +96,8 @@ def gpu_busy(fn) -> dict:
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start]
     kernel_time = sum(e.time_range.end - e.time_range.start for e in kernels) / 1e6
-    return dict(wall_s=wall, kernels=len(kernels), kernel_time_s=kernel_time, busy_fraction=min(kernel_time / wall, 1.0))
+    return dict(wall_s=wall, kernels=len(kernels), kernel_time_s=kernel_time,
+                busy_fraction=min(kernel_time / wall, 1.0))
 
 
 # ---------------------------------------------------------------- part 1: one decode step vs its floor
@@ -190,18 +191,21 @@ def main(argv: list[str] | None = None) -> dict:
         row = decode_step(model, batch, 1024, bandwidth)
         result["decode"].append(row)
         print(f"  decode B={batch:3d} L=1024: floor {row['floor_s'] * 1e3:.2f} ms | " + " | ".join(
-              f"{n} {row[n + '_s'] * 1e3:.2f} ms ({row[n + '_over_floor']:.2f}x, {row[n + '_kernels_per_step']:.0f} kernels, "
+              f"{n} {row[n + '_s'] * 1e3:.2f} ms ({row[n + '_over_floor']:.2f}x, "
+              f"{row[n + '_kernels_per_step']:.0f} kernels, "
               f"busy {row[n + '_busy_fraction']:.0%})" for n in ("eager", "eager_fused", "graph_fused"))
               + f" | same next token {row['same_next_tokens_fused_vs_plain']:.0%}", flush=True)
     del model
     torch.cuda.empty_cache()
     model = random_model(LLAMA_037B)
-    result["serving_model"] = "LLaMA 0.37B shape (hidden 1024, 24 layers, 16/8 heads, head dim 64), random weights, bf16"
+    result["serving_model"] = ("LLaMA 0.37B shape (hidden 1024, 24 layers, 16/8 heads, head dim 64), random weights, "
+                               "bf16")
     n = 32 if args.quick else 128
     result["serving_trace"] = f"{n} requests, prompts uniform in 64-512 tokens, 256 output tokens each, greedy, no stop"
     rows = [("old: eager, prefill by gather", dict(enforce_eager=True, paged_prefill=False, fused_kernels=False)),
             ("+ paged prefill kernel", dict(enforce_eager=True, paged_prefill=True, fused_kernels=False)),
-            ("+ fused norm/RoPE/SwiGLU, merged GEMMs", dict(enforce_eager=True, paged_prefill=True, fused_kernels=True)),
+            ("+ fused norm/RoPE/SwiGLU, merged GEMMs",
+             dict(enforce_eager=True, paged_prefill=True, fused_kernels=True)),
             ("+ CUDA graphs (the default)", dict(enforce_eager=False, paged_prefill=True, fused_kernels=True))]
     result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
     base = result["serving"][0]["tokens_per_s"]

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"T={temperature} γ={gamma}: α={alpha:.3f}  tokens/forward {pt['tokens_per_target_forward']:.2f} "
                   f"(formula {pt['tokens_per_target_forward_formula']:.2f})  {pt['tokens_per_s']:8.1f} tok/s  "
                   f"speedup {pt['speedup']:.2f}x (model {pt['speedup_model']:.2f}x)"
-                  + (f"  same tokens: {pt['same_tokens_as_target']}/{len(batch)}" if temperature == 0 else ""), flush=True)
+                  + (f"  same tokens: {pt['same_tokens_as_target']}/{len(batch)}" if temperature == 0 else ""),
+                  flush=True)
         runs.append(dict(temperature=temperature, baseline_seconds=base_s,
                          baseline_tokens_per_s=len(batch) * N / base_s, points=points))
         print(f"T={temperature}: target alone {runs[-1]['baseline_tokens_per_s']:.1f} tok/s", flush=True)

@@ -35,7 +35,7 @@ Importing this package resolves the device first, so that ``TRITON_INTERPRET=1``
 imported on a machine without a GPU. The names below are loaded on first use, so ``import course_lib`` stays
 light (no transformers, tokenizers or matplotlib until a lesson asks for them).
 """
-from course_lib.device import DEVICE, HAS_GPU, INTERPRET, setup  # noqa: F401  (must come first)
+from course_lib.device import DEVICE, HAS_GPU, INTERPRET, setup  # first: sets TRITON_INTERPRET before triton loads
 
 _LAZY = {
     "ModelConfig": "course_lib.model.config", "PRESETS": "course_lib.model.config", "Llama": "course_lib.model.llama",

@@ -6,9 +6,10 @@ Set ``COURSE_FORCE_CPU=1`` to use the CPU and the interpreter even on a GPU mach
 """
 from __future__ import annotations
 
-from kernels.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes  # noqa: F401  (first: OpenMP, the interpreter)
+# First: kernels.device sets OpenMP's wait policy and TRITON_INTERPRET before torch and triton are imported.
+from kernels.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes  # noqa: F401  (re-exported)
 
-import torch  # noqa: E402
+import torch
 
 
 def default_dtype() -> torch.dtype:
@@ -23,7 +24,8 @@ def describe() -> dict[str, str]:
     import triton  # safe: TRITON_INTERPRET is set above
 
     info = {
-        "device": torch.cuda.get_device_name(0) if HAS_GPU else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name(0) if HAS_GPU
+                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,

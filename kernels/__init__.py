@@ -3,12 +3,15 @@
 ``kernels.device`` is imported first: without a GPU it sets ``TRITON_INTERPRET=1``, which Triton reads
 when it is first imported, so the same kernels run in the interpreter on CPU tensors.
 """
-import kernels.device  # noqa: F401  (must come before any import of triton)
+import kernels.device  # noqa: F401  (first: sets TRITON_INTERPRET before any import of triton)
 
-from kernels.vector_add import add  # noqa: F401
-from kernels.store_kv import store_kv  # noqa: F401,E402
-from kernels.paged_attention import paged_attention_decode  # noqa: F401,E402
-from kernels.flash_attention import flash_attention  # noqa: F401,E402
-from kernels.store_kv_int8 import store_kv_int8  # noqa: F401,E402
-from kernels.paged_attention_int8 import paged_attention_int8_decode  # noqa: F401,E402
-from kernels.paged_prefill import paged_prefill_attention  # noqa: F401,E402
+from kernels.vector_add import add
+from kernels.store_kv import store_kv
+from kernels.paged_attention import paged_attention_decode
+from kernels.flash_attention import flash_attention
+from kernels.store_kv_int8 import store_kv_int8
+from kernels.paged_attention_int8 import paged_attention_int8_decode
+from kernels.paged_prefill import paged_prefill_attention
+
+__all__ = ["add", "store_kv", "paged_attention_decode", "flash_attention", "store_kv_int8",
+           "paged_attention_int8_decode", "paged_prefill_attention"]

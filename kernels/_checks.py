@@ -19,7 +19,8 @@ from kernels.device import INTERPRET
 def check_device(name: str, t: torch.Tensor) -> None:
     """Compiled kernels read GPU memory; the interpreter reads CPU memory."""
     if not INTERPRET and t.device.type != "cuda":
-        raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: use {name}.to('cuda')")
+        raise ValueError(f"{name} is on {t.device}, but compiled Triton kernels need CUDA tensors: "
+                         f"use {name}.to('cuda')")
     if INTERPRET and t.device.type != "cpu":
         raise ValueError(f"{name} is on {t.device}, but the Triton interpreter runs on CPU tensors: use {name}.cpu()")
 

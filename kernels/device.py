@@ -16,7 +16,7 @@ import sys
 # small CPUs (measured on 2 cores: a batch-2 paged decode step took 1.97 s spinning, 0.28 s passive).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402  (after the OpenMP setting)
+import torch  # after the OpenMP setting
 
 _FORCE_CPU = os.environ.get("COURSE_FORCE_CPU", "") not in ("", "0")
 HAS_GPU: bool = torch.cuda.is_available() and not _FORCE_CPU

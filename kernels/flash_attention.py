@@ -255,7 +255,7 @@ def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, 
             Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
     flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse))
     if config is None and not INTERPRET:
-        grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # noqa: E731  (BLOCK_M: the tuned one)
+        grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # BLOCK_M: the tuned one
         _attn_fwd_tuned[grid](*args, **flags)
     else:
         config = dict(config or INTERPRETER_CONFIG)

@@ -192,7 +192,8 @@ def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
     B, Hq, D = q.shape
     N, P, Hkv, Dk = k_cache.shape
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, {tuple(k_cache.shape)}")
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, "
+                         f"{tuple(k_cache.shape)}")
     if Dk != D:
         raise ValueError(f"k_cache has head_dim {Dk} (shape {tuple(k_cache.shape)}); expected q's head_dim D={D}")
     if Hq % Hkv:

@@ -206,7 +206,8 @@ def _paged_attention_int8_kernel(
         s = _dot(q3, tl.trans(k3), s, IEEE_FP32)                                          # [G, BLOCK_N]
         s = s * (k_scale.to(tl.float32) * sm_scale_log2e)[None, :]     # one multiply per score: both scales
         if HAS_ZERO:
-            s += q_sum[:, None] * (tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32) * sm_scale_log2e)[None, :]
+            s += q_sum[:, None] * (tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)
+                                   * sm_scale_log2e)[None, :]
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))   # finite: every tile has >= 1 valid token
         alpha = tl.exp2(m_i - m_new)
@@ -262,7 +263,8 @@ def _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_table
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous (slot s, head h starts at (s * Hkv + h) * D)")
     if D % 4:
-        raise ValueError(f"q has head_dim {D}; the kernel reads codes as 32-bit words of 4, so D must be a multiple of 4")
+        raise ValueError(f"q has head_dim {D}; the kernel reads codes as 32-bit words of 4, so D must be a multiple "
+                         "of 4")
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.data_ptr() % 4:
             raise ValueError(f"{name} does not start at a 4-byte boundary (the kernel reads codes as 32-bit words): "

@@ -291,7 +291,8 @@ def _check_inputs(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, sm_
     if k_cache.dim() != 4:
         raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; expected [num_blocks, block_size, Hkv, D]")
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, {tuple(k_cache.shape)}")
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, "
+                         f"{tuple(k_cache.shape)}")
     T, Hq, D = q.shape
     N, P, Hkv, Dk = k_cache.shape
     if Dk != D:
@@ -353,4 +354,5 @@ def _check_values(q, k_cache, block_tables, cu_seqlens_q, seq_lens) -> None:
     if bad.any():
         s, j = bad.nonzero()[0].tolist()
         raise ValueError(f"block_tables[{s}, {j}] = {int(block_tables[s, j])} is not a block of the cache: expected "
-                         f"0 <= id < num_blocks = {N} (k_cache's first dimension) for the blocks of seq_lens[{s}] tokens")
+                         f"0 <= id < num_blocks = {N} (k_cache's first dimension) for the blocks of seq_lens[{s}] "
+                         "tokens")

@@ -34,7 +34,8 @@ def _reduce_dims(x: torch.Tensor, granularity: str) -> tuple[int, ...]:
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if x.dim() < 2:
-        raise ValueError(f"x has shape {tuple(x.shape)}; expected [..., Hkv, D] (tokens first, then kv heads, head_dim)")
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected [..., Hkv, D] (tokens first, then kv heads, "
+                         "head_dim)")
     n = x.dim()
     return {"tensor": tuple(range(n)), "token": (n - 2, n - 1), "head": (n - 1,),
             "channel": tuple(range(n - 2))}[granularity]

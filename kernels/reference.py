@@ -48,7 +48,8 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     sm_scale: float | None = None) -> torch.Tensor:
     """Reference for ``kernels.flash_attention``: q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], GQA, causal aligned
-    bottom-right. The course model's own attention (``attention`` above, which the model imports): one implementation."""
+    bottom-right. The course model's own attention (``attention`` above, which the model imports): one
+    implementation."""
     return attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
 

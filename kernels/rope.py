@@ -53,7 +53,8 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, norm_weight: to
     T, H, D = x.shape
     if D & (D - 1) or D < 2:
         raise ValueError(f"x has head_dim {D}; this kernel needs a power of two")
-    if x.stride(2) != 1 or cos.shape != (T, D) or sin.shape != (T, D) or cos.stride(1) != 1 or sin.stride() != cos.stride():
+    if (x.stride(2) != 1 or cos.shape != (T, D) or sin.shape != (T, D) or cos.stride(1) != 1
+            or sin.stride() != cos.stride()):
         raise ValueError(f"x must be [T, H, D] contiguous in D and cos/sin [T={T}, D={D}] contiguous rows; got "
                          f"{tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
     if norm_weight is not None and norm_weight.shape != (D,):

@@ -53,13 +53,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; expected [num_blocks, block_size, Hkv, D]")
     N, P, Hkv, D = k_cache.shape
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, {tuple(k_cache.shape)}")
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, "
+                         f"{tuple(k_cache.shape)}")
     if k.dim() != 3 or k.shape[1:] != (Hkv, D):
-        raise ValueError(f"k has shape {tuple(k.shape)}; expected [T, Hkv={Hkv}, D={D}] (the cache's heads and head_dim)")
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected [T, Hkv={Hkv}, D={D}] (the cache's heads and "
+                         "head_dim)")
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)}; expected the shape of k, {tuple(k.shape)}")
     if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping has shape {tuple(slot_mapping.shape)}; expected [T={k.shape[0]}], one slot per token")
+        raise ValueError(f"slot_mapping has shape {tuple(slot_mapping.shape)}; expected [T={k.shape[0]}], one slot "
+                         "per token")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping has dtype {slot_mapping.dtype}; expected torch.int32 or torch.int64")
     if k_cache.dtype not in SUPPORTED_DTYPES:

@@ -127,7 +127,8 @@ def validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero) -> N
         raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; expected [num_blocks, block_size, Hkv, D]")
     N, P, Hkv, D = k_cache.shape
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, {tuple(k_cache.shape)}")
+        raise ValueError(f"v_cache has shape {tuple(v_cache.shape)}; expected the shape of k_cache, "
+                         f"{tuple(k_cache.shape)}")
     if k_cache.dtype not in CODE_MAX:
         raise ValueError(f"k_cache has dtype {k_cache.dtype}; expected torch.int8 or torch.float8_e4m3fn "
                          "(a full-precision cache goes through kernels.store_kv / kernels.paged_attention_decode)")
@@ -137,13 +138,15 @@ def validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero) -> N
         raise ValueError("give both k_zero and v_zero (asymmetric quantization) or neither (symmetric)")
     if k_zero is not None and k_cache.dtype != torch.int8:
         raise ValueError(f"zero points are for INT8 caches; k_cache has dtype {k_cache.dtype} (FP8 is symmetric)")
-    named = [("k_scale", k_scale), ("v_scale", v_scale)] + ([("k_zero", k_zero), ("v_zero", v_zero)] if k_zero is not None else [])
+    named = [("k_scale", k_scale), ("v_scale", v_scale)]
+    if k_zero is not None:
+        named += [("k_zero", k_zero), ("v_zero", v_zero)]
     for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != (N, P, Hkv):
-            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [num_blocks, block_size, Hkv] = {(N, P, Hkv)}, "
-                             "one per (slot, kv head)")
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; expected [num_blocks, block_size, Hkv] = "
+                             f"{(N, P, Hkv)}, one per (slot, kv head)")
         if t.dtype not in SCALE_DTYPES:
             raise ValueError(f"{name} has dtype {t.dtype}; expected torch.float16 or torch.float32")
         if t.dtype != k_scale.dtype:
@@ -175,7 +178,8 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     validate_8bit_cache(k_cache, v_cache, k_scale, v_scale, k_zero, v_zero)
     N, P, Hkv, D = k_cache.shape
     if k.dim() != 3 or k.shape[1:] != (Hkv, D):
-        raise ValueError(f"k has shape {tuple(k.shape)}; expected [T, Hkv={Hkv}, D={D}] (the cache's heads and head_dim)")
+        raise ValueError(f"k has shape {tuple(k.shape)}; expected [T, Hkv={Hkv}, D={D}] (the cache's heads and "
+                         "head_dim)")
     if v.shape != k.shape:
         raise ValueError(f"v has shape {tuple(v.shape)}; expected the shape of k, {tuple(k.shape)}")
     if k.dtype not in SUPPORTED_DTYPES:
@@ -183,7 +187,8 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     if v.dtype != k.dtype:
         raise ValueError(f"v has dtype {v.dtype}; expected the dtype of k, {k.dtype}")
     if slot_mapping.shape != (k.shape[0],):
-        raise ValueError(f"slot_mapping has shape {tuple(slot_mapping.shape)}; expected [T={k.shape[0]}], one slot per token")
+        raise ValueError(f"slot_mapping has shape {tuple(slot_mapping.shape)}; expected [T={k.shape[0]}], one slot "
+                         "per token")
     if slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping has dtype {slot_mapping.dtype}; expected torch.int32 or torch.int64")
     for name, t in (("k", k), ("v", v), ("slot_mapping", slot_mapping)):
@@ -204,7 +209,10 @@ def store_kv_int8(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         check_slot_mapping(slot_mapping, N * P)   # a slot past the cache would write someone else's memory
         check_finite("k", k, slot_mapping)
         check_finite("v", v, slot_mapping)
-    mode = MODE_FP8 if k_cache.dtype == torch.float8_e4m3fn else MODE_ASYMMETRIC if k_zero is not None else MODE_SYMMETRIC
+    if k_cache.dtype == torch.float8_e4m3fn:
+        mode = MODE_FP8
+    else:
+        mode = MODE_ASYMMETRIC if k_zero is not None else MODE_SYMMETRIC
     zeros = (k_zero, v_zero) if k_zero is not None else (k_scale, v_scale)   # unused pointers when symmetric
     _store_kv_int8_kernel[(T,)](
         k, v, k_cache, v_cache, k_scale, v_scale, *zeros, slot_mapping, torch.finfo(k_scale.dtype).tiny,

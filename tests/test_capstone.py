@@ -7,12 +7,14 @@ import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib import load_tiny
-from course_lib.experiments.ablation import NOT_AVAILABLE, Ablation, AblationSetup, RowConfig, engine_supports, format_table, ladder
+from course_lib.experiments.ablation import (NOT_AVAILABLE, Ablation, AblationSetup, RowConfig, engine_supports,
+                                             format_table, ladder)
 from course_lib.experiments.capstone_workloads import WORKLOADS, capstone_workloads
 from course_lib.model.checkpoint import CHECKPOINTS
 from course_lib.serving.engine import LLMEngine
 from course_lib.model.generate import greedy_generate
-from course_lib.serving.hf_baseline import HFStaticBatchBaseline, kv_budget_batch_size, load_hf_model, static_batch_accounting
+from course_lib.serving.hf_baseline import (HFStaticBatchBaseline, kv_budget_batch_size, load_hf_model,
+                                            static_batch_accounting)
 from course_lib.model.sampling import SamplingParams
 
 pytest.importorskip("transformers")

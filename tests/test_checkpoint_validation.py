@@ -120,7 +120,8 @@ def test_hidden_size_must_divide_by_heads_when_head_dim_is_implied(ckpt):
 
 
 def test_explicit_head_dim_need_not_divide_hidden_size():
-    config = ModelConfig.from_dict(SMALL | dict(hidden_size=18, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    config = ModelConfig.from_dict(SMALL | dict(hidden_size=18, num_attention_heads=4, num_key_value_heads=2,
+                                                head_dim=8))
     assert config.head_dim == 8
 
 
@@ -306,7 +307,8 @@ def test_tensor_of_wrong_shape_is_named_with_both_shapes(ckpt):
     state = load_file(str(ckpt / "model.safetensors"))
     state["model.layers.0.self_attn.k_proj.weight"] = torch.randn(16, 16)   # config: Hkv*D = 8 rows
     save_file(state, str(ckpt / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight(.|\n)*\[16, 16\](.|\n)*\[8, 16\]"):
+    with pytest.raises(ValueError,
+                       match=r"model\.layers\.0\.self_attn\.k_proj\.weight(.|\n)*\[16, 16\](.|\n)*\[8, 16\]"):
         load(ckpt)
 
 

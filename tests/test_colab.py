@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cells_and_badges_are_in_sync():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "colab.py"), "--check"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "colab.py"), "--check"], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     badges = colab.BADGE.findall((ROOT / "README.md").read_text())
     lessons = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "notebooks").glob("*.ipynb"))

@@ -17,11 +17,12 @@ from course_lib import ModelConfig, Llama
 from course_lib.device import DEVICE
 from course_lib.serving.engine import LLMEngine
 from course_lib.model.generate import greedy_generate
-from course_lib.serving.model_runner import paged_decode_attention_torch
+from course_lib.serving.kv_pool import paged_decode_attention_torch
 from course_lib.model.sampling import SamplingParams, filter_logits
 from course_lib.serving.static_batching import StaticBatchEngine, padded_attention
 from course_lib.model.attention import attention
-from course_lib.experiments.workloads import long_prompt_trace, multimodal_prompt, poisson_arrivals, sharegpt_trace, uniform_trace
+from course_lib.experiments.workloads import (long_prompt_trace, multimodal_prompt, poisson_arrivals, sharegpt_trace,
+                                              uniform_trace)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -64,7 +65,8 @@ def assert_all_blocks_free(engine: LLMEngine) -> None:
     s = engine.scheduler
     assert not (s.waiting or s.running or s.swapped)
     bm = s.block_manager
-    assert bm.num_free_blocks == engine.num_blocks and sorted(bm.allocator.free_block_ids) == list(range(engine.num_blocks))
+    assert bm.num_free_blocks == engine.num_blocks
+    assert sorted(bm.allocator.free_block_ids) == list(range(engine.num_blocks))
     assert not bm.block_tables and all(c == 0 for c in bm.allocator.ref_counts)
     if s.cpu_block_manager is not None:
         assert s.cpu_block_manager.num_free_blocks == engine.num_cpu_blocks and not s.cpu_block_manager.block_tables
@@ -99,7 +101,8 @@ ENGINE_SETUPS = {
     "ample memory, chunked prefill": (dict(max_num_seqs=8), None),
     "no chunked prefill": (dict(max_num_seqs=4, enable_chunked_prefill=False), None),
     "tiny token budget (chunks of 8)": (dict(max_num_seqs=8, max_num_batched_tokens=8), None),
-    "preempted by recompute": (dict(num_blocks=20, block_size=4, max_num_seqs=8, max_num_batched_tokens=16), "recompute"),
+    "preempted by recompute": (dict(num_blocks=20, block_size=4, max_num_seqs=8, max_num_batched_tokens=16),
+                               "recompute"),
     "preempted by swap": (dict(num_blocks=20, block_size=4, max_num_seqs=8, max_num_batched_tokens=16,
                                preemption_mode="swap"), "swap"),
     "swap with a full CPU pool (falls back to recompute)": (dict(num_blocks=20, block_size=4, max_num_seqs=8,
@@ -122,7 +125,8 @@ def test_greedy_equals_decoding_alone_without_cache(tiny, workload, setup):
     assert_preemptions(engine, preempts)
     assert_all_blocks_free(engine)
     # every step respects the token budget and the batch size
-    assert all(s.num_prefill_tokens + s.num_decode_tokens <= engine.max_num_batched_tokens for s in engine.metrics.steps)
+    assert all(s.num_prefill_tokens + s.num_decode_tokens <= engine.max_num_batched_tokens
+               for s in engine.metrics.steps)
     assert all(s.num_running <= engine.max_num_seqs for s in engine.metrics.steps)
 
 
@@ -251,7 +255,8 @@ def test_whole_call_misuse_raises_before_running():
     ("block_size", dict(block_size=0)), ("num_blocks", dict(num_blocks=0)), ("max_num_seqs", dict(max_num_seqs=0)),
     ("max_num_batched_tokens", dict(max_num_seqs=8, max_num_batched_tokens=4)),
     ("max_num_batched_tokens", dict(enable_chunked_prefill=False, max_num_batched_tokens=16)),
-    ("preemption_mode", dict(preemption_mode="drop")), ("num_cpu_blocks", dict(preemption_mode="swap", num_cpu_blocks=0)),
+    ("preemption_mode", dict(preemption_mode="drop")),
+    ("num_cpu_blocks", dict(preemption_mode="swap", num_cpu_blocks=0)),
 ])
 def test_engine_arguments_are_validated(field, kwargs):
     with pytest.raises(ValueError, match=field):
@@ -275,7 +280,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch():
 
 def test_filter_logits_top_k_and_top_p():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    kept = lambda x: torch.isfinite(x).tolist()  # noqa: E731
+    kept = lambda x: torch.isfinite(x).tolist()
     assert kept(filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
     assert kept(filter_logits(logits, 1.0, top_p=0.5)) == [True, False, False, False]
     assert kept(filter_logits(logits, 1.0, top_p=0.8)) == [True, True, False, False]
@@ -308,7 +313,8 @@ def test_static_batching_equals_decoding_alone(tiny, workload):
 
 def test_padded_attention_without_padding_is_attention():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 3, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    q = torch.randn(2, 4, 3, 8, generator=gen)
+    k, v = torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
     torch.testing.assert_close(padded_attention(q, k, v, torch.tensor([0, 0])), attention(q, k, v, causal=True))
     # padding = those keys do not exist
     got = padded_attention(q, k, v, torch.tensor([2, 0]))

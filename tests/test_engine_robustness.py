@@ -127,7 +127,8 @@ def test_a_second_generate_while_one_runs_is_refused(monkeypatch):
     monkeypatch.setattr(ModelRunner, "execute", slow_execute)
     engine = LLMEngine(MICRO, block_size=4, num_blocks=16, max_num_seqs=4)
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("out", engine.generate([[1, 2, 3]], GOOD, use_tqdm=False)))
+    worker = threading.Thread(
+        target=lambda: result.setdefault("out", engine.generate([[1, 2, 3]], GOOD, use_tqdm=False)))
     worker.start()
     assert started.wait(30)
     with pytest.raises(RuntimeError, match="already running"):
@@ -136,7 +137,8 @@ def test_a_second_generate_while_one_runs_is_refused(monkeypatch):
     worker.join(30)
     assert result["out"][0].token_ids == greedy_generate(MICRO, [1, 2, 3], 3, use_cache=False)
     monkeypatch.setattr(ModelRunner, "execute", execute)
-    assert engine.generate([[4, 5]], GOOD, use_tqdm=False)[0].token_ids == greedy_generate(MICRO, [4, 5], 3, use_cache=False)
+    want = greedy_generate(MICRO, [4, 5], 3, use_cache=False)
+    assert engine.generate([[4, 5]], GOOD, use_tqdm=False)[0].token_ids == want
 
 
 # ---------------------------------------------------------------- a failed generate frees what it held

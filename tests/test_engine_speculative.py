@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import random
 
 import pytest
 import torch
@@ -146,7 +145,7 @@ def test_speculation_pauses_while_the_batch_is_big(pair, workload):
     assert [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)] == reference
     steps = engine.metrics.steps
     running_before = [0] + [s.num_running for s in steps[:-1]]         # the batch a step starts with (approximately:
-    big = [s for s, n in zip(steps, running_before) if n >= 8]         # the previous step's, before finishes/admissions)
+    big = [s for s, n in zip(steps, running_before) if n >= 8]        # the previous step's, before finishes/admissions)
     small = [s for s, n in zip(steps, running_before) if n <= 2]
     assert big and all(s.num_draft_tokens == 0 for s in big)
     assert small and any(s.num_draft_tokens > 0 for s in small)

@@ -74,6 +74,20 @@ def test_whole_cell_region_and_quotes_in_message():
         'raise NotImplementedError("Exercise: do it")'
 
 
+def test_a_long_message_is_split_over_lines_and_reads_the_same():
+    message = ("load the K and V blocks (masked), scores in log2 units, mask columns >= Skv, then the online-softmax "
+               "update")
+    source = f"def f():\n    if True:\n        # BEGIN SOLUTION {message}\n        pass\n        # END SOLUTION\n"
+    stubbed = strip_solutions(source)
+    assert max(len(line) for line in stubbed.splitlines()) <= make_exercises.STUB_WIDTH
+    assert len(stubbed.splitlines()) > 3                          # the stub takes more than one line
+    namespace = {}
+    exec(stubbed, namespace)
+    with pytest.raises(NotImplementedError) as err:
+        namespace["f"]()
+    assert str(err.value) == "Exercise: " + message
+
+
 def test_code_without_markers_is_unchanged():
     source = "x = 1  # BEGIN SOLUTION is only a marker on its own line\nprint(x)\n"
     assert strip_solutions(source) == source
@@ -91,7 +105,8 @@ def test_unbalanced_markers_name_file_cell_and_line(source, line, problem):
 
 def test_unbalanced_markers_fail_the_cli(tmp_path):
     (tmp_path / "solutions").mkdir()
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("# BEGIN SOLUTION\ny = 2")])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                         nbformat.v4.new_code_cell("# BEGIN SOLUTION\ny = 2")])
     nbformat.write(nb, tmp_path / "solutions" / "05_bad.ipynb")
     proc = run_check("--solutions", str(tmp_path / "solutions"), "--exercises", str(tmp_path / "exercises"))
     assert proc.returncode == 2

@@ -91,7 +91,8 @@ def test_hidden_keys_never_leak():
 @pytest.mark.parametrize("causal", [False, True])
 def test_stage_bounds_cover_exactly_the_visible_keys(causal):
     """Stage 1 keys are visible to every (real) row of the block, stage 2 holds the rest of the visible keys."""
-    for Sq, Skv, block_m, block_n in [(1, 1, 16, 16), (37, 37, 32, 16), (20, 75, 16, 64), (1, 50, 16, 32), (64, 64, 64, 32)]:
+    for Sq, Skv, block_m, block_n in [(1, 1, 16, 16), (37, 37, 32, 16), (20, 75, 16, 64), (1, 50, 16, 32),
+                                      (64, 64, 64, 32)]:
         for start_m in range(-(-Sq // block_m)):
             full_end, diag_end = stage_bounds(start_m, block_m, block_n, Sq, Skv, causal)
             assert full_end % block_n == 0 and 0 <= full_end <= diag_end <= Skv
@@ -120,9 +121,11 @@ def _bad(**changes):
     (_bad(k=lambda t: t.tolist()), {}, "k must be a torch.Tensor"),
     (_bad(q=lambda t: t.double()), {}, "q has dtype torch.float64"),
     (_bad(v=lambda t: t.to(kernel_dtypes()[1])), {}, "v has dtype .*expected the dtype of q"),
-    (_bad(k=lambda t: t.repeat(1, 1, 1, 2), v=lambda t: t.repeat(1, 1, 1, 2)), {}, r"k has shape \(1, 2, 8, 64\); expected \[B=1, Hkv, Skv, D=32\]"),
+    (_bad(k=lambda t: t.repeat(1, 1, 1, 2), v=lambda t: t.repeat(1, 1, 1, 2)), {},
+     r"k has shape \(1, 2, 8, 64\); expected \[B=1, Hkv, Skv, D=32\]"),
     (_bad(v=lambda t: t[:, :, :5]), {}, r"v has shape \(1, 2, 5, 32\); expected the shape of k"),
-    (_bad(k=lambda t: t.repeat(1, 3, 1, 1)[:, :3], v=lambda t: t.repeat(1, 3, 1, 1)[:, :3]), {}, "k has 3 kv heads .* divisor of q's 4 heads"),
+    (_bad(k=lambda t: t.repeat(1, 3, 1, 1)[:, :3], v=lambda t: t.repeat(1, 3, 1, 1)[:, :3]), {},
+     "k has 3 kv heads .* divisor of q's 4 heads"),
     (_bad(q=lambda t: t[..., :24], k=lambda t: t[..., :24], v=lambda t: t[..., :24]), {}, "head dim D=24"),
     (_bad(k=lambda t: t[:, :, :0], v=lambda t: t[:, :, :0]), {}, "no keys"),
     (_bad(k=lambda t: t[:, :, :4], v=lambda t: t[:, :, :4]), {"causal": True}, "causal attention needs Sq <= Skv"),

@@ -83,7 +83,8 @@ def test_fused_model_equals_the_plain_model(qk_norm, bias):
         again = model(ids)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
     assert torch.equal(again, fused)
-    assert set(model.state_dict()) == set(state) and all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     attn = model.model.layers[0].self_attn
     qkv = attn.qkv[0]
     assert attn.q_proj.weight.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()   # views: no copy

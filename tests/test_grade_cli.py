@@ -46,7 +46,8 @@ CHEATS = {
 import glob, json, os, tempfile
 lines = "".join(json.dumps({"name": n, "status": "passed", "points": 100, "max_points": 1}) + "\\n"
                 for n in ("add", "scale", "factor"))
-for path in [os.environ.get("COURSE_GRADE_REPORT")] + glob.glob(os.path.join(tempfile.gettempdir(), "course-grade-*", "report.jsonl")):
+reports = glob.glob(os.path.join(tempfile.gettempdir(), "course-grade-*", "report.jsonl"))
+for path in [os.environ.get("COURSE_GRADE_REPORT")] + reports:
     if path:
         open(path, "a").write(lines)
 ''',
@@ -68,7 +69,8 @@ for name in ("bogus", "add", "scale"):
         pass
 ''',
     "planted_py": '''
-open("toy_checks.py", "w").write("def check_add(f):\\n    return None\\ncheck_scale = check_factor = check_on_gpu = check_add\\n"
+open("toy_checks.py", "w").write("def check_add(f):\\n    return None\\n"
+                                 "check_scale = check_factor = check_on_gpu = check_add\\n"
                                  "POINTS = {'add': 0, 'scale': 0, 'factor': 0}\\n")
 ''',
     "fake_stdout": '''
@@ -146,7 +148,7 @@ for _ in range(200):
     print("x" * 100_000)            # 20 MB of output: read and dropped, never stored
 '''), limits / "toy_forks_and_floods.ipynb")
     slow = _with_cell(SOLUTION, "time.sleep(3)", 4)
-    for i in range(3):
+    for _ in range(3):
         slow.cells.insert(5, nbformat.v4.new_code_cell("import time\ntime.sleep(2)"))
     (limits / "deadline").mkdir()
     nbformat.write(slow, limits / "deadline" / "toy_slow.ipynb")
@@ -159,7 +161,8 @@ for _ in range(200):
     limit_run = grade(limits / "toy_forks_and_floods.ipynb", "--json", env={"CHILD_PID_FILE": str(pid_file)})
     deadline_run = grade(limits / "deadline", "--json", "--deadline", "5")
     out = {}
-    for name, proc in [("main", main), ("hang", hang), ("cheats", cheats), ("limits", limit_run), ("deadline", deadline_run)]:
+    started = [("main", main), ("hang", hang), ("cheats", cheats), ("limits", limit_run), ("deadline", deadline_run)]
+    for name, proc in started:
         stdout, stderr = proc.communicate(timeout=600)
         out[name] = (proc.returncode, stdout, stderr)
     out["seconds"] = time.monotonic() - started
@@ -311,7 +314,8 @@ def test_changed_course_code_is_reported(tmp_path):
     (tmp_path / "course_lib").mkdir()
     (tmp_path / "course_lib" / "a.py").write_text("x = 1\n")
     subprocess.run(["git", "-C", str(tmp_path), "add", "."], check=True)
-    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "a"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "a"],
+                   check=True)
     assert changed_files(tmp_path) == []
     (tmp_path / "course_lib" / "a.py").write_text("x = 2\n")
     (tmp_path / "kernels").mkdir()

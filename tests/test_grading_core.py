@@ -149,7 +149,8 @@ def test_tensor_value_summary_has_count_first_index_and_errors():
 
 
 def test_tensor_not_a_tensor():
-    assert "expected a torch.Tensor (2, 3) torch.float32, got list" in tensor_failure([[0.0] * 3] * 2, torch.zeros(2, 3))
+    got = tensor_failure([[0.0] * 3] * 2, torch.zeros(2, 3))
+    assert "expected a torch.Tensor (2, 3) torch.float32, got list" in got
 
 
 def test_close_within_tolerance_passes_and_nan_equals_nan():

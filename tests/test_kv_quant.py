@@ -51,7 +51,8 @@ def test_zero_point_bound_and_skewed_rows():
     sym, asym = quantize(x, "head"), quantize(x, "head", zero_point=True)
     assert int(asym.codes.min()) == -128 and int(asym.codes.max()) == 127
     assert bool(((dequantize(asym) - x).abs() <= asym.scale / 2 * (1 + 1e-4) + 1e-6).all())
-    assert quantization_error(x, dequantize(asym))["relative"] < 0.5 * quantization_error(x, dequantize(sym))["relative"]
+    assert (quantization_error(x, dequantize(asym))["relative"]
+            < 0.5 * quantization_error(x, dequantize(sym))["relative"])
 
 
 def test_fp8_relative_error():
@@ -183,10 +184,12 @@ def test_fp8_store_is_refused_cleanly_where_unsupported():
     (lambda a: {**a, "v": a["v"].half()}, "v has dtype torch.float16; expected the dtype of k"),
     (lambda a: {**a, "k_cache": a["k_cache"].float()}, "k_cache has dtype torch.float32; expected torch.int8"),
     (lambda a: {**a, "v_cache": a["v_cache"][:1]}, "v_cache has shape"),
-    (lambda a: {**a, "k_scale": a["k_scale"][:, :, :1]}, r"k_scale has shape \(2, 8, 1\); expected \[num_blocks, block_size, Hkv\]"),
+    (lambda a: {**a, "k_scale": a["k_scale"][:, :, :1]},
+     r"k_scale has shape \(2, 8, 1\); expected \[num_blocks, block_size, Hkv\]"),
     (lambda a: {**a, "v_scale": a["v_scale"].bfloat16()}, "v_scale has dtype torch.bfloat16"),
     (lambda a: {**a, "v_scale": a["v_scale"].float()}, "expected the dtype of k_scale"),
-    (lambda a: {**a, "k_zero": torch.zeros(2, 8, 2, device=DEVICE, dtype=torch.float16)}, "give both k_zero and v_zero"),
+    (lambda a: {**a, "k_zero": torch.zeros(2, 8, 2, device=DEVICE, dtype=torch.float16)},
+     "give both k_zero and v_zero"),
     (lambda a: {**a, "slot_mapping": a["slot_mapping"][:2]}, "slot_mapping has shape"),
     (lambda a: {**a, "slot_mapping": a["slot_mapping"].float()}, "slot_mapping has dtype torch.float32"),
     (lambda a: {**a, "slot_mapping": a["slot_mapping"] + 100}, "the cache has only N\\*P = 16 slots"),
@@ -217,7 +220,9 @@ def make_quantized(B, Hq, Hkv, D, P, lens, dtype, *, seed=0, kv_dtype="int8", ze
     q = torch.randn(B, Hq, D, generator=gen).to(DEVICE, dtype)
     args = (q, qk.codes.to(DEVICE), qv.codes.to(DEVICE), qk.scale[..., 0].contiguous().to(DEVICE),
             qv.scale[..., 0].contiguous().to(DEVICE), tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE))
-    zeros = dict(k_zero=qk.zero[..., 0].contiguous().to(DEVICE), v_zero=qv.zero[..., 0].contiguous().to(DEVICE)) if zero_point else {}
+    zeros = {}
+    if zero_point:
+        zeros = dict(k_zero=qk.zero[..., 0].contiguous().to(DEVICE), v_zero=qv.zero[..., 0].contiguous().to(DEVICE))
     return args, zeros, (k.to(DEVICE, dtype), v.to(DEVICE, dtype))
 
 
@@ -243,7 +248,8 @@ def test_paged_attention_int8_variants(P, variant):
     args, zeros, _ = make_quantized(len(lens), 8, 2, 32, P, lens, dtype, seed=P, **options)
     want = ref.paged_attention_int8_decode(*args, **zeros)
     for splits in (None, 2):
-        torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, num_splits=splits, **zeros), want, **TOL[dtype])
+        torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, num_splits=splits, **zeros), want,
+                                   **TOL[dtype])
 
 
 def test_head_dim_not_a_power_of_two_sm_scale_empty_sequences_and_auto_split():
@@ -263,7 +269,8 @@ def test_paged_attention_int8_reads_words_and_refuses_what_is_not_whole_words(sp
     not a multiple of 4, gets a ValueError instead of misaligned reads."""
     args, _, _ = make_quantized(3, 8, 2, 24, 8, [5, 8, 23], torch.float16, seed=7)
     want = ref.paged_attention_int8_decode(*args)
-    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, num_splits=splits), want, **TOL[torch.float16])
+    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, num_splits=splits), want,
+                               **TOL[torch.float16])
     shifted = []
     for codes in args[1:3]:                                           # the same codes, 1 byte past a word boundary
         buf = torch.empty(codes.numel() + 1, dtype=codes.dtype, device=codes.device)[1:].view(codes.shape)
@@ -294,12 +301,15 @@ def test_int8_attention_is_close_to_full_precision_attention():
     (lambda a: {**a, "v_cache": a["v_cache"][:, :4]}, "v_cache has shape"),
     (lambda a: {**a, "k_scale": a["k_scale"][:1]}, "k_scale has shape"),
     (lambda a: {**a, "v_scale": a["v_scale"].double()}, "v_scale has dtype torch.float64"),
-    (lambda a: {**a, "k_scale": a["k_scale"].transpose(0, 1).contiguous().transpose(0, 1)}, "k_scale must be contiguous"),
+    (lambda a: {**a, "k_scale": a["k_scale"].transpose(0, 1).contiguous().transpose(0, 1)},
+     "k_scale must be contiguous"),
     (lambda a: {**a, "v_zero": a["k_scale"]}, "give both k_zero and v_zero"),
-    (lambda a: {**a, "block_tables": a["block_tables"].long()}, "block_tables has dtype torch.int64; expected torch.int32"),
+    (lambda a: {**a, "block_tables": a["block_tables"].long()},
+     "block_tables has dtype torch.int64; expected torch.int32"),
     (lambda a: {**a, "block_tables": a["block_tables"][:1]}, r"block_tables has shape \(1, 3\); expected \[B=2"),
     (lambda a: {**a, "context_lens": a["context_lens"].long()}, "context_lens has dtype torch.int64"),
-    (lambda a: {**a, "context_lens": a["context_lens"] + 40}, "longer than block_tables can address: 3 blocks x block_size 8 = 24"),
+    (lambda a: {**a, "context_lens": a["context_lens"] + 40},
+     "longer than block_tables can address: 3 blocks x block_size 8 = 24"),
     (lambda a: {**a, "context_lens": a["context_lens"] - 10}, "lengths must be >= 0"),
     (lambda a: {**a, "num_splits": 0}, "num_splits must be None or a positive int"),
     (lambda a: {**a, "q": a["q"].to("meta")}, "q is on meta"),
@@ -319,7 +329,8 @@ def test_paged_attention_int8_refuses_a_block_id_outside_the_cache(bad):
     want = ref.paged_attention_int8_decode(*args)
     tables = args[5].clone()
     tables[0, 1:], tables[1, 2] = -1, -1                                  # never read: padding
-    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args[:5], tables, args[6]), want, **TOL[torch.float32])
+    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args[:5], tables, args[6]), want,
+                               **TOL[torch.float32])
     tables[1, 1] = bad
     with pytest.raises(ValueError, match=rf"block_tables\[1, 1\] = {bad} is outside \[0, num_blocks=9\) "
                                          rf"\(sequence 1 reads block_tables\[1, 0:2\] for context_lens\[1\] = 12\)"):
@@ -342,7 +353,8 @@ def test_store_kv_int8_refuses_values_that_are_not_finite(name, bad):
     x[name][2, 1, 5] = bad
     for store in (kernels.store_kv_int8, ref.store_kv_int8):
         with pytest.raises(ValueError, match=rf"{name}\[2, 1\] holds {bad}"):
-            store(**x, k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs, slot_mapping=torch.tensor([0, 5, 9], device=DEVICE))
+            store(**x, k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs,
+                  slot_mapping=torch.tensor([0, 5, 9], device=DEVICE))
     # validate=False: the engine's path (its model's K/V), no check and no host sync
     x[name][2, 1, 5] = 0.0
     kernels.store_kv_int8(**x, k_cache=kc, v_cache=vc, k_scale=ks, v_scale=vs,
@@ -405,7 +417,8 @@ def test_model_int8_cache_kernels_equal_references(tiny, one_thread):
     n = min(len(p) for p in prompts)
     prompts, steps = [p[:n] for p in prompts], 10
     assert n + steps - 1 > 8                                         # the decode crosses a block boundary (P = 8)
-    caches = [QuantizedPagedKVCache(model.config, num_blocks=16, block_size=8, batch_size=2, device=DEVICE, use_kernel=u)
+    caches = [QuantizedPagedKVCache(model.config, num_blocks=16, block_size=8, batch_size=2, device=DEVICE,
+                                    use_kernel=u)
               for u in (True, False)]
     got, want = (_decode(model, c, prompts, steps) for c in caches)
     assert got == want
@@ -431,14 +444,16 @@ def fp32_greedy(tiny):
     return out
 
 
-@pytest.mark.parametrize("options", [dict(kv_dtype="int8"), dict(kv_dtype="int8", zero_point=True), dict(kv_dtype="fp8")])
+@pytest.mark.parametrize("options", [dict(kv_dtype="int8"), dict(kv_dtype="int8", zero_point=True),
+                                     dict(kv_dtype="fp8")])
 def test_model_8bit_cache_agrees_with_full_precision(tiny, fp32_greedy, one_thread, options):
     """Teacher-forced along the FP32 cache's greedy output (so one early near-tie cannot derail the rest), the
     8-bit cache picks the same next token at >= 97% of 3 x 100 steps (measured: 100%; plain-torch path)."""
     model, _ = tiny
     agree = total = 0
     for ids, want in fp32_greedy:
-        cache = make_paged_kv_cache(model.config, num_blocks=16, block_size=16, device=DEVICE, use_kernel=False, **options)
+        cache = make_paged_kv_cache(model.config, num_blocks=16, block_size=16, device=DEVICE, use_kernel=False,
+                                    **options)
         got = _decode(model, cache, [ids], AGREEMENT_STEPS, forced=want)
         agree += sum(a == b for a, b in zip(got[0], want[0]))
         total += AGREEMENT_STEPS

@@ -86,7 +86,8 @@ def test_no_private_name_is_imported_from_another_package():
 
 
 def test_kernels_import_nothing_of_course_lib():
-    bad = [f"{path.relative_to(ROOT)}:{line}: {target}" for path, module in _library_files() if module.startswith("kernels")
+    bad = [f"{path.relative_to(ROOT)}:{line}: {target}"
+           for path, module in _library_files() if module.startswith("kernels")
            for line, target, _ in _imports(path) if target.split(".")[0] == "course_lib"]
     assert not bad, "kernels/ must stand alone:\n" + "\n".join(bad)
 

@@ -260,7 +260,8 @@ def test_update_check_hints(fn, message):
 
 @pytest.mark.parametrize("fn, message", [
     (lambda c, n, b, e: kv_cache_bytes(c, n, b, e) // 2, "factor 2"),
-    (lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n * b * e, "num_key_value_heads"),
+    (lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * n * b * e,
+     "num_key_value_heads"),
     (lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
      * n * b * e, "config.head_dim"),                              # right for every preset but Qwen3's
 ])

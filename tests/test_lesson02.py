@@ -62,7 +62,8 @@ def test_slot_mapping_check():
 FULL = "if num_tokens == len(block_table) * block_size:"
 append_slot_off_by_one = edited(SOLVED.append_slot, {          # grows one token late
     FULL: "if num_tokens > len(block_table) * block_size or not block_table:",
-    "return block_table[num_tokens // block_size]": "return block_table[min(num_tokens // block_size, len(block_table) - 1)]"})
+    "return block_table[num_tokens // block_size]":
+    "return block_table[min(num_tokens // block_size, len(block_table) - 1)]"})
 append_slot_always = edited(SOLVED.append_slot, {FULL: "if True:"})
 
 
@@ -106,7 +107,7 @@ def test_paged_attention_kernel_check():
     assert_not_attempted(lesson02.check_paged_attention_kernel(STUBS._paged_attention_kernel))
     wrong_gqa = edited(kernel, {"kv_head = head // QUERIES_PER_KV": "kv_head = head % NUM_KV_HEADS"})
     assert_caught(lesson02.check_paged_attention_kernel(wrong_gqa), "kv_head = head // QUERIES_PER_KV")
-    truncate = edited(kernel, {"tl.cdiv(context_len, BLOCK_SIZE)": "context_len // BLOCK_SIZE"})   # drops the last block
+    truncate = edited(kernel, {"tl.cdiv(context_len, BLOCK_SIZE)": "context_len // BLOCK_SIZE"})  # drops the last block
     assert_caught(lesson02.check_paged_attention_kernel(truncate), "the last, partly filled block")
     assert_caught(lesson02.check_paged_attention_kernel(lambda *a: None), "@triton.jit")
 

@@ -42,7 +42,8 @@ def test_tiled_and_naive_attention_match_reference(Sq, Skv, block_n, causal):
 
 
 def test_formulas():
-    assert osm.attention_flops(1, 1, 10, 20, 8) == 4 * 10 * 20 * 8 == 2 * osm.attention_flops(1, 1, 10, 20, 8, causal=True)
+    assert (osm.attention_flops(1, 1, 10, 20, 8) == 4 * 10 * 20 * 8
+            == 2 * osm.attention_flops(1, 1, 10, 20, 8, causal=True))
     assert osm.score_matrix_bytes(2, 3, 4, 5, 2) == 240
     # naive: Q, K, V, O plus S and P each written and read; flash: no S·S term, K/V once per query block
     assert osm.hbm_bytes_naive(1, 1, 4, 4, 2, 1) == 2 * 8 + 2 * 8 + 4 * 16
@@ -88,7 +89,8 @@ def test_recorded_gpu_results_are_complete():
 # ---------------------------------------------------------------- the torch checks
 RESCALE_L = {"l = l * alpha + p.sum(dim=-1)": "l = l + p.sum(dim=-1)"}   # the old running sum not rescaled
 _softmax_no_rescale = edited(SOLVED.online_softmax, RESCALE_L)
-_tiled_no_rescale = edited(SOLVED.tiled_attention, {**RESCALE_L, "acc = acc * alpha[..., None] + p @ vb": "acc = acc + p @ vb"})
+_tiled_no_rescale = edited(SOLVED.tiled_attention,
+                           {**RESCALE_L, "acc = acc * alpha[..., None] + p @ vb": "acc = acc + p @ vb"})
 
 
 def _softmax_no_max(x, block_size):
@@ -97,8 +99,9 @@ def _softmax_no_max(x, block_size):
 
 
 def _softmax_drops_last_block(x, block_size):
-    return osm.online_softmax(x[..., : (x.shape[-1] // block_size) * block_size], block_size) if x.shape[-1] >= block_size \
-        else osm.online_softmax(x, block_size)
+    if x.shape[-1] < block_size:
+        return osm.online_softmax(x, block_size)
+    return osm.online_softmax(x[..., : (x.shape[-1] // block_size) * block_size], block_size)
 
 
 def _tiled_top_left_causal(q, k, v, *, causal=False, block_n=16):
@@ -149,7 +152,8 @@ def test_flash_kernel_check():
     assert gqa.status == "failed" and "h // (Hq // Hkv)" in gqa.message
     no_rescale = lesson03.check_flash_kernel(edited(kernel, NO_RESCALE))
     assert no_rescale.status == "failed" and "alpha" in no_rescale.message
-    no_mask = lesson03.check_flash_kernel(edited(kernel, {'\n        qk = tl.where(cols[None, :] < Skv, qk, float("-inf"))': ""}))
+    no_mask = lesson03.check_flash_kernel(
+        edited(kernel, {'\n        qk = tl.where(cols[None, :] < Skv, qk, float("-inf"))': ""}))
     assert no_mask.status == "failed" and "-inf" in no_mask.message
     assert lesson03.check_flash_kernel(lambda *a: None).status == "failed"
 

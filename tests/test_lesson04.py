@@ -35,7 +35,8 @@ preempt_to_back = edited(SOLVED.preempt, {"waiting.insert(0, victim)": "waiting.
 preempt_no_fallback = edited(SOLVED.preempt, {       # assumes the CPU pool always has room
     'if mode == "swap" and cpu_block_manager.can_allocate(held):': 'if mode == "swap":'})
 preempt_mapping_after_free = edited(SOLVED.preempt, {
-    "mapping = list(zip(block_manager.block_table(victim.seq_id), cpu_table))\n        block_manager.free(victim.seq_id)":
+    "mapping = list(zip(block_manager.block_table(victim.seq_id), cpu_table))\n"
+    "        block_manager.free(victim.seq_id)":
     "block_manager.free(victim.seq_id)\n        mapping = list(zip(range(len(cpu_table)), cpu_table))  # guessed ids"})
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-import course_lib  # noqa: F401  (resolves the device before anything imports triton)
+import course_lib  # first: resolves the device before anything imports triton
 from course_lib import ModelConfig, load_pretrained, save_pretrained
 from course_lib.model.generate import greedy_generate
 from course_lib.model.kv_cache import KVCache

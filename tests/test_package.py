@@ -56,8 +56,10 @@ def test_requirements_pin_exactly_what_pyproject_declares():
     for req in declared:
         name = canonicalize_name(req.name)
         assert name in pins, f"pyproject.toml needs {req}: pin it in requirements.txt"
-        assert req.specifier.contains(pins[name], prereleases=True), f"requirements.txt pins {name}=={pins[name]}: {req}"
-    assert set(pins) == {canonicalize_name(r.name) for r in declared}, "requirements.txt pins a package pyproject.toml lacks"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.txt pins {name}=={pins[name]}: {req}")
+    assert set(pins) == {canonicalize_name(r.name) for r in declared}, (
+        "requirements.txt pins a package pyproject.toml lacks")
     assert "-e ." in (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()  # and the course itself
 
 

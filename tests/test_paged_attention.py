@@ -108,13 +108,13 @@ def test_split_k_is_chosen_for_few_long_sequences():
 def test_wave_filling_splits_match_the_h200_sweep():
     # 4 resident programs per SM x 132 SMs = 528 slots; the best split counts measured for the INT8 kernel on an
     # H200 (int8_split_sweep_nvidia-h200_2026-11-28.json): B=32 8k -> 2, B=64 -> 1, B=16 -> 4, B=8 16k -> 8
-    waves = lambda B, L: choose_num_splits_in_waves(B, 8, L, num_sms=132, resident_per_sm=4)  # noqa: E731
+    waves = lambda B, L: choose_num_splits_in_waves(B, 8, L, num_sms=132, resident_per_sm=4)
     assert [waves(32, 8192), waves(64, 8192), waves(16, 8192), waves(8, 16384), waves(128, 8192)] == [2, 1, 4, 8, 1]
     assert waves(1, MIN_TOKENS_PER_SPLIT) == 1                        # too short to split
     assert waves(1, 4 * MIN_TOKENS_PER_SPLIT) == 4                    # splits stay >= 256 tokens: as many as allowed
     for B in range(1, 66):                                            # whenever some split count fills the waves,
         s = waves(B, 32768)                                           # the chosen one does, and no smaller one
-        fill = lambda k: B * 8 * k / (-(-B * 8 * k // 528) * 528)     # noqa: E731
+        fill = lambda k: B * 8 * k / (-(-B * 8 * k // 528) * 528)
         assert fill(s) >= WAVE_FILL or B * 8 >= 528, (B, s)
         assert all(fill(k) < WAVE_FILL for k in range(1, s)), (B, s)
 
@@ -132,14 +132,17 @@ def test_splits_agree_with_each_other_on_a_long_context():
     (lambda a: {**a, "q": a["q"][:, :3]}, "q has 3 heads, not a multiple of k_cache's 2 kv heads"),
     (lambda a: {**a, "q": a["q"][..., :8].contiguous()}, "k_cache has head_dim 16 .* expected q's head_dim D=8"),
     (lambda a: {**a, "q": a["q"].half()}, "k_cache has dtype torch.float32; expected the dtype of q"),
-    (lambda a: {**a, "q": a["q"].long(), "k_cache": a["k_cache"].long(), "v_cache": a["v_cache"].long()}, "q has dtype torch.int64"),
+    (lambda a: {**a, "q": a["q"].long(), "k_cache": a["k_cache"].long(), "v_cache": a["v_cache"].long()},
+     "q has dtype torch.int64"),
     (lambda a: {**a, "v_cache": a["v_cache"][:, :4]}, "v_cache has shape"),
     (lambda a: {**a, "k_cache": a["k_cache"][0]}, "k_cache has shape"),
-    (lambda a: {**a, "block_tables": a["block_tables"].long()}, "block_tables has dtype torch.int64; expected torch.int32"),
+    (lambda a: {**a, "block_tables": a["block_tables"].long()},
+     "block_tables has dtype torch.int64; expected torch.int32"),
     (lambda a: {**a, "block_tables": a["block_tables"][:1]}, r"block_tables has shape \(1, 3\); expected \[B=2"),
     (lambda a: {**a, "context_lens": a["context_lens"].long()}, "context_lens has dtype torch.int64"),
     (lambda a: {**a, "context_lens": a["context_lens"][:1]}, "context_lens has shape"),
-    (lambda a: {**a, "context_lens": a["context_lens"] + 40}, "longer than block_tables can address: 3 blocks x block_size 8 = 24"),
+    (lambda a: {**a, "context_lens": a["context_lens"] + 40},
+     "longer than block_tables can address: 3 blocks x block_size 8 = 24"),
     (lambda a: {**a, "context_lens": a["context_lens"] - 10}, "lengths must be >= 0"),
     (lambda a: {**a, "max_context_len": 25}, "a context length of 25 tokens is longer"),
     (lambda a: {**a, "num_splits": 0}, "num_splits must be None or a positive int"),
@@ -263,6 +266,7 @@ def test_fork_shares_the_prompt_and_copies_on_write(tiny, one_thread):
         model(torch.tensor([prompt], device=DEVICE), cache=alone)
     assert _greedy(model, alone, [[int(first[1])]], 2)[0] == tokens[1]  # the child is unaffected by its sibling
     cache.reorder([1, 1])                                             # beam search: keep only the second beam
-    assert cache.num_used_blocks == 1 and cache.block_manager.allocator.ref_counts[cache.block_manager.block_tables[cache.seq_ids[0]][0]] == 2
+    bm = cache.block_manager
+    assert cache.num_used_blocks == 1 and bm.allocator.ref_counts[bm.block_tables[cache.seq_ids[0]][0]] == 2
     cache.free()
     assert cache.num_used_blocks == 0

@@ -293,7 +293,8 @@ def test_gpu_other_block_sizes_head_dims_groups_and_fp32(P, Hq, Hkv, D):
     chunks = [(1, 5), (200, 300), (64, 0), (17, 1111)]
     for dtype in (torch.bfloat16, torch.float32):
         args = make_prefill(chunks, Hq, Hkv, D, P, dtype, seed=P + D)
-        torch.testing.assert_close(kernels.paged_prefill_attention(*args), ref.paged_prefill_attention(*args), **TOL[dtype])
+        torch.testing.assert_close(kernels.paged_prefill_attention(*args), ref.paged_prefill_attention(*args),
+                                   **TOL[dtype])
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")

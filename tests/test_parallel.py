@@ -93,7 +93,8 @@ def test_cli_exit_code_zero_when_equal():
 
 # ---------------------------------------------------------------- the CLI's logic, without processes
 def test_cli_exit_code_one_when_different(monkeypatch, capsys):
-    fake = Comparison("tp=2", "gloo", 0.5, False, True, 1e-5, [dict(rank=0, all_reduces=12, num_layers=6, bytes=1, forward_s=0.1)],
+    fake = Comparison("tp=2", "gloo", 0.5, False, True, 1e-5,
+                      [dict(rank=0, all_reduces=12, num_layers=6, bytes=1, forward_s=0.1)],
                       torch.zeros(1, 2, dtype=torch.long))
     monkeypatch.setattr(cli, "run_tp", lambda *a, **k: fake)
     assert cli.main(["--tp", "2", "--batch", "1", "--seq", "4"]) == 1

@@ -173,7 +173,8 @@ def run(ops, num_blocks, block_size, cache_cls):
             tokens.pop(next_id, None)
         check_invariants(bm)
         for s, toks in tokens.items():                               # every sequence reads back its own K/V
-            assert [memory.get(x) for x in bm.slot_mapping(s, 0, len(toks))] == [tuple(toks[:i + 1]) for i in range(len(toks))]
+            want = [tuple(toks[:i + 1]) for i in range(len(toks))]
+            assert [memory.get(x) for x in bm.slot_mapping(s, 0, len(toks))] == want
             blocks, _ = bm.prefix_cache.match(toks)                  # its cached blocks are a path from the root
             assert blocks[:bm.num_cached_blocks[s]] == bm.block_table(s)[:bm.num_cached_blocks[s]]
         trace.append(({s: bm.block_table(s) for s in bm.block_tables},
@@ -186,8 +187,10 @@ def run(ops, num_blocks, block_size, cache_cls):
 
 
 @settings(max_examples=150, deadline=None)
-@example(ops=[("start", 0, 3, 1), ("start", 0, 3, 1), ("free", 0, 0, 0), ("start", 0, 1, 1)], num_blocks=8, block_size=2)
-@example(ops=[("start", 0, 0, 1), ("fork", 0, 0, 0), ("decode", 1, 3, 0), ("decode", 0, 3, 0)], num_blocks=12, block_size=4)
+@example(ops=[("start", 0, 3, 1), ("start", 0, 3, 1), ("free", 0, 0, 0), ("start", 0, 1, 1)],
+         num_blocks=8, block_size=2)
+@example(ops=[("start", 0, 0, 1), ("fork", 0, 0, 0), ("decode", 1, 3, 0), ("decode", 0, 3, 0)],
+         num_blocks=12, block_size=4)
 @given(ops=OPS, num_blocks=st.integers(2, 16), block_size=st.sampled_from([1, 2, 4]))
 def test_random_operations_keep_the_books_and_the_variants_agree(ops, num_blocks, block_size):
     tree = run(ops, num_blocks, block_size, PrefixCache)

@@ -5,7 +5,6 @@ computes its last token), swapped-in blocks are merged with the cached ones, and
 from __future__ import annotations
 
 import pytest
-import torch
 
 import course_lib  # noqa: F401  (resolves the device before anything imports triton)
 from course_lib.serving.engine import LLMEngine
@@ -107,9 +106,9 @@ def test_entirely_cached_prompt_computes_its_last_token(tiny):
     engine = LLMEngine(model, block_size=8, use_kernels=False, enable_prefix_caching=True)
     first = engine.generate([prompt], SamplingParams(max_tokens=5), use_tqdm=False)[0]
     again = engine.generate([prompt], SamplingParams(max_tokens=5), use_tqdm=False)[0]   # the cache persists
-    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 24                # not 32: the last block is recomputed
+    assert first.num_cached_tokens == 0 and again.num_cached_tokens == 24         # not 32: the last block is recomputed
     assert again.token_ids == first.token_ids
-    assert engine.scheduler.block_manager.num_merged_blocks >= 1                         # ... and merged with the cached one
+    assert engine.scheduler.block_manager.num_merged_blocks >= 1                    # ... and merged with the cached one
     assert_no_leak(engine)
     engine.reset_prefix_cache()
     assert len(engine.scheduler.block_manager.prefix_cache) == 0

@@ -10,8 +10,9 @@ import pytest
 
 from course_lib.review import review
 from course_lib.review.glossary import GLOSSARY, glossary_html, lookup
-from course_lib.review.review import (BENCHMARKS, Claim, availability, claims_html, engine_summary, engine_vs_hf, find_values,
-                               html_table, is_gpu, latest, lesson_link, lesson_notebook, not_recorded, recorded)
+from course_lib.review.review import (BENCHMARKS, Claim, availability, claims_html, engine_summary, engine_vs_hf,
+                                      find_values, html_table, is_gpu, latest, lesson_link, lesson_notebook,
+                                      not_recorded, recorded)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,8 @@ def results_dir(tmp_path):
 def test_recorded_filters_gpu_and_cpu(results_dir):
     assert len(recorded("speculative", results_dir=results_dir)) == 3
     assert [r["device"] for r in recorded("speculative", gpu=False, results_dir=results_dir)] == ["CPU AMD EPYC"]
-    assert {r["device"] for r in recorded("speculative", gpu=True, results_dir=results_dir)} == {"NVIDIA H200", "NVIDIA H100"}
+    gpus = {r["device"] for r in recorded("speculative", gpu=True, results_dir=results_dir)}
+    assert gpus == {"NVIDIA H200", "NVIDIA H100"}
     assert latest("speculative", gpu=True, results_dir=results_dir)["device"] == "NVIDIA H100"       # the newest
     assert latest("kv_quant", results_dir=results_dir) is None and recorded("engine", results_dir=results_dir) == []
     assert is_gpu({"device": "NVIDIA H200", "cuda": None}) and not is_gpu({"device": "CPU AMD EPYC (1 threads)"})
@@ -120,8 +122,9 @@ def test_glossary_has_the_course_vocabulary():
 def test_glossary_standard_chinese_terms():
     chinese = {t.english: t.chinese for t in GLOSSARY}
     for english, zh in [("prefill", "预填充"), ("decode", "解码"), ("continuous batching", "连续批处理"),
-                        ("PagedAttention", "分页注意力"), ("prefix caching", "前缀缓存"), ("speculative decoding", "推测解码"),
-                        ("tensor parallelism", "张量并行"), ("pipeline parallelism", "流水线并行"), ("KV cache", "KV 缓存")]:
+                        ("PagedAttention", "分页注意力"), ("prefix caching", "前缀缓存"),
+                        ("speculative decoding", "推测解码"), ("tensor parallelism", "张量并行"),
+                        ("pipeline parallelism", "流水线并行"), ("KV cache", "KV 缓存")]:
         assert zh in chinese[english], (english, chinese[english])
 
 

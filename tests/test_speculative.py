@@ -215,7 +215,8 @@ def test_cache_rollback_keeps_exactly_the_accepted_tokens(pair, temperature):
     caches = {m: KVCache(m.config, 1, 128, dtype=m.dtype, device=m.device) for m in (target, draft)}
     stats, gen = spec.SpeculativeStats(), torch.Generator().manual_seed(0)
     while len(tokens) < 24 + 48:
-        tokens += spec.speculative_step(target, draft, tokens, caches[target], caches[draft], 4, temperature, gen, stats)
+        tokens += spec.speculative_step(target, draft, tokens, caches[target], caches[draft], 4, temperature, gen,
+                                        stats)
         assert caches[target].length == len(tokens) - 1
         assert len(tokens) - 3 <= caches[draft].length <= len(tokens) - 1
     assert stats.rejected > 0 and stats.rejected < stats.target_forwards  # both kinds of round happened

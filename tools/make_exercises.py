@@ -5,9 +5,11 @@
 
 In code cells, each region from a line ``# BEGIN SOLUTION[ message]`` to a line ``# END SOLUTION``
 (any indentation) becomes ``raise NotImplementedError("Exercise: <message>")`` at the BEGIN
-marker's indentation. Markdown cells that start with ``<!-- SOLUTION -->`` are dropped. Outputs,
-execution counts and all but minimal metadata are removed, so the result is reproducible byte
-for byte (and the drift test in tests/test_exercises_in_sync.py can compare it with the commit).
+marker's indentation; a message too long for one line of ``STUB_WIDTH`` columns is split, at spaces,
+into strings on consecutive lines (the learner reads the same message). Markdown cells that start with
+``<!-- SOLUTION -->`` are dropped. Outputs, execution counts and all but minimal metadata are removed,
+so the result is reproducible byte for byte (and the drift test in tests/test_exercises_in_sync.py can
+compare it with the commit).
 """
 from __future__ import annotations
 
@@ -24,10 +26,29 @@ BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION\b[ \t:—-]*(?P<message
 END = re.compile(r"^[ \t]*# END SOLUTION\s*$")
 SOLUTION_MARKDOWN = "<!-- SOLUTION -->"
 DEFAULT_MESSAGE = "write this part"
+STUB_WIDTH = 120   # the line length of the course's linter (pyproject.toml, [tool.ruff])
 
 
 class MarkerError(ValueError):
     """Unbalanced or nested solution markers; the message names the file, cell and line."""
+
+
+def stub(indent: str, message: str) -> str:
+    """``raise NotImplementedError("Exercise: <message>")`` at ``indent``, within STUB_WIDTH columns where the
+    message allows: a long one becomes implicitly concatenated strings, one a line, split after spaces."""
+    head = f"{indent}raise NotImplementedError("
+    text = "Exercise: " + message
+    quote = lambda s: json.dumps(s, ensure_ascii=False)
+    if len(head) + len(quote(text)) + 1 <= STUB_WIDTH:
+        return f"{head}{quote(text)})"
+    pieces, piece = [], ""
+    for word in re.findall(r"\S*\s*", text)[:-1]:           # each word with the spaces after it
+        if piece and len(head) + len(quote(piece + word)) + 1 > STUB_WIDTH:
+            pieces.append(piece)
+            piece = ""
+        piece += word
+    pieces.append(piece)
+    return head + ("\n" + " " * len(head)).join(quote(p) for p in pieces) + ")"
 
 
 def strip_solutions(source: str, where: str = "<cell>") -> str:
@@ -37,10 +58,11 @@ def strip_solutions(source: str, where: str = "<cell>") -> str:
     for number, line in enumerate(source.splitlines(), start=1):
         if m := BEGIN.match(line):
             if begin_line is not None:
-                raise MarkerError(f"{where}, line {number}: '# BEGIN SOLUTION' inside the region opened at line {begin_line}")
+                raise MarkerError(f"{where}, line {number}: '# BEGIN SOLUTION' inside the region opened at line "
+                                  f"{begin_line}")
             begin_line = number
             message = re.sub(r"^Exercise:\s*", "", m["message"]) or DEFAULT_MESSAGE
-            out.append(f"{m['indent']}raise NotImplementedError({json.dumps('Exercise: ' + message, ensure_ascii=False)})")
+            out.append(stub(m["indent"], message))
         elif END.match(line):
             if begin_line is None:
                 raise MarkerError(f"{where}, line {number}: '# END SOLUTION' without a '# BEGIN SOLUTION' before it")

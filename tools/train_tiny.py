@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import course_lib  # noqa: F401  (device first)
+import course_lib  # first: resolves the device before anything imports triton
 from course_lib import ModelConfig, corpus
 from course_lib.model.checkpoint import CHECKPOINTS, save_pretrained
 from course_lib.model.llama import Llama
@@ -101,7 +101,8 @@ def train(name: str, steps: int, batch_size: int, seq_len: int, lr: float, eval_
     model = Llama(config).to(device)
     for p_name, p in model.named_parameters():  # GPT-2 style init: small normal weights, ones for norms
         if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.02 / (math.sqrt(2 * config.num_hidden_layers) if p_name.endswith(("o_proj.weight", "down_proj.weight")) else 1))
+            residual = p_name.endswith(("o_proj.weight", "down_proj.weight"))
+            torch.nn.init.normal_(p, std=0.02 / (math.sqrt(2 * config.num_hidden_layers) if residual else 1))
     add_residual_dropout(model, dropout)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

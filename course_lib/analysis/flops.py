@@ -94,7 +94,8 @@ def weight_bytes(config: ModelConfig, bytes_per_element: float = 2) -> float:
     return config.num_parameters() * bytes_per_element
 
 
-def decode_step_bytes(config: ModelConfig, position: int, *, batch_size: int = 1, bytes_per_element: float = 2) -> float:
+def decode_step_bytes(config: ModelConfig, position: int, *, batch_size: int = 1,
+                      bytes_per_element: float = 2) -> float:
     """Least bytes a cached decode step must move from main memory (HBM), for a batch decoding in lockstep::
 
         weights read once (shared by the batch; the embedding table excluded, a lookup reads B rows only)
@@ -109,7 +110,8 @@ def decode_step_bytes(config: ModelConfig, position: int, *, batch_size: int = 1
     return weights * bytes_per_element + kv_read + kv_written
 
 
-def decode_step_intensity(config: ModelConfig, position: int, *, batch_size: int = 1, bytes_per_element: float = 2) -> float:
+def decode_step_intensity(config: ModelConfig, position: int, *, batch_size: int = 1,
+                          bytes_per_element: float = 2) -> float:
     """Arithmetic intensity (FLOP/byte) of a cached decode step: ``decode_step_flops / decode_step_bytes``.
 
     Grows with the batch (the weights are read once for B tokens) but saturates: the K/V reads grow with B

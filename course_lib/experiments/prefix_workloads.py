@@ -97,7 +97,8 @@ def simulate_prefix_cache(requests, *, num_blocks: int, block_size: int = 16, ca
     for i, request in enumerate(requests):
         prompt, reply = (request, []) if isinstance(request[0], (int, np.integer)) else request
         tokens = list(prompt) + list(reply)
-        cached_per_request.append(bm.allocate_with_prefix(i, prompt[:-1], len(tokens)))   # the last prompt token is computed
+        # the last prompt token is always computed
+        cached_per_request.append(bm.allocate_with_prefix(i, prompt[:-1], len(tokens)))
         bm.cache_blocks(i, tokens)
         bm.free(i)
         prompt_tokens += len(prompt)
@@ -139,7 +140,8 @@ def draw_tree(cache: PrefixCache, ax, *, label=None, title: str = "", new_blocks
     ax.annotate("root", (pos[-1][0], 0), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
     for node in cache.nodes.values():
         x, d = pos[node.block_id]
-        color = "tab:orange" if node.block_id in new_blocks else ("tab:blue" if ref_counts[node.block_id] > 1 else "tab:green")
+        shared = ref_counts[node.block_id] > 1
+        color = "tab:orange" if node.block_id in new_blocks else ("tab:blue" if shared else "tab:green")
         text = label(node) if label else str(node.block_id)
         ax.text(x, -d, text, ha="center", va="center", fontsize=7, zorder=3,
                 bbox=dict(boxstyle="round,pad=0.25", fc=color, ec="none", alpha=0.35))

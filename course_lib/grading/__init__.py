@@ -2,6 +2,6 @@
 
 Import checks from their lesson module, e.g. ``from course_lib.grading.lesson00 import check_arithmetic_intensity``.
 """
-from course_lib.grading.core import Checker, CheckResult  # noqa: F401
+from course_lib.grading.core import Checker, CheckResult
 
 __all__ = ["Checker", "CheckResult"]

@@ -1,4 +1,5 @@
-"""Grade exercise notebooks: ``python -m course_lib.grade [PATH ...] [--json] [--timeout S] [--deadline S]`` (this module; ``course_lib/grade.py`` starts it).
+"""Grade exercise notebooks: ``python -m course_lib.grade [PATH ...] [--json] [--timeout S] [--deadline S]`` (this
+module; ``course_lib/grade.py`` starts it).
 
 PATH is a notebook or a folder of notebooks (default: ``exercises/``). For each notebook the grader
 
@@ -133,12 +134,12 @@ def _grade_check(run: NotebookRun, check: Check, function, label: str) -> Row:
     for expression in check.args:
         try:
             args.append(run.session.eval(expression))
-        except Exception as err:  # noqa: BLE001 (the name is missing: say why, from the cells' outcomes)
+        except Exception as err:  # the name is missing: say why, from the cells' outcomes
             return row(*run.why_undefined(expression, check.check.partition(":")[2], err))
     try:
         with quiet():
             result = function(*args)
-    except Exception as err:  # noqa: BLE001 (a check must never take the grader down)
+    except Exception as err:  # a check must never take the grader down
         result = None
         message = f"the check could not run: {type(err).__name__}: {err}"
     finally:
@@ -176,14 +177,15 @@ def score_table(grades: list[NotebookGrade], changed: list[str] | None = None) -
             rows.append((r.notebook, r.name, r.status, f"{_fmt(r.points)}/{_fmt(r.max_points)}", note[:70]))
         rows.append((g.notebook, "total", "", f"{_fmt(g.points)}/{_fmt(g.max_points)}", ""))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    line = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     s = summary(grades, changed)
     out.append(f"\nscore: {s['points']:g}/{s['max_points']:g} points ({s['percent']:.0f}%)")
     if s["gpu_points"]:
         rest = s["max_points"] - s["gpu_points"]
         out.append(f"{s['gpu_points']:g} point(s) need a GPU; without them: {s['points']:g}/{rest:g} "
-                   f"({100 * s['points'] / rest if rest else 0:.0f}%). Run those checks on a GPU machine for their points.")
+                   f"({100 * s['points'] / rest if rest else 0:.0f}%). "
+                   "Run those checks on a GPU machine for their points.")
     if changed:
         out.append(f"\nUNVERIFIED: the course's code differs from the committed version ({', '.join(changed[:5])}"
                    f"{' ...' if len(changed) > 5 else ''}); restore it with `git checkout -- course_lib kernels` "
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time limit per notebook, cells and checks together (default 1200)")
     parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH, help=argparse.SUPPRESS)  # the tests' toy lesson
     parser.add_argument("--require-full", action="store_true", help="exit 1 unless every check passed (or needs a GPU)")
-    parser.add_argument("--expect-none-attempted", action="store_true", help="exit 1 unless every check is a stub (or needs a GPU)")
+    parser.add_argument("--expect-none-attempted", action="store_true",
+                        help="exit 1 unless every check is a stub (or needs a GPU)")
     args = parser.parse_args(argv)
     if not args.paths:  # exercises/ of the current folder, else of the course this module belongs to
         args.paths = [next((str(p) for p in (Path("exercises"), _REPO_EXERCISES) if p.is_dir()), "exercises")]
@@ -247,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     functions = import_checks(manifest)
     changed = changed_files()
     if changed is None and not args.json:
-        print("note: not a git checkout, so the grader cannot verify that the course's code is unchanged", file=sys.stderr)
+        print("note: not a git checkout, so the grader cannot verify that the course's code is unchanged",
+              file=sys.stderr)
     grades = []
     for nb in notebooks:
         if not args.json:

@@ -48,7 +48,7 @@ ICONS = {PASSED: "✅", FAILED: "❌", NOT_ATTEMPTED: "⏭", NEEDS_GPU: "🖥"}
 
 _GRADING_DIR = str(Path(__file__).resolve().parent)
 _LIBRARY_DIRS = tuple({str(Path(__file__).resolve().parents[2] / "kernels"), str(Path(__file__).resolve().parents[1]),
-                       sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+                       *(sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib"))})
 
 
 @dataclass
@@ -184,7 +184,8 @@ def _student_frame(exc: BaseException | None, tb) -> traceback.FrameSummary | No
 def _where(frame: traceback.FrameSummary | None) -> str:
     if frame is None:
         return ""
-    cell = "your cell" if "ipykernel_" in frame.filename or frame.filename.startswith("<") else Path(frame.filename).name
+    in_a_cell = "ipykernel_" in frame.filename or frame.filename.startswith("<")
+    cell = "your cell" if in_a_cell else Path(frame.filename).name
     source = (frame.line or "").strip()
     return f"in {frame.name}(), {cell} line {frame.lineno}" + (f": {source}" if source else "")
 
@@ -200,7 +201,8 @@ class Checker:
         self._old_handler = None
 
     # --- assertions (call these inside the with-block) -------------------------------------------
-    def check_close(self, got, expected, *, case: str = "", rtol: float = 1e-5, atol: float = 1e-8, hint: str = "") -> None:
+    def check_close(self, got, expected, *, case: str = "", rtol: float = 1e-5, atol: float = 1e-8,
+                    hint: str = "") -> None:
         """Tensors, numbers or lists of them agree within ``|got - expected| <= atol + rtol*|expected|``."""
         self._verdict(_compare(got, expected, rtol, atol, exact=False), got, expected, case, hint)
 
@@ -233,7 +235,8 @@ class Checker:
     # --- context manager -------------------------------------------------------------------------
     def __enter__(self) -> Checker:
         if self.skipped:  # so that `if c.skipped: return c.result` works inside the block
-            self.result = CheckResult(self.name, NEEDS_GPU, 0, self.points, "this check runs only on a CUDA GPU; on CPU it is skipped, not failed")
+            self.result = CheckResult(self.name, NEEDS_GPU, 0, self.points,
+                                      "this check runs only on a CUDA GPU; on CPU it is skipped, not failed")
         elif self.timeout_s and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGALRM, self._on_alarm)
             self._old_timer = signal.setitimer(signal.ITIMER_REAL, self.timeout_s)[0], time.monotonic()

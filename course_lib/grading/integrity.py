@@ -22,8 +22,8 @@ def changed_files(root: Path = ROOT) -> list[str] | None:
     if git is None or not (Path(root) / ".git").exists():
         return None
     try:
-        out = subprocess.run([git, "-C", str(root), "status", "--porcelain=v1", "--untracked-files=all", "--", *WATCHED],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        status = [git, "-C", str(root), "status", "--porcelain=v1", "--untracked-files=all", "--", *WATCHED]
+        out = subprocess.run(status, capture_output=True, text=True, timeout=30, check=True).stdout
     except (subprocess.SubprocessError, OSError):
         return None
     return sorted(line[3:] for line in out.splitlines() if line.strip())

@@ -72,7 +72,8 @@ def check_attainable_flops(student_fn) -> CheckResult:
                 "right of the ridge point the compute roof caps you at peak_flops": i * bw,
             }, "attainable FLOP/s = min(peak_flops, intensity · peak_bandwidth)")
             c.check_close(got, attainable_flops(i, peak, bw), rtol=1e-9, atol=0, hint=hint,
-                          case=f"{name}: intensity={i:.4g} FLOP/B, peak_flops={peak:.4g} FLOP/s, peak_bandwidth={bw:.4g} B/s")
+                          case=f"{name}: intensity={i:.4g} FLOP/B, peak_flops={peak:.4g} FLOP/s, "
+                               f"peak_bandwidth={bw:.4g} B/s")
     return c.result
 
 

@@ -96,16 +96,20 @@ def check_kv_cache_update(student_fn) -> CheckResult:
                     elif start > 0 and torch.equal(buf[:, :, :S], new):
                         hint = ("the new tokens landed at position 0: write them after the cached ones, at "
                                 "positions start ... start + S - 1")
-                    elif isinstance(got, torch.Tensor) and got.shape == want.shape and torch.equal(got[:, :, start:], want[:, :, start:]):
-                        hint = "the new tokens are right but earlier ones are not: did a call overwrite the cached tokens?"
+                    elif (isinstance(got, torch.Tensor) and got.shape == want.shape
+                          and torch.equal(got[:, :, start:], want[:, :, start:])):
+                        hint = ("the new tokens are right but earlier ones are not: did a call overwrite the cached "
+                                "tokens?")
                     else:
-                        hint = f"cache_{name}[:, :, start:start + S] = {name}, then return cache_{name}[:, :, :start + S]"
+                        hint = (f"cache_{name}[:, :, start:start + S] = {name}, then return "
+                                f"cache_{name}[:, :, :start + S]")
                     c.check_equal(got, want, case=f"{case}: the returned {name}_all", hint=hint)
                     in_place = torch.equal(buf[:, :, :end], want) and not buf[:, :, end:].any()
                     c.check(in_place, case=f"{case}: the buffer cache_{name} after the call",
                             expected=f"positions 0...{end - 1} hold every {name} written so far, the rest still zeros",
-                            got="the buffer differs", hint=f"write into the preallocated buffer itself (cache_{name}[:, :, "
-                            "start:start + S] = ...): the next call reads it from there, not from a new tensor")
+                            got="the buffer differs",
+                            hint=f"write into the preallocated buffer itself (cache_{name}[:, :, start:start + S] = "
+                            "...): the next call reads it from there, not from a new tensor")
                     shares = got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
                     c.check(shares, case=f"{case}: the returned {name}_all", expected=f"a view of cache_{name}",
                             got="a new tensor (a copy)", hint=f"slice the buffer, cache_{name}[:, :, :start + S]: a "
@@ -133,11 +137,13 @@ def _decode_call_problem(step: int, shape: tuple, cache: str, length, prompt_len
                     "another cache", hint="keep one KVCache for the whole generation and pass it to every call: "
                     "model(ids, cache=cache)")
     if shape != (1, 1):
-        return dict(case=where, expected="input_ids of shape (1, 1): only the newest token", got=f"input_ids of shape "
-                    f"{shape}", hint="the cache already holds the K/V of every earlier token; feeding them again appends "
-                    "them a second time (at the wrong positions). Feed [[next_id]]")
+        return dict(case=where, expected="input_ids of shape (1, 1): only the newest token",
+                    got=f"input_ids of shape {shape}",
+                    hint="the cache already holds the K/V of every earlier token; feeding them again appends them a "
+                    "second time (at the wrong positions). Feed [[next_id]]")
     if length != P + step - 1:
-        return dict(case=where, expected=f"the cache holds {P + step - 1} tokens before the call", got=f"it holds {length}",
+        return dict(case=where, expected=f"the cache holds {P + step - 1} tokens before the call",
+                    got=f"it holds {length}",
                     hint="the model advances the cache itself (by the number of tokens fed): don't call "
                     "cache.advance() yourself, and don't feed a token twice")
     return None
@@ -223,7 +229,8 @@ def check_cached_greedy_decode(student_fn) -> CheckResult:
             want = greedy_generate(model, prompt, n, use_cache=False)
             first_bad = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
             hint = ("greedy = the argmax of the LAST position's logits, logits[0, -1]" if first_bad == 0 else
-                    f"token {first_bad} is the first to differ: feed the token you just chose, and append it to the output")
+                    f"token {first_bad} is the first to differ: feed the token you just chose, and append it to the "
+                    "output")
             c.check_equal(got, want, case=f"{case}: tokens vs greedy_generate(model, prompt, {n}, use_cache=False)",
                           hint=hint)
     return c.result
@@ -231,7 +238,8 @@ def check_cached_greedy_decode(student_fn) -> CheckResult:
 
 # ---------------------------------------------------------------- exercise 4: FLOPs per decode step
 def check_decode_step_flops(student_fn) -> CheckResult:
-    """decode_step_flops(config, position, use_cache) == the matmul FLOPs of course_lib.analysis.flops.decode_step_flops."""
+    """decode_step_flops(config, position, use_cache) == the matmul FLOPs of
+    course_lib.analysis.flops.decode_step_flops."""
     cases = [(name, cfg, p, use) for name, cfg in _CONFIGS for p in (0, 1, 10, 2047) for use in (True, False)
              if p < cfg.max_position_embeddings]
     with Checker("decode_step_flops", points=2) as c:
@@ -261,8 +269,8 @@ def check_decode_step_flops(student_fn) -> CheckResult:
                     decode_step_flops(dataclasses.replace(cfg, head_dim=E // Hq), p, use_cache),
                 "q_proj is E -> Hq·D and o_proj Hq·D -> E, not E -> E (Qwen3-0.6B: Hq·D = 2E)":
                     want - 2 * T * L * 2 * E * (Hq * D - E),
-            }, "with the cache: 1 token through the layers, attending to position + 1 keys; without: position + 1 tokens, "
-               "causal pairs (p+1)(p+2)/2; both: lm_head on the last token only")
+            }, "with the cache: 1 token through the layers, attending to position + 1 keys; without: position + 1 "
+               "tokens, causal pairs (p+1)(p+2)/2; both: lm_head on the last token only")
             c.check_close(got, want, rtol=1e-12, atol=0, hint=hint,
                           case=f"{name}: position={p}, use_cache={use_cache}")
     return c.result

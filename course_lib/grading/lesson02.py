@@ -37,16 +37,18 @@ def check_allocator(allocator_cls) -> CheckResult:
             raised = None
         except OutOfBlocksError:
             raised = "OutOfBlocksError"
-        except Exception as err:  # noqa: BLE001  (any other exception is the learner's mistake)
+        except Exception as err:  # any other exception is the learner's mistake
             raised = type(err).__name__
         c.check(raised == "OutOfBlocksError", case="Allocator(4): a fifth allocate()", expected="OutOfBlocksError",
                 got=f"{raised} raised" if raised else f"returned {extra!r}",
                 hint="when the free list is empty, raise OutOfBlocksError (from course_lib.paging.block_manager)")
         b = got[0]
         a.share(b)
-        c.check_equal(a.ref_counts[b], 2, case=f"share({b}) after allocate", hint="share() adds one owner: ref_counts[b] += 1")
+        c.check_equal(a.ref_counts[b], 2, case=f"share({b}) after allocate",
+                      hint="share() adds one owner: ref_counts[b] += 1")
         a.free(b)
-        c.check_equal(a.ref_counts[b], 1, case=f"share({b}) then free({b})", hint="free() removes one owner: ref_counts[b] -= 1")
+        c.check_equal(a.ref_counts[b], 1, case=f"share({b}) then free({b})",
+                      hint="free() removes one owner: ref_counts[b] -= 1")
         a.free(b)
         again = a.allocate()
         c.check_equal(again, b, case=f"free({b}) twice (2 owners gone), then allocate() with only block {b} free",
@@ -57,7 +59,7 @@ def check_allocator(allocator_cls) -> CheckResult:
             raised = None
         except ValueError:
             raised = "ValueError"
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # the wrong exception: the check below names it
             raised = type(err).__name__
         c.check(raised == "ValueError", case=f"free({got[1]}) twice", expected="ValueError (a double free)",
                 got=f"{raised} raised" if raised else "nothing raised",
@@ -105,7 +107,8 @@ def check_slot_mapping(student_fn) -> CheckResult:
         for table, start, end, P in cases:
             got = student_fn(list(table), start, end, P)
             want = [table[i // P] * P + i % P for i in range(start, end)]
-            if isinstance(got, list) and len(got) == len(want) and got == [table[i // P] + i % P for i in range(start, end)]:
+            block_ids_as_slots = [table[i // P] + i % P for i in range(start, end)]
+            if isinstance(got, list) and len(got) == len(want) and got == block_ids_as_slots:
                 hint = "a block id counts blocks, not slots: multiply it by block_size"
             elif isinstance(got, list) and got == list(range(start, end)):
                 hint = "the tokens are not where their logical position says: look the block up in block_table"
@@ -136,13 +139,15 @@ def check_append_slot(student_fn) -> CheckResult:
                 want_blocks = n // P + 1
                 c.check_equal(len(table), want_blocks, case=case,
                               hint=("a new block is needed exactly when the last one is full (or there is none): "
-                                    "when num_tokens % block_size == 0, i.e. num_tokens == len(block_table) * block_size")
+                                    "when num_tokens % block_size == 0, i.e. num_tokens == len(block_table) * "
+                                    "block_size")
                               if len(table) < want_blocks else
                               "allocate only when the token does not fit: the last block still had room")
                 c.check_equal(free_before - a.num_free_blocks, int(n % P == 0), case=case + ": blocks allocated",
                               hint="take new blocks from the allocator (allocator.allocate()), one at a time")
                 c.check_equal(slot, table[n // P] * P + n % P, case=case + ": the returned slot",
-                              hint="return the slot of the new token: block_table[n // P] * block_size + n % block_size")
+                              hint="return the slot of the new token: block_table[n // P] * block_size + n % "
+                              "block_size")
     return c.result
 
 
@@ -156,7 +161,8 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
         owners = Counter(b for t in tables for b in t)
         c.check_equal(list(a.ref_counts), [owners[b] for b in range(a.num_blocks)], case=case,
                       hint="every block's ref count must equal the number of block tables holding it: fork must "
-                           "call allocator.share(b) for each block, copy-on-write must free (decref) the block it leaves")
+                           "call allocator.share(b) for each block, copy-on-write must free (decref) the block it "
+                           "leaves")
 
     with Checker("fork_cow", points=3) as c:
         for P, prompt in [(4, 6), (4, 8), (1, 3), (16, 21)]:
@@ -165,7 +171,8 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
             free_before = a.num_free_blocks
             child = fork_fn(a, parent)
             case = f"block_size={P}, a {prompt}-token parent {parent} forked"
-            c.check_equal(list(child), parent, case=case, hint="the child's block table lists the parent's blocks, in order")
+            c.check_equal(list(child), parent, case=case,
+                          hint="the child's block table lists the parent's blocks, in order")
             c.check(child is not parent, case=case, expected="a new list", got="the parent's own list object",
                     hint="return a new list: appending to the child must not change the parent's table")
             c.check_equal(a.num_free_blocks, free_before, case=case + ": blocks allocated by fork",
@@ -184,10 +191,12 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
                 slot, copy = result
                 if shared:
                     c.check(copy is not None and tuple(copy) == (last, table[-1]) and table[-1] != last, case=case,
-                            expected=f"a copy ({last}, <a new block>), the table's last entry replaced by the new block",
+                            expected=f"a copy ({last}, <a new block>), the table's last entry replaced by the new "
+                            "block",
                             got=f"copy={copy}, table now {list(table)}",
-                            hint="the token goes into a partly filled block that another sequence also owns: allocate a "
-                                 "new block, put it at block_table[-1], free (decref) the old one, return (old, new)")
+                            hint="the token goes into a partly filled block that another sequence also owns: "
+                                 "allocate a new block, put it at block_table[-1], free (decref) the old one, return "
+                                 "(old, new)")
                 else:
                     c.check(copy is None, case=case, expected="copy None", got=f"copy={copy}",
                             hint="copy only when the token is written into a SHARED, partly filled last block: a full "
@@ -252,8 +261,9 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
                         "and mask scores of positions >= context_len with -inf before the max (not after the exp)")
             else:
                 hint = ("token i of a sequence is at block_tables[seq, i // BLOCK_SIZE], offset i % BLOCK_SIZE; "
-                        "element (block, offset, kv_head, d) of a cache is at ((block*BLOCK_SIZE + offset)*NUM_KV_HEADS "
-                        "+ kv_head)*HEAD_DIM + d; online softmax: rescale l and acc by exp(m_old - m_new)")
+                        "element (block, offset, kv_head, d) of a cache is at ((block*BLOCK_SIZE + offset)"
+                        "*NUM_KV_HEADS + kv_head)*HEAD_DIM + d; online softmax: rescale l and acc by "
+                        "exp(m_old - m_new)")
             c.check_close(out, want, case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, "
                           f"{dtype}", hint=hint, **tol)
     return c.result

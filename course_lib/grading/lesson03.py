@@ -75,7 +75,8 @@ def check_online_softmax(student_fn) -> CheckResult:
              ("one block", torch.randn(2, 5, generator=gen), 8),
              ("random, block does not divide 10", torch.randn(3, 10, generator=gen), 4),
              ("large logits (~1000)", torch.randn(4, 37, generator=gen) * 50 + 1000, 8),
-             ("first block all -inf (masked)", torch.cat([torch.full((2, 4), float("-inf")), torch.randn(2, 9, generator=gen)], 1), 4),
+             ("first block all -inf (masked)",
+              torch.cat([torch.full((2, 4), float("-inf")), torch.randn(2, 9, generator=gen)], 1), 4),
              ("3-D input", torch.randn(2, 3, 33, generator=gen) * 10, 5)]
     with Checker("online_softmax", points=2) as c:
         for name, x, block in cases:
@@ -104,7 +105,8 @@ class _ShapeSpy(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor) and t.is_floating_point()]
         return out
 
 
@@ -124,7 +126,8 @@ def check_tiled_attention(student_fn) -> CheckResult:
             c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
                     hint=_NO_SOFTMAX_HINT)
             full = [s for s in shapes if len(s) >= 2 and s[-2:] == (Sq, Skv)]
-            c.check(not full or Skv <= block_n, case=case, expected=f"no [.., {Sq}, {Skv}] score matrix (that is O(S²) memory)",
+            c.check(not full or Skv <= block_n, case=case,
+                    expected=f"no [.., {Sq}, {Skv}] score matrix (that is O(S²) memory)",
                     got=f"a tensor of shape {full[0] if full else ''} was created",
                     hint="compute q @ k_blockᵀ for one block of block_n keys at a time, inside the loop")
             hint = ("keep m, l and acc per query row; when m grows to m_new, multiply BOTH l and acc by exp(m - m_new)")

@@ -18,7 +18,8 @@ def _admit(waiting, num_free_blocks, block_size, num_running, max_num_seqs, toke
     admitted = []
     for seq_id, num_tokens in waiting:
         need = -(-num_tokens // block_size)
-        if num_running + len(admitted) >= max_num_seqs or num_tokens > token_budget or num_free_blocks - need < watermark:
+        if (num_running + len(admitted) >= max_num_seqs or num_tokens > token_budget
+                or num_free_blocks - need < watermark):
             break
         admitted.append(seq_id)
         num_free_blocks -= need
@@ -47,8 +48,8 @@ def _admission_hint(got, case_args) -> str:
         return "each admitted prompt is prefilled in this step: its tokens must fit in what is left of token_budget"
     if got == _admit(waiting, free, P, 0, max_seqs, budget, watermark):
         return "the running batch already holds num_running sequences: at most max_num_seqs - num_running can join"
-    return ("walk the queue in order; admit while (1) the batch has room, (2) the prompt fits the token budget, (3) its "
-            "blocks fit above the watermark; subtract each admitted request's blocks and tokens")
+    return ("walk the queue in order; admit while (1) the batch has room, (2) the prompt fits the token budget, "
+            "(3) its blocks fit above the watermark; subtract each admitted request's blocks and tokens")
 
 
 def check_admit(student_fn) -> CheckResult:
@@ -105,7 +106,7 @@ def check_preempt(student_fn) -> CheckResult:
     scenes = [("recompute", 8), ("swap", 64), ("swap", 1)] + [(rng.choice(["recompute", "swap"]), rng.choice([1, 64]))
                                                                for _ in range(12)]
     with Checker("preempt", points=3) as c:
-        for k, (mode, cpu_blocks) in enumerate(scenes):
+        for mode, cpu_blocks in scenes:
             bm, cpu, running, waiting, swapped = _scene(rng, mode, cpu_blocks)
             want = max(running, key=lambda s: s.priority)
             table, held = bm.block_table(want.seq_id), bm.num_tokens[want.seq_id]
@@ -118,8 +119,9 @@ def check_preempt(student_fn) -> CheckResult:
                 result = student_fn(running, bm, cpu, waiting, swapped, mode)
             except OutOfBlocksError:
                 c.check(False, case=case, expected="a fall back to recompute (the CPU pool is too small)",
-                        got="OutOfBlocksError raised", hint="before swapping, ask cpu_block_manager.can_allocate(tokens); "
-                        "when the CPU pool is full, preempt by recompute instead")
+                        got="OutOfBlocksError raised",
+                        hint="before swapping, ask cpu_block_manager.can_allocate(tokens); when the CPU pool is "
+                        "full, preempt by recompute instead")
             c.check(isinstance(result, tuple) and len(result) == 2, case=case, expected="a tuple (victim, mapping)",
                     got=repr(result)[:80], hint="return the preempted Sequence and the list of block copies")
             victim, mapping = result

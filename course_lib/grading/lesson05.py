@@ -20,7 +20,8 @@ def _random_requests(rng: random.Random, num: int, block_size: int) -> list[list
     """Requests built from a few shared prefixes (system prompts) and random continuations over 3 token values,
     so that paths share blocks, branch in the middle of blocks and repeat tokens at other positions."""
     systems = [[rng.randint(1, 3) for _ in range(rng.randint(0, 3 * block_size))] for _ in range(3)]
-    return [rng.choice(systems) + [rng.randint(1, 3) for _ in range(rng.randint(0, 3 * block_size))] for _ in range(num)]
+    return [rng.choice(systems) + [rng.randint(1, 3) for _ in range(rng.randint(0, 3 * block_size))]
+            for _ in range(num)]
 
 
 def _grown_cache(requests, block_size: int, num_blocks: int = 256) -> PrefixCache:
@@ -102,7 +103,7 @@ def check_match(student_fn) -> CheckResult:
     with Checker("match", points=2) as c:
         for requests, P, queries in _match_cases(random.Random(0)):
             ref, mine = _grown_cache(requests, P), _grown_cache(requests, P)   # two identical trees
-            for step, (tokens, why) in enumerate(queries):
+            for tokens, why in queries:
                 now = ref.clock + 1
                 want = ref.match(tokens)
                 case = f"tree {_describe(mine)} (block_size={P}), token_ids={tokens}: {why}"
@@ -143,13 +144,15 @@ def check_insert(student_fn) -> CheckResult:
                 got = student_fn(mine.root, list(tokens), list(blocks), P, mine.allocator, now)
                 case = (f"block_size={P}, tree {before}: insert token_ids={tokens} held in blocks={blocks} "
                         f"(request {i} of: {why})")
-                c.check_equal(list(got) if isinstance(got, (list, tuple)) else got, want, case=case + ": returned blocks",
+                c.check_equal(list(got) if isinstance(got, (list, tuple)) else got, want,
+                              case=case + ": returned blocks",
                               hint="return one block id per FULL block, the node's: an existing node keeps its block "
                                    "(the cache already holds these tokens there; the caller drops its duplicate)")
                 got_rows = _snapshot(mine.root, mine.allocator.ref_counts)
                 want_rows = _snapshot(ref.root, ref.allocator.ref_counts)
                 if got_rows and isinstance(got_rows[0], str):
-                    c.check(False, case=case, expected="every child a Node(block_id, key, parent, depth=parent.depth+1)",
+                    c.check(False, case=case,
+                            expected="every child a Node(block_id, key, parent, depth=parent.depth+1)",
                             got=got_rows[0], hint="create Node(block_id, key, node, depth=node.depth + 1) and store it "
                                                   "in node.children[key]")
                 hint = _insert_hint(got_rows, want_rows, P)
@@ -216,13 +219,16 @@ def check_evict(student_fn) -> CheckResult:
                 got_list = list(got) if isinstance(got, (list, tuple)) else got
                 hint = _evict_hint(before, got_list, want)
                 c.check_equal(got_list, want, case=case + ": the freed blocks, in order", hint=hint)
-                c.check_equal(_snapshot(mine.root, mine.allocator.ref_counts), _snapshot(ref.root, ref.allocator.ref_counts),
+                c.check_equal(_snapshot(mine.root, mine.allocator.ref_counts),
+                              _snapshot(ref.root, ref.allocator.ref_counts),
                               case=case + ": the tree after evicting",
                               hint="remove each evicted node from its parent's children (del parent.children[key])")
                 c.check_equal(list(mine.allocator.ref_counts), list(ref.allocator.ref_counts),
-                              case=case + ": reference counts", hint="free each evicted block: allocator.free(block_id)")
+                              case=case + ": reference counts",
+                              hint="free each evicted block: allocator.free(block_id)")
                 c.check_equal(sorted(mine.allocator.free_block_ids), sorted(ref.allocator.free_block_ids),
-                              case=case + ": the free list", hint="allocator.free(block_id) puts it back on the free list")
+                              case=case + ": the free list",
+                              hint="allocator.free(block_id) puts it back on the free list")
     return c.result
 
 

@@ -41,7 +41,8 @@ def _acceptance_cases():
         ("u exactly equals p/q = 0.5", [0], q[:1], p[:2], torch.tensor([0.5])),
         ("p(x) = 0 and u = 0: a token the target never says", [0, 0], q[:2], p[:3], torch.tensor([0.1, 0.0])),
         ("the 1st token is rejected but the 2nd would pass", [0, 1, 1], q, p, torch.tensor([0.9, 0.1, 0.1])),
-        ("all three pass", [1, 1, 0], torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1]]), p, torch.tensor([0.9, 0.2, 0.9])),
+        ("all three pass", [1, 1, 0], torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1]]), p,
+         torch.tensor([0.9, 0.2, 0.9])),
         ("no draft tokens (γ = 0)", [], q[:0], p[:1], torch.tensor([])),
     ]
     rng = torch.Generator().manual_seed(6)
@@ -63,10 +64,12 @@ def check_count_accepted(student_fn) -> CheckResult:
             want = count_accepted(drafts, q, p, u)
             ratio_test = [(float(u[i]) * float(q[i, x]), float(p[i, x])) for i, x in enumerate(drafts)]  # (u·q, p)
             if got != want and got == sum(uq < px for uq, px in ratio_test):
-                hint = "stop at the FIRST rejection: the tokens after it were drafted from a context the target rejected"
+                hint = ("stop at the FIRST rejection: the tokens after it were drafted from a context the target "
+                        "rejected")
             elif got != want and got == _leading([uq <= px for uq, px in ratio_test]):
                 hint = "accept when u < p/q, strictly: with u = 0 and p(x) = 0 the target never says x, reject it"
-            elif got != want and got == _leading([float(u[i]) * float(p[i, x]) < float(q[i, x]) for i, x in enumerate(drafts)]):
+            elif got != want and got == _leading([float(u[i]) * float(p[i, x]) < float(q[i, x])
+                                                  for i, x in enumerate(drafts)]):
                 hint = "the ratio is p/q (target over draft): tokens the target likes more than the draft always pass"
             else:
                 hint = ("walk the draft tokens left to right: token i passes when uniforms[i] < p_i(x_i) / q_i(x_i), "
@@ -82,9 +85,12 @@ def check_residual_distribution(student_fn) -> CheckResult:
     """residual_distribution(p [V], q [V]) == max(0, p − q) / Σ max(0, p − q) (p itself when p == q)."""
     cases = [("p = [0.5, 0.3, 0.2, 0], q = [0.1, 0.5, 0.2, 0.2]", torch.tensor([0.5, 0.3, 0.2, 0.0]),
               torch.tensor([0.1, 0.5, 0.2, 0.2])),
-             ("two tokens with positive residual", torch.tensor([0.4, 0.4, 0.2, 0.0]), torch.tensor([0.1, 0.2, 0.3, 0.4])),
-             ("disjoint supports: the residual is p", torch.tensor([0.0, 0.0, 0.6, 0.4]), torch.tensor([0.7, 0.3, 0.0, 0.0])),
-             ("one-hot (greedy): the residual is the target's token", torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]))]
+             ("two tokens with positive residual", torch.tensor([0.4, 0.4, 0.2, 0.0]),
+              torch.tensor([0.1, 0.2, 0.3, 0.4])),
+             ("disjoint supports: the residual is p", torch.tensor([0.0, 0.0, 0.6, 0.4]),
+              torch.tensor([0.7, 0.3, 0.0, 0.0])),
+             ("one-hot (greedy): the residual is the target's token", torch.tensor([0.0, 1.0, 0.0]),
+              torch.tensor([1.0, 0.0, 0.0]))]
     rng = torch.Generator().manual_seed(60)
     for V in (5, 17, 2048):
         cases.append((f"random, V={V}", torch.softmax(torch.randn(V, generator=rng), -1),
@@ -144,7 +150,8 @@ def check_rollback_caches(student_fn) -> CheckResult:
                 student_fn(target_cache, draft_cache, num_tokens)
 
             for r in range(8):
-                out = speculative_step(target, draft, tokens, *caches, gamma, temperature, gen, stats, rollback=rollback)
+                out = speculative_step(target, draft, tokens, *caches, gamma, temperature, gen, stats,
+                                       rollback=rollback)
                 tokens += out
                 case = (f"temperature={temperature}, γ={gamma}, round {r}: {len(out) - 1} of {gamma} drafts accepted, "
                         f"num_tokens={len(tokens)}")
@@ -152,14 +159,16 @@ def check_rollback_caches(student_fn) -> CheckResult:
                     "the target saw the newest token of the last round and all γ drafts; keep the K/V of the "
                     "num_tokens − 1 tokens that stay (the newest token is fed in the next round): "
                     "target_cache.truncate(num_tokens - 1)"))
-                c.check_equal(caches[1].length, min(seen["draft_before"], len(tokens) - 1), case=case + " — draft cache length",
-                              hint=("roll the draft back too, or it drafts from a context with rejected tokens in it (the "
-                                    "output stays right, the acceptance rate drops); it never fed its last proposal, so "
-                                    "when all γ are accepted it holds fewer than num_tokens − 1: "
+                c.check_equal(caches[1].length, min(seen["draft_before"], len(tokens) - 1),
+                              case=case + " — draft cache length",
+                              hint=("roll the draft back too, or it drafts from a context with rejected tokens in it "
+                                    "(the output stays right, the acceptance rate drops); it never fed its last "
+                                    "proposal, so when all γ are accepted it holds fewer than num_tokens − 1: "
                                     "draft_cache.truncate(min(draft_cache.length, num_tokens - 1))"))
             if temperature == 0:
                 want = generate(target, prompt, len(tokens) - len(prompt)).token_ids
-                c.check_equal(tokens[len(prompt):], want, case=f"γ={gamma}: greedy speculative tokens vs the target's greedy tokens",
+                c.check_equal(tokens[len(prompt):], want,
+                              case=f"γ={gamma}: greedy speculative tokens vs the target's greedy tokens",
                               hint="after a correct rollback the output equals plain greedy decoding of the target")
     torch.set_num_threads(threads)
     return c.result
@@ -175,11 +184,13 @@ def check_expected_tokens(student_fn) -> CheckResult:
         for alpha, gamma in cases:
             got = _as_number(student_fn(alpha, gamma))
             want = expected_tokens_per_step(alpha, gamma)
-            if alpha < 1 and isinstance(got, float) and math.isclose(got, (1 - alpha ** gamma) / (1 - alpha), rel_tol=1e-9):
+            if (alpha < 1 and isinstance(got, float)
+                    and math.isclose(got, (1 - alpha ** gamma) / (1 - alpha), rel_tol=1e-9)):
                 hint = "count the target's own token too: 1 + α + ... + α^γ has γ + 1 terms, so α^(γ+1)"
             elif alpha == 1:
                 hint = "at α = 1 every draft is accepted: γ drafts + 1 bonus token (the formula is 0/0 there)"
             else:
-                hint = "E[tokens] = Σ_{k=0..γ} α^k = (1 − α^(γ+1)) / (1 − α): token k+1 arrives if the first k drafts pass"
+                hint = ("E[tokens] = Σ_{k=0..γ} α^k = (1 − α^(γ+1)) / (1 − α): token k+1 arrives if the first k "
+                        "drafts pass")
             c.check_close(got, want, case=f"alpha={alpha}, gamma={gamma}", rtol=1e-9, atol=1e-12, hint=hint)
     return c.result

@@ -25,9 +25,11 @@ def _inputs_for_quantize():
     gen = torch.Generator().manual_seed(0)
     cases = [("one row [1, 4]", torch.tensor([[0.5, -1.0, 0.25, 0.1]])),
              ("the largest magnitude is negative", torch.tensor([[0.3, -2.0, 1.0, 0.0], [4.0, 1.0, -1.0, 3.9]])),
-             ("a row of zeros (its scale must not divide 0 by 0)", torch.tensor([[1.0, 2.0, 3.0, -4.0], [0.0, 0.0, 0.0, 0.0]])),
+             ("a row of zeros (its scale must not divide 0 by 0)",
+              torch.tensor([[1.0, 2.0, 3.0, -4.0], [0.0, 0.0, 0.0, 0.0]])),
              ("[3, 2, 8] (tokens, heads, head_dim): one scale per (token, head)", torch.randn(3, 2, 8, generator=gen)),
-             ("rows of very different sizes", torch.randn(4, 16, generator=gen) * torch.tensor([[1e-3], [1.0], [50.0], [1e4]]))]
+             ("rows of very different sizes",
+              torch.randn(4, 16, generator=gen) * torch.tensor([[1e-3], [1.0], [50.0], [1e4]]))]
     for i in range(3):
         shape = [(5, 32), (2, 4, 16), (7, 3, 2, 8)][i]
         cases.append((f"random {list(shape)}", torch.randn(*shape, generator=gen) * (i + 1)))
@@ -76,13 +78,15 @@ def check_quantize_per_token(quantize_fn, dequantize_fn) -> CheckResult:
             worst = int(torch.argmax((err - bound).flatten()))
             c.check(bool((err <= bound).all()), case=case,
                     expected="|codes · scale - x| <= scale / 2 for every element (round to the NEAREST code)",
-                    got=f"error {err.flatten()[worst].item():.4g} > scale / 2 = {(bound.flatten()[worst].item()):.4g} at "
+                    got=f"error {err.flatten()[worst].item():.4g} > scale / 2 = "
+                        f"{(bound.flatten()[worst].item()):.4g} at "
                         f"flat index {worst} (x = {x.flatten()[worst].item():.4g}, code {int(codes.flatten()[worst])})",
                     hint="codes = torch.round(x / scale[..., None]): .to(torch.int8) alone truncates toward zero; "
                          "and divide by the scale of the element's own row (scale[..., None] broadcasts)")
             ref = quantize(x[..., None, :], "head")       # the library's symmetric per-(token, head) quantization
             got = dequantize_fn(ref.codes[..., 0, :], ref.scale[..., 0, 0])
-            c.check_close(got, ref.codes[..., 0, :].float() * ref.scale[..., 0, :], case=case + ": dequantize_fn(codes, scale)",
+            c.check_close(got, ref.codes[..., 0, :].float() * ref.scale[..., 0, :],
+                          case=case + ": dequantize_fn(codes, scale)",
                           rtol=1e-6, atol=0, hint="dequantize: codes.float() * scale[..., None] (float32, x's shape)")
     return c.result
 
@@ -145,6 +149,7 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
             else:
                 hint = ("the scale of token slot (block, offset) and kv head h is at (block * BLOCK_SIZE + offset) * "
                         "NUM_KV_HEADS + h: the same `rows` index as its codes (without their * HEAD_DIM)")
-            c.check_close(out, want, case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, q {dtype}",
+            c.check_close(out, want,
+                          case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, q {dtype}",
                           hint=hint, **tol)
     return c.result

@@ -50,7 +50,8 @@ def check_row_parallel_forward(student_fn) -> CheckResult:
             args = [(shard(x, -1, r, tp), shard(w, 1, r, tp), b) for r in range(tp)]
             got, calls = _ranks(student_fn, args)
             case = (f"tp={tp}, x {tuple(x_shape)} split into x_shard {tuple(args[0][0].shape)} per rank, "
-                    f"W [{out}, {x_shape[-1]}] into weight_shard {tuple(args[0][1].shape)}, bias={'yes' if has_bias else 'None'}")
+                    f"W [{out}, {x_shape[-1]}] into weight_shard {tuple(args[0][1].shape)}, "
+                    f"bias={'yes' if has_bias else 'None'}")
             g = got[0]
             if g is None:
                 hint = ("you returned None: all_reduce works in place and returns None (like dist.all_reduce); "

@@ -24,7 +24,8 @@ def _noisy(events, rng, with_comm=True):
         if with_comm and e["stage"] > 0 and e["kind"] == "F":
             out.append(dict(stage=e["stage"], mb=k[1], kind="recv", start=start - 3e-4, end=start))
         if with_comm and e["kind"] == "F":
-            out.append(dict(stage=e["stage"], mb=k[1], kind="send", start=start + d * 1e-3, end=start + d * 1e-3 + 5e-5))
+            out.append(dict(stage=e["stage"], mb=k[1], kind="send", start=start + d * 1e-3,
+                            end=start + d * 1e-3 + 5e-5))
     return out
 
 
@@ -35,7 +36,8 @@ def check_bubble_fraction(student_fn) -> CheckResult:
     for p, m in [(2, 1), (2, 4), (4, 4), (3, 8)]:
         cases.append((f"ideal GPipe forward, p={p}, m={m}", simulate("gpipe", p, m)))
     cases.append(("ideal 1F1B training (backward = 2 forwards), p=4, m=8", simulate("1f1b", 4, 8, backward=True)))
-    cases.append(("GPipe p=2, m=4 with recv/send events (not compute) and jitter", _noisy(simulate("gpipe", 2, 4), rng)))
+    cases.append(("GPipe p=2, m=4 with recv/send events (not compute) and jitter",
+                  _noisy(simulate("gpipe", 2, 4), rng)))
     cases.append(("GPipe p=4, m=6, measured-looking, times in seconds", _noisy(simulate("gpipe", 4, 6), rng)))
     unbalanced = _noisy(simulate("gpipe", 3, 5, t_forward=1.0), rng, with_comm=False)
     for e in unbalanced:  # the last stage takes 3x longer: busy stages elsewhere idle more than the formula says

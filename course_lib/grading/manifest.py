@@ -56,8 +56,10 @@ def load(path: Path = PATH) -> Manifest:
         checks, names = [], set()
         for e in entries:
             ok = (isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("check"), str)
-                  and ":" in e["check"] and isinstance(e.get("args"), list) and all(isinstance(a, str) for a in e["args"])
-                  and isinstance(e.get("points"), (int, float)) and not isinstance(e["points"], bool) and e["points"] > 0)
+                  and ":" in e["check"]
+                  and isinstance(e.get("args"), list) and all(isinstance(a, str) for a in e["args"])
+                  and isinstance(e.get("points"), (int, float)) and not isinstance(e["points"], bool)
+                  and e["points"] > 0)
             if not ok or e["name"] in names:
                 raise ValueError(f"{path}: notebook {key!r}: bad or repeated check entry {e!r}")
             names.add(e["name"])
@@ -71,7 +73,8 @@ def dump(manifest: Manifest) -> str:
     def entry(c: Check) -> str:
         return json.dumps({**asdict(c), "args": list(c.args), "points": c.points if c.points % 1 else int(c.points)})
 
-    blocks = [f' "{k}": [\n  ' + ",\n  ".join(entry(c) for c in v) + "\n ]" for k, v in sorted(manifest.notebooks.items())]
+    blocks = [f' "{k}": [\n  ' + ",\n  ".join(entry(c) for c in v) + "\n ]"
+              for k, v in sorted(manifest.notebooks.items())]
     return '{"notebooks": {\n' + ",\n".join(blocks) + "\n}}\n"
 
 

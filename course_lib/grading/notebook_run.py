@@ -29,7 +29,8 @@ def is_check_only(source: str) -> bool:
     except SyntaxError:
         return False
     return bool(body) and all(isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
-                              and isinstance(s.value.func, ast.Name) and s.value.func.id.startswith("check_") for s in body)
+                              and isinstance(s.value.func, ast.Name) and s.value.func.id.startswith("check_")
+                              for s in body)
 
 
 def defined_names(source: str) -> set[str]:
@@ -80,7 +81,7 @@ class NotebookRun:
         self.kernel = Kernel(self.cwd, env, self.workdir)
         try:
             self.kernel.start()
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self.stopped = f"the kernel did not start ({type(err).__name__}: {err})"
 
     def _run_cells(self) -> bool:
@@ -134,8 +135,8 @@ class NotebookRun:
             self.kernel.execute(code, limit)
         except ExecuteTimeout:
             left = self.time_left()
-            raise ExecuteTimeout(f"your code ran past the grader's limit of {limit:g} s"
-                                 + (" (the notebook's time limit ran out)" if left <= 0 else " per call (--timeout)")) from None
+            why = " (the notebook's time limit ran out)" if left <= 0 else " per call (--timeout)"
+            raise ExecuteTimeout(f"your code ran past the grader's limit of {limit:g} s" + why) from None
         except KernelDied:
             raise KernelDied("the kernel died while running your code (a crash: an out-of-bounds access in a "
                              "kernel? os._exit()?); the grader restarts it for the next check") from None

@@ -58,8 +58,9 @@ class Kernel:
         (spec_dir / "kernel.json").write_text(json.dumps(spec))
         ksm = KernelSpecManager(kernel_dirs=[str(self.workdir / "kernels")], ensure_native_kernel=False)
         for attempt in range(2):  # two kernels started at once can race for the same ports: try once more
+            connection_file = self.workdir / f"kernel-{os.getpid()}-{time.monotonic_ns()}.json"
             self.km = KernelManager(kernel_name="python3", kernel_spec_manager=ksm,
-                                    connection_file=str(self.workdir / f"kernel-{os.getpid()}-{time.monotonic_ns()}.json"))
+                                    connection_file=str(connection_file))
             self.km.start_kernel(cwd=str(self.cwd), env=self.env, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.kc = self.km.client()
@@ -124,7 +125,7 @@ class Kernel:
             if pending is not None:
                 self._reply(pending, wait)
             return True
-        except Exception:  # noqa: BLE001 (a kernel that does not answer is killed by the caller)
+        except Exception:  # a kernel that does not answer is killed by the caller
             return False
 
     def kill(self) -> None:
@@ -140,7 +141,7 @@ class Kernel:
         if self.km is not None:
             try:
                 self.km.shutdown_kernel(now=True)
-            except Exception:  # noqa: BLE001 (already dead: only its files are left to clean)
+            except Exception:  # already dead: only its files are left to clean
                 pass
             self.km.cleanup_resources()
         self.km = self.kc = None

@@ -50,7 +50,7 @@ def rebuild_tensor(storage, dtype: str, shape, stride, offset: int, requires_gra
     dt = getattr(torch, dtype, None) if isinstance(dtype, str) else None
     if not isinstance(storage, torch.UntypedStorage) or not isinstance(dt, torch.dtype):
         raise pickle.UnpicklingError("a tensor needs a storage and a torch dtype")
-    ints = lambda xs: isinstance(xs, tuple) and all(type(x) is int for x in xs)  # noqa: E731
+    ints = lambda xs: isinstance(xs, tuple) and all(type(x) is int for x in xs)
     if not (ints(shape) and ints(stride) and len(shape) == len(stride) and type(offset) is int):
         raise pickle.UnpicklingError("a tensor's shape, stride and offset must be integers")
     if any(n < 0 for n in shape) or any(s < 0 for s in stride) or offset < 0:

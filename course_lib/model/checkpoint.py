@@ -42,7 +42,8 @@ def _shard_files(path: Path) -> list[Path]:
     for name in names:
         file = path / name
         if PurePath(name).is_absolute() or ".." in PurePath(name).parts or not file.resolve().is_relative_to(root):
-            raise ValueError(f"{source} {name!r} is outside the checkpoint folder {path} (resolves to {file.resolve()})")
+            raise ValueError(f"{source} {name!r} is outside the checkpoint folder {path} "
+                             f"(resolves to {file.resolve()})")
         if not file.is_file():
             raise ValueError(f"{source} {name!r} is missing from {path}")
         files.append(file)
@@ -99,7 +100,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None,
     missing = sorted(expected.keys() - state.keys() - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{path}: checkpoint does not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -97,7 +97,7 @@ class ModelConfig:
 
     # --- Hugging Face config.json -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         """From a Hugging Face config dict: LlamaConfig (Llama-2, Llama-3.x), Qwen2Config (Qwen2/2.5),
         Qwen3Config, MistralConfig.
 
@@ -116,7 +116,8 @@ class ModelConfig:
         if missing:  # the course's defaults (E=256, ...) are no stand-in for a checkpoint's sizes
             raise ValueError(f"missing {', '.join(missing)}")
         if d.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: the course model's MLP is SwiGLU (silu)")
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported: the course model's MLP is SwiGLU "
+                             "(silu)")
         if d.get("mlp_bias", False) is not False:
             raise ValueError(f"mlp_bias {d['mlp_bias']!r} is not supported: the course model's MLP has no biases")
         known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "qk_norm"}   # those: below
@@ -143,7 +144,7 @@ class ModelConfig:
         return config
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
+    def from_json(cls, path: str | Path) -> ModelConfig:
         """From a Hugging Face config.json; a ValueError names the file and the field."""
         path = Path(path)
         try:

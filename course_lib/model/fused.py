@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.rms_norm import rms_norm  # noqa: F401  (RMSNorm's fused forward)
+from kernels.rms_norm import rms_norm  # noqa: F401  (re-exported: RMSNorm's fused forward)
 from kernels.rope import rope_
 from kernels.silu_and_mul import silu_and_mul
 

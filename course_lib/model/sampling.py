@@ -8,7 +8,8 @@ guise): every token x gets a random time E_x ~ Exp(1), and the token with the la
 happens with probability exactly p_x. The noise E of output token t of a sequence comes from a generator seeded
 by (the sequence's seed, t) alone (``token_generator``), never from a stream that other draws advance. So a
 request's tokens depend on its seed and its logits only: not on which requests share its steps, how a prompt
-was chunked, whether it was preempted, nor (``course_lib.serving.spec_decode``) on how many draft tokens a step verified.
+was chunked, whether it was preempted, nor (``course_lib.serving.spec_decode``) on how many draft tokens a step
+verified.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                  top_p: float = 1.0) -> torch.Tensor:
     """logits [V] -> float32 logits divided by the temperature, with the tokens outside top-k / top-p at -inf."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.numel():

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def observe(claim: str, holds: bool, *timings: Timing, measured: str = "") -> bo
     if busy:
         lines.append(f"  warning: {busy}")
     if not holds:
-        lines.append("  wall-clock time moves with whatever else runs on the machine; the counts asserted above do not. "
-                     "Run the cell again when the machine is idle.")
+        lines.append("  wall-clock time moves with whatever else runs on the machine; the counts asserted above do "
+                     "not. Run the cell again when the machine is idle.")
     print("\n".join(lines))
     return holds

@@ -9,6 +9,9 @@
     check.py      run the sharded model and compare it with the single-process one
     __main__.py   python -m course_lib.parallel --tp 2 | --pp 2 --microbatches 4
 """
-from course_lib.parallel.comm import LINKS, CommStats, all_reduce_seconds, ring_bytes_per_rank  # noqa: F401
-from course_lib.parallel.launcher import RankContext, RankError, launch  # noqa: F401
-from course_lib.parallel.schedule import bubble_formula, measured_bubble, simulate  # noqa: F401
+from course_lib.parallel.comm import LINKS, CommStats, all_reduce_seconds, ring_bytes_per_rank
+from course_lib.parallel.launcher import RankContext, RankError, launch
+from course_lib.parallel.schedule import bubble_formula, measured_bubble, simulate
+
+__all__ = ["LINKS", "CommStats", "all_reduce_seconds", "ring_bytes_per_rank", "RankContext", "RankError", "launch",
+           "bubble_formula", "measured_bubble", "simulate"]

@@ -86,10 +86,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.parallel", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--tp", type=int, help="tensor-parallel size (processes); must divide the heads, kv heads, MLP width")
+    mode.add_argument("--tp", type=int,
+                      help="tensor-parallel size (processes); must divide the heads, kv heads, MLP width")
     mode.add_argument("--pp", type=int, help="pipeline-parallel size (stages = processes), at most the layers")
     parser.add_argument("--microbatches", type=int, default=None, help="micro-batches per forward (--pp; default 4)")
-    parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default=None, help="pipeline schedule (--pp; default gpipe)")
+    parser.add_argument("--schedule", choices=["gpipe", "1f1b"], default=None,
+                        help="pipeline schedule (--pp; default gpipe)")
     parser.add_argument("--batch", type=int, default=8, help="sequences in the batch")
     parser.add_argument("--seq", type=int, default=32, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=8, help="greedy tokens to generate")
@@ -117,8 +119,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r0['bytes']:,} bytes per rank; forward {r0['forward_s'] * 1e3:.2f} ms")
         else:
             events = [e for r in result.ranks for e in r["events"]]
-            print("stages: " + ", ".join(f"rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][-1]}" for r in result.ranks))
-            print(f"forward {result.ranks[0]['forward_s'] * 1e3:.2f} ms; bubble measured {measured_bubble(events):.1%}, "
+            print("stages: " + ", ".join(f"rank {r['rank']}: layers {r['layers'][0]}-{r['layers'][-1]}"
+                                         for r in result.ranks))
+            print(f"forward {result.ranks[0]['forward_s'] * 1e3:.2f} ms; "
+                  f"bubble measured {measured_bubble(events):.1%}, "
                   f"(p-1)/(m+p-1) = {bubble_formula(args.pp, args.microbatches):.1%}")
         print("greedy tokens of sequence 0:", result.tokens[0].tolist())
         print(result.summary())

@@ -30,7 +30,8 @@ def sample_batch(batch: int = 4, seq: int = 32, offset: int = 0) -> torch.Tensor
     return torch.tensor(ids[: batch * seq]).view(batch, seq)
 
 
-def reference(input_ids: torch.Tensor, steps: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def reference(input_ids: torch.Tensor, steps: int,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Single-process float32 logits [B, S, V] and greedy tokens [B, steps] of the shipped model."""
     from course_lib.model.checkpoint import load_tiny
 
@@ -88,7 +89,8 @@ def run_tp(tp: int, input_ids: torch.Tensor, *, steps: int = 4, backend: str | N
     # A clear error here, before any process starts, if the heads don't divide by tp.
     check_tp_size(ModelConfig.from_json(CHECKPOINTS / "tiny-target" / "config.json"), tp)
     backend = backend or default_backend(tp)
-    ranks = launch(tp_rank, tp, input_ids, steps=steps, time_comm=time_comm, reps=reps, backend=backend, timeout_s=timeout_s)
+    ranks = launch(tp_rank, tp, input_ids, steps=steps, time_comm=time_comm, reps=reps, backend=backend,
+                   timeout_s=timeout_s)
     for r in ranks[1:]:  # every rank ends with the same full logits (the last all-reduce made them equal)
         if not torch.equal(r["tokens"], ranks[0]["tokens"]):
             raise AssertionError(f"rank {r['rank']} produced other tokens than rank 0")

@@ -5,8 +5,9 @@
 Two ways to get the processes:
 
 * **started here** (a notebook, a test, ``python -m course_lib.parallel``): ``world_size`` fresh Python
-  processes on this machine (forkserver, else spawn), rendezvous on a free localhost port. ``fn`` must be importable by name (a
-  function of ``course_lib``, not one defined in a notebook: spawned processes cannot see a notebook's code).
+  processes on this machine (forkserver, else spawn), rendezvous on a free localhost port. ``fn`` must be
+  importable by name (a function of ``course_lib``, not one defined in a notebook: spawned processes cannot see a
+  notebook's code).
 * **under torchrun** (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by it, on one node or several):
   this process *is* one rank; ``fn`` runs here and the results of every rank are gathered to every rank.
 
@@ -90,9 +91,9 @@ def _child(fn, rank, world_size, backend, port, timeout_s, args, kwargs, results
         out = fn(ctx, *args, **kwargs)
         # Plain pickle: tensors travel by value (torch's multiprocessing pickler would use shared memory).
         results.put((rank, "ok", pickle.dumps(out)))
-    except BaseException:  # noqa: BLE001 (report everything, then exit non-zero)
+    except BaseException:  # report everything, then exit non-zero
         results.put((rank, "error", traceback.format_exc()))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -166,12 +167,12 @@ def launch(fn, world_size: int, *args, backend: str | None = None, timeout_s: fl
                     if results.empty():
                         r = dead[0]
                         raise RankError(f"rank {r} of {world_size} died with exit code {procs[r].exitcode} "
-                                        "without reporting (killed? out of memory? a crash in native code?)")
+                                        "without reporting (killed? out of memory? a crash in native code?)") from None
                     continue
                 if time.monotonic() > deadline:
                     waiting = [r for r in range(world_size) if r not in outputs]
                     raise TimeoutError(f"{fn.__name__} on {world_size} ranks ({backend}) did not finish in "
-                                       f"{timeout_s:g} s; ranks still running: {waiting}")
+                                       f"{timeout_s:g} s; ranks still running: {waiting}") from None
                 continue
             if status == "error":
                 raise RankError(f"rank {rank} of {world_size} ({backend}) failed in {fn.__name__}:\n{payload}")

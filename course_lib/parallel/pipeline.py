@@ -103,7 +103,8 @@ def run_pipeline(stage: Stage, input_ids: torch.Tensor, num_microbatches: int, s
             x = chunks[j]
         else:
             t0 = time.perf_counter()
-            x = torch.empty(chunks[j].shape[0], input_ids.shape[1], stage.config.hidden_size, dtype=dtype, device=device)
+            x = torch.empty(chunks[j].shape[0], input_ids.shape[1], stage.config.hidden_size, dtype=dtype,
+                            device=device)
             dist.recv(x, src=s - 1)
             record("recv", j, t0)
         # The last stage acknowledges j-1 only after receiving j: with p=2 both directions share one NCCL

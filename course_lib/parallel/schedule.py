@@ -21,7 +21,8 @@ def bubble_formula(num_stages: int, num_microbatches: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
-def stage_ops(schedule: str, stage: int, num_stages: int, num_microbatches: int, backward: bool) -> list[tuple[str, int]]:
+def stage_ops(schedule: str, stage: int, num_stages: int, num_microbatches: int,
+              backward: bool) -> list[tuple[str, int]]:
     """The order in which ``stage`` runs its ops: [("F", j) | ("B", j), ...]."""
     m = num_microbatches
     fwd = [("F", j) for j in range(m)]

@@ -59,7 +59,7 @@ def run_ranks(fn, args_per_rank: list[tuple], *, timeout_s: float = 20) -> tuple
             results[rank] = fn(*args_per_rank[rank], all_reduce=group.all_reduce_for(rank))
         except threading.BrokenBarrierError as err:
             errors[rank] = err
-        except BaseException as err:  # noqa: BLE001 (handed to the caller)
+        except BaseException as err:  # handed to the caller
             errors[rank] = err
             group.abort()
 
@@ -76,5 +76,6 @@ def run_ranks(fn, args_per_rank: list[tuple], *, timeout_s: float = 20) -> tuple
     if real:
         raise real[0]
     if any(errors):
-        raise RuntimeError("the ranks called all_reduce a different number of times, so some waited forever for the others")
+        raise RuntimeError("the ranks called all_reduce a different number of times, so some waited forever for the "
+                           "others")
     return results, group

@@ -7,7 +7,7 @@ Every function takes a cache *factory* or a cache, so the same measurement runs 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -26,7 +26,7 @@ from course_lib.model.config import ModelConfig
 from course_lib.device import DEVICE
 from course_lib.model.kv_cache import KVCache
 from course_lib.paging.paged_cache import PagedKVCache
-from kernels.quant import (GRANULARITIES, KV_DTYPES, Quantized, dequantize, fake_quantize,  # noqa: F401 (re-exported)
+from kernels.quant import (GRANULARITIES, KV_DTYPES, Quantized, dequantize, fake_quantize,  # noqa: F401  (re-exported)
                            quantize, round_half_away)
 
 def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, float]:
@@ -142,8 +142,9 @@ class QuantizedPagedKVCache(PagedKVCache):
         B = block_tables.shape[0]
         idx = block_tables.long()
         out = []
-        for codes, scales, zeros in ((self.k_caches[layer], self.k_scales[layer], self.k_zeros and self.k_zeros[layer]),
-                                     (self.v_caches[layer], self.v_scales[layer], self.v_zeros and self.v_zeros[layer])):
+        k = (self.k_caches[layer], self.k_scales[layer], self.k_zeros and self.k_zeros[layer])
+        v = (self.v_caches[layer], self.v_scales[layer], self.v_zeros and self.v_zeros[layer])
+        for codes, scales, zeros in (k, v):
             Hkv, D = codes.shape[2:]
             q = Quantized(codes[idx].reshape(B, -1, Hkv, D)[:, :length], scales[idx].reshape(B, -1, Hkv, 1)[:, :length],
                           None if zeros is None else zeros[idx].reshape(B, -1, Hkv, 1)[:, :length])
@@ -184,13 +185,15 @@ class QuantizedPagedKVCache(PagedKVCache):
 
 def make_paged_kv_cache(config: ModelConfig, num_blocks: int, block_size: int = 16, batch_size: int = 1, *,
                         kv_dtype: str | None = None, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str | None = None, use_kernel: bool = True, **quant_options) -> PagedKVCache:
+                        device: torch.device | str | None = None, use_kernel: bool = True,
+                        **quant_options) -> PagedKVCache:
     """The engine's one switch: ``kv_dtype=None`` (K/V in the model's ``dtype``: lesson 02's ``PagedKVCache``),
     ``"int8"`` or ``"fp8"`` (``QuantizedPagedKVCache``; ``quant_options``: zero_point, scale_dtype)."""
     if kv_dtype is None:
         if quant_options:
             raise ValueError(f"{sorted(quant_options)} only apply to a quantized cache (kv_dtype='int8' or 'fp8')")
-        return PagedKVCache(config, num_blocks, block_size, batch_size, dtype=dtype, device=device, use_kernel=use_kernel)
+        return PagedKVCache(config, num_blocks, block_size, batch_size, dtype=dtype, device=device,
+                            use_kernel=use_kernel)
     return QuantizedPagedKVCache(config, num_blocks, block_size, batch_size, kv_dtype=kv_dtype, dtype=dtype,
                                  device=device, use_kernel=use_kernel, **quant_options)
 

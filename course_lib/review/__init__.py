@@ -1,1 +1,2 @@
-"""Lesson 11, the interview review: ``review`` (answers from recorded results), ``quiz``, ``glossary`` (English / 中文)."""
+"""Lesson 11, the interview review: ``review`` (answers from recorded results), ``quiz``, ``glossary``
+(English / 中文)."""

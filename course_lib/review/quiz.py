@@ -68,7 +68,8 @@ def parse_value(value, unit: str = "") -> float:
         if suffix:
             scale, base = unit_scale(suffix)
             if base != q_base:
-                raise ValueError(f"{value!r} is in {base or 'a plain number'}, but this answer is in {unit or 'a plain number'}")
+                raise ValueError(f"{value!r} is in {base or 'a plain number'}, but this answer is in "
+                                 f"{unit or 'a plain number'}")
             number = number * scale / q_scale
     else:
         number = float(value)

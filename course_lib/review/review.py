@@ -125,9 +125,10 @@ def engine_summary(record: dict, workload: str) -> str | None:
     best = max(engine, key=lambda r: r["throughput_tok_s"])
     preempted = sum((best.get("preemptions") or {}).values())
     return (f"{workload}: transformers generate() {hf['throughput_tok_s']:.0f} tok/s; engine '{best['config']}' "
-            f"{best['throughput_tok_s']:.0f} tok/s ({best['throughput_tok_s'] / hf['throughput_tok_s']:.1f}x), TTFT p50 "
-            f"{hf['ttft_p50']:.3g} -> {best['ttft_p50']:.3g} s, inter-token p99 {hf['itl_p99'] * 1e3:.3g} -> "
-            f"{best['itl_p99'] * 1e3:.3g} ms" + (f", {preempted} preemptions" if preempted else ""))
+            f"{best['throughput_tok_s']:.0f} tok/s ({best['throughput_tok_s'] / hf['throughput_tok_s']:.1f}x), "
+            f"TTFT p50 {hf['ttft_p50']:.3g} -> {best['ttft_p50']:.3g} s, "
+            f"inter-token p99 {hf['itl_p99'] * 1e3:.3g} -> {best['itl_p99'] * 1e3:.3g} ms"
+            + (f", {preempted} preemptions" if preempted else ""))
 
 
 # ---------------------------------------------------------------- links and tables

@@ -105,7 +105,8 @@ class LLMEngine:
             if num_blocks < need:
                 raise ValueError(f"gpu_memory_utilization={c.gpu_memory_utilization}: the KV cache gets "
                                  f"{self.memory_profile['kv_bytes'] / 2**30:.2f} GiB, {num_blocks} blocks, fewer "
-                                 f"than one sequence of the model's context ({self.max_model_len} tokens) needs ({need})")
+                                 f"than one sequence of the model's context ({self.max_model_len} tokens) needs "
+                                 f"({need})")
             c = replace(c, num_blocks=num_blocks)
         self.config = c = c.resolve(model, speculative_model)
         self._graphs: dict[int, DecodeGraphs] = {}   # per model (target, draft): captured at its first decode step
@@ -195,7 +196,8 @@ class LLMEngine:
                     seq.finish_reason, seq.status = "abort", FINISHED
             return RequestOutput.from_seqs(request_id, seqs, self.tokenizer)
 
-    def generate(self, prompts, params=None, *, arrival_times=None, use_tqdm: bool | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params=None, *, arrival_times=None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
         """Generate completions for ``prompts`` (token-id lists or 1-D integer tensors, or strings with a tokenizer).
         ``params``: one SamplingParams (or dict) for all, or a list with one per prompt. Returns one RequestOutput per
         prompt, in order (a bad request's carries its ``error``); the run's metrics are in ``self.metrics``. The

@@ -32,7 +32,8 @@ import time
 import torch
 
 from course_lib.serving.engine import _synchronize
-from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
+from course_lib.serving.metrics import (CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord,
+                                       summarize)
 from course_lib.serving.validation import check_call, check_request
 
 

@@ -122,9 +122,9 @@ class KVPool:
 
     def prefill(self, layer: int, q: torch.Tensor, block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 seq_lens: torch.Tensor, spans: list[tuple[int, int, int]], use_kernels: bool, *, out: torch.Tensor):
-        """Causal attention of the prefill chunks q ``[T, Hq, D]`` (chunk s: rows cu_seqlens_q[s] ... cu_seqlens_q[s+1]-1)
-        over the first seq_lens[s] K/V of their sequences, written into ``out`` ``[T, Hq, D]``; ``spans`` holds the
-        same on the host, (first row, tokens, length) per chunk. With kernels: one launch of
+        """Causal attention of the prefill chunks q ``[T, Hq, D]`` (chunk s: rows cu_seqlens_q[s] ...
+        cu_seqlens_q[s+1]-1) over the first seq_lens[s] K/V of their sequences, written into ``out`` ``[T, Hq, D]``;
+        ``spans`` holds the same on the host, (first row, tokens, length) per chunk. With kernels: one launch of
         ``kernels.paged_prefill_attention`` reading the blocks in place; else the gathering path (the CPU default)."""
         if use_kernels and self.use_paged_prefill and paged_prefill_supports(q.dtype, self.head_dim):
             paged_prefill_attention_unchecked(q, self.k_caches[layer], self.v_caches[layer], block_tables,
@@ -188,7 +188,6 @@ class QuantizedKVPool(KVPool):
                                                        max_context_len=max_context_len, validate=False)
         # CPU: dequantize only the blocks of this batch, then the batched torch decode over them
         B, width = block_tables.shape
-        P, Hkv, D = self.block_size, self.num_kv_heads, self.head_dim
         idx = block_tables.long().flatten()                                                   # [B * width]
         k, v = (codes[layer][idx].float() * scales[layer][idx].float()[..., None]                 # [B*width, P, Hkv, D]
                 for codes, scales in ((self.k_caches, self.k_scales), (self.v_caches, self.v_scales)))

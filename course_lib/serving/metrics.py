@@ -197,7 +197,8 @@ class RunMetrics:
         return out
 
 
-def summarize(name: str, outputs: list[RequestOutput], steps: list[StepRecord], elapsed_s: float, **extra) -> RunMetrics:
+def summarize(name: str, outputs: list[RequestOutput], steps: list[StepRecord], elapsed_s: float,
+              **extra) -> RunMetrics:
     """RunMetrics of a run from its outputs and steps."""
     ok = [o for o in outputs if o.ok]
     itl = [b - a for o in ok for c in o.outputs for a, b in zip(c.token_times, c.token_times[1:])]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from course_lib.paging.block_manager import BlockManager
-from course_lib.serving.kv_pool import KVPool, paged_decode_attention_torch  # noqa: F401  (the engine's pools live there)
+from course_lib.serving.kv_pool import KVPool
 from course_lib.serving.sequence import ScheduledChunk
 
 
@@ -80,7 +80,7 @@ class StepBatch:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] of the flattened step -> attention output [1, Hq, T, D]."""
         pool = self.pool
-        pool.store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping, self.use_kernels)  # [T, Hkv, D]
+        pool.store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping, self.use_kernels)  # [T,Hkv,D]
         out = torch.empty_like(q)
         Bd = self.num_decodes
         if Bd:   # all decodes at once, through the block tables

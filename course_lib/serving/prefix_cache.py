@@ -72,7 +72,8 @@ class PrefixCache:
     @property
     def num_evictable_blocks(self) -> int:
         """Cached blocks that only the cache uses (reference count 1). With every sequence holding a whole root
-        path of cached blocks (as ``PrefixCachingBlockManager`` guarantees), all of them can be evicted, leaves first."""
+        path of cached blocks (as ``PrefixCachingBlockManager`` guarantees), all of them can be evicted, leaves
+        first."""
         ref_counts = self.allocator.ref_counts
         return sum(1 for b in self.nodes if ref_counts[b] == 1)
 

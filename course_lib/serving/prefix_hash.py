@@ -1,4 +1,5 @@
-"""The hash-chain prefix cache (lesson 05), vLLM-style: the same interface as ``course_lib.serving.prefix_cache.PrefixCache``.
+"""The hash-chain prefix cache (lesson 05), vLLM-style: the same interface as
+``course_lib.serving.prefix_cache.PrefixCache``.
 
 Instead of a tree, one flat dictionary. Each full block is keyed by a hash of *its tokens and its parent's
 hash*::

@@ -40,7 +40,7 @@ from collections import Counter
 
 from course_lib.paging.block_manager import BlockManager
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
-from course_lib.serving.sequence import (FINISHED, RUNNING, SWAPPED, WAITING, ScheduledChunk, SchedulerOutput,  # noqa: F401
+from course_lib.serving.sequence import (FINISHED, RUNNING, SWAPPED, WAITING, ScheduledChunk, SchedulerOutput,
                                  Sequence)
 
 PREEMPTION_MODES = ("recompute", "swap")
@@ -242,7 +242,8 @@ class Scheduler:
         if not self.prefix_caching:
             self.block_manager.allocate(seq.seq_id, seq.num_tokens)
             return
-        seq.num_computed_tokens = self.block_manager.allocate_with_prefix(seq.seq_id, seq.token_ids[:-1], seq.num_tokens)
+        seq.num_computed_tokens = self.block_manager.allocate_with_prefix(seq.seq_id, seq.token_ids[:-1],
+                                                                          seq.num_tokens)
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
 
@@ -315,7 +316,8 @@ class Scheduler:
         reused = 0
         if self.prefix_caching:     # blocks still cached on the device are shared again, not copied in twice
             computed = seq.token_ids[:seq.num_computed_tokens]
-            reused = self.block_manager.allocate_with_prefix(seq.seq_id, computed, held) // self.block_manager.block_size
+            num_reused_tokens = self.block_manager.allocate_with_prefix(seq.seq_id, computed, held)
+            reused = num_reused_tokens // self.block_manager.block_size
             gpu_table = self.block_manager.block_table(seq.seq_id)
         else:
             gpu_table = self.block_manager.allocate(seq.seq_id, held)

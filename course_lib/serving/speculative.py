@@ -16,8 +16,8 @@ Shapes use the legend of ``course_lib/__init__.py``; γ (``gamma``) is the numbe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -70,7 +70,8 @@ def rejection_sample(draft_tokens: list[int], draft_probs: torch.Tensor, target_
     if draft_probs.shape[0] != gamma or draft_probs.dim() != 2:
         raise ValueError(f"draft_probs must be [γ={gamma}, V], got {tuple(draft_probs.shape)}")
     if target_probs.shape != (gamma + 1, draft_probs.shape[1]):
-        raise ValueError(f"target_probs must be [γ+1={gamma + 1}, V={draft_probs.shape[1]}], got {tuple(target_probs.shape)}")
+        raise ValueError(f"target_probs must be [γ+1={gamma + 1}, V={draft_probs.shape[1]}], "
+                         f"got {tuple(target_probs.shape)}")
     draft_probs, target_probs = draft_probs.cpu(), target_probs.cpu()  # a few scalars per token: keep them on the host
     n = count_accepted(draft_tokens, draft_probs, target_probs, torch.rand(gamma, generator=generator))
     last = target_probs[n] if n == gamma else residual_distribution(target_probs[n], draft_probs[n])
@@ -203,11 +204,13 @@ def speculative_generate(target, draft, prompt_ids: list[int], max_new_tokens: i
     if max_new_tokens < 1 or gamma < 1:
         raise ValueError(f"max_new_tokens and gamma must be >= 1, got {max_new_tokens} and {gamma}")
     if target.config.vocab_size != draft.config.vocab_size:
-        raise ValueError(f"target and draft vocabularies differ: {target.config.vocab_size} vs {draft.config.vocab_size}")
+        raise ValueError(f"target and draft vocabularies differ: {target.config.vocab_size} vs "
+                         f"{draft.config.vocab_size}")
     total = len(prompt_ids) + max_new_tokens
     context = min(target.config.max_position_embeddings, draft.config.max_position_embeddings)
     if total > context:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context of {context}")
+        raise ValueError(f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds the context of "
+                         f"{context}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     target_cache = KVCache(target.config, 1, total, dtype=target.dtype, device=target.device)
     draft_cache = KVCache(draft.config, 1, total, dtype=draft.dtype, device=draft.device)

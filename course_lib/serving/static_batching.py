@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from course_lib.serving.engine import _synchronize
 from course_lib.model.kv_cache import KVCache
-from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord, summarize
+from course_lib.serving.metrics import (CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord,
+                                       summarize)
 from course_lib.serving.validation import check_call, check_request
 from course_lib.model.sampling import sample_token, token_generator
 from course_lib.device import DEVICE
@@ -74,7 +75,8 @@ class StaticBatchEngine:
         self.seed = seed
         self.metrics: RunMetrics | None = None
 
-    def generate(self, prompts, params=None, *, arrival_times=None, use_tqdm: bool | None = None) -> list[RequestOutput]:
+    def generate(self, prompts, params=None, *, arrival_times=None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
         prompts, params_list, arrivals = check_call(prompts, params, arrival_times)
         outputs, queue = [], []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):

@@ -28,8 +28,9 @@ def check_call(prompts, params, arrival_times) -> tuple[list, list, list[float]]
     if params is None or isinstance(params, (SamplingParams, dict)):
         params = [params] * len(prompts)
     elif not isinstance(params, (list, tuple)) or len(params) != len(prompts):
+        length = f" of length {len(params)}" if hasattr(params, "__len__") else ""
         raise ValueError(f"params must be one SamplingParams or a list of one per prompt ({len(prompts)}), got "
-                         f"{type(params).__name__}" + (f" of length {len(params)}" if hasattr(params, "__len__") else ""))
+                         f"{type(params).__name__}{length}")
     if arrival_times is None:
         arrival_times = [0.0] * len(prompts)
     arrival_times = [float(a) for a in arrival_times]

@@ -3,8 +3,8 @@
 Covers, automatically as lessons land:
 - every lesson notebook in notebooks/ (all of it): Run > Run All Cells, then every code cell ran and no cell shows
   an error; every image output renders as a loaded <img> (and a lesson that plots shows at least one); every
-  `explorer(...)` / `interact(...)` / `interactive(...)` explorer renders as controls, and dragging its first slider (no slider:
-  picking another option of its first dropdown) re-runs it: its output changes, without an error;
+  `explorer(...)` / `interact(...)` / `interactive(...)` explorer renders as controls, and dragging its first slider
+  (no slider: picking another option of its first dropdown) re-runs it: its output changes, without an error;
 - one exercise notebook, the first of exercises/ (all of it): Run All, then every check cell (`check_x(x)`)
   shows the grader's feedback, "not attempted" for a stub.
 Lesson 00 is opened at exactly the URL that `bash course.sh lab` opens; the others in a workspace of their own.
