@@ -33,9 +33,6 @@ if "google.colab" in sys.modules and "course_lib" not in sys.modules:
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/course"], check=True)
     sys.path.insert(0, "/content/course")
     os.chdir("/content/course")'''
-#: TEMPORARY (issue 17, part 7): notebooks left as they are while another branch edits them; once it is merged,
-#: empty this and run `python tools/colab.py` (pyproject.toml's ruff exclusion of the capstone goes too).
-PENDING = {"notebooks/10_capstone.ipynb"}
 BADGE = re.compile(r"https://colab\.research\.google\.com/github/([^/\s]+/[^/\s]+)/blob/main/([^)\s]+\.ipynb)")
 
 
@@ -47,8 +44,7 @@ def slug(repo: str) -> str:
 
 
 def notebook_paths() -> list[Path]:
-    return sorted(p for d in ("notebooks", "solutions", "exercises") for p in (ROOT / d).glob("*.ipynb")
-                  if p.relative_to(ROOT).as_posix() not in PENDING)
+    return sorted(p for d in ("notebooks", "solutions", "exercises") for p in (ROOT / d).glob("*.ipynb"))
 
 
 def with_cell(nb, repo: str) -> bool:
