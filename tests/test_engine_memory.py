@@ -27,10 +27,25 @@ def test_gpu_memory_utilization_is_validated(value):
 
 @pytest.mark.skipif(not HAS_GPU, reason="sizes the cache from the GPU's memory")
 def test_num_blocks_follow_gpu_memory_utilization():
+    import gc
+
     model, _ = load_tiny("target")
-    small, large = (LLMEngine(model, gpu_memory_utilization=u) for u in (0.3, 0.6))
+    blocks, per_block = {}, None
+    for u in (0.3, 0.6):   # max_num_seqs huge: the cap (max_num_seqs full contexts) must not be what binds
+        engine = LLMEngine(model, gpu_memory_utilization=u, max_num_seqs=10**6)
+        blocks[u], per_block = engine.num_blocks, engine.memory_profile["bytes_per_block"]
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
     total = torch.cuda.mem_get_info()[1]
-    per_block = small.memory_profile["bytes_per_block"]
-    assert large.num_blocks > small.num_blocks
+    assert blocks[0.6] > blocks[0.3]
     # 0.3 of the card more memory buys 0.3 x total / bytes per block more blocks (give or take the profile's noise)
-    assert abs((large.num_blocks - small.num_blocks) * per_block - 0.3 * total) < 0.02 * total
+    assert abs((blocks[0.6] - blocks[0.3]) * per_block - 0.3 * total) < 0.02 * total
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="sizes the cache from the GPU's memory")
+def test_engines_of_one_process_share_the_card():
+    model, _ = load_tiny("target")
+    engines = [LLMEngine(model) for _ in range(3)]   # a notebook keeps several: none may take the whole card
+    cap = engines[0].max_num_seqs * -(-engines[0].max_model_len // engines[0].block_size)
+    assert all(e.num_blocks == cap for e in engines)

@@ -66,8 +66,9 @@ class EngineConfig:
                             one CUDA graph per batch-size bucket (``course_lib.serving.cuda_graph``)
     gpu_memory_utilization  the fraction of the GPU's memory the engine may take (model, activations and KV blocks),
                             in (0, 1]: on a GPU without ``num_blocks``, the KV cache gets what a profiling pass of the
-                            largest step leaves of it (``course_lib.serving.memory``); on a CPU, ``num_blocks``
-                            defaults to max_num_seqs full contexts
+                            largest step leaves of it (``course_lib.serving.memory``), up to max_num_seqs full
+                            contexts (what the running batch can hold at once; with prefix caching more blocks keep
+                            more prefixes: pass ``num_blocks``); on a CPU, ``num_blocks`` defaults to that cap
     """
 
     block_size: int = 16

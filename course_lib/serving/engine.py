@@ -102,6 +102,9 @@ class LLMEngine:
             num_blocks, self.memory_profile = num_blocks_for_gpu(models, c.block_size, c.kv_cache_dtype, budget,
                                                                  c.gpu_memory_utilization)
             need = -(-self.max_model_len // c.block_size)
+            # never more than the running batch can hold at once (every sequence at the whole context): an engine
+            # does not take the card from the other engines of the same process (a notebook makes many)
+            num_blocks = min(num_blocks, c.max_num_seqs * need)
             if num_blocks < need:
                 raise ValueError(f"gpu_memory_utilization={c.gpu_memory_utilization}: the KV cache gets "
                                  f"{self.memory_profile['kv_bytes'] / 2**30:.2f} GiB, {num_blocks} blocks, fewer "
