@@ -8,7 +8,7 @@ from course_lib.device import HAS_GPU
 from course_lib.model.config import ModelConfig
 from course_lib.serving.engine import LLMEngine
 from course_lib.serving.kv_pool import make_kv_pool
-from course_lib.serving.memory import kv_bytes_per_block
+from course_lib.serving.memory import kv_bytes_per_block, num_blocks_for_gpu
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
@@ -27,20 +27,17 @@ def test_gpu_memory_utilization_is_validated(value):
 
 @pytest.mark.skipif(not HAS_GPU, reason="sizes the cache from the GPU's memory")
 def test_num_blocks_follow_gpu_memory_utilization():
-    import gc
-
+    # the profiling pass itself, not an engine: an engine caps its cache at max_num_seqs full contexts, and a huge
+    # max_num_seqs would make the profiled step (max_num_batched_tokens >= max_num_seqs) huge too
     model, _ = load_tiny("target")
-    blocks, per_block = {}, None
-    for u in (0.3, 0.6):   # max_num_seqs huge: the cap (max_num_seqs full contexts) must not be what binds
-        engine = LLMEngine(model, gpu_memory_utilization=u, max_num_seqs=10**6)
-        blocks[u], per_block = engine.num_blocks, engine.memory_profile["bytes_per_block"]
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
-    total = torch.cuda.mem_get_info()[1]
+    blocks, measured = {}, {}
+    for u in (0.3, 0.6):
+        blocks[u], measured[u] = num_blocks_for_gpu([model], 16, "auto", 512, u)
+    total = measured[0.3]["total_bytes"]
+    assert blocks[0.3] > 0
     assert blocks[0.6] > blocks[0.3]
     # 0.3 of the card more memory buys 0.3 x total / bytes per block more blocks (give or take the profile's noise)
-    assert abs((blocks[0.6] - blocks[0.3]) * per_block - 0.3 * total) < 0.02 * total
+    assert abs((blocks[0.6] - blocks[0.3]) * measured[0.3]["bytes_per_block"] - 0.3 * total) < 0.02 * total
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="sizes the cache from the GPU's memory")
