@@ -161,8 +161,8 @@ for _ in range(200):
     limit_run = grade(limits / "toy_forks_and_floods.ipynb", "--json", env={"CHILD_PID_FILE": str(pid_file)})
     deadline_run = grade(limits / "deadline", "--json", "--deadline", "5")
     out = {}
-    started = [("main", main), ("hang", hang), ("cheats", cheats), ("limits", limit_run), ("deadline", deadline_run)]
-    for name, proc in started:
+    procs = [("main", main), ("hang", hang), ("cheats", cheats), ("limits", limit_run), ("deadline", deadline_run)]
+    for name, proc in procs:
         stdout, stderr = proc.communicate(timeout=600)
         out[name] = (proc.returncode, stdout, stderr)
     out["seconds"] = time.monotonic() - started
