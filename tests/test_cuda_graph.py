@@ -108,6 +108,7 @@ def test_seeded_sampling_is_the_same_with_graphs():
     model, tok = load_tiny("target")
     prompts, _, _ = corpus_requests(model, tok)
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=12)
-    engines = [LLMEngine(model, max_num_seqs=8, enforce_eager=e) for e in (True, False)]
-    outs = [[o.outputs[0].token_ids for o in engine.generate(prompts, params)] for engine in engines]
+    outs = [[o.outputs[0].token_ids
+             for o in LLMEngine(model, max_num_seqs=8, enforce_eager=e).generate(prompts, params)]
+            for e in (True, False)]
     assert outs[0] == outs[1]

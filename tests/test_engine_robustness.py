@@ -137,8 +137,8 @@ def test_a_second_generate_while_one_runs_is_refused(monkeypatch):
     worker.join(30)
     assert result["out"][0].token_ids == greedy_generate(MICRO, [1, 2, 3], 3, use_cache=False)
     monkeypatch.setattr(ModelRunner, "execute", execute)
-    want = greedy_generate(MICRO, [4, 5], 3, use_cache=False)
-    assert engine.generate([[4, 5]], GOOD, use_tqdm=False)[0].token_ids == want
+    got = engine.generate([[4, 5]], GOOD, use_tqdm=False)[0].token_ids
+    assert got == greedy_generate(MICRO, [4, 5], 3, use_cache=False)
 
 
 # ---------------------------------------------------------------- a failed generate frees what it held

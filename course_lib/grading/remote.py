@@ -372,8 +372,8 @@ class KernelServer:
             _KernelPickler(buf, self, tracked_ids, storage_index).dump(reply)
         except Exception as exc:  # a result that cannot travel: say so instead
             buf = io.BytesIO()
-            error = TypeError(f"your result could not be sent to the grader: {exc}")
-            reply.update(result=None, error=_error_info(error))
+            unsent = TypeError(f"your result could not be sent to the grader: {exc}")
+            reply.update(result=None, error=_error_info(unsent))
             _KernelPickler(buf, self, tracked_ids, storage_index).dump(reply)
         tmp = response_path + ".tmp"
         with open(tmp, "wb") as f:
