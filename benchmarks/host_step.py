@@ -1,0 +1,86 @@
+"""The host's share of an engine step (lesson 10, issue 18): the scheduler, the block tables, the bookkeeping and
+the outputs, timed with the model's forward pass and the sampling replaced by stubs that cost nothing.
+
+    python -m benchmarks.host_step            # CPU, ~1 min; writes benchmarks/results/host_step_<cpu>.json
+
+On a GPU a replayed decode step costs the host one launch, so what is left between two steps is this: the Python
+that decides what runs next and records what ran. It runs on the CPU whatever the card, so it is measured here on
+the CPU, per step and per running sequence, for batches of decoding sequences. The trace: ``batch`` requests,
+prompts of 64-128 tokens, ``--output-tokens`` greedy tokens each, admitted at once, no early stop.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import course_lib.device  # noqa: F401  (first: the interpreter switch)
+import torch
+
+from benchmarks import record
+from course_lib.model.config import ModelConfig
+from course_lib.model.llama import Llama
+from course_lib.model.sampling import SamplingParams
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.model_runner import ModelRunner
+
+
+def host_seconds_per_step(batch: int, output_tokens: int, block_size: int = 16) -> dict:
+    """Runs the trace with a stub forward pass and stub sampling, through generate() (best of 3) and then through
+    the step API; times are the CPU time of this thread (``time.thread_time``): what the host spends, which other
+    processes on the machine do not inflate as they do wall time."""
+    config = ModelConfig(vocab_size=256, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    engine = LLMEngine(model, max_num_seqs=batch, max_num_batched_tokens=max(512, batch) * 128,
+                       num_blocks=batch * (1024 // block_size), block_size=block_size)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(rng.randint(64, 128))] for _ in range(batch)]
+    params = SamplingParams(max_tokens=output_tokens)
+    execute, sample = ModelRunner.execute, LLMEngine._sample
+    ModelRunner.execute = lambda self, chunks: None                                    # no forward pass
+    LLMEngine._sample = lambda self, chunks, logits: {c.seq.seq_id: 7 for c in chunks if c.samples}   # token 7
+    try:
+        engine.generate(prompts, params, use_tqdm=False)                  # warm-up
+        generate_s = float("inf")
+        for _ in range(3):                                                # generate(): outputs once, at the end
+            start = time.thread_time()
+            engine.generate(prompts, params, use_tqdm=False)
+            generate_s = min(generate_s, time.thread_time() - start)
+        steps = len(engine.metrics.steps)
+        for i, prompt in enumerate(prompts):                              # the step API: outputs every step
+            engine.add_request(i, prompt, params)
+        times, running = [], []
+        while engine.has_unfinished_requests():
+            start = time.thread_time()
+            engine.step()
+            times.append(time.thread_time() - start)
+            running.append(engine.last_step.num_running if engine.last_step.num_prefill_tokens == 0 else 0)
+    finally:
+        ModelRunner.execute, LLMEngine._sample = execute, sample
+    decode = [(t, n) for t, n in zip(times, running) if n]               # decode-only steps
+    return dict(batch=batch, output_tokens=output_tokens, steps=steps, generate_s=generate_s,
+                generate_per_step_s=generate_s / steps, step_api_decode_steps=len(decode),
+                step_api_decode_step_median_s=statistics.median(t for t, _ in decode),
+                step_api_per_seq_median_s=statistics.median(t / n for t, n in decode))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = record.parse_args(__doc__, "host_step", "batches 1 and 64, 32 output tokens", argv)
+    batches, output_tokens = ([1, 64], 32) if args.quick else ([1, 16, 64, 128, 256], 128)
+    result = record.provenance("host_step", "benchmarks.host_step", argv, torch.float32, args.quick, engine=False)
+    result.update(what="host time of an engine step: forward pass and sampling replaced by stubs",
+                  trace=f"B requests at once, prompts 64-128 tokens, {output_tokens} output tokens each", rows=[])
+    for batch in batches:
+        r = host_seconds_per_step(batch, output_tokens)
+        result["rows"].append(r)
+        print(f"batch {batch:4d}: generate() {r['generate_per_step_s'] * 1e3:7.3f} ms/step | step API: "
+              f"{r['step_api_decode_step_median_s'] * 1e3:7.3f} ms per decode step, "
+              f"{r['step_api_per_seq_median_s'] * 1e6:6.1f} us per running sequence", flush=True)
+    print(f"wrote {record.write(result, 'host_step', args.out)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""benchmarks.host_step: the host's share of a step, with stub forward passes (its machinery, not its times)."""
+import json
+
+from benchmarks import host_step
+
+
+def test_quick_run_counts_the_steps_of_its_trace(tmp_path):
+    out = tmp_path / "host.json"
+    result = host_step.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    for row in result["rows"]:
+        # every prompt fits one step's budget: one prefill step gives each request its first token, then one decode
+        # step per further token
+        assert row["steps"] == row["output_tokens"]
+        assert row["step_api_decode_steps"] == row["output_tokens"] - 1
+        assert row["generate_per_step_s"] > 0 and row["step_api_per_seq_median_s"] > 0
