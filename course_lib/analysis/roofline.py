@@ -92,6 +92,29 @@ def human(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
+def cpu_cache_bytes(root: str | Path = "/sys/devices/system/cpu/cpu0/cache") -> dict[int, int]:
+    """This machine's CPU caches as seen by CPU 0, ``{level: bytes}`` (the data or unified cache of each level; L3 is
+    usually shared by all cores), read from Linux's sysfs; ``{}`` where it is not available (macOS, Windows).
+    What a decode step re-reads every step (the weights) is served from cache when it fits in the last level."""
+    sizes: dict[int, int] = {}
+    for index in sorted(Path(root).glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1].upper(), 1)
+        try:
+            size = int(text.rstrip("KkMmGg")) * unit
+        except ValueError:
+            continue
+        sizes[level] = max(size, sizes.get(level, 0))
+    return sizes
+
+
 # ---------------------------------------------------------------- measurement
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":

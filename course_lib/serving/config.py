@@ -37,7 +37,10 @@ def _bool(name: str, value, *, optional: bool = False) -> None:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What ``LLMEngine`` is built with (vLLM's names; ``None``: a default that ``resolve`` derives from the model).
+    """What ``LLMEngine`` is built with (``None``: a default that ``resolve`` derives from the model). The names are
+    vLLM's where vLLM has the knob, with two exceptions: vLLM's ``kv_cache_dtype`` has FP8 formats but no ``"int8"``,
+    and current vLLM takes the speculative settings as one ``speculative_config={"num_speculative_tokens": k,
+    "disable_by_batch_size": n, ...}`` (the flat names here are those of its older releases).
 
     block_size              tokens per KV block (P)
     num_blocks              KV blocks on the device (vLLM: num_gpu_blocks_override); default: enough for

@@ -1,7 +1,8 @@
 """The baseline of the "14-24x" claim (lesson 10): Hugging Face ``transformers`` ``generate()`` in static batches.
 
-vLLM's launch post (June 2023) reported up to 24x the throughput of Hugging Face Transformers ("HF") and up to
-3.5x that of HF's Text Generation Inference, on LLaMA-7B / 13B with ShareGPT-like requests. The HF baseline of
+vLLM's launch post (June 2023) reported 14-24x the throughput of Hugging Face Transformers ("HF") and 2.2-2.5x
+that of HF's Text Generation Inference with one completion per request (8.5-15x and 3.3-3.5x with three parallel
+completions: its "up to 3.5x"), on LLaMA-7B / 13B with ShareGPT-like requests. The HF baseline of
 that claim is ``model.generate`` called on batches of requests. This module runs it on the **same weights**
 (``LlamaForCausalLM.from_pretrained`` on the checkpoint folder the engine loaded), the same trace, device and
 dtype, and measures it with the engine's metrics (``course_lib.serving.metrics``), so that the ratio means something:

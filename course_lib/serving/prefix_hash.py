@@ -11,12 +11,13 @@ so the key of block i stands for the whole prefix up to it (vLLM's automatic pre
 LoRA id, multimodal inputs and a cache salt to the hashed tuple, and hashes with SHA-256 or xxHash).
 ``match`` hashes the prompt block by block and looks each key up until the first miss.
 
-What the chain makes easy: an O(1) lookup per block with no pointers to follow; a key that means the same
-thing in every process (with a deterministic hash), so blocks can be looked up on another worker, offloaded to
-CPU or disk and found again. What it makes harder: a hash is a promise (two prefixes with the same hash would
-return wrong K/V: we store the tokens and parent hash and compare them, counting ``num_collisions``), and
-evicting a block in the middle would silently cut off its descendants (they stay in memory, unreachable), so
-to evict leaves only we count each entry's children, which is a tree again, kept in a dictionary.
+What the chain makes easy: a lookup per block with no pointers to follow (the tree's is one dictionary access per
+block too: the cost is the same); a key that means the same thing in every process (with a deterministic hash), so
+blocks can be looked up on another worker, offloaded to CPU or disk and found again. What it makes harder: a hash is
+a promise (two prefixes with the same hash would return wrong K/V: we store the tokens and parent hash and compare
+them, counting ``num_collisions``), and evicting a block in the middle would silently cut off its descendants (they
+stay in memory, unreachable), so to evict leaves only we count each entry's children, which is a tree again, kept in
+a dictionary.
 """
 from __future__ import annotations
 

@@ -19,9 +19,10 @@ from three queues, in this order (vLLM's policy, first come first served), one m
 3. **waiting** (``_schedule_waiting``): new requests are admitted while all three limits allow, with blocks for
    their whole prompt.
 
-**Chunked prefill** (split-fuse, Sarathi-Serve): with ``enable_chunked_prefill`` a prompt larger than what is
-left of the token budget is cut into chunks that share steps with the running decodes, so a long prompt never
-stalls them for more than one budget's worth of work. Without it a prompt is prefilled whole, in one step.
+**Chunked prefill** (Sarathi-Serve's chunked prefills with stall-free batching; DeepSpeed-FastGen's Dynamic
+SplitFuse): with ``enable_chunked_prefill`` a prompt larger than what is left of the token budget is cut into chunks
+that share steps with the running decodes, so a long prompt never stalls them for more than one budget's worth of
+work. Without it a prompt is prefilled whole, in one step.
 
 **Lookahead slots** (speculative decoding, ``course_lib.serving.spec_decode``): with ``num_lookahead_slots`` = k > 0 a
 chunk that samples also gets up to k slots past the sequence's tokens, where the step writes the K/V of the
