@@ -124,12 +124,22 @@ def _sync(device: torch.device) -> None:
 _FLUSH_BUFFERS: dict[str, torch.Tensor] = {}
 
 
+def beyond_cache_bytes(device: torch.device | str | None = None, factor: int = 4) -> int:
+    """A buffer size that the last-level cache cannot hold: 1 GiB on a GPU (H100 L2: 50 MB; H200 the same), and on a
+    CPU ``factor`` x its last-level cache, at least 256 MiB (a laptop's L3 is 8-64 MB, a server's can be 300 MB or
+    more: with a fixed 256 MB, a copy would be timed in the cache, not in DRAM)."""
+    device = torch.device(device or DEVICE)
+    if device.type == "cuda":
+        return 2**30
+    return max(256 * 2**20, factor * max(cpu_cache_bytes().values(), default=0))
+
+
 def flush_cache(device: torch.device | str | None = None) -> None:
-    """Overwrite a buffer larger than the last-level cache (H100 L2: 50 MB; CPU L3: usually ≤ 64 MB)."""
+    """Overwrite a buffer larger than the last-level cache (``beyond_cache_bytes(device, factor=2)``)."""
     device = torch.device(device or DEVICE)
     buf = _FLUSH_BUFFERS.get(str(device))
     if buf is None:
-        nbytes = 256 * 2**20 if device.type == "cuda" else 96 * 2**20
+        nbytes = beyond_cache_bytes(device, factor=2)
         buf = _FLUSH_BUFFERS[str(device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
     buf.zero_()
 
@@ -181,7 +191,7 @@ def measure_copy_bandwidth(nbytes: int, device: torch.device | str | None = None
                            reps: int = 5) -> float:
     """Measured bytes/s of copying `nbytes` (counts the read and the write: 2·nbytes per copy).
 
-    Use a size well above the last-level cache (e.g. ≥ 256 MB), or you measure the cache, not DRAM/HBM.
+    Use a size well above the last-level cache (``beyond_cache_bytes()``), or you measure the cache, not DRAM/HBM.
     """
     device = torch.device(device or DEVICE)
     src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # ones, not empty: touch every page first
