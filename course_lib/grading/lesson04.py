@@ -215,3 +215,108 @@ def check_split_budget(student_fn) -> CheckResult:
             c.check_equal(got, want, case=f"decodes={decodes}, prefills={prefills}, budget={budget}, chunked={chunked}",
                           hint=hint)
     return c.result
+
+
+# ---------------------------------------------------------------- 4. prefill chunks through the block table
+def _paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, *, mask="bottom_right",
+                   read_all_blocks=False, kv_head=lambda h, G, Hkv: h // G, scale=True):
+    """The model answer, and (through its keywords) the usual mistakes: the mask aligned top-left or left out, every
+    block of the table read and taken for the sequence's tokens, query head h read from kv head h % Hkv, no scale."""
+    import torch
+
+    T, Hq, D = q.shape
+    _, P, Hkv, _ = k_cache.shape
+    G = Hq // Hkv
+    out = torch.zeros_like(q)
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for s, L in enumerate(lens):
+        a, b = cu[s], cu[s + 1]
+        n = b - a
+        num_blocks = block_tables.shape[1] if read_all_blocks else -(-L // P)
+        blocks = block_tables[s, :num_blocks].long()
+        k = k_cache[blocks].reshape(-1, Hkv, D)                              # [num_blocks * P, Hkv, D]
+        v = v_cache[blocks].reshape(-1, Hkv, D)
+        if not read_all_blocks:
+            k, v = k[:L], v[:L]                                              # tokens 0 ... L-1
+        # query i sits at position L - n + i (the mistake: every slot read taken for a token, L = len(k))
+        pos_q = torch.arange(n) + (k.shape[0] - n if mask == "bottom_right" else 0)
+        visible = torch.arange(k.shape[0])[None, :] <= pos_q[:, None]        # [n, keys]
+        for h in range(Hq):
+            kh, vh = k[:, kv_head(h, G, Hkv)].float(), v[:, kv_head(h, G, Hkv)].float()
+            scores = q[a:b, h].float() @ kh.T * (D ** -0.5 if scale else 1.0)     # [n, keys]
+            if mask != "none":
+                scores = scores.masked_fill(~visible, float("-inf"))
+            out[a:b, h] = (torch.softmax(scores, dim=-1) @ vh).to(q.dtype)
+    return out
+
+
+def _prefill_case(seq_lens, chunk_lens, Hq, Hkv, D, P, seed):
+    """A paged cache with the sequences' blocks scattered (a physical order unlike the logical one), block tables
+    padded with a block full of large values (read past L, and the answer is far off), varlen queries."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-L // P) for L in seq_lens]
+    width = max(need) + 1
+    N = sum(need) + 1
+    perm = torch.randperm(N - 1, generator=g) + 1                            # block 0: the padding block
+    k_cache = torch.randn(N, P, Hkv, D, generator=g)
+    v_cache = torch.randn(N, P, Hkv, D, generator=g)
+    k_cache[0], v_cache[0] = 30.0, 30.0                                      # what a read past L would see
+    tables, i = torch.zeros(len(seq_lens), width, dtype=torch.int32), 0
+    for s, m in enumerate(need):
+        tables[s, :m] = perm[i:i + m].to(torch.int32)
+        i += m
+    cu = torch.tensor([0] + list(torch.tensor(chunk_lens).cumsum(0).tolist()), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), Hq, D, generator=g)
+    return q, k_cache, v_cache, tables, cu, torch.tensor(seq_lens, dtype=torch.int32)
+
+
+def check_paged_prefill(student_fn) -> CheckResult:
+    """``paged_prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens) -> out``: q [T, Hq, D] holds the
+    prefill chunks of one step (chunk s is rows cu_seqlens_q[s] ... cu_seqlens_q[s+1]-1); sequence s has seq_lens[s]
+    = L tokens of K/V in the paged caches [N, P, Hkv, D] (its cached prefix, then the chunk), in the blocks
+    block_tables[s, :ceil(L / P)]. Query i of a chunk of n sits at position L - n + i and attends keys 0 ... L-n+i,
+    softmax(q k^T / sqrt(D)) v; query head h reads kv head h // (Hq / Hkv). Returns out [T, Hq, D], q's dtype."""
+    import torch
+
+    # (seq_lens, chunk_lens, Hq, Hkv, D, P): a whole prompt first (no prefix: top-left and bottom-right agree), then
+    # chunks after a cached prefix, one-token chunks, L a multiple of P and not, P = 1, GQA groups 1, 2 and 4
+    cases = [([5], [5], 1, 1, 4, 4), ([9], [3], 1, 1, 4, 4), ([8], [4], 2, 1, 8, 4), ([7, 3], [2, 3], 2, 2, 4, 2),
+             ([6], [1], 4, 1, 4, 4), ([12, 5, 9], [4, 5, 1], 4, 2, 8, 4), ([5], [2], 2, 2, 4, 1)]
+    rng = random.Random(4)
+    for _ in range(12):
+        num_seqs = rng.randint(1, 4)
+        lens = [rng.randint(1, 40) for _ in range(num_seqs)]
+        Hkv, G = rng.choice([(1, 1), (2, 1), (1, 4), (2, 2)])
+        cases.append((lens, [rng.randint(1, L) for L in lens], Hkv * G, Hkv, rng.choice([4, 8]),
+                      rng.choice([1, 4, 16])))
+    mistakes = [
+        (dict(mask="top_left"), "the causal mask is aligned bottom-right: the chunk's n queries are the LAST n of "
+                                "the sequence's L tokens, so query i sits at position L - n + i and sees keys "
+                                "0 ... L-n+i, its cached prefix included (top-left alignment hides the prefix)"),
+        (dict(mask="none"), "prefill is causal: query i must not see the keys after its own position L - n + i"),
+        (dict(read_all_blocks=True), "the sequence is its first L tokens only: blocks past ceil(L / P) in the "
+                                     "table, and the slots past L in the last block, hold no token of it (and "
+                                     "counting them moves every query's position L - n + i)"),
+        (dict(kv_head=lambda h, G, Hkv: h % Hkv), "grouped-query attention: query heads h*G ... h*G+G-1 share kv "
+                                                  "head h, so query head h reads kv head h // G (not h % Hkv)"),
+        (dict(scale=False), "scale the scores by 1 / sqrt(D) before the softmax"),
+    ]
+    with Checker("paged_prefill", points=2) as c:
+        for i, (lens, chunks, Hq, Hkv, D, P) in enumerate(cases):
+            args = _prefill_case(lens, chunks, Hq, Hkv, D, P, seed=100 + i)
+            case = (f"seq_lens={lens}, chunk lengths={chunks}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size P={P} "
+                    f"(block_tables {list(args[3].shape)}, padded with block 0)")
+            got = student_fn(*(a.clone() for a in args))
+            want = _paged_prefill(*args)
+            if not (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype):
+                c.check(False, case=case, expected=f"a tensor of shape {list(want.shape)} and dtype {want.dtype}",
+                        got=(f"shape {list(got.shape)}, dtype {got.dtype}" if isinstance(got, torch.Tensor)
+                             else type(got).__name__),
+                        hint="out holds one row per query token of the step, [T, Hq, D], in q's dtype")
+            hint = next((h for kw, h in mistakes if torch.allclose(got, _paged_prefill(*args, **kw), atol=1e-4)),
+                        "compare one chunk by hand: its keys are the first L tokens of its sequence, read block by "
+                        "block through block_tables[s] (slot j is block block_tables[s, j // P], row j % P)")
+            c.check_close(got, want, case=case, rtol=1e-4, atol=1e-4, hint=hint)
+    return c.result
