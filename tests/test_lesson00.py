@@ -160,10 +160,7 @@ def test_scale_add_kernel_check():
     assert_caught(lesson00.check_scale_add_kernel(no_mask), "past the end of out")
     no_pid = edited(good, {"offsets = pid * BLOCK_SIZE + tl.arange": "offsets = tl.arange"})   # every program: block 0
     assert_caught(lesson00.check_scale_add_kernel(no_pid), "pid * BLOCK_SIZE")
-    forgot_a = edited(good, {"a * x + y": "x + y"})
-    assert lesson00.check_scale_add_kernel(forgot_a).status == "failed"
-    not_a_kernel = lesson00.check_scale_add_kernel(lambda *args: None)
-    assert not_a_kernel.status == "failed" and "@triton.jit" in not_a_kernel.message
+    assert_caught(lesson00.check_scale_add_kernel(lambda *args: None), "@triton.jit")
 
 
 class _CompiledStub:

@@ -148,25 +148,23 @@ def test_flash_kernel_check():
     kernel = SOLVED._flash_fwd_kernel
     assert lesson03.check_flash_kernel(kernel).status == "passed"
     assert_not_attempted(lesson03.check_flash_kernel(STUBS._flash_fwd_kernel))
-    gqa = lesson03.check_flash_kernel(edited(kernel, GQA_INTERLEAVED))
-    assert gqa.status == "failed" and "h // (Hq // Hkv)" in gqa.message
-    no_rescale = lesson03.check_flash_kernel(edited(kernel, NO_RESCALE))
-    assert no_rescale.status == "failed" and "alpha" in no_rescale.message
+    assert_caught(lesson03.check_flash_kernel(edited(kernel, GQA_INTERLEAVED)), "h // (Hq // Hkv)")
+    assert_caught(lesson03.check_flash_kernel(edited(kernel, NO_RESCALE)), "alpha")
     no_mask = lesson03.check_flash_kernel(
         edited(kernel, {'\n        qk = tl.where(cols[None, :] < Skv, qk, float("-inf"))': ""}))
-    assert no_mask.status == "failed" and "-inf" in no_mask.message
-    assert lesson03.check_flash_kernel(lambda *a: None).status == "failed"
+    assert_caught(no_mask, "-inf")
+    assert_caught(lesson03.check_flash_kernel(lambda *a: None), "@triton.jit")
 
 
 def test_causal_kernel_check():
     kernel = SOLVED._causal_flash_fwd_kernel
     assert lesson03.check_causal_kernel(kernel).status == "passed"
     assert_not_attempted(lesson03.check_causal_kernel(STUBS._causal_flash_fwd_kernel))
-    offset = lesson03.check_causal_kernel(edited(kernel, {"causal_offset = Skv - Sq": "causal_offset = 0"}))
-    assert offset.status == "failed" and "Skv - Sq" in offset.message
-    assert lesson03.check_causal_kernel(edited(kernel, NO_RESCALE)).status == "failed"   # in both stages
-    assert lesson03.check_causal_kernel(edited(kernel, GQA_INTERLEAVED)).status == "failed"
-    assert lesson03.check_causal_kernel(SOLVED._flash_fwd_kernel).status == "failed"  # not causal at all
+    assert_caught(lesson03.check_causal_kernel(edited(kernel, {"causal_offset = Skv - Sq": "causal_offset = 0"})),
+                  "Skv - Sq")
+    assert_caught(lesson03.check_causal_kernel(edited(kernel, NO_RESCALE)), "hint:")   # in both stages
+    assert_caught(lesson03.check_causal_kernel(edited(kernel, GQA_INTERLEAVED)), "hint:")
+    assert_caught(lesson03.check_causal_kernel(SOLVED._flash_fwd_kernel), "hint:")  # not causal at all
 
 
 # ---------------------------------------------------------------- more mistakes a learner makes (issue 23)
@@ -224,9 +222,7 @@ def test_flash_kernel_check_catches():
         ({"p = tl.math.exp2(qk - m_new[:, None])": "p = tl.math.exp2(qk)",
           "alpha = tl.math.exp2(m_i - m_new)": "alpha = 1.0"}, "hint:"),        # no max subtracted at all
     ]:
-        assert_caught(lesson03.check_flash_kernel(edited(kernel, GQA_INTERLEAVED if broken is None else broken)), hint)
-    assert_caught(lesson03.check_flash_kernel(edited(kernel, GQA_INTERLEAVED)), "h // (Hq // Hkv)")
-    assert_caught(lesson03.check_flash_kernel(edited(kernel, NO_RESCALE)), "alpha")
+        assert_caught(lesson03.check_flash_kernel(edited(kernel, broken)), hint)
 
 
 def test_causal_kernel_check_catches():
@@ -234,14 +230,10 @@ def test_causal_kernel_check_catches():
     visits_hidden_blocks = edited(kernel, {   # stage 2 runs to Skv: the mask hides the extra keys, nothing is skipped
         "diag_end = tl.minimum((start_m + 1) * BLOCK_M + causal_offset, Skv)": "diag_end = Skv"})
     assert_caught(lesson03.check_causal_kernel(visits_hidden_blocks), "never load them")
-    assert_caught(lesson03.check_causal_kernel(SOLVED._flash_fwd_kernel), "hint:")   # not causal at all
     for broken, hint in [
-        ({"causal_offset = Skv - Sq": "causal_offset = 0"}, "Skv - Sq"),
         ({"(cols[None, :] <= offs_m[:, None] + causal_offset)": "(cols[None, :] < offs_m[:, None] + causal_offset)"},
          "hint:"),                                                               # the diagonal itself masked
         ({'m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)': "m_i = tl.zeros([BLOCK_M], dtype=tl.float32)"},
          "hint:"),
-        (NO_RESCALE, "hint:"),
-        (GQA_INTERLEAVED, "hint:"),
     ]:
         assert_caught(lesson03.check_causal_kernel(edited(kernel, broken)), hint)
