@@ -75,7 +75,7 @@ def _shown(source: str) -> list[str]:
 
 def _is(argument: str, obj) -> bool:
     name = get_source(obj).name                  # its qualified name: "BlockManager.fork", "_attn_fwd"
-    return argument == name or argument.endswith("." + name)
+    return argument == name or argument.endswith("." + name)   # "library.online_softmax" is online_softmax too
 
 
 def _prompt_index(cells, check_function: str) -> int:
@@ -125,3 +125,19 @@ def _interfaces(lesson: str) -> list[str]:
         out += [ast.unparse(node.args[0]) for node in ast.walk(tree) if isinstance(node, ast.Call)
                 and isinstance(node.func, ast.Name) and node.func.id == "show_interface" and node.args]
     return out
+
+
+@pytest.mark.parametrize("lesson", sorted({lesson for lesson, _, _ in EXERCISES}))
+def test_a_show_the_library_cell_rebinds_no_name_the_grader_reads(lesson):
+    """The grader reads the learner's answers by name (the manifest's args) after the notebook ran: a cell after
+    the exercise that imports the library's ``online_softmax`` would grade the library instead of the learner."""
+    graded = {arg for check in MANIFEST[lesson] for arg in check["args"]}
+    for folder in ("solutions", "exercises"):
+        for kind, source in _cells(ROOT / folder / f"{lesson}.ipynb"):
+            if kind != "code" or not _shown(source):
+                continue
+            bound = {alias.asname or alias.name.split(".")[0] for node in ast.walk(ast.parse(source))
+                     if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+            assert not bound & graded, (f"{folder}/{lesson}.ipynb: a cell that shows the library's code rebinds "
+                                        f"{sorted(bound & graded)}, which the grader reads as the learner's answer: "
+                                        "import the module under another name (from ... import x as library)")
