@@ -117,7 +117,9 @@ def launch_traced(kernel, grid, *args, watch: tuple[int, ...] = (), exercise: st
         per_program: dict = {}
         for program, addresses, mask in records:
             inside = (addresses >= start) & (addresses < end)
-            if not inside.any():
+            # a load of this tensor: a lane it reads lies in it, or every lane does (a fully masked load of a block
+            # of it). Not one whose masked-off lanes merely point past another tensor's end into this one.
+            if not ((inside & mask).any() or inside.all()):
                 continue
             count, read = per_program.get(program, (0, set()))
             read.update(((addresses[inside & mask] - start) // size).tolist())
