@@ -69,9 +69,27 @@ def test_student_exception_shows_type_message_and_own_line_without_grader_frames
     assert result.status == "failed"
     assert "IndexError: list index out of range" in result.message
     assert "return table[n]" in result.message and "crashes()" in result.message
-    assert "after 1 passing case(s)" in result.message
+    assert "after 1 passing comparison(s)" in result.message
     for grader_text in ["Traceback", "grading/core.py", "__exit__", "check_close"]:
         assert grader_text not in result.message
+
+
+def test_student_exception_shows_the_case_it_raised_in():
+    with Checker("double", points=2) as c:
+        for n in [1, 2, 3]:
+            c.case = f"n={n}"
+            c.check_close(crashes(n), 2.0 * n, hint="multiply by two")
+    result = c.result
+    assert result.status == "failed" and result.message.splitlines()[0] == "case: n=2", result.message
+    assert "IndexError" in result.message.splitlines()[1]
+
+
+def test_a_check_without_case_text_names_the_case_set_before_the_call():
+    with Checker("double", points=2) as c:
+        for n in [1, 2, 3]:
+            c.case = f"n={n}"
+            c.check_close(n, 2.0 * n, hint="multiply by two")
+    assert "case: n=1" in c.result.message
 
 
 def test_timeout_fails_the_check_and_cannot_be_swallowed():

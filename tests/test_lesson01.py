@@ -289,9 +289,7 @@ def test_cached_greedy_decode_check():
         (decode_first_position_logits, "LAST position"),
         (decode_new_cache_each_step, "another cache"),
     ]:
-        result = lesson01.check_cached_greedy_decode(fn)
-        assert (result.status, result.points) == ("failed", 0), fn.__name__
-        assert message in result.message, (fn.__name__, result.message)
+        assert_caught(lesson01.check_cached_greedy_decode(fn), message)
 
 
 def test_exercise_stubs_are_not_attempted():
@@ -300,3 +298,27 @@ def test_exercise_stubs_are_not_attempted():
                         (lesson01.check_cached_greedy_decode, "cached_greedy_decode"),
                         (lesson01.check_decode_step_flops, "decode_step_flops")]:
         assert_not_attempted(check(getattr(stubs, name)))
+
+
+# ---------------------------------------------------------------- more mistakes a learner makes (issue 23)
+def decode_returns_prompt_too(model, prompt_ids, max_new_tokens):   # prompt + new tokens instead of the new ones
+    return list(prompt_ids) + SOLVED.cached_greedy_decode(model, prompt_ids, max_new_tokens)
+
+
+def decode_returns_a_tensor(model, prompt_ids, max_new_tokens):
+    return torch.tensor(SOLVED.cached_greedy_decode(model, prompt_ids, max_new_tokens))
+
+
+update_one_short = edited(SOLVED.update, {RETURN_FILLED: "return cache_k[:, :, :end - 1], cache_v[:, :, :end - 1]"})
+
+
+@pytest.mark.parametrize("check, fn, hint", [
+    (lesson01.check_kv_cache_bytes,
+     lambda c, n, b, e: 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n * b, "bytes_per_element"),
+    (lesson01.check_kv_cache_update, update_one_short, "hint:"),
+    (lesson01.check_cached_greedy_decode, decode_returns_prompt_too, "prompt excluded"),
+    (lesson01.check_cached_greedy_decode, decode_returns_a_tensor, "list of Python ints"),
+    (lesson01.check_decode_step_flops, FLOPS_SQUARE_Q_O, "not E -> E"),
+])
+def test_checks_catch_more(check, fn, hint):
+    assert_caught(check(fn), hint)

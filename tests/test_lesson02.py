@@ -122,3 +122,98 @@ def test_benchmark_script_quick(tmp_path):
     for key in ("device", "date", "torch", "triton", "correctness", "bandwidth", "split_k"):
         assert key in result
     assert all(c["max_abs_error"] <= c["tolerance"] for c in result["correctness"])
+
+
+# ---------------------------------------------------------------- more mistakes a learner makes (issue 23)
+class ReleasesAtEveryFree(SOLVED.Allocator):
+    def free(self, b):        # decrements, but puts the block back on the free list at every free
+        if self.ref_counts[b] == 0:
+            raise ValueError("double free")
+        self.ref_counts[b] -= 1
+        self.free_block_ids.append(b)
+
+
+class ShareReturnsNothing(SOLVED.Allocator):
+    def share(self, b):       # counts the owner but returns None: fork's [allocator.share(b) ...] breaks
+        self.ref_counts[b] += 1
+
+
+class FreeResetsCount(SOLVED.Allocator):
+    def free(self, b):        # count set to 0 whatever the owners, block released only when it was 1
+        if self.ref_counts[b] == 0:
+            raise ValueError("double free")
+        if self.ref_counts[b] == 1:
+            self.free_block_ids.append(b)
+        self.ref_counts[b] = max(0, self.ref_counts[b] - 2)
+
+
+class AllocateCountsTwo(SOLVED.Allocator):
+    def allocate(self):
+        b = super().allocate()
+        self.ref_counts[b] += 1
+        return b
+
+
+def test_allocator_check_catches_and_blames_the_operation():
+    released = lesson02.check_allocator(ReleasesAtEveryFree)
+    assert_caught(released, "free() must decrement the count and release the block only when it reaches 0")
+    assert "the last operations" in released.message and "free(" in released.message   # the history that led there
+    assert_caught(lesson02.check_allocator(ShareReturnsNothing), "returns the id")
+    assert_caught(lesson02.check_allocator(FreeResetsCount), "free()")
+    assert_caught(lesson02.check_allocator(AllocateCountsTwo), "exactly one owner")
+
+
+def test_slot_mapping_check_catches():
+    assert_caught(lesson02.check_slot_mapping(lambda t, s, e, P: [t[i // P] * P + i % P for i in range(e - s)]),
+                  "range(start, end)")
+    assert_caught(lesson02.check_slot_mapping(lambda t, s, e, P: [t[i % P] * P + i // P for i in range(s, e)]))
+    assert_caught(lesson02.check_slot_mapping(lambda t, s, e, P: [t[i // P] * P + i % P for i in range(s + 1, e)]))
+
+
+def append_slot_new_list(allocator, block_table, num_tokens, block_size):   # builds a new list: the caller's is lost
+    if num_tokens == len(block_table) * block_size:
+        block_table = block_table + [allocator.allocate()]
+    return block_table[num_tokens // block_size] * block_size + num_tokens % block_size
+
+
+append_slot_early = edited(SOLVED.append_slot, {FULL: "if num_tokens + 1 >= len(block_table) * block_size:"})
+append_slot_returns_block = edited(SOLVED.append_slot, {
+    "return block_table[num_tokens // block_size] * block_size + num_tokens % block_size":
+    "return block_table[num_tokens // block_size]"})
+
+
+def test_append_slot_check_catches():
+    assert_caught(lesson02.check_append_slot(append_slot_new_list), "in place")
+    assert_caught(lesson02.check_append_slot(append_slot_early), "allocate only when the token does not fit")
+    assert_caught(lesson02.check_append_slot(append_slot_returns_block), "the slot of the new token")
+
+
+cow_swapped_copy = edited(SOLVED.append_slot_cow, {"copy = (shared, block_table[-1])":
+                                                   "copy = (block_table[-1], shared)"})
+cow_frees_new = edited(SOLVED.append_slot_cow, {"allocator.free(shared)": "allocator.free(block_table[-1])"})
+cow_when_owned = edited(SOLVED.append_slot_cow, {"allocator.ref_counts[block_table[-1]] > 1":
+                                                 "allocator.ref_counts[block_table[-1]] > 0"})
+
+
+def test_fork_cow_check_catches():
+    fork = SOLVED.fork
+    assert_caught(lesson02.check_fork_cow(fork, cow_swapped_copy), "(old, new)")
+    assert_caught(lesson02.check_fork_cow(fork, cow_frees_new), "hint:")
+    assert_caught(lesson02.check_fork_cow(fork, cow_when_owned), "a block you own alone")
+    assert_caught(lesson02.check_fork_cow(lambda a, t: [a.allocate() for _ in t], SOLVED.append_slot_cow),
+                  "hint:")                                     # new blocks instead of shared ones
+
+
+def test_paged_attention_kernel_check_catches():
+    kernel = SOLVED._paged_attention_kernel
+    no_max = edited(kernel, {"p = tl.exp(s - m_new)": "p = tl.exp(s)", "alpha = tl.exp(m_i - m_new)": "alpha = 1.0"})
+    assert_caught(lesson02.check_paged_attention_kernel(no_max), "Subtract the running max")
+    m_zero = edited(kernel, {'m_i = tl.zeros([1], dtype=tl.float32) - float("inf")':
+                             "m_i = tl.zeros([1], dtype=tl.float32)"})
+    assert_caught(lesson02.check_paged_attention_kernel(m_zero), "start the running max m at -inf")
+    no_score_mask = edited(kernel, {'        s = tl.where(mask, s, float("-inf"))\n': ""})   # padding keys weigh exp(0)
+    assert_caught(lesson02.check_paged_attention_kernel(no_score_mask), "hint:")
+    no_acc_rescale = edited(kernel, {"acc = acc * alpha + ": "acc = acc + "})
+    assert_caught(lesson02.check_paged_attention_kernel(no_acc_rescale), "hint:")
+    no_scale = edited(kernel, {" * sm_scale          # [P] scores": "          # [P] scores"})
+    assert_caught(lesson02.check_paged_attention_kernel(no_scale), "hint:")

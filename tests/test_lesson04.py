@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from course_lib.grading import lesson04
 from course_lib.serving.scheduler import RUNNING
 from conftest import assert_caught, assert_not_attempted, edited, solution, stub
@@ -98,3 +100,51 @@ def test_benchmark_script_quick(tmp_path):
     assert result["offline"]["continuous"]["num_output_tokens"] == result["offline"]["static"]["num_output_tokens"]
     if result["dtype"] == "float32":   # in bf16 (a GPU) other batch shapes may round a near-tie the other way
         assert result["outputs_identical"]
+
+
+# ---------------------------------------------------------------- more mistakes a learner makes (issue 23)
+admit_keeps_blocks = edited(SOLVED.admit, {"        num_free_blocks -= need\n": ""})      # every request sees the pool
+admit_keeps_budget = edited(SOLVED.admit, {"        token_budget -= num_tokens\n": ""})
+admit_one_too_many = edited(SOLVED.admit, {"if num_running + len(admitted) >= max_num_seqs":
+                                           "if num_running + len(admitted) > max_num_seqs"})
+admit_watermark_strict = edited(SOLVED.admit, {"if num_free_blocks - need < watermark:":
+                                               "if num_free_blocks - need <= watermark:"})
+
+
+@pytest.mark.parametrize("fn, hint", [
+    (admit_keeps_blocks, "you did not subtract the blocks"),    # named before "ceil": the most specific hint wins
+    (admit_keeps_budget, "you did not subtract the tokens"),
+    (admit_one_too_many, "one sequence too many"),
+    (admit_watermark_strict, "exactly `watermark` free blocks left is allowed"),
+])
+def test_admit_check_catches(fn, hint):
+    assert_caught(lesson04.check_admit(fn), hint)
+
+
+preempt_no_swap_status = edited(SOLVED.preempt, {"victim.status = SWAPPED": "pass"})
+preempt_keeps_device_blocks_on_swap = edited(SOLVED.preempt, {
+    "mapping = list(zip(block_manager.block_table(victim.seq_id), cpu_table))\n"
+    "        block_manager.free(victim.seq_id)":
+    "mapping = list(zip(block_manager.block_table(victim.seq_id), cpu_table))"})
+preempt_by_arrival_only = edited(SOLVED.preempt, {"victim = max(running, key=lambda s: s.priority)":
+                                                  "victim = max(running, key=lambda s: s.arrival_time)"})
+
+
+def test_preempt_check_catches():
+    assert_caught(lesson04.check_preempt(preempt_no_swap_status), "victim.status = SWAPPED")
+    assert_caught(lesson04.check_preempt(preempt_keeps_device_blocks_on_swap), "block_manager.free")
+    assert_caught(lesson04.check_preempt(preempt_by_arrival_only), "LARGEST seq.priority")
+
+
+def split_decodes_ignore_budget(decodes, prefills, budget, chunked=True):   # every decode, budget or not
+    out = [(s, 1) for s in decodes]
+    return out + SOLVED.split_budget([], prefills, max(budget - len(decodes), 0), chunked)
+
+
+split_skips_ahead = edited(SOLVED.split_budget, {"        if n == 0:\n            break\n":
+                                                 "        if n == 0:\n            continue\n"})
+
+
+def test_split_budget_check_catches():
+    assert_caught(lesson04.check_split_budget(split_decodes_ignore_budget), "must not exceed the budget")
+    assert_caught(lesson04.check_split_budget(split_skips_ahead), "first come, first served")

@@ -7,7 +7,7 @@ import torch
 
 from course_lib.serving import speculative as spec
 from course_lib.grading import lesson06
-from conftest import assert_not_attempted, solution, stub
+from conftest import assert_caught, assert_not_attempted, solution, stub
 
 SOLVED = solution("06_speculative_decoding")
 
@@ -78,9 +78,7 @@ def test_python_checks(check, goods, broken):
         assert check(good).status == "passed"
     assert_not_attempted(check(stub))
     for fn in broken:
-        result = check(fn)
-        assert (result.status, result.points) == ("failed", 0), fn.__name__
-        assert "hint:" in result.message or "ZeroDivisionError" in result.message, fn.__name__
+        assert_caught(check(fn))   # a hint, or "your code raised ZeroDivisionError" (the 0/0 at α = 1)
 
 
 def test_hints_name_the_mistake():
@@ -117,11 +115,7 @@ def test_rollback_check():
     assert lesson06.check_rollback_caches(SOLVED.rollback_caches).status == "passed"
     assert lesson06.check_rollback_caches(spec.rollback_caches).status == "passed"
     assert_not_attempted(lesson06.check_rollback_caches(stub))
-    target_only = lesson06.check_rollback_caches(_rollback_target_only)
-    assert target_only.status == "failed" and "draft cache length" in target_only.message
-    off_by_one = lesson06.check_rollback_caches(_rollback_off_by_one)
-    assert off_by_one.status == "failed" and "target cache length" in off_by_one.message
-    no_min = lesson06.check_rollback_caches(_rollback_no_min)
-    assert no_min.status == "failed" and "ValueError" in no_min.message
-    nothing = lesson06.check_rollback_caches(_rollback_nothing)
-    assert nothing.status == "failed" and "target cache length" in nothing.message
+    assert_caught(lesson06.check_rollback_caches(_rollback_target_only), "draft cache length")
+    assert_caught(lesson06.check_rollback_caches(_rollback_off_by_one), "target cache length")
+    assert_caught(lesson06.check_rollback_caches(_rollback_no_min), "ValueError")
+    assert_caught(lesson06.check_rollback_caches(_rollback_nothing), "target cache length")

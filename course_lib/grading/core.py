@@ -10,7 +10,9 @@ A check module (``course_lib/grading/lessonNN.py``) writes each check like this:
                 c.check_close(got, want, case=f"M={M}, N={N}, K={K}", rtol=1e-6, hint="FLOPs = 2*M*N*K")
         return c.result
 
-``check_close`` / ``check_equal`` / ``check`` stop the block at the first failing case. The Checker
+``check_close`` / ``check_equal`` / ``check`` stop the block at the first failing case. Setting ``c.case = "..."``
+before calling the learner's code names the case for an exception that code raises (and for a check without
+``case=``): "your code raised IndexError ..." then shows the case that made it raise. The Checker
 then suppresses the exception (the notebook keeps running) and prints a short report. In a notebook
 that report is the learner's feedback and nothing more: ``python -m course_lib.grade`` runs every
 check again in its own process, on references to the learner's objects (``course_lib.grading.remote``),
@@ -196,7 +198,8 @@ class Checker:
     def __init__(self, name: str, points: float = 1, *, needs_gpu: bool = False, timeout_s: float | None = 60):
         self.name, self.points, self.needs_gpu, self.timeout_s = name, points, needs_gpu, timeout_s
         self.skipped = needs_gpu and not HAS_GPU  # True: the body must not run (see require_gpu)
-        self.cases_passed = 0
+        self.cases_passed = 0  # comparisons (check_* calls) passed so far; a case may make several
+        self.case = ""  # the case being run: shown when the learner's code raises during it
         self.result: CheckResult | None = None
         self._old_handler = None
 
@@ -229,6 +232,7 @@ class Checker:
         self._fail(case, [f"expected: {_short(expected)}", f"got: {_short(got)}"] if plain else [], hint, diff)
 
     def _fail(self, case: str, lines: list[str], hint: str, diff: str = "") -> None:
+        case = case or self.case
         body = [f"case: {case}" if case else ""] + lines + diff.splitlines() + [f"hint: {hint}" if hint else ""]
         raise CheckFailed("\n".join(line for line in body if line))
 
@@ -265,7 +269,7 @@ class Checker:
 
     def _classify(self, exc: BaseException | None, tb) -> tuple[str, str]:
         if exc is None:
-            return PASSED, f"{self.cases_passed} case(s) passed"
+            return PASSED, f"{self.cases_passed} comparison(s) passed"
         if isinstance(exc, CheckFailed):
             return FAILED, str(exc)
         if isinstance(exc, _Timeout):
@@ -275,6 +279,7 @@ class Checker:
             (last.line or "").strip().startswith("raise NotImplementedError")
         if isinstance(exc, NotImplementedError) and (stub or str(exc).startswith("Exercise")):
             return NOT_ATTEMPTED, str(exc)
-        after = f" (after {self.cases_passed} passing case(s))" if self.cases_passed else ""
-        lines = [f"your code raised {type(exc).__name__}: {exc}{after}", _where(_student_frame(exc, tb))]
+        after = f" (after {self.cases_passed} passing comparison(s))" if self.cases_passed else ""
+        lines = [f"case: {self.case}" if self.case else "",
+                 f"your code raised {type(exc).__name__}: {exc}{after}", _where(_student_frame(exc, tb))]
         return FAILED, "\n".join(line for line in lines if line)

@@ -1,7 +1,10 @@
 """Running a learner's Triton kernel inside a check: the same launch on the interpreter and compiled."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+
+import numpy as np
 
 from course_lib.grading.remote import is_remote, run_beside, type_name
 
@@ -51,3 +54,75 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", **
         if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
             raise err.__cause__ from None         # the learner's error, with the line of their kernel
         raise
+
+
+# ---------------------------------------------------------------- what a kernel reads, watched in the interpreter
+def can_trace() -> bool:
+    """True where kernels run in the Triton interpreter, whose loads ``launch_traced`` can watch (not compiled)."""
+    from course_lib.device import INTERPRET
+
+    if not INTERPRET:
+        return False
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    builder = getattr(interpreter, "interpreter_builder", None)
+    return builder is not None and hasattr(builder, "create_masked_load")
+
+
+@contextlib.contextmanager
+def _watch_loads(records: list):
+    """Record every load of the interpreted kernel as (program id, addresses, mask): ``tl.load`` with or without a
+    mask ends in the interpreter builder's ``create_masked_load``, one call per load of a block."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    original = builder.create_masked_load
+
+    def watched(ptrs, mask, *args, **kwargs):
+        records.append((tuple(builder.grid_idx), np.asarray(ptrs.data).astype(np.int64).ravel(),
+                        np.asarray(mask.data).astype(bool).ravel()))
+        return original(ptrs, mask, *args, **kwargs)
+
+    builder.create_masked_load = watched
+    try:
+        yield records
+    finally:
+        del builder.create_masked_load   # the class's method again
+
+
+def launch_traced(kernel, grid, *args, watch: tuple[int, ...] = (), exercise: str = "Exercise: write the kernel",
+                  **kwargs) -> dict:
+    """``launch`` in the interpreter, watching the loads from the tensor arguments at the positions ``watch``.
+
+    Returns ``{position: {program id (x, y, z): (number of loads that touched the tensor, sorted element indices
+    read with the mask on)}}``: how many blocks each program loaded from it, and which of its elements. Runs where
+    the kernel lives (the grader runs it in the notebook's kernel); without the interpreter (compiled on a GPU) it
+    only launches and returns {}."""
+    if is_remote(kernel):
+        return run_beside(kernel, "course_lib.grading.kernels:launch_traced", kernel, grid, *args, watch=watch,
+                          exercise=exercise, **kwargs)
+    if not can_trace():
+        launch(kernel, grid, *args, exercise=exercise, **kwargs)
+        return {}
+    records: list = []
+    with _watch_loads(records):
+        launch(kernel, grid, *args, exercise=exercise, **kwargs)
+    seen: dict = {}
+    for position in watch:
+        t = args[position]
+        start, size = t.data_ptr(), t.element_size()
+        end = start + t.untyped_storage().nbytes()
+        per_program: dict = {}
+        for program, addresses, mask in records:
+            inside = (addresses >= start) & (addresses < end)
+            # a load of this tensor: a lane it reads lies in it, or every lane does (a fully masked load of a block
+            # of it). Not one whose masked-off lanes merely point past another tensor's end into this one.
+            if not ((inside & mask).any() or inside.all()):
+                continue
+            count, read = per_program.get(program, (0, set()))
+            read.update(((addresses[inside & mask] - start) // size).tolist())
+            per_program[program] = (count + 1, read)
+        seen[position] = {p: (n, sorted(read)) for p, (n, read) in per_program.items()}
+    return seen

@@ -18,8 +18,10 @@ from course_lib.analysis.roofline import H100_SXM, attainable_flops, bound, matm
 from course_lib.grading.kernels import check_is_kernel, launch
 
 # Two machines to test against: the H100 datasheet and a laptop-class CPU (~200 GFLOP/s, ~40 GB/s).
+# A third machine has its ridge far above the H100's, so that an answer with the H100's ridge (295) built in fails.
 _MACHINES = {"H100 (989 TFLOP/s, 3.35 TB/s)": (H100_SXM.peak_flops, H100_SXM.hbm_bandwidth),
-             "CPU (200 GFLOP/s, 40 GB/s)": (200e9, 40e9)}
+             "CPU (200 GFLOP/s, 40 GB/s)": (200e9, 40e9),
+             "a future accelerator (2 PFLOP/s, 2 TB/s: ridge 1000)": (2e15, 2e12)}
 
 
 def _diagnose(got, candidates: dict[str, float], default: str) -> str:
@@ -60,7 +62,7 @@ def check_attainable_flops(student_fn) -> CheckResult:
     rng = random.Random(1)
     cases = []
     for name, (peak, bw) in _MACHINES.items():  # below, at and above the ridge of each machine
-        cases += [(name, i, peak, bw) for i in (1 / 12, 1.0, peak / bw, 4 * peak / bw, 1e4)]
+        cases += [(name, i, peak, bw) for i in (1 / 12, 1.0, peak / bw / 2, peak / bw, 4 * peak / bw, 1e4)]
     cases += [("random", 10 ** rng.uniform(-2, 4), 10 ** rng.uniform(10, 15), 10 ** rng.uniform(10, 13))
               for _ in range(8)]
     with Checker("attainable_flops", points=1) as c:
@@ -111,26 +113,28 @@ _BLOCK_SIZE = 128
 def check_scale_add_kernel(kernel) -> CheckResult:
     """A Triton kernel ``(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE)`` computing out = a·x + y.
 
-    Launched with BLOCK_SIZE=128 on n = 1 ... 4099 elements (several not a multiple of 128), in float32
-    and float16. Each tensor is followed in memory by a guard region: a store past ``out[n-1]`` (a
-    missing mask) is caught there, instead of silently overwriting someone else's data.
+    Launched with BLOCK_SIZE=128 on n = 1 ... 4099 elements (several not a multiple of 128), and with
+    BLOCK_SIZE=256, in float32 and float16. Each tensor is followed in memory by a guard region: a store past
+    ``out[n-1]`` (a missing mask) is caught there, instead of silently overwriting someone else's data.
     """
     gen = torch.Generator().manual_seed(3)
-    cases = [(1, 2.0), (7, -0.5), (128, 3.0), (200, 1.5), (1000, -2.25), (4099, 0.75)]
+    # (n, a, BLOCK_SIZE): n below, at, just above and far above a block; a second BLOCK_SIZE catches a constant 128
+    cases = [(1, 2.0, 128), (7, -0.5, 128), (128, 3.0, 128), (129, 1.0, 128), (200, 1.5, 128), (1000, -2.25, 128),
+             (4099, 0.75, 128), (300, 1.25, 256), (256, -1.0, 256)]
     with Checker("scale_add_kernel", points=3, timeout_s=120) as c:
         check_is_kernel(c, kernel, "check_scale_add_kernel(_scale_add_kernel)")
         for dtype in (torch.float32, torch.float16):
             tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
-            for n, a in cases:
+            for n, a, block in cases:
                 # x, y and out are the first n elements of longer buffers; the rest is the guard region.
-                x_buf = torch.randn(n + _BLOCK_SIZE, generator=gen).to(dtype=dtype, device=DEVICE)
-                y_buf = torch.randn(n + _BLOCK_SIZE, generator=gen).to(dtype=dtype, device=DEVICE)
-                out_buf = torch.full((n + _BLOCK_SIZE,), float("nan"), dtype=dtype, device=DEVICE)
+                x_buf = torch.randn(n + block, generator=gen).to(dtype=dtype, device=DEVICE)
+                y_buf = torch.randn(n + block, generator=gen).to(dtype=dtype, device=DEVICE)
+                out_buf = torch.full((n + block,), float("nan"), dtype=dtype, device=DEVICE)
                 x, y, out = x_buf[:n], y_buf[:n], out_buf[:n]
-                grid = (triton.cdiv(n, _BLOCK_SIZE),)
-                launch(kernel, grid, x, y, out, a, n, BLOCK_SIZE=_BLOCK_SIZE,
+                grid = (triton.cdiv(n, block),)
+                c.case = case = f"n={n}, a={a}, dtype={dtype}, BLOCK_SIZE={block}, grid={grid}"
+                launch(kernel, grid, x, y, out, a, n, BLOCK_SIZE=block,
                        exercise="Exercise: write the body of _scale_add_kernel")
-                case = f"n={n}, a={a}, dtype={dtype}, BLOCK_SIZE={_BLOCK_SIZE}, grid={grid}"
                 overwritten = int((~torch.isnan(out_buf[n:])).sum())
                 c.check(overwritten == 0, case=case, expected="nothing written after out[n-1]",
                         got=f"{overwritten} element(s) past the end of out were overwritten",
@@ -139,8 +143,14 @@ def check_scale_add_kernel(kernel) -> CheckResult:
                 want = (a * x.float() + y.float()).to(dtype)  # fp32 math, rounded once, as the kernel should
                 bad = ~torch.isclose(out.float(), want.float(), **tol)
                 first_bad = int(torch.nonzero(bad)[0]) if bad.any() else -1
-                hint = ("program 0 looks right but later blocks are wrong: program pid must start at "
-                        "pid * BLOCK_SIZE (pid = tl.program_id(axis=0))" if first_bad >= _BLOCK_SIZE else
-                        "out = a * x + y elementwise: load x and y at the block's offsets, store a * x + y to out")
+                written = int((~torch.isnan(out)).sum())
+                if block != _BLOCK_SIZE and written != n:
+                    hint = (f"{n - written} element(s) of out were never written with BLOCK_SIZE={block}: use the "
+                            "BLOCK_SIZE argument (tl.arange(0, BLOCK_SIZE)), never a constant block size")
+                elif first_bad >= block:
+                    hint = ("program 0 looks right but later blocks are wrong: program pid must start at "
+                            "pid * BLOCK_SIZE (pid = tl.program_id(axis=0))")
+                else:
+                    hint = "out = a * x + y elementwise: load x and y at the block's offsets, store a * x + y to out"
                 c.check_close(out, want, case=case, hint=hint, **tol)
     return c.result

@@ -26,6 +26,7 @@ def check_allocator(allocator_cls) -> CheckResult:
     ``ref_counts``: unique blocks, OutOfBlocksError when empty, ref counts == owners, reuse after the last free,
     ValueError on a double free. Then 300 random operations compared with a model of the books."""
     with Checker("allocator", points=2) as c:
+        c.case = "Allocator(4), then allocate() four times"
         a = allocator_cls(4)
         got = [a.allocate() for _ in range(4)]
         c.check_equal(sorted(got), [0, 1, 2, 3], case="Allocator(4): allocate() four times",
@@ -43,16 +44,23 @@ def check_allocator(allocator_cls) -> CheckResult:
                 got=f"{raised} raised" if raised else f"returned {extra!r}",
                 hint="when the free list is empty, raise OutOfBlocksError (from course_lib.paging.block_manager)")
         b = got[0]
-        a.share(b)
+        c.case = f"share({b}) after allocate"
+        shared = a.share(b)
         c.check_equal(a.ref_counts[b], 2, case=f"share({b}) after allocate",
                       hint="share() adds one owner: ref_counts[b] += 1")
+        c.check_equal(shared, b, case=f"the value returned by share({b})",
+                      hint="share(block_id) returns the id it shared (fork builds the child's table from it: "
+                           "[allocator.share(b) for b in block_table])")
+        c.case = f"allocate() -> {b}, share({b}), then free({b})"
         a.free(b)
         c.check_equal(a.ref_counts[b], 1, case=f"share({b}) then free({b})",
                       hint="free() removes one owner: ref_counts[b] -= 1")
+        c.case = f"free({b}) a second time (its last owner), then allocate()"
         a.free(b)
         again = a.allocate()
         c.check_equal(again, b, case=f"free({b}) twice (2 owners gone), then allocate() with only block {b} free",
                       hint="when the last owner frees a block (count reaches 0), put it back on the free list")
+        c.case = f"free({got[1]}) (its only owner)"
         a.free(got[1])
         try:
             a.free(got[1])
@@ -65,31 +73,66 @@ def check_allocator(allocator_cls) -> CheckResult:
                 got=f"{raised} raised" if raised else "nothing raised",
                 hint="free() of a block whose ref count is already 0 must raise ValueError, never go negative "
                      "or put the block on the free list twice")
-        # random operations against a model of the books
+        # random operations against a model of the books; a failure shows the operations that led to it
         rng = random.Random(0)
         for num_blocks in (1, 3, 8):
-            a, owners = allocator_cls(num_blocks), Counter()
-            for step in range(100):
+            a, owners, history = allocator_cls(num_blocks), Counter(), []
+            for _ in range(100):
                 op = rng.choice(["allocate", "allocate", "share", "free", "free"])
                 held = sorted(b for b in owners if owners[b])
-                case = f"Allocator({num_blocks}), random operation {step}: {op}"
                 if op == "allocate" and len(held) < num_blocks:
+                    c.case = _history_case(num_blocks, history, "allocate()")
                     b = a.allocate()
-                    c.check(0 <= b < num_blocks and owners[b] == 0, case=case, expected="a free block id",
-                            got=f"block {b}, which has {owners[b]} owner(s)",
-                            hint="allocate() must only hand out blocks from the free list (ref count 0)")
+                    history.append(f"allocate() -> {b}")
+                    if owners[b]:   # the block went back to the free list while it still had owners
+                        released = _last_free_of(history[:-1], b)
+                        c.check(False, case=_history_case(num_blocks, history),
+                                expected="a free block id", got=f"block {b}, which has {owners[b]} owner(s)",
+                                hint=(f"free({b}) ({released}) put block {b} back on the free list while it still "
+                                      "had owners: free() must decrement the count and release the block only when "
+                                      "it reaches 0") if released else
+                                "allocate() must only hand out blocks from the free list (ref count 0)")
+                    c.check(0 <= b < num_blocks, case=_history_case(num_blocks, history), expected="a free block id",
+                            got=f"block {b}", hint="allocate() must only hand out ids 0 ... num_blocks - 1")
                     owners[b] = 1
                 elif op == "share" and held:
                     b = rng.choice(held)
+                    c.case = _history_case(num_blocks, history, f"share({b})")
                     a.share(b)
+                    history.append(f"share({b})")
                     owners[b] += 1
                 elif op == "free" and held:
                     b = rng.choice(held)
+                    c.case = _history_case(num_blocks, history, f"free({b})")
                     a.free(b)
+                    history.append(f"free({b})")
                     owners[b] -= 1
-                c.check_equal(list(a.ref_counts), [owners[b] for b in range(num_blocks)], case=case,
-                              hint="ref_counts[b] must always equal the number of owners of block b")
+                else:
+                    continue
+                want = [owners[b] for b in range(num_blocks)]
+                if list(a.ref_counts) != want:
+                    culprit = history[-1].split("(")[0]
+                    c.check_equal(list(a.ref_counts), want, case=_history_case(num_blocks, history),
+                                  hint=f"{culprit}() left ref_counts wrong: " + {
+                                      "allocate": "a freshly allocated block has exactly one owner (count 1)",
+                                      "share": "share() adds one owner (count + 1)",
+                                      "free": "free() removes one owner (count - 1), never resets the count"}[culprit]
+                                  + "; ref_counts[b] must always equal the number of owners of block b")
+                c.cases_passed += 1
     return c.result
+
+
+def _history_case(num_blocks: int, history: list[str], next_op: str = "") -> str:
+    """The case of a random operation: the allocator and the last operations before it, oldest first."""
+    first = max(len(history) - 12, 0)
+    shown = [f"{i + 1}. {op}" for i, op in enumerate(history) if i >= first]
+    ops = "; ".join(shown + ([f"now {next_op}"] if next_op else []))
+    return f"Allocator({num_blocks}), the last operations: {'... ' if first else ''}{ops or 'none'}"
+
+
+def _last_free_of(history: list[str], block: int) -> str:
+    """Where the last free(block) of the history was ("operation 7"), or "" if there was none."""
+    return next((f"operation {i + 1}" for i in range(len(history) - 1, -1, -1) if history[i] == f"free({block})"), "")
 
 
 # ---------------------------------------------------------------- 2. slot mapping
@@ -105,6 +148,7 @@ def check_slot_mapping(student_fn) -> CheckResult:
         cases.append((table, rng.randint(0, end - 1), end, P))
     with Checker("slot_mapping", points=1) as c:
         for table, start, end, P in cases:
+            c.case = f"block_table={table}, start={start}, end={end}, block_size={P}"
             got = student_fn(list(table), start, end, P)
             want = [table[i // P] * P + i % P for i in range(start, end)]
             block_ids_as_slots = [table[i // P] + i % P for i in range(start, end)]
@@ -112,6 +156,8 @@ def check_slot_mapping(student_fn) -> CheckResult:
                 hint = "a block id counts blocks, not slots: multiply it by block_size"
             elif isinstance(got, list) and got == list(range(start, end)):
                 hint = "the tokens are not where their logical position says: look the block up in block_table"
+            elif start and isinstance(got, list) and got == [table[i // P] * P + i % P for i in range(end - start)]:
+                hint = "the tokens are start ... end - 1, not 0 ... end - start - 1: range(start, end)"
             else:
                 hint = "token i is in block block_table[i // P], at offset i % P; slot = block * P + offset"
             c.check_equal(got, want, case=f"block_table={table}, start={start}, end={end}, block_size={P}", hint=hint)
@@ -133,17 +179,24 @@ def check_append_slot(student_fn) -> CheckResult:
         for P, total in [(1, 3), (4, 13), (16, 40), (3, 10)]:
             a, table = _scattered_allocator(32, P), []
             for n in range(total):
-                case = f"block_size={P}: appending token {n} (the sequence holds {n} tokens, block_table={table})"
+                c.case = case = (f"block_size={P}: appending token {n} (the sequence holds {n} tokens, "
+                                 f"block_table={table})")
                 free_before = a.num_free_blocks
                 slot = student_fn(a, table, n, P)
                 want_blocks = n // P + 1
-                c.check_equal(len(table), want_blocks, case=case,
+                taken = free_before - a.num_free_blocks
+                if taken and len(table) < want_blocks:
+                    c.check(False, case=case + ": the caller's block_table", expected=f"{want_blocks} block(s)",
+                            got=f"{len(table)} block(s), though your code took {taken} block(s) from the allocator",
+                            hint="append the new block to block_table itself, in place (block_table.append(b)): "
+                                 "the caller's list must grow, a new list you build is lost")
+                c.check_equal(len(table), want_blocks, case=case + ": the number of blocks in block_table",
                               hint=("a new block is needed exactly when the last one is full (or there is none): "
                                     "when num_tokens % block_size == 0, i.e. num_tokens == len(block_table) * "
                                     "block_size")
                               if len(table) < want_blocks else
                               "allocate only when the token does not fit: the last block still had room")
-                c.check_equal(free_before - a.num_free_blocks, int(n % P == 0), case=case + ": blocks allocated",
+                c.check_equal(taken, int(n % P == 0), case=case + ": blocks taken from the allocator",
                               hint="take new blocks from the allocator (allocator.allocate()), one at a time")
                 c.check_equal(slot, table[n // P] * P + n % P, case=case + ": the returned slot",
                               hint="return the slot of the new token: block_table[n // P] * block_size + n % "
@@ -169,8 +222,8 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
             a = _scattered_allocator(40, P)
             parent = [a.allocate() for _ in range(-(-prompt // P))]
             free_before = a.num_free_blocks
+            c.case = case = f"block_size={P}, a {prompt}-token parent {parent} forked"
             child = fork_fn(a, parent)
-            case = f"block_size={P}, a {prompt}-token parent {parent} forked"
             c.check_equal(list(child), parent, case=case,
                           hint="the child's block table lists the parent's blocks, in order")
             c.check(child is not parent, case=case, expected="a new list", got="the parent's own list object",
@@ -183,8 +236,8 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
                 table, n = tables[who], sizes[who]
                 last = table[-1] if table else None
                 shared = last is not None and n % P != 0 and a.ref_counts[last] > 1
-                case = (f"block_size={P}, prompt {prompt}: append {step} to the {who} (it holds {n} tokens, table "
-                        f"{list(table)}, ref counts of its blocks {[a.ref_counts[b] for b in table]})")
+                c.case = case = (f"block_size={P}, prompt {prompt}: append {step} to the {who} (it holds {n} tokens, "
+                                 f"table {list(table)}, ref counts of its blocks {[a.ref_counts[b] for b in table]})")
                 result = append_fn(a, table, n, P)
                 c.check(isinstance(result, tuple) and len(result) == 2, case=case, expected="a tuple (slot, copy)",
                         got=repr(result), hint="return (slot, None) or (slot, (src_block, dst_block))")
@@ -211,15 +264,23 @@ def check_fork_cow(fork_fn, append_fn) -> CheckResult:
 # ---------------------------------------------------------------- 5. the Triton kernel
 
 
-def _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed):
+def _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed, kind="random"):
+    """``kind``: "random" scores of about ±1; "large": about ±100 (exp overflows without the max subtracted);
+    "very negative": all about -150 (exp underflows to 0 unless the running max starts at -inf)."""
     gen = torch.Generator().manual_seed(seed)
     max_blocks = max(-(-L // P) for L in lens) + 1
     N = B * max_blocks + 2
-    k_cache = torch.randn(N, P, Hkv, D, generator=gen).to(DEVICE, dtype)
+    k_cache = torch.randn(N, P, Hkv, D, generator=gen)
     v_cache = torch.randn(N, P, Hkv, D, generator=gen).to(DEVICE, dtype)
     tables = torch.randperm(N, generator=gen)[: B * max_blocks].view(B, max_blocks).to(DEVICE, torch.int32)
-    q = torch.randn(B, Hq, D, generator=gen).to(DEVICE, dtype)
-    return q, k_cache, v_cache, tables, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(B, Hq, D, generator=gen)
+    if kind == "large":
+        q = q * 100
+    elif kind == "very negative":   # q along +u, every key along -u: q·k / sqrt(D) is about -24·24 / sqrt(D)
+        u = torch.ones(D) / D ** 0.5
+        q, k_cache = q + 24 * u, k_cache - 24 * u
+    return (q.to(DEVICE, dtype), k_cache.to(DEVICE, dtype), v_cache, tables,
+            torch.tensor(lens, dtype=torch.int32, device=DEVICE))
 
 
 def check_paged_attention_kernel(kernel) -> CheckResult:
@@ -235,12 +296,17 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
     for _ in range(3):
         Hkv, G, P = rng.choice([1, 2]), rng.choice([1, 2, 4]), rng.choice([4, 8, 16])
         cases.append((2, Hkv * G, Hkv, 16, P, [rng.randint(1, 3 * P) for _ in range(2)], torch.float32))
+    cases += [(2, 2, 1, 16, 4, [1, 9], torch.float32, "large"),
+              (2, 2, 2, 16, 4, [3, 10], torch.float32, "very negative")]
     with Checker("paged_attention_kernel", points=4, timeout_s=180) as c:
         check_is_kernel(c, kernel, "check_paged_attention_kernel(_paged_attention_kernel)")
-        for i, (B, Hq, Hkv, D, P, lens, dtype) in enumerate(cases):
-            q, k_cache, v_cache, tables, context_lens = _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed=i)
+        for i, (B, Hq, Hkv, D, P, lens, dtype, *kind) in enumerate(cases):
+            kind = kind[0] if kind else "random"
+            q, k_cache, v_cache, tables, context_lens = _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed=i, kind=kind)
             out = torch.full_like(q, float("nan"))
             scale = 1 / math.sqrt(D)
+            c.case = (f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, {dtype}"
+                      + ("" if kind == "random" else f", {kind} scores"))
             launch(kernel, (B, Hq), q, k_cache, v_cache, tables, context_lens, out, scale, tables.shape[1],
                     NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D,
                    exercise="Exercise: write the body of _paged_attention_kernel")
@@ -256,6 +322,12 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
             elif close(_reference_attention(q, k_cache, v_cache, tables, context_lens // P * P)):
                 hint = ("the last, partly filled block is missing: loop over cdiv(context_len, BLOCK_SIZE) blocks and "
                         "mask the positions >= context_len")
+            elif kind == "large" and not close(want):
+                hint = ("scores of about ±100 here: exp(100) overflows float32 to inf. Subtract the running max "
+                        "before exp: p = exp(s - m_new), and rescale l and acc by exp(m_old - m_new)")
+            elif kind == "very negative" and not close(want):
+                hint = ("every score is far below 0 here: start the running max m at -inf, not 0, or exp(s - m) "
+                        "underflows to 0 for every key and l = 0")
             elif bool(torch.isnan(out).any()):
                 hint = ("some outputs were never written (still NaN) or are NaN: store one [HEAD_DIM] row per program, "
                         "and mask scores of positions >= context_len with -inf before the max (not after the exp)")
@@ -264,8 +336,7 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
                         "element (block, offset, kv_head, d) of a cache is at ((block*BLOCK_SIZE + offset)"
                         "*NUM_KV_HEADS + kv_head)*HEAD_DIM + d; online softmax: rescale l and acc by "
                         "exp(m_old - m_new)")
-            c.check_close(out, want, case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, "
-                          f"{dtype}", hint=hint, **tol)
+            c.check_close(out, want, hint=hint, **tol)
     return c.result
 
 

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from course_lib.model.attention import attention
 from course_lib.device import DEVICE, HAS_GPU
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.grading.kernels import check_is_kernel, launch
+from course_lib.grading.kernels import check_is_kernel, launch_traced
 from course_lib.grading.remote import run_beside
 
 LOG2E = 1.4426950408889634
@@ -47,11 +47,12 @@ def _watch_softmax():
 
 def call_watched(student_fn, *args, spy_shapes: bool = False, **kwargs):
     """``student_fn(*args, **kwargs)`` under the softmax watch (and the shape spy): ``(result, softmax calls seen,
-    shapes created)``. Runs where the learner's function lives (the grader runs it in the notebook's kernel)."""
+    shapes created, reductions made as (op, input shape))``. Runs where the learner's function lives (the grader
+    runs it in the notebook's kernel)."""
     spy = _ShapeSpy() if spy_shapes else contextlib.nullcontext()
     with _watch_softmax() as used, spy:
         result = student_fn(*args, **kwargs)
-    return result, list(used), spy.shapes if spy_shapes else []
+    return result, list(used), spy.shapes if spy_shapes else [], spy.reductions if spy_shapes else []
 
 
 def _watched(student_fn, *args, **kwargs):
@@ -77,13 +78,23 @@ def check_online_softmax(student_fn) -> CheckResult:
              ("large logits (~1000)", torch.randn(4, 37, generator=gen) * 50 + 1000, 8),
              ("first block all -inf (masked)",
               torch.cat([torch.full((2, 4), float("-inf")), torch.randn(2, 9, generator=gen)], 1), 4),
+             ("very negative logits (~ -1000): every exp(x) underflows to 0",
+              torch.randn(3, 12, generator=gen) - 1000, 4),
+             ("block_size=1: one column per block", torch.randn(2, 7, generator=gen) * 5, 1),
              ("3-D input", torch.randn(2, 3, 33, generator=gen) * 10, 5)]
     with Checker("online_softmax", points=2) as c:
         for name, x, block in cases:
-            got, used, _ = _watched(student_fn, x.clone(), block)
-            case = f"{name}: x {tuple(x.shape)}, block_size={block}"
+            c.case = case = f"{name}: x {tuple(x.shape)}, block_size={block}"
+            got, used, _, reductions = _watched(student_fn, x.clone(), block, spy_shapes=True)
             c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
                     hint=_NO_SOFTMAX_HINT)
+            N = x.shape[-1]
+            whole = [(op, shape) for op, shape in reductions if N > block and shape and shape[-1] == N]
+            c.check(not whole, case=case, expected=f"reductions (max, sum) over blocks of at most {block} columns",
+                    got=f"{whole[0][0]} over a tensor of shape {list(whole[0][1])}, whole rows of {N}" if whole else "",
+                    hint="that is not streaming: reading the whole row to find its max (or sum) first is the "
+                         "two-pass softmax. Keep a running max m and sum l, updated block by block (rescale l by "
+                         "exp(m - m_new) when the max grows); only the final exp(x - m) / l touches whole rows")
             want = torch.softmax(x, dim=-1)
             hint = ("when a block raises the running max from m to m_new, the sum so far was taken relative to m: "
                     "multiply it by exp(m - m_new) before adding the new block's exp(x - m_new)")
@@ -91,22 +102,35 @@ def check_online_softmax(student_fn) -> CheckResult:
                 hint = "subtract the running max before exp: exp(1000) overflows to inf in float32"
             elif "-inf" in name:
                 hint = "a block of only -inf leaves m = -inf, and exp(-inf - (-inf)) is nan: treat exp(-inf) as 0"
+            elif "very negative" in name:
+                hint = ("start the running max at -inf, not 0: with m = 0, exp(x - m) = exp(-1000) underflows to 0 "
+                        "for every column and l = 0 (0/0 = nan)")
             c.check_close(got, want, case=case, rtol=1e-5, atol=1e-6, hint=hint)
     return c.result
 
 
 # ---------------------------------------------------------------- exercise 2: tiled attention
+_REDUCTIONS = {"amax", "amin", "max", "min", "sum", "mean", "logsumexp", "sort", "topk", "argmax", "argmin",
+               "cumsum", "prod", "norm", "linalg_vector_norm", "std", "var", "nansum", "kthvalue", "median"}
+
+
 class _ShapeSpy(TorchDispatchMode):
-    """Records the shapes of floating-point tensors that torch ops create."""
+    """Records the shapes of floating-point tensors that torch ops create, and every reduction (max, sum, ...) of
+    one tensor with the shape of that tensor: a streaming answer reduces blocks, never the whole row."""
 
     def __init__(self):
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.reductions: list[tuple[str, tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.shapes += [tuple(t.shape) for t in tree_flatten(out)[0]
                         if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        name = func.overloadpacket.__name__
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if name in _REDUCTIONS and len(tensors) == 1:   # (torch.max(a, b) of two tensors is elementwise)
+            self.reductions.append((name, tuple(tensors[0].shape)))
         return out
 
 
@@ -114,15 +138,25 @@ def check_tiled_attention(student_fn) -> CheckResult:
     """``tiled_attention(q, k, v, causal=..., block_n=...)`` == attention, q [B, H, Sq, D], k/v [B, H, Skv, D],
     computed block by block: no [Sq, Skv] score matrix may be created (only [Sq, block_n] pieces)."""
     gen = torch.Generator().manual_seed(4)
-    cases = [(1, 1, 4, 8, 16, False, 4), (1, 2, 5, 13, 16, False, 4), (2, 2, 7, 30, 8, False, 8),
-             (1, 2, 6, 20, 16, True, 8), (1, 1, 1, 33, 8, True, 16), (1, 2, 9, 9, 16, True, 4)]
+    # (B, H, Sq, Skv, D, causal, block_n, kind); D != Skv in every case, so that the only [.., Sq, Skv] tensor can be
+    # a score matrix
+    cases = [(1, 1, 4, 8, 16, False, 4, "random"), (1, 2, 5, 13, 16, False, 4, "random"),
+             (2, 2, 7, 30, 8, False, 8, "random"), (1, 2, 6, 20, 16, True, 8, "random"),
+             (1, 1, 1, 33, 8, True, 16, "random"), (1, 2, 9, 9, 16, True, 4, "random"),
+             (1, 1, 3, 5, 8, False, 1, "random"), (1, 2, 4, 12, 8, False, 4, "very negative"),
+             (1, 2, 5, 11, 16, True, 4, "float16")]
     with Checker("tiled_attention", points=2) as c:
-        for B, H, Sq, Skv, D, causal, block_n in cases:
+        for B, H, Sq, Skv, D, causal, block_n, kind in cases:
             q, k, v = (torch.randn(B, H, s, D, generator=gen) for s in (Sq, Skv, Skv))
-            q = q * 3  # scores of a few tens: large enough that a missing rescale shows (D != Skv in every case,
-            # so that the only [.., Sq, Skv] tensor can be a score matrix)
-            case = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, causal={causal}, block_n={block_n}"
-            got, used, shapes = _watched(student_fn, q, k, v, causal=causal, block_n=block_n, spy_shapes=True)
+            q = q * 3  # scores of a few tens: large enough that a missing rescale shows
+            if kind == "very negative":  # q along +u, k along -u: every score is about -400 / sqrt(D)
+                u = torch.ones(D) / D ** 0.5
+                q, k = q + 20 * u, k - 20 * u
+            if kind == "float16":
+                q, k, v = q.half(), k.half(), v.half()
+            c.case = case = (f"q {tuple(q.shape)}, k/v {tuple(k.shape)}, causal={causal}, block_n={block_n}"
+                             + ("" if kind == "random" else f", {kind}" + (" scores" if kind != "float16" else "")))
+            got, used, shapes, _ = _watched(student_fn, q, k, v, causal=causal, block_n=block_n, spy_shapes=True)
             c.check(not used, case=case, expected="no call of torch's softmax", got=f"called {used[0]}" if used else "",
                     hint=_NO_SOFTMAX_HINT)
             full = [s for s in shapes if len(s) >= 2 and s[-2:] == (Sq, Skv)]
@@ -131,10 +165,17 @@ def check_tiled_attention(student_fn) -> CheckResult:
                     got=f"a tensor of shape {full[0] if full else ''} was created",
                     hint="compute q @ k_blockᵀ for one block of block_n keys at a time, inside the loop")
             hint = ("keep m, l and acc per query row; when m grows to m_new, multiply BOTH l and acc by exp(m - m_new)")
-            if causal and Skv > Sq:
+            want = attention(q.float(), k.float(), v.float(), causal=causal).to(q.dtype)
+            if isinstance(got, torch.Tensor) and got.dtype != q.dtype:
+                hint = f"compute in float32, but return q's dtype ({q.dtype}): (acc / l[..., None]).to(q.dtype)"
+            elif kind == "very negative":
+                hint = ("start the running max m at -inf, not 0: with m = 0, exp(s - m) underflows to 0 for every "
+                        "score here (about -250) and l = 0")
+            elif causal and Skv > Sq:
                 hint = ("queries are the LAST Sq positions: query row i sits at position i + Skv - Sq and may see "
                         "keys j <= i + Skv - Sq (bottom-right alignment)")
-            c.check_close(got, attention(q, k, v, causal=causal), case=case, rtol=1e-4, atol=1e-5, hint=hint)
+            tol = dict(rtol=1e-4, atol=1e-5) if q.dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+            c.check_close(got, want, case=case, hint=hint, **tol)
     return c.result
 
 
@@ -148,29 +189,56 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
     check_is_kernel(c, kernel, "check_flash_kernel(_flash_fwd_kernel)")
     gen = torch.Generator().manual_seed(5)
     dtypes = [torch.float16, torch.bfloat16] if HAS_GPU else [torch.float32, torch.float16]
+    bm, bn = _BLOCK["BLOCK_M"], _BLOCK["BLOCK_N"]
     for dtype in dtypes:
         tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
         for B, Hq, Hkv, Sq, Skv, D, scale in cases:
-            q = (torch.randn(B, Hq, Sq, D, generator=gen) * scale).to(DEVICE, dtype)
-            k = torch.randn(B, Hkv, Skv, D, generator=gen).to(DEVICE, dtype)
+            q = torch.randn(B, Hq, Sq, D, generator=gen) * (1.0 if scale == "very negative" else scale)
+            k = torch.randn(B, Hkv, Skv, D, generator=gen)
             v = torch.randn(B, Hkv, Skv, D, generator=gen).to(DEVICE, dtype)
+            if scale == "very negative":  # q along +u, k along -u: every score about -24·24 / sqrt(D) · log2(e)
+                u = torch.ones(D) / D ** 0.5
+                q, k = q + 24 * u, k - 24 * u
+            q, k = q.to(DEVICE, dtype), k.to(DEVICE, dtype)
             # out is followed by a guard region of NaN: a store of rows past Sq lands there
             out_buf = torch.full((B * Hq * Sq * D + 16 * D,), float("nan"), device=DEVICE, dtype=dtype)
             out = out_buf[: B * Hq * Sq * D].view(B, Hq, Sq, D)
             qk_scale = LOG2E / math.sqrt(D)
-            grid = (triton.cdiv(Sq, _BLOCK["BLOCK_M"]), B * Hq)
-            launch(kernel, grid, q, k, v, out, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM=D, **_BLOCK,
-                   exercise="Exercise: write the kernel")
-            case = (f"q [B={B}, Hq={Hq}, Sq={Sq}, D={D}], k/v [B={B}, Hkv={Hkv}, Skv={Skv}, D={D}], {dtype}, "
-                    f"qk_scale={qk_scale:.4f}, BLOCK_M=BLOCK_N=16, grid={grid}")
+            grid = (triton.cdiv(Sq, bm), B * Hq)
+            c.case = case = (f"q [B={B}, Hq={Hq}, Sq={Sq}, D={D}], k/v [B={B}, Hkv={Hkv}, Skv={Skv}, D={D}], {dtype}, "
+                             f"qk_scale={qk_scale:.4f}, BLOCK_M=BLOCK_N=16, grid={grid}"
+                             + (", every score very negative" if scale == "very negative" else ""))
+            loads = launch_traced(kernel, grid, q, k, v, out, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM=D, **_BLOCK,
+                                  watch=(1,), exercise="Exercise: write the kernel")
             spill = int((~torch.isnan(out_buf[out.numel():])).sum())
             c.check(spill == 0, case=case, expected="nothing written after the last query row",
                     got=f"{spill} element(s) past the end of out were written",
                     hint="the last query block is partial: store with mask=offs_m[:, None] < Sq")
+            if causal and loads:   # (counted in the interpreter only)
+                for (start_m, off_bh, _), (blocks, _read) in sorted(loads[1].items()):
+                    diag_end = min((start_m + 1) * bm + Skv - Sq, Skv)
+                    visible = triton.cdiv(diag_end, bn)
+                    c.check(blocks <= visible, case=f"{case}: program (start_m={start_m}, off_bh={off_bh})",
+                            expected=f"K loaded at most {visible} time(s): its rows see only keys 0 ... "
+                                     f"{diag_end - 1}, {visible} block(s) of BLOCK_N={bn}",
+                            got=f"K loaded {blocks} times (one load per block of keys visited)",
+                            hint="skip the blocks that every row of the query block must ignore: stage 2 ends at "
+                                 "diag_end = min((start_m + 1)·BLOCK_M + Skv - Sq, Skv); keys from there on are "
+                                 "hidden from every row, never load them (that skipped work is the point of the "
+                                 "two-stage loop: about half of the blocks when Sq = Skv)")
             want = attention(q.float(), k.float(), v.float(), causal=causal).to(dtype)
-            if Hkv != Hq:
+            wrong_heads = [name for name, kv_head in (("h // Hkv", lambda h: h // Hkv), ("h % Hkv", lambda h: h % Hkv))
+                           if any(kv_head(h) != h // (Hq // Hkv) for h in range(Hq)) and bool(torch.isclose(
+                               out.float(), _heads_mapped(q, k, v, causal, kv_head), **tol).all())]
+            if wrong_heads:
+                hint = (f"query head h read kv head {wrong_heads[0]}: heads are grouped, h // (Hq // Hkv) (Hq // Hkv "
+                        "consecutive query heads share one kv head)")
+            elif Hkv != Hq:
                 hint = ("GQA: query head h reads kv head h // (Hq // Hkv), so Hq // Hkv consecutive query heads "
                         "share one kv head; k/v of batch b, kv head g start at (b * Hkv + g) * Skv * D")
+            elif scale == "very negative":
+                hint = ("start m_i at -inf (tl.full([BLOCK_M], float(\"-inf\"), ...)), not 0: with m_i = 0, "
+                        "exp2(qk - m_i) underflows to 0 for every score here and l_i = 0")
             elif Sq % 16 or Skv % 16:
                 hint = ("lengths that are not multiples of the blocks: load K/V with mask=cols[:, None] < Skv "
                         "(other=0) AND set the scores of those columns to -inf, or the padding keys get weight")
@@ -187,6 +255,12 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
             c.check_close(out, want, case=case, hint=hint, **tol)
 
 
+def _heads_mapped(q, k, v, causal: bool, kv_head) -> torch.Tensor:
+    """Attention where query head h reads kv head ``kv_head(h)`` (a wrong mapping gives a wrong output)."""
+    index = torch.tensor([min(kv_head(h), k.shape[1] - 1) for h in range(q.shape[1])], device=k.device)
+    return attention(q.float(), k.float()[:, index], v.float()[:, index], causal=causal)
+
+
 def check_flash_kernel(kernel) -> CheckResult:
     """The non-causal FlashAttention forward kernel
     ``(q_ptr, k_ptr, v_ptr, out_ptr, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N)`` on contiguous
@@ -194,7 +268,7 @@ def check_flash_kernel(kernel) -> CheckResult:
     block multiples, ragged lengths, GQA and MQA, one query, large logits."""
     cases = [(1, 1, 1, 16, 16, 16, 1.0), (1, 2, 2, 16, 48, 16, 1.0), (1, 2, 2, 20, 37, 16, 1.0),
              (1, 2, 2, 1, 23, 32, 1.0), (1, 2, 2, 33, 33, 16, 8.0), (2, 4, 2, 16, 32, 16, 1.0),
-             (1, 4, 1, 7, 19, 32, 1.0)]
+             (1, 4, 1, 7, 19, 32, 1.0), (1, 6, 2, 5, 17, 16, 1.0), (1, 1, 1, 17, 20, 16, "very negative")]
     with Checker("flash_kernel", points=3, timeout_s=180) as c:
         _run_kernel_cases(c, kernel, cases, causal=False)
     return c.result
@@ -203,10 +277,12 @@ def check_flash_kernel(kernel) -> CheckResult:
 def check_causal_kernel(kernel) -> CheckResult:
     """The causal kernel with the two-stage loop, same signature and launch as ``check_flash_kernel``; queries
     are the last Sq of the Skv positions (bottom-right). Sq == Skv first, then Skv > Sq (a cached prefix),
-    one query (decoding), GQA."""
+    one query (decoding), GQA. In the interpreter the loads of K are counted per program: a program that visits key
+    blocks hidden from all its rows fails, even when its masked output is right (skipping them is the exercise)."""
     cases = [(1, 1, 1, 32, 32, 16, 1.0), (1, 2, 2, 20, 20, 16, 1.0), (1, 2, 2, 16, 48, 16, 1.0),
              (1, 2, 2, 5, 40, 16, 1.0), (1, 2, 2, 1, 33, 32, 1.0), (1, 2, 2, 17, 50, 16, 8.0),
-             (2, 4, 2, 12, 29, 16, 1.0)]
+             (2, 4, 2, 12, 29, 16, 1.0), (1, 1, 1, 48, 48, 16, 1.0), (1, 6, 2, 18, 18, 16, 1.0),
+             (1, 1, 1, 20, 20, 16, "very negative")]
     with Checker("causal_kernel", points=3, timeout_s=180) as c:
         _run_kernel_cases(c, kernel, cases, causal=True)
     return c.result

@@ -14,7 +14,9 @@ from course_lib.serving.scheduler import RUNNING, SWAPPED, WAITING, Sequence
 
 
 # ---------------------------------------------------------------- 1. admission
-def _admit(waiting, num_free_blocks, block_size, num_running, max_num_seqs, token_budget, watermark=0):
+def _admit(waiting, num_free_blocks, block_size, num_running, max_num_seqs, token_budget, watermark=0,
+           subtract_blocks=True, subtract_tokens=True):
+    """The model answer; ``subtract_blocks`` / ``subtract_tokens`` False: two mistakes it can make, for the hints."""
     admitted = []
     for seq_id, num_tokens in waiting:
         need = -(-num_tokens // block_size)
@@ -22,13 +24,20 @@ def _admit(waiting, num_free_blocks, block_size, num_running, max_num_seqs, toke
                 or num_free_blocks - need < watermark):
             break
         admitted.append(seq_id)
-        num_free_blocks -= need
-        token_budget -= num_tokens
+        num_free_blocks -= need if subtract_blocks else 0
+        token_budget -= num_tokens if subtract_tokens else 0
     return admitted
 
 
 def _admission_hint(got, case_args) -> str:
+    """The hint of the most specific mistake that explains ``got`` (checked in that order)."""
     waiting, free, P, running, max_seqs, budget, watermark = case_args
+    if got == _admit(*case_args, subtract_blocks=False):
+        return ("you did not subtract the blocks of the requests you admitted: each admitted request takes its "
+                "ceil(n / block_size) blocks out of num_free_blocks before the next one is considered")
+    if got == _admit(*case_args, subtract_tokens=False):
+        return ("you did not subtract the tokens of the requests you admitted: each admitted prompt uses its "
+                "tokens of token_budget before the next one is considered")
     floor = _admit([(s, n // P * P) for s, n in waiting], free, P, running, max_seqs, budget, watermark)
     if got == floor:
         return "a sequence of n tokens needs ceil(n / block_size) blocks: its last block may be partly filled"
@@ -48,6 +57,11 @@ def _admission_hint(got, case_args) -> str:
         return "each admitted prompt is prefilled in this step: its tokens must fit in what is left of token_budget"
     if got == _admit(waiting, free, P, 0, max_seqs, budget, watermark):
         return "the running batch already holds num_running sequences: at most max_num_seqs - num_running can join"
+    if got == _admit(waiting, free, P, running, max_seqs + 1, budget, watermark):
+        return ("one sequence too many: the batch is full when num_running + len(admitted) == max_num_seqs "
+                "(admit while it is < max_num_seqs)")
+    if got == _admit(waiting, free, P, running, max_seqs, budget, watermark + 1):
+        return "exactly `watermark` free blocks left is allowed: admit while num_free_blocks - need >= watermark"
     return ("walk the queue in order; admit while (1) the batch has room, (2) the prompt fits the token budget, "
             "(3) its blocks fit above the watermark; subtract each admitted request's blocks and tokens")
 
@@ -58,6 +72,7 @@ def check_admit(student_fn) -> CheckResult:
     step, in order (first come first served, stopping at the first that does not fit)."""
     cases = [([], 10, 4, 0, 4, 64, 0), ([(0, 8)], 2, 4, 0, 4, 64, 0), ([(0, 9)], 2, 4, 0, 4, 64, 0),
              ([(0, 5), (1, 3)], 2, 4, 0, 4, 64, 0), ([(0, 12), (1, 1)], 2, 4, 0, 4, 64, 0),
+             ([(0, 4), (1, 4), (2, 4)], 10, 4, 0, 2, 64, 0),
              ([(0, 4), (1, 4), (2, 4)], 10, 4, 2, 4, 64, 0), ([(0, 4), (1, 4)], 3, 4, 0, 4, 64, 2),
              ([(0, 30), (1, 30), (2, 5)], 100, 16, 0, 8, 64, 0), ([(0, 70)], 100, 16, 0, 8, 64, 0)]
     rng = random.Random(4)
@@ -68,11 +83,11 @@ def check_admit(student_fn) -> CheckResult:
     with Checker("admit", points=2) as c:
         for args in cases:
             waiting, free, P, running, max_seqs, budget, watermark = args
+            c.case = (f"waiting={waiting}, num_free_blocks={free}, block_size={P}, num_running={running}, "
+                      f"max_num_seqs={max_seqs}, token_budget={budget}, watermark={watermark}")
             got = student_fn(list(waiting), free, P, running, max_seqs, budget, watermark)
             want = _admit(*args)
             c.check_equal(list(got) if isinstance(got, (list, tuple)) else got, want,
-                          case=f"waiting={waiting}, num_free_blocks={free}, block_size={P}, num_running={running}, "
-                               f"max_num_seqs={max_seqs}, token_budget={budget}, watermark={watermark}",
                           hint=_admission_hint(list(got) if isinstance(got, (list, tuple)) else got, args))
     return c.result
 
@@ -114,7 +129,7 @@ def check_preempt(student_fn) -> CheckResult:
             free_before, waiting_before = bm.num_free_blocks, list(waiting)
             desc = ", ".join(f"seq {s.seq_id} (arrived {s.arrival_time}, {len(bm.block_table(s.seq_id))} blocks)"
                              for s in running)
-            case = f"mode={mode!r}, CPU pool of {cpu.allocator.num_blocks} blocks, running: {desc}"
+            c.case = case = f"mode={mode!r}, CPU pool of {cpu.allocator.num_blocks} blocks, running: {desc}"
             try:
                 result = student_fn(running, bm, cpu, waiting, swapped, mode)
             except OutOfBlocksError:
@@ -196,6 +211,7 @@ def check_split_budget(student_fn) -> CheckResult:
         cases.append((decodes, prefills, rng.randint(1, 48), rng.random() < 0.6))
     with Checker("split_budget", points=2) as c:
         for decodes, prefills, budget, chunked in cases:
+            c.case = f"decodes={decodes}, prefills={prefills}, budget={budget}, chunked={chunked}"
             got = student_fn(list(decodes), list(prefills), budget, chunked)
             got = [tuple(x) for x in got] if isinstance(got, (list, tuple)) else got
             want = _split(decodes, prefills, budget, chunked)

@@ -6,11 +6,16 @@ Lessons show the code they teach, and always a *whole* function: a slice of sour
 of a function gets the library to split it into functions that each say one thing (``Scheduler.schedule`` and
 its three phases). ``tests/test_source.py`` fails if a notebook calls ``inspect.getsource`` itself.
 
+``show_interface(obj, exercise)`` shows what a lesson may show of a function that is an exercise's answer: its
+signature and docstring (a class: those of each method), the bodies replaced by ``...``. The whole code is shown
+in the exercise notebook, after the exercise (``tests/test_no_answers_before_exercises.py``).
+
 In Jupyter the listing is HTML highlighted by Pygments (which IPython depends on), with the file's line numbers;
 elsewhere (a script, a terminal) it is printed as plain text.
 """
 from __future__ import annotations
 
+import ast
 import html
 import inspect
 import textwrap
@@ -29,10 +34,12 @@ class SourceListing:
     first_line: int
     last_line: int
     code: str
+    note: str = ""          # after the caption, e.g. "interface only: its body is exercise 1 of ..."
 
     @property
     def caption(self) -> str:
-        return f"{self.name}  ({self.path}, lines {self.first_line}-{self.last_line})"
+        return f"{self.name}  ({self.path}, lines {self.first_line}-{self.last_line})" + \
+            (f": {self.note}" if self.note else "")
 
     def text(self) -> str:
         """Plain text: the caption, then the code."""
@@ -47,10 +54,11 @@ class SourceListing:
         except ImportError:                          # IPython brings Pygments; without it, plain <pre>
             body = f"<pre>{html.escape(self.code)}</pre>"
         else:
-            body = highlight(self.code, PythonLexer(), HtmlFormatter(noclasses=True, nobackground=True,
-                                                                     linenos="inline", linenostart=self.first_line))
+            numbers = dict(linenos="inline", linenostart=self.first_line) if not self.note else {}
+            body = highlight(self.code, PythonLexer(), HtmlFormatter(noclasses=True, nobackground=True, **numbers))
+        note = f" · <b>{html.escape(self.note)}</b>" if self.note else ""
         caption = (f"<div style='font-size: 0.85em; color: #555'><code>{html.escape(self.name)}</code> · "
-                   f"{html.escape(self.path)}, lines {self.first_line}-{self.last_line}</div>")
+                   f"{html.escape(self.path)}, lines {self.first_line}-{self.last_line}{note}</div>")
         # its own colors, so that the listing reads the same under a light and a dark JupyterLab theme
         return (f"<div class='course-source' style='background: #f8f8f8; color: #1f1f1f; padding: 4px 8px; "
                 f"border-radius: 4px; overflow-x: auto'>{caption}{body}</div>")
@@ -79,11 +87,42 @@ def get_source(obj) -> SourceListing:
     return SourceListing(name, path, first, first + len(lines) - 1, textwrap.dedent("".join(lines)).rstrip("\n"))
 
 
+def _hide_bodies(code: str) -> str:
+    """The code of a function or class with every function body replaced by its docstring and ``...``."""
+    tree = ast.parse(code)
+
+    def hide(fn):
+        doc = ast.get_docstring(fn, clean=False)
+        fn.body = ([ast.Expr(ast.Constant(doc))] if doc is not None else []) + [ast.Expr(ast.Constant(...))]
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            hide(node)
+    return ast.unparse(tree)
+
+
+def get_interface(obj, exercise: str) -> SourceListing:
+    """What ``show_interface`` shows: the listing of ``obj`` with its bodies hidden."""
+    listing = get_source(obj)
+    return SourceListing(listing.name, listing.path, listing.first_line, listing.last_line,
+                         _hide_bodies(listing.code), note=f"interface only: its body is {exercise}, and the "
+                         "exercise notebook shows it after the exercise")
+
+
 def show_source(obj) -> None:
     """Show the whole source of ``obj`` (a function, method, class or Triton kernel of the library): highlighted
     HTML with its file and line numbers in Jupyter, plain text elsewhere. Returns nothing, so that a cell ending
     with it shows the listing once."""
-    listing = get_source(obj)
+    _display(get_source(obj))
+
+
+def show_interface(obj, exercise: str) -> None:
+    """Show the signature and docstring of ``obj`` (a class: of each of its methods), not its code: in a lesson,
+    for a function whose code is the answer to ``exercise`` (e.g. "exercise 1 of exercises/02_paged_attention")."""
+    _display(get_interface(obj, exercise))
+
+
+def _display(listing: SourceListing) -> None:
     try:
         from IPython import get_ipython
         from IPython.display import display
