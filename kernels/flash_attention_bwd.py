@@ -221,16 +221,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta,
 
 # ---------------------------------------------------------------- autotuning (GPU only)
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU. dK/dV programs own BLOCK_N keys and stream BLOCK_M
-#: queries (Triton's tutorial: 32 x 128); dQ programs the other way round (128 x 32). Configs that run out of
-#: shared memory (fp32, D = 128) fail to compile and the autotuner drops them.
-DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 4, 5), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
-DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)]
+#: queries (Triton's tutorial: 32 x 128, 5 stages); dQ programs the other way round (128 x 32). The last one of each
+#: list serves short sequences. Configs that run out of shared memory (fp32, D = 128) fail to compile and the
+#: autotuner drops them.
+DKDV_CONFIGS = [(32, 128, 4, 5), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (16, 32, 4, 2)]
+DQ_CONFIGS = [(128, 32, 4, 5), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (32, 16, 4, 2)]
 
 
 def _prune(dim: str, bucket: str):
+    """Keep the configs whose ``dim`` block suits the sequence it tiles: >= 64 rows for long ones, at most the
+    sequence's next power of two for short ones (or the smallest config)."""
     def prune(configs, named_args, **kwargs):
         size = {**named_args, **kwargs}[bucket]
-        keep = [c for c in configs if c.kwargs[dim] <= max(size, 16)]
+        keep = [c for c in configs if min(size, 64) <= c.kwargs[dim] <= max(size, 16)]
         return keep or [min(configs, key=lambda c: c.kwargs[dim])]
     return prune
 

@@ -238,3 +238,22 @@ def test_gpu_every_autotune_config_is_correct(dkdv, dq):
         got = flash_attention_backward(do, q.detach(), k.detach(), v.detach(), out, lse, causal=True,
                                        sm_scale=1 / math.sqrt(128), config=config)
         assert_grads_close(got, want, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the benchmark's smoke run
+def test_benchmark_script_quick(tmp_path):
+    """``python -m benchmarks.flash_attention_bwd --quick``: on CPU tiny shapes in the interpreter, checked against
+    SDPA's math backend; every row has its errors and timings, and the file is what main() returned."""
+    import json
+
+    from benchmarks import flash_attention_bwd as bench
+
+    out = tmp_path / "fa_bwd.json"
+    result = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["device"] and result["date"] and result["torch"] and result["triton"] and result["speed"]
+    assert {row["causal"] for row in result["speed"]} == {False, True}
+    for row in result["speed"]:
+        assert row["bwd_flops"] == 2.5 * row["fwd_flops"] and row["ours_fwd_bwd_seconds"] > 0
+        if not HAS_GPU:
+            assert max(row[f"ours_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4

@@ -80,10 +80,26 @@ def test_benchmark_script_quick(tmp_path):
 
 def test_recorded_gpu_results_are_complete():
     for path in sorted((ROOT / "benchmarks" / "results").glob("flash_attention_*.json")):
+        if path.name.startswith("flash_attention_bwd_"):  # the backward's results: checked below
+            continue
         r = json.loads(path.read_text())
         assert r["device"] and r["date"] and r["torch"] and r["triton"] and r["speed"] and r["memory"]
         assert {row["dtype"] for row in r["speed"]} == {"float16", "bfloat16"}
         assert {row["D"] for row in r["speed"]} == {64, 128} and {row["causal"] for row in r["speed"]} == {False, True}
+
+
+def test_recorded_backward_results_are_complete():
+    """What the lesson's backward section plots: bf16, D = 64 and 128, causal and not, N up to 16k, ours and SDPA in
+    the same run, gradients checked before timing."""
+    for path in sorted((ROOT / "benchmarks" / "results").glob("flash_attention_bwd_*.json")):
+        r = json.loads(path.read_text())
+        assert r["benchmark"] == "flash_attention_bwd" and r["device"] and r["date"] and r["torch"] and r["triton"]
+        if r["quick"] or r["kernel_mode"] != "compiled":
+            continue
+        rows = r["speed"]
+        assert {row["D"] for row in rows} == {64, 128} and {row["causal"] for row in rows} == {False, True}
+        assert {row["N"] for row in rows} >= {4096, 8192, 16384} and {row["dtype"] for row in rows} == {"bfloat16"}
+        assert all("ours_fwd_bwd_seconds" in row and "ours_dq_rel_err" in row for row in rows)
 
 
 # ---------------------------------------------------------------- the torch checks
