@@ -183,3 +183,55 @@ def test_causal_kernel_check():
     assert lesson03.check_causal_kernel(edited(kernel, NO_RESCALE)).status == "failed"   # in both stages
     assert lesson03.check_causal_kernel(edited(kernel, GQA_INTERLEAVED)).status == "failed"
     assert lesson03.check_causal_kernel(SOLVED._flash_fwd_kernel).status == "failed"  # not causal at all
+
+
+# ---------------------------------------------------------------- the backward check (exercise 5)
+# Each a mistake of the blocked backward, written into the solution, and a word the check's hint must contain.
+BACKWARD_MISTAKES = {
+    "forgot the delta term": ({"ds = p * (dp - delta)": "ds = p * dp"}, "Δ = rowsum(dO ∘ O)"),
+    "used S instead of P": ({"ds = p * (dp - delta)": "ds = s * (dp - delta)"}, "use P, not the scores S"),
+    "no sm_scale in dq and dk": ({"dq += (ds @ kb) * scale": "dq += ds @ kb",
+                                 "(ds.transpose(-1, -2) @ qg).sum(2) * scale": "(ds.transpose(-1, -2) @ qg).sum(2)"},
+                                "sqrt(D)"),
+    "no sm_scale in the recomputed scores": (
+        {"s = (qg @ kb.transpose(-1, -2)) * scale": "s = qg @ kb.transpose(-1, -2)"}, "P = exp(q kᵀ / sqrt(D) - lse)"),
+    "forgot the causal mask in the recompute": ({"p = p.masked_fill(cols[None, :] > pos, 0.0)": "pass"},
+                                                "key j > i + Skv - Sq"),
+    "dK summed over the wrong axis (GQA)": (
+        {"(ds.transpose(-1, -2) @ qg).sum(2)": "(ds.transpose(-1, -2) @ qg).sum(1)"}, "the sum over its G = "),
+    "dV averaged over the group (GQA)": (
+        {"(p.transpose(-1, -2) @ dog).sum(2)": "(p.transpose(-1, -2) @ dog).mean(2)"}, "the sum over its G = 2"),
+}
+
+
+def _backward_by_autograd(q, k, v, out, lse, do, *, causal=False, block_n=16):
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(attention(qq, kk, vv, causal=causal), (qq, kk, vv), do)
+
+
+def _backward_whole_matrix(q, k, v, out, lse, do, *, causal=False, block_n=16):
+    return SOLVED.attention_backward(q, k, v, out, lse, do, causal=causal, block_n=k.shape[2])
+
+
+def test_backward_check_passes_the_solution_and_the_reference():
+    assert lesson03.check_attention_backward(SOLVED.attention_backward).status == "passed"
+    from kernels.reference import flash_attention_backward as ref   # the whole-matrix formulas: P is [.., Sq, Skv]
+
+    result = lesson03.check_attention_backward(lambda q, k, v, out, lse, do, causal, block_n: (
+        ref(do, q, k, v, out, lse, causal=causal)))
+    assert_caught(result, "recompute P for one block")
+    assert_not_attempted(lesson03.check_attention_backward(stub))
+    assert_not_attempted(lesson03.check_attention_backward(STUBS.attention_backward))
+
+
+@pytest.mark.parametrize("mistake", list(BACKWARD_MISTAKES))
+def test_backward_check_catches(mistake):
+    edits, hint = BACKWARD_MISTAKES[mistake]
+    result = lesson03.check_attention_backward(edited(SOLVED.attention_backward, edits))
+    assert result.status == "failed" and result.points == 0, result
+    assert "hint:" in result.message and hint in result.message or "your code raised" in result.message, result.message
+
+
+def test_backward_check_forbids_autograd_and_the_whole_matrix():
+    assert_caught(lesson03.check_attention_backward(_backward_by_autograd), "write the gradients out yourself")
+    assert_caught(lesson03.check_attention_backward(_backward_whole_matrix), "O(S²) memory")
