@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     backends = sdpa_backends() if HAS_GPU else {}
     for name, backend in backends.items():  # probe: does this backend run forward and backward here at all?
-        q = torch.randn(1, 16, 256, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        q, k, v = (torch.randn(1, 16, 256, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
         try:
-            grads(implementations({name: backend})[name], q, q, q, torch.ones_like(q), True)
+            grads(implementations({name: backend})[name], q, k, v, torch.ones_like(q), True)
             result["backends"][name] = "available"
         except RuntimeError as err:
             result["backends"][name] = f"unavailable: {str(err).splitlines()[0][:200]}"
