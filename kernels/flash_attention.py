@@ -1,5 +1,6 @@
 """FlashAttention forward in Triton (after Triton's tutorial 06-fused-attention.py): softmax(q kᵀ·scale) v
-without ever writing the [Sq, Skv] score matrix to memory.
+without ever writing the [Sq, Skv] score matrix to memory; differentiable through ``FlashAttentionFunction``, whose
+backward is in ``kernels.flash_attention_bwd``.
 
 Each program owns BLOCK_M query rows of one (batch, query head). It keeps them in registers and streams the
 keys and values of their kv head through on-chip memory, BLOCK_N rows at a time, with the *online softmax*:
@@ -29,11 +30,13 @@ import triton.language as tl
 
 from kernels.device import INTERPRET
 from kernels._checks import check_device, check_sm_scale
+from kernels.flash_attention_bwd import dot_precision, flash_attention_backward
 
 #: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
 HEAD_DIMS = (16, 32, 64, 128)
-#: Dtypes compiled on a GPU; the interpreter runs float32/float16 (its bfloat16 tl.dot is broken, triton #11584).
-GPU_DTYPES = (torch.float16, torch.bfloat16)
+#: Dtypes compiled on a GPU (float32 with exact fp32 dots, no TF32); the interpreter runs float32/float16 (its
+#: bfloat16 tl.dot is broken, triton #11584).
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
 #: The launch config used in the interpreter: small blocks keep CPU runs fast (BLOCK_N < BLOCK_M on purpose,
 #: so the stage bounds are exercised with unequal blocks).
@@ -50,7 +53,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  # running state of BLOCK_M query rows, an
                     Skv, causal_offset, qk_scale,  # keys in all; Skv - Sq; sm_scale * log2(e)
                     STAGE: tl.constexpr,  # 1: every key of [lo, hi) is visible to every row, no mask;
                     # 2: mask keys >= Skv and, when CAUSAL, keys after a row's position
-                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)  # a hint for the compiler: aligned loads
         cols = start_n + offs_n  # key positions of this block [BLOCK_N]
@@ -59,7 +62,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  # running state of BLOCK_M query rows, an
             k = tl.load(k_ptrs + start_n * stride_kn)  # [BLOCK_N, HEAD_DIM], in bounds: no mask needed
         else:
             k = tl.load(k_ptrs + start_n * stride_kn, mask=cols[:, None] < Skv, other=0.0)
-        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         if STAGE == 2:
             visible = cols[None, :] < Skv
             if CAUSAL:  # query row i sits at position i + Skv - Sq and sees keys up to there
@@ -80,7 +83,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  # running state of BLOCK_M query rows, an
             v = tl.load(v_ptrs + start_n * stride_vn)
         else:
             v = tl.load(v_ptrs + start_n * stride_vn, mask=cols[:, None] < Skv, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -95,7 +98,8 @@ def _attn_fwd(Q, K, V, Out, LSE,  # pointers; LSE [B, Hq, Sq] fp32, written only
               Sq, Skv, qk_scale,
               SQ_BUCKET, SKV_BUCKET,  # next powers of two of Sq, Skv: only the autotuner's cache key reads them
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr):
+              CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):  # "ieee" for float32 inputs (exact fp32 products), else "tf32"
     # Grid: (query blocks, B * Hq). Causal programs of late query blocks have the most keys to visit:
     # launch those first so that the short ones fill the tail of the GPU's schedule.
     if CAUSAL:
@@ -131,9 +135,10 @@ def _attn_fwd(Q, K, V, Out, LSE,  # pointers; LSE [B, Hq, Sq] fp32, written only
         full_end = Skv // BLOCK_N * BLOCK_N  # whole blocks: no mask; the last partial block: masked
         diag_end = Skv
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-                                    0, full_end, Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N)
+                                    0, full_end, Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m, offs_n,
-                                    full_end, diag_end, Skv, causal_offset, qk_scale, 2, CAUSAL, BLOCK_N)
+                                    full_end, diag_end, Skv, causal_offset, qk_scale, 2, CAUSAL, BLOCK_N,
+                                    DOT_PRECISION)
 
     # Epilogue: normalize once at the end (not per block), store.
     acc = acc / l_i[:, None]
@@ -169,7 +174,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in GPU_CONFIGS],
-    key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "RETURN_LSE"],  # (+ the dtypes of the tensors)
+    key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "RETURN_LSE", "DOT_PRECISION"],  # (+ the tensors' dtypes)
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd)
 
@@ -214,34 +219,69 @@ def _check_inputs(q, k, v, causal, sm_scale) -> None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     sm_scale: float | None = None, return_lse: bool = False, config: dict | None = None):
-    """softmax(q kᵀ · sm_scale) v with the Triton FlashAttention forward kernel ``_attn_fwd``.
+    """softmax(q kᵀ · sm_scale) v with the Triton FlashAttention forward kernel ``_attn_fwd``; differentiable.
 
     q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0; D in 16/32/64/128; any Sq, Skv >= 1.
-    dtypes: float16/bfloat16 compiled on a GPU, float32/float16 in the interpreter (CPU tensors).
+    dtypes: float16/bfloat16/float32 compiled on a GPU, float32/float16 in the interpreter (CPU tensors). float32
+    inputs use exact fp32 dots (``input_precision="ieee"``, no TF32 rounding), forward and backward.
     causal: queries are the last Sq of the Skv positions (query i sees keys j <= i + Skv - Sq).
     sm_scale: default 1/sqrt(D).
     Returns out [B, Hq, Sq, D] in q's dtype, and with ``return_lse`` also the log-sum-exp of each row of
     scaled scores, lse [B, Hq, Sq] float32 (natural log), so that softmax = exp(scores·sm_scale - lse).
+    Gradients: when autograd records (grad enabled and q, k or v requires grad) the call goes through
+    ``FlashAttentionFunction``, whose forward saves q, k, v, out and lse, and whose backward runs the Triton
+    kernels of ``kernels.flash_attention_bwd`` (lse is differentiable too). Otherwise nothing is saved.
     config: a fixed launch config ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of
-    autotuning (a serving engine's ``serving_config``, tests).
+    autotuning (a serving engine's ``serving_config``, tests); with gradients the backward's kernels use it too.
     Raises ValueError, naming the argument, for shapes, dtypes or devices it cannot handle.
     """
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
+        out, lse = FlashAttentionFunction.apply(q, k, v, causal, sm_scale, config)
+        return (out, lse) if return_lse else out
     return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse, config=config)
 
 
-def serving_config(num_queries: int) -> dict:
+class FlashAttentionFunction(torch.autograd.Function):
+    """FlashAttention-2 for autograd: the forward keeps O and the log-sum-exp (O(S) floats per head) instead of the
+    [Sq, Skv] probabilities; the backward recomputes them block by block (``kernels.flash_attention_bwd``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, config):
+        out, lse = _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True, config=config)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.config = bool(causal), config
+        ctx.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        ctx.set_materialize_grads(False)  # a None gradient (lse unused) stays None: no zero tensors to read
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None
+        dout = torch.zeros_like(out) if dout is None else dout
+        dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, sm_scale=ctx.sm_scale,
+                                              dlse=dlse, needs=ctx.needs_input_grad[:3], config=ctx.config)
+        return dq, dk, dv, None, None, None
+
+
+def serving_config(num_queries: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """A fixed launch config for a serving engine's prefill chunks (``course_lib.serving.kv_pool.chunk_attention``: the
     8-bit pool's prefill, which attends over dequantized contiguous copies): no autotuning
     inside the engine's loop, where every new (Sq, Skv) bucket would compile and time up to 7 configs while the
     requests wait (seen on an H200: the first capstone run with chunked prefill at 0.13-0.5x the speed of the second).
-    16 query rows per program for short chunks (speculative verify, small tails), 64 above."""
+    16 query rows per program for short chunks (speculative verify, small tails), 64 above; float32 tiles take twice
+    the shared memory, so half as many keys per block and 2 pipeline stages (as ``paged_prefill.prefill_config``)."""
     if INTERPRET:
         return dict(INTERPRETER_CONFIG)
-    return dict(BLOCK_M=16 if num_queries <= 16 else 64, BLOCK_N=64, num_warps=4, num_stages=3)
+    wide = dtype == torch.float32
+    return dict(BLOCK_M=16 if num_queries <= 16 else 64, BLOCK_N=32 if wide else 64, num_warps=4,
+                num_stages=2 if wide else 3)
 
 
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None):
-    """``flash_attention`` with an optional fixed launch config
+    """The forward launch, outside autograd: ``flash_attention`` with an optional fixed launch config
     ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of autotuning (tests use it)."""
     _check_inputs(q, k, v, causal, sm_scale)
     B, Hq, Sq, D = q.shape
@@ -253,7 +293,7 @@ def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, 
         return (out, lse) if return_lse else out
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
-    flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse))
+    flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype))
     if config is None and not INTERPRET:
         grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)  # BLOCK_M: the tuned one
         _attn_fwd_tuned[grid](*args, **flags)

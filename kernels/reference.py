@@ -53,6 +53,42 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return attention(q, k, v, causal=causal, sm_scale=sm_scale)
 
 
+def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                             lse: torch.Tensor, *, causal: bool = False, sm_scale: float | None = None,
+                             dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for ``kernels.flash_attention_bwd.flash_attention_backward``: (dq, dk, dv) of
+    ``out = flash_attention(q, k, v, causal, sm_scale)`` from dO = ``do``, by the formulas the kernel uses, written
+    out on whole matrices (P recomputed from the saved lse [B, Hq, Sq], as the kernel does):
+
+        P = exp(s·q kᵀ - lse) (0 where masked)    dV = Σ_group Pᵀ dO     dP = dO Vᵀ
+        Δ = rowsum(dO ∘ O) - dlse                 dS = P ∘ (dP - Δ)     dQ = s·dS K     dK = s·Σ_group dSᵀ Q
+
+    GQA: dk, dv sum over the Hq / Hkv query heads that share a kv head. Computed in float32 (float64 for float64
+    inputs, so that it can be checked by finite differences); returned in the inputs' dtypes.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qg, og, dog = (t.to(acc).reshape(B, Hkv, G, Sq, D) for t in (q, out, do))  # [B, Hkv, G, Sq, D]
+    kf, vf = k.to(acc), v.to(acc)                                              # [B, Hkv, Skv, D]
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, kf) * scale                      # [B, Hkv, G, Sq, Skv]
+    p = torch.exp(s - lse.to(acc).reshape(B, Hkv, G, Sq, 1))
+    if causal:
+        rows = torch.arange(Sq, device=q.device)[:, None] + (Skv - Sq)
+        p = p.masked_fill(torch.arange(Skv, device=q.device)[None, :] > rows, 0.0)
+    dv = torch.einsum("bhgqk,bhgqd->bhkd", p, dog)                             # Pᵀ dO, summed over the group
+    dp = torch.einsum("bhgqd,bhkd->bhgqk", dog, vf)                            # dO Vᵀ
+    delta = (dog * og).sum(-1, keepdim=True)                                   # [B, Hkv, G, Sq, 1]
+    if dlse is not None:
+        delta = delta - dlse.to(acc).reshape(B, Hkv, G, Sq, 1)
+    ds = p * (dp - delta)
+    dq = torch.einsum("bhgqk,bhkd->bhgqd", ds, kf) * scale
+    dk = torch.einsum("bhgqk,bhgqd->bhkd", ds, qg) * scale
+    return dq.reshape(B, Hq, Sq, D).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, *, validate: bool = True) -> None:
     """Reference for ``kernels.store_kv``: k, v [T, Hkv, D] written in place into k_cache, v_cache

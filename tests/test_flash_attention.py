@@ -1,5 +1,5 @@
 """kernels.flash_attention vs its plain-torch reference: in the interpreter at tiny shapes on CPU; compiled, and
-also at real shapes (bf16, D=128, every autotune config), on a GPU."""
+also at real shapes (bf16, D=128, every autotune config; float32 with exact dots), on a GPU."""
 from __future__ import annotations
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
@@ -9,7 +9,7 @@ import torch
 import kernels
 import kernels.reference
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes
-from kernels.flash_attention import GPU_CONFIGS, _flash_attention, stage_bounds
+from kernels.flash_attention import GPU_CONFIGS, _flash_attention, serving_config, stage_bounds
 
 # Per-dtype tolerances on the output (values ~N(0, 1/Skv)-averaged, so |out| <~ 1): the kernel rounds P to the
 # input dtype before P @ V, the reference keeps it in fp32.
@@ -168,3 +168,13 @@ def test_gpu_every_autotune_config_is_correct(block_m, block_n, num_warps, num_s
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
     got = _flash_attention(q, k, v, causal=True, config=config)
     torch.testing.assert_close(got, kernels.reference.flash_attention(q, k, v, causal=True), **TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [None, "serving"])
+def test_gpu_float32_exact_dots(config):
+    """float32 on a GPU runs exact fp32 dots (no TF32 rounding): within fp32 tolerances of the reference, autotuned
+    and with the engine's fixed serving config."""
+    q, k, v = _qkv(1, 8, 2, 300, 1100, 128, torch.float32, seed=6)
+    got = kernels.flash_attention(q, k, v, causal=True, config=serving_config(300, torch.float32) if config else None)
+    torch.testing.assert_close(got, kernels.reference.flash_attention(q, k, v, causal=True), rtol=1e-4, atol=1e-4)

@@ -80,10 +80,26 @@ def test_benchmark_script_quick(tmp_path):
 
 def test_recorded_gpu_results_are_complete():
     for path in sorted((ROOT / "benchmarks" / "results").glob("flash_attention_*.json")):
+        if path.name.startswith("flash_attention_bwd_"):  # the backward's results: checked below
+            continue
         r = json.loads(path.read_text())
         assert r["device"] and r["date"] and r["torch"] and r["triton"] and r["speed"] and r["memory"]
         assert {row["dtype"] for row in r["speed"]} == {"float16", "bfloat16"}
         assert {row["D"] for row in r["speed"]} == {64, 128} and {row["causal"] for row in r["speed"]} == {False, True}
+
+
+def test_recorded_backward_results_are_complete():
+    """What the lesson's backward section plots: bf16, D = 64 and 128, causal and not, N up to 16k, ours and SDPA in
+    the same run, gradients checked before timing."""
+    for path in sorted((ROOT / "benchmarks" / "results").glob("flash_attention_bwd_*.json")):
+        r = json.loads(path.read_text())
+        assert r["benchmark"] == "flash_attention_bwd" and r["device"] and r["date"] and r["torch"] and r["triton"]
+        if r["quick"] or r["kernel_mode"] != "compiled":
+            continue
+        rows = r["speed"]
+        assert {row["D"] for row in rows} == {64, 128} and {row["causal"] for row in rows} == {False, True}
+        assert {row["N"] for row in rows} >= {4096, 8192, 16384} and {row["dtype"] for row in rows} == {"bfloat16"}
+        assert all("ours_fwd_bwd_seconds" in row and "ours_dq_rel_err" in row for row in rows)
 
 
 # ---------------------------------------------------------------- the torch checks
@@ -237,3 +253,53 @@ def test_causal_kernel_check_catches():
          "hint:"),
     ]:
         assert_caught(lesson03.check_causal_kernel(edited(kernel, broken)), hint)
+
+
+# ---------------------------------------------------------------- the backward check (exercise 5)
+# Each a mistake of the blocked backward, written into the solution, and a word the check's hint must contain.
+BACKWARD_MISTAKES = {
+    "forgot the delta term": ({"ds = p * (dp - delta)": "ds = p * dp"}, "Δ = rowsum(dO ∘ O)"),
+    "used S instead of P": ({"ds = p * (dp - delta)": "ds = s * (dp - delta)"}, "use P, not the scores S"),
+    "no sm_scale in dq and dk": ({"dq += (ds @ kb) * scale": "dq += ds @ kb",
+                                 "(ds.transpose(-1, -2) @ qg).sum(2) * scale": "(ds.transpose(-1, -2) @ qg).sum(2)"},
+                                "sqrt(D)"),
+    "no sm_scale in the recomputed scores": (
+        {"s = (qg @ kb.transpose(-1, -2)) * scale": "s = qg @ kb.transpose(-1, -2)"}, "P = exp(q kᵀ / sqrt(D) - lse)"),
+    "forgot the causal mask in the recompute": ({"p = p.masked_fill(cols[None, :] > pos, 0.0)": "pass"},
+                                                "key j > i + Skv - Sq"),
+    "dK summed over the wrong axis (GQA)": (
+        {"(ds.transpose(-1, -2) @ qg).sum(2)": "(ds.transpose(-1, -2) @ qg).sum(1)"}, "the sum over its G = "),
+    "dV averaged over the group (GQA)": (
+        {"(p.transpose(-1, -2) @ dog).sum(2)": "(p.transpose(-1, -2) @ dog).mean(2)"}, "the sum over its G = 2"),
+}
+
+
+def _backward_by_autograd(q, k, v, out, lse, do, *, causal=False, block_n=16):
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    return torch.autograd.grad(attention(qq, kk, vv, causal=causal), (qq, kk, vv), do)
+
+
+def _backward_whole_matrix(q, k, v, out, lse, do, *, causal=False, block_n=16):
+    return SOLVED.attention_backward(q, k, v, out, lse, do, causal=causal, block_n=k.shape[2])
+
+
+def test_backward_check_passes_the_solution_and_the_reference():
+    assert lesson03.check_attention_backward(SOLVED.attention_backward).status == "passed"
+    from kernels.reference import flash_attention_backward as ref   # the whole-matrix formulas: P is [.., Sq, Skv]
+
+    result = lesson03.check_attention_backward(lambda q, k, v, out, lse, do, causal, block_n: (
+        ref(do, q, k, v, out, lse, causal=causal)))
+    assert_caught(result, "recompute P for one block")
+    assert_not_attempted(lesson03.check_attention_backward(stub))
+    assert_not_attempted(lesson03.check_attention_backward(STUBS.attention_backward))
+
+
+@pytest.mark.parametrize("mistake", list(BACKWARD_MISTAKES))
+def test_backward_check_catches(mistake):
+    edits, hint = BACKWARD_MISTAKES[mistake]
+    assert_caught(lesson03.check_attention_backward(edited(SOLVED.attention_backward, edits)), hint)
+
+
+def test_backward_check_forbids_autograd_and_the_whole_matrix():
+    assert_caught(lesson03.check_attention_backward(_backward_by_autograd), "write the gradients out yourself")
+    assert_caught(lesson03.check_attention_backward(_backward_whole_matrix), "O(S²) memory")

@@ -40,6 +40,15 @@ def test_recorded_filters_gpu_and_cpu(results_dir):
         recorded("speculativ", results_dir=results_dir)
 
 
+def test_a_longer_pattern_owns_its_files(results_dir):
+    """flash_attention_bwd_<device>.json matches flash_attention_*.json too: it is the backward's result only."""
+    for name, device in [("flash_attention_nvidia-h200", "NVIDIA H200"),
+                         ("flash_attention_bwd_nvidia-h100", "NVIDIA H100")]:
+        (results_dir / f"{name}.json").write_text(json.dumps(dict(device=device, cuda="13.0")))
+    assert [r["device"] for r in recorded("flash_attention", results_dir=results_dir)] == ["NVIDIA H200"]
+    assert [r["device"] for r in recorded("flash_attention_bwd", results_dir=results_dir)] == ["NVIDIA H100"]
+
+
 def test_not_recorded_names_the_command():
     assert not_recorded("speculative", gpu=True) == "not recorded yet: run `python -m benchmarks.speculative` on a GPU"
     assert not_recorded("engine").startswith("not recorded yet: run `python -m benchmarks.engine")

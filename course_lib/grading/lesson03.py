@@ -1,6 +1,7 @@
 """Checks of lesson 03 (FlashAttention): online softmax, tiled attention in torch, the Triton forward kernel
-(non-causal, GQA) and its causal two-stage version. The kernels are launched in the interpreter on CPU
-(compiled on a GPU) at tiny shapes, lengths that are not multiples of the blocks first among the cases."""
+(non-causal, GQA) and its causal two-stage version, and the backward pass blocked in torch (P recomputed from the
+log-sum-exp, GQA, causal). The kernels are launched in the interpreter on CPU (compiled on a GPU) at tiny shapes,
+lengths that are not multiples of the blocks first among the cases."""
 from __future__ import annotations
 
 import contextlib
@@ -15,19 +16,29 @@ from course_lib.model.attention import attention
 from course_lib.device import DEVICE, HAS_GPU
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.kernels import check_is_kernel, launch_traced
-from course_lib.grading.remote import run_beside
+from course_lib.grading.remote import run_beside, type_name
+from kernels import reference as kernels_reference
 
 LOG2E = 1.4426950408889634
 
 
-@contextlib.contextmanager
-def _watch_softmax():
-    """Count calls of torch's own softmax / logsumexp (the exercises must compute it themselves)."""
+def _forbidden(kind: str) -> list[tuple[object, str]]:
+    """What an exercise must not call: torch's own softmax (it computes one), or autograd (it computes gradients)."""
+    import torch.func
     import torch.nn.functional as F
 
+    if kind == "autograd":
+        return [(torch.autograd, "grad"), (torch.autograd, "backward"), (torch.Tensor, "backward"),
+                (torch.func, "vjp"), (torch.func, "grad"), (torch.func, "grad_and_value"), (torch.func, "jacrev")]
+    return [(torch, "softmax"), (torch, "logsumexp"), (F, "softmax"), (torch.Tensor, "softmax"),
+            (torch.Tensor, "logsumexp"), (torch, "log_softmax"), (F, "log_softmax")]
+
+
+@contextlib.contextmanager
+def _watch(kind: str = "softmax"):
+    """Count calls of what ``_forbidden(kind)`` lists."""
     used: list[str] = []
-    originals = [(torch, "softmax"), (torch, "logsumexp"), (F, "softmax"), (torch.Tensor, "softmax"),
-                 (torch.Tensor, "logsumexp"), (torch, "log_softmax"), (F, "log_softmax")]
+    originals = _forbidden(kind)
     saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
 
     def wrap(name, fn):
@@ -45,12 +56,12 @@ def _watch_softmax():
             setattr(owner, name, fn)
 
 
-def call_watched(student_fn, *args, spy_shapes: bool = False, **kwargs):
-    """``student_fn(*args, **kwargs)`` under the softmax watch (and the shape spy): ``(result, softmax calls seen,
-    shapes created, reductions made as (op, input shape))``. Runs where the learner's function lives (the grader
-    runs it in the notebook's kernel)."""
+def call_watched(student_fn, *args, spy_shapes: bool = False, _forbid: str = "softmax", **kwargs):
+    """``student_fn(*args, **kwargs)`` under the watch of ``_forbidden(_forbid)`` (and the shape spy): ``(result,
+    forbidden calls seen, shapes created, reductions made as (op, input shape))``. Runs where the learner's function
+    lives (the grader runs it in the notebook's kernel)."""
     spy = _ShapeSpy() if spy_shapes else contextlib.nullcontext()
-    with _watch_softmax() as used, spy:
+    with _watch(_forbid) as used, spy:
         result = student_fn(*args, **kwargs)
     return result, list(used), spy.shapes if spy_shapes else [], spy.reductions if spy_shapes else []
 
@@ -286,3 +297,62 @@ def check_causal_kernel(kernel) -> CheckResult:
     with Checker("causal_kernel", points=3, timeout_s=180) as c:
         _run_kernel_cases(c, kernel, cases, causal=True)
     return c.result
+
+
+# ---------------------------------------------------------------- exercise 5: the backward pass, blocked
+def check_attention_backward(student_fn) -> CheckResult:
+    """``attention_backward(q, k, v, out, lse, do, causal=..., block_n=...)`` -> (dq, dk, dv) of
+    out = softmax(q kᵀ / sqrt(D)) v, q/out/do [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], lse [B, Hq, Sq], computed over
+    K/V blocks of ``block_n`` rows without autograd and without an [.., Sq, Skv] matrix; against torch.autograd of the
+    reference attention. Plain attention first, then causal (square, then with the Skv - Sq offset), then GQA."""
+    gen = torch.Generator().manual_seed(6)
+    cases = [(1, 1, 1, 6, 10, 8, False, 4), (1, 2, 2, 5, 13, 8, False, 4), (1, 2, 2, 9, 9, 8, True, 4),
+             (1, 2, 2, 4, 11, 8, True, 4), (1, 4, 2, 7, 10, 8, True, 4), (2, 6, 2, 5, 12, 16, False, 8),
+             (1, 4, 1, 1, 9, 8, True, 4)]
+    with Checker("attention_backward", points=3) as c:
+        for B, Hq, Hkv, Sq, Skv, D, causal, block_n in cases:
+            q = (torch.randn(B, Hq, Sq, D, generator=gen) * 2).requires_grad_()  # sharp enough that mistakes show
+            k, v = (torch.randn(B, Hkv, Skv, D, generator=gen).requires_grad_() for _ in range(2))
+            do = torch.randn(B, Hq, Sq, D, generator=gen)
+            out, lse = (t.detach() for t in kernels_reference.flash_attention_lse(q, k, v, causal=causal))
+            want = torch.autograd.grad(attention(q, k, v, causal=causal), (q, k, v), do)
+            q, k, v = q.detach(), k.detach(), v.detach()
+            case = (f"q/out/do [B={B}, Hq={Hq}, Sq={Sq}, D={D}], k/v [B={B}, Hkv={Hkv}, Skv={Skv}, D={D}], "
+                    f"causal={causal}, block_n={block_n}")
+            got, used, shapes, _ = _watched(student_fn, q, k, v, out, lse, do, causal=causal, block_n=block_n,
+                                         spy_shapes=True, _forbid="autograd")
+            c.check(not used, case=case, expected="no autograd", got=f"called {used[0]}" if used else "",
+                    hint="write the gradients out yourself (that is the exercise): dV = Pᵀ dO, dP = dO Vᵀ, ...")
+            full = [s for s in shapes if len(s) >= 2 and s[-2:] == (Sq, Skv)]
+            c.check(not full, case=case, expected=f"no [.., {Sq}, {Skv}] matrix (that is O(S²) memory)",
+                    got=f"a tensor of shape {full[0] if full else ''} was created",
+                    hint="recompute P for one block of block_n keys at a time, inside the loop")
+            c.check(isinstance(got, (tuple, list)) and len(got) == 3, case=case, expected="a tuple (dq, dk, dv)",
+                    got=type_name(got), hint="return dq, dk, dv")
+            for name, g, w in zip(("dv", "dq", "dk"), (got[2], got[0], got[1]), (want[2], want[0], want[1])):
+                c.check_close(g, w, case=f"{case}: {name}", rtol=1e-4, atol=1e-5,
+                              hint=_backward_hint(name, g, w, D, causal, Hq // Hkv))
+    return c.result
+
+
+def _backward_hint(name: str, got, want, D: int, causal: bool, G: int) -> str:
+    """The likeliest mistake behind a wrong ``name``, the gradients before it in the order dv, dq, dk being right."""
+    scaled = isinstance(got, torch.Tensor) and got.shape == want.shape and torch.allclose(
+        got.float() / math.sqrt(D), want, rtol=1e-3, atol=1e-5)
+    group = (f"; a kv head's rows are the sum over its G = {G} query heads: axis 2 of [B, Hkv, G, n, D] (axis 1 "
+             "runs over the kv heads)")
+    if name == "dv":
+        hint = ("dV = Pᵀ dO with P recomputed from the forward's lse: P = exp(q kᵀ / sqrt(D) - lse) for this block "
+                "(lse [B, Hq, Sq] broadcasts over the block's keys)")
+        if causal:
+            hint += ("; causal: set P to 0 where key j > i + Skv - Sq (the recomputed P is masked as the forward's "
+                     "was)")
+        return hint + group
+    if scaled:
+        return (f"{name} is sqrt(D) = {math.sqrt(D):g} times too large: the scores were scaled, S = q kᵀ / sqrt(D), "
+                "so their gradient is too: dQ = dS K / sqrt(D) and dK = dSᵀ Q / sqrt(D)")
+    if name == "dq":
+        return ("dS = P ∘ (dP - Δ) with dP = dO Vᵀ and Δ = rowsum(dO ∘ O), one number per query row (the softmax's "
+                "normalization: without Δ the gradient of the row sum is missing); use P, not the scores S; "
+                "then dQ = dS K / sqrt(D), added over the blocks")
+    return "dK = dSᵀ Q / sqrt(D) for this block's keys" + group

@@ -6,8 +6,10 @@
   [Sq, block_n] scores: the same loop the Triton kernel ``kernels.flash_attention`` runs per query block.
 - ``naive_attention``: "standard" attention that materializes the [Sq, Skv] score and probability matrices in
   the input dtype, the memory-bound baseline.
-- Formulas: FLOPs, bytes of the score matrix, HBM traffic of naive vs flash attention; ``peak_memory`` measures
-  the extra memory a function allocates (CUDA allocator stats on a GPU, live torch tensors on CPU).
+- Formulas: FLOPs (forward, and backward with or without recomputation), bytes of the score matrix, HBM traffic
+  of naive vs flash attention, what a training step keeps for the backward; ``peak_memory`` measures the extra
+  memory a function allocates (CUDA allocator stats on a GPU, live torch tensors on CPU), ``saved_tensor_bytes``
+  what autograd saves for the backward.
 """
 from __future__ import annotations
 
@@ -116,6 +118,45 @@ def attention_flops(B: int, H: int, Sq: int, Skv: int, D: int, causal: bool = Fa
     convention of FlashAttention's and Triton's benchmarks for Sq = Skv)."""
     flops = 4.0 * B * H * Sq * Skv * D
     return flops / 2 if causal else flops
+
+
+#: Matmuls of attention's backward, each 2·Sq·Skv·D FLOPs per head: dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q
+#: with P stored by the forward; + S = Q Kᵀ to recompute P (FlashAttention-2); + Q Kᵀ and dO Vᵀ once more in a
+#: separate dQ pass (``kernels.flash_attention_bwd``, Triton's tutorial), which FlashAttention-2's CUDA code avoids
+#: by adding dQ with atomics.
+BACKWARD_MATMULS = {"P stored": 4, "P recomputed": 5, "P recomputed, separate dQ pass": 7}
+
+
+def attention_backward_flops(B: int, H: int, Sq: int, Skv: int, D: int, causal: bool = False, *,
+                             matmuls: int = BACKWARD_MATMULS["P recomputed"]) -> float:
+    """Matmul FLOPs of attention's backward: ``matmuls`` products of 2·Sq·Skv·D per head (5 with recomputation,
+    10·Sq·Skv·D, the convention of FlashAttention's benchmarks: 2.5x the forward); causal counts half. The
+    elementwise work (exp, P ∘ (dP - Δ), row sums) is O(Sq·Skv) per head, D times less, and not counted."""
+    flops = 2.0 * matmuls * B * H * Sq * Skv * D
+    return flops / 2 if causal else flops
+
+
+def saved_for_backward_bytes(B: int, H: int, Sq: int, Skv: int, bytes_per_element: float, *, flash: bool) -> float:
+    """What attention keeps for its backward beyond q, k, v and its output: the probabilities P [B, H, Sq, Skv] in
+    the activations' dtype (standard autograd), or the log-sum-exp [B, H, Sq] in float32 (FlashAttention)."""
+    return B * H * Sq * 4.0 if flash else B * H * Sq * Skv * bytes_per_element
+
+
+def saved_tensor_bytes(fn: Callable[[], torch.Tensor], exclude: tuple[torch.Tensor, ...] = ()) -> tuple[int, list]:
+    """Run ``fn()`` and measure what autograd keeps for the backward pass: the bytes of the distinct storages of
+    every tensor saved for backward (``torch.autograd.graph.saved_tensors_hooks``), except those of ``exclude``
+    (the inputs) and of the output. Returns (bytes, [(shape, dtype) of each tensor counted])."""
+    saved: dict[int, tuple] = {}
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage().nbytes(), tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    skip = {t.untyped_storage().data_ptr() for t in (*exclude, out)}
+    kept = [v for ptr, v in saved.items() if ptr not in skip]
+    return sum(nbytes for nbytes, _, _ in kept), [(shape, dtype) for _, shape, dtype in kept]
 
 
 def score_matrix_bytes(B: int, H: int, Sq: int, Skv: int, bytes_per_element: float) -> float:

@@ -6,11 +6,13 @@ command records it, e.g. ``not recorded yet: run `python -m benchmarks.speculati
 """
 from __future__ import annotations
 
+import fnmatch
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from course_lib.analysis.roofline import RESULTS_DIR, load_recorded_results
+from course_lib.analysis.roofline import RESULTS_DIR
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 
@@ -27,6 +29,7 @@ BENCHMARKS = {
     "roofline": Benchmark("roofline_*.json", "python -m benchmarks.roofline", "00"),
     "paged_attention": Benchmark("paged_attention_*.json", "python -m benchmarks.paged_attention", "02"),
     "flash_attention": Benchmark("flash_attention_*.json", "python -m benchmarks.flash_attention", "03"),
+    "flash_attention_bwd": Benchmark("flash_attention_bwd_*.json", "python -m benchmarks.flash_attention_bwd", "03"),
     "batching": Benchmark("batching_*.json", "python -m benchmarks.engine_batching", "04"),
     "prefix_caching": Benchmark("prefix_caching_*.json", "python -m benchmarks.prefix_caching", "05"),
     "speculative": Benchmark("speculative_*.json", "python -m benchmarks.speculative", "06"),
@@ -43,10 +46,14 @@ def is_gpu(record: dict) -> bool:
 
 def recorded(name: str, *, gpu: bool | None = None, results_dir: Path | None = None) -> list[dict]:
     """Every result file of benchmark ``name`` (a key of ``BENCHMARKS``); only GPU (``gpu=True``) or only CPU
-    (``gpu=False``) ones if asked; [] when none is recorded."""
+    (``gpu=False``) ones if asked; [] when none is recorded. A file that another benchmark's longer pattern
+    matches is that one's (``flash_attention_bwd_x.json`` is not a ``flash_attention_*.json`` result)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
-    records = load_recorded_results(BENCHMARKS[name].pattern, Path(results_dir or RESULTS_DIR))
+    folder, pattern = Path(results_dir or RESULTS_DIR), BENCHMARKS[name].pattern
+    longer = [b.pattern for b in BENCHMARKS.values() if len(b.pattern) > len(pattern)]
+    records = [json.loads(path.read_text()) for path in sorted(folder.glob(pattern))
+               if not any(fnmatch.fnmatch(path.name, other) for other in longer)]
     return [r for r in records if gpu is None or is_gpu(r) == gpu]
 
 

@@ -212,7 +212,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, use_kerne
     attention without kernels or where the kernel does not run (its dtypes, head dims)."""
     dtypes = INTERPRETER_DTYPES if INTERPRET else GPU_DTYPES
     if use_kernels and q.shape[-1] in HEAD_DIMS and q.dtype in dtypes:
-        return flash_attention(q, k, v, causal=True, config=serving_config(q.shape[2]))   # no autotuning
+        return flash_attention(q, k, v, causal=True, config=serving_config(q.shape[2], q.dtype))   # no autotuning
     return attention(q, k, v, causal=True)
 
 

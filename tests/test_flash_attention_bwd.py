@@ -1,0 +1,259 @@
+"""The FlashAttention backward: kernels.flash_attention's gradients (Triton kernels of kernels.flash_attention_bwd)
+vs torch.autograd through the plain-torch reference forward, in the interpreter at tiny shapes on CPU and compiled on
+a GPU; the reference backward's formulas vs autograd and vs finite differences (gradcheck, float64)."""
+from __future__ import annotations
+
+import math
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import pytest
+import torch
+
+import kernels
+import kernels.reference
+from course_lib.device import DEVICE, HAS_GPU, INTERPRET
+from kernels.flash_attention import _flash_attention
+from kernels.flash_attention_bwd import DKDV_CONFIGS, DQ_CONFIGS
+
+# Per-dtype tolerances on dq, dk, dv: |got - want| <= atol * max(1, max|want|) + rtol * |want|. float32 runs exact
+# fp32 dots (input_precision="ieee") on a GPU and numpy fp32 in the interpreter; fp16/bf16 round P and dS to the
+# input dtype before their matmuls (as FlashAttention does), the reference keeps them in fp32.
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=5e-3),
+       torch.bfloat16: dict(rtol=5e-2, atol=3e-2)}
+DTYPES = [torch.float32] if INTERPRET else [torch.float16, torch.bfloat16, torch.float32]
+# On a GPU the small cases use one fixed config (each config is a compilation); autotuning is tested at real shapes.
+SMALL_CONFIG = None if INTERPRET else dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+
+
+def _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=0):
+    """q, k, v (leaf tensors that require grad) and an upstream gradient dO, on the kernels' device."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, s, D, generator=gen).to(DEVICE, dtype).requires_grad_()
+               for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    return q, k, v, torch.randn(B, Hq, Sq, D, generator=gen).to(DEVICE, dtype)
+
+
+def _grads(fn, q, k, v, do, **kwargs):
+    """(dq, dk, dv) of sum(fn(q, k, v) * do)."""
+    return torch.autograd.grad(fn(q, k, v, **kwargs), (q, k, v), do)
+
+
+def assert_grads_close(got, want, dtype):
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        tol = TOL[dtype]
+        atol = tol["atol"] * max(1.0, w.float().abs().max().item())
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol["rtol"], atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# (B, Hq, Hkv, Sq, Skv, D, causal): lengths that are not multiples of the blocks, Sq != Skv both ways, GQA groups
+# 1, 2 and 4, causal with and without an offset, one query, every head dim.
+CASES = [
+    (1, 2, 2, 32, 32, 32, False),
+    (1, 2, 2, 37, 37, 16, True),
+    (2, 4, 2, 20, 75, 64, True),  # GQA 2, causal with an offset of 55
+    (1, 4, 1, 1, 50, 32, True),  # MQA (group 4), one query that sees every key
+    (1, 4, 1, 23, 40, 32, False),
+    (1, 2, 2, 45, 30, 32, False),  # more queries than keys
+    (1, 2, 1, 17, 33, 128, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", CASES)
+def test_grads_match_autograd_of_the_reference(B, Hq, Hkv, Sq, Skv, D, causal, dtype):
+    q, k, v, do = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype)
+    out = kernels.flash_attention(q, k, v, causal=causal, config=SMALL_CONFIG)
+    assert type(out.grad_fn).__name__ == "FlashAttentionFunctionBackward"
+    got = torch.autograd.grad(out, (q, k, v), do)
+    assert_grads_close(got, _grads(kernels.reference.flash_attention, q, k, v, do, causal=causal), dtype)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter block sizes (the GPU configs are tested below)")
+@pytest.mark.parametrize("config", [dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)])
+def test_other_block_shapes(config):
+    """The stage bounds of both kernels with BLOCK_M > BLOCK_N and equal blocks (the default has BLOCK_N > BLOCK_M),
+    and fp16 (P and dS rounded before their matmuls)."""
+    for dtype, case in [(torch.float32, (1, 4, 2, 29, 61, 32, True)), (torch.float16, (1, 2, 1, 40, 40, 16, True))]:
+        q, k, v, do = _inputs(*case[:6], dtype, seed=1)
+        got = _grads(kernels.flash_attention, q, k, v, do, causal=True, config=config)
+        assert_grads_close(got, _grads(kernels.reference.flash_attention, q, k, v, do, causal=True), dtype)
+
+
+def test_lse_is_differentiable_and_sm_scale():
+    """A loss of out and lse (as a merge of partial attentions uses): d lse_i / d s_ij = P_ij enters as Δ - dlse."""
+    dtype = DTYPES[0]
+    q, k, v, do = _inputs(1, 4, 2, 19, 45, 32, dtype, seed=2)
+    dlse = torch.randn(1, 4, 19, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    loss = lambda out, lse: (out.float() * do.float()).sum() + (lse * dlse).sum()
+    out, lse = kernels.flash_attention(q, k, v, causal=True, sm_scale=0.3, return_lse=True, config=SMALL_CONFIG)
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(*kernels.reference.flash_attention_lse(q, k, v, causal=True, sm_scale=0.3)),
+                               (q, k, v))
+    assert_grads_close(got, want, dtype)
+
+
+def test_only_the_grads_asked_for():
+    dtype = DTYPES[0]
+    q, k, v, do = _inputs(1, 2, 1, 12, 20, 16, dtype, seed=4)
+    want = _grads(kernels.reference.flash_attention, q, k, v, do)
+    k_, v_ = k.detach(), v.detach()
+    (dq,) = torch.autograd.grad(kernels.flash_attention(q, k_, v_, config=SMALL_CONFIG), (q,), do)
+    torch.testing.assert_close(dq.float(), want[0].float(), **TOL[dtype])
+    (dv,) = torch.autograd.grad(kernels.flash_attention(q.detach(), k_, v, config=SMALL_CONFIG), (v,), do)
+    torch.testing.assert_close(dv.float(), want[2].float(), **TOL[dtype])
+
+
+def test_without_grad_nothing_changes():
+    """No tensor requires grad, or grad is disabled: the plain forward, no autograd node, the same numbers."""
+    dtype = DTYPES[0]
+    q, k, v, _ = _inputs(1, 2, 2, 24, 24, 32, dtype, seed=5)
+    plain = _flash_attention(q.detach(), k.detach(), v.detach(), causal=True, config=SMALL_CONFIG)
+    out = kernels.flash_attention(q.detach(), k.detach(), v.detach(), causal=True, config=SMALL_CONFIG)
+    with torch.no_grad():
+        out_no_grad = kernels.flash_attention(q, k, v, causal=True, config=SMALL_CONFIG)
+    out_grad = kernels.flash_attention(q, k, v, causal=True, config=SMALL_CONFIG)
+    assert out.grad_fn is None and out_no_grad.grad_fn is None and out_grad.grad_fn is not None
+    assert torch.equal(out, plain) and torch.equal(out_no_grad, plain) and torch.equal(out_grad.detach(), plain)
+
+
+def test_masked_keys_get_no_gradient():
+    """Causal, Sq = Skv: the last key is visible to the last query only. With that query's dO = 0, the key's dk and
+    dv are exactly 0: a recompute that forgot the causal mask would give it weight from every other query."""
+    dtype = DTYPES[0]
+    q, k, v, do = _inputs(1, 2, 1, 40, 40, 32, dtype, seed=6)
+    do[:, :, -1] = 0
+    dq, dk, dv = _grads(kernels.flash_attention, q, k, v, do, causal=True, config=SMALL_CONFIG)
+    assert torch.all(dk[:, :, -1] == 0) and torch.all(dv[:, :, -1] == 0)
+    assert dk[:, :, :-1].abs().amax(-1).min() > 0 and dv[:, :, :-1].abs().amax(-1).min() > 0
+
+
+def test_strided_inputs_and_a_broadcast_gradient():
+    """k, v as [B, S, H, D] memory viewed as [B, H, S, D]; out.sum() sends back dO = ones with all strides 0."""
+    dtype = DTYPES[0]
+    q, k, v, _ = _inputs(1, 4, 2, 21, 37, 32, dtype, seed=7)
+    k_t, v_t = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (k, v))
+    assert not k_t.is_contiguous()
+    out = kernels.flash_attention(q, k_t, v_t, causal=True, config=SMALL_CONFIG)
+    got = torch.autograd.grad(out.sum(), (q, k_t, v_t))
+    want = torch.autograd.grad(kernels.reference.flash_attention(q, k, v, causal=True).sum(), (q, k, v))
+    assert_grads_close(got, want, dtype)
+
+
+def test_deterministic():
+    """No atomics: two backward passes give bit-identical gradients."""
+    q, k, v, do = _inputs(1, 4, 2, 30, 30, 16, DTYPES[0], seed=8)
+    first, second = (_grads(kernels.flash_attention, q, k, v, do, causal=True, config=SMALL_CONFIG) for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_empty_queries():
+    q, k, v, do = _inputs(1, 2, 2, 0, 5, 32, DTYPES[0])
+    dq, dk, dv = _grads(kernels.flash_attention, q, k, v, do)
+    assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
+
+
+def test_bad_inputs_with_grad_keep_the_clear_error():
+    q, k, v, _ = _inputs(1, 4, 2, 8, 8, 32, DTYPES[0])
+    with pytest.raises(ValueError, match="k has 3 kv heads"):
+        kernels.flash_attention(q, k.repeat(1, 2, 1, 1)[:, :3], v.repeat(1, 2, 1, 1)[:, :3])
+    with pytest.raises(ValueError, match="causal attention needs Sq <= Skv"):
+        kernels.flash_attention(q, k[:, :, :4], v[:, :, :4], causal=True)
+
+
+# ---------------------------------------------------------------- the reference backward (plain torch, any device)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Hq, Hkv, Sq, Skv", [(2, 2, 7, 7), (4, 2, 5, 13), (4, 1, 1, 9), (2, 1, 11, 6)])
+def test_reference_backward_matches_autograd(Hq, Hkv, Sq, Skv, causal):
+    if causal and Sq > Skv:
+        pytest.skip("causal needs Sq <= Skv")
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, h, s, 16, generator=gen, requires_grad=True)
+               for h, s in ((Hq, Sq), (Hkv, Skv), (Hkv, Skv)))
+    do, dlse = torch.randn(2, Hq, Sq, 16, generator=gen), torch.randn(2, Hq, Sq, generator=gen)
+    out, lse = kernels.reference.flash_attention_lse(q, k, v, causal=causal, sm_scale=0.4)
+    want = torch.autograd.grad((out * do).sum() + (lse * dlse).sum(), (q, k, v))
+    got = kernels.reference.flash_attention_backward(do, q, k, v, out, lse, causal=causal, sm_scale=0.4, dlse=dlse)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+class _ReferenceAttention64(torch.autograd.Function):
+    """Attention in float64 whose backward is ``kernels.reference.flash_attention_backward``: gradcheck compares those
+    formulas with finite differences of the forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        B, Hq, Sq, D = q.shape
+        Hkv, Skv = k.shape[1], k.shape[2]
+        kk, vv = (t.repeat_interleave(Hq // Hkv, dim=1) for t in (k, v))  # query head h reads kv head h // G
+        s = q @ kk.transpose(-1, -2) / math.sqrt(D)
+        if causal:
+            s = s.masked_fill(torch.ones(Sq, Skv, dtype=torch.bool).triu(Skv - Sq + 1), float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        out = torch.exp(s - lse[..., None]) @ vv
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal = causal
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        return *kernels.reference.flash_attention_backward(do, q, k, v, out, lse, causal=ctx.causal), None
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backward_gradcheck(causal):
+    gen = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, h, s, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+               for h, s in ((4, 3), (2, 5), (2, 5)))
+    assert torch.autograd.gradcheck(lambda q, k, v: _ReferenceAttention64.apply(q, k, v, causal), (q, k, v))
+
+
+# ---------------------------------------------------------------- GPU only: real shapes, autotuned, every config
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal, dtype", [
+    (2, 16, 4, 1000, 1000, 128, True, torch.bfloat16),
+    (1, 8, 8, 2048, 2048, 64, False, torch.float16),
+    (1, 8, 2, 300, 1100, 128, True, torch.float32),  # after a cached prefix of 800 tokens
+    (4, 16, 16, 513, 513, 64, True, torch.bfloat16),
+])
+def test_gpu_real_shapes_autotuned(B, Hq, Hkv, Sq, Skv, D, causal, dtype):
+    q, k, v, do = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=11)
+    got = _grads(kernels.flash_attention, q, k, v, do, causal=causal)
+    assert_grads_close(got, _grads(kernels.reference.flash_attention, q, k, v, do, causal=causal), dtype)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dkdv, dq", list(zip(DKDV_CONFIGS, DQ_CONFIGS)))
+def test_gpu_every_autotune_config_is_correct(dkdv, dq):
+    """The autotuner may pick any of them: each must be right, causal with an offset, ragged lengths, GQA."""
+    from kernels.flash_attention_bwd import flash_attention_backward
+
+    q, k, v, do = _inputs(2, 8, 2, 333, 701, 128, torch.bfloat16, seed=12)
+    out, lse = _flash_attention(q.detach(), k.detach(), v.detach(), causal=True, return_lse=True)
+    want = _grads(kernels.reference.flash_attention, q, k, v, do, causal=True)
+    for m, n, w, s in (dkdv, dq):
+        config = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+        got = flash_attention_backward(do, q.detach(), k.detach(), v.detach(), out, lse, causal=True,
+                                       sm_scale=1 / math.sqrt(128), config=config)
+        assert_grads_close(got, want, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the benchmark's smoke run
+def test_benchmark_script_quick(tmp_path):
+    """``python -m benchmarks.flash_attention_bwd --quick``: on CPU tiny shapes in the interpreter, checked against
+    SDPA's math backend; every row has its errors and timings, and the file is what main() returned."""
+    import json
+
+    from benchmarks import flash_attention_bwd as bench
+
+    out = tmp_path / "fa_bwd.json"
+    result = bench.main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["device"] and result["date"] and result["torch"] and result["triton"] and result["speed"]
+    assert {row["causal"] for row in result["speed"]} == {False, True}
+    for row in result["speed"]:
+        assert row["bwd_flops"] == 2.5 * row["fwd_flops"] and row["ours_fwd_bwd_seconds"] > 0
+        if not HAS_GPU:
+            assert max(row[f"ours_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
