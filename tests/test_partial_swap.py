@@ -163,3 +163,18 @@ def test_bad_settings_name_the_field():
         EngineConfig(preemption_mode="swap", enable_partial_swap=1)
     with pytest.raises(ValueError, match="partial_swap"):
         Scheduler(BlockManager(4, 4), max_num_seqs=1, max_num_batched_tokens=8, max_model_len=16, partial_swap=True)
+
+
+# ---------------------------------------------------------------- prefetch (simulated on the scheduler)
+def test_prefetch_simulation_hides_copy_waits_and_frees_everything():
+    from course_lib.experiments.prefetch import AsyncSwapScheduler, simulate
+
+    lengths = [(20 + 7 * (i % 5), 30 + 11 * (i % 7)) for i in range(24)]
+    kw = dict(num_blocks=30, block_size=8, max_num_seqs=8, max_num_batched_tokens=32)
+    plain, ahead = simulate(lengths, **kw), simulate(lengths, prefetch=True, **kw)   # simulate checks no leak
+    assert plain["resumes"] > 0 and plain["predictions"] == 0 and plain["copy_wait_steps"] > 0
+    assert ahead["predictions"] > 0 and ahead["predictions_held"] > 0
+    assert ahead["copy_wait_steps"] < plain["copy_wait_steps"]
+    with pytest.raises(ValueError, match="prefetch"):
+        AsyncSwapScheduler(BlockManager(4, 4), max_num_seqs=1, max_num_batched_tokens=8, max_model_len=16,
+                           cpu_block_manager=BlockManager(4, 4), prefetch="yes")
