@@ -178,3 +178,18 @@ def test_prefetch_simulation_hides_copy_waits_and_frees_everything():
     with pytest.raises(ValueError, match="prefetch"):
         AsyncSwapScheduler(BlockManager(4, 4), max_num_seqs=1, max_num_batched_tokens=8, max_model_len=16,
                            cpu_block_manager=BlockManager(4, 4), prefetch="yes")
+
+
+def test_swap_in_dedup_counts_the_blocks_shared_from_the_cache(tiny):
+    """Lesson 05's cell in small: with prefix caching, every block swapped out comes back either copied or shared
+    from the cache (Scheduler.num_swap_in_cached_blocks), and some are shared."""
+    from course_lib.experiments.prefix_workloads import shared_prompt_requests
+
+    model, tokenizer = tiny
+    prompts = shared_prompt_requests(6, system_len=48, question_len=4, tokenizer=tokenizer, seed=3)
+    engine = LLMEngine(model, block_size=8, max_num_seqs=6, num_blocks=24, max_num_batched_tokens=64,
+                       preemption_mode="swap", enable_prefix_caching=True)
+    engine.generate(prompts, SamplingParams(max_tokens=24), use_tqdm=False)
+    m, shared = engine.metrics, engine.scheduler.num_swap_in_cached_blocks
+    assert m.preemptions == {"recompute": 0, "swap": m.preemptions["swap"]} and m.preemptions["swap"] > 0
+    assert shared > 0 and m.num_swapped_blocks == m.num_swapped_in_blocks + shared

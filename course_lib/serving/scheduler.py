@@ -88,6 +88,7 @@ class Scheduler:
         self.num_preemptions: Counter = Counter()     # by mode
         self.num_recomputed_tokens = 0                # K/V thrown away by recompute preemptions
         self.num_swap_ops: Counter = Counter()        # "out" / "in": copies of one sequence's blocks in one step
+        self.num_swap_in_cached_blocks = 0            # blocks a swap-in shared from the prefix cache instead of copying
         self.num_steps = 0                            # schedule() calls
         self._preempted_at: dict[int, int] = {}       # seq_id -> the step it was swapped out in
         self.resume_steps: list[int] = []             # per swap-in: steps from its preemption to its resumption
@@ -364,6 +365,7 @@ class Scheduler:
         else:
             gpu_table = self.block_manager.allocate(seq.seq_id, held)
         out.swap_in += list(zip(cpu_table[reused:], gpu_table[reused:]))
+        self.num_swap_in_cached_blocks += reused
         self.num_swap_ops["in"] += len(cpu_table) > reused
         self.cpu_block_manager.free(seq.seq_id)
         seq.status = RUNNING
