@@ -133,6 +133,7 @@ def test_abort_of_a_sequence_that_kept_its_prefix():
     young = engine.scheduler.swapped[0]
     assert young.request_id == "young" and young.seq_id in engine.scheduler.block_manager.block_tables
     engine.abort_request("young")
+    assert young.seq_id not in engine.scheduler._preempted_at
     while engine.has_unfinished_requests():
         engine.step()
     assert_all_blocks_free(engine)
@@ -193,3 +194,14 @@ def test_swap_in_dedup_counts_the_blocks_shared_from_the_cache(tiny):
     m, shared = engine.metrics, engine.scheduler.num_swap_in_cached_blocks
     assert m.preemptions == {"recompute": 0, "swap": m.preemptions["swap"]} and m.preemptions["swap"] > 0
     assert shared > 0 and m.num_swapped_blocks == m.num_swapped_in_blocks + shared
+
+
+def test_swap_counters_survive_a_json_round_trip():
+    import json
+
+    engine = LLMEngine(MICRO, block_size=4, num_blocks=32, max_num_seqs=2, preemption_mode="swap",
+                       enable_partial_swap=True)
+    engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=4), use_tqdm=False)   # room for both: no swap
+    summary = engine.metrics.summary()
+    assert summary["resume_steps_mean"] is None and summary["swap_ops"] == {"out": 0, "in": 0}
+    assert json.loads(json.dumps(summary)) == summary

@@ -21,7 +21,7 @@ def swap_counters(engine: LLMEngine) -> dict:
     return dict(preemptions=dict(m.preemptions), blocks_out=m.num_swapped_blocks, blocks_in=m.num_swapped_in_blocks,
                 bytes_out=m.swap_bytes, bytes_in=m.swap_in_bytes, swap_out_ops=m.swap_ops.get("out", 0),
                 swap_in_ops=m.swap_ops.get("in", 0), resumes=len(steps),
-                resume_steps_mean=float(steps.mean()) if len(steps) else float("nan"),
+                resume_steps_mean=float(steps.mean()) if len(steps) else None,     # JSON keeps None, not NaN
                 resume_steps_max=int(steps.max()) if len(steps) else 0,
                 recomputed_tokens=m.num_recomputed_tokens, num_steps=len(m.steps), bytes_per_block=m.bytes_per_block,
                 elapsed_s=m.elapsed_s)
@@ -56,6 +56,11 @@ def swap_table(result: dict) -> str:
     lines = [f"{'':52s}{'whole':>10s}{'partial':>10s}"]
     for label, get in rows:
         a, b = get(result["whole"]), get(result["partial"])
-        fmt = (lambda v: f"{v:10.2f}") if isinstance(a, float) or isinstance(b, float) else (lambda v: f"{v:10d}")
-        lines.append(f"{label:52s}{fmt(a)}{fmt(b)}")
+        lines.append(f"{label:52s}{_cell(a)}{_cell(b)}")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return f"{'-':>10s}"
+    return f"{value:10.2f}" if isinstance(value, float) else f"{value:10d}"

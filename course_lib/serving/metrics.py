@@ -186,8 +186,8 @@ class RunMetrics:
                    preemptions=dict(self.preemptions), num_recomputed_tokens=self.num_recomputed_tokens,
                    num_swapped_blocks=self.num_swapped_blocks, swap_bytes=self.swap_bytes,
                    num_swapped_in_blocks=self.num_swapped_in_blocks, swap_in_bytes=self.swap_in_bytes,
-                   swap_ops=dict(self.swap_ops), resume_steps_mean=float(np.mean(self.resume_steps))
-                   if self.resume_steps else float("nan"),
+                   swap_ops=dict(self.swap_ops),     # None without resumptions (NaN would not survive a JSON trip)
+                   resume_steps_mean=float(np.mean(self.resume_steps)) if self.resume_steps else None,
                    num_padding_tokens=sum(s.num_padding_tokens for s in self.steps),
                    num_prefill_tokens=sum(s.num_prefill_tokens for s in self.steps),
                    num_cached_tokens=self.num_cached_tokens, prefix_cache_hit_rate=self.prefix_cache_hit_rate)

@@ -117,6 +117,7 @@ class Scheduler:
                     bm.free(seq.seq_id)
         elif seq.status == WAITING:
             self.waiting.remove(seq)          # a waiting sequence holds no blocks (preemption freed them)
+        self._preempted_at.pop(seq.seq_id, None)
         seq.status = FINISHED
 
     def free_all(self) -> None:
@@ -127,6 +128,7 @@ class Scheduler:
                 bm.free(seq_id)
         for queue in (self.waiting, self.running, self.swapped):
             queue.clear()
+        self._preempted_at.clear()
 
     # ---------------------------------------------------------------- the step
     def schedule(self) -> SchedulerOutput:
