@@ -11,13 +11,15 @@ climbs: ``tests/test_layering.py``):
     course_lib.paging     lesson 02: block_manager (allocator, block tables, copy-on-write), paged_cache, waste
     course_lib.quant      lesson 07: kv_quant (8-bit K/V caches), kv_quality (what it costs in accuracy)
     course_lib.serving    lessons 04-06, 10: the engine in vLLM's vocabulary: engine (LLMEngine: add_request / step /
-                          generate), config (EngineConfig), validation, scheduler, sequence, prefix_cache,
-                          prefix_hash, model_runner, kv_pool, speculative (lesson 06's algorithm), spec_decode (its
-                          worker in the engine), metrics, static_batching, hf_baseline
+                          generate), config (EngineConfig), validation, scheduler, partial_swap (tail-first
+                          swap), sequence, prefix_cache, prefix_hash, model_runner, kv_pool, speculative (lesson 06's
+                          algorithm), spec_decode (its worker in the engine), metrics, static_batching, hf_baseline
     course_lib.experiments  traces and what is run on them: workloads, prefix_workloads, capstone_workloads,
-                          ablation (lesson 10's ladder), timeline (pictures of a run)
+                          ablation (lesson 10's ladder), timeline (pictures of a run), swap (whole vs partial swap),
+                          prefetch (predictive swap-in simulated on the scheduler)
     course_lib.parallel   lessons 08-09: tensor and pipeline parallelism on torch.distributed
-    course_lib.review     lesson 11: review (answers from recorded results), quiz, glossary
+    course_lib.review     lesson 11: review (answers from recorded results), crosswalk (the Q&A document's questions
+                          -> lesson cells), quiz, glossary
     course_lib.grading    the checks of every exercise and the grader (``python -m course_lib.grade``)
 
 Shape legend, used in every signature, comment and notebook of the course:

@@ -167,6 +167,37 @@ class BlockManager:
             self.allocator.free(block_id)
         del self.block_tables[seq_id], self.num_tokens[seq_id]
 
+    # ---------------------------------------------------------------- partial swap (lesson 04)
+    def free_tail(self, seq_id: int, num_blocks: int) -> list[int]:
+        """Give back the last ``num_blocks`` blocks of a sequence, keeping the ones before them (a partial swap moves
+        a preempted sequence's tail to the CPU pool and keeps its prefix here). Its tokens end with its last kept
+        block. Returns the blocks given back, in token order."""
+        table = self._table(seq_id)
+        if not isinstance(num_blocks, int) or not 0 <= num_blocks <= len(table):
+            raise ValueError(f"num_blocks must be an int in 0 ... {len(table)} (sequence {seq_id}'s blocks), "
+                             f"got {num_blocks!r}")
+        kept = len(table) - num_blocks
+        freed = table[kept:]
+        del table[kept:]
+        for block_id in freed:
+            self.allocator.free(block_id)
+        self.num_tokens[seq_id] = min(self.num_tokens[seq_id], kept * self.block_size)
+        return freed
+
+    def prepend_blocks(self, seq_id: int, num_blocks: int) -> list[int]:
+        """``num_blocks`` new full blocks placed before a sequence's first block (the CPU pool of a partial swap: the
+        tail goes first, and each later piece of the sequence comes from before it). Returns the new blocks."""
+        table = self._table(seq_id)
+        if not isinstance(num_blocks, int) or num_blocks < 0:
+            raise ValueError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+        if num_blocks > self.num_free_blocks:
+            raise OutOfBlocksError(f"sequence {seq_id} needs {num_blocks} blocks; {self.num_free_blocks} of "
+                                   f"{self.allocator.num_blocks} are free")
+        new = [self.allocator.allocate() for _ in range(num_blocks)]
+        table[:0] = new
+        self.num_tokens[seq_id] += num_blocks * self.block_size
+        return new
+
     # ---------------------------------------------------------------- internals
     def _table(self, seq_id: int) -> list[int]:
         if seq_id not in self.block_tables:

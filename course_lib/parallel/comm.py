@@ -105,3 +105,31 @@ def time_all_reduce(ctx, sizes_bytes: list[int], *, dtype: torch.dtype = torch.f
         out.append(dict(bytes=nbytes, seconds=seconds, algbw=nbytes / seconds,
                         busbw=ring_bytes_per_rank(nbytes, ctx.world_size) / seconds))
     return out
+
+
+def cross_node_bytes_per_token(num_layers: int, hidden_size: int, *, layout: str, num_nodes: int = 2,
+                               gpus_per_node: int = 8, bytes_per_element: int = 2, count: str = "message",
+                               tensors_per_boundary: int = 1) -> float:
+    """Bytes that cross between nodes per token of one forward pass, for a model split over ``num_nodes`` nodes.
+
+    layout="tp": tensor parallelism across all the GPUs of all nodes: 2 all-reduces per layer (lesson 08) of the
+        token's hidden state ([hidden_size] values). ``count`` says what one all-reduce costs between nodes:
+        "message": the message once (hidden_size x bytes; the simplest count, and the one a "-98.3%" style
+        comparison needs), "ring": a flat ring over all N GPUs, which crosses ``num_nodes`` node boundaries and
+        carries 2(N-1)/N x the message over each (``ring_bytes_per_rank``).
+    layout="pp": tensor parallelism inside each node and pipeline stages across nodes: one hand-over per stage
+        boundary (num_nodes - 1 of them), of ``tensors_per_boundary`` [hidden_size] tensors (1: the hidden state;
+        2: the hidden state and the residual stream, as vLLM's pipeline sends for LLaMA-style models).
+    """
+    message = hidden_size * bytes_per_element
+    if layout == "tp":
+        if count == "message":
+            per_all_reduce = message
+        elif count == "ring":
+            per_all_reduce = num_nodes * ring_bytes_per_rank(message, num_nodes * gpus_per_node)
+        else:
+            raise ValueError(f"count must be 'message' or 'ring', got {count!r}")
+        return 2 * num_layers * per_all_reduce
+    if layout == "pp":
+        return (num_nodes - 1) * tensors_per_boundary * message
+    raise ValueError(f"layout must be 'tp' or 'pp', got {layout!r}")

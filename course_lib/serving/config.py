@@ -53,6 +53,9 @@ class EngineConfig:
     enable_chunked_prefill  split long prompts into chunks that share steps with decodes
     preemption_mode         "recompute" or "swap" (to ``num_cpu_blocks`` CPU blocks)
     num_cpu_blocks          the CPU pool of swapping (default num_blocks; 0 with recompute)
+    enable_partial_swap     with preemption_mode "swap": a victim moves only the blocks the step needs, tail first,
+                            and keeps its prefix on the device; a resuming one copies back only what it moved
+                            (``course_lib.serving.partial_swap``; the course's variant of what KsanaLLM does)
     kv_cache_dtype          "auto" (K/V in the model's dtype) or "int8" / "fp8" (8-bit codes + a float16 scale per
                             token and kv head, lesson 07: ~half the bytes, so a memory budget holds ~twice the blocks;
                             size ``num_blocks`` with ``course_lib.quant.kv_quant.num_blocks_for_memory``)
@@ -82,6 +85,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
     num_cpu_blocks: int | None = None
+    enable_partial_swap: bool = False
     kv_cache_dtype: str = "auto"
     use_kernels: bool | None = None
     seed: int = 0
@@ -95,8 +99,11 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         for name in ("num_blocks", "max_num_batched_tokens", "speculative_disable_by_batch_size"):
             _positive_int(name, getattr(self, name), optional=True)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enforce_eager", "enable_partial_swap"):
             _bool(name, getattr(self, name))
+        if self.enable_partial_swap and self.preemption_mode != "swap":
+            raise ValueError(f"enable_partial_swap=True needs preemption_mode='swap', got "
+                             f"preemption_mode={self.preemption_mode!r}")
         _bool("use_kernels", self.use_kernels, optional=True)
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")

@@ -310,7 +310,7 @@ class LLMEngine:
             bm, max_num_seqs=c.max_num_seqs, max_num_batched_tokens=c.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_chunked_prefill=c.enable_chunked_prefill,
             preemption_mode=c.preemption_mode, cpu_block_manager=cpu_bm, num_lookahead_slots=c.num_speculative_tokens,
-            lookahead_disable_by_batch_size=c.speculative_disable_by_batch_size)
+            lookahead_disable_by_batch_size=c.speculative_disable_by_batch_size, partial_swap=c.enable_partial_swap)
         self._runner = ModelRunner(self.model, bm, self.pool, c.use_kernels, self._decode_graphs(self.model, self.pool))
         self._spec = None if self.speculative_model is None else SpecDecodeWorker(
             self._runner, ModelRunner(self.speculative_model, bm, self.draft_pool, c.use_kernels,
@@ -346,12 +346,16 @@ class LLMEngine:
 
     def _run_metrics(self, outputs: list[RequestOutput], steps: list[StepRecord], start: float) -> RunMetrics:
         swapped = sum(s.swapped_out_blocks for s in steps)
+        swapped_in = sum(s.swapped_in_blocks for s in steps)
         bytes_per_block = sum(pool.bytes_per_block for pool in self._pools)   # with a draft: its K/V in the block too
         return summarize(
             "continuous", outputs, steps, self.clock - start, num_blocks=self.num_blocks,
             preemptions={m: self.scheduler.num_preemptions[m] for m in PREEMPTION_MODES},
             num_recomputed_tokens=self.scheduler.num_recomputed_tokens, num_swapped_blocks=swapped,
             swap_bytes=swapped * bytes_per_block, bytes_per_block=bytes_per_block,
+            num_swapped_in_blocks=swapped_in, swap_in_bytes=swapped_in * bytes_per_block,
+            swap_ops={d: self.scheduler.num_swap_ops[d] for d in ("out", "in")},
+            resume_steps=list(self.scheduler.resume_steps),
             speculative=self._spec.stats if self._spec else None)
 
     @contextmanager

@@ -151,8 +151,12 @@ class RunMetrics:
     num_blocks: int = 0
     preemptions: dict[str, int] = field(default_factory=dict)
     num_recomputed_tokens: int = 0
-    num_swapped_blocks: int = 0                    # blocks copied out to the CPU (and as many back)
-    swap_bytes: int = 0
+    num_swapped_blocks: int = 0                    # blocks copied out to the CPU
+    swap_bytes: int = 0                            # their bytes
+    num_swapped_in_blocks: int = 0                 # blocks copied back (fewer: prefix-cache hits, lesson 05)
+    swap_in_bytes: int = 0
+    swap_ops: dict = field(default_factory=dict)   # "out" / "in": copies of one sequence's blocks in one step
+    resume_steps: list = field(default_factory=list)   # per swap-in: steps from the preemption to the resumption
     num_cached_tokens: int = 0                     # prompt tokens served from the prefix cache (lesson 05)
     bytes_per_block: int = 0                       # K/V bytes of one block in all layers (halved by INT8, lesson 07)
     speculative: SpeculativeStats | None = None    # speculative decoding's counters (None when it is off)
@@ -181,6 +185,9 @@ class RunMetrics:
                    max_kv_bytes_used=max(self.blocks_used, default=0) * self.bytes_per_block,
                    preemptions=dict(self.preemptions), num_recomputed_tokens=self.num_recomputed_tokens,
                    num_swapped_blocks=self.num_swapped_blocks, swap_bytes=self.swap_bytes,
+                   num_swapped_in_blocks=self.num_swapped_in_blocks, swap_in_bytes=self.swap_in_bytes,
+                   swap_ops=dict(self.swap_ops),     # None without resumptions (NaN would not survive a JSON trip)
+                   resume_steps_mean=float(np.mean(self.resume_steps)) if self.resume_steps else None,
                    num_padding_tokens=sum(s.num_padding_tokens for s in self.steps),
                    num_prefill_tokens=sum(s.num_prefill_tokens for s in self.steps),
                    num_cached_tokens=self.num_cached_tokens, prefix_cache_hit_rate=self.prefix_cache_hit_rate)

@@ -233,6 +233,11 @@ class PrefixCachingBlockManager(BlockManager):
         super().free(seq_id)                            # cached blocks keep the cache's reference
         self.num_cached_blocks.pop(seq_id, None)
 
+    def free_tail(self, seq_id: int, num_blocks: int) -> list[int]:
+        freed = super().free_tail(seq_id, num_blocks)   # cached blocks keep the cache's reference (evictable now)
+        self.num_cached_blocks[seq_id] = min(self.num_cached_blocks.get(seq_id, 0), len(self.block_tables[seq_id]))
+        return freed
+
     def _plan(self, token_ids, num_tokens: int) -> tuple[list[int], int, int]:
         """(cached blocks to reuse, new blocks needed, blocks available for them). A reused block that was
         evictable stops being available: it is not counted twice."""

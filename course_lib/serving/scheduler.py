@@ -19,6 +19,11 @@ from three queues, in this order (vLLM's policy, first come first served), one m
 3. **waiting** (``_schedule_waiting``): new requests are admitted while all three limits allow, with blocks for
    their whole prompt.
 
+**Partial swap** (``partial_swap``, with ``preemption_mode="swap"``; ``course_lib.serving.partial_swap`` explains it):
+a victim moves only as many of its blocks as the step needs, tail first, and keeps its prefix on the device; the
+blocks a swapped sequence keeps are taken back (again tail first) when someone needs them, and a resuming sequence
+copies in only what it moved.
+
 **Chunked prefill** (Sarathi-Serve's chunked prefills with stall-free batching; DeepSpeed-FastGen's Dynamic
 SplitFuse): with ``enable_chunked_prefill`` a prompt larger than what is left of the token budget is cut into chunks
 that share steps with the running decodes, so a long prompt never stalls them for more than one budget's worth of
@@ -40,6 +45,7 @@ import bisect
 from collections import Counter
 
 from course_lib.paging.block_manager import BlockManager
+from course_lib.serving import partial_swap as tail
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
 from course_lib.serving.sequence import (FINISHED, RUNNING, SWAPPED, WAITING, ScheduledChunk, SchedulerOutput,
                                  Sequence)
@@ -53,11 +59,16 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, enable_chunked_prefill: bool = True, preemption_mode: str = "recompute",
                  cpu_block_manager: BlockManager | None = None, watermark: float = 0.01,
-                 num_lookahead_slots: int = 0, lookahead_disable_by_batch_size: int | None = None):
+                 num_lookahead_slots: int = 0, lookahead_disable_by_batch_size: int | None = None,
+                 partial_swap: bool = False):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {preemption_mode!r}")
         if preemption_mode == "swap" and cpu_block_manager is None:
             raise ValueError("preemption_mode='swap' needs a cpu_block_manager (the CPU block pool)")
+        if not isinstance(partial_swap, bool) or (partial_swap and preemption_mode != "swap"):
+            raise ValueError(f"partial_swap must be True or False, and True only with preemption_mode='swap', got "
+                             f"{partial_swap!r} with preemption_mode={preemption_mode!r}")
+        self.partial_swap = partial_swap
         self.block_manager, self.cpu_block_manager = block_manager, cpu_block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_model_len, self.enable_chunked_prefill = max_model_len, enable_chunked_prefill
@@ -77,6 +88,11 @@ class Scheduler:
         self.swapped: list[Sequence] = []
         self.num_preemptions: Counter = Counter()     # by mode
         self.num_recomputed_tokens = 0                # K/V thrown away by recompute preemptions
+        self.num_swap_ops: Counter = Counter()        # "out" / "in": copies of one sequence's blocks in one step
+        self.num_swap_in_cached_blocks = 0            # blocks a swap-in shared from the prefix cache instead of copying
+        self.num_steps = 0                            # schedule() calls
+        self._preempted_at: dict[int, int] = {}       # seq_id -> the step it was swapped out in
+        self.resume_steps: list[int] = []             # per swap-in: steps from its preemption to its resumption
 
     # ---------------------------------------------------------------- queues
     def add(self, seq: Sequence) -> None:
@@ -97,9 +113,12 @@ class Scheduler:
             self.block_manager.free(seq.seq_id)
         elif seq.status == SWAPPED:
             self.swapped.remove(seq)
-            self.cpu_block_manager.free(seq.seq_id)
+            for bm in (self.cpu_block_manager, self.block_manager):   # a partial swap keeps a prefix on the device
+                if seq.seq_id in bm.block_tables:
+                    bm.free(seq.seq_id)
         elif seq.status == WAITING:
             self.waiting.remove(seq)          # a waiting sequence holds no blocks (preemption freed them)
+        self._preempted_at.pop(seq.seq_id, None)
         seq.status = FINISHED
 
     def free_all(self) -> None:
@@ -110,12 +129,14 @@ class Scheduler:
                 bm.free(seq_id)
         for queue in (self.waiting, self.running, self.swapped):
             queue.clear()
+        self._preempted_at.clear()
 
     # ---------------------------------------------------------------- the step
     def schedule(self) -> SchedulerOutput:
         """The plan of the next step: the running sequences first, then the swapped ones, then the waiting ones,
         each phase spending what the phases before it left of the token budget."""
         out = SchedulerOutput()
+        self.num_steps += 1
         limit = self.lookahead_disable_by_batch_size       # speculative decoding off for a step of a big batch
         self._lookahead_on = limit is None or len(self.running) < limit
         budget = self._schedule_running(out, self.max_num_batched_tokens)
@@ -138,10 +159,13 @@ class Scheduler:
                 kept.append(seq)
                 continue
             while not self._can_reserve(seq, n):
+                # partial swap: first the blocks that swapped sequences still keep here, then a running victim
+                if self.partial_swap and tail.reclaim(self, self._deficit(seq, n), out):
+                    continue
                 victim = max(queue, key=lambda s: s.priority) if queue else seq
                 if victim is not seq:
                     queue.remove(victim)
-                self._preempt(victim, out)
+                self._preempt(victim, out, deficit=0 if victim is seq else self._deficit(seq, n))
                 if victim is seq:
                     break
             else:
@@ -156,10 +180,14 @@ class Scheduler:
         while self.swapped and not out.preempted and len(self.running) < self.max_num_seqs:
             seq = self.swapped[0]
             n = self._num_new_tokens(seq, budget)
-            held = self.cpu_block_manager.num_tokens[seq.seq_id]
-            if n == 0 or self.block_manager.num_blocks_for(max(held, seq.num_computed_tokens + n)) > \
-                    self.block_manager.num_free_blocks:
+            resident, held = tail.held(self, seq)      # blocks still on the device (partial swap), tokens held
+            need = self.block_manager.num_blocks_for(max(held, seq.num_computed_tokens + n)) - resident
+            if n == 0:
                 break
+            if need > self.block_manager.num_free_blocks and not (   # partial swap: take back younger ones' blocks
+                    self.partial_swap and not out.swap_in and     # (not after a swap-in: CPU blocks it freed would
+                    tail.reclaim(self, need - self.block_manager.num_free_blocks, out, keep=seq, all_or_none=True)):
+                break                                             # be overwritten before they are read)
             self.swapped.pop(0)
             self._swap_in(seq, out)
             budget -= self._schedule_chunk(seq, n, budget, out)
@@ -288,15 +316,28 @@ class Scheduler:
             self.block_manager.append_slots(seq.seq_id, need)
 
     # ---------------------------------------------------------------- preemption
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _deficit(self, seq: Sequence, n: int) -> int:
+        """Blocks missing for seq to reserve its slots for n more tokens (<= 0: none)."""
+        bm = self.block_manager
+        return bm._blocks_to_append(seq.seq_id, self._slots_needed(seq, n)) - bm.num_free_blocks
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput, deficit: int = 0) -> None:
         """Take a running sequence's blocks away: swap them to the CPU pool, or free them (recompute later).
-        Swap falls back to recompute when the CPU pool is full."""
+        Swap falls back to recompute when the CPU pool is full. With partial swap only ``deficit`` blocks' worth of
+        its tail moves (none when it preempts itself: its blocks move when someone needs them)."""
+        if self.partial_swap:
+            seq.num_preemptions += 1
+            self._preempted_at[seq.seq_id] = self.num_steps
+            tail.preempt(self, seq, deficit, out)
+            return
         seq.num_preemptions += 1
         held = self.block_manager.num_tokens[seq.seq_id]
         cpu = self.cpu_block_manager
         if self.preemption_mode == "swap" and cpu.can_allocate(held):
             cpu_table = cpu.allocate(seq.seq_id, held)
             out.swap_out += list(zip(self.block_manager.block_table(seq.seq_id), cpu_table))
+            self.num_swap_ops["out"] += 1
+            self._preempted_at[seq.seq_id] = self.num_steps
             self.block_manager.free(seq.seq_id)
             seq.status = SWAPPED
             bisect.insort(self.swapped, seq, key=lambda s: s.priority)
@@ -312,6 +353,10 @@ class Scheduler:
         out.preempted.append((seq.seq_id, mode))
 
     def _swap_in(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.resume_steps.append(self.num_steps - self._preempted_at.pop(seq.seq_id))
+        if seq.seq_id in self.block_manager.block_tables:   # partial swap: its prefix stayed on the device
+            tail.swap_in(self, seq, out)
+            return
         held = self.cpu_block_manager.num_tokens[seq.seq_id]
         cpu_table = self.cpu_block_manager.block_table(seq.seq_id)
         reused = 0
@@ -323,6 +368,8 @@ class Scheduler:
         else:
             gpu_table = self.block_manager.allocate(seq.seq_id, held)
         out.swap_in += list(zip(cpu_table[reused:], gpu_table[reused:]))
+        self.num_swap_in_cached_blocks += reused
+        self.num_swap_ops["in"] += len(cpu_table) > reused
         self.cpu_block_manager.free(seq.seq_id)
         seq.status = RUNNING
         self.running.append(seq)
