@@ -533,7 +533,7 @@ def report(result: dict) -> None:
     """The summary as text: per model and workload, tok/s of each system and the ratios with their ranges."""
     print()
     print(f"{'model':>12} {'workload':>11} {'LLMEngine':>10} {'HF static':>10} {'best B':>6} {'HF CB':>10} "
-          f"{'floor':>10}  {'x HF static (range)':>22} {'x HF CB (range)':>22}  passes x per-pass")
+          f"{'floor':>10}  {'x HF static (range)':>22} {'x HF CB (range)':>22}  HF/engine: passes x time per pass")
     num = lambda v: "-" if v is None else f"{v:10,.1f}"
     for s in result["summary"]:
         d = s.get("decomposition_vs_hf_static")

@@ -148,3 +148,22 @@ def test_aggregate_and_merge():
         merge([a, dict(b, git_commit="def")])
     with pytest.raises(ValueError, match="more than one"):
         merge([a, dict(b, summary=a["summary"])])
+
+
+def test_the_lesson_reads_the_file(quick):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course_lib.analysis.serving_results import plot_serving, plot_sweeps, serving_table
+
+    result, _, _ = quick
+    text = serving_table(result)
+    assert "LLMEngine / HF best static" in text and "host-bound" in text and "HBM floor" in text
+    fig, ax = plt.subplots()
+    plot_serving(result, ax)
+    assert ax.get_ylabel() and len(ax.patches) == 3 * len(result["summary"])   # three systems' bars per workload
+    fig, axes = plt.subplots(2, 3, squeeze=False)
+    assert plot_sweeps(result, axes) and all(a.get_ylabel() for row in axes for a in row)
+    plt.close("all")
