@@ -45,28 +45,37 @@ torch / triton / transformers / CUDA driver versions, GPU, CPU model, date, comm
 runs after that many seconds and still writes the file (``complete`` false). ``--merge A.json B.json`` joins files of
 the same commit, device and versions (one per GPU call).
 
-GPU run plan (next session; one H100, 10-minute calls; estimates from issue 19's numbers, not measured):
-    # 1. the headline: qwen3-0.6b on nano-vllm (engine ~50 s a run, HF continuous batching ~100 s, HF static best
-    #    ~70-100 s, the sweep 8..256 on one batch each ~3 min): ~9 min
-    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --time-limit 500 \\
-        --out benchmarks/results/serving_h100_qwen_nanovllm.json
-    # 2. llama-3.2-1b on nano-vllm (weights 2.5 GB: ~1.5x slower steps): ~9 min, repeats 2 if it runs out
-    python -m benchmarks.serving --models llama-3.2-1b --workloads nano-vllm --time-limit 500 \\
-        --out benchmarks/results/serving_h100_llama_nanovllm.json
-    # 3. qwen3-0.6b on the course's four workloads (64 requests each, 2 repeats; outputs shorter): ~8 min
-    python -m benchmarks.serving --models qwen3-0.6b --workloads chat,multi-turn,long-cot,multimodal \\
-        --num-requests 64 --repeats 2 --hf-batch-sizes 16,64 --time-limit 500 \\
-        --out benchmarks/results/serving_h100_qwen_course.json
-    # 4. sweeps on qwen3-0.6b (engine and HF continuous batching, 1 repeat each): ~6 min
-    python -m benchmarks.serving --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --repeats 1 \\
-        --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 --time-limit 500 \\
-        --out benchmarks/results/serving_h100_qwen_sweeps.json
-    # 5. the tiny model (host-bound on any device), all five workloads: ~5 min
-    python -m benchmarks.serving --models tiny --time-limit 500 --out benchmarks/results/serving_h100_tiny.json
-    # then, on any machine: one file for the lesson
-    python -m benchmarks.serving --merge benchmarks/results/serving_h100_*.json
-        # -> benchmarks/results/serving_<device>.json (delete the parts)
-On a 4- or 8-GPU host the five calls can run side by side, one per GPU (CUDA_VISIBLE_DEVICES=k), in one call.
+GPU run plan (next session: one H100, calls of at most 10 minutes). The times are estimates from issue 19's numbers
+(HF static ~2.2k tok/s and HF continuous batching ~1.4k tok/s on a 0.37B shape, LLMEngine ~3k tok/s on an H200), not
+measurements; --time-limit 420 stops starting runs after 7 minutes, so a call ends by ~9 minutes even when the run
+under way is a long one, and the file keeps every run finished before it:
+    # 1. the headline, qwen3-0.6b on nano-vllm (134k output tokens): engine ~50 s a run, HF continuous batching ~100 s,
+    #    the static sweep 8..256 one batch each ~3 min, HF's best on the whole trace ~70-100 s: 3 repeats do not all
+    #    fit; what is left is listed as skipped_runs, and call 2 adds them
+    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --time-limit 420 \
+        --out benchmarks/results/serving_part1.json
+    # 2. the same trace, no sweep (the best B of call 1, e.g. 128), two more repeats of the three systems: ~8 min
+    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --hf-batch-sizes 128 --repeats 2 \
+        --time-limit 420 --out benchmarks/results/serving_part2.json
+        # a second file of the same pair: the lesson shows it beside part 1 (its own medians); --merge refuses the
+        # same pair twice, so keep part 2 as a file of its own
+    # 3. llama-3.2-1b on nano-vllm, sweep 32..256: ~9 min
+    python -m benchmarks.serving --models llama-3.2-1b --workloads nano-vllm --hf-batch-sizes 32,64,128,256 \
+        --time-limit 420 --out benchmarks/results/serving_part3.json
+    # 4. qwen3-0.6b on the course's four workloads (64 requests each, 2 repeats): ~8 min
+    python -m benchmarks.serving --models qwen3-0.6b --workloads chat,multi-turn,long-cot,multimodal \
+        --num-requests 64 --repeats 2 --hf-batch-sizes 16,64 --time-limit 420 \
+        --out benchmarks/results/serving_part4.json
+    # 5. sweeps on qwen3-0.6b, engine and HF continuous batching, 1 repeat: ~6 min
+    python -m benchmarks.serving --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --sweep-repeats 1 \
+        --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 \
+        --time-limit 420 --out benchmarks/results/serving_part5.json
+    # 6. the tiny model (host-bound on any device), all five workloads, the ablation rows: ~5 min
+    python -m benchmarks.serving --models tiny --ablation --time-limit 420 --out benchmarks/results/serving_part6.json
+    # then, on any machine: one file per device for the lesson (the parts deleted after)
+    python -m benchmarks.serving --merge benchmarks/results/serving_part1.json benchmarks/results/serving_part3.json ...
+On a 4- or 8-GPU host the calls can run side by side, one per GPU (CUDA_VISIBLE_DEVICES=k ... &; wait), in one call:
+each comparison stays on one card. Set COURSE_GIT_COMMIT where the tree has no .git (record.git_commit).
 """
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def run_hf_cb(hf_model, trace: Trace, kv_tokens: int | None, max_batch_tokens: i
     manager's setup (cache, CUDA graphs) happens inside the call."""
     runner = HFContinuousBatching(hf_model, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens)
     t0 = time.perf_counter()
-    if warmup is not None:
+    if warmup is not None and not runner.warms_itself:
         runner.generate(warmup.prompts, warmup.params)
     setup = time.perf_counter() - t0
     outputs, _ = _timed(runner, trace)

@@ -42,6 +42,12 @@ def available(hf_model) -> str | None:
     return None
 
 
+def _finished(result) -> bool:
+    if hasattr(result, "is_finished"):
+        return result.is_finished()
+    return str(getattr(result, "status", "")).endswith("FINISHED")     # versions before is_finished()
+
+
 def _accepts(fn, *names: str) -> dict[str, bool]:
     params = inspect.signature(fn).parameters     # named only: a **kwargs of old versions passes them on blindly
     return {n: n in params for n in names}
@@ -60,6 +66,8 @@ class HFContinuousBatching:
         self.vocab_size = hf_model.config.vocab_size
         self.metrics: RunMetrics | None = None
         self.info: dict = {}
+        # 5.x's context manager warms up itself (CUDA graphs at the largest sizes): no separate warm-up run needed
+        self.warms_itself = warmup and _accepts(hf_model.continuous_batching_context_manager, "warmup")["warmup"]
 
     def _configs(self, max_new_tokens: int):
         import transformers
@@ -119,19 +127,23 @@ class HFContinuousBatching:
             self.info = self._describe(manager, page)
             _synchronize(device)
             t0 = time.perf_counter()
+            stamps = dict(record_timestamps=True) if _accepts(manager.add_request, "record_timestamps")[
+                "record_timestamps"] else {}                  # per-token times (TPOT) where the version records them
+            self.info["per_token_times"] = bool(stamps)
             for i, (prompt, p) in enumerate(zip(prompts, params)):
-                manager.add_request(prompt, request_id=f"req_{i}", max_new_tokens=p.max_tokens,
-                                    record_timestamps=True)
-            results, done_at = {}, {}
+                manager.add_request(prompt, request_id=f"req_{i}", max_new_tokens=p.max_tokens, **stamps)
+            results, done_at, last = {}, {}, time.perf_counter()
             while len(results) < len(prompts):
                 r = manager.get_result(timeout=1)
                 if r is None:
-                    if not manager.is_running():
-                        raise RuntimeError(f"transformers' continuous batching stopped with {len(results)} of "
-                                           f"{len(prompts)} requests done")
+                    running = getattr(manager, "is_running", lambda: True)()
+                    if not running or time.perf_counter() - last > 900:
+                        raise RuntimeError(f"transformers' continuous batching stopped (or gave nothing for 900 s) "
+                                           f"with {len(results)} of {len(prompts)} requests done")
                     continue
-                if r.is_finished():
-                    results[r.request_id], done_at[r.request_id] = r, time.perf_counter()
+                last = time.perf_counter()
+                if _finished(r):
+                    results[r.request_id], done_at[r.request_id] = r, last
             elapsed = max(done_at.values()) - t0
         outputs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
@@ -139,7 +151,7 @@ class HFContinuousBatching:
             if r.error is not None:
                 raise RuntimeError(f"transformers' continuous batching failed request {i}: {r.error}")
             tokens = list(r.generated_tokens)[:p.max_tokens]             # requested tokens only, as for every system
-            times = [t - t0 for t in (r.timestamps or [])][:len(tokens)]
+            times = [t - t0 for t in (getattr(r, "timestamps", None) or [])][:len(tokens)]
             finished = done_at[f"req_{i}"] - t0
             out = RequestOutput(i, prompt, finished=True)
             out.outputs = [CompletionOutput(0, tokens, None, "length", times)]
