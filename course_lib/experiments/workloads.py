@@ -87,6 +87,32 @@ def sharegpt_trace(num_requests: int, *, rate: float = float("inf"), scale: floa
                  f"{output.mean():.0f} tokens), Poisson arrivals at {rate:g} req/s")
 
 
+def nanovllm_trace(num_requests: int = 256, max_model_len: int = 2048, *, vocab_size: int = 10001, seed: int = 0,
+                   max_output: int | None = None) -> Trace:
+    """nano-vllm's benchmark (its ``bench.py``): ``num_requests`` prompts of random ids (0-10000), prompts and outputs
+    uniform in 100-1024 tokens, drawn by Python's ``random`` seeded with ``seed`` in nano-vllm's order (every prompt,
+    then every output length), so that seed 0 gives its very lengths. nano-vllm samples at temperature 0.6 with
+    ``ignore_eos``; here decoding is greedy (the baselines' mode) and every request gets exactly its output length.
+    A context under 2,048 tokens scales both ranges by ``max_model_len / 2048`` (the tiny model: 25-256);
+    ``max_output`` caps the outputs (a quick CPU run)."""
+    import random
+
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+    scale = min(1.0, max_model_len / 2048)
+    lo, hi = max(1, round(100 * scale)), max(1, round(1024 * scale))
+    rng, top = random.Random(seed), min(10000, vocab_size - 1)
+    prompts = [[rng.randint(0, top) for _ in range(rng.randint(lo, hi))] for _ in range(num_requests)]
+    outputs = [rng.randint(lo, hi) for _ in range(num_requests)]
+    if max_output is not None:
+        outputs = [min(o, max_output) for o in outputs]
+    outputs = [min(o, max_model_len - len(p)) for p, o in zip(prompts, outputs)]   # scaled: prompt + output fit
+    return Trace(prompts, [SamplingParams(max_tokens=o) for o in outputs], [0.0] * num_requests,
+                 f"nano-vllm: {num_requests} requests, prompts and outputs uniform in {lo}-{hi} tokens"
+                 + (f" (outputs capped at {max_output})" if max_output is not None else "")
+                 + f", random ids, greedy, EOS ignored, all at t = 0 (seed {seed})")
+
+
 def uniform_trace(num_requests: int, prompt_len: int, output_len: int, *, rate: float = float("inf"),
                   tokenizer=None, vocab_size: int | None = None, seed: int = 0) -> Trace:
     """Every request with the same prompt and output length (where static batching wastes nothing)."""

@@ -1,0 +1,169 @@
+"""``python -m benchmarks.serving --quick``: the machinery, never the speeds (rows, token counts, provenance, the choice
+of the best static batch, the file written after every run, repeats interleaved), and its pieces."""
+import json
+
+import pytest
+
+import benchmarks.serving as serving
+from benchmarks.serving_runs import aggregate, merge
+from course_lib.experiments.workloads import nanovllm_trace
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run (about a minute on 2 cores); every save recorded: (runs so far, the file's runs so far)."""
+    out = tmp_path_factory.mktemp("serving") / "serving.json"
+    saves = []
+    original = serving.Bench.save
+
+    def save(self):
+        original(self)
+        on_disk = json.loads(out.read_text())
+        count = lambda r: sum(len(x["runs"]) for x in r["rows"] + [y for v in r["sweeps"].values() for y in v])
+        saves.append((count(self.result), count(on_disk)))
+
+    serving.Bench.save = save
+    try:
+        result = serving.main(["--quick", "--out", str(out)])
+    finally:
+        serving.Bench.save = original
+    return result, json.loads(out.read_text()), saves
+
+
+def rows_of(result, workload, system):
+    return [r for r in result["rows"] if r["workload"] == workload and r["system"] == system]
+
+
+def test_rows_present(quick):
+    result, on_disk, _ = quick
+    assert on_disk["complete"] and on_disk["rows"] == json.loads(json.dumps(result["rows"], default=str))
+    for w in ("nano-vllm", "chat"):
+        for system in ("llmengine", "hf-cb", "hf-static"):
+            (row,) = rows_of(result, w, system)
+            assert row["status"] == "ok" and row["num_runs"] == 3, (w, system, row["status"])
+            assert row["throughput_min"] <= row["throughput_tok_s"] <= row["throughput_max"]
+        assert sorted(r["batch_size"] for r in rows_of(result, w, "hf-static-sweep")) == [2, 4, 8]
+        (summary,) = [s for s in result["summary"] if s["workload"] == w]
+        assert summary["engine_x_hf_static"]["low"] <= summary["engine_x_hf_static"]["median"] \
+            <= summary["engine_x_hf_static"]["high"]
+        assert summary["engine_x_hf_cb"] is not None and summary["floor_tok_s"] > 0
+        d = summary["decomposition_vs_hf_static"]
+        assert d["passes_ratio"] * d["time_per_pass_ratio"] == pytest.approx(summary["engine_x_hf_static"]["median"])
+    for sweep, xs in (("concurrency", [2, 4]), ("context", [64, 192]), ("kv_budget", [2, 4])):
+        rows = result["sweeps"][sweep]
+        assert sorted({r["x"] for r in rows}) == xs
+        assert {r["system"] for r in rows} == {"llmengine", "hf-static", "hf-cb"}
+        assert all(r["status"] == "ok" and "tpot_p50" in r for r in rows), sweep
+
+
+def test_tokens_counted_the_same_way(quick):
+    result, _, _ = quick
+    for w, info in result["workloads"].items():
+        model, workload = w.split("/")
+        runs = [run for r in result["rows"] if r["workload"] == workload and r["system"] != "hf-static-sweep"
+                for run in r["runs"]]
+        assert runs and {run["output_tokens"] for run in runs} == {info["output_tokens"]}
+        assert {run["requested_tokens"] for run in runs} == {info["output_tokens"]}
+        # greedy on the same weights, fp32 on a CPU: every system writes the engine's tokens
+        assert all(run["same_tokens_as_engine"] == 1.0 for run in runs)
+    for rows in result["sweeps"].values():
+        for r in rows:
+            assert all(run["output_tokens"] == run["requested_tokens"] for run in r["runs"])
+
+
+def test_provenance(quick):
+    result, _, _ = quick
+    for key in ("git_commit", "date", "device", "cpu_model", "python", "torch", "triton", "transformers", "command",
+                "copy_bandwidth_Bps", "host_bound_note"):
+        assert result[key], key
+    for key in ("driver", "gpu", "cuda"):
+        assert key in result                        # None on a CPU
+    assert result["models"]["tiny"]["hf_attn_implementation"]
+    assert all(run["attn_implementation"] for r in result["rows"] if r["system"].startswith("hf-static")
+               for run in r["runs"])
+    assert all(run["hf_attn_implementation"] for r in result["rows"] if r["system"] == "hf-cb" for run in r["runs"])
+
+
+def test_best_static_batch_is_the_sweeps_fastest(quick):
+    result, _, _ = quick
+    for w in ("nano-vllm", "chat"):
+        sweep = rows_of(result, w, "hf-static-sweep")
+        (best,) = rows_of(result, w, "hf-static")
+        assert best["batch_size"] == max(sweep, key=lambda r: r["throughput_tok_s"])["batch_size"]
+        assert best["runs"][0].get("from_sweep")    # a CPU sweeps on the whole trace: its run is the first repeat
+
+
+def test_file_written_after_every_run(quick):
+    result, _, saves = quick
+    counts = [c for c, _ in saves]
+    assert all(c == on_disk for c, on_disk in saves)                    # what was counted is what the file holds
+    runs = sum(len(r["runs"]) for r in result["rows"]) + sum(len(r["runs"]) for v in result["sweeps"].values()
+                                                             for r in v)
+    from_sweep = sum(1 for r in result["rows"] for run in r["runs"] if run.get("from_sweep"))
+    assert counts == sorted(counts) and counts[-1] == runs
+    assert max(b - a for a, b in zip(counts, counts[1:])) <= 2     # a run (+ a copy of the sweep's run) per save
+    assert len(set(counts)) >= runs - from_sweep
+
+
+def test_repeats_interleaved():
+    order = []
+    rows = [dict(name=n, runs=[], status="not run", model="m") for n in "abc"]
+
+    class FakeBench:
+        def measure(self, row, fn):
+            order.append(row["name"])
+            row["runs"].append(dict(status="ok"))
+    serving.interleave(FakeBench(), [(r, None) for r in rows], 3)
+    assert order == list("abc" "bca" "cab")
+
+
+def test_time_limit_stops_cleanly(tmp_path):
+    out = tmp_path / "s.json"
+    result = serving.main(["--quick", "--workloads", "nano-vllm", "--time-limit", "0", "--out", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert not on_disk["complete"] and not result["complete"]
+    assert all(r["runs"] == [] for r in on_disk["rows"])
+
+
+def test_nanovllm_trace_is_nano_vllms():
+    t = nanovllm_trace()
+    assert len(t) == 256 and int(t.output_lens.sum()) == 133_966    # nano-vllm's README: 133,966 output tokens
+    assert t.prompt_lens.min() >= 100 and t.prompt_lens.max() <= 1024
+    assert t.output_lens.min() >= 100 and t.output_lens.max() <= 1024
+    small = nanovllm_trace(8, 512, vocab_size=2048, max_output=32)
+    assert all(len(p) + o <= 512 for p, o in zip(small.prompts, small.output_lens))
+    assert max(max(p) for p in small.prompts) < 2048 and small.output_lens.max() <= 32
+
+
+def test_aggregate_and_merge():
+    row = dict(runs=[dict(status="ok", throughput_tok_s=x, output_tokens=5, requested_tokens=5, tpot_p50=0.1)
+                     for x in (3.0, 1.0, 2.0)] + [dict(status="error: x")])
+    aggregate(row)
+    assert (row["throughput_tok_s"], row["throughput_min"], row["throughput_max"], row["num_runs"]) == (2.0, 1, 3, 3)
+    a = dict(benchmark="serving", device="X", git_commit="abc", date="1", command="a", summary=[
+        dict(model="m", workload="w")], rows=[1], floors=[], sweeps={}, models={}, workloads={})
+    b = dict(a, command="b", summary=[dict(model="m", workload="v")], rows=[2])
+    assert merge([a, b])["rows"] == [1, 2]
+    with pytest.raises(ValueError, match="git_commit"):
+        merge([a, dict(b, git_commit="def")])
+    with pytest.raises(ValueError, match="more than one"):
+        merge([a, dict(b, summary=a["summary"])])
+
+
+def test_the_lesson_reads_the_file(quick):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from course_lib.analysis.serving_results import plot_serving, plot_sweeps, serving_table
+
+    result, _, _ = quick
+    text = serving_table(result)
+    assert "LLMEngine / HF best static" in text and "host-bound" in text and "HBM floor" in text
+    fig, ax = plt.subplots()
+    plot_serving(result, ax)
+    assert ax.get_ylabel() and len(ax.patches) == 3 * len(result["summary"])   # three systems' bars per workload
+    fig, axes = plt.subplots(2, 3, squeeze=False)
+    assert plot_sweeps(result, axes) and all(a.get_ylabel() for row in axes for a in row)
+    plt.close("all")
