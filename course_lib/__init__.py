@@ -7,7 +7,8 @@ climbs: ``tests/test_layering.py``):
     course_lib.model      lessons 00-03: config and presets, the LLaMA/Qwen model (llama), rope, attention,
                           kv_cache, checkpoint (load_pretrained, load_tiny), tokenizer, corpus, generate, sampling,
                           online_softmax
-    course_lib.analysis   lessons 00-01: roofline (what bounds a kernel), flops (what a step computes and reads)
+    course_lib.analysis   lessons 00-01: roofline (what bounds a kernel), flops (what a step computes and reads);
+                          serving_results, claims (every headline ratio computed from benchmarks/results/)
     course_lib.paging     lesson 02: block_manager (allocator, block tables, copy-on-write), paged_cache, waste
     course_lib.quant      lesson 07: kv_quant (8-bit K/V caches), kv_quality (what it costs in accuracy)
     course_lib.serving    lessons 04-06, 10: the engine in vLLM's vocabulary: engine (LLMEngine: add_request / step /

@@ -1,0 +1,135 @@
+"""The course's headline claims, computed from the recorded result files in ``benchmarks/results/`` (issue 19).
+
+Every ratio the README and the lessons state is returned here with what it is made of: the strongest baseline of
+the same file first, then the full measured range over every shape the file holds, then the point a target names.
+No number is typed: a claim whose file does not exist comes back as ``None``, and the reader says what to run.
+
+* :func:`engine_claims` - ``python -m benchmarks.engine``: the tiny model's engine rows against ``transformers``'
+  ``generate()``, each ratio decomposed as the baseline's own overhead x fewer forward passes x the cost of a pass;
+* :func:`flash_attention_claims` - lesson 03's kernel against cuDNN's and FlashAttention-2's SDPA backends;
+* :func:`paged_decode_claims` - lesson 02's paged decode against the fastest SDPA backend on a contiguous cache;
+* :func:`int8_decode_claims` - lesson 07's INT8 K/V as the decode attention kernel's time over FP16's;
+* :func:`real_size_serving_runs` - the GPU runs of ``python -m benchmarks.serving`` (real model shapes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from course_lib.analysis.roofline import RESULTS_DIR
+
+#: the engine benchmark's strongest row of ``transformers``: a static batch over the KV budget
+HF_BUDGET_PREFIX, HF_LARGE_MARK, STATIC_OURS_PREFIX = "HF generate (B=", "over budget", "static, ours"
+
+
+def _load(pattern: str, results_dir: Path | None) -> list[dict]:
+    runs = []
+    for path in sorted(Path(results_dir or RESULTS_DIR).glob(pattern)):
+        run = json.loads(path.read_text())
+        run["file"] = path.name
+        runs.append(run)
+    return runs
+
+
+def _gpu(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if not str(r.get("device", "CPU")).upper().startswith("CPU")]
+
+
+def _span(values) -> tuple[float, float]:
+    values = list(values)
+    return min(values), max(values)
+
+
+def engine_claims(run: dict) -> dict:
+    """Per workload of an ``engine_*.json``: the fastest engine row against the HF row at the KV budget's batch and
+    against the strongest HF row (over the budget), and the decomposition of the first ratio,
+
+        best / HF(B)  =  [static, ours / HF(B)]          the baseline's own overhead: same schedule, same passes
+                       x [passes of static / of best]     fewer forward passes (continuous batching, paging)
+                       x [time per pass static / best]    the cost of a pass (> 1: cheaper, < 1: dearer)
+
+    exact when both systems produce the same useful tokens (checked: ``product`` equals ``best_x_hf``)."""
+    out = {}
+    for workload in dict.fromkeys(r["workload"] for r in run["rows"]):
+        rows = {r["config"]: r for r in run["rows"] if r["workload"] == workload and r["status"] == "ok"}
+        hf = next(r for name, r in rows.items() if name.startswith(HF_BUDGET_PREFIX) and HF_LARGE_MARK not in name)
+        hf_large = [r for name, r in rows.items() if name.startswith(HF_BUDGET_PREFIX) and HF_LARGE_MARK in name]
+        ours = next(r for name, r in rows.items() if name.startswith(STATIC_OURS_PREFIX))
+        engines = [r for r in rows.values() if r["kind"] == "engine"]
+        best = max(engines, key=lambda r: r["throughput_tok_s"])
+        strongest_hf = max([hf, *hf_large], key=lambda r: r["throughput_tok_s"])
+        overhead = ours["throughput_tok_s"] / hf["throughput_tok_s"]
+        passes = ours["num_steps"] / best["num_steps"]
+        step_cost = (ours["elapsed_s"] / ours["num_steps"]) / (best["elapsed_s"] / best["num_steps"])
+        out[workload] = {
+            "best": best["config"], "hf": hf["config"], "strongest_hf": strongest_hf["config"],
+            "best_x_hf": best["throughput_tok_s"] / hf["throughput_tok_s"],
+            "best_x_strongest_hf": best["throughput_tok_s"] / strongest_hf["throughput_tok_s"],
+            "strongest_hf_x_hf": strongest_hf["throughput_tok_s"] / hf["throughput_tok_s"],
+            "overhead": overhead, "passes": passes, "step_cost": step_cost,
+            "product": overhead * passes * step_cost,
+            "same_tokens": best["num_output_tokens"] == hf["num_output_tokens"] == ours["num_output_tokens"],
+        }
+    return out
+
+
+def engine_summary(run: dict) -> dict:
+    """The ranges over the workloads of :func:`engine_claims` (min, max) and the model the run used."""
+    claims = engine_claims(run)
+    keys = ("best_x_strongest_hf", "best_x_hf", "strongest_hf_x_hf", "overhead", "passes", "step_cost")
+    summary = {k: _span(c[k] for c in claims.values()) for k in keys}
+    summary["num_parameters"] = run["model"].get("num_parameters")
+    summary["model"] = run["model"].get("description", "")
+    summary["workloads"] = claims
+    return summary
+
+
+def flash_attention_claims(run: dict, head_dim: int = 128, min_n: int = 4096) -> dict:
+    """Lesson 03's forward kernel: ratios of its time to cuDNN's SDPA (the strongest baseline on Hopper) and to
+    SDPA's FlashAttention-2 backend, over every recorded shape and over ``D = head_dim, N >= min_n``; TFLOP/s."""
+    rows = run["speed"]
+    sel = [s for s in rows if s["D"] == head_dim and s["N"] >= min_n]
+    return {
+        "cudnn_all": _span(s["ours_vs_sdpa_cudnn"] for s in rows),
+        "flash_all": _span(s["ours_vs_sdpa_flash"] for s in rows),
+        "cudnn_sel": _span(s["ours_vs_sdpa_cudnn"] for s in sel),
+        "flash_sel": _span(s["ours_vs_sdpa_flash"] for s in sel),
+        "tflops_sel": _span(s["ours_tflops"] for s in sel),
+        "cudnn_tflops_sel": _span(s["sdpa_cudnn_tflops"] for s in sel),
+        "head_dim": head_dim, "min_n": min_n, "num_shapes": len(rows), "num_sel": len(sel),
+    }
+
+
+def paged_decode_claims(run: dict) -> dict:
+    """Lesson 02's paged decode: SDPA's time on a contiguous cache (its fastest backend for each shape) over the
+    paged kernel's, both replayed from a CUDA graph, over every recorded shape; and the split-K speed-up."""
+    rows = run["bandwidth"]
+    ratios = {(b["B"], b["context"], b["dtype"]): min(b["sdpa_all_seconds"].values()) / b["paged_seconds"]
+              for b in rows}
+    worst = min(ratios, key=ratios.get)
+    return {"all": _span(ratios.values()), "worst_shape": worst, "num_shapes": len(ratios),
+            "batch64_ctx4k": ratios.get((64, 4096, "float16")),
+            "split_k": run["split_k"]["speedup"], "split_k_shape": (run["split_k"]["B"], run["split_k"]["context"])}
+
+
+def int8_decode_claims(run: dict, min_context: int = 8192) -> dict:
+    """Lesson 07: the paged decode attention kernel's time with INT8 K/V over FP16 K/V (attention-kernel time, not a
+    model step), over every recorded shape and at ``context >= min_context``; the target the file records."""
+    rows = run["decode"]
+    return {"all": _span(d["int8_ratio_to_fp16"] for d in rows),
+            "long": _span(d["int8_ratio_to_fp16"] for d in rows if d["context"] >= min_context),
+            "min_context": min_context, "target": run["targets"]["target"], "met": run["targets"]["met"],
+            "memory": run["memory"]["ratio_int8_to_fp16"]}
+
+
+def real_size_serving_runs(results_dir: Path | None = None) -> list[dict]:
+    """The GPU runs of ``python -m benchmarks.serving`` (``serving_*.json``, not ``serving_step_*``): the only files
+    that can judge a claim about serving at real model size. Empty: not measured at real size yet."""
+    runs = [r for r in _load("serving_*.json", results_dir) if r.get("benchmark") == "serving"]
+    return [r for r in runs if r.get("gpu")]
+
+
+def recorded(pattern: str, results_dir: Path | None = None, gpu_only: bool = True) -> list[dict]:
+    """The result files matching ``pattern`` (GPU ones only by default), each with its ``file`` name."""
+    runs = _load(pattern, results_dir)
+    return _gpu(runs) if gpu_only else runs
