@@ -133,3 +133,24 @@ def recorded(pattern: str, results_dir: Path | None = None, gpu_only: bool = Tru
     """The result files matching ``pattern`` (GPU ones only by default), each with its ``file`` name."""
     runs = _load(pattern, results_dir)
     return _gpu(runs) if gpu_only else runs
+
+
+def serving_vs_strongest_hf(run: dict) -> list[dict]:
+    """Per model and workload of a ``benchmarks.serving`` run: the engine's throughput over the strongest
+    ``transformers`` system measured on the same trace and card (its best static batch or its continuous
+    batching, whichever is faster), with the range over the repeats of the one it is compared with."""
+    out = []
+    for s in run["summary"]:
+        hf_cb = s["hf_cb_tok_s"] if s.get("hf_cb_status") == "ok" and s.get("hf_cb_tok_s") else 0.0
+        hf_static = s.get("hf_static_best_tok_s") or 0.0
+        if not s.get("engine_tok_s") or not max(hf_cb, hf_static):
+            continue
+        which = "engine_x_hf_cb" if hf_cb > hf_static else "engine_x_hf_static"
+        out.append({"model": s["model"], "workload": s["workload"], "strongest_hf": which.removeprefix("engine_x_"),
+                    "ratio": s["engine_tok_s"] / max(hf_cb, hf_static), "range": s.get(which)})
+    return out
+
+
+#: the setting of the vLLM launch post's 14-24x (vLLM blog, June 2023), to say what a course run differs in
+VLLM_CLAIM_SETTING = ("LLaMA-7B on an NVIDIA A10G and LLaMA-13B on an A100-40GB, requests sampled from ShareGPT, "
+                      "one completion per request, HF Transformers' generate() as the baseline")
