@@ -17,7 +17,8 @@ climbs: ``tests/test_layering.py``):
                           algorithm), spec_decode (its worker in the engine), metrics, static_batching, hf_baseline
     course_lib.experiments  traces and what is run on them: workloads, prefix_workloads, capstone_workloads,
                           ablation (lesson 10's ladder), timeline (pictures of a run), swap (whole vs partial swap),
-                          prefetch (predictive swap-in simulated on the scheduler)
+                          prefetch (predictive swap-in simulated on the scheduler), multimodal (an encoder budget
+                          and encoder cache on the scheduler, images hashed by content)
     course_lib.parallel   lessons 08-09: tensor and pipeline parallelism on torch.distributed
     course_lib.review     lesson 11: review (answers from recorded results), crosswalk (the Q&A document's questions
                           -> lesson cells), doc_numbers (its 14 numbers to remember, checked), quiz, glossary

@@ -159,7 +159,8 @@ DOCUMENT_WORDS = ["列切分", "行切分", "Waiting", "Running", "Swapped", "Sp
                   "Online Softmax", "前缀缓存", "树状结构", "prefix tree", "hash chain", "哈希链", "PP multi-batch",
                   "跨机通讯", "cross-node communication", "NVLink", "micro-batch", "pipeline bubble", "GPipe", "1F1B",
                   "计算密集型", "访存密集型", "GEMM", "GEMV", "权重复用", "计算强度", "Speculative Decoding",
-                  "Draft Model", "CoT", "多模态", "量化", "PD 分离", "prefill/decode disaggregation"]
+                  "Draft Model", "CoT", "多模态", "量化", "PD 分离", "prefill/decode disaggregation",
+                  "图像 encoder", "encoder cache"]
 
 
 @pytest.mark.parametrize("word", DOCUMENT_WORDS)
