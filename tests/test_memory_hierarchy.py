@@ -29,3 +29,21 @@ def test_table_orders_sram_above_l2_above_hbm():
     for row in bandwidth_table():
         assert row["smem"] > row["hbm"] and (row["l2"] is None or row["smem"] > row["l2"] > row["hbm"])
         assert 5 < row["smem_over_hbm"] < 13
+
+
+def test_benchmark_machinery_runs_in_the_interpreter(tmp_path):
+    """--smoke: the Triton read kernel's sum checked against torch, bytes counted, the JSON written."""
+    import json
+
+    from benchmarks.memory_hierarchy import main, read_sum, spec_for
+    import torch
+
+    x = torch.arange(5000, dtype=torch.float32)
+    assert read_sum(x, passes=3, num_programs=2, block=256).sum().item() == 3 * x.sum().item()
+    with pytest.raises(ValueError, match="float32"):
+        read_sum(x.half())
+    result = main(["--smoke", "--out", str(tmp_path / "m.json")])
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["l2"]["bytes_read"] == saved["l2"]["passes"] * saved["l2"]["size_bytes"] and saved["smoke"]
+    assert result["l2_bytes_per_s"] > 0 and result["hbm_bytes_per_s"] > 0
+    assert spec_for("NVIDIA H100 80GB HBM3") == "H100 SXM5 80GB" and spec_for("NVIDIA L4") is None

@@ -118,7 +118,7 @@ def document_numbers(*, flash: dict | None = None, batching: dict | None = None,
     hbm = {name: spec.hbm_bandwidth for name, spec in GPU_SPECS.items() if name.startswith("A100")}
     mem_line = (f"measured on {source(memory)}: L2-resident reads {_human(memory['l2_bytes_per_s'], 'B/s')}, "
                 f"HBM-sized {_human(memory['hbm_bytes_per_s'], 'B/s')}" if memory
-                else "on-chip bandwidth not measured; lesson 03 counts the HBM bytes FlashAttention saves")
+                else not_recorded("memory_hierarchy", gpu=True))
     add(f"{a100.num_sms} SMs x {a100.smem_bytes_per_clock} B/clock x {a100.clock_hz / 1e9:.2f} GHz = "
         f"{_human(smem, 'B/s')} (an estimate summed over all SMs)", "recomputed",
         "FlashAttention paper (Dao et al., 2022) §2.1 'estimated around 19TB/s'; SMs and clock: NVIDIA A100 "
