@@ -7,8 +7,9 @@ climbs: ``tests/test_layering.py``):
     course_lib.model      lessons 00-03: config and presets, the LLaMA/Qwen model (llama), rope, attention,
                           kv_cache, checkpoint (load_pretrained, load_tiny), tokenizer, corpus, generate, sampling,
                           online_softmax
-    course_lib.analysis   lessons 00-01: roofline (what bounds a kernel), flops (what a step computes and reads);
-                          serving_results, claims (every headline ratio computed from benchmarks/results/)
+    course_lib.analysis   lessons 00-01: roofline (what bounds a kernel), flops (what a step computes and reads),
+                          memory_hierarchy (SRAM / L2 / HBM bandwidths from the spec sheet); serving_results, claims
+                          (every headline ratio computed from benchmarks/results/)
     course_lib.paging     lesson 02: block_manager (allocator, block tables, copy-on-write), paged_cache, waste
     course_lib.quant      lesson 07: kv_quant (8-bit K/V caches), kv_quality (what it costs in accuracy)
     course_lib.serving    lessons 04-06, 10: the engine in vLLM's vocabulary: engine (LLMEngine: add_request / step /
@@ -17,10 +18,11 @@ climbs: ``tests/test_layering.py``):
                           algorithm), spec_decode (its worker in the engine), metrics, static_batching, hf_baseline
     course_lib.experiments  traces and what is run on them: workloads, prefix_workloads, capstone_workloads,
                           ablation (lesson 10's ladder), timeline (pictures of a run), swap (whole vs partial swap),
-                          prefetch (predictive swap-in simulated on the scheduler)
+                          prefetch (predictive swap-in simulated on the scheduler), multimodal (an encoder budget
+                          and encoder cache on the scheduler, images hashed by content)
     course_lib.parallel   lessons 08-09: tensor and pipeline parallelism on torch.distributed
     course_lib.review     lesson 11: review (answers from recorded results), crosswalk (the Q&A document's questions
-                          -> lesson cells), quiz, glossary
+                          -> lesson cells), doc_numbers (its 14 numbers to remember, checked), quiz, glossary
     course_lib.grading    the checks of every exercise and the grader (``python -m course_lib.grade``)
 
 Shape legend, used in every signature, comment and notebook of the course:

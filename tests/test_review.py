@@ -148,3 +148,27 @@ def test_lookup_and_html():
 
 def test_review_reads_the_results_directory_of_the_repository():
     assert review.RESULTS_DIR == ROOT / "benchmarks" / "results" and review.NOTEBOOKS_DIR == ROOT / "notebooks"
+
+
+#: The Q&A document's own words (shared/seed), as it writes them, and the issue's list (列切分/行切分, the three
+#: queues, Split-fuse, beam search, prefix tree, hash chain, GEMM/GEMV, GPipe/1F1B, PD 分离, cross-node
+#: communication): each must find a glossary term.
+DOCUMENT_WORDS = ["列切分", "行切分", "Waiting", "Running", "Swapped", "Split-fuse", "Chunked Prefill", "Beam Search",
+                  "并行采样", "逻辑块", "物理块", "页表", "Block Table", "Copy-on-Write", "引用计数", "Static Batching",
+                  "Continuous Batching", "token 级调度", "去重合并", "预测性预加载", "Tiling", "SRAM", "HBM",
+                  "Online Softmax", "前缀缓存", "树状结构", "prefix tree", "hash chain", "哈希链", "PP multi-batch",
+                  "跨机通讯", "cross-node communication", "NVLink", "micro-batch", "pipeline bubble", "GPipe", "1F1B",
+                  "计算密集型", "访存密集型", "GEMM", "GEMV", "权重复用", "计算强度", "Speculative Decoding",
+                  "Draft Model", "CoT", "多模态", "量化", "PD 分离", "prefill/decode disaggregation",
+                  "图像 encoder", "encoder cache"]
+
+
+@pytest.mark.parametrize("word", DOCUMENT_WORDS)
+def test_glossary_knows_the_documents_words(word):
+    assert lookup(word), f"the glossary has no term for the document's {word!r}"
+
+
+def test_column_and_row_split_in_chinese():
+    chinese = {t.english: t.chinese for t in GLOSSARY}
+    assert "列切分" in chinese["column-parallel linear"] and "行切分" in chinese["row-parallel linear"]
+    assert [t.english for t in lookup("queue")] == ["waiting queue", "running queue", "swapped queue"]

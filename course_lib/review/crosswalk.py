@@ -131,11 +131,14 @@ DOCUMENT: tuple[DocQuestion, ...] = (
                 "卡方检验）。"
                 "每次目标前向的期望 token 数为 (1−α^(γ+1))/(1−α)，实际加速还取决于草稿模型的相对成本 c。"),
     DocQuestion("Q10", "多模态推理有什么特点？",
-                (("04", "cfbbbf76"), ("04", "0a4748c6"), ("10", "c80f733d"), ("11", "c18")),
+                (("04", "cfbbbf76"), ("04", "0a4748c6"), ("04", "mm-encoder-md"), ("04", "mm-encoder-sim"),
+                 ("10", "c80f733d"), ("11", "c18")),
                 "一张图编码成数百到数千个 token，prefill 比纯文本长得多；chunked prefill 把长 prefill 切块，与 decode "
                 "共享每一步，"
-                "避免 decode 长时间停顿（第 04 课测最长的 token 间隔）。",
-                "视觉编码器作为单独预算项的调度（编码器缓存、按图像内容哈希做前缀缓存）本课程尚未实现。"),
+                "避免 decode 长时间停顿（第 04 课测最长的 token 间隔）。视觉编码器是单独的预算项：每步的编码器 token 预"
+                "算（vLLM 的 max_num_encoder_input_tokens）和按图像内容哈希共享的编码器缓存；图像 token 的前缀缓存键"
+                "也要带上内容哈希，同一张图可跳过编码器，不同的图不会误命中（第 04 课在调度器上模拟并计数）。",
+                "模拟只计步数和 token 数，不计编码器的真实耗时；编码器与 decoder 分开部署（E/P/D 分离）本课程未实现。"),
     DocQuestion("Q11", "KV Cache量化有什么影响？",
                 (("07", "cell-3"), ("07", "cell-10"), ("07", "cell-20"), ("07", "cell-22"), ("07", "cell-32"),
                  ("11", "c24")),
@@ -157,9 +160,10 @@ DOCUMENT: tuple[DocQuestion, ...] = (
                 "max_tokens、释放多少块），提前开始拷贝。第 04 课在调度器上模拟（不是真实引擎），统计有无预取时的等"
                 "待步数。"),
     DocQuestion("反问 2", "团队目前在多模态推理调度上有什么挑战？图像encoder和文本decoder的调度是分开还是统一的？",
-                (("04", "cfbbbf76"), ("10", "c80f733d")),
-                "本课程只覆盖 decoder 一侧：长图像 prompt 的 chunked prefill。",
-                "encoder 与 decoder 分开或统一调度的比较本课程尚未实现。"),
+                (("04", "cfbbbf76"), ("04", "mm-encoder-md"), ("04", "mm-encoder-sim"), ("10", "c80f733d")),
+                "统一调度时，编码器在同一个调度器里有自己的每步预算和缓存（第 04 课的模拟）；decoder 一侧是长图像 "
+                "prompt 的 chunked prefill。",
+                "encoder 与 decoder 分开部署的调度比较本课程尚未实现。"),
 )
 
 

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "kv_quant": Benchmark("kv_quant_*.json", "python -m benchmarks.kv_quant", "07"),
     "parallel": Benchmark("parallel_*.json", "python -m benchmarks.parallel", "08"),
     "engine": Benchmark("engine_*.json", "python -m benchmarks.engine", "10"),   # the capstone's (--quick on a CPU)
+    "memory_hierarchy": Benchmark("memory_hierarchy_*.json", "python -m benchmarks.memory_hierarchy", "11"),
 }
 
 
