@@ -122,6 +122,10 @@ class PagedKVCache:
         if self._step is not None:
             raise RuntimeError(f"cannot {what} in the middle of a forward pass")
 
+    def _block_tensors(self) -> list[torch.Tensor]:
+        """Every tensor indexed by block id, [N, ...]: what a copy-on-write copies."""
+        return self.k_caches + self.v_caches
+
     def _prepare(self, num_new: int):
         """Slots for num_new tokens of every sequence (copy-on-write copies done first), and the tensors
         the kernels read: slot_mapping [B*S], block_tables int32 [B, max_blocks], context_lens int32 [B]."""
@@ -130,7 +134,7 @@ class PagedKVCache:
         for seq_id in self.seq_ids:
             new_slots, copies = bm.append_slots(seq_id, num_new)
             for src, dst in copies:     # copy-on-write: this sequence gets its own copy of a shared block
-                for cache in self.k_caches + self.v_caches:
+                for cache in self._block_tensors():
                     cache[dst] = cache[src]
             slots += new_slots
         tables = [bm.block_tables[s] for s in self.seq_ids]

@@ -164,23 +164,10 @@ class QuantizedPagedKVCache(PagedKVCache):
         return self.nbytes() / (N * P)
 
     # ---------------------------------------------------------------- internals
-    def _prepare(self, num_new: int):
-        """As ``PagedKVCache._prepare``, but a copy-on-write copies the block's scales (and zeros) too."""
-        bm, device = self.block_manager, self.k_caches[0].device
-        scale_tensors = self.k_scales + self.v_scales + ((self.k_zeros + self.v_zeros) if self.zero_point else [])
-        slots = []
-        for seq_id in self.seq_ids:
-            new_slots, copies = bm.append_slots(seq_id, num_new)
-            for src, dst in copies:     # copy-on-write: this sequence gets its own copy of a shared block
-                for cache in self.k_caches + self.v_caches + scale_tensors:
-                    cache[dst] = cache[src]
-            slots += new_slots
-        tables = [bm.block_tables[s] for s in self.seq_ids]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device)
-        context_lens = torch.tensor([bm.num_tokens[s] for s in self.seq_ids], dtype=torch.int32, device=device)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
-        return slot_mapping, block_tables, context_lens
+    def _block_tensors(self) -> list[torch.Tensor]:
+        """The codes, and their scales (and zeros): a copy-on-write copies all of a block."""
+        return (self.k_caches + self.v_caches + self.k_scales + self.v_scales
+                + ((self.k_zeros + self.v_zeros) if self.zero_point else []))
 
 
 def make_paged_kv_cache(config: ModelConfig, num_blocks: int, block_size: int = 16, batch_size: int = 1, *,
