@@ -232,7 +232,10 @@ def test_flash_kernel_check_catches():
         ({'m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)': "m_i = tl.zeros([BLOCK_M], dtype=tl.float32)"},
          "start m_i at -inf"),
         ({"kv_off = (b * Hkv + h_kv) * Skv * HEAD_DIM": "kv_off = h_kv * Skv * HEAD_DIM"}, "GQA"),   # batch forgotten
-        ({"             mask=offs_m[:, None] < Sq)": "             )"}, "store with mask"),
+        ({"             mask=offs_m[:, None] < Sq)": "             )"}, "wrote outside `out`"),
+        ({"q_off = off_bh * Sq * HEAD_DIM": "q_off = off_bh * Skv * HEAD_DIM"}, "read outside `q`"),  # Sq/Skv swapped
+        ({"offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0)": "offs_d[None, :])"},
+         "read outside `q`"),                                                    # the partial query block unmasked
         ({"for start_n in range(0, Skv, BLOCK_N):": "for start_n in range(0, Skv // BLOCK_N * BLOCK_N, BLOCK_N):"},
          "hint:"),                                                               # drops the partial last block
         ({"p = tl.math.exp2(qk - m_new[:, None])": "p = tl.math.exp2(qk)",

@@ -44,4 +44,7 @@ def test_int8_attention_kernel_check():
     scale_no_head = edited(kernel, {   # the scale of the slot (block * P + offset), forgetting the kv head
         "k_scale = tl.load(k_scale_ptr + rows,": "k_scale = tl.load(k_scale_ptr + block_id * BLOCK_SIZE + offs_p,"})
     assert_caught(lesson07.check_int8_attention_kernel(scale_no_head), "NUM_KV_HEADS + h")
+    scale_like_codes = edited(kernel, {   # a scale indexed like a row of codes: rows * HEAD_DIM
+        "k_scale = tl.load(k_scale_ptr + rows,": "k_scale = tl.load(k_scale_ptr + rows * HEAD_DIM,"})
+    assert_caught(lesson07.check_int8_attention_kernel(scale_like_codes), "read outside `k_scale`")
     assert_caught(lesson07.check_int8_attention_kernel(lambda *a: None), "@triton.jit")

@@ -129,7 +129,10 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
             out = torch.full_like(q, float("nan"))
             launch(kernel, (B, Hq), q, kc, vc, ks, vs, tables, context_lens, out, 1 / math.sqrt(D), tables.shape[1],
                     NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D,
-                   exercise="Exercise: write the dequantizing loads of _int8_attention_kernel")
+                   exercise="Exercise: write the dequantizing loads of _int8_attention_kernel",
+                   bounds_hint="a scale has no HEAD_DIM axis: the scale of slot (block, offset) and kv head h is at "
+                               "(block*BLOCK_SIZE + offset)*NUM_KV_HEADS + h, its codes at that index * HEAD_DIM + d; "
+                               "mask positions >= context_len in every load")
             want = _reference_attention(q, kc, vc, ks, vs, tables, context_lens)
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-3, atol=3e-3)
 

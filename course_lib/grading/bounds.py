@@ -1,0 +1,125 @@
+"""Addresses checked in the Triton interpreter: a learner's kernel may only load from and store to the tensors
+passed to it.
+
+On a GPU a store past the end of ``out`` is silent garbage or an illegal-address fault; in the interpreter it is a
+write into the host process's memory (someone else's data, or a dead Jupyter kernel). ``guard_memory`` checks every
+load and store of an interpreted launch *before* it happens: each one's active lanes (mask on) must lie inside one
+tensor argument. The first that does not raises ``OutOfBounds``, which names the tensor and the element ("your
+kernel wrote outside `out` (row 33, offset 0)"), and the check reports it as a failed case.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import numpy as np
+import torch
+
+from course_lib.grading.core import OutOfBounds
+
+__all__ = ["OutOfBounds", "guard_memory", "tensor_regions"]
+
+DEFAULT_HINT = ("every offset must stay inside its tensor: check which length each offset uses (Sq for rows of q "
+                "and out, Skv for rows of k and v) and mask the last, partial block (mask=offs < n) in every "
+                "tl.load and tl.store")
+
+
+def tensor_regions(kernel, args: tuple, kwargs: dict) -> list[tuple[str, int, int, torch.Tensor]]:
+    """(name, first byte, end byte, tensor) of every tensor argument of a launch; the name is the kernel's parameter
+    name without its ``_ptr`` suffix. The region is what the tensor's elements span (a view of a longer buffer
+    ends at its own last element, not at the buffer's)."""
+    fn = getattr(kernel, "fn", kernel)
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        names = []
+    named = [(names[i] if i < len(names) else f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    regions = []
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.numel():
+            start = value.data_ptr()
+            span = sum((size - 1) * stride for size, stride in zip(value.shape, value.stride())) + 1
+            regions.append((name.removesuffix("_ptr"), start, start + span * value.element_size(), value))
+    return regions
+
+
+def _element(tensor: torch.Tensor, index: int) -> str:
+    """Where element ``index`` (counted from the tensor's first element, may be outside it) lies: row and offset."""
+    if tensor.dim() < 2:
+        return f"element {index}"
+    row, offset = divmod(index, tensor.shape[-1])
+    return f"row {row}, offset {offset}"
+
+
+def _describe(tensor: torch.Tensor) -> str:
+    shape = list(tensor.shape)
+    if tensor.dim() < 2:
+        return f"`{{name}}` has {tensor.numel()} elements (shape {shape})"
+    return f"`{{name}}` has {tensor.numel() // tensor.shape[-1]} rows of {tensor.shape[-1]} (shape {shape})"
+
+
+def check_access(regions, ptrs, mask, *, store: bool, program, hint: str = DEFAULT_HINT) -> None:
+    """Raise ``OutOfBounds`` when an active lane of one load or store (pointers ``ptrs``, lanes on where ``mask``)
+    lies outside the tensor that the access belongs to: the tensor that holds most of its active lanes, or, when no
+    tensor holds any, the tensor of the pointer's dtype nearest to the first address."""
+    addresses = np.asarray(ptrs.data).astype(np.int64)
+    on = np.broadcast_to(np.asarray(mask.data).astype(bool), addresses.shape).ravel()
+    active = addresses.ravel()[on]
+    if active.size == 0 or not regions:
+        return
+    itemsize = np.dtype(_np_dtype(ptrs)).itemsize
+    inside = np.stack([(active >= lo) & (active + itemsize <= hi) for _, lo, hi, _ in regions])
+    counts = inside.sum(axis=1)
+    owner = int(np.argmax(counts))
+    if counts[owner] == active.size:
+        return
+    first_bad = int(active[~inside[owner]][0])
+    if counts[owner] == 0:  # every lane outside every tensor: the nearest tensor (of the pointer's dtype if any)
+        elem_bits = itemsize * 8
+        same = [i for i, r in enumerate(regions) if r[3].element_size() * 8 == elem_bits] or range(len(regions))
+        owner = min(same, key=lambda i: min(abs(first_bad - regions[i][1]), abs(first_bad - regions[i][2])))
+    name, lo, _, tensor = regions[owner]
+    index = (first_bad - lo) // tensor.element_size()
+    n_bad = int((~inside[owner]).sum())
+    verb, where = ("wrote", "stored to") if store else ("read", "loaded from")
+    raise OutOfBounds(
+        f"your kernel {verb} outside `{name}` ({_element(tensor, index)})\n"
+        f"got: program {tuple(program)} {where} {n_bad} address(es) outside `{name}`; "
+        + _describe(tensor).format(name=name) + " (stopped before the access)\n"
+        f"hint: {hint}")
+
+
+def _np_dtype(ptrs):
+    from triton.runtime.interpreter import _get_np_dtype
+
+    return _get_np_dtype(ptrs.get_element_ty())
+
+
+@contextlib.contextmanager
+def guard_memory(regions, hint: str = DEFAULT_HINT):
+    """Within the block, every load and store of an interpreted kernel is checked against ``regions`` (from
+    ``tensor_regions``) before it runs. Wraps whatever the interpreter's builder has now (``launch_traced``'s
+    watcher included) and restores it after."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    saved = {name: builder.__dict__.get(name) for name in ("create_masked_load", "create_masked_store")}
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def guarded_load(ptrs, mask, *args, **kwargs):
+        check_access(regions, ptrs, mask, store=False, program=builder.grid_idx, hint=hint)
+        return load(ptrs, mask, *args, **kwargs)
+
+    def guarded_store(ptrs, value, mask, *args, **kwargs):
+        check_access(regions, ptrs, mask, store=True, program=builder.grid_idx, hint=hint)
+        return store(ptrs, value, mask, *args, **kwargs)
+
+    builder.create_masked_load, builder.create_masked_store = guarded_load, guarded_store
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                builder.__dict__.pop(name, None)   # the class's method again
+            else:
+                setattr(builder, name, value)
