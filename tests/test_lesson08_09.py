@@ -99,17 +99,49 @@ def _bubble_per_stage_span(events):
     return idle / total
 
 
+def _bubble_span_from_zero(events):     # timestamps taken as if the clock started with the pipeline
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    p = len({e["stage"] for e in work})
+    return 1 - sum(e["end"] - e["start"] for e in work) / (p * max(e["end"] for e in work))
+
+
+def _bubble_span_with_comm(events):     # busy time of computes only, but the span stretched by recv/send
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    p = len({e["stage"] for e in work})
+    span = max(e["end"] for e in events) - min(e["start"] for e in events)
+    return 1 - sum(e["end"] - e["start"] for e in work) / (p * span)
+
+
+def _microbatches_strict(p, b):   # a bubble exactly at the target rejected
+    m = 1
+    while (p - 1) / (m + p - 1) >= b:
+        m += 1
+    return m
+
+
+def _microbatches_loop(p, b):
+    m = 1
+    while (p - 1) / (m + p - 1) > b:
+        m += 1
+    return m
+
+
 @pytest.mark.parametrize("check, goods, broken", [
     (lesson08.check_row_parallel_forward, [TP.row_parallel_forward, row_parallel_forward],
      [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose]),
     (lesson08.check_tp_mlp_forward, [TP.tp_mlp_forward],
      [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce]),
     (lesson09.check_bubble_fraction, [PP.bubble_fraction, measured_bubble],
-     [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span]),
+     [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span, _bubble_span_from_zero,
+      _bubble_span_with_comm]),
     (lesson09.check_microbatches_for_bubble, [PP.microbatches_for_bubble], [
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9) + 1,             # off by one
         lambda p, b: math.ceil((p - 1) / b),                                  # forgot the m + p - 1
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9),                 # 0 micro-batches for p = 1
+        lambda p, b: float(_microbatches_loop(p, b)),                         # right value, a float (4.0)
+        lambda p, b: max(1, math.ceil((p - 1) * (1 - b) / b)),                # closed form, no care for rounding
+        lambda p, b: max(1, int((p - 1) * (1 - b) / b)),                      # truncated instead of rounded up
+        _microbatches_strict,                                                 # < instead of <=
     ]),
 ])
 def test_checks_pass_good_stub_and_broken(check, goods, broken):
@@ -129,3 +161,9 @@ def test_hints_name_the_mistake():
     assert "only the row-parallel" in lesson08.check_tp_mlp_forward(_mlp_reduce_hidden_too).message
     assert "formula" in lesson09.check_bubble_fraction(_bubble_formula_only).message
     assert "only compute events" in lesson09.check_bubble_fraction(_bubble_counts_comm).message
+    assert "not at t = 0" in lesson09.check_bubble_fraction(_bubble_span_from_zero).message
+    assert "is not part of the pipeline's span" in lesson09.check_bubble_fraction(_bubble_span_with_comm).message
+    floats = lesson09.check_microbatches_for_bubble(lambda p, b: float(_microbatches_loop(p, b)))
+    assert "return an int" in floats.message and "float: 1.0" in floats.message
+    rounding = lesson09.check_microbatches_for_bubble(lambda p, b: max(1, math.ceil((p - 1) * (1 - b) / b)))
+    assert "floating point" in rounding.message
