@@ -292,6 +292,8 @@ def check_num_reusable_tokens(student_fn) -> CheckResult:
             if got == cached and cached == n:
                 hint = ("the whole prompt is cached, but the model must still run on its last token to get the logits "
                         "of the first output token")
+            elif got == min(cached, (n - 1) // P) and got != want:
+                hint = "count tokens, not blocks: the number of reusable blocks times block_size"
             elif got == n - 1 and want != n - 1:
                 hint = "only full blocks are reused: round down to a multiple of block_size"
             else:
