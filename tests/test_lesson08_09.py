@@ -48,6 +48,12 @@ def _row_wrong_transpose(x, w, b, all_reduce):
     return y
 
 
+def _row_reduces_a_copy(x, w, b, all_reduce):   # the reduced copy is thrown away: rank r returns its partial sum
+    y = x @ w.T
+    all_reduce(y.clone())
+    return y + b if b is not None else y
+
+
 # ---------------------------------------------------------------- lesson 08: column + row MLP
 def _mlp_reduce_hidden_too(x, gate, up, down, all_reduce):
     g, u = F.linear(x, gate), F.linear(x, up)
@@ -67,6 +73,24 @@ def _mlp_silu_after_reduce(x, gate, up, down, all_reduce):
     y = F.linear(F.linear(x, gate) * F.linear(x, up), down)
     all_reduce(y)
     return F.silu(y)
+
+
+def _mlp_no_silu(x, gate, up, down, all_reduce):   # the gate's activation left out
+    y = F.linear(F.linear(x, gate) * F.linear(x, up), down)
+    all_reduce(y)
+    return y
+
+
+def _mlp_silu_on_up(x, gate, up, down, all_reduce):   # silu applied to the up projection instead of the gate
+    y = F.linear(F.linear(x, gate) * F.silu(F.linear(x, up)), down)
+    all_reduce(y)
+    return y
+
+
+def _mlp_reduce_before_down(x, gate, up, down, all_reduce):   # reduces the hidden units, then down_proj's partial
+    h = F.silu(F.linear(x, gate)) * F.linear(x, up)
+    all_reduce(h)
+    return F.linear(h, down)
 
 
 def _mlp_extra_harmless_reduce(x, gate, up, down, all_reduce):
@@ -128,9 +152,11 @@ def _microbatches_loop(p, b):
 
 @pytest.mark.parametrize("check, goods, broken", [
     (lesson08.check_row_parallel_forward, [TP.row_parallel_forward, row_parallel_forward],
-     [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose]),
+     [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose,
+      _row_reduces_a_copy]),
     (lesson08.check_tp_mlp_forward, [TP.tp_mlp_forward],
-     [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce]),
+     [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce, _mlp_no_silu,
+      _mlp_silu_on_up, _mlp_reduce_before_down]),
     (lesson09.check_bubble_fraction, [PP.bubble_fraction, measured_bubble],
      [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span, _bubble_span_from_zero,
       _bubble_span_with_comm]),
@@ -159,6 +185,9 @@ def test_hints_name_the_mistake():
     assert "no all_reduce call" in lesson08.check_row_parallel_forward(_row_no_reduce).message
     assert "exactly 1 all_reduce" in lesson08.check_tp_mlp_forward(_mlp_extra_harmless_reduce).message
     assert "only the row-parallel" in lesson08.check_tp_mlp_forward(_mlp_reduce_hidden_too).message
+    assert "rank 0's partial sum" in lesson08.check_row_parallel_forward(_row_reduces_a_copy).message
+    assert "activation was left out" in lesson08.check_tp_mlp_forward(_mlp_no_silu).message
+    assert "silu goes on the gate" in lesson08.check_tp_mlp_forward(_mlp_silu_on_up).message
     assert "formula" in lesson09.check_bubble_fraction(_bubble_formula_only).message
     assert "only compute events" in lesson09.check_bubble_fraction(_bubble_counts_comm).message
     assert "not at t = 0" in lesson09.check_bubble_fraction(_bubble_span_from_zero).message
