@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from course_lib.grading.core import Checker, OutOfBounds
+from course_lib.grading.bounds import preflight
 from course_lib.grading.kernels import can_trace, launch
 
 pytestmark = pytest.mark.skipif(not can_trace(), reason="addresses are checked in the Triton interpreter only")
@@ -73,3 +74,28 @@ def test_a_checker_reports_it_as_a_failed_case():
     assert (c.result.status, c.result.points) == ("failed", 0)
     assert c.result.message.startswith("case: 3 rows of 4, shifted by one\nyour kernel wrote outside `dst`")
     assert "hint:" in c.result.message
+
+
+def test_preflight_runs_a_copy_in_the_interpreter():
+    """What a GPU runs before the compiled launch (here on CPU): the kernel's Python function interpreted on copies."""
+    src = torch.arange(12, dtype=torch.float32).view(3, 4)
+    dst = torch.full((3, 4), float("nan"))
+    preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=0, COLS=4, MASKED=False))
+    assert torch.isnan(dst).all()            # the copies were written, not the tensors passed in
+    with pytest.raises(OutOfBounds, match=r"wrote outside `dst` \(row 3, offset 0\)"):
+        preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=1, COLS=4, MASKED=False))
+
+
+def test_preflight_leaves_other_errors_to_the_launch():
+    preflight(_copy_rows, (3,), (torch.zeros(3, 4),), dict(SHIFT=0, COLS=4, MASKED=False))   # missing arguments
+
+
+def test_launch_on_a_gpu_preflights(monkeypatch):
+    from course_lib.grading import kernels as grading_kernels
+
+    monkeypatch.setattr(grading_kernels, "can_trace", lambda: False)   # as where kernels are compiled
+    monkeypatch.setattr(grading_kernels, "_on_gpu", lambda: True)
+    buf = torch.full((5, 4), float("nan"))
+    with pytest.raises(OutOfBounds, match="wrote outside `dst`"):
+        launch(_copy_rows, (3,), torch.ones(3, 4), buf[1:4], 3, SHIFT=1, COLS=4, MASKED=False)
+    assert torch.isnan(buf).all()            # stopped before the real launch wrote anything

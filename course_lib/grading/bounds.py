@@ -123,3 +123,29 @@ def guard_memory(regions, hint: str = DEFAULT_HINT):
                 builder.__dict__.pop(name, None)   # the class's method again
             else:
                 setattr(builder, name, value)
+
+
+def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT) -> None:
+    """Where kernels are compiled (a GPU): run the learner's kernel once in the interpreter, on CPU copies of its
+    tensors, with every access checked, before the compiled launch. An out-of-bounds access raises
+    ``OutOfBounds`` here, a failed case, instead of an illegal address on the GPU (which leaves the CUDA context
+    unusable until the notebook's kernel restarts). Anything else the interpreter cannot run (a helper it does not
+    know, a stub) is left to the compiled launch, which reports it as before."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return
+    fn = getattr(kernel, "fn", None)
+    if not callable(fn):
+        return
+    copies = tuple(a.detach().cpu().clone() if isinstance(a, torch.Tensor) else a for a in args)
+    kw_copies = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    try:
+        with guard_memory(tensor_regions(kernel, copies, kw_copies), hint):
+            InterpretedFunction(fn)[grid](*copies, **kw_copies)
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, OutOfBounds):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None

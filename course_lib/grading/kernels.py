@@ -6,7 +6,7 @@ import inspect
 
 import numpy as np
 
-from course_lib.grading.bounds import DEFAULT_HINT, guard_memory, tensor_regions
+from course_lib.grading.bounds import DEFAULT_HINT, guard_memory, preflight, tensor_regions
 from course_lib.grading.remote import is_remote, run_beside, type_name
 
 
@@ -43,9 +43,10 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", bo
 
     The interpreter wraps an exception raised inside a kernel (the stub's NotImplementedError, a learner's
     IndexError) in its own InterpreterError: unwrap it, so the check reports "not attempted" or the learner's
-    line. Compiled on a GPU a stub does not even compile (``raise`` is not Triton): report it as not attempted, and
-    the launch is synchronized, so that an illegal address fails this case (the CUDA context stays broken until the
-    notebook's kernel restarts: the grader runs each notebook in its own kernel and restarts a dead one).
+    line. Compiled on a GPU a stub does not even compile (``raise`` is not Triton): report it as not attempted. On a
+    GPU the launch first runs in the interpreter on CPU copies with its accesses checked (``bounds.preflight``), and
+    the compiled launch is synchronized, so that a fault the preflight could not run fails this case, not a later
+    one (the CUDA context then stays broken until the notebook's kernel restarts; the grader restarts a dead one).
     """
     if is_remote(kernel):  # run the launch, and the unwrapping below, in the learner's kernel
         return run_beside(kernel, "course_lib.grading.kernels:launch", kernel, grid, *args, exercise=exercise,
@@ -53,6 +54,8 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", bo
     traced = can_trace()
     guard = guard_memory(tensor_regions(kernel, args, kwargs), bounds_hint) if traced else contextlib.nullcontext()
     try:
+        if not traced and _on_gpu():  # compiled: the same launch in the interpreter first, its accesses checked
+            preflight(kernel, grid, args, kwargs, bounds_hint)
         with guard:
             kernel[grid](*args, **kwargs)
             if not traced:  # compiled: a fault (illegal address) surfaces here, as this case's error, not later
@@ -68,6 +71,12 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", bo
         if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
             raise err.__cause__ from None         # the learner's error, with the line of their kernel
         raise
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _synchronize() -> None:
