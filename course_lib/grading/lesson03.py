@@ -241,7 +241,9 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
                             hint="skip the blocks that every row of the query block must ignore: stage 2 ends at "
                                  "diag_end = min((start_m + 1)·BLOCK_M + Skv - Sq, Skv); keys from there on are "
                                  "hidden from every row, never load them (that skipped work is the point of the "
-                                 "two-stage loop: about half of the blocks when Sq = Skv)")
+                                 "two-stage loop: about half of the blocks when Sq = Skv); and stage 1 ends on a block "
+                                 "boundary, full_end = min(start_m·BLOCK_M + Skv - Sq + 1, Skv) // BLOCK_N·BLOCK_N, "
+                                 "where stage 2 starts (else the blocks overlap)")
             want = attention(q.float(), k.float(), v.float(), causal=causal).to(dtype)
             wrong_heads = [name for name, kv_head in (("h // Hkv", lambda h: h // Hkv), ("h % Hkv", lambda h: h % Hkv))
                            if any(kv_head(h) != h // (Hq // Hkv) for h in range(Hq)) and bool(torch.isclose(
