@@ -187,6 +187,7 @@ def test_evict_check():
     (lambda n, cached, P: (n - 1) // P * P, None),
     (lambda n, cached, P: min(cached, (n - 1) // P), "tokens, not blocks"),                  # a number of blocks
     (lambda n, cached, P: min(cached, n // P * P), "must still run on its last token"),      # the last token reused
+    (lambda n, cached, P: min(cached, float((n - 1) // P * P)), "return an int"),           # a float count
 ])
 def test_num_reusable_tokens_check(broken, hint):
     assert lesson05.check_num_reusable_tokens(SOLVED.num_reusable_tokens).status == "passed"

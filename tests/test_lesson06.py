@@ -40,6 +40,10 @@ def _count_with_bonus(d, q, p, u):  # adds the target's bonus token when every d
     return n + 1 if n == len(d) else n
 
 
+def _count_as_float(d, q, p, u):  # right value, a float: cannot slice the drafts
+    return float(_leading([float(u[i]) * float(q[i, x]) < float(p[i, x]) for i, x in enumerate(d)]))
+
+
 def _count_next_target_row(d, q, p, u):  # target_probs read one row late
     return _leading([float(u[i]) * float(q[i, x]) < float(p[i + 1, x]) for i, x in enumerate(d)])
 
@@ -94,7 +98,7 @@ def _tokens_linear(alpha, gamma):
 @pytest.mark.parametrize("check, goods, broken", [
     (lesson06.check_count_accepted, [SOLVED.count_accepted, spec.count_accepted],
      [_count_all_passes, _count_inverted_ratio, _count_non_strict, _count_min_ratio_against_q, _count_with_bonus,
-      _count_next_target_row, _count_reversed_comparison]),
+      _count_next_target_row, _count_reversed_comparison, _count_as_float]),
     (lesson06.check_residual_distribution, [SOLVED.residual_distribution, spec.residual_distribution],
      [_residual_unclamped, _residual_unnormalized, _residual_reversed, _residual_nan_when_equal, _residual_signed_sum,
       _residual_abs]),
@@ -119,6 +123,7 @@ def test_hints_name_the_mistake():
     assert "0/0 is NaN" in lesson06.check_residual_distribution(_residual_nan_when_equal).message
     assert "α^(γ+1)" in lesson06.check_expected_tokens(_tokens_no_bonus).message
     assert "bonus token" in lesson06.check_count_accepted(_count_with_bonus).message
+    assert "return an int" in lesson06.check_count_accepted(_count_as_float).message
     assert "not row i + 1" in lesson06.check_count_accepted(_count_next_target_row).message
     assert "not by Σ (p − q)" in lesson06.check_residual_distribution(_residual_signed_sum).message
     assert "not |p − q|" in lesson06.check_residual_distribution(_residual_abs).message

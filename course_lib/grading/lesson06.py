@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 
 import torch
@@ -62,6 +63,11 @@ def check_count_accepted(student_fn) -> CheckResult:
         for name, drafts, q, p, u in _acceptance_cases():
             got = _as_number(student_fn(list(drafts), q.clone(), p.clone(), u.clone()))
             want = count_accepted(drafts, q, p, u)
+            case = f"{name}: draft_tokens={drafts}, uniforms={[round(float(v), 3) for v in u]}"
+            c.check(isinstance(got, numbers.Integral) and not isinstance(got, bool), case=case,
+                    expected=f"an int (a number of tokens), {want}", got=f"{type(got).__name__}: {got!r}",
+                    hint="return an int, the number of accepted draft tokens: it slices the drafts "
+                         "(draft_tokens[:n]); a float or a bool is not a count")
             ratio_test = [(float(u[i]) * float(q[i, x]), float(p[i, x])) for i, x in enumerate(drafts)]  # (u·q, p)
             if got != want and want == len(drafts) and got == want + 1:
                 hint = ("count only the accepted DRAFT tokens: the bonus token the target samples after them is not "
@@ -82,8 +88,7 @@ def check_count_accepted(student_fn) -> CheckResult:
                 hint = ("walk the draft tokens left to right: token i passes when uniforms[i] < p_i(x_i) / q_i(x_i), "
                         "with p = target_probs[i], q = draft_probs[i], x_i = draft_tokens[i]; return how many passed "
                         "before the first failure")
-            c.check_equal(got, want, case=f"{name}: draft_tokens={drafts}, uniforms={[round(float(v), 3) for v in u]}",
-                          hint=hint)
+            c.check_equal(got, want, case=case, hint=hint)
     return c.result
 
 
