@@ -54,8 +54,12 @@ def _element(tensor: torch.Tensor, index: int) -> str:
 def _describe(tensor: torch.Tensor) -> str:
     shape = list(tensor.shape)
     if tensor.dim() < 2:
-        return f"`{{name}}` has {tensor.numel()} elements (shape {shape})"
-    return f"`{{name}}` has {tensor.numel() // tensor.shape[-1]} rows of {tensor.shape[-1]} (shape {shape})"
+        return f"`{{name}}` has {_count(tensor.numel(), 'element')} (shape {shape})"
+    return f"`{{name}}` has {_count(tensor.numel() // tensor.shape[-1], 'row')} of {tensor.shape[-1]} (shape {shape})"
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def check_access(regions, ptrs, mask, *, store: bool, program, hint: str = DEFAULT_HINT) -> None:
@@ -84,7 +88,7 @@ def check_access(regions, ptrs, mask, *, store: bool, program, hint: str = DEFAU
     verb, where = ("wrote", "stored to") if store else ("read", "loaded from")
     raise OutOfBounds(
         f"your kernel {verb} outside `{name}` ({_element(tensor, index)})\n"
-        f"got: program {tuple(program)} {where} {n_bad} address(es) outside `{name}`; "
+        f"got: program {tuple(program)} {where} {_count(n_bad, 'address', 'addresses')} outside `{name}`; "
         + _describe(tensor).format(name=name) + " (stopped before the access)\n"
         f"hint: {hint}")
 
