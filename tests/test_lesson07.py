@@ -58,4 +58,6 @@ def test_int8_attention_kernel_check():
     scale_like_codes = edited(kernel, {   # a scale indexed like a row of codes: rows * HEAD_DIM
         "k_scale = tl.load(k_scale_ptr + rows,": "k_scale = tl.load(k_scale_ptr + rows * HEAD_DIM,"})
     assert_caught(lesson07.check_int8_attention_kernel(scale_like_codes), "read outside `k_scale`")
+    gqa_modulo = edited(kernel, {"kv_head = head // QUERIES_PER_KV": "kv_head = head % NUM_KV_HEADS"})
+    assert_caught(lesson07.check_int8_attention_kernel(gqa_modulo), "head // QUERIES_PER_KV")
     assert_caught(lesson07.check_int8_attention_kernel(lambda *a: None), "@triton.jit")

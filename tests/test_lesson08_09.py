@@ -136,6 +136,13 @@ def _bubble_span_with_comm(events):     # busy time of computes only, but the sp
     return 1 - sum(e["end"] - e["start"] for e in work) / (p * span)
 
 
+def _bubble_forward_only(events):   # counts F (and "compute") as work, not the backward passes
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    busy = sum(e["end"] - e["start"] for e in work if e["kind"] != "B")
+    span = max(e["end"] for e in work) - min(e["start"] for e in work)
+    return 1 - busy / (len({e["stage"] for e in work}) * span)
+
+
 def _microbatches_strict(p, b):   # a bubble exactly at the target rejected
     m = 1
     while (p - 1) / (m + p - 1) >= b:
@@ -159,7 +166,7 @@ def _microbatches_loop(p, b):
       _mlp_silu_on_up, _mlp_reduce_before_down]),
     (lesson09.check_bubble_fraction, [PP.bubble_fraction, measured_bubble],
      [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span, _bubble_span_from_zero,
-      _bubble_span_with_comm]),
+      _bubble_span_with_comm, _bubble_forward_only]),
     (lesson09.check_microbatches_for_bubble, [PP.microbatches_for_bubble], [
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9) + 1,             # off by one
         lambda p, b: math.ceil((p - 1) / b),                                  # forgot the m + p - 1
@@ -190,6 +197,7 @@ def test_hints_name_the_mistake():
     assert "silu goes on the gate" in lesson08.check_tp_mlp_forward(_mlp_silu_on_up).message
     assert "formula" in lesson09.check_bubble_fraction(_bubble_formula_only).message
     assert "only compute events" in lesson09.check_bubble_fraction(_bubble_counts_comm).message
+    assert 'kind "B"' in lesson09.check_bubble_fraction(_bubble_forward_only).message
     assert "not at t = 0" in lesson09.check_bubble_fraction(_bubble_span_from_zero).message
     assert "is not part of the pipeline's span" in lesson09.check_bubble_fraction(_bubble_span_with_comm).message
     floats = lesson09.check_microbatches_for_bubble(lambda p, b: float(_microbatches_loop(p, b)))

@@ -158,7 +158,8 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
                 hint = "keys and values have their own scales: dequantize K with k_scale_ptr, V with v_scale_ptr"
             else:
                 hint = ("the scale of token slot (block, offset) and kv head h is at (block * BLOCK_SIZE + offset) * "
-                        "NUM_KV_HEADS + h: the same `rows` index as its codes (without their * HEAD_DIM)")
+                        "NUM_KV_HEADS + h: the same `rows` index as its codes (without their * HEAD_DIM); GQA: "
+                        "query head `head` reads kv head h = head // QUERIES_PER_KV")
             c.check_close(out, want,
                           case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, q {dtype}",
                           hint=hint, **tol)

@@ -31,6 +31,11 @@ def _noisy(events, rng, with_comm=True):
     return out
 
 
+def _compute_span(compute) -> float:
+    """From the first compute start to the last compute end."""
+    return max(e["end"] for e in compute) - min(e["start"] for e in compute)
+
+
 def check_bubble_fraction(student_fn) -> CheckResult:
     """``bubble_fraction(events)``: 1 - (compute time of all stages) / (stages x span of the compute)."""
     rng = random.Random(9)
@@ -61,11 +66,16 @@ def check_bubble_fraction(student_fn) -> CheckResult:
             busy = sum(e["end"] - e["start"] for e in compute)
             from_zero = 1 - busy / (p * max(e["end"] for e in compute))                  # span measured from t = 0
             comm_span = 1 - busy / (p * span_all)                          # the span stretched by recv/send events
+            forward_only = [e for e in compute if e["kind"] != "B"]
+            no_backward = (1 - sum(e["end"] - e["start"] for e in forward_only) / (p * _compute_span(compute))
+                           if len(forward_only) < len(compute) else None)          # backward passes not counted
             is_number = isinstance(got, (int, float))
             if is_number and abs(got - bubble_formula(p, m)) < 1e-9 and abs(want - bubble_formula(p, m)) > 1e-6:
                 hint = "that is the formula (p-1)/(m+p-1); measure the timeline instead: it differs when stages differ"
             elif is_number and abs(got - with_comm) < 1e-9:
                 hint = 'count only compute events (kind "F", "B" or "compute"); "recv"/"send" are not work'
+            elif is_number and no_backward is not None and abs(got - no_backward) < 1e-9:
+                hint = 'a backward pass is work too: count events of kind "B" (and "F", "compute") as busy time'
             elif is_number and abs(got - from_zero) < 1e-9 and abs(from_zero - want) > 1e-6:
                 hint = ("the span starts at the first compute's start, not at t = 0: measured timestamps are absolute "
                         "(time.perf_counter() started long before the pipeline)")
