@@ -157,7 +157,7 @@ def test_scale_add_kernel_check():
     assert lesson00.check_scale_add_kernel(good).status == "passed"
     assert_not_attempted(lesson00.check_scale_add_kernel(exercise("00_start_here")._scale_add_kernel))
     no_mask = edited(good, {", mask=mask)": ")"})              # loads and stores past the end of the tensors
-    assert_caught(lesson00.check_scale_add_kernel(no_mask), "past the end of out")
+    assert_caught(lesson00.check_scale_add_kernel(no_mask), "read outside `x` (element 1)")
     no_pid = edited(good, {"offsets = pid * BLOCK_SIZE + tl.arange": "offsets = tl.arange"})   # every program: block 0
     assert_caught(lesson00.check_scale_add_kernel(no_pid), "pid * BLOCK_SIZE")
     assert_caught(lesson00.check_scale_add_kernel(lambda *args: None), "@triton.jit")
@@ -186,7 +186,9 @@ def test_scale_add_kernel_check_catches():
                                    "offsets = pid * 128 + tl.arange(0, 128)"})      # right only for BLOCK_SIZE=128
     assert_caught(lesson00.check_scale_add_kernel(constant_block), "never a constant block size")
     mask_one_past = edited(good, {"mask = offsets < n_elements": "mask = offsets <= n_elements"})   # off by one
-    assert_caught(lesson00.check_scale_add_kernel(mask_one_past), "past the end of out")
+    assert_caught(lesson00.check_scale_add_kernel(mask_one_past), "read outside `x` (element 1)")
+    store_no_mask = edited(good, {"a * x + y, mask=mask)": "a * x + y)"})   # loads masked, the store is not
+    assert_caught(lesson00.check_scale_add_kernel(store_no_mask), "wrote outside `out` (element 1)")
     assert_caught(lesson00.check_scale_add_kernel(edited(good, {"a * x + y": "x + y"})), "a * x + y")
     assert_caught(lesson00.check_scale_add_kernel(edited(good, {"a * x + y": "a * (x + y)"})), "a * x + y")
     assert_caught(lesson00.check_scale_add_kernel(edited(good, {"tl.store(out_ptr": "tl.store(x_ptr"})), "hint:")

@@ -217,3 +217,9 @@ def test_paged_attention_kernel_check_catches():
     assert_caught(lesson02.check_paged_attention_kernel(no_acc_rescale), "hint:")
     no_scale = edited(kernel, {" * sm_scale          # [P] scores": "          # [P] scores"})
     assert_caught(lesson02.check_paged_attention_kernel(no_scale), "hint:")
+    query_head_for_kv = edited(kernel, {   # GQA forgotten in the cache rows: kv head = query head
+        "* NUM_KV_HEADS + kv_head     # [P]": "* NUM_KV_HEADS + head     # [P]"})
+    assert_caught(lesson02.check_paged_attention_kernel(query_head_for_kv), "hint:")
+    out_unscaled_row = edited(kernel, {"tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM":
+                                       "tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM * NUM_KV_HEADS"})
+    assert_caught(lesson02.check_paged_attention_kernel(out_unscaled_row), "wrote outside `out` (row 4, offset 0)")

@@ -232,7 +232,12 @@ def test_flash_kernel_check_catches():
         ({'m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)': "m_i = tl.zeros([BLOCK_M], dtype=tl.float32)"},
          "start m_i at -inf"),
         ({"kv_off = (b * Hkv + h_kv) * Skv * HEAD_DIM": "kv_off = h_kv * Skv * HEAD_DIM"}, "GQA"),   # batch forgotten
-        ({"             mask=offs_m[:, None] < Sq)": "             )"}, "store with mask"),
+        ({"             mask=offs_m[:, None] < Sq)": "             )"}, "wrote outside `out`"),
+        ({"q_off = off_bh * Sq * HEAD_DIM": "q_off = off_bh * Skv * HEAD_DIM"}, "read outside `q`"),  # Sq/Skv swapped
+        ({"offs_d[None, :], mask=offs_m[:, None] < Sq, other=0.0)": "offs_d[None, :])"},
+         "read outside `q`"),                                                    # the partial query block unmasked
+        ({"k = tl.load(k_ptr + kv_ptrs, mask=cols[:, None] < Skv, other=0.0)": "k = tl.load(k_ptr + kv_ptrs)"},
+         "read outside `k`"),                                                    # the partial key block unmasked
         ({"for start_n in range(0, Skv, BLOCK_N):": "for start_n in range(0, Skv // BLOCK_N * BLOCK_N, BLOCK_N):"},
          "hint:"),                                                               # drops the partial last block
         ({"p = tl.math.exp2(qk - m_new[:, None])": "p = tl.math.exp2(qk)",
@@ -243,6 +248,14 @@ def test_flash_kernel_check_catches():
 
 def test_causal_kernel_check_catches():
     kernel = SOLVED._causal_flash_fwd_kernel
+    for broken, where in [   # stage 1 ending mid-block; out-of-bounds accesses, stopped and named before they happen
+        ({"full_end = tl.minimum(start_m * BLOCK_M + causal_offset + 1, Skv) // BLOCK_N * BLOCK_N":
+          "full_end = tl.minimum(start_m * BLOCK_M + causal_offset + 1, Skv)"}, "ends on a block boundary"),
+        ({"k = tl.load(k_ptr + kv_ptrs, mask=cols[:, None] < Skv, other=0.0)": "k = tl.load(k_ptr + kv_ptrs)"},
+         "read outside `k`"),                                                    # stage 2's last block unmasked
+        ({"q_off = off_bh * Sq * HEAD_DIM": "q_off = off_bh * Skv * HEAD_DIM"}, "read outside `q`"),   # Sq/Skv swapped
+    ]:
+        assert_caught(lesson03.check_causal_kernel(edited(kernel, broken)), where)
     visits_hidden_blocks = edited(kernel, {   # stage 2 runs to Skv: the mask hides the extra keys, nothing is skipped
         "diag_end = tl.minimum((start_m + 1) * BLOCK_M + causal_offset, Skv)": "diag_end = Skv"})
     assert_caught(lesson03.check_causal_kernel(visits_hidden_blocks), "never load them")

@@ -32,6 +32,15 @@ match_counts_blocks = edited(SOLVED.match, {"return blocks, len(blocks) * block_
 match_no_touch = edited(SOLVED.match, {"        node.last_access = now\n": ""})
 
 
+match_stride_one = edited(SOLVED.match, {   # block i read at token i, not at token i * block_size
+    "tuple(token_ids[i * block_size:(i + 1) * block_size])": "tuple(token_ids[i:i + block_size])"})
+match_touch_last_only = edited(SOLVED.match, {   # only the deepest matched node is touched
+    "        node.last_access = now\n": "", "    return blocks, len(blocks) * block_size":
+    "    if blocks:\n        node = root\n        for b in blocks:\n"
+    "            node = next(c for c in node.children.values() if c.block_id == b)\n"
+    "        node.last_access = now\n    return blocks, len(blocks) * block_size"})
+
+
 def match_partial(root, token_ids, block_size, now):      # also counts a partial block that a child starts with
     blocks, n = SOLVED.match(root, token_ids, block_size, now)
     rest = tuple(token_ids[n:n + block_size])
@@ -50,6 +59,8 @@ def test_match_check():
     assert_caught(lesson05.check_match(match_counts_blocks), "counts tokens, not blocks")
     assert_caught(lesson05.check_match(match_no_touch), "last_access = now")
     assert_caught(lesson05.check_match(match_partial), "only full blocks")
+    assert_caught(lesson05.check_match(match_stride_one), "tuple(token_ids[i*P:(i+1)*P])")
+    assert_caught(lesson05.check_match(match_touch_last_only), "last_access = now on every matched node")
 
 
 # ---------------------------------------------------------------- 2. insert
@@ -92,6 +103,12 @@ insert_touch_new_only = edited(SOLVED.insert, {          # a node already cached
     "depth=node.depth + 1)": "depth=node.depth + 1, last_access=now)", "        child.last_access = now\n": ""})
 
 
+insert_shares_existing = edited(SOLVED.insert, {   # a reference taken for a node that was already cached
+    "            allocator.share(blocks[i])          # the cache becomes one more owner of the block\n": "",
+    "        child.last_access = now\n": "        allocator.share(child.block_id)\n        child.last_access = now\n"})
+insert_from_root = edited(SOLVED.insert, {"        node = child\n": ""})   # every block put under the root
+
+
 def insert_flat_depth(root, token_ids, blocks, block_size, allocator, now):   # forgets the depth
     cached = SOLVED.insert(root, token_ids, blocks, block_size, allocator, now)
     stack = [root]
@@ -110,6 +127,8 @@ def test_insert_check():
     assert_caught(lesson05.check_insert(insert_partial), "only full blocks")
     assert_caught(lesson05.check_insert(insert_touch_new_only), "last_access = now")
     assert_caught(lesson05.check_insert(insert_flat_depth), "depth")
+    assert_caught(lesson05.check_insert(insert_shares_existing), "never for a node that already existed")
+    assert_caught(lesson05.check_insert(insert_from_root), "under the node of the block before it")
 
 
 # ---------------------------------------------------------------- 3. evict
@@ -119,6 +138,12 @@ evict_inner_nodes = edited(SOLVED.evict, {            # LRU over every unused no
     "stack.append(child)\n                if allocator",
     "min(leaves, key=lambda n: n.last_access)": "min(leaves, key=lambda n: (n.last_access, n.depth))"})
 evict_mru = edited(SOLVED.evict, {"victim = min(leaves": "victim = max(leaves"})
+
+
+evict_fifo = edited(SOLVED.evict, {"min(leaves, key=lambda n: n.last_access)":   # oldest block id, not LRU
+                                  "min(leaves, key=lambda n: n.block_id)"})
+evict_no_unlink = edited(SOLVED.evict, {   # frees the block but leaves its node in the tree
+    "        del victim.parent.children[victim.token_ids]\n": ""})
 
 
 def evict_one_pass(root, allocator, num_blocks):      # the leaves of the start only: parents never become leaves
@@ -151,6 +176,8 @@ def test_evict_check():
     assert_caught(lesson05.check_evict(evict_one_pass), "its parent may become a leaf")
     assert_caught(lesson05.check_evict(evict_mru), "LRU order")
     assert_caught(lesson05.check_evict(evict_no_free), "allocator.free")
+    assert_caught(lesson05.check_evict(evict_fifo), "LRU order")
+    assert_caught(lesson05.check_evict(evict_no_unlink))
 
 
 # ---------------------------------------------------------------- 4. reusable tokens
@@ -158,6 +185,9 @@ def test_evict_check():
     (lambda n, cached, P: cached, "must still run on its last token"),
     (lambda n, cached, P: min(cached, n - 1), "round down to a multiple of block_size"),
     (lambda n, cached, P: (n - 1) // P * P, None),
+    (lambda n, cached, P: min(cached, (n - 1) // P), "tokens, not blocks"),                  # a number of blocks
+    (lambda n, cached, P: min(cached, n // P * P), "must still run on its last token"),      # the last token reused
+    (lambda n, cached, P: min(cached, float((n - 1) // P * P)), "return an int"),           # a float count
 ])
 def test_num_reusable_tokens_check(broken, hint):
     assert lesson05.check_num_reusable_tokens(SOLVED.num_reusable_tokens).status == "passed"

@@ -35,6 +35,23 @@ def _count_min_ratio_against_q(d, q, p, u):  # compares u with p(x) alone
     return _leading([float(u[i]) < float(p[i, x]) for i, x in enumerate(d)])
 
 
+def _count_with_bonus(d, q, p, u):  # adds the target's bonus token when every draft passes
+    n = _leading([float(u[i]) * float(q[i, x]) < float(p[i, x]) for i, x in enumerate(d)])
+    return n + 1 if n == len(d) else n
+
+
+def _count_as_float(d, q, p, u):  # right value, a float: cannot slice the drafts
+    return float(_leading([float(u[i]) * float(q[i, x]) < float(p[i, x]) for i, x in enumerate(d)]))
+
+
+def _count_next_target_row(d, q, p, u):  # target_probs read one row late
+    return _leading([float(u[i]) * float(q[i, x]) < float(p[i + 1, x]) for i, x in enumerate(d)])
+
+
+def _count_reversed_comparison(d, q, p, u):  # accepts when u > p/q
+    return _leading([float(u[i]) * float(q[i, x]) > float(p[i, x]) for i, x in enumerate(d)])
+
+
 def _residual_unclamped(p, q):
     return (p - q) / (p - q).sum() if (p - q).sum() != 0 else p
 
@@ -53,6 +70,19 @@ def _residual_nan_when_equal(p, q):
     return r / r.sum()
 
 
+def _residual_signed_sum(p, q):  # clamps, then normalizes by the signed sum Σ (p − q) = 0
+    return torch.clamp(p - q, min=0) / (p - q).sum()
+
+
+def _residual_abs(p, q):  # |p − q| instead of max(0, p − q)
+    r = (p - q).abs()
+    return r / r.sum() if r.sum() > 0 else p
+
+
+def _tokens_infinite_gamma(alpha, gamma):  # the γ → ∞ limit
+    return 1 / (1 - alpha) if alpha < 1 else gamma + 1.0
+
+
 def _tokens_no_bonus(alpha, gamma):
     return gamma + 0.0 if alpha == 1 else (1 - alpha ** gamma) / (1 - alpha)
 
@@ -67,11 +97,13 @@ def _tokens_linear(alpha, gamma):
 
 @pytest.mark.parametrize("check, goods, broken", [
     (lesson06.check_count_accepted, [SOLVED.count_accepted, spec.count_accepted],
-     [_count_all_passes, _count_inverted_ratio, _count_non_strict, _count_min_ratio_against_q]),
+     [_count_all_passes, _count_inverted_ratio, _count_non_strict, _count_min_ratio_against_q, _count_with_bonus,
+      _count_next_target_row, _count_reversed_comparison, _count_as_float]),
     (lesson06.check_residual_distribution, [SOLVED.residual_distribution, spec.residual_distribution],
-     [_residual_unclamped, _residual_unnormalized, _residual_reversed, _residual_nan_when_equal]),
+     [_residual_unclamped, _residual_unnormalized, _residual_reversed, _residual_nan_when_equal, _residual_signed_sum,
+      _residual_abs]),
     (lesson06.check_expected_tokens, [SOLVED.expected_tokens, spec.expected_tokens_per_step],
-     [_tokens_no_bonus, _tokens_zero_division, _tokens_linear]),
+     [_tokens_no_bonus, _tokens_zero_division, _tokens_linear, _tokens_infinite_gamma]),
 ])
 def test_python_checks(check, goods, broken):
     for good in goods:   # the solution notebook's answer and the library's
@@ -90,6 +122,12 @@ def test_hints_name_the_mistake():
     assert "not the other way round" in lesson06.check_residual_distribution(_residual_reversed).message
     assert "0/0 is NaN" in lesson06.check_residual_distribution(_residual_nan_when_equal).message
     assert "α^(γ+1)" in lesson06.check_expected_tokens(_tokens_no_bonus).message
+    assert "bonus token" in lesson06.check_count_accepted(_count_with_bonus).message
+    assert "return an int" in lesson06.check_count_accepted(_count_as_float).message
+    assert "not row i + 1" in lesson06.check_count_accepted(_count_next_target_row).message
+    assert "not by Σ (p − q)" in lesson06.check_residual_distribution(_residual_signed_sum).message
+    assert "not |p − q|" in lesson06.check_residual_distribution(_residual_abs).message
+    assert "limit for γ → ∞" in lesson06.check_expected_tokens(_tokens_infinite_gamma).message
 
 
 # ---------------------------------------------------------------- the rollback check
@@ -107,6 +145,16 @@ def _rollback_no_min(target_cache, draft_cache, num_tokens):  # fails when all d
     draft_cache.truncate(num_tokens - 1)
 
 
+def _rollback_target_one_short(target_cache, draft_cache, num_tokens):  # drops the last accepted token's K/V
+    target_cache.truncate(num_tokens - 2)
+    draft_cache.truncate(min(draft_cache.length, num_tokens - 1))
+
+
+def _rollback_draft_first_to_target(target_cache, draft_cache, num_tokens):  # the draft cut to the target's old length
+    draft_cache.truncate(min(draft_cache.length, target_cache.length))
+    target_cache.truncate(num_tokens - 1)
+
+
 def _rollback_nothing(target_cache, draft_cache, num_tokens):
     pass
 
@@ -119,3 +167,5 @@ def test_rollback_check():
     assert_caught(lesson06.check_rollback_caches(_rollback_off_by_one), "target cache length")
     assert_caught(lesson06.check_rollback_caches(_rollback_no_min), "ValueError")
     assert_caught(lesson06.check_rollback_caches(_rollback_nothing), "target cache length")
+    assert_caught(lesson06.check_rollback_caches(_rollback_target_one_short), "target cache length")
+    assert_caught(lesson06.check_rollback_caches(_rollback_draft_first_to_target), "draft cache length")

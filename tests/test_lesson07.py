@@ -19,6 +19,13 @@ quantize_max_not_abs = edited(SOLVED.quantize_per_token, {   # max of the row, n
     "xf.abs().amax(dim=-1)": "xf.amax(dim=-1)", ".to(torch.int8)": ".clamp(-127, 127).to(torch.int8)"})   # overflows
 
 
+quantize_no_clamp = edited(SOLVED.quantize_per_token, {".clamp_min(1e-8)": ""})   # a zero row: scale 0, 0/0
+quantize_per_token_all_heads = edited(SOLVED.quantize_per_token, {   # one scale per token over all its heads
+    "xf.abs().amax(dim=-1)": "xf.abs().amax(dim=(-2, -1)) if xf.dim() > 2 else xf.abs().amax(dim=-1)",
+    "xf / scale[..., None]": "xf / (scale[..., None, None] if xf.dim() > 2 else scale[..., None])"})
+quantize_half_scale = edited(SOLVED.quantize_per_token, {"xf = x.float()": "xf = x"})   # x's dtype kept (float16)
+
+
 def test_quantize_per_token_check():
     quantize, dequantize = SOLVED.quantize_per_token, SOLVED.dequantize_per_token
     assert lesson07.check_quantize_per_token(quantize, dequantize).status == "passed"
@@ -29,6 +36,10 @@ def test_quantize_per_token_check():
     assert_caught(lesson07.check_quantize_per_token(quantize_truncating, dequantize), "NEAREST")
     assert_caught(lesson07.check_quantize_per_token(quantize_max_not_abs, dequantize), "max|row|")
     assert_caught(lesson07.check_quantize_per_token(quantize, lambda c, s: c.float() * s.mean()), "dequantize")
+    assert_caught(lesson07.check_quantize_per_token(quantize_no_clamp, dequantize), "clamp_min(1e-8)")
+    assert_caught(lesson07.check_quantize_per_token(quantize_per_token_all_heads, dequantize), "LAST dimension")
+    assert_caught(lesson07.check_quantize_per_token(quantize_half_scale, dequantize), "float32")
+    assert_caught(lesson07.check_quantize_per_token(quantize, lambda c, s: c.float() * s))   # no [..., None]
 
 
 # ---------------------------------------------------------------- 2. the dequantizing load in the kernel
@@ -44,4 +55,9 @@ def test_int8_attention_kernel_check():
     scale_no_head = edited(kernel, {   # the scale of the slot (block * P + offset), forgetting the kv head
         "k_scale = tl.load(k_scale_ptr + rows,": "k_scale = tl.load(k_scale_ptr + block_id * BLOCK_SIZE + offs_p,"})
     assert_caught(lesson07.check_int8_attention_kernel(scale_no_head), "NUM_KV_HEADS + h")
+    scale_like_codes = edited(kernel, {   # a scale indexed like a row of codes: rows * HEAD_DIM
+        "k_scale = tl.load(k_scale_ptr + rows,": "k_scale = tl.load(k_scale_ptr + rows * HEAD_DIM,"})
+    assert_caught(lesson07.check_int8_attention_kernel(scale_like_codes), "read outside `k_scale`")
+    gqa_modulo = edited(kernel, {"kv_head = head // QUERIES_PER_KV": "kv_head = head % NUM_KV_HEADS"})
+    assert_caught(lesson07.check_int8_attention_kernel(gqa_modulo), "head // QUERIES_PER_KV")
     assert_caught(lesson07.check_int8_attention_kernel(lambda *a: None), "@triton.jit")

@@ -48,6 +48,12 @@ def _row_wrong_transpose(x, w, b, all_reduce):
     return y
 
 
+def _row_reduces_a_copy(x, w, b, all_reduce):   # the reduced copy is thrown away: rank r returns its partial sum
+    y = x @ w.T
+    all_reduce(y.clone())
+    return y + b if b is not None else y
+
+
 # ---------------------------------------------------------------- lesson 08: column + row MLP
 def _mlp_reduce_hidden_too(x, gate, up, down, all_reduce):
     g, u = F.linear(x, gate), F.linear(x, up)
@@ -67,6 +73,24 @@ def _mlp_silu_after_reduce(x, gate, up, down, all_reduce):
     y = F.linear(F.linear(x, gate) * F.linear(x, up), down)
     all_reduce(y)
     return F.silu(y)
+
+
+def _mlp_no_silu(x, gate, up, down, all_reduce):   # the gate's activation left out
+    y = F.linear(F.linear(x, gate) * F.linear(x, up), down)
+    all_reduce(y)
+    return y
+
+
+def _mlp_silu_on_up(x, gate, up, down, all_reduce):   # silu applied to the up projection instead of the gate
+    y = F.linear(F.linear(x, gate) * F.silu(F.linear(x, up)), down)
+    all_reduce(y)
+    return y
+
+
+def _mlp_reduce_before_down(x, gate, up, down, all_reduce):   # reduces the hidden units, then down_proj's partial
+    h = F.silu(F.linear(x, gate)) * F.linear(x, up)
+    all_reduce(h)
+    return F.linear(h, down)
 
 
 def _mlp_extra_harmless_reduce(x, gate, up, down, all_reduce):
@@ -99,17 +123,58 @@ def _bubble_per_stage_span(events):
     return idle / total
 
 
+def _bubble_span_from_zero(events):     # timestamps taken as if the clock started with the pipeline
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    p = len({e["stage"] for e in work})
+    return 1 - sum(e["end"] - e["start"] for e in work) / (p * max(e["end"] for e in work))
+
+
+def _bubble_span_with_comm(events):     # busy time of computes only, but the span stretched by recv/send
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    p = len({e["stage"] for e in work})
+    span = max(e["end"] for e in events) - min(e["start"] for e in events)
+    return 1 - sum(e["end"] - e["start"] for e in work) / (p * span)
+
+
+def _bubble_forward_only(events):   # counts F (and "compute") as work, not the backward passes
+    work = [e for e in events if e["kind"] in ("F", "B", "compute")]
+    busy = sum(e["end"] - e["start"] for e in work if e["kind"] != "B")
+    span = max(e["end"] for e in work) - min(e["start"] for e in work)
+    return 1 - busy / (len({e["stage"] for e in work}) * span)
+
+
+def _microbatches_strict(p, b):   # a bubble exactly at the target rejected
+    m = 1
+    while (p - 1) / (m + p - 1) >= b:
+        m += 1
+    return m
+
+
+def _microbatches_loop(p, b):
+    m = 1
+    while (p - 1) / (m + p - 1) > b:
+        m += 1
+    return m
+
+
 @pytest.mark.parametrize("check, goods, broken", [
     (lesson08.check_row_parallel_forward, [TP.row_parallel_forward, row_parallel_forward],
-     [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose]),
+     [_row_no_reduce, _row_bias_before_reduce, _row_returns_none, _row_reduce_twice, _row_wrong_transpose,
+      _row_reduces_a_copy]),
     (lesson08.check_tp_mlp_forward, [TP.tp_mlp_forward],
-     [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce]),
+     [_mlp_reduce_hidden_too, _mlp_no_reduce, _mlp_silu_after_reduce, _mlp_extra_harmless_reduce, _mlp_no_silu,
+      _mlp_silu_on_up, _mlp_reduce_before_down]),
     (lesson09.check_bubble_fraction, [PP.bubble_fraction, measured_bubble],
-     [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span]),
+     [_bubble_formula_only, _bubble_counts_comm, _bubble_per_stage_span, _bubble_span_from_zero,
+      _bubble_span_with_comm, _bubble_forward_only]),
     (lesson09.check_microbatches_for_bubble, [PP.microbatches_for_bubble], [
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9) + 1,             # off by one
         lambda p, b: math.ceil((p - 1) / b),                                  # forgot the m + p - 1
         lambda p, b: math.ceil((p - 1) * (1 - b) / b - 1e-9),                 # 0 micro-batches for p = 1
+        lambda p, b: float(_microbatches_loop(p, b)),                         # right value, a float (4.0)
+        lambda p, b: max(1, math.ceil((p - 1) * (1 - b) / b)),                # closed form, no care for rounding
+        lambda p, b: max(1, int((p - 1) * (1 - b) / b)),                      # truncated instead of rounded up
+        _microbatches_strict,                                                 # < instead of <=
     ]),
 ])
 def test_checks_pass_good_stub_and_broken(check, goods, broken):
@@ -127,5 +192,15 @@ def test_hints_name_the_mistake():
     assert "no all_reduce call" in lesson08.check_row_parallel_forward(_row_no_reduce).message
     assert "exactly 1 all_reduce" in lesson08.check_tp_mlp_forward(_mlp_extra_harmless_reduce).message
     assert "only the row-parallel" in lesson08.check_tp_mlp_forward(_mlp_reduce_hidden_too).message
+    assert "rank 0's partial sum" in lesson08.check_row_parallel_forward(_row_reduces_a_copy).message
+    assert "activation was left out" in lesson08.check_tp_mlp_forward(_mlp_no_silu).message
+    assert "silu goes on the gate" in lesson08.check_tp_mlp_forward(_mlp_silu_on_up).message
     assert "formula" in lesson09.check_bubble_fraction(_bubble_formula_only).message
     assert "only compute events" in lesson09.check_bubble_fraction(_bubble_counts_comm).message
+    assert 'kind "B"' in lesson09.check_bubble_fraction(_bubble_forward_only).message
+    assert "not at t = 0" in lesson09.check_bubble_fraction(_bubble_span_from_zero).message
+    assert "is not part of the pipeline's span" in lesson09.check_bubble_fraction(_bubble_span_with_comm).message
+    floats = lesson09.check_microbatches_for_bubble(lambda p, b: float(_microbatches_loop(p, b)))
+    assert "return an int" in floats.message and "float: 1.0" in floats.message
+    rounding = lesson09.check_microbatches_for_bubble(lambda p, b: max(1, math.ceil((p - 1) * (1 - b) / b)))
+    assert "floating point" in rounding.message

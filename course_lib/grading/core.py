@@ -73,6 +73,11 @@ class CheckFailed(Exception):
     """Raised by the ``check_*`` methods at the first failing case; caught by the Checker."""
 
 
+class OutOfBounds(CheckFailed):
+    """A learner's kernel loaded or stored outside the tensors passed to it (found in the interpreter, before the
+    access: ``course_lib.grading.bounds``). A failed case, reported with the case that ran it."""
+
+
 class _Skip(Exception):
     """Raised by ``require_gpu`` on a machine without a GPU."""
 
@@ -270,6 +275,8 @@ class Checker:
     def _classify(self, exc: BaseException | None, tb) -> tuple[str, str]:
         if exc is None:
             return PASSED, f"{self.cases_passed} comparison(s) passed"
+        if isinstance(exc, OutOfBounds) and self.case:
+            return FAILED, f"case: {self.case}\n{exc}"
         if isinstance(exc, CheckFailed):
             return FAILED, str(exc)
         if isinstance(exc, _Timeout):

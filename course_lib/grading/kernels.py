@@ -6,6 +6,7 @@ import inspect
 
 import numpy as np
 
+from course_lib.grading.bounds import DEFAULT_HINT, guard_memory, preflight, tensor_regions
 from course_lib.grading.remote import is_remote, run_beside, type_name
 
 
@@ -32,17 +33,33 @@ def is_stub(kernel) -> bool:
     return "raise NotImplementedError" in source
 
 
-def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", **kwargs) -> None:
+def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", bounds_hint: str = DEFAULT_HINT,
+           **kwargs) -> None:
     """Launch ``kernel[grid](*args, **kwargs)`` and surface the learner's own error.
+
+    In the interpreter every load and store is checked before it runs (``course_lib.grading.bounds``): one outside
+    the tensors passed in raises ``OutOfBounds`` ("your kernel wrote outside `out` (row r, offset o)", then
+    ``bounds_hint``), a failed case instead of a write into the process's memory.
 
     The interpreter wraps an exception raised inside a kernel (the stub's NotImplementedError, a learner's
     IndexError) in its own InterpreterError: unwrap it, so the check reports "not attempted" or the learner's
-    line. Compiled on a GPU a stub does not even compile (``raise`` is not Triton): report it as not attempted.
+    line. Compiled on a GPU a stub does not even compile (``raise`` is not Triton): report it as not attempted. On a
+    GPU the launch first runs in the interpreter on CPU copies with its accesses checked (``bounds.preflight``), and
+    the compiled launch is synchronized, so that a fault the preflight could not run fails this case, not a later
+    one (the CUDA context then stays broken until the notebook's kernel restarts; the grader restarts a dead one).
     """
     if is_remote(kernel):  # run the launch, and the unwrapping below, in the learner's kernel
-        return run_beside(kernel, "course_lib.grading.kernels:launch", kernel, grid, *args, exercise=exercise, **kwargs)
+        return run_beside(kernel, "course_lib.grading.kernels:launch", kernel, grid, *args, exercise=exercise,
+                          bounds_hint=bounds_hint, **kwargs)
+    traced = can_trace()
+    guard = guard_memory(tensor_regions(kernel, args, kwargs), bounds_hint) if traced else contextlib.nullcontext()
     try:
-        kernel[grid](*args, **kwargs)
+        if not traced and _on_gpu():  # compiled: the same launch in the interpreter first, its accesses checked
+            preflight(kernel, grid, args, kwargs, bounds_hint)
+        with guard:
+            kernel[grid](*args, **kwargs)
+            if not traced:  # compiled: a fault (illegal address) surfaces here, as this case's error, not later
+                _synchronize()
     except Exception as err:
         cause = err
         while cause is not None and not isinstance(cause, NotImplementedError):
@@ -54,6 +71,19 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", **
         if err.__cause__ is not None and type(err).__name__ == "InterpreterError":
             raise err.__cause__ from None         # the learner's error, with the line of their kernel
         raise
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------- what a kernel reads, watched in the interpreter
@@ -93,7 +123,7 @@ def _watch_loads(records: list):
 
 
 def launch_traced(kernel, grid, *args, watch: tuple[int, ...] = (), exercise: str = "Exercise: write the kernel",
-                  **kwargs) -> dict:
+                  bounds_hint: str = DEFAULT_HINT, **kwargs) -> dict:
     """``launch`` in the interpreter, watching the loads from the tensor arguments at the positions ``watch``.
 
     Returns ``{position: {program id (x, y, z): (number of loads that touched the tensor, sorted element indices
@@ -102,13 +132,13 @@ def launch_traced(kernel, grid, *args, watch: tuple[int, ...] = (), exercise: st
     only launches and returns {}."""
     if is_remote(kernel):
         return run_beside(kernel, "course_lib.grading.kernels:launch_traced", kernel, grid, *args, watch=watch,
-                          exercise=exercise, **kwargs)
+                          exercise=exercise, bounds_hint=bounds_hint, **kwargs)
     if not can_trace():
-        launch(kernel, grid, *args, exercise=exercise, **kwargs)
+        launch(kernel, grid, *args, exercise=exercise, bounds_hint=bounds_hint, **kwargs)
         return {}
     records: list = []
     with _watch_loads(records):
-        launch(kernel, grid, *args, exercise=exercise, **kwargs)
+        launch(kernel, grid, *args, exercise=exercise, bounds_hint=bounds_hint, **kwargs)
     seen: dict = {}
     for position in watch:
         t = args[position]

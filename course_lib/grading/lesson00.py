@@ -114,8 +114,9 @@ def check_scale_add_kernel(kernel) -> CheckResult:
     """A Triton kernel ``(x_ptr, y_ptr, out_ptr, a, n_elements, BLOCK_SIZE)`` computing out = a·x + y.
 
     Launched with BLOCK_SIZE=128 on n = 1 ... 4099 elements (several not a multiple of 128), and with
-    BLOCK_SIZE=256, in float32 and float16. Each tensor is followed in memory by a guard region: a store past
-    ``out[n-1]`` (a missing mask) is caught there, instead of silently overwriting someone else's data.
+    BLOCK_SIZE=256, in float32 and float16. In the interpreter every load and store is checked before it runs: one past
+    ``x[n-1]`` or ``out[n-1]`` (a missing mask) fails the case, naming the tensor and the element. Compiled on a GPU,
+    each tensor is followed in memory by a guard region where a store past ``out[n-1]`` is caught instead.
     """
     gen = torch.Generator().manual_seed(3)
     # (n, a, BLOCK_SIZE): n below, at, just above and far above a block; a second BLOCK_SIZE catches a constant 128
@@ -134,7 +135,9 @@ def check_scale_add_kernel(kernel) -> CheckResult:
                 grid = (triton.cdiv(n, block),)
                 c.case = case = f"n={n}, a={a}, dtype={dtype}, BLOCK_SIZE={block}, grid={grid}"
                 launch(kernel, grid, x, y, out, a, n, BLOCK_SIZE=block,
-                       exercise="Exercise: write the body of _scale_add_kernel")
+                       exercise="Exercise: write the body of _scale_add_kernel",
+                       bounds_hint="the last program's block runs past n: build mask = offsets < n_elements and pass "
+                                   "mask=mask to every tl.load and tl.store")
                 overwritten = int((~torch.isnan(out_buf[n:])).sum())
                 c.check(overwritten == 0, case=case, expected="nothing written after out[n-1]",
                         got=f"{overwritten} element(s) past the end of out were overwritten",

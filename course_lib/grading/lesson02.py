@@ -283,6 +283,13 @@ def _paged_inputs(B, Hq, Hkv, D, P, lens, dtype, seed, kind="random"):
             torch.tensor(lens, dtype=torch.int32, device=DEVICE))
 
 
+PAGED_BOUNDS_HINT = ("read the block table only for blocks 0 ... cdiv(context_len, BLOCK_SIZE) - 1 (entries past "
+                     "them are not blocks of this sequence); element (block, offset, kv_head, d) of a cache is at "
+                     "((block*BLOCK_SIZE + offset)*NUM_KV_HEADS + kv_head)*HEAD_DIM + d; q and out of program (b, h) "
+                     "start at (b*Hq + h)*HEAD_DIM with Hq = NUM_KV_HEADS*QUERIES_PER_KV; mask positions >= "
+                     "context_len in the loads")
+
+
 def check_paged_attention_kernel(kernel) -> CheckResult:
     """A Triton kernel, launched on the grid (B, Hq), computing one decode step of attention through block tables:
     ``kernel[(B, Hq)](q, k_cache, v_cache, block_tables, context_lens, out, sm_scale, max_blocks_per_seq,
@@ -309,7 +316,7 @@ def check_paged_attention_kernel(kernel) -> CheckResult:
                       + ("" if kind == "random" else f", {kind} scores"))
             launch(kernel, (B, Hq), q, k_cache, v_cache, tables, context_lens, out, scale, tables.shape[1],
                     NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D,
-                   exercise="Exercise: write the body of _paged_attention_kernel")
+                   exercise="Exercise: write the body of _paged_attention_kernel", bounds_hint=PAGED_BOUNDS_HINT)
             want = _reference_attention(q, k_cache, v_cache, tables, context_lens)
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-3, atol=3e-3)
 

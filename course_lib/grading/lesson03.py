@@ -194,6 +194,10 @@ def check_tiled_attention(student_fn) -> CheckResult:
 
 
 _BLOCK = dict(BLOCK_M=16, BLOCK_N=16)
+_BOUNDS_HINT = ("rows of q and out run to Sq, rows of k and v to Skv: q/out of (batch b, head h) start at "
+                "(b*Hq + h)*Sq*HEAD_DIM, k/v of kv head g at (b*Hkv + g)*Skv*HEAD_DIM (a swapped Sq/Skv lands outside "
+                "them); the last query block and the last key block are partial: mask offs_m < Sq in the loads "
+                "of q and the store of out, cols < Skv in the loads of k and v")
 
 
 def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
@@ -211,7 +215,8 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
                 u = torch.ones(D) / D ** 0.5
                 q, k = q + 24 * u, k - 24 * u
             q, k = q.to(DEVICE, dtype), k.to(DEVICE, dtype)
-            # out is followed by a guard region of NaN: a store of rows past Sq lands there
+            # out is followed by a guard region of NaN: compiled on a GPU a store of rows past Sq lands there (the
+            # interpreter stops it before it happens: OutOfBounds)
             out_buf = torch.full((B * Hq * Sq * D + 16 * D,), float("nan"), device=DEVICE, dtype=dtype)
             out = out_buf[: B * Hq * Sq * D].view(B, Hq, Sq, D)
             qk_scale = LOG2E / math.sqrt(D)
@@ -220,7 +225,7 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
                              f"qk_scale={qk_scale:.4f}, BLOCK_M=BLOCK_N=16, grid={grid}"
                              + (", every score very negative" if scale == "very negative" else ""))
             loads = launch_traced(kernel, grid, q, k, v, out, Hq, Hkv, Sq, Skv, qk_scale, HEAD_DIM=D, **_BLOCK,
-                                  watch=(1,), exercise="Exercise: write the kernel")
+                                  watch=(1,), exercise="Exercise: write the kernel", bounds_hint=_BOUNDS_HINT)
             spill = int((~torch.isnan(out_buf[out.numel():])).sum())
             c.check(spill == 0, case=case, expected="nothing written after the last query row",
                     got=f"{spill} element(s) past the end of out were written",
@@ -236,7 +241,9 @@ def _run_kernel_cases(c: Checker, kernel, cases, causal: bool) -> None:
                             hint="skip the blocks that every row of the query block must ignore: stage 2 ends at "
                                  "diag_end = min((start_m + 1)·BLOCK_M + Skv - Sq, Skv); keys from there on are "
                                  "hidden from every row, never load them (that skipped work is the point of the "
-                                 "two-stage loop: about half of the blocks when Sq = Skv)")
+                                 "two-stage loop: about half of the blocks when Sq = Skv); and stage 1 ends on a block "
+                                 "boundary, full_end = min(start_m·BLOCK_M + Skv - Sq + 1, Skv) // BLOCK_N·BLOCK_N, "
+                                 "where stage 2 starts (else the blocks overlap)")
             want = attention(q.float(), k.float(), v.float(), causal=causal).to(dtype)
             wrong_heads = [name for name, kv_head in (("h // Hkv", lambda h: h // Hkv), ("h % Hkv", lambda h: h % Hkv))
                            if any(kv_head(h) != h // (Hq // Hkv) for h in range(Hq)) and bool(torch.isclose(

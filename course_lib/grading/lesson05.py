@@ -8,6 +8,7 @@ stops at the first failure with the case, expected vs got, and a hint aimed at t
 """
 from __future__ import annotations
 
+import numbers
 import random
 
 from course_lib.paging.block_manager import BlockAllocator
@@ -289,12 +290,19 @@ def check_num_reusable_tokens(student_fn) -> CheckResult:
         for n, cached, P in cases:
             want = min(cached, (n - 1) // P * P)
             got = student_fn(n, cached, P)
+            case = f"prompt_len={n}, num_cached_tokens={cached}, block_size={P}"
+            c.check(isinstance(got, numbers.Integral) and not isinstance(got, bool), case=case,
+                    expected=f"an int (a number of tokens), {want}", got=f"{type(got).__name__}: {got!r}",
+                    hint="return an int: it slices the prompt (prompt[num_reusable:]); use // for the blocks, not / "
+                         "or a float floor")
             if got == cached and cached == n:
                 hint = ("the whole prompt is cached, but the model must still run on its last token to get the logits "
                         "of the first output token")
+            elif got == min(cached, (n - 1) // P) and got != want:
+                hint = "count tokens, not blocks: the number of reusable blocks times block_size"
             elif got == n - 1 and want != n - 1:
                 hint = "only full blocks are reused: round down to a multiple of block_size"
             else:
                 hint = "the cached full blocks, capped at the full blocks of prompt_len - 1 tokens"
-            c.check_equal(got, want, case=f"prompt_len={n}, num_cached_tokens={cached}, block_size={P}", hint=hint)
+            c.check_equal(got, want, case=case, hint=hint)
     return c.result

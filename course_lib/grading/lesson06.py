@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import random
 
 import torch
@@ -62,8 +63,20 @@ def check_count_accepted(student_fn) -> CheckResult:
         for name, drafts, q, p, u in _acceptance_cases():
             got = _as_number(student_fn(list(drafts), q.clone(), p.clone(), u.clone()))
             want = count_accepted(drafts, q, p, u)
+            case = f"{name}: draft_tokens={drafts}, uniforms={[round(float(v), 3) for v in u]}"
+            c.check(isinstance(got, numbers.Integral) and not isinstance(got, bool), case=case,
+                    expected=f"an int (a number of tokens), {want}", got=f"{type(got).__name__}: {got!r}",
+                    hint="return an int, the number of accepted draft tokens: it slices the drafts "
+                         "(draft_tokens[:n]); a float or a bool is not a count")
             ratio_test = [(float(u[i]) * float(q[i, x]), float(p[i, x])) for i, x in enumerate(drafts)]  # (u·q, p)
-            if got != want and got == sum(uq < px for uq, px in ratio_test):
+            if got != want and want == len(drafts) and got == want + 1:
+                hint = ("count only the accepted DRAFT tokens: the bonus token the target samples after them is not "
+                        "a draft (it comes from target_probs[γ], the row after the last draft)")
+            elif got != want and len(drafts) and got == _leading([float(u[i]) * float(q[i, x]) < float(p[i + 1, x])
+                                                                  for i, x in enumerate(drafts)]):
+                hint = ("row i of target_probs is the target's distribution FOR draft i (it predicts position i), "
+                        "not row i + 1: compare p = target_probs[i] with q = draft_probs[i]")
+            elif got != want and got == sum(uq < px for uq, px in ratio_test):
                 hint = ("stop at the FIRST rejection: the tokens after it were drafted from a context the target "
                         "rejected")
             elif got != want and got == _leading([uq <= px for uq, px in ratio_test]):
@@ -75,8 +88,7 @@ def check_count_accepted(student_fn) -> CheckResult:
                 hint = ("walk the draft tokens left to right: token i passes when uniforms[i] < p_i(x_i) / q_i(x_i), "
                         "with p = target_probs[i], q = draft_probs[i], x_i = draft_tokens[i]; return how many passed "
                         "before the first failure")
-            c.check_equal(got, want, case=f"{name}: draft_tokens={drafts}, uniforms={[round(float(v), 3) for v in u]}",
-                          hint=hint)
+            c.check_equal(got, want, case=case, hint=hint)
     return c.result
 
 
@@ -102,12 +114,22 @@ def check_residual_distribution(student_fn) -> CheckResult:
             want = residual_distribution(p, q)
             if isinstance(got, torch.Tensor) and got.shape == want.shape and got.is_floating_point():
                 g = got.detach().double()
-                if torch.isnan(g).any():
+                signed = float((p - q).sum())
+                if (torch.isinf(g).any() or torch.isnan(g).any()) and not torch.equal(p, q):
+                    hint = (f"normalize by Σ max(0, p − q), not by Σ (p − q) = {signed:.2g}: p and q both sum to 1, so "
+                            "the signed sum is 0 (up to rounding)")
+                elif torch.isnan(g).any():
                     hint = "p == q leaves nothing: Σ max(0, p − q) = 0, and 0/0 is NaN; return p in that case"
                 elif (g < -1e-7).any():
                     hint = "clamp at zero: max(0, p − q) (torch.clamp(p - q, min=0)); probabilities are never negative"
+                elif float(g.max()) > 1 + 1e-4:
+                    hint = (f"normalize by Σ max(0, p − q), not by Σ (p − q) = {signed:.2g}: p and q both sum to 1, so "
+                            "the signed sum is 0 (up to rounding)")
                 elif not math.isclose(float(g.sum()), 1.0, abs_tol=1e-4):
                     hint = f"normalize: the entries sum to {float(g.sum()):.4g}, divide by Σ max(0, p − q)"
+                elif torch.allclose(g, ((p - q).abs() / (p - q).abs().sum()).double(), atol=1e-6):
+                    hint = ("max(0, p − q), not |p − q|: where the draft has MORE mass than the target, the residual "
+                            "is 0 (those tokens were already offered, and rejected in proportion)")
                 elif torch.allclose(g, residual_distribution(q, p).double(), atol=1e-6):
                     hint = "it is max(0, p − q): the mass the TARGET has and the draft lacks, not the other way round"
                 else:
@@ -187,6 +209,9 @@ def check_expected_tokens(student_fn) -> CheckResult:
             if (alpha < 1 and isinstance(got, float)
                     and math.isclose(got, (1 - alpha ** gamma) / (1 - alpha), rel_tol=1e-9)):
                 hint = "count the target's own token too: 1 + α + ... + α^γ has γ + 1 terms, so α^(γ+1)"
+            elif alpha < 1 and isinstance(got, float) and math.isclose(got, 1 / (1 - alpha), rel_tol=1e-9):
+                hint = ("1 / (1 − α) is the limit for γ → ∞; with γ drafts the sum stops at α^γ: "
+                        "(1 − α^(γ+1)) / (1 − α)")
             elif alpha == 1:
                 hint = "at α = 1 every draft is accepted: γ drafts + 1 bonus token (the formula is 0/0 there)"
             else:

@@ -40,7 +40,7 @@ def _inputs_for_quantize():
 def check_quantize_per_token(quantize_fn, dequantize_fn) -> CheckResult:
     """``quantize_fn(x) -> (codes, scale)``: x ``[..., D]``, one scale per row of D values (per token and head):
     scale = max|row| / 127 (float32, shape ``x.shape[:-1]``), codes = round(x / scale) (int8, x's shape), an
-    all-zero row gives codes 0 and a finite scale. ``dequantize_fn(codes, scale) -> codes · scale`` (float32).
+    all-zero row gives codes 0 and a small positive scale. ``dequantize_fn(codes, scale) -> codes · scale`` (float32).
     Checked: dtypes and shapes, the scales, |x - dequantize(quantize(x))| <= scale / 2, and dequantize alone."""
     with Checker("quantize_per_token", points=2) as c:
         for name, x in _inputs_for_quantize():
@@ -60,6 +60,9 @@ def check_quantize_per_token(quantize_fn, dequantize_fn) -> CheckResult:
                     got=f"shape {list(getattr(scale, 'shape', []))}",
                     hint="one scale per row: the max of |x| over the LAST dimension only "
                          "(x.abs().amax(dim=-1)), not over the whole tensor")
+            c.check(scale.dtype == torch.float32, case=case, expected="scale in float32", got=f"scale in {scale.dtype}",
+                    hint="compute the scale in float32 (x.float() first): a float16 scale has 11 bits of mantissa, "
+                         "and max|row| / 127 of a small row underflows in float16")
             scale = scale.reshape(want_shape).float()
             amax = x.float().abs().amax(dim=-1)
             nonzero = amax > 0
@@ -71,6 +74,10 @@ def check_quantize_per_token(quantize_fn, dequantize_fn) -> CheckResult:
                           rtol=1e-5, atol=0,
                           hint="symmetric INT8: scale = max|row| / 127, so that the largest value becomes code ±127 "
                                "(127, not 128: +128 does not fit in an int8, and ±127 keeps the grid symmetric)")
+            c.check(bool((scale > 0).all()), case=case + ": the scales of all-zero rows", expected="a positive scale",
+                    got=f"scale {scale[~nonzero].flatten()[:4].tolist()}",
+                    hint="clamp the scale to a tiny positive number (clamp_min(1e-8)): with scale 0, x / scale is "
+                         "0 / 0 = NaN, and NaN cast to int8 is undefined (0 on one machine, -128 on another)")
             c.check(bool((codes[~nonzero] == 0).all()), case=case + ": all-zero rows", expected="codes 0",
                     got=str(codes[~nonzero].flatten()[:8].tolist()), hint="0 / scale is 0")
             err = (codes.float() * scale[..., None] - x.float()).abs()
@@ -129,7 +136,10 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
             out = torch.full_like(q, float("nan"))
             launch(kernel, (B, Hq), q, kc, vc, ks, vs, tables, context_lens, out, 1 / math.sqrt(D), tables.shape[1],
                     NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D,
-                   exercise="Exercise: write the dequantizing loads of _int8_attention_kernel")
+                   exercise="Exercise: write the dequantizing loads of _int8_attention_kernel",
+                   bounds_hint="a scale has no HEAD_DIM axis: the scale of slot (block, offset) and kv head h is at "
+                               "(block*BLOCK_SIZE + offset)*NUM_KV_HEADS + h, its codes at that index * HEAD_DIM + d; "
+                               "mask positions >= context_len in every load")
             want = _reference_attention(q, kc, vc, ks, vs, tables, context_lens)
             tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-3, atol=3e-3)
 
@@ -148,7 +158,8 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
                 hint = "keys and values have their own scales: dequantize K with k_scale_ptr, V with v_scale_ptr"
             else:
                 hint = ("the scale of token slot (block, offset) and kv head h is at (block * BLOCK_SIZE + offset) * "
-                        "NUM_KV_HEADS + h: the same `rows` index as its codes (without their * HEAD_DIM)")
+                        "NUM_KV_HEADS + h: the same `rows` index as its codes (without their * HEAD_DIM); GQA: "
+                        "query head `head` reads kv head h = head // QUERIES_PER_KV")
             c.check_close(out, want,
                           case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, q {dtype}",
                           hint=hint, **tol)

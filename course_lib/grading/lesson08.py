@@ -100,6 +100,10 @@ def check_tp_mlp_forward(student_fn) -> CheckResult:
             calls = all_calls[0]
             if got[0] is None:
                 hint = "you returned None: all_reduce works in place and returns None; return the reduced tensor"
+            elif _close(got[0], F.linear(F.linear(x, gate) * F.linear(x, up), down)):
+                hint = "SwiGLU: silu(x @ gate.T) * (x @ up.T): the activation was left out"
+            elif _close(got[0], F.linear(F.linear(x, gate) * F.silu(F.linear(x, up)), down)):
+                hint = "silu goes on the gate projection: silu(x @ gate_shard.T) * (x @ up_shard.T), not on up"
             elif calls == 0:
                 hint = "down_proj is row-parallel: each rank's output is a partial sum, all-reduce it"
             elif calls > 1:

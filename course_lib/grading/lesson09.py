@@ -6,6 +6,8 @@ measured-looking timelines with "recv"/"send" events that are not compute.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import random
 
 from course_lib.grading.core import Checker, CheckResult
@@ -29,16 +31,24 @@ def _noisy(events, rng, with_comm=True):
     return out
 
 
+def _compute_span(compute) -> float:
+    """From the first compute start to the last compute end."""
+    return max(e["end"] for e in compute) - min(e["start"] for e in compute)
+
+
 def check_bubble_fraction(student_fn) -> CheckResult:
     """``bubble_fraction(events)``: 1 - (compute time of all stages) / (stages x span of the compute)."""
     rng = random.Random(9)
     cases = []
-    for p, m in [(2, 1), (2, 4), (4, 4), (3, 8)]:
+    for p, m in [(2, 1), (2, 4), (4, 4), (3, 8), (4, 2)]:   # m < p too: most of the pipeline idles
         cases.append((f"ideal GPipe forward, p={p}, m={m}", simulate("gpipe", p, m)))
     cases.append(("ideal 1F1B training (backward = 2 forwards), p=4, m=8", simulate("1f1b", 4, 8, backward=True)))
     cases.append(("GPipe p=2, m=4 with recv/send events (not compute) and jitter",
                   _noisy(simulate("gpipe", 2, 4), rng)))
     cases.append(("GPipe p=4, m=6, measured-looking, times in seconds", _noisy(simulate("gpipe", 4, 6), rng)))
+    cases.append(("GPipe p=3, m=4, measured with time.perf_counter() (the clock starts long before: 1000 s)",
+                  [dict(e, start=e["start"] + 1000.0, end=e["end"] + 1000.0)
+                   for e in _noisy(simulate("gpipe", 3, 4), rng)]))
     unbalanced = _noisy(simulate("gpipe", 3, 5, t_forward=1.0), rng, with_comm=False)
     for e in unbalanced:  # the last stage takes 3x longer: busy stages elsewhere idle more than the formula says
         if e["stage"] == 2:
@@ -53,11 +63,25 @@ def check_bubble_fraction(student_fn) -> CheckResult:
             compute = [e for e in events if e["kind"] in ("F", "B", "compute")]
             span_all = max(e["end"] for e in events) - min(e["start"] for e in events)
             with_comm = 1 - sum(e["end"] - e["start"] for e in events) / (p * span_all)  # the "count comm" mistake
+            busy = sum(e["end"] - e["start"] for e in compute)
+            from_zero = 1 - busy / (p * max(e["end"] for e in compute))                  # span measured from t = 0
+            comm_span = 1 - busy / (p * span_all)                          # the span stretched by recv/send events
+            forward_only = [e for e in compute if e["kind"] != "B"]
+            no_backward = (1 - sum(e["end"] - e["start"] for e in forward_only) / (p * _compute_span(compute))
+                           if len(forward_only) < len(compute) else None)          # backward passes not counted
             is_number = isinstance(got, (int, float))
             if is_number and abs(got - bubble_formula(p, m)) < 1e-9 and abs(want - bubble_formula(p, m)) > 1e-6:
                 hint = "that is the formula (p-1)/(m+p-1); measure the timeline instead: it differs when stages differ"
             elif is_number and abs(got - with_comm) < 1e-9:
                 hint = 'count only compute events (kind "F", "B" or "compute"); "recv"/"send" are not work'
+            elif is_number and no_backward is not None and abs(got - no_backward) < 1e-9:
+                hint = 'a backward pass is work too: count events of kind "B" (and "F", "compute") as busy time'
+            elif is_number and abs(got - from_zero) < 1e-9 and abs(from_zero - want) > 1e-6:
+                hint = ("the span starts at the first compute's start, not at t = 0: measured timestamps are absolute "
+                        "(time.perf_counter() started long before the pipeline)")
+            elif is_number and abs(got - comm_span) < 1e-9 and abs(comm_span - want) > 1e-6:
+                hint = ("the span runs from the first to the last compute event: a recv before the first forward or a "
+                        "send after the last one is not part of the pipeline's span")
             else:
                 hint = ("span = last compute end - first compute start (over all stages); bubble = "
                         "1 - sum(compute durations) / (number of stages * span)")
@@ -66,19 +90,33 @@ def check_bubble_fraction(student_fn) -> CheckResult:
 
 
 def check_microbatches_for_bubble(student_fn) -> CheckResult:
-    """``microbatches_for_bubble(num_stages, max_bubble)``: the smallest m with (p-1)/(m+p-1) <= max_bubble."""
-    cases = [(1, 0.5), (2, 0.5), (2, 0.2), (4, 0.25), (4, 0.1), (8, 0.1), (8, 0.05), (16, 0.2), (3, 0.4)]
+    """``microbatches_for_bubble(num_stages, max_bubble)``: the smallest m with (p-1)/(m+p-1) <= max_bubble, an int.
+    Cases include bubbles met exactly (where a closed form rounds up one too many in floating point) and m < p."""
+    cases = [(1, 0.5), (2, 0.5), (2, 0.2), (4, 0.25), (4, 0.1), (8, 0.1), (8, 0.05), (16, 0.2), (3, 0.4),
+             (4, 0.6), (7, 0.2), (8, 0.7)]
     with Checker("microbatches_for_bubble", points=1) as c:
         for p, target in cases:
             want = next(m for m in range(1, 100_000) if bubble_formula(p, m) <= target + 1e-12)
             got = student_fn(p, target)
-            if isinstance(got, (int, float)) and got == want + 1:
+            case = f"p={p} stages, max_bubble={target}"
+            c.check(isinstance(got, numbers.Integral) and not isinstance(got, bool), case=case,
+                    expected=f"an int (a number of micro-batches), {want}", got=f"{type(got).__name__}: {got!r}",
+                    hint="return an int: math.ceil(...) already is one; a float such as 4.0 is not a count "
+                         "(int(...) it after any float arithmetic)")
+            if got == want + 1 and bubble_formula(p, want) == target:
+                hint = (f"one too many: here the bubble of m = {want} is exactly max_bubble, which is allowed (<=); a "
+                        "closed form (p-1)(1-b)/b can land a hair above the integer in floating point "
+                        "(ceil(2.0000000000000004) = 3): test the inequality for your m")
+            elif got == want + 1:
                 hint = "one too many: a bubble exactly equal to max_bubble is allowed (<=)"
-            elif isinstance(got, (int, float)) and got == want - 1:
+            elif got == want - 1:
                 hint = "one too few: check that (p-1)/(m+p-1) <= max_bubble for your m"
             elif p == 1:
                 hint = "one stage has no bubble at all: a single micro-batch is enough"
+            elif got == math.ceil((p - 1) / target - 1e-9):
+                hint = ("the bubble is (p-1)/(m+p-1), not (p-1)/m: the ramp-up and ramp-down take p-1 slots of the "
+                        "m+p-1 in all")
             else:
                 hint = "solve (p-1)/(m+p-1) <= b for m: m >= (p-1)(1-b)/b, rounded up, and at least 1"
-            c.check_equal(got, want, case=f"p={p} stages, max_bubble={target}", hint=hint)
+            c.check_equal(got, want, case=case, hint=hint)
     return c.result

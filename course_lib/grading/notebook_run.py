@@ -93,7 +93,8 @@ class NotebookRun:
                 continue
             left = self.time_left()
             if left <= 0:
-                self.stopped = f"the notebook's time limit of {self.deadline:g} s ran out before cell {i + 1}"
+                exercise, where = self.cell_name(i)
+                self.stopped = f"the notebook's time limit of {self.deadline:g} s ran out before {exercise} ({where})"
                 return False
             limit = min(self.timeout, left)
             try:
@@ -176,13 +177,26 @@ class NotebookRun:
 
     def _status_of(self, i: int) -> tuple[str, str]:
         kind, text = self.outcome[i]
+        exercise, where = self.cell_name(i)
         if kind == "error" and text.startswith("NotImplementedError"):
-            return NOT_ATTEMPTED, f"cell {i + 1} still raises {text}"
+            return NOT_ATTEMPTED, f"{exercise} still raises {text} ({where})"
         if kind == "error":
-            return FAILED, f"did not run: cell {i + 1} raised {text}"
+            return FAILED, f"did not run: {exercise} raised {text} ({where})"
         if kind == "timeout":
-            return FAILED, f"did not run: cell {i + 1} {text}"
-        return FAILED, f"did not run: the kernel died in cell {i + 1}"
+            return FAILED, f"did not run: {exercise} {text} ({where})"
+        return FAILED, f"did not run: the kernel died in {exercise} ({where})"
+
+    def cell_name(self, i: int) -> tuple[str, str]:
+        """Cell ``i`` as the learner finds it: by the exercise whose check follows it ("the code of exercise
+        `factor`"), and where ("cell 11, before check_factor(...)"); a cell after the last check is named by
+        its number only."""
+        for j, source in self.cells:
+            calls = check_calls(source) if j >= i else []
+            if calls:
+                function = calls[0][0]
+                return (f"the code of exercise `{function.removeprefix('check_')}`",
+                        f"cell {i + 1}, before {function}(...)")
+        return f"cell {i + 1}", "after the last check"
 
     def close(self) -> None:
         if self.kernel is not None:

@@ -297,11 +297,13 @@ _REMOTE_ERRORS: dict[str, type] = {}
 
 
 def _raisable() -> dict:
+    from course_lib.grading.core import OutOfBounds
     from course_lib.paging.block_manager import OutOfBlocksError
 
     found = {("builtins", name): obj for name, obj in vars(builtins).items()
              if isinstance(obj, type) and issubclass(obj, Exception)}
-    found[(OutOfBlocksError.__module__, OutOfBlocksError.__qualname__)] = OutOfBlocksError
+    for cls in (OutOfBlocksError, OutOfBounds):
+        found[(cls.__module__, cls.__qualname__)] = cls
     return found
 
 

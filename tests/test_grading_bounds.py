@@ -1,0 +1,101 @@
+"""course_lib.grading.bounds: every load and store of an interpreted kernel is checked before it runs, so an
+out-of-bounds access is a failed case naming the tensor and the element, never a write into the process."""
+from __future__ import annotations
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from course_lib.grading.core import Checker, OutOfBounds
+from course_lib.grading.bounds import preflight
+from course_lib.grading.kernels import can_trace, launch
+
+pytestmark = pytest.mark.skipif(not can_trace(), reason="addresses are checked in the Triton interpreter only")
+
+
+@triton.jit
+def _copy_rows(src_ptr, dst_ptr, n_rows, SHIFT: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, COLS)
+    x = tl.load(src_ptr + row * COLS + offs)
+    if MASKED:   # lanes with the mask off may point anywhere: they are never accessed
+        tl.store(dst_ptr + (row + SHIFT) * COLS + offs, x, mask=row + SHIFT < n_rows)
+    else:
+        tl.store(dst_ptr + (row + SHIFT) * COLS + offs, x)
+
+
+def _run(shift: int, masked: bool = False):
+    src = torch.arange(12, dtype=torch.float32).view(3, 4)
+    buf = torch.full((5, 4), float("nan"))
+    dst = buf[1:4]   # a view: the rows before and after it belong to someone else
+    launch(_copy_rows, (3,), src, dst, 3, SHIFT=shift, COLS=4, MASKED=masked)
+    return src, buf, dst
+
+
+def test_in_bounds_runs():
+    src, _, dst = _run(0)
+    assert torch.equal(dst, src)
+
+
+def test_store_past_the_end_names_tensor_row_and_offset():
+    with pytest.raises(OutOfBounds, match=r"your kernel wrote outside `dst` \(row 3, offset 0\)") as info:
+        _run(1)
+    assert "`dst` has 3 rows of 4 (shape [3, 4])" in str(info.value)
+    assert "program (2, 0, 0)" in str(info.value)
+
+
+def test_the_access_is_stopped_before_it_happens():
+    with pytest.raises(OutOfBounds):
+        _run(1)
+    # programs 0 and 1 ran; program 2's store into the row after the view never happened
+    src = torch.arange(12, dtype=torch.float32).view(3, 4)
+    buf = torch.full((5, 4), float("nan"))
+    with pytest.raises(OutOfBounds):
+        launch(_copy_rows, (3,), src, buf[1:4], 3, SHIFT=1, COLS=4, MASKED=False)
+    assert torch.isnan(buf[4]).all() and torch.isnan(buf[:2]).all()
+
+
+def test_store_before_the_start():
+    with pytest.raises(OutOfBounds, match=r"wrote outside `dst` \(row -1, offset 0\)"):
+        _run(-1)
+
+
+def test_masked_off_lanes_are_not_accesses():
+    src, _, dst = _run(1, masked=True)
+    assert torch.equal(dst[1:], src[:2])
+
+
+def test_a_checker_reports_it_as_a_failed_case():
+    with Checker("copy_rows", points=1) as c:
+        c.case = "3 rows of 4, shifted by one"
+        _run(1)
+    assert (c.result.status, c.result.points) == ("failed", 0)
+    assert c.result.message.startswith("case: 3 rows of 4, shifted by one\nyour kernel wrote outside `dst`")
+    assert "hint:" in c.result.message
+
+
+def test_preflight_runs_a_copy_in_the_interpreter():
+    """What a GPU runs before the compiled launch (here on CPU): the kernel's Python function interpreted on copies."""
+    src = torch.arange(12, dtype=torch.float32).view(3, 4)
+    dst = torch.full((3, 4), float("nan"))
+    preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=0, COLS=4, MASKED=False))
+    assert torch.isnan(dst).all()            # the copies were written, not the tensors passed in
+    with pytest.raises(OutOfBounds, match=r"wrote outside `dst` \(row 3, offset 0\)"):
+        preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=1, COLS=4, MASKED=False))
+
+
+def test_preflight_leaves_other_errors_to_the_launch():
+    preflight(_copy_rows, (3,), (torch.zeros(3, 4),), dict(SHIFT=0, COLS=4, MASKED=False))   # missing arguments
+
+
+def test_launch_on_a_gpu_preflights(monkeypatch):
+    from course_lib.grading import kernels as grading_kernels
+
+    monkeypatch.setattr(grading_kernels, "can_trace", lambda: False)   # as where kernels are compiled
+    monkeypatch.setattr(grading_kernels, "_on_gpu", lambda: True)
+    buf = torch.full((5, 4), float("nan"))
+    with pytest.raises(OutOfBounds, match="wrote outside `dst`"):
+        launch(_copy_rows, (3,), torch.ones(3, 4), buf[1:4], 3, SHIFT=1, COLS=4, MASKED=False)
+    assert torch.isnan(buf).all()            # stopped before the real launch wrote anything
