@@ -158,3 +158,22 @@ def pytest_sessionfinish(session, exitstatus):
 
 def assert_not_attempted(result) -> None:
     assert (result.status, result.points) == ("not attempted", 0), result
+
+
+def hold_in_execute(monkeypatch):
+    """Every engine step blocks in ``ModelRunner.execute`` until ``release`` is set (``started`` tells it arrived):
+    a second thread can then call into the engine while the first is inside a step."""
+    import threading
+
+    from course_lib.serving.model_runner import ModelRunner
+
+    started, release = threading.Event(), threading.Event()
+    execute = ModelRunner.execute
+
+    def slow_execute(self, chunks):
+        started.set()
+        release.wait(30)
+        return execute(self, chunks)
+
+    monkeypatch.setattr(ModelRunner, "execute", slow_execute)
+    return started, release

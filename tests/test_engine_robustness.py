@@ -17,6 +17,7 @@ from course_lib.model.generate import greedy_generate
 from course_lib.serving.model_runner import ModelRunner
 from course_lib.model.sampling import SamplingParams
 from course_lib.serving.static_batching import StaticBatchEngine
+from conftest import hold_in_execute
 from test_engine import MICRO, assert_all_blocks_free
 from test_engine_speculative import MICRO as SPEC_TARGET, MICRO_DRAFT, assert_all_blocks_back
 
@@ -116,15 +117,7 @@ def test_the_static_baseline_validates_the_same_way():
 def test_a_second_generate_while_one_runs_is_refused(monkeypatch):
     """Two threads on one engine shared its block manager and pool (5 of 6 results were wrong): the second call
     raises a RuntimeError at once, the first one completes correctly."""
-    started, release = threading.Event(), threading.Event()
-    execute = ModelRunner.execute
-
-    def slow_execute(self, chunks):
-        started.set()
-        release.wait(30)
-        return execute(self, chunks)
-
-    monkeypatch.setattr(ModelRunner, "execute", slow_execute)
+    started, release = hold_in_execute(monkeypatch)
     engine = LLMEngine(MICRO, block_size=4, num_blocks=16, max_num_seqs=4)
     result = {}
     worker = threading.Thread(
@@ -136,7 +129,7 @@ def test_a_second_generate_while_one_runs_is_refused(monkeypatch):
     release.set()
     worker.join(30)
     assert result["out"][0].token_ids == greedy_generate(MICRO, [1, 2, 3], 3, use_cache=False)
-    monkeypatch.setattr(ModelRunner, "execute", execute)
+    monkeypatch.undo()                                  # the real execute again: the engine serves on
     got = engine.generate([[4, 5]], GOOD, use_tqdm=False)[0].token_ids
     assert got == greedy_generate(MICRO, [4, 5], 3, use_cache=False)
 

@@ -15,6 +15,7 @@ from course_lib.model.sampling import SamplingParams
 from course_lib.serving.config import CONFIG_FIELDS, EngineConfig
 from course_lib.serving.engine import LLMEngine
 from course_lib.serving.model_runner import ModelRunner
+from conftest import hold_in_execute
 from test_engine import MICRO, assert_all_blocks_free
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -182,22 +183,9 @@ def test_generate_needs_an_idle_engine():
 
 
 # ---------------------------------------------------------------- one caller at a time
-def _hold_in_execute(monkeypatch):
-    started, release = threading.Event(), threading.Event()
-    execute = ModelRunner.execute
-
-    def slow_execute(self, chunks):
-        started.set()
-        release.wait(30)
-        return execute(self, chunks)
-
-    monkeypatch.setattr(ModelRunner, "execute", slow_execute)
-    return started, release
-
-
 @pytest.mark.parametrize("busy", ["step", "generate"])
 def test_a_second_thread_is_refused_while_one_drives_the_engine(monkeypatch, busy):
-    started, release = _hold_in_execute(monkeypatch)
+    started, release = hold_in_execute(monkeypatch)
     engine = LLMEngine(MICRO, **SMALL)
     result = {}
     if busy == "step":

@@ -2,7 +2,6 @@
 stub "not attempted", and catches the mistakes a learner makes, each with the hint that names it."""
 from __future__ import annotations
 
-import torch
 
 import kernels.reference
 from course_lib.grading import lesson04
@@ -61,4 +60,3 @@ def test_the_edits_are_no_ops_where_they_should_be():
     # first_row_offset rewrites the same arithmetic: a variant that is not a mistake must pass (the check does not
     # depend on how the rows are found)
     assert lesson04.check_paged_prefill(first_row_offset).status == "passed"
-    assert torch.equal(torch.arange(3), torch.arange(3))
