@@ -272,6 +272,7 @@ def _grown_copy(cache: PrefixCache) -> PrefixCache:
             dst.children[key] = new
             copy.nodes[new.block_id] = new
             stack.append((child, new))
+    copy.recount_idle()
     return copy
 
 

@@ -28,7 +28,8 @@ class BlockAllocator:
     """A free list of physical block ids plus a reference count per block.
 
     ``ref_counts[b]`` is the number of owners (block-table entries) of block b; a block is on the free
-    list exactly when its count is 0.
+    list exactly when its count is 0. ``watchers`` are called as ``watcher(block_id, old, new)`` whenever
+    ``share`` or ``free`` changes a count: a prefix cache keeps its count of idle blocks that way (lesson 05).
     """
 
     def __init__(self, num_blocks: int):
@@ -37,6 +38,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self.free_block_ids: deque[int] = deque(range(num_blocks))
         self.ref_counts: list[int] = [0] * num_blocks
+        self.watchers: list = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,12 +56,16 @@ class BlockAllocator:
         """One more owner of an allocated block (fork): increment its reference count."""
         self._check_allocated(block_id, "share")
         self.ref_counts[block_id] += 1
+        for watcher in self.watchers:
+            watcher(block_id, self.ref_counts[block_id] - 1, self.ref_counts[block_id])
         return block_id
 
     def free(self, block_id: int) -> None:
         """One owner fewer; the block returns to the free list when nobody owns it any more."""
         self._check_allocated(block_id, "free")
         self.ref_counts[block_id] -= 1
+        for watcher in self.watchers:
+            watcher(block_id, self.ref_counts[block_id] + 1, self.ref_counts[block_id])
         if self.ref_counts[block_id] == 0:
             self.free_block_ids.append(block_id)
 

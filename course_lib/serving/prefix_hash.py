@@ -25,7 +25,7 @@ import heapq
 from dataclasses import dataclass
 
 from course_lib.paging.block_manager import BlockAllocator
-from course_lib.serving.prefix_cache import full_blocks
+from course_lib.serving.prefix_cache import IdleBlockCount, full_blocks
 
 ROOT_HASH = 0
 
@@ -49,7 +49,7 @@ class Entry:
     num_children: int = 0      # cached blocks whose parent this is: only childless entries are evicted
 
 
-class PrefixHashCache:
+class PrefixHashCache(IdleBlockCount):
     """Cached full KV blocks keyed by a hash chain, over ``allocator`` (blocks of ``block_size`` tokens).
 
     ``hash_fn(parent_hash, token_ids) -> int`` defaults to ``chain_hash``; pass a weak one to watch collisions
@@ -63,6 +63,7 @@ class PrefixHashCache:
         self.by_block: dict[int, Entry] = {}        # block id -> entry
         self.clock = 0
         self.num_collisions = 0                     # lookups whose key was taken by other tokens
+        self._watch_counts(allocator)
 
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -71,10 +72,9 @@ class PrefixHashCache:
     def __contains__(self, block_id: int) -> bool:
         return block_id in self.by_block
 
-    @property
-    def num_evictable_blocks(self) -> int:
-        ref_counts = self.allocator.ref_counts
-        return sum(1 for b in self.by_block if ref_counts[b] == 1)
+    def cached_block_ids(self):
+        """The ids of the cached blocks."""
+        return self.by_block.keys()
 
     def _lookup(self, parent_hash: int, key: tuple[int, ...]) -> tuple[int, Entry | None]:
         h = self.hash_fn(parent_hash, key)
@@ -115,6 +115,7 @@ class PrefixHashCache:
                 self.allocator.share(block_id)
                 entry = Entry(block_id, h, parent, key, depth)
                 self.table[h] = self.by_block[block_id] = entry
+                self._num_idle += self.allocator.ref_counts[block_id] == 1
                 if parent != ROOT_HASH:
                     self.table[parent].num_children += 1
             entry.last_access = self.clock
@@ -132,6 +133,7 @@ class PrefixHashCache:
         while heap and len(freed) < num_blocks:
             _, _, block_id = heapq.heappop(heap)
             entry = self.by_block.pop(block_id)
+            self._num_idle -= 1                     # it was idle (count 1); the free below is not ours
             del self.table[entry.block_hash]
             self.allocator.free(block_id)
             freed.append(block_id)
