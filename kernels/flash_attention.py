@@ -30,7 +30,7 @@ import triton.language as tl
 
 from kernels.device import INTERPRET
 from kernels._checks import check_device, check_sm_scale
-from kernels.flash_attention_bwd import dot_precision, flash_attention_backward
+from kernels.flash_attention_bwd import dot_precision, flash_attention_backward, fp32_tiles
 
 #: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
 HEAD_DIMS = (16, 32, 64, 128)
@@ -167,9 +167,11 @@ GPU_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3
 
 def _prune_configs(configs, named_args, **kwargs):
     """Keep block heights that suit the number of queries: 16 rows for decoding, 64-128 for prefill."""
-    sq_bucket = {**named_args, **kwargs}["SQ_BUCKET"]
+    args = {**named_args, **kwargs}
+    configs = fp32_tiles(configs, args["DOT_PRECISION"])     # float32: small tiles only (see FP32_MAX_TILE)
+    sq_bucket = args["SQ_BUCKET"]
     keep = [c for c in configs if min(sq_bucket, 64) <= c.kwargs["BLOCK_M"] <= max(sq_bucket, 16)]
-    return keep or [c for c in configs if c.kwargs["BLOCK_M"] == 16]
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
 
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(

@@ -232,10 +232,28 @@ def _prune(dim: str, bucket: str):
     """Keep the configs whose ``dim`` block suits the sequence it tiles: >= 64 rows for long ones, at most the
     sequence's next power of two for short ones (or the smallest config)."""
     def prune(configs, named_args, **kwargs):
-        size = {**named_args, **kwargs}[bucket]
+        args = {**named_args, **kwargs}
+        configs = fp32_tiles(configs, args["DOT_PRECISION"])
+        size = args[bucket]
         keep = [c for c in configs if min(size, 64) <= c.kwargs[dim] <= max(size, 16)]
         return keep or [min(configs, key=lambda c: c.kwargs[dim])]
     return prune
+
+
+#: The largest tile (BLOCK_M x BLOCK_N scores) autotuned for float32 inputs. Exact fp32 dots ("ieee") run on the
+#: CUDA cores as unrolled FMAs, and their compilation grows with the tile: on an H100 (triton 3.6) the fixed
+#: 64 x 32 config compiled in seconds for every test case, while autotuning float32 over the bf16 list below did
+#: not finish one shape in 150 s (benchmarks/results/gpu_checks.md, 2026-12-06).
+FP32_MAX_TILE = 64 * 32
+
+
+def fp32_tiles(configs, precision: str):
+    """The configs a dot precision may try: all of them, or for "ieee" (float32) those of at most FP32_MAX_TILE
+    scores (or the smallest one)."""
+    if precision != "ieee":
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= FP32_MAX_TILE]
+    return small or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def _tuned(kernel, configs, dim, bucket):

@@ -8,6 +8,7 @@ import math
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import pytest
 import torch
+import triton
 
 import kernels
 import kernels.reference
@@ -257,3 +258,26 @@ def test_benchmark_script_quick(tmp_path):
         assert row["bwd_flops"] == 2.5 * row["fwd_flops"] and row["ours_fwd_bwd_seconds"] > 0
         if not HAS_GPU:
             assert max(row[f"ours_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
+
+
+# ---------------------------------------------------------------- which configs float32 may autotune (any machine)
+@pytest.mark.parametrize("which", ["forward", "dkdv", "dq"])
+def test_float32_autotunes_small_tiles_only(which):
+    """Exact fp32 dots compile slowly at large tiles (an H100 did not finish one float32 shape in 150 s over the
+    bf16 list): float32 tries tiles of at most FP32_MAX_TILE scores; the other dtypes keep every config."""
+    import importlib
+
+    fwd = importlib.import_module("kernels.flash_attention")   # the module (kernels.flash_attention is the function)
+    bwd = importlib.import_module("kernels.flash_attention_bwd")
+
+    table, prune = {"forward": (fwd.GPU_CONFIGS, fwd._prune_configs),
+                    "dkdv": (bwd.DKDV_CONFIGS, bwd._prune("BLOCK_N", "SKV_BUCKET")),
+                    "dq": (bwd.DQ_CONFIGS, bwd._prune("BLOCK_M", "SQ_BUCKET"))}[which]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+    for bucket in (16, 64, 1024, 16384):
+        args = dict(SQ_BUCKET=bucket, SKV_BUCKET=bucket)
+        small = prune(configs, dict(args, DOT_PRECISION="ieee"))
+        assert small and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= bwd.FP32_MAX_TILE for c in small)
+        assert prune(configs, dict(args, DOT_PRECISION="tf32"))   # bf16/fp16: the full list's choice, never empty
+    big = prune(configs, dict(SQ_BUCKET=16384, SKV_BUCKET=16384, DOT_PRECISION="tf32"))
+    assert any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > bwd.FP32_MAX_TILE for c in big)
