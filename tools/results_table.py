@@ -52,6 +52,8 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"{ctx}, {dt}; {c['batch64_ctx4k']:.2f}x at batch 64, context 4k); split-K {c['split_k']:.0f}x "
                     f"the unsplit kernel at batch {c['split_k_shape'][0]}, context {c['split_k_shape'][1] // 1024}k"))
     for run in claims.recorded("flash_attention_*.json", results_dir):
+        if run.get("benchmark") != "flash_attention":      # flash_attention_bwd_* has its own row below
+            continue
         c = claims.flash_attention_claims(run)
         out.append(("03", f"FlashAttention forward (`flash_attention.py`; {_where(run)})",
                     f"vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all {c['num_shapes']} shapes, "
@@ -59,6 +61,18 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"(FlashAttention-2): {_x(c['flash_all'])} over all, {_x(c['flash_sel'])} at D = {c['head_dim']}, "
                     f"N ≥ {c['min_n'] // 1024}k ({c['tflops_sel'][0]:.0f}-{c['tflops_sel'][1]:.0f} TFLOP/s, cuDNN "
                     f"{c['cudnn_tflops_sel'][0]:.0f}-{c['cudnn_tflops_sel'][1]:.0f})"))
+    for run in claims.recorded("flash_attention_bwd_*.json", results_dir):
+        c = claims.flash_attention_bwd_claims(run)
+        miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.2f}x"
+                         for d, n, causal, r in c["cudnn_misses"])
+        out.append(("03", f"FlashAttention forward + backward, training (`flash_attention_bwd.py`; {_where(run)})",
+                    f"{c['dtype']}, fwd+bwd time vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all "
+                    f"{c['num_shapes']} shapes, {_x(c['cudnn_sel'])} at N ≥ {c['min_n'] // 1024}k (target ≥ "
+                    f"{c['cudnn_target']}x: " + (f"missed at {miss}" if miss else "met") + "); vs SDPA-flash "
+                    f"(FlashAttention-2): {_x(c['flash_all'])} over all (target ≥ {c['flash_target']}x: "
+                    + ("met" if not c["flash_misses"] else "missed") + f"); backward alone at N ≥ "
+                    f"{c['min_n'] // 1024}k: {_x(c['bwd_flash_sel'])} SDPA-flash, {_x(c['bwd_cudnn_sel'])} cuDNN; "
+                    f"gradients within {c['max_grad_rel_err']:.1%} of SDPA-flash's largest"))
     out.append(("04", "continuous vs static batching, same trace",
                 _no_file("the GPU run", "python -m benchmarks.engine_batching")))
     out.append(("05", "prefix caching, hit rate and time to first token",
@@ -75,11 +89,11 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"{c['memory']:.2f}x the bytes; kernel time " + "; ".join(parts)))
     out.append(("08-09", "TP = 2 and PP = 2 over NCCL on 2 GPUs (log in `gpu_checks.md`)",
                 "logits within 2e-5 of one process, greedy tokens identical"))
-    serving = claims.real_size_serving_runs(results_dir)
-    if serving:
-        out.append(("10", "serving at real model shapes (`python -m benchmarks.serving`)",
-                    "; ".join(f"{_where(r)}: see lesson 10" for r in serving)))
-    else:
+    serving = [r for r in claims.recorded("serving_*.json", results_dir) if r.get("benchmark") == "serving"]
+    for run in serving:
+        out.append(("10", f"serving at real model shapes, random weights (`python -m benchmarks.serving`; "
+                          f"{_where(run)}, commit {run['git_commit'][:7]})", claims.serving_line(run)))
+    if not serving:
         out.append(("10", "serving at real model shapes vs `transformers`' best (`python -m benchmarks.serving`)",
                     "not measured at real size yet: no GPU `serving_*.json` recorded"))
     for run in claims.recorded("engine_*.json", results_dir):

@@ -100,6 +100,34 @@ def flash_attention_claims(run: dict, head_dim: int = 128, min_n: int = 4096) ->
     }
 
 
+def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float = 1.0,
+                               cudnn_target: float = 0.7) -> dict:
+    """Lesson 03's training pass (``benchmarks.flash_attention_bwd``): forward + backward time of ours over SDPA's
+    FlashAttention-2 backend and over cuDNN, over every recorded shape and at ``N >= min_n``, against issue 20's
+    targets (>= 1.0x SDPA-flash, >= 0.7x cuDNN at N >= 4k); the shapes that miss a target; the gradients' largest
+    error relative to SDPA-flash's."""
+    rows = [s for s in run["speed"] if "ours_vs_sdpa_flash" in s]
+    sel = [s for s in rows if s["N"] >= min_n]
+
+    def misses(key, target):
+        return [(s["D"], s["N"], s["causal"], s[key]) for s in sel if s[key] < target]
+
+    return {
+        "flash_all": _span(s["ours_vs_sdpa_flash"] for s in rows),
+        "cudnn_all": _span(s["ours_vs_sdpa_cudnn"] for s in rows if "ours_vs_sdpa_cudnn" in s),
+        "flash_sel": _span(s["ours_vs_sdpa_flash"] for s in sel),
+        "cudnn_sel": _span(s["ours_vs_sdpa_cudnn"] for s in sel if "ours_vs_sdpa_cudnn" in s),
+        "bwd_flash_sel": _span(s["ours_vs_sdpa_flash_bwd"] for s in sel),
+        "bwd_cudnn_sel": _span(s["ours_vs_sdpa_cudnn_bwd"] for s in sel if "ours_vs_sdpa_cudnn_bwd" in s),
+        "tflops_sel": _span(s["ours_fwd_bwd_tflops"] for s in sel),
+        "flash_misses": misses("ours_vs_sdpa_flash", flash_target),
+        "cudnn_misses": misses("ours_vs_sdpa_cudnn", cudnn_target),
+        "flash_target": flash_target, "cudnn_target": cudnn_target, "min_n": min_n,
+        "num_shapes": len(rows), "num_sel": len(sel), "dtype": run["dtype"],
+        "max_grad_rel_err": max(s[f"ours_{g}_rel_err"] for s in rows for g in ("dq", "dk", "dv")),
+    }
+
+
 def paged_decode_claims(run: dict) -> dict:
     """Lesson 02's paged decode: SDPA's time on a contiguous cache (its fastest backend for each shape) over the
     paged kernel's, both replayed from a CUDA graph, over every recorded shape; and the split-K speed-up."""
@@ -126,7 +154,8 @@ def real_size_serving_runs(results_dir: Path | None = None) -> list[dict]:
     """The GPU runs of ``python -m benchmarks.serving`` (``serving_*.json``, not ``serving_step_*``): the only files
     that can judge a claim about serving at real model size. Empty: not measured at real size yet."""
     runs = [r for r in _load("serving_*.json", results_dir) if r.get("benchmark") == "serving"]
-    return [r for r in runs if r.get("gpu")]
+    # a file whose engine was measured before a fix that a later file records (``engine_superseded_by``) judges nothing
+    return [r for r in runs if r.get("gpu") and not r.get("engine_superseded_by")]
 
 
 def recorded(pattern: str, results_dir: Path | None = None, gpu_only: bool = True) -> list[dict]:
@@ -149,6 +178,41 @@ def serving_vs_strongest_hf(run: dict) -> list[dict]:
         out.append({"model": s["model"], "workload": s["workload"], "strongest_hf": which.removeprefix("engine_x_"),
                     "ratio": s["engine_tok_s"] / max(hf_cb, hf_static), "range": s.get(which)})
     return out
+
+
+def serving_line(run: dict) -> str:
+    """One README cell for a ``benchmarks.serving`` file: per model and workload, what each system served (median
+    tok/s over its runs, the number of runs), the engine's share of the HBM floor of its own schedule, and the
+    engine over the strongest ``transformers`` system measured on the whole trace. A static-batch sweep point (one
+    batch of the trace) is labelled as such, never compared; a file cut short by its time limit says so."""
+    parts = []
+    for s in run["summary"]:
+        rows = {r["system"]: r for r in run["rows"] if r.get("model") == s["model"]
+                and r.get("workload") == s["workload"] and r.get("status") == "ok"}
+        text = [f"{s['model']}, {s['workload']}:"]
+        if "llmengine" in rows:
+            r = rows["llmengine"]
+            text.append(f"LLMEngine {r['throughput_tok_s']:,.0f} tok/s ({r['num_runs']} run"
+                        f"{'s' if r['num_runs'] > 1 else ''}) = {s['engine_fraction_of_floor']:.0%} of the HBM floor "
+                        f"of its schedule ({s['floor_tok_s']:,.0f} tok/s)")
+        if "hf-cb" in rows:
+            text.append(f"HF continuous batching {rows['hf-cb']['throughput_tok_s']:,.0f}")
+        if "hf-static" in rows:
+            r = rows["hf-static"]
+            text.append(f"HF generate, best static B = {r['batch_size']}, {r['throughput_tok_s']:,.0f}")
+        sweep = [r for r in run["rows"] if r.get("system") == "hf-static-sweep" and r.get("model") == s["model"]
+                 and r.get("workload") == s["workload"] and r.get("runs")]
+        if sweep and "hf-static" not in rows:
+            text.append("HF generate on one batch of the trace (a sweep point, not the whole trace): " + ", ".join(
+                f"B = {r['runs'][0]['batch_size']} {r['runs'][0]['throughput_tok_s']:,.0f}" for r in sweep))
+        best = [(r["throughput_tok_s"], name) for name, r in rows.items() if name in ("hf-cb", "hf-static")]
+        if "llmengine" in rows and best:
+            hf, name = max(best)
+            text.append(f"LLMEngine / {'HF continuous batching' if name == 'hf-cb' else 'HF best static'} "
+                        f"{rows['llmengine']['throughput_tok_s'] / hf:.1f}x")
+        parts.append(" ".join(text[:1]) + " " + "; ".join(text[1:]))
+    note = "" if run.get("complete", True) else " (cut short by its time limit: rows missing)"
+    return " / ".join(parts) + note + (f". Note: {run['annotation']}" if run.get("annotation") else "")
 
 
 #: the setting of the vLLM launch post's 14-24x (vLLM blog, June 2023), to say what a course run differs in

@@ -1,0 +1,52 @@
+"""The README's GPU rows computed from result files (course_lib.analysis.claims): the training-pass claims of
+FlashAttention and the serving line, on small hand-made records whose answers are known."""
+from __future__ import annotations
+
+import json
+
+from course_lib.analysis import claims
+
+
+def _fa_row(D, N, causal, flash, cudnn, err=0.004):
+    return dict(D=D, N=N, causal=causal, ours_vs_sdpa_flash=flash, ours_vs_sdpa_cudnn=cudnn,
+                ours_vs_sdpa_flash_bwd=flash - 0.1, ours_vs_sdpa_cudnn_bwd=cudnn - 0.1,
+                ours_fwd_bwd_tflops=300.0 + N / 100,
+                ours_dq_rel_err=err, ours_dk_rel_err=err / 2, ours_dv_rel_err=err / 4)
+
+
+def test_flash_attention_bwd_claims_ranges_and_missed_targets():
+    run = dict(dtype="bfloat16", speed=[_fa_row(64, 1024, False, 1.4, 0.9), _fa_row(128, 4096, True, 1.2, 0.75),
+                                        _fa_row(128, 8192, False, 0.95, 0.65, err=0.02)])
+    c = claims.flash_attention_bwd_claims(run)
+    assert c["flash_all"] == (0.95, 1.4) and c["cudnn_sel"] == (0.65, 0.75) and c["num_sel"] == 2
+    assert c["cudnn_misses"] == [(128, 8192, False, 0.65)] and c["flash_misses"] == [(128, 8192, False, 0.95)]
+    assert c["max_grad_rel_err"] == 0.02
+
+
+def _serving_run(engine_tok_s, hf_cb=None, sweep=None, complete=True, **extra):
+    rows = [dict(model="m", workload="w", system="llmengine", status="ok", throughput_tok_s=engine_tok_s, num_runs=1)]
+    if hf_cb:
+        rows.append(dict(model="m", workload="w", system="hf-cb", status="ok", throughput_tok_s=hf_cb, num_runs=1))
+    if sweep:
+        rows.append(dict(model="m", workload="w", system="hf-static-sweep", status="ok",
+                         runs=[dict(batch_size=sweep[0], throughput_tok_s=sweep[1])]))
+    summary = [dict(model="m", workload="w", engine_fraction_of_floor=engine_tok_s / 20000, floor_tok_s=20000.0)]
+    return dict(benchmark="serving", gpu="X", rows=rows, summary=summary, complete=complete, **extra)
+
+
+def test_serving_line_compares_only_whole_trace_rows():
+    line = claims.serving_line(_serving_run(10000.0, hf_cb=500.0))
+    assert "LLMEngine 10,000 tok/s" in line and "50% of the HBM floor" in line and "20.0x" in line
+    line = claims.serving_line(_serving_run(10000.0, sweep=(128, 400.0), complete=False))
+    assert "a sweep point" in line and "B = 128 400" in line and "x" not in line.split("400")[-1].split("(")[0]
+    assert "cut short" in line
+
+
+def test_a_superseded_engine_judges_no_claim(tmp_path):
+    old = _serving_run(1000.0, hf_cb=500.0, date="2026-01-01", engine_superseded_by="serving_b.json")
+    new = _serving_run(9000.0, sweep=(8, 100.0), date="2026-01-02")
+    for name, run in (("serving_a.json", old), ("serving_b.json", new)):
+        (tmp_path / name).write_text(json.dumps(run))
+    runs = claims.real_size_serving_runs(tmp_path)
+    assert [r["rows"][0]["throughput_tok_s"] for r in runs] == [9000.0]
+    assert claims.serving_vs_strongest_hf(runs[0]) == []       # no whole-trace HF row: nothing to compare
