@@ -196,3 +196,31 @@ def test_random_operations_keep_the_books_and_the_variants_agree(ops, num_blocks
     tree = run(ops, num_blocks, block_size, PrefixCache)
     chain = run(ops, num_blocks, block_size, PrefixHashCache)
     assert tree == chain          # same policy: same block tables and same match lengths at every step
+
+
+class _CountingList(list):
+    """A list that counts its item reads (to see whether a question scans the blocks)."""
+    reads = 0
+
+    def __getitem__(self, i):
+        type(self).reads += 1
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("cache_cls", [PrefixCache, PrefixHashCache])
+def test_counting_free_blocks_does_not_scan_the_cache(cache_cls):
+    """The engine asks num_free_blocks for every sequence of every step: the answer must not read every cached
+    block (a scan over ~17k cached blocks made an H100's decode steps host-bound, benchmarks/results/gpu_checks.md)."""
+    bm = PrefixCachingBlockManager(4096, 2, cache_cls)
+    for s in range(200):                                   # 200 sequences of 10 distinct full blocks each, cached
+        tokens = [s * 1000 + i for i in range(20)]
+        bm.allocate_with_prefix(s, tokens, 20)
+        bm.cache_blocks(s, tokens)
+    for s in range(0, 200, 2):                             # half of them finish: their blocks become idle
+        bm.free(s)
+    assert len(bm.prefix_cache) == 2000
+    bm.allocator.ref_counts = _CountingList(bm.allocator.ref_counts)
+    _CountingList.reads = 0
+    free = bm.num_free_blocks
+    assert _CountingList.reads <= 2, f"num_free_blocks read {_CountingList.reads} reference counts"
+    assert free == bm.allocator.num_free_blocks + 1000 == bm.allocator.num_free_blocks + bm.prefix_cache.recount_idle()
