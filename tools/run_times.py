@@ -47,7 +47,8 @@ OTHERS_BUSY = 0.25   # cores that other processes used, on average, above which 
 METHOD = ("wall time of `python -m pytest -q --nbval-lax --nbval-current-env <notebook>` (kernel start included), "
           "one notebook at a time; an exercise: its solved notebook (solutions/), and `python -m course_lib.grade "
           "--require-full <solution>` (grade_seconds). other_cpu_cores: the cores other processes kept busy meanwhile "
-          f"(all CPU time used on the machine, /proc/stat, minus the command's own); loaded: above {OTHERS_BUSY}")
+          "(all CPU time used on the machine, /proc/stat, minus the command's own; grade_other_cpu_cores: the same "
+          f"during grading); loaded: above {OTHERS_BUSY} during the notebook or its grading")
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------------
@@ -211,6 +212,7 @@ def measure(numbers: set[str] | None, kinds: set[str], record: dict | None) -> d
     if (record["cpu_model"], record["cores"]) != (model, cores):
         raise SystemExit(f"the file is of a {record['cores']}-core {record['cpu_model']}, not of this "
                          f"{cores}-core {model}")
+    record["method"] = METHOD
     run_id = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     run = dict(measured_by_script=True, date=run_id, git_commit=git_commit(), python=platform.python_version(),
                torch=torch.__version__, command=" ".join(["python", "tools/run_times.py", *sys.argv[1:]]),
@@ -225,7 +227,8 @@ def measure(numbers: set[str] | None, kinds: set[str], record: dict | None) -> d
             entry = dict(notebook=name, run=run_id, **timed([*NBVAL, name]))
             if kind == "exercises":
                 grade = timed([sys.executable, "-m", "course_lib.grade", "--require-full", name])
-                entry.update(grade_seconds=grade["seconds"], loaded=entry.get("loaded") or grade.get("loaded"))
+                entry.update(grade_seconds=grade["seconds"], grade_other_cpu_cores=grade.get("other_cpu_cores"),
+                             loaded=entry.get("loaded") or grade.get("loaded"))
             record[kind][path.name[:2]] = entry
             print(f"{entry['seconds']} s" + (f", grading {entry['grade_seconds']} s" if kind == "exercises" else ""))
     run["load_1min_after"] = round(os.getloadavg()[0], 2)
