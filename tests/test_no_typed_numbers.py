@@ -1,7 +1,9 @@
 """No typed speed ratios in the lessons' prose (issue 19): a ratio a lesson states ("1.3-1.5x", "18.7x") is printed by a
 code cell from a result file in benchmarks/results/, so that it changes when the file does. A markdown cell may
 state a ratio only where it quotes a sourced external figure: the ALLOWED list below, each entry with its source.
-The README's GPU table is generated from the result files (tools/results_table.py) and must be up to date."""
+The README's GPU table is generated from the result files (tools/results_table.py) and must be up to date. No
+notebook's markdown types a run time ("runs in about 35 s"): a run time is quoted between run-time markers, rendered
+from benchmarks/results/run_times_*.json by tools/run_times.py (issue 23; tests/test_run_times.py checks they agree)."""
 from __future__ import annotations
 
 import re
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from tools.run_times import stray_quotes
 
 ROOT = Path(__file__).resolve().parents[1]
 LESSONS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -85,3 +89,9 @@ def test_readme_results_table_is_computed_from_the_files():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "results_table.py"), "--check"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_no_notebook_types_a_run_time():
+    found = stray_quotes()
+    assert not found, ("a run time typed in a notebook's markdown (quote it between <!-- run-time --> markers, which "
+                       "tools/run_times.py renders from its file, or drop it):\n  " + "\n  ".join(found))
