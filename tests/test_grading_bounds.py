@@ -62,6 +62,17 @@ def test_store_before_the_start():
         _run(-1)
 
 
+def test_a_slice_of_a_wider_matrix_counts_its_rows_by_its_stride():
+    @triton.jit
+    def _read_tile(src_ptr, out_ptr, row_stride, COLS: tl.constexpr):   # no mask: COLS runs past the slice's width
+        offs = tl.arange(0, COLS)
+        tl.store(out_ptr + offs, tl.load(src_ptr + 1 * row_stride + offs))
+
+    src = torch.zeros(2, 8)[:, :3]   # rows 8 elements apart; element [1, 3] is one past the slice's last
+    with pytest.raises(OutOfBounds, match=r"read outside `src` \(row 1, offset 3\)"):
+        launch(_read_tile, (1,), src, torch.zeros(4), src.stride(0), COLS=4)
+
+
 def test_masked_off_lanes_are_not_accesses():
     src, _, dst = _run(1, masked=True)
     assert torch.equal(dst[1:], src[:2])

@@ -47,7 +47,10 @@ def _element(tensor: torch.Tensor, index: int) -> str:
     """Where element ``index`` (counted from the tensor's first element, may be outside it) lies: row and offset."""
     if tensor.dim() < 2:
         return f"element {index}"
-    row, offset = divmod(index, tensor.shape[-1])
+    row_length = tensor.shape[-1]
+    if tensor.dim() == 2 and tensor.stride(1) == 1 and tensor.stride(0) > row_length:
+        row_length = tensor.stride(0)   # a slice of a wider matrix: its rows are stride(0) elements apart
+    row, offset = divmod(index, row_length)
     return f"row {row}, offset {offset}"
 
 
