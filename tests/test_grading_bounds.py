@@ -93,8 +93,21 @@ def test_preflight_runs_a_copy_in_the_interpreter():
     dst = torch.full((3, 4), float("nan"))
     preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=0, COLS=4, MASKED=False))
     assert torch.isnan(dst).all()            # the copies were written, not the tensors passed in
+
     with pytest.raises(OutOfBounds, match=r"wrote outside `dst` \(row 3, offset 0\)"):
         preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=1, COLS=4, MASKED=False))
+
+
+def test_preflight_copies_keep_the_strides_of_a_slice():
+    """A slice of a wider matrix, copied for the preflight, keeps its row stride: the kernel, given that stride,
+    stays inside the copy (a contiguous copy would end before the kernel's last row)."""
+    @triton.jit
+    def _copy_strided(src_ptr, dst_ptr, row_stride, COLS: tl.constexpr):
+        offs = tl.arange(0, COLS)
+        tl.store(dst_ptr + tl.program_id(0) * COLS + offs, tl.load(src_ptr + tl.program_id(0) * row_stride + offs))
+
+    src = torch.arange(24, dtype=torch.float32).view(3, 8)[:, :4]
+    preflight(_copy_strided, (3,), (src, torch.zeros(3, 4), src.stride(0)), dict(COLS=4))   # raises if it did not
 
 
 def test_preflight_leaves_other_errors_to_the_launch():

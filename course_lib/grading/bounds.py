@@ -132,6 +132,16 @@ def guard_memory(regions, hint: str = DEFAULT_HINT):
                 setattr(builder, name, value)
 
 
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with the same strides, also of a slice of a wider matrix (``clone`` would make that one contiguous,
+    and the kernel, given the original row stride, would then read past the copy)."""
+    t = tensor.detach()
+    try:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
+    except RuntimeError:   # overlapping strides (an expanded view): no layout to keep
+        return t.cpu().clone()
+
+
 def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT) -> None:
     """Where kernels are compiled (a GPU): run the learner's kernel once in the interpreter, on CPU copies of its
     tensors, with every access checked, before the compiled launch. An out-of-bounds access raises
@@ -145,8 +155,8 @@ def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT)
     fn = getattr(kernel, "fn", None)
     if not callable(fn):
         return
-    copies = tuple(a.detach().cpu().clone() if isinstance(a, torch.Tensor) else a for a in args)
-    kw_copies = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    copies = tuple(_cpu_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
+    kw_copies = {k: _cpu_copy(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     try:
         with guard_memory(tensor_regions(kernel, copies, kw_copies), hint):
             InterpretedFunction(fn)[grid](*copies, **kw_copies)
