@@ -25,7 +25,7 @@ VARIANTS = {
          "nothing needs a mask: an offset is wrong"),
         # the program ids swapped: on a grid that is not square, tiles are never written
         ({"pid_m = tl.program_id(axis=0)": "pid_m = tl.program_id(axis=1)",
-          "pid_n = tl.program_id(axis=1)": "pid_n = tl.program_id(axis=0)"}, "tl.program_id(0) the rows"),
+          "pid_n = tl.program_id(axis=1)": "pid_n = tl.program_id(axis=0)"}, "tl.program_id(0) the row"),
         # every program copies the first column block
         ({"offs_n = pid_n * BLOCK_N + tl.arange": "offs_n = tl.arange"}, "never written"),
         # loads masked, the store not
@@ -58,11 +58,11 @@ VARIANTS = {
         # padding lanes load 0 in both passes
         ({'other=float("-inf")': "other=0.0"}, "as -inf"),
         # exp(x) without the max: overflows for large scores
-        ({"l += tl.exp(x - row_max)": "l += tl.exp(x)"}, "subtract m before tl.exp"),
+        ({"sum_exp += tl.exp(x - row_max)": "sum_exp += tl.exp(x)"}, "subtract m before tl.exp"),
         # the max of the last block only
         ({"m = tl.maximum(m, x)": "m = x"}, "keep the running max across blocks"),
         # the sum of the last block only
-        ({"l += tl.exp(x - row_max)": "l = tl.exp(x - row_max)"}, "add every block to l"),
+        ({"sum_exp += tl.exp(x - row_max)": "sum_exp = tl.exp(x - row_max)"}, "add every block to l"),
         # the loads not masked
         ({', mask=cols < n_cols, other=float("-inf"))': ")"}, "read outside `x`"),
         # x taken as contiguous
@@ -90,7 +90,7 @@ VARIANTS = {
         ({"offs_k = k * BLOCK_K + tl.arange": "offs_k = tl.arange"}, "load the next K block"),
         # the program ids swapped: on a grid that is not square, tiles are never written
         ({"pid_m = tl.program_id(axis=0)": "pid_m = tl.program_id(axis=1)",
-          "pid_n = tl.program_id(axis=1)": "pid_n = tl.program_id(axis=0)"}, "tl.program_id(0) the rows"),
+          "pid_n = tl.program_id(axis=1)": "pid_n = tl.program_id(axis=0)"}, "tl.program_id(0) the row"),
     ]),
 }
 

@@ -19,8 +19,9 @@ from course_lib.grading.kernels import check_is_kernel, launch
 
 NAN, INF = float("nan"), float("inf")
 _GUARD_ROWS = 64   # at least any block size of the checks
-_UNWRITTEN = ("some outputs were never written: program ids choose the block: tl.program_id(0) the rows, "
-              "tl.program_id(1) the columns (2-D grid), each times its own block size")
+_UNWRITTEN = ("some outputs were never written: the program ids choose what each program writes: tl.program_id(0) "
+              "the row (block of rows), on a 2-D grid tl.program_id(1) the block of columns, each times its own "
+              "block size")
 
 
 def _strided(values: torch.Tensor, row_stride: int, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
