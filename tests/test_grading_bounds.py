@@ -62,6 +62,17 @@ def test_store_before_the_start():
         _run(-1)
 
 
+def test_a_slice_of_a_wider_matrix_counts_its_rows_by_its_stride():
+    @triton.jit
+    def _read_tile(src_ptr, out_ptr, row_stride, COLS: tl.constexpr):   # no mask: COLS runs past the slice's width
+        offs = tl.arange(0, COLS)
+        tl.store(out_ptr + offs, tl.load(src_ptr + 1 * row_stride + offs))
+
+    src = torch.zeros(2, 8)[:, :3]   # rows 8 elements apart; element [1, 3] is one past the slice's last
+    with pytest.raises(OutOfBounds, match=r"read outside `src` \(row 1, offset 3\)"):
+        launch(_read_tile, (1,), src, torch.zeros(4), src.stride(0), COLS=4)
+
+
 def test_masked_off_lanes_are_not_accesses():
     src, _, dst = _run(1, masked=True)
     assert torch.equal(dst[1:], src[:2])
@@ -82,8 +93,21 @@ def test_preflight_runs_a_copy_in_the_interpreter():
     dst = torch.full((3, 4), float("nan"))
     preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=0, COLS=4, MASKED=False))
     assert torch.isnan(dst).all()            # the copies were written, not the tensors passed in
+
     with pytest.raises(OutOfBounds, match=r"wrote outside `dst` \(row 3, offset 0\)"):
         preflight(_copy_rows, (3,), (src, dst, 3), dict(SHIFT=1, COLS=4, MASKED=False))
+
+
+def test_preflight_copies_keep_the_strides_of_a_slice():
+    """A slice of a wider matrix, copied for the preflight, keeps its row stride: the kernel, given that stride,
+    stays inside the copy (a contiguous copy would end before the kernel's last row)."""
+    @triton.jit
+    def _copy_strided(src_ptr, dst_ptr, row_stride, COLS: tl.constexpr):
+        offs = tl.arange(0, COLS)
+        tl.store(dst_ptr + tl.program_id(0) * COLS + offs, tl.load(src_ptr + tl.program_id(0) * row_stride + offs))
+
+    src = torch.arange(24, dtype=torch.float32).view(3, 8)[:, :4]
+    preflight(_copy_strided, (3,), (src, torch.zeros(3, 4), src.stride(0)), dict(COLS=4))   # raises if it did not
 
 
 def test_preflight_leaves_other_errors_to_the_launch():

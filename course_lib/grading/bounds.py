@@ -47,7 +47,10 @@ def _element(tensor: torch.Tensor, index: int) -> str:
     """Where element ``index`` (counted from the tensor's first element, may be outside it) lies: row and offset."""
     if tensor.dim() < 2:
         return f"element {index}"
-    row, offset = divmod(index, tensor.shape[-1])
+    row_length = tensor.shape[-1]
+    if tensor.dim() == 2 and tensor.stride(1) == 1 and tensor.stride(0) > row_length:
+        row_length = tensor.stride(0)   # a slice of a wider matrix: its rows are stride(0) elements apart
+    row, offset = divmod(index, row_length)
     return f"row {row}, offset {offset}"
 
 
@@ -129,6 +132,16 @@ def guard_memory(regions, hint: str = DEFAULT_HINT):
                 setattr(builder, name, value)
 
 
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy with the same strides, also of a slice of a wider matrix (``clone`` would make that one contiguous,
+    and the kernel, given the original row stride, would then read past the copy)."""
+    t = tensor.detach()
+    try:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
+    except RuntimeError:   # overlapping strides (an expanded view): no layout to keep
+        return t.cpu().clone()
+
+
 def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT) -> None:
     """Where kernels are compiled (a GPU): run the learner's kernel once in the interpreter, on CPU copies of its
     tensors, with every access checked, before the compiled launch. An out-of-bounds access raises
@@ -142,8 +155,8 @@ def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT)
     fn = getattr(kernel, "fn", None)
     if not callable(fn):
         return
-    copies = tuple(a.detach().cpu().clone() if isinstance(a, torch.Tensor) else a for a in args)
-    kw_copies = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    copies = tuple(_cpu_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
+    kw_copies = {k: _cpu_copy(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     try:
         with guard_memory(tensor_regions(kernel, copies, kw_copies), hint):
             InterpretedFunction(fn)[grid](*copies, **kw_copies)
