@@ -45,35 +45,37 @@ torch / triton / transformers / CUDA driver versions, GPU, CPU model, date, comm
 runs after that many seconds and still writes the file (``complete`` false). ``--merge A.json B.json`` joins files of
 the same commit, device and versions (one per GPU call).
 
-GPU run plan (next session: one H100, calls of at most 10 minutes). The times are estimates from issue 19's numbers
-(HF static ~2.2k tok/s and HF continuous batching ~1.4k tok/s on a 0.37B shape, LLMEngine ~3k tok/s on an H200), not
-measurements; --time-limit 420 stops starting runs after 7 minutes, so a call ends by ~9 minutes even when the run
-under way is a long one, and the file keeps every run finished before it:
-    # 1. the headline, qwen3-0.6b on nano-vllm (134k output tokens): engine ~50 s a run, HF continuous batching ~100 s,
-    #    the static sweep 8..256 one batch each ~3 min, HF's best on the whole trace ~70-100 s: 3 repeats do not all
-    #    fit; what is left is listed as skipped_runs, and call 2 adds them
-    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --time-limit 420 \
-        --out benchmarks/results/serving_part1.json
-    # 2. the same trace, no sweep (the best B of call 1, e.g. 128), two more repeats of the three systems: ~8 min
-    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --hf-batch-sizes 128 --repeats 2 \
-        --time-limit 420 --out benchmarks/results/serving_part2.json
-        # a second file of the same pair: the lesson shows it beside part 1 (its own medians); --merge refuses the
-        # same pair twice, so keep part 2 as a file of its own
-    # 3. llama-3.2-1b on nano-vllm, sweep 32..256: ~9 min
-    python -m benchmarks.serving --models llama-3.2-1b --workloads nano-vllm --hf-batch-sizes 32,64,128,256 \
-        --time-limit 420 --out benchmarks/results/serving_part3.json
-    # 4. qwen3-0.6b on the course's four workloads (64 requests each, 2 repeats): ~8 min
+GPU run plan (one H100, calls of at most 10 minutes). Durations measured on an H100 on 2026-12-06 (gpu_checks.md), on
+the nano-vllm trace with qwen3-0.6b: setup (random-init model saved and loaded by both systems, warm-up) ~60 s;
+LLMEngine ~13 s a run (after b830606; 94 s before); HF continuous batching 307 s a run; HF generate at B = 128 on one
+batch of 128 requests 132 s, at B = 8 on one batch of 8 93 s (so the default sweep 8..256 on one batch each is ~10 min
+alone). --time-limit stops starting runs after that many seconds and still writes the file; each call below fits:
+    # 1. the headline vs HF's continuous batching: the engine 3x, HF CB once (~8 min)
+    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 \
+        --time-limit 400 --out benchmarks/results/serving_part1.json
+    # 2. the headline vs HF's best static batch, measured on the whole trace (the sweep point is the run): ~8 min
+    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static \
+        --hf-batch-sizes 128 --hf-sweep-sample full --repeats 1 --time-limit 400 \
+        --out benchmarks/results/serving_part2.json
+    # 3. the same with B = 256 (the best static batch on an 80 GB card is 128 or 256; the KV of 256 x 2,048 tokens
+    #    is ~30 GB in bf16 beside the engine's freed pool): ~9 min
+    python -m benchmarks.serving --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static \
+        --hf-batch-sizes 256 --hf-sweep-sample full --repeats 1 --time-limit 400 \
+        --out benchmarks/results/serving_part3.json
+    # 4. llama-3.2-1b on nano-vllm, the engine and HF CB: ~9 min
+    python -m benchmarks.serving --models llama-3.2-1b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 \
+        --time-limit 420 --out benchmarks/results/serving_part4.json
+    # 5. qwen3-0.6b on the course's four workloads (64 requests each): ~8 min
     python -m benchmarks.serving --models qwen3-0.6b --workloads chat,multi-turn,long-cot,multimodal \
-        --num-requests 64 --repeats 2 --hf-batch-sizes 16,64 --time-limit 420 \
-        --out benchmarks/results/serving_part4.json
-    # 5. sweeps on qwen3-0.6b, engine and HF continuous batching, 1 repeat: ~6 min
+        --num-requests 64 --repeats 1 --hf-batch-sizes 64 --hf-sweep-sample full --time-limit 420 \
+        --out benchmarks/results/serving_part5.json
+    # 6. sweeps on qwen3-0.6b, engine and HF continuous batching, 1 repeat: ~8 min
     python -m benchmarks.serving --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --sweep-repeats 1 \
         --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 \
-        --time-limit 420 --out benchmarks/results/serving_part5.json
-    # 6. the tiny model (host-bound on any device), all five workloads, the ablation rows: ~5 min
-    python -m benchmarks.serving --models tiny --ablation --time-limit 420 --out benchmarks/results/serving_part6.json
-    # then, on any machine: one file per device for the lesson (the parts deleted after)
-    python -m benchmarks.serving --merge benchmarks/results/serving_part1.json benchmarks/results/serving_part3.json ...
+        --time-limit 420 --out benchmarks/results/serving_part6.json
+    # 7. the tiny model (host-bound on any device), all five workloads, the ablation rows: ~5 min
+    python -m benchmarks.serving --models tiny --ablation --time-limit 420 --out benchmarks/results/serving_part7.json
+    # the lesson and the README read every serving_*.json; rename the parts serving_<device>_<date><letter>.json
 On a 4- or 8-GPU host the calls can run side by side, one per GPU (CUDA_VISIBLE_DEVICES=k ... &; wait), in one call:
 each comparison stays on one card. Set COURSE_GIT_COMMIT where the tree has no .git (record.git_commit).
 """

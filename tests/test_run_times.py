@@ -108,3 +108,17 @@ def test_the_detector_finds_quoted_run_times():
         "~14 s", "takes 3 minutes", "under two minutes", "about a minute"]
     assert quoted_times("Runs in <!-- run-time -->about 14 s on a 2-core CPU<!-- /run-time -->.") == []
     assert quoted_times("about as fast; arriving one every 0.3 s; a step of 12 ms; 4 s of audio") == []
+
+
+def test_others_are_the_processes_running_before_the_command():
+    """What a measurement shared the machine with: the CPU time of processes alive at both snapshots (not the
+    measuring process itself); processes the command started (a kernel, distributed workers) are new pids."""
+    import os
+
+    tck = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    before = {1: 0, 50: 10, me: 0}
+    after = {1: 0, 50: 10 + 3 * tck, me: 5 * tck, 900: 40 * tck}   # 50 busy for 3 s; 900 is the command's child
+    assert run_times._others_cpu_seconds(before, after) == 3.0
+    ticks = run_times._process_ticks()
+    assert ticks is None or (me in ticks and all(t >= 0 for t in ticks.values()))

@@ -47,7 +47,8 @@ OTHERS_BUSY = 0.25   # cores that other processes used, on average, above which 
 METHOD = ("wall time of `python -m pytest -q --nbval-lax --nbval-current-env <notebook>` (kernel start included), "
           "one notebook at a time; an exercise: its solved notebook (solutions/), and `python -m course_lib.grade "
           "--require-full <solution>` (grade_seconds). other_cpu_cores: the cores other processes kept busy meanwhile "
-          "(all CPU time used on the machine, /proc/stat, minus the command's own; grade_other_cpu_cores: the same "
+          "(the CPU time, from /proc, of the processes already running when the command started, so never the command's "
+          "own kernel or workers; grade_other_cpu_cores: the same "
           f"during grading); loaded: above {OTHERS_BUSY} during the notebook or its grading")
 
 
@@ -156,31 +157,44 @@ def problems(record: dict, root: Path = ROOT) -> list[str]:
 
 # ---- measuring ---------------------------------------------------------------------------------------------------
 
-def _cpu_seconds() -> float | None:
-    """CPU seconds every process on this machine has used since boot (Linux /proc/stat), None elsewhere."""
-    try:
-        user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
-    except (OSError, ValueError):
+def _process_ticks() -> dict[int, int] | None:
+    """CPU time (user + system, clock ticks) of every process on this machine (Linux /proc), None elsewhere."""
+    if not Path("/proc/stat").exists():
         return None
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    ticks = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:                                  # the process ended meanwhile
+                continue
+            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])   # utime, stime (fields 14, 15 of stat)
+    return ticks
+
+
+def _others_cpu_seconds(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds used between the two snapshots by the processes that were already running before (not this one):
+    the load the measurement shared the machine with. Processes the command started are new, so however they are
+    reaped (a Jupyter kernel, torch.distributed workers) they never count as others."""
+    me = os.getpid()
+    return sum(after[p] - t for p, t in before.items() if p in after and p != me) / os.sysconf("SC_CLK_TCK")
 
 
 def timed(command: list[str]) -> dict:
     """Run command in the repository; its wall time, the 1-minute load average before and after, and the cores other
     processes kept busy meanwhile (all CPU time used minus this command's own). Raises if the command fails."""
-    load_before, cpu_before, own_before = os.getloadavg()[0], _cpu_seconds(), os.times()
+    load_before, ticks_before = os.getloadavg()[0], _process_ticks()
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
-    cpu_after, own_after = _cpu_seconds(), os.times()
+    ticks_after = _process_ticks()
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
     out = dict(seconds=round(seconds, 1), load_1min_before=round(load_before, 2),
                load_1min_after=round(os.getloadavg()[0], 2))
-    if cpu_before is not None:
-        own = sum(own_after[:4]) - sum(own_before[:4])        # this process and its children, user + system
-        out["other_cpu_cores"] = round(max(0.0, (cpu_after - cpu_before - own) / seconds), 2)
+    if ticks_before is not None and ticks_after is not None:
+        out["other_cpu_cores"] = round(_others_cpu_seconds(ticks_before, ticks_after) / seconds, 2)
         out["loaded"] = out["other_cpu_cores"] > OTHERS_BUSY
     return out
 
