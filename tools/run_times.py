@@ -47,8 +47,8 @@ OTHERS_BUSY = 0.25   # cores that other processes used, on average, above which 
 METHOD = ("wall time of `python -m pytest -q --nbval-lax --nbval-current-env <notebook>` (kernel start included), "
           "one notebook at a time; an exercise: its solved notebook (solutions/), and `python -m course_lib.grade "
           "--require-full <solution>` (grade_seconds). other_cpu_cores: the cores other processes kept busy meanwhile "
-          "(the CPU time, from /proc, of the processes already running when the command started, so never the command's "
-          "own kernel or workers; grade_other_cpu_cores: the same "
+          "(the CPU time, from /proc, of the processes already running when the command started, so never the "
+          "command's own kernel or workers; grade_other_cpu_cores: the same "
           f"during grading); loaded: above {OTHERS_BUSY} during the notebook or its grading")
 
 
