@@ -76,6 +76,7 @@ alone). --time-limit stops starting runs after that many seconds and still write
     # 7. the tiny model (host-bound on any device), all five workloads, the ablation rows: ~5 min
     python -m benchmarks.serving --models tiny --ablation --time-limit 420 --out benchmarks/results/serving_part7.json
     # the lesson and the README read every serving_*.json; rename the parts serving_<device>_<date><letter>.json
+    # (benchmarks/gpu_call.sh runs each of these as a step: STEPS=serving1 ... serving7)
 On a 4- or 8-GPU host the calls can run side by side, one per GPU (CUDA_VISIBLE_DEVICES=k ... &; wait), in one call:
 each comparison stays on one card. Set COURSE_GIT_COMMIT where the tree has no .git (record.git_commit).
 """

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device-tool call on one GPU: named steps, each with its own time limit, results copied to $OUT as soon as a
+# step writes them (a later step running out of time loses nothing). With .whl/ carried (../shared/tools/device-wheels.sh).
+#     STEPS="tests_fa serving1" COURSE_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_call.sh
+# The steps left open after session 6 (2026-12-06), in the order to run them (the serving plan and its measured
+# durations are in benchmarks/serving.py's docstring):
+#   tests_fa     the float32 autotuned FlashAttention test (FP32_MAX_TILE), every autotune config, the smoke run
+#   tests_gpu    the other GPU tests not yet run compiled since they changed
+#   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
+set -u
+OUT=${OUT:-/tmp/gpu_call}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD COURSE_GIT_COMMIT=${COURSE_GIT_COMMIT:-unknown}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    > /dev/null 2>&1 && export PYTHONPATH=$PWD:/tmp/site
+fi
+touch /tmp/.gpu_call_start
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'triton', triton.__version__, 'transformers', transformers.__version__)"
+  date -u +%FT%TZ; } > "$OUT/env.log" 2>&1
+step() {   # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0; t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name rc=$? $(( $(date +%s) - t0 )) s" | tee -a "$OUT/env.log"
+  find benchmarks/results -name "*.json" -newer /tmp/.gpu_call_start -exec cp {} "$OUT/" \;
+}
+serving() {   # serving N ARGS...: benchmarks.serving with --out serving_partN.json
+  local n=$1; shift
+  step "serving$n" 560 python3 -m benchmarks.serving "$@" --out "$OUT/serving_part$n.json"
+}
+for s in ${STEPS:?set STEPS}; do
+  case $s in
+    tests_fa) step tests_fa 300 python3 -m pytest -v -rfE tests/test_flash_attention_bwd.py -k "gpu or benchmark or float32" ;;
+    tests_gpu) step tests_gpu 400 python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
+                 tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
+                 tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py ;;
+    serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;
+    serving2) serving 2 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static --hf-batch-sizes 128 \
+                --hf-sweep-sample full --repeats 1 --time-limit 400 ;;
+    serving3) serving 3 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static --hf-batch-sizes 256 \
+                --hf-sweep-sample full --repeats 1 --time-limit 400 ;;
+    serving4) serving 4 --models llama-3.2-1b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 420 ;;
+    serving5) serving 5 --models qwen3-0.6b --workloads chat,multi-turn,long-cot,multimodal --num-requests 64 \
+                --repeats 1 --hf-batch-sizes 64 --hf-sweep-sample full --time-limit 420 ;;
+    serving6) serving 6 --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --sweep-repeats 1 \
+                --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 --time-limit 420 ;;
+    serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
+    *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
+  esac
+done
