@@ -516,7 +516,8 @@ def check_end_to_end(allocator_cls, slot_mapping_fn, append_fn, kernel) -> Check
     with Checker("end_to_end", points=2, timeout_s=240) as c:
         check_is_kernel(c, kernel, "check_end_to_end(Allocator, slot_mapping, append_slot, _paged_attention_kernel)")
         if run_beside(kernel, "course_lib.grading.kernels:is_stub", kernel):
-            raise NotImplementedError("Exercise: write the body of _paged_attention_kernel")
+            raise NotImplementedError("Exercise: this check runs exercises 1, 2, 3 and 5 together: finish them first "
+                                      "(_paged_attention_kernel is still the stub)")
         case = (f"{len(prompts)} prompts of {', '.join(str(len(p)) for p, _ in prompts)} tokens, {prompts[0][1]} new "
                 f"tokens each, block size {_E2E_BLOCK_SIZE}, decoded together")
         for pieces, used in [(book + (None,), "your Allocator, slot_mapping and append_slot with the library's kernel"),
