@@ -223,3 +223,40 @@ def test_paged_attention_kernel_check_catches():
     out_unscaled_row = edited(kernel, {"tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM":
                                        "tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM * NUM_KV_HEADS"})
     assert_caught(lesson02.check_paged_attention_kernel(out_unscaled_row), "wrote outside `out` (row 4, offset 0)")
+
+
+# ---------------------------------------------------------------- end to end: the pieces decode the tiny model
+class HandsOutAUsedBlock(SOLVED.Allocator):
+    def allocate(self):       # reads the free list without taking the block off it
+        b = self.free_block_ids[0]
+        self.ref_counts[b] = 1
+        return b
+
+
+def slot_mapping_boundary(t, s, e, P):      # the first token of every block but the first lands in the block before
+    return [t[max(i - 1, 0) // P] * P + i % P for i in range(s, e)]
+
+
+def test_end_to_end_check():
+    pieces = (SOLVED.Allocator, SOLVED.slot_mapping, SOLVED.append_slot, SOLVED._paged_attention_kernel)
+    assert lesson02.check_end_to_end(*pieces).status == "passed"
+    assert_not_attempted(lesson02.check_end_to_end(STUBS.Allocator, stub, stub, STUBS._paged_attention_kernel))
+    assert_not_attempted(lesson02.check_end_to_end(*pieces[:3], STUBS._paged_attention_kernel))
+    assert_not_attempted(lesson02.check_end_to_end(pieces[0], stub, *pieces[2:]))
+
+
+def test_end_to_end_check_names_the_broken_piece():
+    allocator, slots, append, kernel = SOLVED.Allocator, SOLVED.slot_mapping, SOLVED.append_slot, \
+        SOLVED._paged_attention_kernel
+    assert_caught(lesson02.check_end_to_end(HandsOutAUsedBlock, slots, append, kernel),
+                  "Allocator.allocate() handed out block")
+    assert_caught(lesson02.check_end_to_end(allocator, slot_mapping_boundary, append, kernel),
+                  "your slot_mapping alone already changes the tokens")
+    assert_caught(lesson02.check_end_to_end(allocator, slots, append_slot_off_by_one, kernel),
+                  "append a new block exactly when the last one is full")
+    assert_caught(lesson02.check_end_to_end(allocator, slots, append_slot_returns_block, kernel),
+                  "your append_slot alone already changes the tokens")
+    truncate = edited(kernel, {"tl.cdiv(context_len, BLOCK_SIZE)": "context_len // BLOCK_SIZE"})  # drops the last block
+    assert_caught(lesson02.check_end_to_end(allocator, slots, append, truncate), "with your _paged_attention_kernel")
+    wrong_gqa = edited(kernel, {"kv_head = head // QUERIES_PER_KV": "kv_head = head % NUM_KV_HEADS"})
+    assert_caught(lesson02.check_end_to_end(allocator, slots, append, wrong_gqa), "with your _paged_attention_kernel")

@@ -17,6 +17,7 @@ from course_lib.paging.block_manager import BlockAllocator, OutOfBlocksError
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.kernels import check_is_kernel, launch
+from course_lib.grading.remote import run_beside
 from kernels.reference import paged_attention_decode as _reference_attention
 
 
@@ -355,3 +356,193 @@ def _wrong_gqa(q, k_cache, v_cache, tables, context_lens, Hkv):
     order = torch.tensor([(h % Hkv) * G + h // Hkv for h in range(Hq)])
     out = _reference_attention(q[:, torch.argsort(order)], k_cache, v_cache, tables, context_lens)
     return out[:, order]
+
+
+# ---------------------------------------------------------------- end to end: the pieces decode the shipped model
+# 7, 8 and 15 tokens: with blocks of 8, a block that fills up during the decode, a full one (the first new token
+# opens a block), and a prefill over two blocks whose decode opens a third
+_E2E_PROMPTS = [("And God said, Let there", 3), ("And God said, Let there be", 3),
+                ("1 In the beginning God created the heaven and the earth.", 3)]
+_E2E_BLOCK_SIZE = 8
+_PIECES = ("Allocator", "slot_mapping", "append_slot", "_paged_attention_kernel")
+
+
+class _PieceError(Exception):
+    """A piece returned something the decode cannot use: the message names it."""
+
+
+def _library_slot_mapping(block_table, start, end, block_size):
+    return [block_table[i // block_size] * block_size + i % block_size for i in range(start, end)]
+
+
+def _library_append_slot(allocator, block_table, num_tokens, block_size):
+    if num_tokens == len(block_table) * block_size:
+        block_table.append(allocator.allocate())
+    return block_table[num_tokens // block_size] * block_size + num_tokens % block_size
+
+
+class _BlockTableCache:
+    """The model's cache protocol over one pool of blocks ``[N, P, Hkv, D]`` per layer, for one forward pass whose
+    slots and block tables the caller prepared: a prefill (one row, S tokens) attends by gathering its blocks, a
+    decode (one token per row) through ``kernel`` (None: the reference, ``kernels.reference``)."""
+
+    def __init__(self, k_pool, v_pool, slots, tables, context_lens, kernel):
+        self.k_pool, self.v_pool, self.kernel, self.length = k_pool, v_pool, kernel, 0
+        self.slots = torch.tensor(slots, dtype=torch.int64)
+        width = max(len(t) for t in tables)
+        self.tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.context_lens = torch.tensor(context_lens, dtype=torch.int32)
+
+    def attend(self, layer, q, k, v):
+        B, Hq, S, D = q.shape
+        k_cache, v_cache = self.k_pool[layer], self.v_pool[layer]
+        N, P, Hkv, _ = k_cache.shape
+        k_cache.view(N * P, Hkv, D)[self.slots] = k.transpose(1, 2).reshape(B * S, Hkv, D)
+        v_cache.view(N * P, Hkv, D)[self.slots] = v.transpose(1, 2).reshape(B * S, Hkv, D)
+        if S > 1:   # a prefill: gather the row's blocks, attend causally (the kernel is a decode kernel)
+            from course_lib.model.attention import attention
+
+            L = int(self.context_lens[0])
+            k_all = k_cache[self.tables[0].long()].reshape(-1, Hkv, D)[:L].transpose(0, 1)[None]
+            v_all = v_cache[self.tables[0].long()].reshape(-1, Hkv, D)[:L].transpose(0, 1)[None]
+            return attention(q, k_all, v_all, causal=True)
+        q = q[:, :, 0].contiguous()
+        if self.kernel is None:
+            out = _reference_attention(q, k_cache, v_cache, self.tables, self.context_lens)
+        else:
+            out = torch.full_like(q, float("nan"))
+            launch(self.kernel, (B, Hq), q, k_cache, v_cache, self.tables, self.context_lens, out, 1 / math.sqrt(D),
+                   self.tables.shape[1], NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv, BLOCK_SIZE=P, HEAD_DIM=D,
+                   exercise="Exercise: write the body of _paged_attention_kernel", bounds_hint=PAGED_BOUNDS_HINT)
+        return out[:, :, None]
+
+    def advance(self, num_tokens):
+        pass
+
+
+def _checked_slots(slots, count, num_slots, where):
+    if not isinstance(slots, (list, tuple)) or len(slots) != count or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < num_slots for s in slots):
+        raise _PieceError(f"{where} returned {str(slots)[:80]}: expected {count} slot(s), ints in 0 ... "
+                          f"{num_slots - 1}")
+    return list(slots)
+
+
+def _append(append_fn, allocator, tables, row, num_tokens, block_size, num_slots):
+    """append_slot for token ``num_tokens`` of sequence ``row``; the block table must grow by exactly the block the
+    token needs, a block no other sequence holds."""
+    table = tables[row]
+    before = list(table)
+    slot = append_fn(allocator, table, num_tokens, block_size)
+    where = f"append_slot(allocator, block_table={before}, num_tokens={num_tokens}, block_size={block_size})"
+    if len(table) != num_tokens // block_size + 1 or table[:len(before)] != before:
+        raise _PieceError(f"{where} left the block table {list(table)}: a sequence of {num_tokens + 1} tokens needs "
+                          f"{num_tokens // block_size + 1} block(s); append a new block exactly when the last one is "
+                          "full")
+    for new in table[len(before):]:
+        holders = [i for i, t in enumerate(tables) if i != row and new in t] + ([row] if new in before else [])
+        if holders:
+            raise _PieceError(f"Allocator.allocate() handed out block {new}, which sequence {holders[0]} still holds "
+                              "(its K/V would be overwritten): allocate() must take a block off the free list")
+    return _checked_slots([slot], 1, num_slots, where)[0]
+
+
+def paged_decode(allocator_cls, slot_mapping_fn, append_fn, kernel, prompts, block_size: int = _E2E_BLOCK_SIZE):
+    """Greedy decode of ``prompts`` [(token ids, max_new_tokens)] on the shipped tiny model (float32), the sequences
+    sharing one pool of blocks and one allocator: each prompt is prefilled alone (its blocks taken with append_slot,
+    its K/V written through slot_mapping), then all decode together, one token per sequence per step (append_slot
+    gives each new token its slot, the kernel attends through the block tables). A piece given as None is the
+    library's. Returns the new tokens of each prompt, or ``{"error": message}`` when a piece returned something
+    unusable. Runs where the learner's code lives (the grader runs it in the notebook's kernel)."""
+    from course_lib.grading.lesson01 import _float32_target
+
+    allocator_cls = allocator_cls or BlockAllocator
+    slot_mapping_fn = slot_mapping_fn or _library_slot_mapping
+    append_fn = append_fn or _library_append_slot
+    model = _float32_target()[0]
+    cfg = model.config
+    num_blocks = sum(-(-(len(p) + n) // block_size) for p, n in prompts) + 2
+    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    k_pool = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    v_pool = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+    allocator, tables, lens, outs = allocator_cls(num_blocks), [], [], []
+    try:
+        with torch.no_grad():
+            for row, (prompt, _) in enumerate(prompts):   # prefill, one prompt at a time
+                tables.append([])
+                for n in range(len(prompt)):
+                    _append(append_fn, allocator, tables, row, n, block_size, num_blocks * block_size)
+                slots = _checked_slots(slot_mapping_fn(list(tables[row]), 0, len(prompt), block_size), len(prompt),
+                                       num_blocks * block_size, f"slot_mapping(block_table={tables[row]}, start=0, "
+                                       f"end={len(prompt)}, block_size={block_size})")
+                cache = _BlockTableCache(k_pool, v_pool, slots, [tables[row]], [len(prompt)], kernel)
+                logits = model(torch.tensor([prompt]), cache=cache, last_token_only=True)
+                outs.append([int(logits[0, -1].argmax())])
+                lens.append(len(prompt))
+            for _ in range(max(n for _, n in prompts) - 1):   # decode: one token for every unfinished sequence
+                rows = [r for r, (_, n) in enumerate(prompts) if len(outs[r]) < n]
+                slots = [_append(append_fn, allocator, tables, r, lens[r], block_size, num_blocks * block_size)
+                         for r in rows]
+                cache = _BlockTableCache(k_pool, v_pool, slots, [tables[r] for r in rows],
+                                         [lens[r] + 1 for r in rows], kernel)
+                logits = model(torch.tensor([[outs[r][-1]] for r in rows]), cache=cache,
+                               positions=torch.tensor([[lens[r]] for r in rows]), last_token_only=True)
+                for i, r in enumerate(rows):
+                    outs[r].append(int(logits[i, -1].argmax()))
+                    lens[r] += 1
+    except _PieceError as err:
+        return {"error": str(err)}
+    return outs
+
+
+def check_end_to_end(allocator_cls, slot_mapping_fn, append_fn, kernel) -> CheckResult:
+    """Your four pieces together decode the shipped tiny model: prompts of different lengths share one pool and
+    your allocator, decode together (block size 8: they cross block boundaries in prefill and decode), append_slot
+    and slot_mapping place every token's K/V, your kernel attends at every decode step. The greedy tokens must
+    equal ``greedy_generate(..., use_cache=False)`` exactly. Your bookkeeping runs first with the library's kernel
+    (each bookkeeping piece alone, with the library's others, when the tokens differ: the hint names the one that
+    breaks them), then with your kernel."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.model.generate import greedy_generate
+
+    model, tok = _float32_target()
+    prompts = [(tok.encode(text), n) for text, n in _E2E_PROMPTS]
+    want = [greedy_generate(model, p, n, use_cache=False) for p, n in prompts]
+    book = (allocator_cls, slot_mapping_fn, append_fn)
+
+    def decode(*pieces):
+        return run_beside(allocator_cls, "course_lib.grading.lesson02:paged_decode", *pieces, prompts)
+
+    with Checker("end_to_end", points=2, timeout_s=240) as c:
+        check_is_kernel(c, kernel, "check_end_to_end(Allocator, slot_mapping, append_slot, _paged_attention_kernel)")
+        if run_beside(kernel, "course_lib.grading.kernels:is_stub", kernel):
+            raise NotImplementedError("Exercise: this check runs exercises 1, 2, 3 and 5 together: finish them first "
+                                      "(_paged_attention_kernel is still the stub)")
+        case = (f"{len(prompts)} prompts of {', '.join(str(len(p)) for p, _ in prompts)} tokens, {prompts[0][1]} new "
+                f"tokens each, block size {_E2E_BLOCK_SIZE}, decoded together")
+        for pieces, used in [(book + (None,), "your Allocator, slot_mapping and append_slot with the library's kernel"),
+                             (book + (kernel,), "all four of your pieces")]:
+            c.case = f"{case}; {used}"
+            got = decode(*pieces)
+            if isinstance(got, dict):
+                c.check(False, expected="a decode the pieces can serve", got=got["error"],
+                        hint="the unit check of that piece above shows the rule; here it broke the decode")
+            if got == want:
+                c.cases_passed += 1
+                continue
+            if pieces[3] is None:   # each bookkeeping piece alone, with the library's others
+                guilty = [name for i, name in enumerate(_PIECES[:3])
+                          if decode(*[p if j == i else None for j, p in enumerate(book)], None) != want]
+                hint = (f"with the library's other pieces, your {' and your '.join(guilty)} alone already "
+                        f"change{'s' * (len(guilty) == 1)} the tokens: look at the tokens that cross a block boundary"
+                        if guilty else "each of your pieces decodes correctly with the library's others, but not "
+                        "together: append_slot and slot_mapping must agree on where token i lives, "
+                        "block_table[i // block_size] * block_size + i % block_size")
+            else:
+                hint = ("your bookkeeping decodes correctly with the library's kernel, with your "
+                        "_paged_attention_kernel the tokens change: it must attend over all context_lens[seq] tokens "
+                        "(the partly filled last block included) through the block table")
+            row = next(r for r in range(len(want)) if got[r] != want[r])
+            c.check_equal(got[row], want[row], case=f"{c.case}: the new tokens of prompt {row} "
+                          f"({len(prompts[row][0])} tokens) vs greedy_generate(use_cache=False)", hint=hint)
+    return c.result
