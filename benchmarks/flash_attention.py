@@ -60,6 +60,22 @@ def sdpa_backends() -> dict:
     return {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
+def probe_backends(try_backend) -> dict:
+    """name -> "available" or "unavailable: <why>" for each SDPA backend we compare with; ``try_backend(backend)``
+    runs it once on a small input (raises RuntimeError where this machine cannot). Without a GPU: none."""
+    if not HAS_GPU:
+        return {"sdpa_flash": "unavailable: no CUDA GPU", "sdpa_cudnn": "unavailable: no CUDA GPU"}
+    status = {}
+    for name, backend in sdpa_backends().items():
+        try:
+            try_backend(backend)
+            status[name] = "available"
+        except RuntimeError as err:
+            status[name] = f"unavailable: {str(err).splitlines()[0][:200]}"
+            print(f"{name} is unavailable on this machine, skipped: {status[name]}", flush=True)
+    return status
+
+
 def sdpa(backend, q, k, v, causal):
     from torch.nn.attention import sdpa_kernel
 
@@ -108,16 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 
     backends = sdpa_backends() if HAS_GPU else {}
-    for bname, backend in backends.items():  # probe: is this backend usable here at all?
-        q = torch.randn(1, 16, 256, 128, device=DEVICE, dtype=torch.float16)
-        try:
-            sdpa(backend, q, q, q, False)
-            result["backends"][bname] = "available"
-        except RuntimeError as err:
-            result["backends"][bname] = f"unavailable: {str(err).splitlines()[0][:200]}"
-            print(f"{bname} is unavailable on this machine, skipped: {result['backends'][bname]}", flush=True)
-    if not HAS_GPU:
-        result["backends"] = {"sdpa_flash": "unavailable: no CUDA GPU", "sdpa_cudnn": "unavailable: no CUDA GPU"}
+    q = torch.randn(1, 16, 256, 128, device=DEVICE, dtype=torch.float16)
+    result["backends"] = probe_backends(lambda backend: sdpa(backend, q, q, q, False))
     usable = {b: backend for b, backend in backends.items() if result["backends"][b] == "available"}
     total_mem = torch.cuda.get_device_properties(0).total_memory if HAS_GPU else 2**31
 

@@ -29,7 +29,7 @@ from course_lib.model.online_softmax import attention_backward_flops, attention_
 
 from course_lib.analysis.roofline import time_fn
 
-from benchmarks.flash_attention import sdpa_backends
+from benchmarks.flash_attention import probe_backends, sdpa, sdpa_backends
 from benchmarks.record import parse_args, provenance, write
 
 #: Agreement required before ours is timed: max |ours - SDPA-flash| <= GRAD_RTOL · max |SDPA-flash| for each gradient
@@ -48,16 +48,9 @@ def config(quick: bool) -> dict:
 def implementations(usable: dict) -> dict:
     """name -> attention(q, k, v, causal): ours, and SDPA restricted to each usable backend (on CPU: SDPA's default,
     the math backend, as the reference the errors are measured against)."""
-    from torch.nn.attention import sdpa_kernel
-
-    def sdpa(backend):
-        def run(q, k, v, causal):
-            with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return run
-
     impls = {"ours": lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal)}
-    impls.update({name: sdpa(backend) for name, backend in usable.items()})
+    impls.update({name: (lambda q, k, v, causal, b=backend: sdpa(b, q, k, v, causal))
+                  for name, backend in usable.items()})
     if not HAS_GPU:
         impls["sdpa_math"] = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return impls
@@ -107,17 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
         return write(result, "flash_attention_bwd", args.out)
 
     backends = sdpa_backends() if HAS_GPU else {}
-    for name, backend in backends.items():  # probe: does this backend run forward and backward here at all?
-        q, k, v = (torch.randn(1, 16, 256, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        try:
-            grads(implementations({name: backend})[name], q, k, v, torch.ones_like(q), True)
-            result["backends"][name] = "available"
-        except RuntimeError as err:
-            result["backends"][name] = f"unavailable: {str(err).splitlines()[0][:200]}"
-            print(f"{name} is unavailable here, skipped: {result['backends'][name]}", flush=True)
-    if not HAS_GPU:
-        result["backends"] = {"sdpa_flash": "unavailable: no CUDA GPU", "sdpa_cudnn": "unavailable: no CUDA GPU"}
+    q, k, v = (torch.randn(1, 16, 256, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))   # the probe runs forward and backward: a backend may lack either
+    result["backends"] = probe_backends(lambda backend: grads(lambda *a: sdpa(backend, *a), q, k, v,
+                                                              torch.ones_like(q), True))
     impls = implementations({b: backend for b, backend in backends.items() if result["backends"][b] == "available"})
     reference = next((name for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_math") if name in impls), None)
     result["grad_reference"] = reference
