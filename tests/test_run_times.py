@@ -122,3 +122,15 @@ def test_others_are_the_processes_running_before_the_command():
     assert run_times._others_cpu_seconds(before, after) == 3.0
     ticks = run_times._process_ticks()
     assert ticks is None or (me in ticks and all(t >= 0 for t in ticks.values()))
+
+
+def test_a_run_is_called_loaded_only_for_the_entries_still_taken_from_it():
+    """A run flagged loaded for one lesson, whose entry was re-measured since by another run: the lessons it still
+    supplies were measured unloaded, and the README says so."""
+    record = fake_record()
+    record["lessons"]["02"] = dict(seconds=12.0, run="2026-12-07T10:00:00+00:00", loaded=False)
+    record["lessons"]["03"] = dict(seconds=9.0, run="later", loaded=False)          # re-measured
+    record["runs"]["later"] = dict(measured_by_script=True, date="2026-12-08T10:00:00+00:00", loaded=False)
+    source = readme_cell(record, "source")
+    assert "02: measured by the script, 2026-12-07, unloaded" in source
+    assert "03: measured by the script, 2026-12-08, unloaded" in source

@@ -91,7 +91,8 @@ def readme_cell(record: dict, key: str) -> str:
     parts = []
     for run_id, numbers in groups.items():
         run = record["runs"][run_id]
-        how = (f"measured by the script, {run['date'][:10]}, {'loaded' if run['loaded'] else 'unloaded'}"
+        loaded = any(record["lessons"][n].get("loaded") for n in numbers)   # these entries, not the whole run's
+        how = (f"measured by the script, {run['date'][:10]}, {'loaded' if loaded else 'unloaded'}"
                if run["measured_by_script"] else f"carried over from the {run['source']}")
         parts.append(f"{_spans(numbers)}: {how}")
     name = REFERENCE.relative_to(ROOT).as_posix()
