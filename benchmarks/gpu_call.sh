@@ -6,6 +6,8 @@
 # durations are in benchmarks/serving.py's docstring):
 #   tests_fa     the float32 autotuned FlashAttention test (FP32_MAX_TILE), every autotune config, the smoke run
 #   tests_gpu    the other GPU tests not yet run compiled since they changed
+#   engine_async the engine on nano-vllm's trace with async scheduling (on by default on a GPU), without it, and
+#                without CUDA graphs, 3 repeats each (~5 min)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
 set -u
 OUT=${OUT:-/tmp/gpu_call}
@@ -33,10 +35,13 @@ serving() {   # serving N ARGS...: benchmarks.serving with --out serving_partN.j
 }
 for s in ${STEPS:?set STEPS}; do
   case $s in
-    tests_fa) step tests_fa 300 python3 -m pytest -v -rfE tests/test_flash_attention_bwd.py -k "gpu or benchmark or float32" ;;
-    tests_gpu) step tests_gpu 400 python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
+    tests_fa) step tests_fa ${FA_LIMIT:-300} python3 -m pytest -v -rfE tests/test_flash_attention_bwd.py -k "gpu or benchmark or float32" ;;
+    tests_gpu) step tests_gpu ${GPU_LIMIT:-400} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
                  tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
-                 tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py ;;
+                 tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py \
+                 tests/test_engine.py ;;
+    engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
+                --repeats 3 --time-limit 330 ;;
     serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;
     serving2) serving 2 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static --hf-batch-sizes 128 \
                 --hf-sweep-sample full --repeats 1 --time-limit 400 ;;

@@ -7,7 +7,8 @@ On one trace and one card, the same weights for every system (a random-init mode
 temp folder first, and both ``course_lib`` and ``transformers`` load that folder), it compares:
 
 * ``LLMEngine`` with every switch on (paged KV, continuous batching, chunked prefill, prefix caching, and on a GPU the
-  Triton kernels and CUDA graphs); ``--ablation`` adds one row per switch turned off (and one with INT8 K/V);
+  Triton kernels, CUDA graphs and async scheduling); ``--ablation`` adds one row per switch turned off (and one
+  with INT8 K/V);
 * ``transformers`` ``generate()`` in static batches (``course_lib.serving.hf_baseline``), its batch size swept
   (``--hf-batch-sizes``, 8 ... 256 on a GPU; each sweep point one run, on one batch of the trace or on the whole trace,
   ``--hf-sweep-sample``), then the best batch size measured on the whole trace with repeats, ``attn_implementation``
@@ -108,10 +109,12 @@ SYSTEMS = ("llmengine", "hf-static", "hf-cb", "static-ours")
 DEFAULT_SYSTEMS = ("llmengine", "hf-static", "hf-cb")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: every switch off in turn (the engine row has them all on), and INT8 K/V on top
-ABLATION = {"LLMEngine - CUDA graphs": dict(enforce_eager=True),
-            "LLMEngine - prefix caching": dict(enable_prefix_caching=False),
-            "LLMEngine - chunked prefill": dict(enable_chunked_prefill=False),
-            "LLMEngine + INT8 KV": dict(kv_cache_dtype="int8")}
+#: (``--ablation`` all of them, or ``--ablation async,graphs``: the keys)
+ABLATION = {"graphs": ("LLMEngine - CUDA graphs", dict(enforce_eager=True)),
+            "async": ("LLMEngine - async scheduling", dict(async_scheduling=False)),
+            "prefix": ("LLMEngine - prefix caching", dict(enable_prefix_caching=False)),
+            "chunked": ("LLMEngine - chunked prefill", dict(enable_chunked_prefill=False)),
+            "int8": ("LLMEngine + INT8 KV", dict(kv_cache_dtype="int8"))}
 
 
 def _ints(text: str) -> list[int]:
@@ -134,7 +137,8 @@ def parse_args(argv):
     p.add_argument("--workloads", default=None,
                    help=f"comma-separated from {','.join(WORKLOADS)}, or none (default: all; --quick nano-vllm,chat)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help=f"comma-separated from {','.join(SYSTEMS)}")
-    p.add_argument("--ablation", action="store_true", help="add the engine's rows with one switch off (+ INT8 KV)")
+    p.add_argument("--ablation", nargs="?", const=",".join(ABLATION), default="",
+                   help=f"add the engine's rows with one switch off (+ INT8 KV): all, or some of {','.join(ABLATION)}")
     p.add_argument("--num-requests", type=int, default=None,
                    help="requests per workload (default: nano-vllm 256, the course's 64; --quick 8)")
     p.add_argument("--max-model-len", type=int, default=2048, help="context of the random-init shapes")
@@ -177,6 +181,7 @@ def parse_args(argv):
     args.models = _names(args.models or ("tiny" if q else ",".join(MODELS)), MODELS, "model")
     args.workloads = _names(args.workloads or ("nano-vllm,chat" if q else ",".join(WORKLOADS)), WORKLOADS, "workload")
     args.systems = _names(args.systems, SYSTEMS, "system")
+    args.ablation = _names(args.ablation, ABLATION, "ablation row")
     args.hf_batch_sizes = _ints(args.hf_batch_sizes or ("2,4,8" if q else "8,16,32,64,128,256"))
     args.hf_sweep_sample = args.hf_sweep_sample or ("batch" if HAS_GPU else "full")
     args.max_output = args.max_output or (32 if q else None)
@@ -393,7 +398,7 @@ def bench_workload(bench: Bench, model, hf_model, mname: str, workload: str, tra
         engine_row = new_row(rows, **key, system="llmengine", config="LLMEngine (all switches)")
         bench.measure(engine_row, engine_fn({}, True))                 # first: its KV capacity sizes HF's
         todo.append((engine_row, engine_fn({}, True)))
-        for name, extra in (ABLATION.items() if args.ablation else ()):
+        for name, extra in (ABLATION[a] for a in args.ablation):
             todo.append((new_row(rows, **key, system="llmengine-ablation", config=name), engine_fn(extra, False)))
     # the engine's KV capacity, or the trace's own tokens if fewer (more could never be used; a smaller cache is
     # also less likely to run the card out of memory beside the models)

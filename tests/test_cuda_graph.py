@@ -6,6 +6,8 @@ record (same buffers, same padding, same cache protocol) and "replay" by calling
 driver's recording is exercised. On a GPU the real graphs run against ``enforce_eager=True``."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -43,11 +45,13 @@ class RecordedGraphs(DecodeGraphs):
             self.graphs[b] = _Replay(lambda b=b: self._forward(b))
 
 
-@pytest.mark.parametrize("max_num_seqs", [3, 5])
-def test_engine_with_replayed_decode_steps_equals_the_engine_without(max_num_seqs):
+@pytest.mark.parametrize("max_num_seqs, async_scheduling", [(3, False), (5, False), (5, True)])
+def test_engine_with_replayed_decode_steps_equals_the_engine_without(max_num_seqs, async_scheduling):
+    """With async scheduling, each replay takes the previous step's tokens from its sampled ids on the device."""
     model, tok = load_tiny("draft", dtype=torch.float32, device="cpu")   # 2 layers: fast on a CPU
     prompts, params, reference = corpus_requests(model, tok)
-    engine = LLMEngine(model, max_num_seqs=max_num_seqs, num_blocks=64, block_size=4)
+    engine = LLMEngine(model, max_num_seqs=max_num_seqs, num_blocks=64, block_size=4,
+                       async_scheduling=async_scheduling)
     graphs = {}
 
     def recorded(m, pool):
@@ -112,3 +116,24 @@ def test_seeded_sampling_is_the_same_with_graphs():
              for o in LLMEngine(model, max_num_seqs=8, enforce_eager=e).generate(prompts, params)]
             for e in (True, False)]
     assert outs[0] == outs[1]
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_async_scheduling_gives_the_synchronous_engines_tokens_on_a_gpu(enforce_eager):
+    """The launched steps overlap the host for real here: replayed graphs (and eager steps) read their input ids
+    from the previous step's sampled ids, a stop token is found one step late."""
+    model, tok = load_tiny("target")
+    prompts, params, _ = corpus_requests(model, tok)
+    stop = [replace(p, stop_token_ids=(tok.encode(" ")[0],)) for p in params]
+    for trace in (params, stop):
+        outs = {}
+        for overlap in (False, True):
+            engine = LLMEngine(model, max_num_seqs=8, enforce_eager=enforce_eager, async_scheduling=overlap)
+            outs[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason)
+                             for o in engine.generate(prompts, trace)]
+            assert_all_blocks_free(engine)
+            if not enforce_eager:
+                (g,) = engine._graphs.values()
+                assert g.num_replays > 0
+        assert outs[True] == outs[False]

@@ -70,6 +70,10 @@ class EngineConfig:
     enforce_eager           run every step eagerly, never through a captured CUDA graph (vLLM's switch to debug or
                             compare against graphs). By default, with the kernels on a GPU, decode-only steps replay
                             one CUDA graph per batch-size bucket (``course_lib.serving.cuda_graph``)
+    async_scheduling        plan step k + 1 on the host while the GPU runs step k (vLLM's name;
+                            ``course_lib.serving.async_scheduling``): greedy steps launch without waiting for their
+                            tokens, which are read back one step later. Default None: on for a model on a GPU, off
+                            on a CPU (nothing to overlap there; True runs the same logic, which the tests use)
     gpu_memory_utilization  the fraction of the GPU's memory the engine may take (model, activations and KV blocks),
                             in (0, 1]: on a GPU without ``num_blocks``, the KV cache gets what a profiling pass of the
                             largest step leaves of it (``course_lib.serving.memory``), up to max_num_seqs full
@@ -92,6 +96,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     speculative_disable_by_batch_size: int | None = None
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     gpu_memory_utilization: float = 0.9
 
     def __post_init__(self):
@@ -105,6 +110,7 @@ class EngineConfig:
             raise ValueError(f"enable_partial_swap=True needs preemption_mode='swap', got "
                              f"preemption_mode={self.preemption_mode!r}")
         _bool("use_kernels", self.use_kernels, optional=True)
+        _bool("async_scheduling", self.async_scheduling, optional=True)
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}")
         if self.num_cpu_blocks is not None:
@@ -133,7 +139,7 @@ class EngineConfig:
 
     def resolve(self, model, speculative_model=None) -> EngineConfig:
         """This config for ``model`` (and its draft): the model-dependent checks, and every ``None`` default that
-        depends on the model filled in (num_blocks, max_num_batched_tokens, num_cpu_blocks)."""
+        depends on the model filled in (num_blocks, max_num_batched_tokens, num_cpu_blocks, async_scheduling)."""
         max_model_len = model.config.max_position_embeddings
         k = check_speculative_config(model, speculative_model, self.num_speculative_tokens)
         num_blocks = self.num_blocks
@@ -147,7 +153,9 @@ class EngineConfig:
                              f"({max_model_len}) without chunked prefill: a whole prompt must fit one step")
         swap = self.preemption_mode == "swap"
         num_cpu_blocks = (num_blocks if self.num_cpu_blocks is None else self.num_cpu_blocks) if swap else 0
-        return replace(self, num_blocks=num_blocks, max_num_batched_tokens=budget, num_cpu_blocks=num_cpu_blocks)
+        overlap = model.device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        return replace(self, num_blocks=num_blocks, max_num_batched_tokens=budget, num_cpu_blocks=num_cpu_blocks,
+                       async_scheduling=overlap)
 
 
 CONFIG_FIELDS = tuple(f.name for f in fields(EngineConfig))

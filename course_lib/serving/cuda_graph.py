@@ -75,16 +75,20 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.width, dtype=torch.int32, device=device)
         self.logits = torch.empty(n, model.config.vocab_size, dtype=torch.float32, device=device)
-        # pinned staging on the host, one per buffer: each step fills them and copies them over asynchronously
+        self.prev_rows = torch.full((n,), -1, dtype=torch.long, device=device)   # async scheduling (see run)
+        # pinned staging on the host, one per buffer, twice: each step fills one set and copies it over
+        # asynchronously; the next step fills the other set, so that a step never overwrites what the copies of the
+        # step before it may not have read yet (with async scheduling, nothing waits for them in between)
         pin = device.type == "cuda"
-        self._staging = {name: torch.zeros_like(t, device="cpu", pin_memory=pin) for name, t in self._buffers().items()}
-        self._host = {name: t.numpy() for name, t in self._staging.items()}
+        self._staging = [{name: torch.zeros_like(t, device="cpu", pin_memory=pin)
+                          for name, t in self._buffers().items()} for _ in range(2)]
+        self._hosts = [{name: t.numpy() for name, t in staging.items()} for staging in self._staging]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_replays = 0
 
     def _buffers(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "positions": self.positions, "slot_mapping": self.slot_mapping,
-                "context_lens": self.context_lens, "block_tables": self.block_tables}
+                "context_lens": self.context_lens, "block_tables": self.block_tables, "prev_rows": self.prev_rows}
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -110,16 +114,20 @@ class DecodeGraphs:
         """A decode-only step (every chunk one token, one logit row) that fits the largest bucket."""
         return 0 < len(chunks) <= self.buckets[-1] and all(c.num_tokens == 1 and c.num_logits == 1 for c in chunks)
 
-    def run(self, chunks: list[ScheduledChunk], block_manager) -> torch.Tensor:
-        """Fill the buffers for this step, replay the bucket's graph: logits [len(chunks), V] (float32)."""
+    def run(self, chunks: list[ScheduledChunk], block_manager, prev=None) -> torch.Tensor:
+        """Fill the buffers for this step, replay the bucket's graph: logits [len(chunks), V] (float32). With
+        ``prev`` (``course_lib.serving.async_scheduling.InflightStep``), the input ids of the sequences whose last
+        token is still a placeholder come from the previous step's sampled ids, on the device."""
         if not self.graphs:
             self.capture()
         B = len(chunks)
         bucket = next(b for b in self.buckets if b >= B)
-        h = self._host
+        staging, h = self._staging[self.num_replays % 2], self._hosts[self.num_replays % 2]
         h["slot_mapping"][:bucket] = -1                               # padding rows: slot -1, skipped by the store,
         h["context_lens"][:bucket] = 0                                # context 0: the attention reads nothing
         h["block_tables"][:bucket] = 0
+        h["prev_rows"][:bucket] = -1
+        h["input_ids"][:bucket] = 0                                   # (a placeholder left there is no token id)
         for i, chunk in enumerate(chunks):
             seq, pos = chunk.seq, chunk.start
             table = block_manager.block_tables[seq.seq_id]
@@ -128,11 +136,16 @@ class DecodeGraphs:
             h["slot_mapping"][i] = table[pos // self.block_size] * self.block_size + pos % self.block_size
             h["context_lens"][i] = pos + 1
             h["block_tables"][i, :len(table)] = table
+        patch = prev is not None and bool(prev.position)
+        if patch:
+            for i, src in zip(*prev.input_rows(chunks)):
+                h["prev_rows"][i] = src
         # Asynchronous copies from pinned memory; the graph's kernels are queued after them on the same stream.
-        # The next step rewrites the staging buffers only after the engine read this step's sampled tokens back
-        # (a device-to-host copy that waits for the whole stream, these copies included).
         for name, buffer in self._buffers().items():
-            buffer[:bucket].copy_(self._staging[name][:bucket], non_blocking=True)
+            buffer[:bucket].copy_(staging[name][:bucket], non_blocking=True)
+        if patch:   # the placeholders' values, from the previous step's sampled ids (both on the device)
+            rows = self.prev_rows[:bucket]
+            self.input_ids[:bucket] = torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], self.input_ids[:bucket])
         self.graphs[bucket].replay()
         self.num_replays += 1
         return self.logits[:B]

@@ -60,6 +60,7 @@ from course_lib.serving.config import CONFIG_FIELDS, EngineConfig, make_engine_c
 from course_lib.serving.kv_pool import make_kv_pool
 from course_lib.serving.metrics import RequestOutput, RunMetrics, StepRecord, summarize
 from course_lib.model.fused import fuse
+from course_lib.serving.async_scheduling import InflightStep
 from course_lib.serving.cuda_graph import DecodeGraphs
 from course_lib.serving.memory import num_blocks_for_gpu
 from course_lib.serving.model_runner import ModelRunner
@@ -129,6 +130,7 @@ class LLMEngine:
         self._requests: dict[object, list[Sequence]] = {}   # unfinished requests: request_id -> its n sequences
         self._pending: list[tuple[float, int, object]] = []  # (arrival time, first seq id, request_id): not arrived
         self.clock, self.last_step, self._next_seq_id = 0.0, None, 0
+        self._inflight, self._progressed = None, {}   # asynchronous scheduling: the step launched, not read back
 
     def __getattr__(self, name: str):
         """``engine.block_size``, ``engine.num_blocks``, ...: the fields of the resolved ``engine.config``."""
@@ -187,6 +189,8 @@ class LLMEngine:
         blocks. Returns its last RequestOutput (``finished``; finish_reason "abort" on each completion that had not
         ended), or None when the engine does not hold it (an unknown id, or a request that finished already)."""
         with self._exclusive("abort_request"):
+            if self._inflight is not None:            # its last tokens may still be placeholders: read them
+                self._read_inflight(self.clock)
             seqs = self._requests.pop(request_id, None)
             if seqs is None:
                 return None
@@ -226,7 +230,8 @@ class LLMEngine:
                     for out in self._step(finished_only=True):   # step()'s work, without the unfinished outputs
                         outputs[out.request_id] = out
                         bar.update()
-                    steps.append(self.last_step)
+                    if self.last_step is not None:       # None: a step that only read back the last tokens
+                        steps.append(self.last_step)
                 bar.close()
                 self.metrics = self._run_metrics(outputs, steps, start=min(arrivals, default=0.0))
                 return outputs
@@ -238,17 +243,28 @@ class LLMEngine:
         """Admit the requests that have arrived, schedule, copy swapped blocks, run the model once over every
         scheduled token, sample, update the sequences; the outputs of the requests that gained tokens (with
         ``finished_only``, of those that finished: generate() needs no others, and building an output copies the
-        request's tokens, a quarter of the host's time in a decode step of 128 sequences)."""
+        request's tokens, a quarter of the host's time in a decode step of 128 sequences).
+
+        With asynchronous scheduling (``course_lib.serving.async_scheduling``) the step launches its forward pass
+        and greedy argmax without waiting, then reads back the tokens of the step before it: the outputs are those
+        of the previous step, and a step with nothing left to schedule only reads back the last one."""
         self.last_step = None
         if not self._requests:
             return []
         scheduler, device = self.scheduler, self.model.device
         self._admit_arrived()
-        if not scheduler.has_unfinished():            # idle until the next arrival: jump to it
-            self.clock = self._pending[0][0]
+        if not scheduler.has_unfinished():
+            if self._inflight is not None:            # only the last launched step is left: read its tokens
+                t0 = time.perf_counter()
+                self._read_inflight(self.clock)
+                self.clock += time.perf_counter() - t0
+                return self._outputs(finished_only)
+            self.clock = self._pending[0][0]          # idle until the next arrival: jump to it
             self._admit_arrived()
         clock = self.clock
-        _synchronize(device)
+        overlap = self.config.async_scheduling
+        if not overlap:
+            _synchronize(device)
         t0 = time.perf_counter()
         out = scheduler.schedule()                    # which tokens of which sequences (course_lib.serving.scheduler)
         if not out.chunks:
@@ -256,17 +272,38 @@ class LLMEngine:
         for pool in self._pools:
             pool.swap_out(out.swap_out)
             pool.swap_in(out.swap_in)
-        if self._spec:                                # speculative decoding: drafts, one verify pass (lesson 06)
+        # a step launches without waiting only when its tokens need not be read on the host: greedy, no drafts
+        launch = overlap and not self._spec and all(c.seq.params.greedy for c in out.chunks if c.samples)
+        if not launch and self._inflight is not None:   # drain: this step reads every token id on the host
+            self._read_inflight(clock + time.perf_counter() - t0)
+            out.chunks = [c for c in out.chunks if c.seq.status != FINISHED]   # stopped: nothing left to run
+        inflight = None
+        if not out.chunks:
+            next_tokens = {}
+        elif self._spec:                                # speculative decoding: drafts, one verify pass (lesson 06)
             next_tokens = self._spec.step(out.chunks)
+        elif launch:                                  # launched, not waited for: the last step's tokens are read now
+            inflight = InflightStep(out.chunks, self._runner.execute(out.chunks, self._inflight))
+            if self._inflight is not None:
+                self._read_inflight(clock + time.perf_counter() - t0)
+            next_tokens = inflight.placeholders()
         else:
             next_tokens = self._sample(out.chunks, self._runner.execute(out.chunks))
         for chunk in out.chunks:
             if chunk.seq.first_scheduled_time is None:
                 chunk.seq.first_scheduled_time = clock
-        _synchronize(device)
+        if not overlap:
+            _synchronize(device)
         duration = time.perf_counter() - t0
-        progressed = dict.fromkeys(c.seq.request_id for c in out.chunks if c.samples)   # once each, in step order
+        outputs = None
+        if inflight is None:                          # its tokens are known: their requests progressed now
+            self._progressed |= dict.fromkeys(c.seq.request_id for c in out.chunks if c.samples)
+        else:                                         # the outputs of the steps read back, before placeholders
+            outputs = self._outputs(finished_only)
         scheduler.update(out, next_tokens, clock + duration)
+        if inflight is not None:
+            inflight.mark_placeholders()
+            self._inflight = inflight
         self.last_step = StepRecord(
             start=clock, duration=duration, num_prefill_tokens=out.num_prefill_tokens,
             num_decode_tokens=out.num_decode_tokens, num_running=len(out.chunks),
@@ -276,9 +313,33 @@ class LLMEngine:
             num_draft_tokens=out.num_lookahead_tokens,
             composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks])
         self.clock += duration
-        outputs = []
+        return self._outputs(finished_only) if outputs is None else outputs
+
+    def _read_inflight(self, now: float) -> None:
+        """Asynchronous scheduling: the launched step's tokens replace their placeholders (timed ``now``, when the
+        host has them); a stop token finishes its sequence (the step launched since computed one token more for
+        it, thrown away). Their requests progressed."""
+        inflight, self._inflight = self._inflight, None
+        for seq, token in inflight.read():
+            pos = inflight.position.get(seq.seq_id)
+            if pos is None or seq.finish_reason == "abort":
+                continue
+            i = pos - len(seq.prompt_token_ids)
+            seq.output_token_ids[i], seq.token_times[i] = token, now
+            if token in seq.params.stop_token_ids:
+                if not seq.finish_reason:
+                    self.scheduler.abort(seq)     # out of its queue, its blocks back (status FINISHED)
+                seq.finish_reason, seq.status = "stop", FINISHED
+            self._progressed[seq.request_id] = None
+
+    def _outputs(self, finished_only: bool) -> list[RequestOutput]:
+        """The outputs of the requests that progressed since the last ones (each once, in order); a finished
+        request leaves the engine."""
+        progressed, self._progressed, outputs = self._progressed, {}, []
         for request_id in progressed:
-            seqs = self._requests[request_id]
+            seqs = self._requests.get(request_id)
+            if seqs is None:                          # aborted since
+                continue
             finished = all(s.finish_reason for s in seqs)
             if finished or not finished_only:
                 outputs.append(RequestOutput.from_seqs(request_id, seqs, self.tokenizer))
@@ -317,6 +378,7 @@ class LLMEngine:
                                       self._decode_graphs(self.speculative_model, self.draft_pool)))
         self._pools = [self.pool] + ([self.draft_pool] if self._spec else [])   # a swap moves both models' blocks
         self._requests, self._pending, self._next_seq_id = {}, [], 0
+        self._inflight, self._progressed = None, {}   # asynchronous scheduling: the step launched, not read back
         self.clock, self.last_step = 0.0, None
 
     def _decode_graphs(self, model, pool) -> DecodeGraphs | None:
@@ -343,6 +405,7 @@ class LLMEngine:
             self.scheduler.free_all()
         self._requests.clear()
         self._pending.clear()
+        self._inflight, self._progressed = None, {}
 
     def _run_metrics(self, outputs: list[RequestOutput], steps: list[StepRecord], start: float) -> RunMetrics:
         swapped = sum(s.swapped_out_blocks for s in steps)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from course_lib.paging.block_manager import BlockManager
+from course_lib.serving.async_scheduling import patch_input_ids
 from course_lib.serving.kv_pool import KVPool
 from course_lib.serving.sequence import ScheduledChunk
 
@@ -114,11 +115,15 @@ class ModelRunner:
         self.use_kernels = model.device.type == "cuda" if use_kernels is None else use_kernels
 
     @torch.no_grad()
-    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+    def execute(self, chunks: list[ScheduledChunk], prev=None) -> torch.Tensor:
         """logits [rows, V] (float32): ``chunk.num_logits`` rows per chunk (1 per chunk that samples, the last
-        k + 1 positions of a speculative verify chunk), in the order of the chunks."""
+        k + 1 positions of a speculative verify chunk), in the order of the chunks. With ``prev`` (asynchronous
+        scheduling: ``course_lib.serving.async_scheduling.InflightStep``), the tokens that are still placeholders
+        on the host are read from the previous step's sampled ids on the device."""
         if self.graphs is not None and self.graphs.can_run(chunks):
-            return self.graphs.run(chunks, self.block_manager)
+            return self.graphs.run(chunks, self.block_manager, prev)
         batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
+        if prev is not None and prev.position:
+            patch_input_ids(batch.input_ids[0], *prev.input_rows(chunks), prev.tokens)
         rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=batch.input_ids.device)
         return self.model(batch.input_ids, cache=batch, positions=batch.positions, logits_indices=rows)   # [rows, V]

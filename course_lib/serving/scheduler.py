@@ -225,6 +225,8 @@ class Scheduler:
         finished = []
         for chunk in out.chunks:
             seq = chunk.seq
+            if seq.status == FINISHED:           # asynchronous scheduling: stopped after this step was planned
+                continue
             new = next_tokens[seq.seq_id] if chunk.samples else []
             appended = self._append_tokens(seq, [new] if isinstance(new, int) else new, now)
             # K/V now valid (in every model's pool): the chunk's tokens and, with speculative decoding, the accepted
