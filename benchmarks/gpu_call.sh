@@ -6,6 +6,8 @@
 # durations are in benchmarks/serving.py's docstring):
 #   tests_fa     the float32 autotuned FlashAttention test (FP32_MAX_TILE), every autotune config, the smoke run
 #   tests_gpu    the other GPU tests not yet run compiled since they changed
+#   serving_step python -m benchmarks.serving_step: the decode step vs its floor, the engine's GPU busy fraction row
+#                by row, async scheduling last (~3-4 min)
 #   engine_async the engine on nano-vllm's trace with async scheduling (on by default on a GPU), without it, and
 #                without CUDA graphs, 3 repeats each (~5 min)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
@@ -40,6 +42,7 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
                  tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py \
                  tests/test_engine.py ;;
+    serving_step) step serving_step 300 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
     engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
                 --repeats 3 --time-limit 330 ;;
     serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;

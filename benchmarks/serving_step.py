@@ -153,7 +153,7 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
     results = []
     for name, opts in rows:
         engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                           enforce_eager=opts["enforce_eager"])
+                           enforce_eager=opts["enforce_eager"], async_scheduling=opts["async_scheduling"])
         engine.pool.use_paged_prefill = opts["paged_prefill"]
         (fuse if opts["fused_kernels"] else unfuse)(model)
         engine.generate(short_prompts, SamplingParams(max_tokens=8))     # warm-up: kernels compiled, graphs captured
@@ -202,11 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
                                "bf16")
     n = 32 if args.quick else 128
     result["serving_trace"] = f"{n} requests, prompts uniform in 64-512 tokens, 256 output tokens each, greedy, no stop"
-    rows = [("old: eager, prefill by gather", dict(enforce_eager=True, paged_prefill=False, fused_kernels=False)),
-            ("+ paged prefill kernel", dict(enforce_eager=True, paged_prefill=True, fused_kernels=False)),
+    sync = dict(async_scheduling=False)
+    rows = [("old: eager, prefill by gather",
+             dict(enforce_eager=True, paged_prefill=False, fused_kernels=False, **sync)),
+            ("+ paged prefill kernel", dict(enforce_eager=True, paged_prefill=True, fused_kernels=False, **sync)),
             ("+ fused norm/RoPE/SwiGLU, merged GEMMs",
-             dict(enforce_eager=True, paged_prefill=True, fused_kernels=True)),
-            ("+ CUDA graphs (the default)", dict(enforce_eager=False, paged_prefill=True, fused_kernels=True))]
+             dict(enforce_eager=True, paged_prefill=True, fused_kernels=True, **sync)),
+            ("+ CUDA graphs", dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, **sync)),
+            ("+ async scheduling (the default)",
+             dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True))]
     result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
     base = result["serving"][0]["tokens_per_s"]
     for r in result["serving"]:

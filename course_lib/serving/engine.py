@@ -20,6 +20,11 @@ One step is one iteration of a serving engine's loop ("iteration-level schedulin
 A finished sequence leaves the batch at once and a waiting one takes its place in the very next step; static
 batching (``course_lib.serving.static_batching``) instead waits until the whole batch is done.
 
+**Asynchronous scheduling** (``async_scheduling``, on by default on a GPU; ``course_lib.serving.async_scheduling``):
+a greedy step launches its forward pass and argmax without waiting for the tokens; the host reads back the step
+before it and plans the next one while the GPU runs. ``step()`` then returns the tokens read back in it, one step
+late, and a stop token costs one wasted token.
+
 **Speculative decoding** (lesson 06): with ``speculative_model`` and ``num_speculative_tokens`` = k the forward
 pass and the sampling of a step become ``course_lib.serving.spec_decode.SpecDecodeWorker.step``: k batched passes of the
 draft model, one pass of the target over every sequence's tokens + its drafts, verification; a sequence gains
@@ -171,8 +176,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One step: schedule, one forward pass over the scheduled tokens, sample. Returns a RequestOutput for every
         request that gained tokens in it (its tokens so far; ``finished`` when it is done: it then leaves the
-        engine), [] with nothing to do. When every unfinished request arrives later, the clock jumps to the first
-        arrival. A step that raises drops every unfinished request (their blocks come back) before it leaves."""
+        engine), [] with nothing to do; with asynchronous scheduling, for the tokens read back in it (those of the
+        step before: the first step returns []). When every unfinished request arrives later, the clock jumps to the
+        first arrival. A step that raises drops every unfinished request (their blocks come back) before it leaves."""
         with self._exclusive("step"):
             try:
                 return self._step()
