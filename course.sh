@@ -10,7 +10,8 @@
 # run beside everything after the unit tests (browser test, graders, nbval) and are stopped at exit, however it
 # ends. A lesson asserts counts (FLOPs, bytes, steps, tokens), never a wall-clock time, so it must pass that way too.
 # COURSE_LOAD=N without `--loaded` does the same with N processes. CI runs `lessons --loaded` after `test`.
-# Arguments after `lab` go to JupyterLab (e.g. `bash course.sh lab --no-browser --port=8890`).
+# Arguments after `lab` go to JupyterLab (e.g. `bash course.sh lab --no-browser --port=8890`); `lab --zh` opens the
+# Chinese edition's lesson 00 (README.zh.md).
 # Setup creates .venv with $PYTHON (default python3, 3.10 or newer) and installs requirements.txt into it;
 # it runs again only when requirements.txt or pyproject.toml change.
 set -euo pipefail
@@ -76,7 +77,12 @@ case "${1:-}" in
     # root_dir: the whole course (notebooks/, exercises/, solutions/) in the file browser, not only notebooks/
     # Jupyter refuses to run as root unless told: containers, Colab-like machines and CI run as root
     root=(); [ "$(id -u)" = 0 ] && root=(--allow-root)
-    exec .venv/bin/python -m jupyterlab "${root[@]}" --ServerApp.root_dir=. "${@:2}" notebooks/00_start_here.ipynb ;;
+    # `lab --zh`: the Chinese edition (notebooks/zh/, generated from the English ones by tools/i18n.py)
+    first=notebooks/00_start_here.ipynb args=()
+    for arg in "${@:2}"; do
+      if [ "$arg" = --zh ]; then first=notebooks/zh/00_start_here.ipynb; else args+=("$arg"); fi
+    done
+    exec .venv/bin/python -m jupyterlab "${root[@]}" --ServerApp.root_dir=. "${args[@]}" "$first" ;;
   test)
     setup
     py=.venv/bin/python
