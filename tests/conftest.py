@@ -10,7 +10,8 @@ The grader tests take each reference solution from its one copy, the solution no
     assert_caught(result, hint)       a check failed the variant, with 0 points and a hint (or the raised error)
     assert_not_attempted(result)      a check scored a stub "not attempted", with 0 points
 
-Every ``assert_caught`` counts one broken variant for its check (``result.name``): ``python tools/variant_table.py``
+Every ``assert_caught`` counts one broken variant for its check (``module:function``, as the manifest names it:
+exercise names such as ``end_to_end`` repeat across lessons): ``python tools/variant_table.py``
 runs the lesson tests and writes the count per exercise into tests/README.md (``COURSE_VARIANT_TABLE``, below).
 
 This must stay the only module named ``conftest``: pytest imports every conftest.py outside a package under that
@@ -135,18 +136,18 @@ def stub(*args, **kwargs):
     raise NotImplementedError("Exercise: write this function")
 
 
-VARIANTS_WRITTEN: Counter = Counter()   # check name -> broken variants submitted to it (assert_caught calls)
-VARIANTS_CAUGHT: Counter = Counter()    # check name -> of those, failed with 0 points and the expected hint
+VARIANTS_WRITTEN: Counter = Counter()   # check ("module:function") -> broken variants submitted to it
+VARIANTS_CAUGHT: Counter = Counter()    # check -> of those, failed with 0 points and the expected hint
 
 
 def assert_caught(result, hint_part: str | None = None) -> None:
     """The check failed the variant with 0 points and told why (a hint, or the error the code raised)."""
-    VARIANTS_WRITTEN[result.name] += 1
+    VARIANTS_WRITTEN[result._check] += 1
     assert (result.status, result.points) == ("failed", 0), result
     assert "hint:" in result.message or "your code raised" in result.message, result.message
     if hint_part:
         assert hint_part in result.message, result.message
-    VARIANTS_CAUGHT[result.name] += 1
+    VARIANTS_CAUGHT[result._check] += 1
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -322,3 +322,18 @@ update_one_short = edited(SOLVED.update, {RETURN_FILLED: "return cache_k[:, :, :
 ])
 def test_checks_catch_more(check, fn, hint):
     assert_caught(check(fn), hint)
+
+
+# ---------------------------------------------------------------- end to end: the loop with the learner's update
+def test_cached_greedy_decode_runs_the_learners_update_in_the_model():
+    decode = SOLVED.cached_greedy_decode
+    assert lesson01.check_cached_greedy_decode(decode, SOLVED.update).status == "passed"
+    result = lesson01.check_cached_greedy_decode(decode, stub)
+    assert_not_attempted(result)
+    assert "finish exercise 2 first" in result.message
+    assert_not_attempted(lesson01.check_cached_greedy_decode(stub, SOLVED.update))
+    into_buffer = "write k and v INTO cache_k and cache_v"
+    for update, hint in [(update_writes_at_zero, into_buffer), (update_not_in_place, into_buffer),
+                         (update_swapped, into_buffer), (update_whole_buffer, "returned [(1, 4, 81, 32)"),
+                         (update_one_short, "expected two tensors (1, 4, 21, 32)")]:
+        assert_caught(lesson01.check_cached_greedy_decode(decode, update), hint)

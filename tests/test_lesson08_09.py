@@ -204,3 +204,47 @@ def test_hints_name_the_mistake():
     assert "return an int" in floats.message and "float: 1.0" in floats.message
     rounding = lesson09.check_microbatches_for_bubble(lambda p, b: max(1, math.ceil((p - 1) * (1 - b) / b)))
     assert "floating point" in rounding.message
+
+
+# ---------------------------------------------------------------- lesson 08 end to end: the tiny model on 2 and 4 ranks
+def _mlp_wrong_dim(x, gate, up, down, all_reduce):   # down_shard taken as [F/tp, E]: split along the other dim
+    y = (F.silu(x @ gate.T) * (x @ up.T)) @ down
+    all_reduce(y)
+    return y
+
+
+def test_tp_end_to_end_check():
+    row, mlp = TP.row_parallel_forward, TP.tp_mlp_forward
+    assert lesson08.check_end_to_end(row, mlp).status == "passed"
+    assert_not_attempted(lesson08.check_end_to_end(stub, stub))
+    assert_not_attempted(lesson08.check_end_to_end(row, stub))
+    result = lesson08.check_end_to_end(stub, mlp)
+    assert_not_attempted(result)
+    assert "exercises 1 and 2" in result.message
+    assert_caught(lesson08.check_end_to_end(row, _mlp_reduce_hidden_too), "no all-reduce after them")
+    assert_caught(lesson08.check_end_to_end(_row_bias_before_reduce, mlp), "summed 4 times; add it once, after")
+    assert_caught(lesson08.check_end_to_end(row, _mlp_wrong_dim), "down_shard [E, F/tp] holds columns")
+    assert_caught(lesson08.check_end_to_end(_row_no_reduce, mlp), "no all-reduce in your row_parallel_forward")
+    assert_caught(lesson08.check_end_to_end(row, _mlp_no_reduce), "no all-reduce in your tp_mlp_forward")
+    assert_caught(lesson08.check_end_to_end(row, _mlp_reduce_before_down), "your tp_mlp_forward alone already")
+    assert_caught(lesson08.check_end_to_end(_row_reduces_a_copy, mlp), "your row_parallel_forward alone already")
+
+
+# ---------------------------------------------------------------- lesson 09 end to end: the tiny model on a pipeline
+def test_pp_end_to_end_check():
+    bubble, microbatches = PP.bubble_fraction, PP.microbatches_for_bubble
+    assert lesson09.check_end_to_end(bubble, microbatches).status == "passed"
+    assert lesson09.check_end_to_end(measured_bubble, microbatches).status == "passed"
+    for pieces in [(stub, stub), (bubble, stub), (stub, microbatches)]:
+        result = lesson09.check_end_to_end(*pieces)
+        assert_not_attempted(result)
+        assert "exercises 1 and 2" in result.message
+    assert_caught(lesson09.check_end_to_end(_bubble_counts_comm, microbatches), "only compute events")
+    assert_caught(lesson09.check_end_to_end(_bubble_per_stage_span, microbatches), "(over all stages)")
+    assert_caught(lesson09.check_end_to_end(_bubble_span_from_zero, microbatches), "not at t = 0")
+    assert_caught(lesson09.check_end_to_end(bubble, lambda p, b: max(1, int((p - 1) * (1 - b) / b))),
+                  "too few micro-batches")
+    assert_caught(lesson09.check_end_to_end(bubble, _microbatches_strict), "exactly equal to max_bubble is allowed")
+    assert_caught(lesson09.check_end_to_end(bubble, lambda p, b: math.ceil((p - 1) / b)),
+                  "one micro-batch more than needed")
+    assert_caught(lesson09.check_end_to_end(bubble, lambda p, b: float(_microbatches_loop(p, b))), "returns an int")

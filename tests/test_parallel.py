@@ -18,6 +18,7 @@ from course_lib import load_tiny
 from course_lib.parallel import __main__ as cli
 from course_lib.parallel.check import Comparison, run_pp, run_tp, sample_batch
 from course_lib.parallel.launcher import RankError, launch
+from course_lib.parallel.lockstep import lockstep_greedy
 from course_lib.parallel.pipeline import Stage, split_layers
 from course_lib.parallel.schedule import bubble_formula, max_in_flight, measured_bubble, simulate, stage_ops
 from course_lib.parallel.simulate import run_ranks
@@ -152,6 +153,19 @@ def test_ideal_bubble_matches_formula(p, m):
         assert measured_bubble(events) == pytest.approx(bubble_formula(p, m))
     assert max_in_flight(simulate("gpipe", p, m, backward=True)) == m
     assert max_in_flight(simulate("1f1b", p, m, backward=True)) == min(p, m)
+
+
+@pytest.mark.parametrize("p, m", [(1, 2), (2, 4), (3, 2), (4, 4)])
+def test_lockstep_pipeline_is_the_model_and_the_ideal_schedule(model, ids, p, m):
+    stages = [Stage(model, s, p) for s in range(p)]
+    tokens, events = lockstep_greedy(stages, ids, 2, m, clock=5)
+    assert torch.equal(tokens, greedy_no_cache(model, ids, 2)[1])
+    compute = [e for e in events if e["kind"] == "F"]
+    assert len(compute) == 2 * p * m and min(e["start"] for e in events) == 5
+    assert measured_bubble(events) == pytest.approx(bubble_formula(p, m))   # one forward after the other
+    # a stage waits ("recv") exactly until its first micro-batch of each forward arrives
+    assert sorted((e["stage"], e["end"] - e["start"]) for e in events if e["kind"] == "recv") == \
+        sorted((s, s) for s in range(1, p) for _ in range(2))
 
 
 def test_1f1b_op_order():

@@ -34,6 +34,7 @@ import contextlib
 import math
 import numbers
 import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -207,6 +208,8 @@ class Checker:
         self.case = ""  # the case being run: shown when the learner's code raises during it
         self.result: CheckResult | None = None
         self._old_handler = None
+        caller = sys._getframe(1)   # the check function: "module:function", as the manifest names it
+        self._check = f"{caller.f_globals.get('__name__')}:{caller.f_code.co_name}"
 
     # --- assertions (call these inside the with-block) -------------------------------------------
     def check_close(self, got, expected, *, case: str = "", rtol: float = 1e-5, atol: float = 1e-8,
@@ -267,6 +270,7 @@ class Checker:
         if not self.skipped:  # a skipped check keeps the result made in __enter__ (it may already be returned)
             status, message = self._classify(exc, tb)
             self.result = CheckResult(self.name, status, self.points if status == PASSED else 0, self.points, message)
+        self.result._check = self._check   # which check made it (tests/conftest.py counts variants per check)
         if not _quiet:
             print(format_result(self.result), flush=True)
             self.result._printed = True

@@ -15,7 +15,7 @@ from course_lib.model.config import PRESETS, ModelConfig
 from course_lib.analysis.flops import attention_pairs, decode_step_flops, linear_params_per_layer
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.remote import run_beside
-from course_lib.model.kv_cache import kv_cache_bytes
+from course_lib.model.kv_cache import KVCache, kv_cache_bytes
 
 _TINY = ModelConfig()  # the shape of the shipped tiny models: L=6, E=256, Hq=8, Hkv=4, D=32, V=2048
 _MQA = dataclasses.replace(PRESETS["llama-2-7b"], num_key_value_heads=1)  # a hypothetical multi-query 7B
@@ -153,12 +153,46 @@ class _StopDecode(BaseException):
     """Ends the learner's loop at its first wrong call (a BaseException: `except Exception` cannot swallow it)."""
 
 
+class _UpdateProblem(BaseException):
+    """The learner's update returned something attention cannot use: the message says what (ends the loop)."""
+
+
+class _LearnerUpdate:
+    """The learner's ``KVCache`` as the model sees it, its writes done by the learner's
+    ``update(cache_k, cache_v, k, v, start)`` on the cache's own buffers instead of ``KVCache.update``."""
+
+    def __init__(self, cache: KVCache, update_fn):
+        self.cache, self.update_fn = cache, update_fn
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def attend(self, layer: int, q, k, v):
+        from course_lib.model.attention import attention
+
+        start, end = self.cache.length, self.cache.length + k.shape[2]
+        got = self.update_fn(self.cache.k[layer], self.cache.v[layer], k, v, start)
+        want = (*k.shape[:2], end, k.shape[3])
+        if not (isinstance(got, tuple) and len(got) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == want
+                                                                 for t in got)):
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in got] \
+                if isinstance(got, tuple) else type(got).__name__
+            raise _UpdateProblem(f"update(..., start={start}) with k, v {tuple(k.shape)} returned {shapes}: expected "
+                                 f"two tensors {want}, the keys and values of positions 0 ... {end - 1}")
+        return attention(q, got[0], got[1], causal=True)
+
+    def advance(self, num_tokens: int) -> None:
+        self.cache.advance(num_tokens)
+
+
 class _RecordingModel:
     """Wraps the model and records every forward call: (input shape, which cache, its length before the call).
-    It stops the loop at the first call that ``_decode_call_problem`` finds wrong."""
+    It stops the loop at the first call that ``_decode_call_problem`` finds wrong. With ``update_fn``, the model
+    writes into the learner's ``KVCache`` through the learner's update."""
 
-    def __init__(self, model, prompt_len: int):
-        self._model, self._P = model, prompt_len
+    def __init__(self, model, prompt_len: int, update_fn=None):
+        self._model, self._P, self._update_fn = model, prompt_len, update_fn
         self.records: list[tuple] = []
         self._first_cache = None
 
@@ -172,6 +206,8 @@ class _RecordingModel:
         self.records.append(record)
         if _decode_call_problem(len(self.records) - 1, *record, self._P):
             raise _StopDecode
+        if self._update_fn is not None and isinstance(cache, KVCache):
+            kwargs = {**kwargs, "cache": _LearnerUpdate(cache, self._update_fn)}
         return self._model(input_ids, *args, **kwargs)
 
     forward = __call__
@@ -188,21 +224,28 @@ def _float32_target():
     return load_tiny("target", dtype=torch.float32)
 
 
-def record_decode(student_fn, prompt: list[int], max_new_tokens: int):
-    """Run the learner's loop on a recording model: ``(returned tokens or None if stopped, call records)``. Runs
-    where the learner's function lives (the grader runs it in the notebook's kernel)."""
-    recorder = _RecordingModel(_float32_target()[0], len(prompt))
+def record_decode(student_fn, prompt: list[int], max_new_tokens: int, update_fn=None):
+    """Run the learner's loop on a recording model: ``(returned tokens or None if stopped, call records)``, and with
+    ``update_fn`` (the learner's update, writing into the loop's KVCache) a third item: what was wrong with what
+    update returned, or None. Runs where the learner's functions live (the grader runs it in the notebook's kernel)."""
+    recorder = _RecordingModel(_float32_target()[0], len(prompt), update_fn)
+    problem = None
     try:
         got = student_fn(recorder, list(prompt), max_new_tokens)
     except _StopDecode:
         got = None
-    return got, recorder.records
+    except _UpdateProblem as err:
+        got, problem = None, str(err)
+    return (got, recorder.records) if update_fn is None else (got, recorder.records, problem)
 
 
-def check_cached_greedy_decode(student_fn) -> CheckResult:
+def check_cached_greedy_decode(student_fn, update_fn=None) -> CheckResult:
     """cached_greedy_decode(model, prompt_ids, max_new_tokens) returns the same tokens as greedy decoding without
     a cache, on the shipped tiny model (in float32), and does it the cached way: one prefill call with the whole
-    prompt and an empty cache, then exactly one call per further token, feeding only that token."""
+    prompt and an empty cache, then exactly one call per further token, feeding only that token. Then, with
+    ``update_fn`` (exercise 2's update; the notebook passes it), the same loop runs again with the model writing
+    every layer's K/V into the loop's KVCache through that update, and must give the same tokens: the two pieces
+    together decode the shipped model."""
     from course_lib.model.generate import greedy_generate
 
     model, tok = _float32_target()
@@ -233,6 +276,24 @@ def check_cached_greedy_decode(student_fn) -> CheckResult:
                     "output")
             c.check_equal(got, want, case=f"{case}: tokens vs greedy_generate(model, prompt, {n}, use_cache=False)",
                           hint=hint)
+        if update_fn is not None:   # the last, longest case again (text, n, want from the loop): n - 1 decode steps
+            prompt = tok.encode(text)
+            c.case = (f"prompt {text!r} ({len(prompt)} tokens), max_new_tokens={n}, your cached_greedy_decode with "
+                      "the model writing K/V through your update")
+            try:
+                got, _, problem = run_beside(student_fn, "course_lib.grading.lesson01:record_decode", student_fn,
+                                             prompt, n, update_fn)
+            except NotImplementedError as err:
+                raise NotImplementedError(f"Exercise: your cached_greedy_decode passes with the library's cache; this "
+                                          f"check then runs it with your update (exercise 2) writing the K/V: finish "
+                                          f"exercise 2 first ({err})") from None
+            if problem:
+                c.check(False, expected="keys and values attention can use", got=problem,
+                        hint="return views of the filled part, cache_k[:, :, :start + S] and cache_v[:, :, :start + S]")
+            c.check_equal(got, want, case=f"{c.case}: tokens vs greedy_generate(model, prompt, {n}, use_cache=False)",
+                          hint="your loop decodes right with the library's KVCache.update, with your update the "
+                          "tokens change: it must write k and v INTO cache_k and cache_v (in place) at positions "
+                          "start ... start + S - 1, keys into cache_k, and return everything up to there")
     return c.result
 
 

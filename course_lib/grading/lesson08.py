@@ -7,8 +7,12 @@ small to large; the first failure reports the case, expected vs got, and a hint 
 """
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.grading.remote import run_beside
@@ -120,3 +124,193 @@ def check_tp_mlp_forward(student_fn) -> CheckResult:
                     got=f"all_reduce calls per rank: {all_calls}",
                     hint="pairing a column-parallel layer with a row-parallel one needs one all-reduce, at the end")
     return c.result
+
+
+# ---------------------------------------------------------------- end to end: your pieces run the shipped model
+# tp=2 on the shipped model as it is, tp=4 with a bias on o_proj (GPT-2 and OPT have one on their row-parallel
+# layers; LLaMA has none), so a bias added on every rank shows in the tokens
+_E2E_PROMPT, _E2E_STEPS = "And God said, Let there be light", 4
+_E2E_CASES = [(2, False), (4, True)]
+_SITES = ("o_proj", "mlp")
+
+
+class _SiteError(Exception):
+    """The learner's function raised a RuntimeError (a shape error) where the model calls it."""
+
+    def __init__(self, site: str, err: RuntimeError):
+        super().__init__(f"{type(err).__name__}: {err}")
+        self.site = site
+
+
+class _RowParallel(nn.Module):
+    """o_proj on one rank: ``row_fn(x_shard, weight_shard, bias, all_reduce)``, ``weight_shard`` [E, Hq·D/tp]."""
+
+    def __init__(self, row_fn, weight, bias, all_reduce):
+        super().__init__()
+        self.row_fn, self.weight, self.bias, self.all_reduce = row_fn, weight, bias, all_reduce
+
+    def forward(self, x_shard):   # [B, S, Hq·D/tp]: this rank's heads -> [B, S, E]
+        try:
+            return self.row_fn(x_shard, self.weight, self.bias, self.all_reduce)
+        except NotImplementedError:   # a RuntimeError too: the stub
+            raise
+        except RuntimeError as err:
+            raise _SiteError("o_proj", err) from err
+
+
+class _TensorParallelMLP(nn.Module):
+    """The MLP on one rank: ``mlp_fn(x, gate_shard, up_shard, down_shard, all_reduce)``."""
+
+    def __init__(self, mlp_fn, mlp, all_reduce):
+        super().__init__()
+        self.mlp_fn, self.all_reduce = mlp_fn, all_reduce
+        self.gate, self.up, self.down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+
+    def forward(self, x):   # [B, S, E], the same on every rank
+        try:
+            return self.mlp_fn(x, self.gate, self.up, self.down, self.all_reduce)
+        except NotImplementedError:   # a RuntimeError too: the stub
+            raise
+        except RuntimeError as err:
+            raise _SiteError("mlp", err) from err
+
+
+def _library_mlp(x, gate_shard, up_shard, down_shard, all_reduce):
+    y = F.linear(F.silu(F.linear(x, gate_shard)) * F.linear(x, up_shard), down_shard)
+    all_reduce(y)
+    return y
+
+
+@functools.lru_cache(maxsize=2)
+def _e2e_model(o_proj_bias: bool):
+    """The shipped tiny model in float32; with ``o_proj_bias``, every o_proj gets a fixed random bias."""
+    from course_lib.grading.lesson01 import _float32_target
+
+    model = _float32_target()[0]
+    if not o_proj_bias:
+        return model
+    model, gen = copy.deepcopy(model), torch.Generator().manual_seed(80)
+    for layer in model.model.layers:
+        old = layer.self_attn.o_proj
+        layer.self_attn.o_proj = nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            layer.self_attn.o_proj.weight.copy_(old.weight)
+            layer.self_attn.o_proj.bias.copy_(0.1 * torch.randn(old.out_features, generator=gen))
+    return model
+
+
+def tp_decode(row_fn, mlp_fn, world_size: int, prompt: list[int], steps: int, o_proj_bias: bool):
+    """Greedy decode (no cache) of ``prompt`` on the tiny model split over ``world_size`` simulated ranks: the
+    library's Megatron sharding (``shard_model``: column-parallel q/k/v, gate and up, the heads divided), with
+    every o_proj run by ``row_fn`` and every MLP by ``mlp_fn`` (None: the library's). Returns per rank the tokens
+    and the all-reduce calls made from o_proj and from the MLPs; or ``{"error", "site"}`` for a shape error. Runs
+    where the learner's code lives (the grader runs it in the notebook's kernel)."""
+    from course_lib.parallel.tensor import greedy_no_cache, row_parallel_forward, shard_model
+
+    row_fn, mlp_fn = row_fn or row_parallel_forward, mlp_fn or _library_mlp
+    model = _e2e_model(o_proj_bias)
+
+    def rank_fn(rank, all_reduce):
+        calls = dict.fromkeys(_SITES, 0)
+
+        def counted(site):
+            def site_all_reduce(tensor, *args, **kwargs):
+                calls[site] += 1
+                return all_reduce(tensor, *args, **kwargs)
+            return site_all_reduce
+
+        tp, _ = shard_model(model, rank, world_size)
+        for layer in tp.model.layers:
+            o_proj = layer.self_attn.o_proj
+            layer.self_attn.o_proj = _RowParallel(row_fn, o_proj.weight, o_proj.bias, counted("o_proj"))
+            layer.mlp = _TensorParallelMLP(mlp_fn, layer.mlp, counted("mlp"))
+        _, tokens = greedy_no_cache(tp, torch.tensor([prompt]), steps)
+        return dict(tokens=[int(t) for t in tokens[0]], calls=calls)
+
+    try:
+        with torch.no_grad():
+            results, _ = run_ranks(rank_fn, [(r,) for r in range(world_size)], timeout_s=60)
+    except _SiteError as err:
+        return dict(error=str(err), site=err.site)
+    return results
+
+
+_SHAPE_HINTS = {
+    "o_proj": "o_proj is row-parallel: x_shard [B, S, Hq·D/tp] holds this rank's heads and weight_shard [E, Hq·D/tp] "
+              "the matching columns of W (split along its input dim), so the partial sum is x_shard @ weight_shard.T",
+    "mlp": "gate_shard and up_shard [F/tp, E] are rows of their weights (column-parallel: split along the output "
+           "dim), down_shard [E, F/tp] holds columns of down_proj (row-parallel: split along its input dim): "
+           "h = silu(x @ gate_shard.T) * (x @ up_shard.T) is [..., F/tp], y = h @ down_shard.T is [..., E]",
+}
+
+
+_TOKEN_HINTS = {
+    "row_parallel_forward": "row_parallel_forward returns the tensor it all-reduced (the sum of the ranks' partial "
+                            "sums x_shard @ weight_shard.T), plus the bias once",
+    "tp_mlp_forward": "in tp_mlp_forward, silu(x @ gate_shard.T) * (x @ up_shard.T) is this rank's own F/tp hidden "
+                      "units (summing them over the ranks mixes different units): only y = h @ down_shard.T is a "
+                      "partial sum to all-reduce, and no nonlinearity comes after the reduce",
+}
+
+
+def check_end_to_end(row_fn, mlp_fn) -> CheckResult:
+    """Your row_parallel_forward (every o_proj) and tp_mlp_forward (every MLP) run the shipped tiny model split
+    over 2 and 4 simulated ranks, with the library's column-parallel q/k/v: the greedy tokens of every rank must
+    equal those of the unsplit model exactly (float32), with one all-reduce per o_proj and one per MLP, so two per
+    layer. The tp=4 case gives o_proj a bias (as GPT-2 has). When the tokens differ, each of your functions runs
+    alone with the library's other: the hint names the one that breaks them."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.parallel.tensor import greedy_no_cache
+
+    model, tok = _float32_target()
+    prompt, L = tok.encode(_E2E_PROMPT), model.config.num_hidden_layers
+
+    def decode(row, mlp, tp, bias):
+        try:
+            return run_beside(row_fn, "course_lib.grading.lesson08:tp_decode", row, mlp, tp, prompt, _E2E_STEPS,
+                              bias)
+        except NotImplementedError as err:
+            raise NotImplementedError(f"Exercise: this check runs exercises 1 and 2 together in the model: finish "
+                                      f"both first ({err})") from None
+
+    with Checker("end_to_end", points=2, timeout_s=180) as c:
+        for tp, bias in _E2E_CASES:
+            want = greedy_no_cache(_e2e_model(bias), torch.tensor([prompt]), _E2E_STEPS)[1][0].tolist()
+            c.case = (f"tp={tp}, prompt {_E2E_PROMPT!r} ({len(prompt)} tokens), {_E2E_STEPS} greedy tokens, "
+                      f"{L} layers" + (", o_proj with a bias" if bias else ", the shipped model (no biases)"))
+            got = decode(row_fn, mlp_fn, tp, bias)
+            if isinstance(got, dict):
+                fn = "row_parallel_forward" if got["site"] == "o_proj" else "tp_mlp_forward"
+                c.check(False, expected=f"your {fn} runs on this rank's shards", got=got["error"],
+                        hint=_SHAPE_HINTS[got["site"]])
+            per_layer = {site: [r["calls"][site] / (L * _E2E_STEPS) for r in got] for site in _SITES}
+            for site, fn, wrong in [
+                ("o_proj", "row_parallel_forward", "one all-reduce of the [..., E] partial sums, then the bias"),
+                ("mlp", "tp_mlp_forward", "the column-parallel gate/up outputs are this rank's own F/tp hidden "
+                 "units: no all-reduce after them; only down_proj's partial sums are all-reduced"),
+            ]:
+                n = per_layer[site][0]
+                hint = (f"no all-reduce in your {fn}: each rank kept its partial sum" if n == 0 else
+                        f"{fn}: {wrong}")
+                c.check(per_layer[site] == [1] * tp, expected=f"1 all-reduce per {site} per forward on every rank "
+                        "(2 per layer: o_proj and the MLP)", got=f"{per_layer[site]} per layer and forward (rank 0 "
+                        f"... {tp - 1})", hint=hint)
+            tokens = [r["tokens"] for r in got]
+            if all(t == want for t in tokens):
+                c.cases_passed += 1
+                continue
+            guilty = [fn for fn, pieces in [("row_parallel_forward", (row_fn, None)), ("tp_mlp_forward",
+                                                                                        (None, mlp_fn))]
+                      if any(r["tokens"] != want for r in decode(*pieces, tp, bias))]
+            if guilty == ["row_parallel_forward"] and bias:
+                hint = (f"your row_parallel_forward is right without a bias (tp=2) but not with o_proj's: a bias added "
+                        f"before the all-reduce is summed {tp} times; add it once, after")
+            elif guilty:
+                hint = (f"with the library's other function, your {' and your '.join(guilty)} alone already "
+                        f"change{'s' * (len(guilty) == 1)} the tokens: " + "; ".join(_TOKEN_HINTS[fn] for fn in guilty))
+            else:
+                hint = "each of your functions decodes correctly with the library's other, but not together"
+            rank = next(r for r, t in enumerate(tokens) if t != want)
+            c.check_equal(tokens[rank], want, case=f"{c.case}: rank {rank}'s tokens vs the unsplit model", hint=hint)
+    return c.result
+

@@ -6,6 +6,7 @@
     pipeline.py   stages, micro-batches with send/recv, GPipe and 1F1B forward schedules, stage timelines
     schedule.py   schedules on paper: op orders, ideal simulation, bubble, timeline plot
     simulate.py   ranks as threads of one process (for exercises graded inside a notebook)
+    lockstep.py   a pipeline's stages in one process on one clock: the timeline in steps, the model's tokens
     check.py      run the sharded model and compare it with the single-process one
     __main__.py   python -m course_lib.parallel --tp 2 | --pp 2 --microbatches 4
 """
