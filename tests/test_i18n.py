@@ -67,3 +67,11 @@ def test_run_time_quotes_come_from_the_english_cell_in_chinese():
     assert i18n.fill_run_times(translated, english, "zh") == (
         "运行时间<!-- run-time -->在 2 核 CPU 上约 16 秒，评分约 24 秒<!-- /run-time -->；另一个"
         "<!-- run-time -->在 2 核 CPU 上约 9 秒（测量时 CPU 还忙于其他任务）<!-- /run-time -->。")
+
+
+def test_emphasis_that_commonmark_would_not_render_is_caught():
+    """Full-width punctuation next to a closing ** keeps it from closing: "**预填充（prefill）**把" shows its stars."""
+    assert i18n.emphasis_problems("借助**在线 softmax（online softmax）**边算")
+    assert i18n.emphasis_problems("*提示：*第 i 个 token")
+    assert not i18n.emphasis_problems("借助**在线 softmax**（online softmax）边算；*提示*：第 i 个")
+    assert not i18n.emphasis_problems("*提示：*`x`，以及 **粗体**。\n\n* 列表项\n* a * b")

@@ -95,6 +95,42 @@ def quote_zh(quote: str) -> str:
 QUOTE_IN = {"zh": quote_zh}
 
 
+def emphasis_problems(markdown: str) -> list[str]:
+    """Bold or italic markers that CommonMark will not read as such: a closing ``**`` right after punctuation and
+    right before a letter (``**预填充（prefill）**把``), or an opening one right after a letter and before punctuation.
+    Chinese text meets the rule often (full-width punctuation, no spaces); the fix is to move the punctuation out of
+    the markers (``**预填充**（prefill）把``). Code spans and math are skipped."""
+    import unicodedata
+
+    def punct(ch: str) -> bool:
+        return unicodedata.category(ch)[0] in "PS"
+
+    def space(ch: str) -> bool:
+        return ch == "" or ch.isspace()
+
+    found = []
+    # a code span or math stands for its first and last characters, punctuation both (` and $)
+    text = re.sub(r"`[^`]*`|\$\$.*?\$\$|\$[^$\n]*\$", "§", markdown, flags=re.DOTALL)
+    for paragraph in re.split(r"\n\s*\n", text):
+        for marker in ("**", "*"):
+            spots = [m.start() for m in re.finditer(re.escape(marker) if marker == "**" else r"(?<!\*)\*(?!\*)",
+                                                      paragraph)]
+            if marker == "*":   # a list bullet is no emphasis
+                spots = [i for i in spots if paragraph[:i].split("\n")[-1].strip() or not paragraph[i + 1:i + 2] == " "]
+            for k, i in enumerate(spots):
+                before = paragraph[i - 1] if i else ""
+                after = paragraph[i + len(marker):i + len(marker) + 1]
+                closing = k % 2 == 1
+                where = paragraph[max(0, i - 20):i + 20]
+                if closing and punct(before) and not (space(after) or punct(after)):
+                    found.append(f"closing {marker} after {before!r}, before {after!r}: {where!r}")
+                if not closing and punct(after) and not (space(before) or punct(before)):
+                    found.append(f"opening {marker} after {before!r}, before {after!r}: {where!r}")
+            if marker == "**":
+                paragraph = paragraph.replace("**", "  ")
+    return found
+
+
 def markdown_cells(nb) -> list:
     return [c for c in nb.cells if c.cell_type == "markdown"]
 
@@ -117,6 +153,8 @@ def problems_of(english: Path, lang: str) -> list[str]:
             problems.append(f"cell {cell.id}: the English text changed since it was translated")
         elif not entry[2].strip():
             problems.append(f"cell {cell.id}: empty translation")
+        else:
+            problems += [f"cell {cell.id}: {p}" for p in emphasis_problems(entry[2])]
     ids = {c.id for c in markdown_cells(nb)}
     problems += [f"cell {cid}: translated, but the English notebook has no such markdown cell" for cid in entries
                  if cid not in ids]
