@@ -75,3 +75,13 @@ def test_emphasis_that_commonmark_would_not_render_is_caught():
     assert i18n.emphasis_problems("*提示：*第 i 个 token")
     assert not i18n.emphasis_problems("借助**在线 softmax**（online softmax）边算；*提示*：第 i 个")
     assert not i18n.emphasis_problems("*提示：*`x`，以及 **粗体**。\n\n* 列表项\n* a * b")
+
+
+def test_readme_zh_links_every_chinese_lesson_and_exercise():
+    import re
+
+    text = (i18n.ROOT / "README.zh.md").read_text(encoding="utf-8")
+    targets = {t for t in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text) if not t.startswith("http")}
+    assert all((i18n.ROOT / t).exists() for t in targets), [t for t in targets if not (i18n.ROOT / t).exists()]
+    wanted = {str(p.relative_to(i18n.ROOT)) for p in EDITIONS if p.parent.parent.name in ("notebooks", "exercises")}
+    assert wanted <= targets, sorted(wanted - targets)
