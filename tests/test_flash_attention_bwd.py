@@ -236,8 +236,19 @@ def test_gpu_every_autotune_config_is_correct(dkdv, dq):
     want = _grads(kernels.reference.flash_attention, q, k, v, do, causal=True)
     for m, n, w, s in (dkdv, dq):
         config = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-        got = flash_attention_backward(do, q.detach(), k.detach(), v.detach(), out, lse, causal=True,
-                                       sm_scale=1 / math.sqrt(128), config=config)
+        try:
+            got = flash_attention_backward(do, q.detach(), k.detach(), v.detach(), out, lse, causal=True,
+                                           sm_scale=1 / math.sqrt(128), config=config)
+        except triton.runtime.errors.OutOfResources:
+            # at D = 128 a deep pipeline of big tiles may not fit shared memory (dq's 128 x 32, 5 stages: 280 KB on
+            # an H100); the autotuner skips such a config, so it must then be right at D = 64, where it fits
+            q64, k64, v64, do64 = _inputs(2, 8, 2, 333, 701, 64, torch.bfloat16, seed=12)
+            out64, lse64 = _flash_attention(q64.detach(), k64.detach(), v64.detach(), causal=True, return_lse=True)
+            got = flash_attention_backward(do64, q64.detach(), k64.detach(), v64.detach(), out64, lse64, causal=True,
+                                           sm_scale=1 / math.sqrt(64), config=config)
+            assert_grads_close(got, _grads(kernels.reference.flash_attention, q64, k64, v64, do64, causal=True),
+                               torch.bfloat16)
+            continue
         assert_grads_close(got, want, torch.bfloat16)
 
 

@@ -49,6 +49,7 @@ def _diagnose(got, candidates: dict[str, torch.Tensor | None], want, default: st
     (never written), the hint about program ids; else ``default``."""
     if not isinstance(got, torch.Tensor) or got.shape != want.shape:
         return default
+    got, want = got.cpu(), want.cpu()      # a kernel's output is on the GPU where there is one, the answers here
     for hint, value in candidates.items():
         if value is not None and _matches(got, value.to(got.dtype), rtol, atol):
             return hint
