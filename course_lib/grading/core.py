@@ -91,7 +91,7 @@ def format_result(r: CheckResult) -> str:
     head = f"{ICONS.get(r.status, '?')} {r.name}: {r.status} ({r.points:g}/{r.max_points:g} points)"
     if r.status == NOT_ATTEMPTED:
         head += ": the stub still raises NotImplementedError"
-    lines = [line for line in r.message.splitlines() if r.status != PASSED]
+    lines = [line for line in r.message.splitlines() if r.status != PASSED or line.startswith("note: ")]
     return "\n".join([head] + ["   " + line for line in lines])
 
 
@@ -205,6 +205,7 @@ class Checker:
         self.skipped = needs_gpu and not HAS_GPU  # True: the body must not run (see require_gpu)
         self.cases_passed = 0  # comparisons (check_* calls) passed so far; a case may make several
         self.case = ""  # the case being run: shown when the learner's code raises during it
+        self.note = ""  # information the check measured beside its verdict: shown under a passed result
         self.result: CheckResult | None = None
         self._old_handler = None
 
@@ -274,7 +275,7 @@ class Checker:
 
     def _classify(self, exc: BaseException | None, tb) -> tuple[str, str]:
         if exc is None:
-            return PASSED, f"{self.cases_passed} comparison(s) passed"
+            return PASSED, f"{self.cases_passed} comparison(s) passed" + (f"\nnote: {self.note}" if self.note else "")
         if isinstance(exc, OutOfBounds) and self.case:
             return FAILED, f"case: {self.case}\n{exc}"
         if isinstance(exc, CheckFailed):
