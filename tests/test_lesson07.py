@@ -68,7 +68,7 @@ def test_int8_attention_kernel_check():
 def test_end_to_end_check():
     quantize, dequantize, kernel = SOLVED.quantize_per_token, SOLVED.dequantize_per_token, SOLVED._int8_attention_kernel
     result = lesson07.check_end_to_end(quantize, dequantize, kernel)
-    assert result.status == "passed"
+    assert result.status == "passed" and result.check == "course_lib.grading.lesson07:check_end_to_end"
     assert "\n   note: for information: the INT8 decode agrees with the float32 decode" in format_result(result)
     stubs = exercise("07_kv_cache_quantization")
     assert_not_attempted(lesson07.check_end_to_end(stubs.quantize_per_token, stubs.dequantize_per_token,

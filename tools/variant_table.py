@@ -42,8 +42,8 @@ def table(counts: dict[str, dict[str, int]]) -> str:
     total_written = total_caught = 0
     for notebook, checks in manifest.items():
         for check in checks:
-            written = counts["written"].get(check["name"], 0)
-            caught = counts["caught"].get(check["name"], 0)
+            written = counts["written"].get(check["check"], 0)   # counted per check function ("module:function")
+            caught = counts["caught"].get(check["check"], 0)
             total_written, total_caught = total_written + written, total_caught + caught
             rows.append(f"| {notebook} | {check['name']} | `{check['check'].split(':')[1]}` | {written} | {caught} |")
     rows.append(f"| **all** | | | **{total_written}** | **{total_caught}** |")

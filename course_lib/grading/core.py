@@ -34,6 +34,7 @@ import contextlib
 import math
 import numbers
 import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -206,6 +207,8 @@ class Checker:
         self.cases_passed = 0  # comparisons (check_* calls) passed so far; a case may make several
         self.case = ""  # the case being run: shown when the learner's code raises during it
         self.note = ""  # information the check measured beside its verdict: shown under a passed result
+        caller = sys._getframe(1)   # the check function: "module:function", as the manifest names it
+        self.check_function = f"{caller.f_globals.get('__name__')}:{caller.f_code.co_name}"
         self.result: CheckResult | None = None
         self._old_handler = None
 
@@ -268,6 +271,7 @@ class Checker:
         if not self.skipped:  # a skipped check keeps the result made in __enter__ (it may already be returned)
             status, message = self._classify(exc, tb)
             self.result = CheckResult(self.name, status, self.points if status == PASSED else 0, self.points, message)
+        self.result.check = self.check_function   # which check made it (names repeat across lessons: end_to_end)
         if not _quiet:
             print(format_result(self.result), flush=True)
             self.result._printed = True
