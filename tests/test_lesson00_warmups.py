@@ -117,3 +117,35 @@ def test_broken_variant_is_caught(name, index):
     if HAS_GPU and any(words in hint for words in INTERPRETER_ONLY_HINTS):
         hint = None   # compiled, an access past the edge is not trapped: the values it reads or writes fail the case
     assert_caught(check(edited(getattr(solution("00_start_here"), kernel), replacements)), hint)
+
+
+# ---------------------------------------------------------------- end to end: the softmax and matmul run the model
+def test_end_to_end_check():
+    solved, stubs = solution("00_start_here"), exercise("00_start_here")
+    softmax, matmul = solved._softmax_kernel, solved._matmul_kernel
+    assert warmups.check_end_to_end(softmax, matmul).status == "passed"
+    assert_not_attempted(warmups.check_end_to_end(stubs._softmax_kernel, stubs._matmul_kernel))
+    assert_not_attempted(warmups.check_end_to_end(softmax, stubs._matmul_kernel))
+    assert_caught(warmups.check_end_to_end(softmax, lambda *args: None), "@triton.jit")
+
+
+@pytest.mark.parametrize("kernel, replacements, hint", [
+    # not normalized: the attention weights do not sum to 1
+    ("_softmax_kernel", {"e / tl.sum(e, axis=0)": "e"}, "your _softmax_kernel for the attention probabilities"),
+    # the accumulator overwritten: only the last K block counts
+    ("_matmul_kernel", {"acc += tl.dot(a, b)": "acc = tl.dot(a, b)"}, "acc += tl.dot(a, b) over every K block"),
+    # always the first K block
+    ("_matmul_kernel", {"offs_k = k * BLOCK_K + tl.arange": "offs_k = tl.arange"},
+     "your _matmul_kernel for the logits"),
+    # b taken as contiguous: the lm_head weight is read through its strides
+    ("_matmul_kernel", {"offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn":
+                        "offs_k[:, None] * N + offs_n[None, :]"}, "use the strides passed in"),
+    # no row mask: one row of hidden states, BLOCK_M = 16
+    ("_matmul_kernel", {"mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)":
+                        "mask=offs_k[None, :] < K, other=0.0)"}, "mask offs_m < M"),
+])
+def test_end_to_end_check_catches(kernel, replacements, hint):
+    solved = solution("00_start_here")
+    kernels = {"_softmax_kernel": solved._softmax_kernel, "_matmul_kernel": solved._matmul_kernel}
+    kernels[kernel] = edited(kernels[kernel], replacements)
+    assert_caught(warmups.check_end_to_end(kernels["_softmax_kernel"], kernels["_matmul_kernel"]), hint)

@@ -316,3 +316,29 @@ def test_backward_check_catches(mistake):
 def test_backward_check_forbids_autograd_and_the_whole_matrix():
     assert_caught(lesson03.check_attention_backward(_backward_by_autograd), "write the gradients out yourself")
     assert_caught(lesson03.check_attention_backward(_backward_whole_matrix), "O(S²) memory")
+
+
+# ---------------------------------------------------------------- end to end: the pieces run the tiny model
+def test_end_to_end_check():
+    pieces = (SOLVED.tiled_attention, SOLVED._flash_fwd_kernel, SOLVED._causal_flash_fwd_kernel)
+    assert lesson03.check_end_to_end(*pieces).status == "passed"
+    assert_not_attempted(lesson03.check_end_to_end(STUBS.tiled_attention, STUBS._flash_fwd_kernel,
+                                                   STUBS._causal_flash_fwd_kernel))
+    assert_not_attempted(lesson03.check_end_to_end(stub, *pieces[1:]))
+    assert_not_attempted(lesson03.check_end_to_end(*pieces[:2], STUBS._causal_flash_fwd_kernel))
+
+
+def test_end_to_end_check_names_the_mistake():
+    tiled, flash, causal = SOLVED.tiled_attention, SOLVED._flash_fwd_kernel, SOLVED._causal_flash_fwd_kernel
+    top_left = edited(tiled, {"cols[None, :] > rows[:, None] + (Skv - Sq)": "cols[None, :] > rows[:, None]"})
+    assert_caught(lesson03.check_end_to_end(top_left, flash, causal), "bottom-right alignment")
+    assert_caught(lesson03.check_end_to_end(_tiled_no_rescale, flash, causal), "multiply BOTH l and acc")
+    assert_caught(lesson03.check_end_to_end(tiled, edited(flash, GQA_INTERLEAVED), causal), "not with GQA")
+    drops_last_block = edited(flash, {"for start_n in range(0, Skv, BLOCK_N):":
+                                      "for start_n in range(0, Skv // BLOCK_N * BLOCK_N, BLOCK_N):"})
+    assert_caught(lesson03.check_end_to_end(tiled, drops_last_block, causal), "visit every block")
+    no_batch = edited(flash, {"kv_off = (b * Hkv + h_kv) * Skv * HEAD_DIM": "kv_off = h_kv * Skv * HEAD_DIM"})
+    assert_caught(lesson03.check_end_to_end(tiled, no_batch, causal), "each prompt correctly alone")
+    top_left_kernel = edited(causal, {"causal_offset = Skv - Sq": "causal_offset = 0"})
+    assert_caught(lesson03.check_end_to_end(tiled, flash, top_left_kernel), "bottom-right alignment")
+    assert_caught(lesson03.check_end_to_end(tiled, flash, edited(causal, GQA_INTERLEAVED)), "not with GQA")

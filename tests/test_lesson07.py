@@ -4,6 +4,7 @@ forgets the scales, uses K's scale for V, or indexes the scales without the kv h
 from __future__ import annotations
 
 from course_lib.grading import lesson07
+from course_lib.grading.core import format_result
 from conftest import assert_caught, assert_not_attempted, edited, exercise, solution, stub
 
 SOLVED = solution("07_kv_cache_quantization")
@@ -61,3 +62,34 @@ def test_int8_attention_kernel_check():
     gqa_modulo = edited(kernel, {"kv_head = head // QUERIES_PER_KV": "kv_head = head % NUM_KV_HEADS"})
     assert_caught(lesson07.check_int8_attention_kernel(gqa_modulo), "head // QUERIES_PER_KV")
     assert_caught(lesson07.check_int8_attention_kernel(lambda *a: None), "@triton.jit")
+
+
+# ---------------------------------------------------------------- end to end: the pieces decode the tiny model
+def test_end_to_end_check():
+    quantize, dequantize, kernel = SOLVED.quantize_per_token, SOLVED.dequantize_per_token, SOLVED._int8_attention_kernel
+    result = lesson07.check_end_to_end(quantize, dequantize, kernel)
+    assert result.status == "passed" and result.check == "course_lib.grading.lesson07:check_end_to_end"
+    assert "\n   note: for information: the INT8 decode agrees with the float32 decode" in format_result(result)
+    stubs = exercise("07_kv_cache_quantization")
+    assert_not_attempted(lesson07.check_end_to_end(stubs.quantize_per_token, stubs.dequantize_per_token,
+                                                   stubs._int8_attention_kernel))
+    assert_not_attempted(lesson07.check_end_to_end(quantize, dequantize, stubs._int8_attention_kernel))
+    assert_not_attempted(lesson07.check_end_to_end(quantize, stub, kernel))
+
+
+def test_end_to_end_check_names_the_broken_piece():
+    quantize, dequantize, kernel = SOLVED.quantize_per_token, SOLVED.dequantize_per_token, SOLVED._int8_attention_kernel
+    assert_caught(lesson07.check_end_to_end(quantize_128, dequantize, kernel),
+                  "your quantize_per_token alone already changes the tokens")
+    assert_caught(lesson07.check_end_to_end(quantize_per_tensor, dequantize, kernel),
+                  "a torch.float32 tensor of shape []")
+    assert_caught(lesson07.check_end_to_end(quantize_per_token_all_heads, dequantize, kernel),
+                  "one scale per (token, kv head)")
+    no_scale = edited(dequantize, {"codes.float() * scale[..., None]": "codes.float()"})
+    assert_caught(lesson07.check_end_to_end(quantize, no_scale, kernel),
+                  "your dequantize_per_token alone already changes the tokens")
+    kernel_no_scale = edited(kernel, {"k = k_codes.to(tl.float32) * k_scale[:, None]": "k = k_codes.to(tl.float32)",
+                                      "v = v_codes.to(tl.float32) * v_scale[:, None]": "v = v_codes.to(tl.float32)"})
+    assert_caught(lesson07.check_end_to_end(quantize, dequantize, kernel_no_scale), "with your _int8_attention_kernel")
+    k_scale_for_v = edited(kernel, {"v_scale = tl.load(v_scale_ptr + rows": "v_scale = tl.load(k_scale_ptr + rows"})
+    assert_caught(lesson07.check_end_to_end(quantize, dequantize, k_scale_for_v), "with your _int8_attention_kernel")

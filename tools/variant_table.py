@@ -42,7 +42,7 @@ def table(counts: dict[str, dict[str, int]]) -> str:
     total_written = total_caught = 0
     for notebook, checks in manifest.items():
         for check in checks:
-            written = counts["written"].get(check["check"], 0)   # keyed by check: names repeat across lessons
+            written = counts["written"].get(check["check"], 0)   # counted per check function ("module:function")
             caught = counts["caught"].get(check["check"], 0)
             total_written, total_caught = total_written + written, total_caught + caught
             rows.append(f"| {notebook} | {check['name']} | `{check['check'].split(':')[1]}` | {written} | {caught} |")

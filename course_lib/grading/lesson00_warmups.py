@@ -282,3 +282,122 @@ def check_matmul_kernel(kernel) -> CheckResult:
                 hint = _FP16_HINT   # close, but not within float32 rounding
             c.check_close(out, want, case=case, hint=hint, rtol=1e-4, atol=1e-4)
     return c.result
+
+
+# ---------------------------------------------------------------- end to end: two warm-ups run the shipped model
+# One prompt of 15 tokens, prefilled, then 5 decode steps from the KV cache: the softmax runs on rows of 15 scores
+# (BLOCK_N = 16, some of them -inf: the causal mask), then of 16 (BLOCK_N = 16) and 17 ... 20 (BLOCK_N = 32). Every
+# greedy token wins by a logit margin of 1.1 or more, far above the float16 rounding of the logits' inputs: only a
+# real mistake flips it.
+_E2E_PROMPT = "1 Thus the heavens and the earth were finished, and all the host of them."   # (its first 15 tokens)
+_E2E_LEN, _E2E_NEW = 15, 6
+_E2E_MATMUL_BLOCKS = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64)
+
+
+def _softmax_attention(kernel):
+    """Causal attention (bottom-right, GQA) whose probabilities come from the softmax kernel, one program per row of
+    scores: q [B, Hq, S, D], k/v [B, Hkv, L, D] -> [B, Hq, S, D]."""
+    def attend(q, k, v):
+        B, Hq, S, D = q.shape
+        L = k.shape[2]
+        k, v = (t.repeat_interleave(Hq // t.shape[1], dim=1) for t in (k, v))
+        scores = (q @ k.transpose(-1, -2)) / D ** 0.5                                  # [B, Hq, S, L]
+        hidden = torch.arange(L, device=q.device)[None, :] > torch.arange(S, device=q.device)[:, None] + (L - S)
+        x = scores.masked_fill(hidden, float("-inf")).reshape(-1, L).contiguous()      # [B*Hq*S, L]
+        p = torch.full_like(x, NAN)
+        launch(kernel, (x.shape[0],), x, p, L, L, L, BLOCK_N=triton.next_power_of_2(L),
+               exercise="Exercise: write the body of _softmax_kernel",
+               bounds_hint="rows of L scores, L <= BLOCK_N: mask offs < n_cols in the load (other=-inf) and the store")
+        return p.view(B, Hq, S, L) @ v
+    return attend
+
+
+class _MatmulHead(torch.nn.Module):
+    """The model's lm_head, logits = h @ Wᵀ, through the matmul kernel: a = h [M, E] in float16, b = Wᵀ [E, V] in
+    float16 read through the strides of the weight [V, E] (stride_bk = 1, stride_bn = E: no copy), c float32."""
+
+    def __init__(self, weight: torch.Tensor, kernel):
+        super().__init__()
+        self.weight, self.kernel = weight, kernel
+
+    def forward(self, x):                                                               # x [B, S, E]
+        a = x.reshape(-1, x.shape[-1]).half()
+        b = self.weight.t().half()                                                      # a view: strides (1, E)
+        M, (K, N) = a.shape[0], b.shape
+        c = torch.full((M, N), NAN, device=x.device)
+        bm, bn = _E2E_MATMUL_BLOCKS["BLOCK_M"], _E2E_MATMUL_BLOCKS["BLOCK_N"]
+        launch(self.kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)), a, b, c, M, N, K, *a.stride(), *b.stride(),
+               *c.stride(), **_E2E_MATMUL_BLOCKS, exercise="Exercise: write the body of _matmul_kernel",
+               bounds_hint=f"M = {M} rows of hidden states, less than BLOCK_M = {bm}: mask offs_m < M in the load of "
+                           "a and the store of c")
+        return c.view(*x.shape[:-1], N)
+
+
+def kernel_decode(softmax_kernel, matmul_kernel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decode of ``prompt`` on the shipped tiny model (float32) with lesson 01's KV cache, the attention
+    probabilities from ``softmax_kernel`` and the logits from ``matmul_kernel`` (None: torch's). Returns the new
+    tokens. Runs where the learner's kernels live (the grader runs it in the notebook's kernel)."""
+    import copy
+
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.model.attention import attention
+    from course_lib.model.kv_cache import KVCache
+
+    model = _float32_target()[0]
+    if matmul_kernel is not None:   # a shallow copy that shares every weight, its lm_head swapped
+        model = copy.copy(model)
+        model._modules = {**model._modules, "lm_head": _MatmulHead(model.lm_head.weight, matmul_kernel)}
+    attend = _softmax_attention(softmax_kernel) if softmax_kernel is not None else \
+        (lambda q, k, v: attention(q, k, v, causal=True))
+
+    class Cache(KVCache):   # lesson 01's contiguous cache, its attention swapped
+        def attend(self, layer, q, k, v):
+            return attend(q, *self.update(layer, k, v))
+
+    cache = Cache(model.config, 1, len(prompt) + max_new_tokens, dtype=torch.float32, device=model.device)
+    out, ids = [], list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids], device=model.device), cache=cache, last_token_only=True)
+            out.append(int(logits[0, -1].argmax()))
+            ids = out[-1:]
+    return out
+
+
+def check_end_to_end(softmax_kernel, matmul_kernel) -> CheckResult:
+    """Two of your warm-ups run the shipped tiny model (float32): greedy decoding of one prompt of 15 tokens with a KV
+    cache, 6 new tokens. First your _softmax_kernel computes the attention probabilities of every layer (rows of 15
+    scores in the prefill, the hidden future as -inf; one row per query head in each decode step); then your
+    _matmul_kernel computes the logits, hidden state [1, 256] @ lm_head weightᵀ [256, 2048] (float16 tiles, float32
+    accumulator, the weight read through its strides). Each time the tokens must equal
+    ``greedy_generate(..., use_cache=False)``."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.grading.remote import run_beside
+    from course_lib.model.generate import greedy_generate
+
+    model, tok = _float32_target()
+    prompt = tok.encode(_E2E_PROMPT)[:_E2E_LEN]
+    want = greedy_generate(model, prompt, _E2E_NEW, use_cache=False)
+    with Checker("end_to_end", points=1, timeout_s=240) as c:
+        for kernel in (softmax_kernel, matmul_kernel):
+            check_is_kernel(c, kernel, "check_end_to_end(_softmax_kernel, _matmul_kernel)")
+        stubs = [name for name, k in (("_softmax_kernel", softmax_kernel), ("_matmul_kernel", matmul_kernel))
+                 if run_beside(k, "course_lib.grading.kernels:is_stub", k)]
+        if stubs:
+            raise NotImplementedError(f"Exercise: this check runs exercises 6 and 8 together: finish them first "
+                                      f"({' and '.join(stubs)} {'is' if len(stubs) == 1 else 'are'} still the stub)")
+        case = f"prompt {tok.decode(prompt)!r} ({len(prompt)} tokens), {_E2E_NEW} new tokens with a KV cache"
+        for kernels, used, hint in [
+                ((softmax_kernel, None), "your _softmax_kernel for the attention probabilities of every layer",
+                 "the attention scores here are rows of n_cols = 15 ... 20 with BLOCK_N = 16 or 32 (padding lanes "
+                 "past n_cols) and -inf where the causal mask hides a key: out = exp(x - max) / sum(exp(x - max)) "
+                 "over the row's n_cols entries only (padding loads -inf, exp(-inf) = 0)"),
+                ((None, matmul_kernel), "your _matmul_kernel for the logits (lm_head)",
+                 "the logits are c [1, 2048] = a [1, 256] @ b [256, 2048], b the transpose of the lm_head weight "
+                 "(strides (1, 256): use the strides passed in), K = 256 walked in blocks of BLOCK_K = 64: "
+                 "acc += tl.dot(a, b) over every K block, in float32")]:
+            c.case = f"{case}; {used}"
+            got = run_beside(softmax_kernel, "course_lib.grading.lesson00_warmups:kernel_decode", *kernels, prompt,
+                             _E2E_NEW)
+            c.check_equal(got, want, case=f"{c.case}: the new tokens vs greedy_generate(use_cache=False)", hint=hint)
+    return c.result

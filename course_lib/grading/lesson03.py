@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_flatten
 from course_lib.model.attention import attention
 from course_lib.device import DEVICE, HAS_GPU
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.grading.kernels import check_is_kernel, launch_traced
+from course_lib.grading.kernels import check_is_kernel, launch, launch_traced
 from course_lib.grading.remote import run_beside, type_name
 from kernels import reference as kernels_reference
 
@@ -363,3 +363,148 @@ def _backward_hint(name: str, got, want, D: int, causal: bool, G: int) -> str:
                 "normalization: without Δ the gradient of the row sum is missing); use P, not the scores S; "
                 "then dQ = dS K / sqrt(D), added over the blocks")
     return "dK = dSᵀ Q / sqrt(D) for this block's keys" + group
+
+
+# ---------------------------------------------------------------- end to end: the pieces run the shipped model
+# Two prompts of 20 tokens decoded together (B = 2), prefilled in two chunks as a serving engine's chunked prefill
+# does: 17 tokens (Sq = Skv, a full block of 16 and a partial one), then 3 more over all 20 keys (Sq < Skv: the
+# queries are the last 3 positions, their loop has both stages); then 3 decode steps (Sq = 1) over 21 ... 23 keys.
+# Every greedy token wins by a logit margin of 0.85 or more, far above float32 rounding: only a real mistake flips it.
+_E2E_PROMPTS = ["4 These are the generations of the heavens and of the earth when they were created, in the day that",
+                "5 And every plant of the field before it was in the earth, and every herb of the field before it "
+                "grew"]   # (cut to their first 20 tokens)
+_E2E_LEN, _E2E_CHUNK, _E2E_NEW = 20, 17, 4
+_E2E_PIECES = ("tiled_attention", "_flash_fwd_kernel", "_causal_flash_fwd_kernel")
+
+
+def _kernel_attention(kernel, name: str, expand_kv: bool):
+    """The model's attention through a learner's kernel, launched as the unit checks launch it (contiguous q, k, v,
+    BLOCK_M = BLOCK_N = 16). ``expand_kv``: K/V repeated to one head per query head first (no GQA left to get
+    wrong)."""
+    def attend(q, k, v):
+        B, Hq, Sq, D = q.shape
+        if expand_kv:
+            k, v = (t.repeat_interleave(Hq // t.shape[1], dim=1) for t in (k, v))
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.full_like(q, float("nan"))
+        launch(kernel, (triton.cdiv(Sq, _BLOCK["BLOCK_M"]), B * Hq), q, k, v, out, Hq, k.shape[1], Sq, k.shape[2],
+               LOG2E / math.sqrt(D), HEAD_DIM=D, **_BLOCK, exercise=f"Exercise: write the body of {name}",
+               bounds_hint=_BOUNDS_HINT)
+        return out
+    return attend
+
+
+def chunked_decode(tiled_fn, flash_kernel, causal_kernel, prompts, max_new_tokens: int, chunk: int | None, *,
+                   expand_kv: bool = False, tiled_decode: bool = True):
+    """Greedy decode of ``prompts`` (token lists of one length, decoded together) on the shipped tiny model
+    (float32) with lesson 01's contiguous KV cache, its attention the learner's: ``tiled_fn`` for the prefill and
+    (``tiled_decode``) the decode steps, K/V repeated to Hq heads since tiled_attention takes one kv head per query
+    head; ``causal_kernel`` for the prefill; ``flash_kernel`` for the decode steps (one query sees every cached key:
+    no causal mask needed). A piece given as None is the library's attention. The prompts are prefilled in two
+    chunks split at ``chunk`` (None: in one). Returns the new tokens of each prompt. Runs where the learner's code
+    lives (the grader runs it in the notebook's kernel)."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.model.kv_cache import KVCache
+
+    def library(q, k, v):
+        return attention(q, k, v, causal=True)
+
+    def tiled(q, k, v):
+        G = q.shape[1] // k.shape[1]
+        return tiled_fn(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), causal=True, block_n=8)
+
+    prefill = tiled if tiled_fn is not None else library
+    decode = tiled if tiled_fn is not None and tiled_decode else library
+    if causal_kernel is not None:
+        prefill = _kernel_attention(causal_kernel, "_causal_flash_fwd_kernel", expand_kv)
+    if flash_kernel is not None:
+        decode = _kernel_attention(flash_kernel, "_flash_fwd_kernel", expand_kv)
+
+    class Cache(KVCache):   # lesson 01's contiguous cache, its attention swapped
+        def attend(self, layer, q, k, v):
+            k_all, v_all = self.update(layer, k, v)
+            return (decode if q.shape[2] == 1 else prefill)(q, k_all, v_all)
+
+    model = _float32_target()[0]
+    ids = torch.tensor(prompts, device=model.device)
+    cache = Cache(model.config, len(prompts), ids.shape[1] + max_new_tokens, dtype=torch.float32, device=model.device)
+    bounds = [0, chunk, ids.shape[1]] if chunk else [0, ids.shape[1]]
+    with torch.no_grad():
+        for start, end in zip(bounds, bounds[1:]):      # prefill, chunk by chunk
+            logits = model(ids[:, start:end], cache=cache, last_token_only=True)
+        outs = [[int(t)] for t in logits[:, -1].argmax(-1)]
+        for _ in range(max_new_tokens - 1):            # decode: one token per sequence per step
+            logits = model(torch.tensor([o[-1:] for o in outs], device=model.device), cache=cache,
+                           last_token_only=True)
+            for o, t in zip(outs, logits[:, -1].argmax(-1)):
+                o.append(int(t))
+    return outs
+
+
+def check_end_to_end(tiled_fn, flash_kernel, causal_kernel) -> CheckResult:
+    """Your attention runs the shipped tiny model (float32; GQA: 8 query heads on 4 kv heads, D = 32): two prompts
+    of 20 tokens decoded together, prefilled in two chunks (17 tokens, then 3 over all 20 keys), then 3 decode steps.
+    First your tiled_attention is all of the model's attention; then your _causal_flash_fwd_kernel runs the prefill
+    chunks; then your _flash_fwd_kernel the decode steps (one query sees every cached key: no causal mask). Each time
+    the greedy tokens must equal ``greedy_generate(..., use_cache=False)`` exactly."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.model.generate import greedy_generate
+
+    model, tok = _float32_target()
+    prompts = [tok.encode(text)[:_E2E_LEN] for text in _E2E_PROMPTS]
+    want = [greedy_generate(model, p, _E2E_NEW, use_cache=False) for p in prompts]
+    pieces = (tiled_fn, flash_kernel, causal_kernel)
+
+    def run(i, rows=(0, 1), chunk=_E2E_CHUNK, **options):   # piece i is the learner's, the others the library's
+        used = [p if j == i else None for j, p in enumerate(pieces)]
+        return run_beside(pieces[i], "course_lib.grading.lesson03:chunked_decode", *used,
+                          [prompts[r] for r in rows], _E2E_NEW, chunk, **options)
+
+    def right(i, rows=(0, 1), **options):   # the tokens of these prompts come out right
+        return run(i, rows, **options) == [want[r] for r in rows]
+
+    with Checker("end_to_end", points=2, timeout_s=240) as c:
+        for kernel in (flash_kernel, causal_kernel):
+            check_is_kernel(c, kernel, "check_end_to_end(tiled_attention, _flash_fwd_kernel, "
+                            "_causal_flash_fwd_kernel)")
+        stubs = [name for name, p in zip(_E2E_PIECES, pieces) if run_beside(p, "course_lib.grading.kernels:is_stub", p)]
+        if stubs:
+            raise NotImplementedError(f"Exercise: this check runs exercises 2, 3 and 4 together: finish them first "
+                                      f"({' and '.join(stubs)} {'is' if len(stubs) == 1 else 'are'} still the stub)")
+        case = (f"2 prompts of {_E2E_LEN} tokens decoded together, prefilled in chunks of {_E2E_CHUNK} and "
+                f"{_E2E_LEN - _E2E_CHUNK} tokens, then {_E2E_NEW - 1} decode steps; q [2, 8, S, 32], k/v [2, 4, S, 32]")
+        for i, used in [(0, "your tiled_attention as all of the model's attention (K/V repeated to 8 heads)"),
+                        (2, "your _causal_flash_fwd_kernel for the prefill chunks"),
+                        (1, "your _flash_fwd_kernel for the decode steps (Sq = 1)")]:
+            c.case = f"{case}; {used}, the library's attention elsewhere"
+            got = run(i)
+            if got == want:
+                c.cases_passed += 1
+                continue
+            c.check_equal(got, want, case=f"{c.case}: the new tokens of both prompts vs greedy_generate(use_cache="
+                          "False)", hint=_end_to_end_hint(i, right))
+    return c.result
+
+
+def _end_to_end_hint(i: int, right) -> str:
+    """Why piece ``i`` changed the tokens, from re-runs that each take one difficulty away (``right(i, ...)``: do
+    the tokens come out right then)."""
+    name = _E2E_PIECES[i]
+    if i > 0 and right(i, expand_kv=True):
+        return (f"your {name} decodes correctly once K/V are repeated to one head per query head, not with GQA: query "
+                "head h reads kv head h // (Hq // Hkv) (here Hq = 8, Hkv = 4)")
+    if i > 0 and right(i, rows=(0,)) and right(i, rows=(1,)):
+        return (f"your {name} decodes each prompt correctly alone (B = 1), not the two together: q and out of (batch "
+                "b, head h) start at (b·Hq + h)·Sq·HEAD_DIM, k and v of kv head g at (b·Hkv + g)·Skv·HEAD_DIM")
+    if i != 1 and right(i, chunk=None, tiled_decode=False):
+        return (f"your {name} is right for a prefill in one chunk (Sq = Skv), wrong when Sq < Skv: the second chunk's "
+                f"{_E2E_LEN - _E2E_CHUNK} queries are the LAST {_E2E_LEN - _E2E_CHUNK} of {_E2E_LEN} positions (and "
+                "a decode step's one query is the last of all): query row i sits at position i + Skv - Sq and sees "
+                "keys j <= i + Skv - Sq (bottom-right alignment)")
+    if i == 1:
+        return (f"a decode step is one query (Sq = 1) over every cached key, Skv = {_E2E_LEN + 1} ... "
+                f"{_E2E_LEN + _E2E_NEW - 1}, the last block of BLOCK_N = 16 partial (it holds the newest token): "
+                "visit every block, scores q·kᵀ·qk_scale (log2 units, so exp2), the columns >= Skv masked in the "
+                "loads of K and V and in the scores")
+    return (f"your {name} passes small cases, not the model's (D = 32, scores of a trained model): keep m, l and acc "
+            "per query row, start m at -inf, and when m grows to m_new multiply BOTH l and acc by exp(m - m_new)")

@@ -14,8 +14,10 @@ import torch
 
 from course_lib.device import DEVICE
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.quant.kv_quant import quantize
+from course_lib.model.attention import attention
+from course_lib.quant.kv_quant import QuantizedPagedKVCache, quantize
 from course_lib.grading.kernels import check_is_kernel, launch
+from course_lib.grading.remote import run_beside
 from kernels.reference import paged_attention_int8_decode as _reference_attention
 
 
@@ -163,4 +165,172 @@ def check_int8_attention_kernel(kernel) -> CheckResult:
             c.check_close(out, want,
                           case=f"B={B}, Hq={Hq}, Hkv={Hkv}, D={D}, block_size={P}, context_lens={lens}, q {dtype}",
                           hint=hint, **tol)
+    return c.result
+
+
+# ---------------------------------------------------------------- end to end: the pieces decode the shipped model
+# Two prompts of 15 tokens decoded together from one pool of INT8 blocks of 8 slots: the prefill leaves the second
+# block one slot short, the first decode step fills it, the second opens a third block. Every greedy token wins by
+# a logit margin of 0.47 or more, far above float32 rounding: only a real mistake flips it.
+_E2E_PROMPTS = ["4 These are the generations of the heavens and of the earth when they were created, in the day that",
+                "5 And every plant of the field before it was in the earth, and every herb of the field before it "
+                "grew"]   # (cut to their first 15 tokens)
+_E2E_LEN, _E2E_NEW, _E2E_BLOCK_SIZE = 15, 3, 8
+_E2E_PIECES = ("quantize_per_token", "dequantize_per_token", "_int8_attention_kernel")
+
+
+class _PieceError(Exception):
+    """A piece returned something the cache cannot store: the message names it."""
+
+
+class _Int8Cache(QuantizedPagedKVCache):
+    """The library's INT8 paged cache (float32 scales, one per slot and kv head), with its three pieces passed in
+    (None: the library's): ``quantize_fn`` turns the new tokens' K/V ``[T, Hkv, D]`` into the codes and scales
+    stored at their slots; a prefill reads its blocks back through ``dequantize_fn`` and attends causally; a decode
+    step attends through ``kernel`` (the library's: ``kernels.reference.paged_attention_int8_decode``)."""
+
+    def __init__(self, model, num_blocks: int, batch_size: int, quantize_fn=None, dequantize_fn=None, kernel=None):
+        super().__init__(model.config, num_blocks, _E2E_BLOCK_SIZE, batch_size, kv_dtype="int8",
+                         scale_dtype=torch.float32, device=model.device, use_kernel=False)
+        self.quantize_fn, self.dequantize_fn, self.kernel = quantize_fn, dequantize_fn, kernel
+
+    def _quantize(self, x):                                                      # x [T, Hkv, D]
+        if self.quantize_fn is None:
+            q = quantize(x, "head")
+            return q.codes, q.scale[..., 0]
+        got = self.quantize_fn(x)
+        codes, scale = got if isinstance(got, tuple) and len(got) == 2 else (None, None)
+        if not (isinstance(codes, torch.Tensor) and codes.dtype == torch.int8 and codes.shape == x.shape
+                and isinstance(scale, torch.Tensor) and scale.numel() == x.shape[0] * x.shape[1]):
+            raise _PieceError(f"quantize_per_token(x) with x of shape {list(x.shape)} returned {_describe(got)}: "
+                              f"expected (codes int8 {list(x.shape)}, scale {list(x.shape[:-1])}): one scale per "
+                              "(token, kv head)")
+        return codes, scale.reshape(x.shape[:-1]).float()
+
+    def _dequantize(self, codes, scale):                              # codes [B, L, Hkv, D], scale [B, L, Hkv]
+        if self.dequantize_fn is None:
+            return codes.float() * scale[..., None]
+        x = self.dequantize_fn(codes, scale)
+        if not (isinstance(x, torch.Tensor) and x.shape == codes.shape and x.is_floating_point()):
+            raise _PieceError(f"dequantize_per_token(codes, scale) with codes {list(codes.shape)}, scale "
+                              f"{list(scale.shape)} returned {_describe(x)}: expected float32 of the codes' shape")
+        return x.float()
+
+    def attend(self, layer, q, k, v):
+        B, Hq, S, D = q.shape
+        if self._step is None:   # the first layer of this forward: reserve the slots of the new tokens
+            self._step = self._prepare(S)
+        slot_mapping, block_tables, context_lens = self._step
+        caches = (self.k_caches[layer], self.v_caches[layer], self.k_scales[layer], self.v_scales[layer])
+        N, P, Hkv, _ = caches[0].shape
+        for x, codes, scales in ((k, caches[0], caches[2]), (v, caches[1], caches[3])):
+            new_codes, new_scales = self._quantize(x.transpose(1, 2).reshape(B * S, Hkv, D))   # token-major
+            codes.view(N * P, Hkv, D)[slot_mapping] = new_codes
+            scales.view(N * P, Hkv)[slot_mapping] = new_scales
+        if S == 1:   # decode: the kernel dequantizes the blocks as it reads them
+            if self.kernel is None:
+                return _reference_attention(q[:, :, 0], *caches, block_tables, context_lens)[:, :, None]
+            out = torch.full_like(q[:, :, 0], float("nan"))
+            launch(self.kernel, (B, Hq), q[:, :, 0].contiguous(), *caches, block_tables, context_lens, out,
+                   1 / math.sqrt(D), block_tables.shape[1], NUM_KV_HEADS=Hkv, QUERIES_PER_KV=Hq // Hkv,
+                   BLOCK_SIZE=P, HEAD_DIM=D,
+                   exercise="Exercise: write the dequantizing loads of _int8_attention_kernel")
+            return out[:, :, None]
+        L, idx = self.length + S, block_tables.long()
+        k_all, v_all = (self._dequantize(codes[idx].reshape(B, -1, Hkv, D)[:, :L],
+                                         scales[idx].reshape(B, -1, Hkv)[:, :L]).transpose(1, 2)   # [B, Hkv, L, D]
+                        for codes, scales in ((caches[0], caches[2]), (caches[1], caches[3])))
+        return attention(q, k_all, v_all, causal=True)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    if isinstance(x, tuple):
+        return "(" + ", ".join(_describe(t) for t in x) + ")"
+    return type(x).__name__
+
+
+def int8_decode(quantize_fn, dequantize_fn, kernel, prompts, max_new_tokens: int):
+    """Greedy decode of ``prompts`` (token lists of one length, decoded together) on the shipped tiny model
+    (float32) from an ``_Int8Cache`` built with these pieces (None: the library's). Returns the new tokens of each
+    prompt, or ``{"error": message}`` when a piece returned something the cache cannot store. Runs where the
+    learner's code lives (the grader runs it in the notebook's kernel)."""
+    from course_lib.grading.lesson01 import _float32_target
+
+    model = _float32_target()[0]
+    num_blocks = len(prompts) * -(-(len(prompts[0]) + max_new_tokens) // _E2E_BLOCK_SIZE) + 1
+    cache = _Int8Cache(model, num_blocks, len(prompts), quantize_fn, dequantize_fn, kernel)
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor(prompts, device=model.device), cache=cache, last_token_only=True)
+            outs = [[int(t)] for t in logits[:, -1].argmax(-1)]
+            for _ in range(max_new_tokens - 1):
+                logits = model(torch.tensor([o[-1:] for o in outs], device=model.device), cache=cache,
+                               last_token_only=True)
+                for o, t in zip(outs, logits[:, -1].argmax(-1)):
+                    o.append(int(t))
+    except _PieceError as err:
+        return {"error": str(err)}
+    return outs
+
+
+def check_end_to_end(quantize_fn, dequantize_fn, kernel) -> CheckResult:
+    """Your pieces decode the shipped tiny model (float32) from an INT8 paged cache: two prompts of 15 tokens decoded
+    together, blocks of 8 slots; your quantize_per_token writes the codes and scales of every new token, the prefill
+    reads its blocks back through your dequantize_per_token, your kernel attends at every decode step. The greedy
+    tokens must equal the library's INT8 decode (``kernels.quant.quantize(x, "head")``, float32 scales) exactly: the
+    same quantization gives the same tokens. Your quantize / dequantize run first with the library's kernel (each
+    alone, with the library's other, when the tokens differ), then with your kernel. How many tokens agree with the
+    float32 decode without quantization is shown for information."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.model.generate import greedy_generate
+
+    model, tok = _float32_target()
+    prompts = [tok.encode(text)[:_E2E_LEN] for text in _E2E_PROMPTS]
+    want = int8_decode(None, None, None, prompts, _E2E_NEW)   # the library's INT8 decode
+    fp = [greedy_generate(model, p, _E2E_NEW, use_cache=False) for p in prompts]
+    pieces = (quantize_fn, dequantize_fn, kernel)
+
+    def decode(*used):
+        return run_beside(quantize_fn, "course_lib.grading.lesson07:int8_decode", *used, prompts, _E2E_NEW)
+
+    with Checker("end_to_end", points=2, timeout_s=240) as c:
+        check_is_kernel(c, kernel, "check_end_to_end(quantize_per_token, dequantize_per_token, _int8_attention_kernel)")
+        stubs = [name for name, p in zip(_E2E_PIECES, pieces) if run_beside(p, "course_lib.grading.kernels:is_stub", p)]
+        if stubs:
+            raise NotImplementedError(f"Exercise: this check runs exercises 1 and 2 together: finish them first "
+                                      f"({' and '.join(stubs)} {'is' if len(stubs) == 1 else 'are'} still the stub)")
+        case = (f"2 prompts of {_E2E_LEN} tokens, {_E2E_NEW} new tokens each, decoded together from INT8 blocks of "
+                f"{_E2E_BLOCK_SIZE} slots")
+        for used, name in [((quantize_fn, dequantize_fn, None), "your quantize_per_token and dequantize_per_token with "
+                                                                 "the library's attention"),
+                           (pieces, "your three pieces")]:
+            c.case = f"{case}; {name}"
+            got = decode(*used)
+            if isinstance(got, dict):
+                c.check(False, expected="codes and scales the cache can store", got=got["error"],
+                        hint="the unit check of exercise 1 above shows the rule (run it again); here it broke the "
+                             "cache")
+            if got == want:
+                c.cases_passed += 1
+                continue
+            if used[2] is None:   # quantize and dequantize each alone, with the library's other
+                guilty = [piece for i, piece in enumerate(_E2E_PIECES[:2])
+                          if decode(*[p if j == i else None for j, p in enumerate(pieces[:2])], None) != want]
+                hint = (f"with the library's other piece, your {' and your '.join(guilty)} alone already "
+                        f"change{'s' * (len(guilty) == 1)} the tokens: scale = max|row| / 127 per (token, kv head), "
+                        "codes = round(x / scale), x ≈ codes · scale" if guilty else
+                        "each of your two functions decodes correctly with the library's other, not together: "
+                        "dequantize_per_token must read exactly the codes and scales quantize_per_token returns")
+            else:
+                hint = ("your quantize / dequantize decode correctly with the library's attention, with your "
+                        "_int8_attention_kernel the tokens change: k = k_codes · k_scale and v = v_codes · v_scale, "
+                        "each slot's scale read at the same `rows` index as its codes (without * HEAD_DIM)")
+            row = next(r for r in range(len(want)) if got[r] != want[r])
+            c.check_equal(got[row], want[row], case=f"{c.case}: the new tokens of prompt {row} vs the library's INT8 "
+                          "decode", hint=hint)
+        agree = sum(a == b for w, f in zip(want, fp) for a, b in zip(w, f))
+        c.note = (f"for information: the INT8 decode agrees with the float32 decode (no quantization) in {agree} of "
+                  f"{len(fp) * _E2E_NEW} positions")
     return c.result
