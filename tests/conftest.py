@@ -10,8 +10,9 @@ The grader tests take each reference solution from its one copy, the solution no
     assert_caught(result, hint)       a check failed the variant, with 0 points and a hint (or the raised error)
     assert_not_attempted(result)      a check scored a stub "not attempted", with 0 points
 
-Every ``assert_caught`` counts one broken variant for its check (``result.name``): ``python tools/variant_table.py``
-runs the lesson tests and writes the count per exercise into tests/README.md (``COURSE_VARIANT_TABLE``, below).
+Every ``assert_caught`` counts one broken variant for its check (its lesson and ``result.name``):
+``python tools/variant_table.py`` runs the lesson tests and writes the count per exercise into tests/README.md
+(``COURSE_VARIANT_TABLE``, below).
 
 This must stay the only module named ``conftest``: pytest imports every conftest.py outside a package under that
 one name, so a second one (tests/browser/ is a package for this reason) would hide these helpers.
@@ -26,6 +27,7 @@ import inspect
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -135,18 +137,25 @@ def stub(*args, **kwargs):
     raise NotImplementedError("Exercise: write this function")
 
 
-VARIANTS_WRITTEN: Counter = Counter()   # check name -> broken variants submitted to it (assert_caught calls)
-VARIANTS_CAUGHT: Counter = Counter()    # check name -> of those, failed with 0 points and the expected hint
+VARIANTS_WRITTEN: Counter = Counter()   # "NN:check name" -> broken variants submitted to it (assert_caught calls)
+VARIANTS_CAUGHT: Counter = Counter()    # "NN:check name" -> of those, failed with 0 points and the expected hint
+
+
+def _variant_key(result) -> str:
+    """``"NN:name"``: the lesson of the check (``course_lib.grading.lessonNN``, which the Checker records) and its
+    name, which alone is not unique (lessons share the name ``end_to_end``)."""
+    found = re.search(r"\.lesson(\d\d)", getattr(result, "_module", ""))
+    return f"{found.group(1) if found else '??'}:{result.name}"
 
 
 def assert_caught(result, hint_part: str | None = None) -> None:
     """The check failed the variant with 0 points and told why (a hint, or the error the code raised)."""
-    VARIANTS_WRITTEN[result.name] += 1
+    VARIANTS_WRITTEN[_variant_key(result)] += 1
     assert (result.status, result.points) == ("failed", 0), result
     assert "hint:" in result.message or "your code raised" in result.message, result.message
     if hint_part:
         assert hint_part in result.message, result.message
-    VARIANTS_CAUGHT[result.name] += 1
+    VARIANTS_CAUGHT[_variant_key(result)] += 1
 
 
 def pytest_sessionfinish(session, exitstatus):

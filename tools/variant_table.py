@@ -42,8 +42,9 @@ def table(counts: dict[str, dict[str, int]]) -> str:
     total_written = total_caught = 0
     for notebook, checks in manifest.items():
         for check in checks:
-            written = counts["written"].get(check["name"], 0)
-            caught = counts["caught"].get(check["name"], 0)
+            key = f"{notebook[:2]}:{check['name']}"        # tests/conftest.py counts by lesson and check name
+            written = counts["written"].get(key, 0)
+            caught = counts["caught"].get(key, 0)
             total_written, total_caught = total_written + written, total_caught + caught
             rows.append(f"| {notebook} | {check['name']} | `{check['check'].split(':')[1]}` | {written} | {caught} |")
     rows.append(f"| **all** | | | **{total_written}** | **{total_caught}** |")

@@ -34,6 +34,7 @@ import contextlib
 import math
 import numbers
 import signal
+import sys
 import sysconfig
 import threading
 import time
@@ -207,6 +208,8 @@ class Checker:
         self.case = ""  # the case being run: shown when the learner's code raises during it
         self.result: CheckResult | None = None
         self._old_handler = None
+        # the module of the check (course_lib.grading.lessonNN): names alone repeat across lessons ("end_to_end")
+        self._module = sys._getframe(1).f_globals.get("__name__", "")
 
     # --- assertions (call these inside the with-block) -------------------------------------------
     def check_close(self, got, expected, *, case: str = "", rtol: float = 1e-5, atol: float = 1e-8,
@@ -267,6 +270,7 @@ class Checker:
         if not self.skipped:  # a skipped check keeps the result made in __enter__ (it may already be returned)
             status, message = self._classify(exc, tb)
             self.result = CheckResult(self.name, status, self.points if status == PASSED else 0, self.points, message)
+        self.result._module = self._module
         if not _quiet:
             print(format_result(self.result), flush=True)
             self.result._printed = True
