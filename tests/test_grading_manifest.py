@@ -22,8 +22,8 @@ def test_every_exercise_notebook_has_its_checks_and_every_check_imports():
     m = manifest.load()
     exercises = sorted(p.stem for p in (ROOT / "exercises").glob("*.ipynb"))
     assert sorted(m.notebooks) == exercises
-    assert sum(len(v) for v in m.notebooks.values()) == 46
-    assert sum(c.points for v in m.notebooks.values() for c in v) == 95
+    assert sum(len(v) for v in m.notebooks.values()) == 49
+    assert sum(c.points for v in m.notebooks.values() for c in v) == 101
     functions = import_checks(m)
     assert all(callable(functions[c.check]) for v in m.notebooks.values() for c in v)
 

@@ -148,3 +148,62 @@ split_skips_ahead = edited(SOLVED.split_budget, {"        if n == 0:\n          
 def test_split_budget_check_catches():
     assert_caught(lesson04.check_split_budget(split_decodes_ignore_budget), "must not exceed the budget")
     assert_caught(lesson04.check_split_budget(split_skips_ahead), "first come, first served")
+
+
+# ---------------------------------------------------------------- end to end: the four functions inside LLMEngine
+PIECES = dict(admit=SOLVED.admit, preempt=SOLVED.preempt, split_budget=SOLVED.split_budget,
+              paged_prefill=SOLVED.paged_prefill)
+
+
+def _pieces(**broken):
+    return [broken.get(name, fn) for name, fn in PIECES.items()]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_end_to_end_trace_preempts_both_ways_and_chunks(tiny):
+    """The trace does what the check says (swaps, a recompute, prompt chunks after a prefix) with the library's
+    decisions and with the solution's, and both give the library engine's tokens."""
+    waves = lesson04._e2e_waves(tiny[1])
+    want = lesson04.continuous_batching_generate(None, None, None, None, waves, plain=True)
+    for pieces in ([None] * 4, _pieces()):
+        got = lesson04.continuous_batching_generate(*pieces, waves)
+        assert got["tokens"] == want["tokens"] and max(got["steps"]) <= lesson04._E2E_ENGINE["max_num_batched_tokens"]
+        assert got["preemptions"]["swap"] > 0 and got["preemptions"]["recompute"] > 0 and got["chunks"] > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_end_to_end_check():
+    assert lesson04.check_end_to_end(*_pieces()).status == "passed"
+    assert_not_attempted(lesson04.check_end_to_end(stub, stub, stub, stub))
+    assert_not_attempted(lesson04.check_end_to_end(*_pieces(paged_prefill=stub)))
+    assert_not_attempted(lesson04.check_end_to_end(*_pieces(preempt=stub)))
+
+
+preempt_loses_victim = edited(SOLVED.preempt, {"    waiting.insert(0, victim)\n": ""})   # recompute: never requeued
+prefill_top_left = edited(SOLVED.paged_prefill, {"pos = torch.arange(n) + (L - n)": "pos = torch.arange(n)"})
+prefill_gqa_modulo = edited(SOLVED.paged_prefill, {   # query head h reads kv head h % Hkv
+    "k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)":
+    "k, v = k.repeat(1, G, 1), v.repeat(1, G, 1)"})
+prefill_no_scale = edited(SOLVED.paged_prefill, {" / math.sqrt(D)": ""})
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("broken, hint", [
+    (dict(admit=admit_floor), "ceil(n / block_size)"),
+    (dict(admit=admit_skipping), "first come, first served"),
+    (dict(preempt=preempt_oldest), "LARGEST seq.priority"),
+    (dict(preempt=preempt_no_reset), "your preempt alone already changes the tokens"),
+    (dict(preempt=preempt_to_back), "waiting.insert(0, victim)"),
+    (dict(preempt=preempt_loses_victim), "its request is lost"),
+    (dict(preempt=preempt_no_fallback), "OutOfBlocksError"),
+    (dict(preempt=preempt_mapping_after_free), "read the table BEFORE freeing"),
+    (dict(preempt=preempt_keeps_device_blocks_on_swap), "block_manager.free(seq_id)"),
+    (dict(split_budget=split_prefill_first), "decodes first"),
+    (dict(split_budget=split_never_chunks), "min(remaining, left)"),
+    (dict(split_budget=split_over_budget), "must not exceed the budget"),
+    (dict(paged_prefill=prefill_top_left), "aligned bottom-right"),
+    (dict(paged_prefill=prefill_gqa_modulo), "h // G"),
+    (dict(paged_prefill=prefill_no_scale), "1 / sqrt(D)"),
+])
+def test_end_to_end_check_catches(broken, hint):
+    assert_caught(lesson04.check_end_to_end(*_pieces(**broken)), hint)

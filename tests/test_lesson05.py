@@ -193,3 +193,61 @@ def test_num_reusable_tokens_check(broken, hint):
     assert lesson05.check_num_reusable_tokens(SOLVED.num_reusable_tokens).status == "passed"
     assert_not_attempted(lesson05.check_num_reusable_tokens(stub))
     assert_caught(lesson05.check_num_reusable_tokens(broken), hint)
+
+
+# ---------------------------------------------------------------- end to end: the four functions inside LLMEngine
+@pytest.mark.usefixtures("one_thread")
+def test_end_to_end_trace_evicts_preempts_and_matches_the_library_engine(tiny):
+    """The trace does what the check says (evictions, a preemption, hits) and the check's engine, with the
+    library's pieces, caches exactly what LLMEngine(enable_prefix_caching=True) caches."""
+    from course_lib.model.sampling import SamplingParams
+    from course_lib.serving.engine import LLMEngine
+
+    model, tok = tiny
+    waves = lesson05._e2e_waves(tok)
+    plain = lesson05.prefix_cached_generate(None, None, None, None, waves, caching=False)
+    lib = lesson05.prefix_cached_generate(None, None, None, None, waves)
+    assert lib["tokens"] == plain["tokens"] and lib["evicted"] > 0 and sum(lib["cached"]) > 0
+    engine, cached, preempted = LLMEngine(model, enable_prefix_caching=True, **lesson05._E2E_ENGINE), [], 0
+    for wave in waves:
+        outs = engine.generate([p for p, _ in wave], [SamplingParams(max_tokens=n) for _, n in wave], use_tqdm=False)
+        cached += [o.num_cached_tokens for o in outs]
+        preempted += engine.scheduler.num_preemptions["recompute"]
+    assert cached == lib["cached"] and preempted > 0
+    assert engine.block_manager.num_evicted_blocks == lib["evicted"]
+
+
+def _pieces(**broken):
+    pieces = dict(match=SOLVED.match, insert=SOLVED.insert, evict=SOLVED.evict,
+                  num_reusable_tokens=SOLVED.num_reusable_tokens)
+    return [broken.get(name, fn) for name, fn in pieces.items()]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_end_to_end_check():
+    assert lesson05.check_end_to_end(*_pieces()).status == "passed"
+    assert_not_attempted(lesson05.check_end_to_end(stub, stub, stub, stub))
+    assert_not_attempted(lesson05.check_end_to_end(*_pieces(num_reusable_tokens=stub)))
+    assert_not_attempted(lesson05.check_end_to_end(*_pieces(evict=stub)))
+
+
+@pytest.mark.parametrize("broken, hint", [
+    (dict(match=match_no_stop), "stop at the first block that is not a child"),
+    (dict(match=match_counts_blocks), "counts tokens, len(blocks) * block_size"),
+    (dict(insert=insert_from_root), "your insert alone already changes what the engine does"),
+    (dict(insert=insert_no_share), "call allocator.share(block) once when a block becomes a node"),
+    (dict(insert=insert_shares_existing), "never for a node that already existed"),
+    (dict(evict=evict_ignores_refs), "never evict a block a running request uses"),
+    (dict(evict=evict_mru), "your evict alone already changes what the engine does: evict the unused leaf with the "
+                            "smallest last_access first (LRU)"),
+    (dict(evict=evict_fifo), "your evict alone already changes what the engine does: evict the unused leaf with "
+                             "the smallest last_access first (LRU)"),
+    (dict(evict=evict_inner_nodes), "only leaves can go, never an inner node"),
+    (dict(evict=evict_one_pass), "keep evicting until num_blocks are freed"),
+    (dict(num_reusable_tokens=lambda n, cached, P: cached), "the model must still run on the last prompt token"),
+    (dict(num_reusable_tokens=lambda n, cached, P: min(cached, (n - 1) // P)), "whole blocks (a multiple of "
+                                                                               "block_size)"),
+])
+@pytest.mark.usefixtures("one_thread")
+def test_end_to_end_check_catches(broken, hint):
+    assert_caught(lesson05.check_end_to_end(*_pieces(**broken)), hint)

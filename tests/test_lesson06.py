@@ -169,3 +169,42 @@ def test_rollback_check():
     assert_caught(lesson06.check_rollback_caches(_rollback_nothing), "target cache length")
     assert_caught(lesson06.check_rollback_caches(_rollback_target_one_short), "target cache length")
     assert_caught(lesson06.check_rollback_caches(_rollback_draft_first_to_target), "draft cache length")
+
+
+# ---------------------------------------------------------------- end to end: a greedy speculative decode
+def test_end_to_end_references_agree():
+    """The check's loop with the library's functions is speculative_generate (same tokens, same accepted counts),
+    and the engine's speculative tokens are its tokens without a draft."""
+    greedy, library, engine_tokens, engine_library = lesson06._e2e_want()
+    target, draft, prompts = lesson06._pair_and_prompts()
+    for (index, gamma, n), lib, want in zip(lesson06._E2E_DECODES, library, greedy):
+        ref = spec.speculative_generate(target, draft, prompts[index], n, gamma=gamma)
+        assert lib["tokens"] == ref.token_ids == want and lib["accepted"] == ref.stats.accepted_per_round
+        assert min(lib["accepted"]) < gamma == max(lib["accepted"])      # rounds with rejections and with none
+    assert engine_library["tokens"] == engine_tokens and sum(engine_library["accepted"]) > 0
+
+
+def test_end_to_end_check():
+    assert lesson06.check_end_to_end(SOLVED.count_accepted, SOLVED.rollback_caches).status == "passed"
+    assert lesson06.check_end_to_end(spec.count_accepted, spec.rollback_caches).status == "passed"
+    assert_not_attempted(lesson06.check_end_to_end(stub, stub))
+    assert_not_attempted(lesson06.check_end_to_end(SOLVED.count_accepted, stub))
+    assert_not_attempted(lesson06.check_end_to_end(stub, SOLVED.rollback_caches))
+
+
+@pytest.mark.parametrize("count, rollback, hint", [
+    (_count_all_passes, None, "your count_accepted alone already changes the decode"),
+    (_count_inverted_ratio, None, "your count_accepted alone already changes the decode"),
+    (_count_reversed_comparison, None, "your count_accepted alone already changes the decode"),
+    (_count_next_target_row, None, "your count_accepted alone already changes the decode"),
+    (_count_with_bonus, None, "the bonus token is not one of them"),
+    (_count_as_float, None, "expected an int"),
+    (None, _rollback_target_only, "roll the draft back too"),
+    (None, _rollback_draft_first_to_target, "roll the draft back too"),
+    (None, _rollback_off_by_one, "target_cache.truncate(num_tokens - 1)"),
+    (None, _rollback_nothing, "target_cache.truncate(num_tokens - 1)"),
+    (None, _rollback_no_min, "cannot truncate"),
+])
+def test_end_to_end_check_catches(count, rollback, hint):
+    result = lesson06.check_end_to_end(count or SOLVED.count_accepted, rollback or SOLVED.rollback_caches)
+    assert_caught(result, hint)

@@ -8,12 +8,17 @@ stops at the first failure with the case, expected vs got, and a hint aimed at t
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import random
 
+import torch
+
 from course_lib.paging.block_manager import BlockAllocator
 from course_lib.grading.core import Checker, CheckResult
-from course_lib.serving.prefix_cache import Node, PrefixCache
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.prefix_cache import Node, PrefixCache, PrefixCachingBlockManager, full_blocks
+from course_lib.serving.scheduler import Scheduler
 
 
 # ---------------------------------------------------------------- test trees
@@ -307,3 +312,290 @@ def check_num_reusable_tokens(student_fn) -> CheckResult:
                 hint = "the cached full blocks, capped at the full blocks of prompt_len - 1 tokens"
             c.check_equal(got, want, case=case, hint=hint)
     return c.result
+
+
+# ---------------------------------------------------------------- end to end: the four functions inside LLMEngine
+_E2E_BLOCK_SIZE = 4
+_PIECES = ("match", "insert", "evict", "num_reusable_tokens")
+
+
+class _PieceError(Exception):
+    """A function returned something the engine cannot use: the message names it and the rule."""
+
+
+class _LearnerPrefixCache(PrefixCache):
+    """The library's ``PrefixCache`` whose tree operations are the learner's functions (``pieces``: match, insert,
+    evict; None: the library's method). After each call the library's index of the tree (``nodes``, the idle
+    count) is rebuilt from the tree itself, and what a function returned is checked before the engine uses it."""
+
+    def __init__(self, allocator: BlockAllocator, block_size: int, pieces=(None, None, None)):
+        super().__init__(allocator, block_size)
+        self.pieces = pieces
+
+    def _reindex(self) -> None:
+        self.nodes.clear()
+        stack = [self.root]
+        while stack:
+            for child in stack.pop().children.values():
+                self.nodes[child.block_id] = child
+                stack.append(child)
+        self.recount_idle()
+
+    def match(self, token_ids):
+        if self.pieces[0] is None:
+            return super().match(token_ids)
+        node, want = self.root, []                     # the longest cached prefix in this very tree
+        for key in full_blocks(token_ids, self.block_size):
+            node = node.children.get(key)
+            if node is None:
+                break
+            want.append(node.block_id)
+        self.clock += 1
+        got = self.pieces[0](self.root, list(token_ids), self.block_size, self.clock)
+        where = f"match(root, token_ids of {len(token_ids)} tokens, block_size={self.block_size}, now={self.clock})"
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], (list, tuple))
+                and isinstance(got[1], int)):
+            raise _PieceError(f"{where} returned {str(got)[:80]}: expected (block ids, num_cached_tokens)")
+        if list(got[0]) != want:
+            raise _PieceError(f"{where} returned the blocks {list(got[0])}, but the tree's longest cached prefix of "
+                              f"these tokens is {want}: " + (
+                                  "stop at the first block that is not a child of the current node: a later block's "
+                                  "K/V depend on the whole prefix before it" if list(got[0][:len(want)]) == want else
+                                  "go down from the root one full block at a time, node = node.children[key]"))
+        if got[1] != len(want) * self.block_size:
+            raise _PieceError(f"{where} returned {len(want)} block(s) holding {got[1]} tokens: num_cached_tokens "
+                              "counts tokens, len(blocks) * block_size")
+        return want, got[1]
+
+    def insert(self, token_ids, blocks):
+        if self.pieces[1] is None:
+            return super().insert(token_ids, blocks)
+        self.clock += 1
+        before, cached = list(self.allocator.ref_counts), set(self.nodes)
+        got = self.pieces[1](self.root, list(token_ids), list(blocks), self.block_size, self.allocator, self.clock)
+        self._reindex()
+        n = len(token_ids) // self.block_size
+        where = (f"insert(root, token_ids of {len(token_ids)} tokens, blocks={list(blocks)}, "
+                 f"block_size={self.block_size}, ...)")
+        if cached - set(self.nodes):
+            raise _PieceError(f"{where} took block {min(cached - set(self.nodes))} out of the tree: an existing node "
+                              "keeps its block (the cache already holds these tokens there)")
+        for b, old in enumerate(before):
+            expected = old + (b in self.nodes and b not in cached)
+            if self.allocator.ref_counts[b] != expected:
+                raise _PieceError(f"{where} left the reference count of block {b} at {self.allocator.ref_counts[b]} "
+                                  f"(expected {expected}): call allocator.share(block) once when a block becomes a "
+                                  "node, never for a node that already existed")
+        if not (isinstance(got, (list, tuple)) and len(got) == n and all(b in self.nodes for b in got)):
+            raise _PieceError(f"{where} returned {str(got)[:80]}: expected the {n} block id(s) of the nodes of its "
+                              "full blocks")
+        return list(got)
+
+    def evict(self, num_blocks: int):
+        if self.pieces[2] is None:
+            return super().evict(num_blocks)
+        before, cached = list(self.allocator.ref_counts), set(self.nodes)
+        idle = sum(1 for b in cached if before[b] == 1)
+        got = self.pieces[2](self.root, self.allocator, num_blocks)
+        self._reindex()
+        where = f"evict(root, allocator, num_blocks={num_blocks})"
+        if not isinstance(got, (list, tuple)) or not all(isinstance(b, int) and b in cached for b in got):
+            raise _PieceError(f"{where} returned {str(got)[:80]}: expected the list of the freed block ids")
+        used = [b for b in got if before[b] > 1]
+        if used:
+            raise _PieceError(f"{where} evicted block {used[0]}, which a running request still uses (reference "
+                              f"count {before[used[0]]}): never evict a block a running request uses, only blocks "
+                              "whose reference count is 1 (the cache's)")
+        gone = cached - set(self.nodes)
+        if gone != set(got):
+            lost = sorted(gone - set(got))
+            raise _PieceError(f"{where} returned {list(got)} but took {sorted(gone)} out of the tree" + (
+                f": block {lost[0]} lost its parent without being evicted; only leaves can go, never an inner node"
+                if lost else ": remove each evicted node from its parent's children"))
+        kept = [b for b in got if self.allocator.ref_counts[b] != 0]
+        if kept:
+            raise _PieceError(f"{where} evicted block {kept[0]} without freeing it: allocator.free(block_id) gives "
+                              "the cache's reference back")
+        if len(got) < min(num_blocks, idle):
+            raise _PieceError(f"{where} freed {len(got)} block(s) while {idle} cached block(s) were unused: when a "
+                              "leaf goes, its parent may become a leaf: keep evicting until num_blocks are freed")
+        return list(got)
+
+
+class _LearnerBlockManager(PrefixCachingBlockManager):
+    """The engine's prefix-caching block manager over ``_LearnerPrefixCache``; an admission matches the whole prompt
+    and takes ``num_reusable_tokens(prompt_len, num_cached_tokens, block_size)`` tokens of it from the cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, pieces, reusable_fn):
+        super().__init__(num_blocks, block_size, cache_cls=lambda a, p: _LearnerPrefixCache(a, p, pieces))
+        self.reusable_fn = reusable_fn or (lambda n, cached, P: min(cached, (n - 1) // P * P))
+
+    def _plan(self, token_ids, num_tokens: int):
+        blocks, cached = self.prefix_cache.match(token_ids)
+        P = self.block_size
+        got = self.reusable_fn(num_tokens, cached, P)
+        where = f"num_reusable_tokens(prompt_len={num_tokens}, num_cached_tokens={cached}, block_size={P})"
+        if not isinstance(got, int) or isinstance(got, bool) or not 0 <= got <= len(blocks) * P or got % P:
+            raise _PieceError(f"{where} returned {got!r} (match found {len(blocks)} block(s)): expected a number of "
+                              "tokens, whole blocks (a multiple of block_size) and no more than num_cached_tokens")
+        if got >= num_tokens:
+            raise _PieceError(f"{where} returned {got}: the model must still run on the last prompt token (its logits "
+                              "give the first output token), so that token is never reused")
+        blocks = blocks[:got // P]
+        reused_evictable = sum(1 for b in blocks if self.allocator.ref_counts[b] == 1)
+        return blocks, self.num_blocks_for(num_tokens) - len(blocks), self.num_free_blocks - reused_evictable
+
+
+class _WholePromptScheduler(Scheduler):
+    """Admits a sequence on a match of its whole prompt (the library's scheduler matches every token but the last,
+    which is what num_reusable_tokens decides here)."""
+
+    def can_allocate(self, seq) -> bool:
+        need, free = self.block_manager.num_blocks_to_allocate(seq.token_ids, seq.num_tokens)
+        return free - need >= self.watermark_blocks
+
+    def allocate(self, seq) -> None:
+        seq.num_computed_tokens = self.block_manager.allocate_with_prefix(seq.seq_id, seq.token_ids, seq.num_tokens)
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+
+class _LearnerEngine(LLMEngine):
+    """``LLMEngine`` with the learner's prefix cache: its block manager and its scheduler are the two above."""
+
+    def __init__(self, model, pieces, reusable_fn, **kwargs):
+        super().__init__(model, enable_prefix_caching=True, **kwargs)
+        self.block_manager = _LearnerBlockManager(self.num_blocks, self.block_size, pieces, reusable_fn)
+
+    def _new_run(self) -> None:
+        super()._new_run()
+        self.scheduler.__class__ = _WholePromptScheduler   # the same scheduler, admitting on the whole prompt
+
+
+def _e2e_waves(tok) -> list[list[tuple[list[int], int]]]:
+    """The trace: waves of (prompt, max_tokens), served one ``generate`` call after the other by one engine of
+    20 blocks of 4 tokens (the cache outlives a call). Wave 1: R decodes long while Q finishes and the long D
+    arrives: D's blocks come from evicting Q's cached block, never R's (in use, though older); later D is
+    preempted and resumes on its cached blocks. Wave 2 extends R's prompt; wave 3's new prompt evicts the least
+    recently used blocks (D's), so that wave 4 hits R's prompt and wave 2's extension again. Wave 4 also sends a
+    prompt whose first and third blocks are R's first and second (its second is not: a miss), and R's prompt
+    again, 4 full blocks: its last token must still run through the model."""
+    from course_lib.model.corpus import load_text
+
+    text = tok.encode(load_text("validation"))
+
+    def span(i, n):
+        return text[i * 64: i * 64 + n]
+    R, Q, D = span(0, 16), span(1, 10), span(2, 56)
+    return [
+        [(R, 12), (Q, 2), (D, 4)],
+        [(R + span(3, 5), 4)],
+        [(span(4, 32), 4)],
+        [(R + span(5, 3), 6), (R + span(3, 5) + span(8, 3), 4), (R[:4] + span(6, 4) + R[4:12] + span(7, 2), 6),
+         (R, 4)],
+    ]
+
+
+_E2E_ENGINE = dict(block_size=_E2E_BLOCK_SIZE, num_blocks=20, max_num_seqs=2, max_num_batched_tokens=64,
+                   use_kernels=False)
+
+
+def prefix_cached_generate(match_fn, insert_fn, evict_fn, reusable_fn, waves, caching: bool = True):
+    """Serve ``waves`` [[(prompt, max_tokens), ...], ...] with one ``LLMEngine`` on the shipped tiny model
+    (float32), one ``generate`` call per wave, its prefix cache made of the given functions (None: the library's);
+    ``caching=False``: the plain engine without a prefix cache. Returns {"tokens": [...], "cached": [...],
+    "evicted": blocks evicted} per request in order, or {"error": message} when a function returned something the
+    engine cannot use. Runs where the learner's code lives (the grader runs it in the notebook's kernel)."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.model.sampling import SamplingParams
+
+    model = _float32_target()[0]
+    if caching:
+        engine = _LearnerEngine(model, (match_fn, insert_fn, evict_fn), reusable_fn, **_E2E_ENGINE)
+    else:
+        engine = LLMEngine(model, **_E2E_ENGINE)
+    tokens, cached, threads = [], [], torch.get_num_threads()
+    torch.set_num_threads(1)          # a tiny model: one thread is as fast, and steady when other processes run
+    try:
+        with torch.no_grad():
+            for wave in waves:
+                outs = engine.generate([p for p, _ in wave], [SamplingParams(max_tokens=n) for _, n in wave],
+                                       use_tqdm=False)
+                tokens += [o.token_ids for o in outs]
+                cached += [o.num_cached_tokens for o in outs]
+    except _PieceError as err:
+        return {"error": str(err)}
+    finally:
+        torch.set_num_threads(threads)
+    evicted = engine.block_manager.num_evicted_blocks if caching else 0
+    return {"tokens": tokens, "cached": cached, "evicted": evicted}
+
+
+@functools.lru_cache(maxsize=1)
+def _e2e_want():
+    """The tokens of the trace without a prefix cache, and the library cache's run of it."""
+    from course_lib.grading.lesson01 import _float32_target
+
+    waves = _e2e_waves(_float32_target()[1])
+    return (prefix_cached_generate(None, None, None, None, waves, caching=False)["tokens"],
+            prefix_cached_generate(None, None, None, None, waves))
+
+
+def check_end_to_end(match_fn, insert_fn, evict_fn, reusable_fn) -> CheckResult:
+    """Your four functions are the prefix cache of ``LLMEngine`` (block size 4, 20 blocks): a trace of requests
+    that share prefixes, in four ``generate`` calls on one engine, under memory pressure (blocks are evicted,
+    a request is preempted). The tokens must equal those of the engine without a prefix cache, and the prompt
+    tokens each request takes from the cache (``RequestOutput.num_cached_tokens``) those of the library's cache.
+    When they differ, each function runs alone with the library's others to name the one that changes them."""
+    from course_lib.grading.lesson01 import _float32_target
+    from course_lib.grading.remote import run_beside
+
+    waves = _e2e_waves(_float32_target()[1])
+    prompts = [p for wave in waves for p, _ in wave]
+    mine = (match_fn, insert_fn, evict_fn, reusable_fn)
+
+    def serve(*pieces, caching=True):
+        return run_beside(match_fn, "course_lib.grading.lesson05:prefix_cached_generate", *pieces, waves, caching)
+
+    with Checker("end_to_end", points=2, timeout_s=120) as c:
+        want_tokens, want = _e2e_want()
+        c.case = (f"{len(prompts)} requests ({', '.join(str(len(p)) for p in prompts)} prompt tokens) in "
+                  f"{len(waves)} generate calls on one engine, block size {_E2E_BLOCK_SIZE}, "
+                  f"{_E2E_ENGINE['num_blocks']} blocks")
+        try:
+            got = serve(*mine)
+        except NotImplementedError:
+            raise NotImplementedError("Exercise: this check runs exercises 1, 2, 3 and 4 together inside the "
+                                      "engine: finish them first") from None
+        if "error" in got:
+            c.check(False, expected="values the engine can use", got=got["error"],
+                    hint="the unit check of that function above shows the rule; here it broke the engine")
+        wrong = [i for i in range(len(prompts)) if (got["tokens"][i], got["cached"][i]) !=
+                 (want_tokens[i], want["cached"][i])]
+        if wrong:
+            guilty = []
+            for k, name in enumerate(_PIECES):
+                alone = serve(*[p if j == k else None for j, p in enumerate(mine)])
+                if "error" in alone or alone["tokens"] != want_tokens or alone["cached"] != want["cached"]:
+                    guilty.append(name)
+            hint = (f"with the library's other functions, your {' and your '.join(guilty)} alone already "
+                    f"change{'s' * (len(guilty) == 1)} what the engine does" if guilty else
+                    "each of your functions works with the library's others, but not together")
+            hint += _E2E_HINTS.get(guilty[0] if guilty else None, "")
+            i = wrong[0]
+            c.check_equal(got["tokens"][i], want_tokens[i], case=f"{c.case}: request {i}'s tokens vs the engine "
+                          "without a prefix cache", hint=hint)
+            c.check_equal(got["cached"][i], want["cached"][i], case=f"{c.case}: request {i}'s num_cached_tokens "
+                          "vs the library's prefix cache", hint=hint)
+        c.cases_passed += 1
+    return c.result
+
+
+_E2E_HINTS = {
+    "match": ": a prompt that misses in its second block must not reuse any later block (their K/V depend on the "
+             "whole prefix before them)",
+    "insert": ": each full block goes under the node of the block before it, so that the path spells the prefix",
+    "evict": ": evict the unused leaf with the smallest last_access first (LRU), looking again after each one",
+    "num_reusable_tokens": ": the cached full blocks, capped at the full blocks of prompt_len - 1 tokens",
+    None: "",
+}

@@ -16,7 +16,7 @@ import torch
 from course_lib.grading.core import Checker, CheckResult
 from course_lib.model.kv_cache import KVCache
 from course_lib.serving.speculative import (SpeculativeStats, count_accepted, expected_tokens_per_step,
-                                    residual_distribution, speculative_step)
+                                    residual_distribution, rollback_caches, speculative_step)
 
 
 def _leading(flags) -> int:
@@ -219,3 +219,196 @@ def check_expected_tokens(student_fn) -> CheckResult:
                         "drafts pass")
             c.check_close(got, want, case=f"alpha={alpha}, gamma={gamma}", rtol=1e-9, atol=1e-12, hint=hint)
     return c.result
+
+
+# ---------------------------------------------------------------- end to end: a greedy speculative decode
+_PIECES = ("count_accepted", "rollback_caches")
+_E2E_DECODES = [(0, 2, 24), (1, 4, 24)]      # (prompt, γ, new tokens) of the speculative loop
+_E2E_ENGINE = dict(block_size=8, num_speculative_tokens=3, max_num_seqs=4, use_kernels=False)
+_E2E_ENGINE_PROMPTS = [(0, 16), (1, 12), (0, 20)]   # (prompt, max_tokens) of the engine run; prompt 2 = 0's first half
+
+
+class _PieceError(Exception):
+    """A function returned something a speculative round cannot use: the message names it."""
+
+
+def _greedy_accept(count_fn, drafted: list[int], best: list[int], vocab_size: int, gen: torch.Generator) -> int:
+    """The learner's count_accepted on a greedy round: q and p are one-hot (the draft's token, the target's argmax),
+    so a draft passes the test u < p/q exactly when it is the target's argmax, whatever u."""
+    gamma = len(drafted)
+    q = torch.nn.functional.one_hot(torch.tensor(drafted, dtype=torch.long), vocab_size).float().reshape(gamma,
+                                                                                               vocab_size)
+    p = torch.nn.functional.one_hot(torch.tensor(best, dtype=torch.long), vocab_size).float()
+    got = _as_number(count_fn(list(drafted), q, p, torch.rand(gamma, generator=gen)))
+    if not (isinstance(got, numbers.Integral) and not isinstance(got, bool) and 0 <= got <= gamma):
+        raise _PieceError(f"count_accepted(draft_tokens={drafted}, ...) with the target's argmaxes {best} returned "
+                          f"{got!r}: expected an int in 0 ... {gamma}, the number of accepted DRAFT tokens (the bonus "
+                          "token is not one of them)")
+    return int(got)
+
+
+def _check_lengths(target_len: int, draft_len: int, num_tokens: int, r: int, n: int, gamma: int) -> None:
+    """Neither cache may keep K/V past the tokens that stay: a rejected draft's, or the newest token's (the next
+    round feeds it)."""
+    where = (f"round {r} ({n} of {gamma} drafts accepted): rollback_caches(target_cache, draft_cache, "
+             f"num_tokens={num_tokens}) left the")
+    if target_len > num_tokens - 1:
+        raise _PieceError(f"{where} target cache with {target_len} tokens: keep the K/V of the num_tokens - 1 tokens "
+                          "that stay (the newest is fed in the next round): target_cache.truncate(num_tokens - 1)")
+    if draft_len > num_tokens - 1:
+        raise _PieceError(f"{where} draft cache with {draft_len} tokens, K/V of rejected drafts among them: roll the "
+                          "draft back too, draft_cache.truncate(min(draft_cache.length, num_tokens - 1))")
+
+
+def speculative_greedy(count_fn, rollback_fn, decodes=_E2E_DECODES):
+    """Greedy speculative decoding of the shipped tiny pair (float32), one sequence at a time, as
+    ``speculative_generate`` runs it, with the learner's ``count_accepted`` verifying each round and their
+    ``rollback_caches`` ending it (None: the library's). Returns {"tokens": [...], "accepted": [per round]} per
+    decode, or {"error": message}. Runs where the learner's code lives (the grader runs it in the notebook's
+    kernel)."""
+    count_fn, rollback_fn = count_fn or count_accepted, rollback_fn or rollback_caches
+    target, draft, prompts = _pair_and_prompts()
+    V, gen, results = target.config.vocab_size, torch.Generator().manual_seed(0), []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny models: one thread is as fast, and steady when other processes run
+    try:
+        with torch.no_grad():
+            for index, gamma, max_new in decodes:
+                prompt = prompts[index]
+                total = len(prompt) + max_new
+                t_cache, d_cache = (KVCache(m.config, 1, total, dtype=m.dtype, device=m.device)
+                                    for m in (target, draft))
+                tokens, accepted = list(prompt), []
+                while len(tokens) < total:
+                    g = min(gamma, total - len(tokens) - 1)   # never propose past the last token
+                    drafted = []
+                    for _ in range(g):
+                        new = (tokens + drafted)[d_cache.length:]
+                        drafted.append(int(draft(torch.tensor([new]), cache=d_cache, last_token_only=True)[0, -1]
+                                           .argmax()))
+                    logits = target(torch.tensor([(tokens + drafted)[t_cache.length:]]), cache=t_cache)[0, -(g + 1):]
+                    best = logits.argmax(-1).tolist()
+                    n = _greedy_accept(count_fn, drafted, best, V, gen)
+                    out = drafted[:n] + [best[n]]
+                    accepted.append(n)
+                    rollback_fn(t_cache, d_cache, len(tokens) + len(out))
+                    tokens += out
+                    _check_lengths(t_cache.length, d_cache.length, len(tokens), len(accepted) - 1, n, g)
+                results.append({"tokens": tokens[len(prompt):], "accepted": accepted})
+    except _PieceError as err:
+        return {"error": str(err)}
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
+def speculative_engine(count_fn, speculative=True):
+    """``LLMEngine(target, speculative_model=draft, num_speculative_tokens=3)`` serving a few greedy requests
+    together, its verification done by the learner's ``count_accepted`` (None: the library's greedy verify);
+    ``speculative=False``: the engine without a draft. Returns {"tokens": [...], "accepted": [per round]} or
+    {"error": message}."""
+    from course_lib.model.sampling import SamplingParams
+    from course_lib.serving.engine import LLMEngine
+
+    target, draft, prompts = _pair_and_prompts()
+    requests = [(prompts[i] if k < 2 else prompts[i][:8], n) for k, (i, n) in enumerate(_E2E_ENGINE_PROMPTS)]
+    if not speculative:
+        engine = LLMEngine(target, block_size=8, max_num_seqs=4, use_kernels=False)
+    else:
+        engine = LLMEngine(target, speculative_model=draft, **_E2E_ENGINE)
+        if count_fn is not None:
+            new_run, gen = engine._new_run, torch.Generator().manual_seed(0)
+
+            def learner_run():
+                new_run()
+                spec = engine._spec
+
+                def verify(seq, drafted, q_rows, logits, best):
+                    n = _greedy_accept(count_fn, drafted, best, target.config.vocab_size, gen)
+                    spec.stats.record_round(len(drafted), n, n)
+                    return drafted[:n] + [best[n]]
+                spec._verify = verify
+            engine._new_run = learner_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            outs = engine.generate([p for p, _ in requests], [SamplingParams(max_tokens=n) for _, n in requests],
+                                   use_tqdm=False)
+    except _PieceError as err:
+        return {"error": str(err)}
+    finally:
+        torch.set_num_threads(threads)
+    accepted = engine._spec.stats.accepted_per_round if speculative else []
+    return {"tokens": [o.token_ids for o in outs], "accepted": list(accepted)}
+
+
+@functools.lru_cache(maxsize=1)
+def _e2e_want():
+    """The target's greedy tokens of each decode, the library's accepted counts per round, and the same for the
+    engine (its tokens without a draft, its accepted counts with the library's verify)."""
+    from course_lib.model.generate import generate
+
+    target, draft, prompts = _pair_and_prompts()
+    greedy = [generate(target, prompts[i], n).token_ids for i, _, n in _E2E_DECODES]
+    library = speculative_greedy(None, None)
+    return greedy, library, speculative_engine(None, speculative=False)["tokens"], speculative_engine(None)
+
+
+def check_end_to_end(count_fn, rollback_fn) -> CheckResult:
+    """Your count_accepted verifies, and your rollback_caches ends, every round of a greedy speculative decode of the
+    course's target with its draft (two prompts, γ = 2 and 4, 24 tokens each); your count_accepted also verifies
+    the rounds of ``LLMEngine(speculative_model=draft, num_speculative_tokens=3)`` serving three requests together.
+    The tokens must be exactly the target's greedy tokens, the drafts accepted in each round those of the library's
+    functions, and after each round neither cache may keep K/V past the tokens that stay."""
+    from course_lib.grading.remote import run_beside
+
+    with Checker("end_to_end", points=2, timeout_s=120) as c:
+        greedy, library, engine_tokens, engine_library = _e2e_want()
+        try:
+            got = run_beside(count_fn, "course_lib.grading.lesson06:speculative_greedy", count_fn, rollback_fn)
+            got_engine = run_beside(count_fn, "course_lib.grading.lesson06:speculative_engine", count_fn)
+        except NotImplementedError:
+            raise NotImplementedError("Exercise: this check runs exercises 1 and 3 together: finish them "
+                                      "first") from None
+        for result in (got, got_engine):
+            if isinstance(result, dict) and "error" in result:
+                c.check(False, expected="values a speculative round can use", got=result["error"],
+                        hint="the unit check of that function above shows the rule; here it broke the decode")
+        for (index, gamma, n), mine, lib, want in zip(_E2E_DECODES, got, library, greedy):
+            case = f"prompt {index}, γ={gamma}, {n} new tokens, greedy, one sequence"
+            if (mine["tokens"], mine["accepted"]) == (want, lib["accepted"]):
+                c.cases_passed += 1
+                continue
+            hint = _guilty(count_fn, rollback_fn, library, run_beside)
+            c.check_equal(mine["tokens"], want, case=case + ": tokens vs the target's greedy tokens", hint=hint)
+            c.check_equal(mine["accepted"], lib["accepted"], case=case + ": drafts accepted per round vs the "
+                          "library's", hint=hint)
+        case = (f"LLMEngine, {len(_E2E_ENGINE_PROMPTS)} requests together, num_speculative_tokens="
+                f"{_E2E_ENGINE['num_speculative_tokens']}, your count_accepted")
+        hint = "the engine verifies with your count_accepted: a draft passes exactly when it is the target's argmax"
+        c.check_equal(got_engine["tokens"], engine_tokens, case=case + ": tokens vs the engine without a draft",
+                      hint=hint)
+        c.check_equal(got_engine["accepted"], engine_library["accepted"], case=case + ": drafts accepted per round "
+                      "vs the library's", hint=hint)
+    return c.result
+
+
+def _guilty(count_fn, rollback_fn, library, run_beside) -> str:
+    """Runs each function alone with the library's other one: the hint names the one that changes the decode."""
+    mine = (count_fn, rollback_fn)
+    guilty = [name for k, name in enumerate(_PIECES)
+              if run_beside(count_fn, "course_lib.grading.lesson06:speculative_greedy",
+                            *[p if j == k else None for j, p in enumerate(mine)]) != library]
+    if not guilty:
+        return "each of your functions decodes right with the library's other one, but not together"
+    return (f"with the library's other function, your {guilty[0]} alone already changes the decode: "
+            + _E2E_HINTS[guilty[0]])
+
+
+_E2E_HINTS = {
+    "count_accepted": "in a greedy round p and q are one-hot, so a draft passes exactly when it is the target's "
+                      "argmax; count the drafts up to the FIRST that fails",
+    "rollback_caches": "both caches keep the first num_tokens - 1 tokens (the draft fewer when it never fed its last "
+                       "proposal)",
+}
