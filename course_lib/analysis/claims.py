@@ -195,6 +195,15 @@ def serving_line(run: dict) -> str:
             text.append(f"LLMEngine {r['throughput_tok_s']:,.0f} tok/s ({r['num_runs']} run"
                         f"{'s' if r['num_runs'] > 1 else ''}) = {s['engine_fraction_of_floor']:.0%} of the HBM floor "
                         f"of its schedule ({s['floor_tok_s']:,.0f} tok/s)")
+        off = next((r for r in run["rows"] if r.get("config") == "LLMEngine - async scheduling"
+                    and r.get("model") == s["model"] and r.get("workload") == s["workload"]
+                    and r.get("status") == "ok"), None)
+        if "llmengine" in rows and off is not None:
+            on = rows["llmengine"]
+            text.append(f"without async scheduling {off['throughput_tok_s']:,.0f} tok/s ({off['num_runs']} runs; "
+                        f"with it {on['throughput_tok_s'] / off['throughput_tok_s']:.2f}x, median over median, runs "
+                        f"{on['throughput_min']:,.0f}-{on['throughput_max']:,.0f} vs "
+                        f"{off['throughput_min']:,.0f}-{off['throughput_max']:,.0f})")
         if "hf-cb" in rows:
             text.append(f"HF continuous batching {rows['hf-cb']['throughput_tok_s']:,.0f}")
         if "hf-static" in rows:
