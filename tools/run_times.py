@@ -278,9 +278,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the texts quote {REFERENCE.relative_to(ROOT)}, not this machine's file: nothing rendered")
             return 0
         record = measured
-    for path, text in changes(record).items():
+    rendered = changes(record)
+    for path, text in rendered.items():
         path.write_text(text, encoding="utf-8")
         print(f"rendered {path.relative_to(ROOT)}")
+    if rendered:   # the Chinese edition quotes the English cells' times: regenerate it (tools/i18n.py)
+        sys.path.insert(0, str(ROOT))
+        from tools import i18n
+
+        i18n.main([])
     left = stray_quotes()
     print("\n".join(["run times quoted outside the markers:", *left]) if left else "every quoted run time is rendered")
     return 1 if left else 0
