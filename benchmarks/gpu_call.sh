@@ -2,14 +2,16 @@
 # One device-tool call on one GPU: named steps, each with its own time limit, results copied to $OUT as soon as a
 # step writes them (a later step running out of time loses nothing). With .whl/ carried (../shared/tools/device-wheels.sh).
 #     STEPS="tests_fa serving1" COURSE_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_call.sh
-# The steps left open after session 6 (2026-12-06), in the order to run them (the serving plan and its measured
+# The steps left open after session 7 (2026-12-06), in the order to run them (the serving plan and its measured
 # durations are in benchmarks/serving.py's docstring):
-#   tests_fa     the float32 autotuned FlashAttention test (FP32_MAX_TILE), every autotune config, the smoke run
-#   tests_gpu    the other GPU tests not yet run compiled since they changed
+#   tests_fa     the FlashAttention backward GPU tests: re-run for the every-config test changed in session 7
+#   tests_gpu    the other GPU tests: re-run for the lesson 00 warm-up checks and the prefix-caching smoke run fixed
+#                in session 7
+#   tests_e2e    the end-to-end checks of lessons 00, 03, 07 compiled (TF32 dots in lesson 03's flash kernels)
 #   serving_step python -m benchmarks.serving_step: the decode step vs its floor, the engine's GPU busy fraction row
 #                by row, async scheduling last (~3-4 min)
-#   engine_async the engine on nano-vllm's trace with async scheduling (on by default on a GPU), without it, and
-#                without CUDA graphs, 3 repeats each (~5 min)
+#   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min;
+#                session 7 ran the first two rows: serving_nvidia-h100-80gb-hbm3_2026-12-06c.json)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
 set -u
 OUT=${OUT:-/tmp/gpu_call}
@@ -42,6 +44,8 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
                  tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py \
                  tests/test_engine.py ;;
+    tests_e2e) step tests_e2e 300 python3 -m pytest -q -rfE tests/test_lesson00_warmups.py tests/test_lesson03.py \
+                 tests/test_lesson07.py -k end_to_end ;;
     serving_step) step serving_step 300 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
     engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
                 --repeats 3 --time-limit 330 ;;

@@ -48,7 +48,8 @@ the same commit, device and versions (one per GPU call).
 
 GPU run plan (one H100, calls of at most 10 minutes). Durations measured on an H100 on 2026-12-06 (gpu_checks.md), on
 the nano-vllm trace with qwen3-0.6b: setup (random-init model saved and loaded by both systems, warm-up) ~60 s;
-LLMEngine ~13 s a run (after b830606; 94 s before); HF continuous batching 307 s a run; HF generate at B = 128 on one
+LLMEngine ~13 s a run (after b830606; 94 s before; ~9 s with async scheduling, cd2882f, session 7; the async
+ablation alone, 3 repeats of 2 rows, took 98 s); HF continuous batching 307 s a run; HF generate at B = 128 on one
 batch of 128 requests 132 s, at B = 8 on one batch of 8 93 s (so the default sweep 8..256 on one batch each is ~10 min
 alone). --time-limit stops starting runs after that many seconds and still writes the file; each call below fits:
     # 1. the headline vs HF's continuous batching: the engine 3x, HF CB once (~8 min)
