@@ -90,8 +90,10 @@ case "${1:-}" in
     # pyproject.toml's [tool.ruff] says what is checked; `ruff check --fix .` repairs the simple findings
     echo "== lint: ruff check . (code and notebooks)"
     $py -m ruff check .
-    echo "== unit tests, grader tests, exercises-in-sync test"
-    $py -m pytest -q tests --ignore=tests/browser
+    echo "== unit tests, grader tests, exercises-in-sync test (two processes: pytest-xdist)"
+    # two workers halve the time on a 2-core CPU (each test is single-threaded: the one_thread fixture); more would
+    # only share the same cores, and each starts its own Jupyter kernels for the grader's tests
+    $py -m pytest -q -n 2 tests --ignore=tests/browser
     start_load "$load"
     echo "== the lessons as a learner sees them: JupyterLab in headless Chromium (skipped without /usr/bin/chromium)"
     $py -m pytest -q -rs tests/browser
