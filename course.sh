@@ -71,6 +71,8 @@ fi
 # nbval runs each notebook in a fresh kernel; its 60 s default for the kernel to start is too short on a busy CPU
 # (seen: a kernel that did not answer within 60 s at load average 8 on 2 cores)
 nbval=(--nbval-lax --nbval-current-env --nbval-kernel-startup-timeout=300)
+# pytest recurses into folders: the Chinese edition (notebooks/zh/, solutions/zh/) has the same code, run once below
+english=(--ignore=notebooks/zh --ignore=solutions/zh --ignore=exercises/zh)
 
 case "${1:-}" in
   lab)
@@ -95,28 +97,47 @@ case "${1:-}" in
     # only share the same cores, and each starts its own Jupyter kernels for the grader's tests
     $py -m pytest -q -n 2 tests --ignore=tests/browser
     start_load "$load"
-    echo "== the lessons as a learner sees them: JupyterLab in headless Chromium (skipped without /usr/bin/chromium)"
-    $py -m pytest -q -rs tests/browser
-    # Where that test ran, it executed every lesson top to bottom and failed on any cell's error, as nbval would:
-    # nbval then takes solutions/ only, so the lessons run once (COURSE_BROWSER_NOTEBOOKS limits the browser test).
+    # Where the browser test runs, it executes every lesson top to bottom and fails on any cell's error, as nbval
+    # would: nbval then takes solutions/ only, so the lessons run once (COURSE_BROWSER_NOTEBOOKS limits the browser
+    # test).
     lessons=notebooks/
     if [ -x "${COURSE_CHROMIUM:-/usr/bin/chromium}" ] && [ -z "${COURSE_BROWSER_NOTEBOOKS:-}" ] \
         && $py -c "import playwright.sync_api" 2>/dev/null; then
       lessons=
     fi
-    echo "== the grader over solutions/ (every check must pass)"
-    $py -m course_lib.grade solutions/ --require-full
-    echo "== the grader over exercises/ (every check must be 'not attempted')"
-    $py -m course_lib.grade exercises/ --expect-none-attempted
-    echo "== the Chinese edition: the grader over solutions/zh/ (every check must pass)"
-    $py -m course_lib.grade solutions/zh/ --require-full
-    echo "== nbval: every ${lessons:+lesson and }solution notebook, and one Chinese lesson, top to bottom"
-    $py -m pytest -q "${nbval[@]}" $lessons solutions/ notebooks/zh/09_pipeline_parallelism.ipynb ;;
+    # The graders and nbval run beside the browser test, which mostly waits on the browser: on two cores the two
+    # chains take about the time of the longer one. Their output is printed when both are done.
+    checks_log=$(mktemp)
+    (
+      set -e
+      echo "== the grader over solutions/ (every check must pass)"
+      $py -m course_lib.grade solutions/ --require-full
+      echo "== the grader over exercises/ (every check must be 'not attempted')"
+      $py -m course_lib.grade exercises/ --expect-none-attempted
+      echo "== the Chinese edition: the grader over solutions/zh/ (every check must pass)"
+      $py -m course_lib.grade solutions/zh/ --require-full
+      echo "== nbval: every ${lessons:+lesson and }solution notebook, and one Chinese lesson, top to bottom"
+      $py -m pytest -q "${nbval[@]}" "${english[@]}" $lessons solutions/
+      $py -m pytest -q "${nbval[@]}" notebooks/zh/09_pipeline_parallelism.ipynb
+    ) > "$checks_log" 2>&1 &
+    checks=$!
+    echo "== the lessons as a learner sees them: JupyterLab in headless Chromium (skipped without /usr/bin/chromium)"
+    echo "   (beside it: the graders and nbval, printed below when both are done)"
+    browser_rc=0
+    $py -m pytest -q -rs tests/browser || browser_rc=$?
+    checks_rc=0
+    wait "$checks" || checks_rc=$?
+    cat "$checks_log"
+    rm -f "$checks_log"
+    if [ "$browser_rc" != 0 ] || [ "$checks_rc" != 0 ]; then
+      echo "FAILED: browser test exit $browser_rc, graders and nbval exit $checks_rc" >&2
+      exit 1
+    fi ;;
   lessons)
     setup
     start_load "$load"
     echo "== nbval: every lesson, top to bottom"
-    .venv/bin/python -m pytest -q "${nbval[@]}" notebooks/ ;;
+    .venv/bin/python -m pytest -q "${nbval[@]}" "${english[@]}" notebooks/ ;;
   *)
     echo "usage: bash course.sh lab | test [--loaded] | lessons [--loaded]" >&2
     exit 2 ;;
