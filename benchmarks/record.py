@@ -69,9 +69,9 @@ def provenance(benchmark: str, module: str, argv: list[str] | None, dtype: torch
     return info
 
 
-def write(result: dict, name: str, out: Path | None) -> Path:
+def write(result: dict, name: str, out: Path | str | None) -> Path:
     """Write result as JSON to out, or to benchmarks/results/<name>_<device-slug>.json."""
-    path = out or RESULTS_DIR / f"{name}_{result['device_slug']}.json"
+    path = Path(out) if out else RESULTS_DIR / f"{name}_{result['device_slug']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path

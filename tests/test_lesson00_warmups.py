@@ -145,6 +145,9 @@ def test_end_to_end_check():
                         "mask=offs_k[None, :] < K, other=0.0)"}, "mask offs_m < M"),
 ])
 def test_end_to_end_check_catches(kernel, replacements, hint):
+    if HAS_GPU and hint == "mask offs_m < M":
+        pytest.skip("compiled, the rows read past the last one are garbage that the store's mask never writes: the "
+                    "tokens stay right, only the interpreter's bounds check sees the read")
     solved = solution("00_start_here")
     kernels = {"_softmax_kernel": solved._softmax_kernel, "_matmul_kernel": solved._matmul_kernel}
     kernels[kernel] = edited(kernels[kernel], replacements)

@@ -409,9 +409,10 @@ def chunked_decode(tiled_fn, flash_kernel, causal_kernel, prompts, max_new_token
     def library(q, k, v):
         return attention(q, k, v, causal=True)
 
-    def tiled(q, k, v):
+    def tiled(q, k, v):   # on CPU tensors, as the lesson calls it (its m, l, acc and masks are made there)
         G = q.shape[1] // k.shape[1]
-        return tiled_fn(q, k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1), causal=True, block_n=8)
+        k, v = (t.repeat_interleave(G, dim=1).cpu() for t in (k, v))
+        return tiled_fn(q.cpu(), k, v, causal=True, block_n=8).to(q.device)
 
     prefill = tiled if tiled_fn is not None else library
     decode = tiled if tiled_fn is not None and tiled_decode else library
