@@ -13,7 +13,8 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
 - ``tma``: host descriptors, the portable kernel's few launch configs; ``tma_wide``: the same kernel, more configs;
 - ``tma_device``: descriptors made in the kernel (what warp specialization on Hopper needs);
 - ``tma_ws``: ``tl.range(..., warp_specialize=True)``: the compiler splits the warps into a producer (TMA loads)
-  and consumers (dots, softmax) that hand tiles over through shared-memory barriers;
+  and consumers (dots, softmax) that hand tiles over through shared-memory barriers. Triton 3.6 leaves this kernel
+  unchanged on sm_90 (cross-compiled: the same code as ``tma_device``); its Blackwell pass is where the flag acts;
 - ``tma_persistent``: one program per SM that loops over the (query block, head) tiles instead of one per tile.
 
 Layout: the descriptors see q, k, v, out as 2-D [B·H·S, D] row matrices (the tensors are made contiguous first), so
