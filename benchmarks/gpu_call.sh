@@ -13,8 +13,8 @@
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min;
 #                session 7 ran the first two rows: serving_nvidia-h100-80gb-hbm3_2026-12-06c.json)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
-#   fa_hopper    issue 21: the TMA FlashAttention forward's GPU tests (<= 150 s), then its ablation against cuDNN,
-#                SDPA flash and the portable kernel (benchmarks.flash_attention_hopper, --time-limit 280; the whole step ~5-9 min)
+#   fa_hopper    issue 21: the TMA FlashAttention forward's GPU tests (<= 150 s), then its ablation vs cuDNN, SDPA
+#                flash and the portable kernel (benchmarks.flash_attention_hopper --time-limit 280; ~5-9 min in all)
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"
