@@ -13,6 +13,8 @@
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min;
 #                session 7 ran the first two rows: serving_nvidia-h100-80gb-hbm3_2026-12-06c.json)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
+#   fa_hopper    issue 21: the TMA FlashAttention forward's GPU tests (<= 150 s), then its ablation vs cuDNN, SDPA
+#                flash and the portable kernel (benchmarks.flash_attention_hopper --time-limit 280; ~5-9 min in all)
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"
@@ -59,6 +61,9 @@ for s in ${STEPS:?set STEPS}; do
                 --repeats 1 --hf-batch-sizes 64 --hf-sweep-sample full --time-limit 420 ;;
     serving6) serving 6 --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --sweep-repeats 1 \
                 --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 --time-limit 420 ;;
+    fa_hopper) step fa_hopper_tests 150 python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention_hopper.py
+               step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit 280 \
+                 --out "$OUT/flash_attention_hopper.json" ;;
     serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac

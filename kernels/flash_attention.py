@@ -220,7 +220,8 @@ def _check_inputs(q, k, v, causal, sm_scale) -> None:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    sm_scale: float | None = None, return_lse: bool = False, config: dict | None = None):
+                    sm_scale: float | None = None, return_lse: bool = False, config: dict | None = None,
+                    hopper: bool | str = False):
     """softmax(q kᵀ · sm_scale) v with the Triton FlashAttention forward kernel ``_attn_fwd``; differentiable.
 
     q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0; D in 16/32/64/128; any Sq, Skv >= 1.
@@ -235,12 +236,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     kernels of ``kernels.flash_attention_bwd`` (lse is differentiable too). Otherwise nothing is saved.
     config: a fixed launch config ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of
     autotuning (a serving engine's ``serving_config``, tests); with gradients the backward's kernels use it too.
+    hopper: True (or a variant name of ``kernels.flash_attention_hopper.VARIANTS``) runs the forward with TMA
+    tensor descriptors (``kernels.flash_attention_hopper``) where it can: float16/bfloat16 on an sm_90+ GPU with a
+    Triton that has descriptors, or the interpreter; elsewhere, and for float32, the portable kernel runs. Off by
+    default until the benchmark (``benchmarks.flash_attention_hopper``) shows it wins. The backward is the same.
     Raises ValueError, naming the argument, for shapes, dtypes or devices it cannot handle.
     """
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
-        out, lse = FlashAttentionFunction.apply(q, k, v, causal, sm_scale, config)
+        out, lse = FlashAttentionFunction.apply(q, k, v, causal, sm_scale, config, hopper)
         return (out, lse) if return_lse else out
-    return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse, config=config)
+    return _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse, config=config,
+                            hopper=hopper)
 
 
 class FlashAttentionFunction(torch.autograd.Function):
@@ -248,8 +254,9 @@ class FlashAttentionFunction(torch.autograd.Function):
     [Sq, Skv] probabilities; the backward recomputes them block by block (``kernels.flash_attention_bwd``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, config):
-        out, lse = _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True, config=config)
+    def forward(ctx, q, k, v, causal, sm_scale, config, hopper=False):
+        out, lse = _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True, config=config,
+                                    hopper=hopper)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.config = bool(causal), config
         ctx.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -261,11 +268,11 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None and dlse is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dout = torch.zeros_like(out) if dout is None else dout
         dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, sm_scale=ctx.sm_scale,
                                               dlse=dlse, needs=ctx.needs_input_grad[:3], config=ctx.config)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def serving_config(num_queries: int, dtype: torch.dtype = torch.bfloat16) -> dict:
@@ -282,10 +289,18 @@ def serving_config(num_queries: int, dtype: torch.dtype = torch.bfloat16) -> dic
                 num_stages=2 if wide else 3)
 
 
-def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None):
+def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None,
+                     hopper: bool | str = False):
     """The forward launch, outside autograd: ``flash_attention`` with an optional fixed launch config
     ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of autotuning (tests use it)."""
     _check_inputs(q, k, v, causal, sm_scale)
+    if hopper and (INTERPRET or q.dtype != torch.float32):
+        from kernels import flash_attention_hopper as tma  # here: it imports this module
+
+        if tma.hopper_status() is None:
+            variant = hopper if isinstance(hopper, str) else tma.DEFAULT_VARIANT
+            return tma.flash_attention_hopper(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse,
+                                              variant=variant, config=config)
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)

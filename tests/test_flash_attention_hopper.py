@@ -1,0 +1,140 @@
+"""kernels.flash_attention_hopper (TMA tensor descriptors) vs its plain-torch reference: in the interpreter on CPU
+(Triton's interpreter emulates host and device descriptors, zero padding included) at small odd shapes; compiled on
+an sm_90+ GPU at real shapes against the reference and torch SDPA, every variant, both 16-bit dtypes."""
+from __future__ import annotations
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import pytest
+import torch
+
+import kernels
+import kernels.reference
+from course_lib.device import DEVICE, HAS_GPU, INTERPRET, kernel_dtypes
+from kernels.flash_attention_hopper import VARIANTS, flash_attention_hopper, hopper_status
+
+from tests.test_flash_attention import CASES, TOL, _qkv
+
+pytestmark = pytest.mark.skipif(hopper_status() is not None and not INTERPRET,
+                                reason=f"the TMA path cannot run here: {hopper_status()}")
+ON_HOPPER = HAS_GPU and hopper_status() is None
+#: one fixed config per test on a GPU (each config is a compilation); the interpreter's small blocks on CPU
+FIXED = None if INTERPRET else dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+#: the interpreter runs every case for one variant, three cases for the others (same code, other flags)
+FEW = [CASES[1], CASES[2], CASES[3]]
+
+
+def _check(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype, config=FIXED, **kw):
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, dtype, **kw)
+    out, lse = flash_attention_hopper(q, k, v, causal=causal, return_lse=True, variant=variant, config=config)
+    want, want_lse = kernels.reference.flash_attention_lse(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == q.shape[:3]
+    torch.testing.assert_close(out, want, **TOL[dtype])
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-3)
+    return out
+
+
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", CASES)
+def test_tma_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, dtype):
+    """Odd Sq/Skv (partial blocks read the next head's rows; the last head's read TMA's zero padding), GQA, MQA,
+    decode (Sq = 1), causal with a bottom-right offset."""
+    _check("tma", B, Hq, Hkv, Sq, Skv, D, causal, dtype)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the real-shape tests below cover every variant (fewer compilations)")
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", FEW)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "tma"])
+def test_variants_match_reference(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype):
+    """Device descriptors, warp specialization (a no-op in the interpreter), the persistent loop (4 programs on
+    CPU, so each walks several tiles)."""
+    _check(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype)
+
+
+def test_public_wrapper_selects_it_and_keeps_the_backward():
+    """``kernels.flash_attention(..., hopper=True)``: the TMA forward, the portable backward (through its lse)."""
+    dtype = kernel_dtypes()[0]
+    q, k, v = _qkv(1, 2, 1, 19, 33, 32, dtype, seed=4)
+    got = kernels.flash_attention(q, k, v, causal=True, sm_scale=0.7, hopper="tma_persistent")
+    torch.testing.assert_close(got, kernels.reference.attention(q, k, v, causal=True, sm_scale=0.7), **TOL[dtype])
+    if INTERPRET:  # the backward on CPU: float32 so that the gradients compare tightly
+        q, k, v = (t.float().requires_grad_() for t in (q, k, v))
+        kernels.flash_attention(q, k, v, causal=True, hopper=True).square().sum().backward()
+        grads = [t.grad for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        kernels.reference.attention(q, k, v, causal=True).square().sum().backward()
+        for got_g, t in zip(grads, (q, k, v)):
+            torch.testing.assert_close(got_g, t.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_non_contiguous_inputs_and_large_logits():
+    """k, v as [B, S, H, D] memory (copied to rows first); scores up to ~±1000 stay finite."""
+    dtype = kernel_dtypes()[0]
+    q, k, v = _qkv(1, 4, 2, 24, 40, 32, dtype, seed=2, scale=6.0)
+    k_t, v_t = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    got = flash_attention_hopper(q, k_t, v_t, causal=True, variant="tma", config=FIXED)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, kernels.reference.attention(q, k, v, causal=True), **TOL[dtype])
+
+
+def test_bad_inputs_name_the_argument():
+    q, k, v = _qkv(1, 4, 2, 8, 8, 32, kernel_dtypes()[0])
+    with pytest.raises(ValueError, match="variant='nope'; expected one of tma"):
+        flash_attention_hopper(q, k, v, variant="nope")
+    with pytest.raises(ValueError, match="k has 3 kv heads"):
+        flash_attention_hopper(q, k[:, :1].expand(1, 3, 8, 32), v[:, :1].expand(1, 3, 8, 32))
+    if HAS_GPU:
+        with pytest.raises(ValueError, match="q has dtype torch.float32"):
+            flash_attention_hopper(q.float(), k.float(), v.float())
+
+
+def test_float32_on_a_gpu_falls_back_to_the_portable_kernel():
+    """hopper=True never makes a call fail: float32 (and GPUs without TMA) run the portable kernel."""
+    q, k, v = _qkv(1, 2, 2, 20, 20, 32, torch.float32)
+    got = kernels.flash_attention(q, k, v, hopper=True)
+    torch.testing.assert_close(got, kernels.reference.attention(q, k, v), **TOL[torch.float32])
+
+
+def test_benchmark_script_quick(tmp_path):
+    """``python -m benchmarks.flash_attention_hopper --quick``: on CPU two tiny rows in the interpreter, every
+    variant checked against the reference before it is timed; the JSON records provenance and every cell."""
+    import json
+
+    from benchmarks import flash_attention_hopper as bench
+
+    out = tmp_path / "fa_hopper.json"
+    result = bench.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] and saved["git_commit"] and saved["device"] == result["device"]
+    for row in saved["rows"]:
+        assert not row["errors"], row["errors"]
+        for impl in ["portable", *bench.DEFAULT_VARIANTS]:
+            assert row[f"{impl}_max_abs_diff"] < 5e-2 and row[f"{impl}_seconds"] > 0
+
+
+# ---------------------------------------------------------------- compiled on an sm_90+ GPU only
+GPU_CASES = [(2, 16, 16, 1024, 1024, 128, False), (2, 16, 16, 1000, 1000, 128, True),
+             (1, 16, 4, 777, 2048, 64, True)]  # block multiples; odd lengths; GQA with a causal offset
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90+ GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gpu_real_shapes_match_reference_and_sdpa(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype):
+    out = _check(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype, config=dict(zip(
+        ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), VARIANTS[variant].configs[0])))
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, dtype)
+    if Sq == Skv and Hq == Hkv:  # SDPA's is_causal is top-left aligned: compare only where the two agree
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90+ GPU")
+def test_gpu_autotuned_wrapper():
+    """The autotuned path (pre-hook sets the host descriptors' tile shapes per config) at an odd length."""
+    q, k, v = _qkv(1, 16, 16, 1500, 1500, 128, torch.bfloat16, seed=5)
+    got = kernels.flash_attention(q, k, v, causal=True, hopper="tma")
+    torch.testing.assert_close(got, kernels.reference.attention(q, k, v, causal=True), **TOL[torch.bfloat16])
+    assert DEVICE.type == "cuda"
