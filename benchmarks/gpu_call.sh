@@ -61,8 +61,8 @@ for s in ${STEPS:?set STEPS}; do
                 --repeats 1 --hf-batch-sizes 64 --hf-sweep-sample full --time-limit 420 ;;
     serving6) serving 6 --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --sweep-repeats 1 \
                 --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 --time-limit 420 ;;
-    fa_hopper) step fa_hopper_tests 150 python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention_hopper.py
-               step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit 280 \
+    fa_hopper) step fa_hopper_tests ${FAH_TEST_LIMIT:-150} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention_hopper.py
+               step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit ${FAH_BENCH_LIMIT:-280} \
                  --out "$OUT/flash_attention_hopper.json" ;;
     serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
