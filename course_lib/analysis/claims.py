@@ -180,6 +180,11 @@ def serving_vs_strongest_hf(run: dict) -> list[dict]:
     return out
 
 
+def _failure(status: str) -> str:
+    """A row's error in a few words: 'out of memory' for a CUDA OOM, else the exception's name."""
+    return "out of memory" if "OutOfMemoryError" in status else status.split(":")[1].strip() if ":" in status else status
+
+
 def serving_line(run: dict) -> str:
     """One README cell for a ``benchmarks.serving`` file: per model and workload, what each system served (median
     tok/s over its runs, the number of runs), the engine's share of the HBM floor of its own schedule, and the
@@ -213,14 +218,17 @@ def serving_line(run: dict) -> str:
                  and r.get("workload") == s["workload"] and r.get("runs")]
         if sweep and "hf-static" not in rows:
             text.append("HF generate on one batch of the trace (a sweep point, not the whole trace): " + ", ".join(
-                f"B = {r['runs'][0]['batch_size']} {r['runs'][0]['throughput_tok_s']:,.0f}" for r in sweep))
+                f"B = {r['batch_size']} " + (f"{r['runs'][0]['throughput_tok_s']:,.0f}" if r.get("status") == "ok"
+                                             else _failure(r["status"])) for r in sweep))
         best = [(r["throughput_tok_s"], name) for name, r in rows.items() if name in ("hf-cb", "hf-static")]
         if "llmengine" in rows and best:
             hf, name = max(best)
             text.append(f"LLMEngine / {'HF continuous batching' if name == 'hf-cb' else 'HF best static'} "
                         f"{rows['llmengine']['throughput_tok_s'] / hf:.1f}x")
         parts.append(" ".join(text[:1]) + " " + "; ".join(text[1:]))
-    note = "" if run.get("complete", True) else " (cut short by its time limit: rows missing)"
+    failed = any(r.get("status", "").startswith("error") for r in run["rows"])
+    note = ("" if run.get("complete", True) else " (a row failed: see it)" if failed
+            else " (cut short by its time limit: rows missing)")
     return " / ".join(parts) + note + (f". Note: {run['annotation']}" if run.get("annotation") else "")
 
 
