@@ -149,8 +149,8 @@ class SpecDecodeWorker:
         logits = self.target.execute(verify)                                          # [rows, V]
         # the target's token at every row: its argmax, or its draw with the noise of that output position (the
         # draft's noise there): one batched sample_tokens, one device-to-host copy
-        rows = [(seqs[c.seq.seq_id], i) for c in verify if c.samples for i in range(c.num_logits)]
-        target_tokens = sample_tokens(logits, *draw_keys([q for q, _ in rows], [i for _, i in rows])).tolist()
+        owners = [(seqs[c.seq.seq_id], i) for c in verify if c.samples for i in range(c.num_logits)]   # per row
+        target_tokens = sample_tokens(logits, *draw_keys([s for s, _ in owners], [i for _, i in owners])).tolist()
         new_tokens, row = {}, 0
         for c in verify:
             if not c.samples:
@@ -183,11 +183,13 @@ class SpecDecodeWorker:
         k, stats = len(drafted), self.stats
         n = next((i for i, (d, t) in enumerate(zip(drafted, target_tokens)) if d != t), k)
         out = drafted[:n] + [target_tokens[n]]          # the target's tokens up to the first disagreement
+        tested = min(len(out), k)                                                     # accepted + the rejected one
         if seq.params.greedy:
             accept_prob = n
-        else:
-            tested = min(len(out), k)                                                 # accepted + the rejected one
+        elif tested:
             p = sampling_probs(logits[:tested], [seq.params] * tested).cpu()          # [tested, V]
-            accept_prob = float(torch.minimum(p, torch.stack(q_rows[:tested])).sum()) if tested else 0.0
+            accept_prob = float(torch.minimum(p, torch.stack(q_rows[:tested])).sum())
+        else:
+            accept_prob = 0.0
         stats.record_round(k, len(out) - 1, accept_prob)
         return out
