@@ -272,10 +272,14 @@ def test_async_engine_with_graphs_gives_the_eager_synchronous_engines_seeded_tok
     prompts, params, _ = corpus_requests(model, tok)
     params = [replace(p, temperature=[0.0, 0.8, 1.0][i % 3], top_k=[None, 20][i % 2], seed=i)
               for i, p in enumerate(params)]
+    def never_synchronously(chunks, logits):
+        raise AssertionError("a step of the asynchronous engine drained and sampled on the host")
+
     outs = {}
     for overlap, eager in ((False, True), (True, False)):
         engine = LLMEngine(model, max_num_seqs=8, enforce_eager=eager, async_scheduling=overlap)
-        engine._sample = None if overlap else engine._sample     # the launched path never samples synchronously
+        if overlap:
+            engine._sample = never_synchronously
         outs[overlap] = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
         if not eager:
             (g,) = engine._graphs.values()
