@@ -6,7 +6,7 @@ climbs: ``tests/test_layering.py``):
     course_lib.notebook   what lessons use to show things: explorer (sliders), show_source, timing / observe
     course_lib.model      lessons 00-03: config and presets, the LLaMA/Qwen model (llama), rope, attention,
                           kv_cache, checkpoint (load_pretrained, load_tiny), tokenizer, corpus, generate, sampling,
-                          online_softmax
+                          noise (counter-based, for sampling on the device), online_softmax
     course_lib.analysis   lessons 00-01: roofline (what bounds a kernel), flops (what a step computes and reads),
                           memory_hierarchy (SRAM / L2 / HBM bandwidths from the spec sheet); serving_results, claims
                           (every headline ratio computed from benchmarks/results/)

@@ -1,7 +1,8 @@
 """Asynchronous scheduling (issue 18; ``course_lib.serving.async_scheduling``): the host plans step k + 1 before it
 reads step k's tokens. On the CPU nothing overlaps, but ``async_scheduling=True`` runs the same logic (placeholders,
 input ids taken from the previous step's sampled ids, stop tokens found one step late, outputs one step late), so
-every output must equal the synchronous engine's on any trace, and no block may be lost."""
+every output must equal the synchronous engine's on any trace, and no block may be lost. Seeded sampling requests
+launch without draining too (their draws run on the device, ``sampling.sample_tokens``)."""
 from __future__ import annotations
 
 import pytest
@@ -44,6 +45,10 @@ def test_the_default_is_on_for_a_gpu_model_only():
         LLMEngine(MICRO, async_scheduling="yes")
 
 
+def never_synchronously(chunks, logits):
+    raise AssertionError("a step of the asynchronous engine drained and sampled on the host")
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_outputs_equal_the_synchronous_engine_on_any_trace(data):
@@ -59,8 +64,11 @@ def test_outputs_equal_the_synchronous_engine_on_any_trace(data):
     max_tokens = [data.draw(st.integers(1, 12), label=f"max_tokens {i}") for i in range(n)]
     stop = data.draw(st.sampled_from(["none", "frequent"]), label="stop")
     stop_ids = (frequent_token(prompts),) if stop == "frequent" else ()
-    sampled = data.draw(st.sets(st.integers(0, n - 1), max_size=2), label="requests that sample")
+    sampled = data.draw(st.sets(st.integers(0, n - 1)), label="requests that sample")
+    top_k = data.draw(st.sampled_from([None, 5]), label="top_k of the requests that sample")
+    top_p = data.draw(st.sampled_from([1.0, 0.9]), label="top_p of the requests that sample")
     params = [SamplingParams(max_tokens=m, stop_token_ids=stop_ids, temperature=0.8 if i in sampled else 0.0,
+                             top_k=top_k if i in sampled else None, top_p=top_p if i in sampled else 1.0,
                              seed=i if i in sampled else None) for i, m in enumerate(max_tokens)]
     arrivals = [data.draw(st.sampled_from([0.0, 0.001, 0.01]), label=f"arrival {i}") for i in range(n)]
     need = max(-(-(len(p) + m) // block_size) for p, m in zip(prompts, max_tokens))
@@ -70,6 +78,7 @@ def test_outputs_equal_the_synchronous_engine_on_any_trace(data):
                   max_num_batched_tokens=budget, enable_chunked_prefill=chunked, preemption_mode=mode,
                   enable_prefix_caching=caching)
     sync, overlap = LLMEngine(MICRO, **config), LLMEngine(MICRO, async_scheduling=True, **config)
+    overlap._sample = never_synchronously       # seeded draws launch like greedy steps: no step drains
     if caching:   # each engine's cache lives as long as the engine: the second run of a trace starts warm
         sync.reset_prefix_cache()
     # arrival times are read on each engine's own clock (measured step times): only a trace that arrives at once
@@ -166,3 +175,26 @@ def test_input_rows_map_each_placeholder_to_its_sampled_row():
     chunks = [ScheduledChunk(c, 0, 3), ScheduledChunk(b, 3, 1), ScheduledChunk(a, 0, 4)]
     assert step.input_rows(chunks) == ([3, 7], [1, 0])
     assert [(s.seq_id, t) for s, t in step.read()] == [(0, 5), (1, 6)]
+
+
+def test_a_step_of_seeded_draws_launches_without_draining(monkeypatch):
+    """Only seeded sampling rows: every step launches (the step before it is still in flight when it does), none
+    samples on the host, and the tokens are the synchronous engine's; the draws are keyed by the output position,
+    placeholders included."""
+    prompts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=8, seed=s) for s in (3, 4, 5)]
+    want = [o.token_ids for o in LLMEngine(MICRO, max_num_seqs=4).generate(prompts, params, use_tqdm=False)]
+    engine = LLMEngine(MICRO, max_num_seqs=4, async_scheduling=True)
+    engine._sample = never_synchronously
+    launched_over = []
+    init = InflightStep.__init__
+
+    def spy(self, chunks, logits):
+        launched_over.append(engine._inflight is not None)   # a step in flight that was not drained before
+        init(self, chunks, logits)
+
+    monkeypatch.setattr(InflightStep, "__init__", spy)
+    got = [o.token_ids for o in engine.generate(prompts, params, use_tqdm=False)]
+    assert got == want and len({tuple(t) for t in got}) == 3
+    assert len(launched_over) == 8 and launched_over == [False] + [True] * 7   # 1 prefill step + 7 decode steps
+    all_blocks_free(engine)

@@ -9,8 +9,9 @@ time per decode step beside ~10 ms of GPU time: the GPU was idle a quarter of th
 Nothing in planning step k + 1 needs the *values* of step k's tokens, only their *number*: every sequence that
 sampled gains one token, so its length, its slots and its blocks are known before the token is. So the engine:
 
-1. launches step k (the forward pass and a greedy argmax on the device) and starts an asynchronous copy of the
-   sampled ids to pinned host memory, followed by an event; it does not wait;
+1. launches step k (the forward pass and the sampling on the device: ``sampling.sample_tokens``, greedy argmax
+   and seeded draws) and starts an asynchronous copy of the sampled ids to pinned host memory, followed by an
+   event; it does not wait;
 2. reads step k - 1's tokens: that copy finished long ago (the GPU runs step k meanwhile), and puts them in place of
    the placeholders (``PLACEHOLDER``) that step k - 1 appended; a stop token finishes its sequence one step late
    (the step already launched computes one more token for it, which is thrown away);
@@ -19,27 +20,33 @@ sampled gains one token, so its length, its slots and its blocks are known befor
    never from the host.
 
 The outputs of a step (its ``RequestOutput``s) come one step late: ``step()`` returns the tokens it has read back.
-A step that must read tokens on the host (a draw with a seed, speculative decoding's verification) first drains the
-step in flight and runs synchronously. Greedy tokens are the same as a synchronous engine's, bit for bit: the same
-forward passes over the same token ids, only launched earlier.
+**Seeded requests overlap too.** A draw needs, besides the logits, only the sequence's seed and the position of the
+token it draws, and both are on the host when the step is planned: the position is the sequence's output length,
+placeholders of the step in flight included. The noise is a hash of (seed, position, token)
+(``course_lib.model.noise``), computed on the device in the same batch as the argmax, so a step with sampling rows
+launches like a greedy one. Only speculative decoding (its verification reads the tokens on the host) still drains
+the step in flight and runs synchronously. The tokens, greedy and seeded, are the same as a synchronous engine's,
+bit for bit: the same forward passes over the same token ids and the same draws, only launched earlier.
 """
 from __future__ import annotations
 
 import torch
 
-from course_lib.serving.sequence import ScheduledChunk, Sequence
+from course_lib.model.sampling import sample_tokens
+from course_lib.serving.sequence import ScheduledChunk, Sequence, draw_keys
 
 #: The token id a sequence carries for a token sampled on the device but not read back yet.
 PLACEHOLDER = -1
 
 
 class InflightStep:
-    """The greedy tokens of one launched step, on their way to the host: ``tokens`` on the device (one per
-    sampling chunk, in the order of the chunks), their pinned host copy, and the event that marks it done."""
+    """The sampled tokens of one launched step, on their way to the host: ``tokens`` on the device (one per
+    sampling chunk, in the order of the chunks: the argmax of a greedy row, the seeded draw of the others), their
+    pinned host copy, and the event that marks it done."""
 
     def __init__(self, chunks: list[ScheduledChunk], logits: torch.Tensor):
         self.seqs: list[Sequence] = [c.seq for c in chunks if c.samples]
-        self.tokens = logits.argmax(dim=-1)                                              # [rows] int64, device
+        self.tokens = sample_tokens(logits, *draw_keys(self.seqs))                       # [rows] int64, device
         self.row = {seq.seq_id: i for i, seq in enumerate(self.seqs)}
         self.position: dict[int, int] = {}     # seq_id -> the position of its placeholder (set by mark_placeholders)
         pin = self.tokens.device.type == "cuda"

@@ -21,9 +21,10 @@ A finished sequence leaves the batch at once and a waiting one takes its place i
 batching (``course_lib.serving.static_batching``) instead waits until the whole batch is done.
 
 **Asynchronous scheduling** (``async_scheduling``, on by default on a GPU; ``course_lib.serving.async_scheduling``):
-a greedy step launches its forward pass and argmax without waiting for the tokens; the host reads back the step
-before it and plans the next one while the GPU runs. ``step()`` then returns the tokens read back in it, one step
-late, and a stop token costs one wasted token.
+a step launches its forward pass and its sampling (the greedy argmax and the seeded draws, both on the device:
+``course_lib.model.sampling.sample_tokens``) without waiting for the tokens; the host reads back the step before it
+and plans the next one while the GPU runs. ``step()`` then returns the tokens read back in it, one step late, and a
+stop token costs one wasted token. Only speculative decoding's steps still drain and run synchronously.
 
 **Speculative decoding** (lesson 06): with ``speculative_model`` and ``num_speculative_tokens`` = k the forward
 pass and the sampling of a step become ``course_lib.serving.spec_decode.SpecDecodeWorker.step``: k batched passes of the
@@ -59,7 +60,7 @@ from contextlib import contextmanager
 import torch
 from tqdm.auto import tqdm
 
-from course_lib.model.sampling import MAX_SEED, SamplingParams, sample_token
+from course_lib.model.sampling import MAX_SEED, SamplingParams, sample_tokens
 from course_lib.paging.block_manager import BlockManager
 from course_lib.serving.config import CONFIG_FIELDS, EngineConfig, make_engine_config
 from course_lib.serving.kv_pool import make_kv_pool
@@ -71,7 +72,7 @@ from course_lib.serving.memory import num_blocks_for_gpu
 from course_lib.serving.model_runner import ModelRunner
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
 from course_lib.serving.scheduler import PREEMPTION_MODES, Scheduler
-from course_lib.serving.sequence import FINISHED, Sequence
+from course_lib.serving.sequence import FINISHED, Sequence, draw_keys
 from course_lib.serving.spec_decode import SpecDecodeWorker
 from course_lib.serving.validation import check_call, check_fits_cache, check_request
 
@@ -252,7 +253,7 @@ class LLMEngine:
         request's tokens, a quarter of the host's time in a decode step of 128 sequences).
 
         With asynchronous scheduling (``course_lib.serving.async_scheduling``) the step launches its forward pass
-        and greedy argmax without waiting, then reads back the tokens of the step before it: the outputs are those
+        and its sampling without waiting, then reads back the tokens of the step before it: the outputs are those
         of the previous step, and a step with nothing left to schedule only reads back the last one."""
         self.last_step = None
         if not self._requests:
@@ -278,8 +279,10 @@ class LLMEngine:
         for pool in self._pools:
             pool.swap_out(out.swap_out)
             pool.swap_in(out.swap_in)
-        # a step launches without waiting only when its tokens need not be read on the host: greedy, no drafts
-        launch = overlap and not self._spec and all(c.seq.params.greedy for c in out.chunks if c.samples)
+        # a step launches without waiting unless its tokens must be read on the host (speculative decoding's
+        # verification): greedy rows and seeded draws (every sampling sequence has a seed, and the position of its
+        # draw is its length, placeholders included) are sampled on the device (sampling.sample_tokens)
+        launch = overlap and not self._spec
         if not launch and self._inflight is not None:   # drain: this step reads every token id on the host
             self._read_inflight(clock + time.perf_counter() - t0)
             out.chunks = [c for c in out.chunks if c.seq.status != FINISHED]   # stopped: nothing left to run
@@ -360,12 +363,11 @@ class LLMEngine:
                 self.scheduler.add(seq)
 
     def _sample(self, chunks, logits: torch.Tensor) -> dict[int, int]:
-        """The next token of every chunk that samples: one argmax over all greedy rows (one device-to-host
-        copy), a draw for each sampling row with the generator of its sequence and position."""
+        """The next token of every chunk that samples: ``sample_tokens`` over all rows at once on the device
+        (greedy argmax, seeded races), then one device-to-host copy of the ids."""
         seqs = [c.seq for c in chunks if c.samples]
-        greedy = logits.argmax(dim=-1).tolist()
-        return {seq.seq_id: (greedy[i] if seq.params.greedy else sample_token(logits[i], seq.params, seq.generator()))
-                for i, seq in enumerate(seqs)}
+        tokens = sample_tokens(logits, *draw_keys(seqs)).tolist()
+        return {seq.seq_id: token for seq, token in zip(seqs, tokens)}
 
     # ---------------------------------------------------------------- bookkeeping
     def _new_run(self) -> None:

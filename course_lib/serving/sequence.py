@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from course_lib.model.sampling import SamplingParams, token_generator
+from course_lib.model.sampling import SamplingParams, TokenNoise, token_generator
 
 WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
 
@@ -40,15 +38,26 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """The generator of the draw of output token ``len(output_token_ids) + offset`` (a speculative step draws
-        the tokens after the next one too): keyed by the seed and the position, never by the batch."""
-        return token_generator(self.seed, len(self.output_token_ids) + offset)
+    def generator(self, offset: int = 0) -> TokenNoise | None:
+        """The noise of the draw of output token ``len(output_token_ids) + offset`` (a speculative step draws
+        the tokens after the next one too): keyed by the seed and the position, never by the batch. None when
+        greedy (no seed, no noise)."""
+        return None if self.seed is None else token_generator(self.seed, len(self.output_token_ids) + offset)
 
     @property
     def priority(self) -> tuple[float, int]:
         """Smaller is served first: first come, first served (arrival time, then id)."""
         return (self.arrival_time, self.seq_id)
+
+
+def draw_keys(seqs: list[Sequence], offsets: list[int] | None = None
+              ) -> tuple[list[SamplingParams], list[int | None], list[int]]:
+    """What ``sampling.sample_tokens`` needs per row: its params, and the seed and position of its noise
+    (``Sequence.generator``), for output token ``len(output_token_ids) + offset`` of each sequence (placeholders of
+    a step in flight count: they are tokens whose values are on their way)."""
+    noise = [s.generator(o) for s, o in zip(seqs, offsets or [0] * len(seqs))]
+    return ([s.params for s in seqs], [None if n is None else n.seed for n in noise],
+            [0 if n is None else n.position for n in noise])
 
 
 @dataclass

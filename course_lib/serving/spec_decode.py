@@ -51,8 +51,8 @@ from dataclasses import dataclass
 import torch
 
 from course_lib.serving.model_runner import ModelRunner
-from course_lib.model.sampling import draw, filter_logits
-from course_lib.serving.sequence import ScheduledChunk, Sequence
+from course_lib.model.sampling import sample_tokens, sampling_probs
+from course_lib.serving.sequence import ScheduledChunk, Sequence, draw_keys
 from course_lib.serving.speculative import SpeculativeStats
 
 
@@ -147,53 +147,49 @@ class SpecDecodeWorker:
                               c.num_tokens + c.num_lookahead, num_drafts=c.num_lookahead) for c in chunks]
         verify.sort(key=lambda c: c.num_tokens > 1)
         logits = self.target.execute(verify)                                          # [rows, V]
-        best = logits.argmax(dim=-1).tolist()                                         # one device-to-host copy
+        # the target's token at every row: its argmax, or its draw with the noise of that output position (the
+        # draft's noise there): one batched sample_tokens, one device-to-host copy
+        owners = [(seqs[c.seq.seq_id], i) for c in verify if c.samples for i in range(c.num_logits)]   # per row
+        target_tokens = sample_tokens(logits, *draw_keys([s for s, _ in owners], [i for _, i in owners])).tolist()
         new_tokens, row = {}, 0
         for c in verify:
             if not c.samples:
                 continue
             sid, m = c.seq.seq_id, c.num_logits
             new_tokens[sid] = self._verify(seqs[sid], drafts.get(sid, []), draft_probs.get(sid, []),
-                                           logits[row:row + m], best[row:row + m])
+                                           logits[row:row + m], target_tokens[row:row + m])
             row += m
         return new_tokens
 
     # ---------------------------------------------------------------- helpers
     def _propose(self, seq_ids, logits, seqs, drafts, draft_probs) -> None:
         """The next draft token of each sequence: the draft's argmax (greedy), or the winner of the race under its
-        filtered distribution q with the noise of that output position (q kept for the statistics)."""
-        best = logits.argmax(dim=-1).tolist()
-        for sid, row, top in zip(seq_ids, logits, best):
-            seq = seqs[sid]
-            if seq.params.greedy:
-                drafts[sid].append(top)
-                continue
-            q = _probs(row, seq).cpu()
-            drafts[sid].append(draw(q, seq.generator(len(drafts[sid]))))
-            draft_probs[sid].append(q)
+        filtered distribution q with the noise of that output position (one batched ``sample_tokens``; q kept
+        for the statistics)."""
+        batch = [seqs[sid] for sid in seq_ids]
+        tokens = sample_tokens(logits, *draw_keys(batch, [len(drafts[sid]) for sid in seq_ids])).tolist()
+        sampling = [i for i, seq in enumerate(batch) if not seq.params.greedy]
+        q = sampling_probs(logits[sampling], [batch[i].params for i in sampling]).cpu() if sampling else []
+        for sid, token in zip(seq_ids, tokens):
+            drafts[sid].append(token)
+        for i, row in zip(sampling, q):
+            draft_probs[seq_ids[i]].append(row)
 
     def _verify(self, seq: Sequence, drafted: list[int], q_rows: list, logits: torch.Tensor,
-                best: list[int]) -> list[int]:
-        """The accepted drafts and one token of the target's, from its logits [k + 1, V] (their argmaxes ``best``
-        already on the host): greedy_verify, or its sampling twin, the target's draws with the drafts' noise."""
+                target_tokens: list[int]) -> list[int]:
+        """The accepted drafts and one token of the target's: ``target_tokens`` [k + 1] are its argmaxes
+        (greedy_verify) or its draws with the drafts' noise (the sampling twin); ``logits`` [k + 1, V] and the
+        drafts' q rows only feed the statistics."""
         k, stats = len(drafted), self.stats
-        if seq.params.greedy:   # greedy_verify, on argmaxes already on the host
-            n = next((i for i, (d, b) in enumerate(zip(drafted, best)) if d != b), k)
-            out, accept_prob = drafted[:n] + [best[n]], n
+        n = next((i for i, (d, t) in enumerate(zip(drafted, target_tokens)) if d != t), k)
+        out = drafted[:n] + [target_tokens[n]]          # the target's tokens up to the first disagreement
+        tested = min(len(out), k)                                                     # accepted + the rejected one
+        if seq.params.greedy:
+            accept_prob = n
+        elif tested:
+            p = sampling_probs(logits[:tested], [seq.params] * tested).cpu()          # [tested, V]
+            accept_prob = float(torch.minimum(p, torch.stack(q_rows[:tested])).sum())
         else:
-            p = torch.stack([_probs(row, seq) for row in logits]).cpu()              # [k + 1, V]
-            out = []
-            for i in range(k + 1):            # the target's draw at each position, up to the first disagreement
-                out.append(draw(p[i], seq.generator(i)))
-                if i == k or out[i] != drafted[i]:
-                    break
-            tested = min(len(out), k)                                                 # accepted + the rejected one
-            accept_prob = float(torch.minimum(p[:tested], torch.stack(q_rows[:tested])).sum()) if tested else 0.0
+            accept_prob = 0.0
         stats.record_round(k, len(out) - 1, accept_prob)
         return out
-
-
-def _probs(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
-    """The distribution the engine samples seq's next token from (what ``sample_token`` draws from): [V]."""
-    p = seq.params
-    return torch.softmax(filter_logits(logits, p.temperature, p.top_k, p.top_p), dim=-1)

@@ -26,7 +26,7 @@ from course_lib.model.kv_cache import KVCache
 from course_lib.serving.metrics import (CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord,
                                        summarize)
 from course_lib.serving.validation import check_call, check_request
-from course_lib.model.sampling import sample_token, token_generator
+from course_lib.model.sampling import sample_tokens
 from course_lib.device import DEVICE
 
 PAD_ID = 0   # any id works: padded keys are masked, and padded/finished rows' outputs are discarded
@@ -132,12 +132,13 @@ class StaticBatchEngine:
             _synchronize(device)
             t0 = time.perf_counter()
             logits = model(ids, cache=cache, positions=positions, last_token_only=True)[:, -1]         # [B, V]
-            greedy = logits.argmax(-1).tolist()
+            params = [r[4] for r in batch]
+            sampled = sample_tokens(logits, params, seeds, [len(t) for t in tokens]).tolist()   # one copy
             active = [not d for d in done]
-            for b, (_, _, _, _, p) in enumerate(batch):
+            for b, p in enumerate(params):
                 if done[b]:
                     continue
-                tok = greedy[b] if p.greedy else sample_token(logits[b], p, token_generator(seeds[b], len(tokens[b])))
+                tok = sampled[b]
                 tokens[b].append(tok)
                 done[b] = tok in p.stop_token_ids or len(tokens[b]) >= budgets[b]
             ids = torch.tensor([[t[-1] if t else PAD_ID] for t in tokens], device=device)            # [B, 1]
