@@ -12,6 +12,8 @@
 #                by row, async scheduling last (~3-4 min)
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min;
 #                session 7 ran the first two rows: serving_nvidia-h100-80gb-hbm3_2026-12-06c.json)
+#   tests_sampling  device-side seeded sampling (session 8): noise bits equal the CPU's, async + graphs = eager sync
+#   fa_configs   the forward's launch configs at D = 128, portable and TMA, vs cuDNN (~2-3 min)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
 #   fa_hopper    issue 21: the TMA FlashAttention forward's GPU tests (<= 150 s), then its ablation vs cuDNN, SDPA
 #                flash and the portable kernel (benchmarks.flash_attention_hopper --time-limit 280; ~5-9 min in all)
@@ -64,6 +66,10 @@ for s in ${STEPS:?set STEPS}; do
     fa_hopper) step fa_hopper_tests ${FAH_TEST_LIMIT:-150} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention_hopper.py
                step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit ${FAH_BENCH_LIMIT:-280} \
                  --out "$OUT/flash_attention_hopper.json" ;;
+    tests_sampling) step tests_sampling 200 python3 -m pytest -q -rfE tests/test_device_sampling.py tests/test_cuda_graph.py \
+                 tests/test_async_scheduling.py ;;
+    fa_configs) step fa_configs 240 python3 -m benchmarks.flash_attention_configs --time-limit 150 \
+                 --out "$OUT/flash_attention_configs.json" ;;
     serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac
