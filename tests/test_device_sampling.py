@@ -252,9 +252,11 @@ def test_noise_and_draws_on_the_gpu_equal_the_cpus():
     assert float((e_gpu != e_cpu).double().mean()) < 1e-4
     logits, params, seeds, positions = mixed_batch(num_rows=64, vocab_size=32000)
     want = sample_tokens(logits, params, seeds, positions)
+    logits = logits.cuda()                             # (a copy from pageable memory waits: before the mode)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")           # any wait for the GPU inside raises
     try:
-        got = sample_tokens(logits.cuda(), params, seeds, positions)
+        got = sample_tokens(logits, params, seeds, positions)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(got.cpu(), want)
