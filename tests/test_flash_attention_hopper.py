@@ -113,6 +113,23 @@ def test_benchmark_script_quick(tmp_path):
             assert row[f"{impl}_max_abs_diff"] < 5e-2 and row[f"{impl}_seconds"] > 0
 
 
+def test_config_sweep_script_quick(tmp_path):
+    """``python -m benchmarks.flash_attention_configs --quick``: on CPU two fixed configs per kernel in the
+    interpreter, each checked against the reference before it is timed, causal and not."""
+    import json
+
+    from benchmarks import flash_attention_configs as sweep
+
+    out = tmp_path / "fa_configs.json"
+    sweep.main(["--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["git_commit"] and [row["causal"] for row in saved["rows"]] == [False, True]
+    for row in saved["rows"]:
+        assert {c["impl"] for c in row["configs"]} == set(saved["impls"])
+        for cell in row["configs"]:
+            assert "error" not in cell and cell["max_abs_diff"] < 5e-2 and cell["seconds"] > 0, cell
+
+
 # ---------------------------------------------------------------- compiled on an sm_90+ GPU only
 GPU_CASES = [(2, 16, 16, 1024, 1024, 128, False), (2, 16, 16, 1000, 1000, 128, True),
              (1, 16, 4, 777, 2048, 64, True)]  # block multiples; odd lengths; GQA with a causal offset

@@ -175,14 +175,20 @@ def serving_vs_strongest_hf(run: dict) -> list[dict]:
         if not s.get("engine_tok_s") or not max(hf_cb, hf_static):
             continue
         which = "engine_x_hf_cb" if hf_cb > hf_static else "engine_x_hf_static"
+        d = s.get("decomposition_vs_hf_static") if which == "engine_x_hf_static" else None
         out.append({"model": s["model"], "workload": s["workload"], "strongest_hf": which.removeprefix("engine_x_"),
-                    "ratio": s["engine_tok_s"] / max(hf_cb, hf_static), "range": s.get(which)})
+                    "ratio": s["engine_tok_s"] / max(hf_cb, hf_static), "range": s.get(which),
+                    "decomposition": (f"{d['passes_ratio']:.2f} (HF's forward passes / the engine's) x "
+                                      f"{d['time_per_pass_ratio']:.2f} (HF's time per pass / the engine's)")
+                    if d else None})
     return out
 
 
 def _failure(status: str) -> str:
     """A row's error in a few words: 'out of memory' for a CUDA OOM, else the exception's name."""
-    return "out of memory" if "OutOfMemoryError" in status else status.split(":")[1].strip() if ":" in status else status
+    if "OutOfMemoryError" in status:
+        return "out of memory"
+    return status.split(":")[1].strip() if ":" in status else status
 
 
 def serving_line(run: dict) -> str:
