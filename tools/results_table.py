@@ -61,6 +61,18 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"(FlashAttention-2): {_x(c['flash_all'])} over all, {_x(c['flash_sel'])} at D = {c['head_dim']}, "
                     f"N ≥ {c['min_n'] // 1024}k ({c['tflops_sel'][0]:.0f}-{c['tflops_sel'][1]:.0f} TFLOP/s, cuDNN "
                     f"{c['cudnn_tflops_sel'][0]:.0f}-{c['cudnn_tflops_sel'][1]:.0f})"))
+    for run in claims.recorded("flash_attention_hopper_*.json", results_dir):
+        impls = ["portable", *run["variants"]]
+        spans = []
+        for D in sorted({row["D"] for row in run["rows"]}):
+            per = {i: [row[f"{i}_vs_cudnn"] for row in run["rows"] if row["D"] == D and f"{i}_vs_cudnn" in row]
+                   for i in impls}
+            spans.append(f"D = {D}: " + ", ".join(f"{i} {_x((min(v), max(v)))}" for i, v in per.items() if v))
+        n = sorted({row["N"] for row in run["rows"]})
+        out.append(("03", f"FlashAttention forward on Hopper, TMA variants (`flash_attention_hopper.py`; "
+                          f"{_where(run)})",
+                    f"speed vs cuDNN (cuDNN time / ours) over {len(run['rows'])} shapes (N = {n[0] // 1024}k-{n[-1] // 1024}k, causal "
+                    f"and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)))
     for run in claims.recorded("flash_attention_bwd_*.json", results_dir):
         c = claims.flash_attention_bwd_claims(run)
         miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.2f}x"
