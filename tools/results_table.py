@@ -71,8 +71,8 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
         n = sorted({row["N"] for row in run["rows"]})
         out.append(("03", f"FlashAttention forward on Hopper, TMA variants (`flash_attention_hopper.py`; "
                           f"{_where(run)})",
-                    f"speed vs cuDNN (cuDNN time / ours) over {len(run['rows'])} shapes (N = {n[0] // 1024}k-{n[-1] // 1024}k, causal "
-                    f"and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)))
+                    f"speed vs cuDNN (cuDNN time / ours) over {len(run['rows'])} shapes (N = {n[0] // 1024}k-"
+                    f"{n[-1] // 1024}k, causal and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)))
     for run in claims.recorded("flash_attention_bwd_*.json", results_dir):
         c = claims.flash_attention_bwd_claims(run)
         miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.2f}x"
