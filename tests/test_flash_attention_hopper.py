@@ -113,17 +113,20 @@ def test_benchmark_script_quick(tmp_path):
             assert row[f"{impl}_max_abs_diff"] < 5e-2 and row[f"{impl}_seconds"] > 0
 
 
-def test_config_sweep_script_quick(tmp_path):
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
+def test_config_sweep_script_quick(tmp_path, kernel):
     """``python -m benchmarks.flash_attention_configs --quick``: on CPU two fixed configs per kernel in the
-    interpreter, each checked against the reference before it is timed, causal and not."""
+    interpreter (the forward's two kernels, or one of the backward's), each checked against the reference before
+    it is timed, causal and not."""
     import json
 
     from benchmarks import flash_attention_configs as sweep
 
     out = tmp_path / "fa_configs.json"
-    sweep.main(["--quick", "--out", str(out)])
+    sweep.main(["--quick", "--kernel", kernel, "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert saved["git_commit"] and [row["causal"] for row in saved["rows"]] == [False, True]
+    assert saved["git_commit"] and saved["kernel"] == kernel
+    assert [row["causal"] for row in saved["rows"]] == [False, True]
     for row in saved["rows"]:
         assert {c["impl"] for c in row["configs"]} == set(saved["impls"])
         for cell in row["configs"]:
