@@ -14,6 +14,9 @@
 #                session 7 ran the first two rows: serving_nvidia-h100-80gb-hbm3_2026-12-06c.json)
 #   tests_sampling  device-side seeded sampling (session 8): noise bits equal the CPU's, async + graphs = eager sync
 #   fa_configs   the forward's launch configs at D = 128, portable and TMA, vs cuDNN (~1 min: ran in session 8)
+#   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only;
+#                GPU_CONFIGS gained 128 x 128 / 8 warps / 3 stages in session 8, not yet timed autotuned)
+#   paged        python -m benchmarks.paged_attention on this card (issue 21: paged decode vs SDPA, H200 file only)
 #   fa_bwd_configs  the backward's dK/dV and dQ kernels' launch configs at D = 128 (issue 20's 0.7x cuDNN; ~4 min)
 #   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
 #   fa_hopper    issue 21: the TMA FlashAttention forward's GPU tests (<= 150 s), then its ablation vs cuDNN, SDPA
@@ -71,6 +74,8 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_async_scheduling.py ;;
     fa_configs) step fa_configs 240 python3 -m benchmarks.flash_attention_configs --time-limit 150 \
                  --out "$OUT/flash_attention_configs.json" ;;
+    fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
+    paged) step paged 300 python3 -m benchmarks.paged_attention --out "$OUT/paged_attention.json" ;;
     fa_bwd_configs) for kern in dkdv dq; do step "fa_configs_$kern" 240 python3 -m benchmarks.flash_attention_configs \
                  --kernel $kern --time-limit 150 --out "$OUT/flash_attention_configs_$kern.json"; done ;;
     serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
