@@ -2,25 +2,22 @@
 # One device-tool call on one GPU: named steps, each with its own time limit, results copied to $OUT as soon as a
 # step writes them (a later step running out of time loses nothing). With .whl/ carried (../shared/tools/device-wheels.sh).
 #     STEPS="tests_fa serving1" COURSE_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_call.sh
-# The steps left open after session 7 (2026-12-06), in the order to run them (the serving plan and its measured
-# durations are in benchmarks/serving.py's docstring):
-#   tests_fa     the FlashAttention backward GPU tests: re-run for the every-config test changed in session 7
-#   tests_gpu    the other GPU tests: re-run for the lesson 00 warm-up checks and the prefix-caching smoke run fixed
-#                in session 7
-#   tests_e2e    the end-to-end checks of lessons 00, 03, 07 compiled (TF32 dots in lesson 03's flash kernels)
+# Every step (a name in the case list below). Done in session 8 (2026-12-06, one H100; gpu_checks.md): tests_fa,
+# tests_gpu, tests_e2e, tests_sampling, serving_step, serving2, serving3, fa_hopper, fa_configs. Left, in the order
+# to run them (the serving plan and its measured durations are in benchmarks/serving.py's docstring):
+#   tests_gpu    re-run: flash attention's every-config test now has 128 x 128 / 8 warps / 3 stages (session 8)
 #   serving_step python -m benchmarks.serving_step: the decode step vs its floor, the engine's GPU busy fraction row
-#                by row, async scheduling last (~3-4 min)
-#   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min;
-#                session 7 ran the first two rows: serving_nvidia-h100-80gb-hbm3_2026-12-06c.json)
-#   tests_sampling  device-side seeded sampling (session 8): noise bits equal the CPU's, async + graphs = eager sync
-#   fa_configs   the forward's launch configs at D = 128, portable and TMA, vs cuDNN (~1 min: ran in session 8)
+#                by row (~3 min); re-run after any change to the engine's host time (issue 18: 68% busy, target 80%)
+#   fa_bwd_configs  the backward's dK/dV and dQ kernels' launch configs at D = 128 (issue 20's 0.7x cuDNN; ~4 min)
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only;
 #                GPU_CONFIGS gained 128 x 128 / 8 warps / 3 stages in session 8, not yet timed autotuned)
 #   paged        python -m benchmarks.paged_attention on this card (issue 21: paged decode vs SDPA, H200 file only)
-#   fa_bwd_configs  the backward's dK/dV and dQ kernels' launch configs at D = 128 (issue 20's 0.7x cuDNN; ~4 min)
-#   serving1-7   benchmarks/serving.py's seven calls, one per device call (each ~8-9 min)
-#   fa_hopper    issue 21: the TMA FlashAttention forward's GPU tests (<= 150 s), then its ablation vs cuDNN, SDPA
-#                flash and the portable kernel (benchmarks.flash_attention_hopper --time-limit 280; ~5-9 min in all)
+#   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
+#                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
+#   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
+#   bench_batching, bench_spec_prefix   lessons 04, 06, 05's GPU result files (issue 19: the README says "no GPU
+#                result file yet" for them; their GPU runs exist only as logs): ~7 and ~8 min
+#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_configs: re-run when their code changes
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"
@@ -76,6 +73,9 @@ for s in ${STEPS:?set STEPS}; do
                  --out "$OUT/flash_attention_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     paged) step paged 300 python3 -m benchmarks.paged_attention --out "$OUT/paged_attention.json" ;;
+    bench_batching) step bench_batching 450 python3 -m benchmarks.engine_batching ;;
+    bench_spec_prefix) step bench_speculative 300 python3 -m benchmarks.speculative
+               step bench_prefix 200 python3 -m benchmarks.prefix_caching ;;
     fa_bwd_configs) for kern in dkdv dq; do step "fa_configs_$kern" 240 python3 -m benchmarks.flash_attention_configs \
                  --kernel $kern --time-limit 150 --out "$OUT/flash_attention_configs_$kern.json"; done ;;
     serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
