@@ -42,6 +42,15 @@ def test_serving_line_compares_only_whole_trace_rows():
     assert "LLMEngine /" not in line            # a sweep point on part of the trace is never compared
 
 
+def test_serving_line_says_a_sweep_point_ran_out_of_memory():
+    run = _serving_run(10000.0, complete=False)
+    run["rows"].append(dict(model="m", workload="w", system="hf-static-sweep", batch_size=256,
+                            status="error: OutOfMemoryError: CUDA out of memory. Tried to allocate 1.73 GiB",
+                            runs=[dict(status="error: OutOfMemoryError: CUDA out of memory.")]))
+    line = claims.serving_line(run)
+    assert "B = 256 out of memory" in line and "a row failed" in line and "cut short" not in line
+
+
 def test_a_superseded_engine_judges_no_claim(tmp_path):
     old = _serving_run(1000.0, hf_cb=500.0, date="2026-01-01", engine_superseded_by="serving_b.json")
     new = _serving_run(9000.0, sweep=(8, 100.0), date="2026-01-02")

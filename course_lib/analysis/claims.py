@@ -184,6 +184,11 @@ def serving_vs_strongest_hf(run: dict) -> list[dict]:
     return out
 
 
+def _batch_size(row: dict):
+    """A static-batch row's batch size: on the row (newer files) or on its first run."""
+    return row.get("batch_size") or (row.get("runs") or [{}])[0].get("batch_size")
+
+
 def _failure(status: str) -> str:
     """A row's error in a few words: 'out of memory' for a CUDA OOM, else the exception's name."""
     if "OutOfMemoryError" in status:
@@ -224,8 +229,8 @@ def serving_line(run: dict) -> str:
                  and r.get("workload") == s["workload"] and r.get("runs")]
         if sweep and "hf-static" not in rows:
             text.append("HF generate on one batch of the trace (a sweep point, not the whole trace): " + ", ".join(
-                f"B = {r['batch_size']} " + (f"{r['runs'][0]['throughput_tok_s']:,.0f}" if r.get("status") == "ok"
-                                             else _failure(r["status"])) for r in sweep))
+                f"B = {_batch_size(r)} " + (f"{r['runs'][0]['throughput_tok_s']:,.0f}" if r.get("status") == "ok"
+                                            else _failure(r["status"])) for r in sweep))
         best = [(r["throughput_tok_s"], name) for name, r in rows.items() if name in ("hf-cb", "hf-static")]
         if "llmengine" in rows and best:
             hf, name = max(best)

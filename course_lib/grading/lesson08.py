@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -152,8 +153,8 @@ class _RowParallel(nn.Module):
     def forward(self, x_shard):   # [B, S, Hq·D/tp]: this rank's heads -> [B, S, E]
         try:
             return self.row_fn(x_shard, self.weight, self.bias, self.all_reduce)
-        except NotImplementedError:   # a RuntimeError too: the stub
-            raise
+        except (NotImplementedError, threading.BrokenBarrierError):   # RuntimeErrors too: the stub; another rank
+            raise                                                       # failed and released this one's all-reduce
         except RuntimeError as err:
             raise _SiteError("o_proj", err) from err
 
@@ -169,7 +170,7 @@ class _TensorParallelMLP(nn.Module):
     def forward(self, x):   # [B, S, E], the same on every rank
         try:
             return self.mlp_fn(x, self.gate, self.up, self.down, self.all_reduce)
-        except NotImplementedError:   # a RuntimeError too: the stub
+        except (NotImplementedError, threading.BrokenBarrierError):   # as in _RowParallel
             raise
         except RuntimeError as err:
             raise _SiteError("mlp", err) from err
