@@ -13,4 +13,7 @@ def test_quick_run_counts_the_steps_of_its_trace(tmp_path):
         # step per further token
         assert row["steps"] == row["output_tokens"]
         assert row["step_api_decode_steps"] == row["output_tokens"] - 1
-        assert row["generate_per_step_s"] > 0 and row["step_api_per_seq_median_s"] > 0
+        assert row["generate_per_step_s"] > 0 and row["sched_per_seq_median_s"] > 0
+        # both input preparations ran in every decode step: the graphs' staging and the eager StepBatch
+        assert row["prep_graph_per_seq_median_s"] > 0 and row["prep_eager_per_seq_median_s"] > 0
+        assert row["host_step_median_s"] >= row["sched_step_median_s"]

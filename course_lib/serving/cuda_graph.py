@@ -121,6 +121,21 @@ class DecodeGraphs:
         if not self.graphs:
             self.capture()
         B = len(chunks)
+        bucket, staging, patch = self.prepare(chunks, block_manager, prev)
+        # Asynchronous copies from pinned memory; the graph's kernels are queued after them on the same stream.
+        for name, buffer in self._buffers().items():
+            buffer[:bucket].copy_(staging[name][:bucket], non_blocking=True)
+        if patch:   # the placeholders' values, from the previous step's sampled ids (both on the device)
+            rows = self.prev_rows[:bucket]
+            self.input_ids[:bucket] = torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], self.input_ids[:bucket])
+        self.graphs[bucket].replay()
+        self.num_replays += 1
+        return self.logits[:B]
+
+    def prepare(self, chunks: list[ScheduledChunk], block_manager, prev=None) -> tuple[int, dict, bool]:
+        """The host's share of a replay: this step's inputs written into the pinned staging buffers (the set this
+        replay uses). Returns (the bucket, the staging tensors, whether placeholders must be patched)."""
+        B = len(chunks)
         bucket = next(b for b in self.buckets if b >= B)
         staging, h = self._staging[self.num_replays % 2], self._hosts[self.num_replays % 2]
         h["slot_mapping"][:bucket] = -1                               # padding rows: slot -1, skipped by the store,
@@ -140,12 +155,4 @@ class DecodeGraphs:
         if patch:
             for i, src in zip(*prev.input_rows(chunks)):
                 h["prev_rows"][i] = src
-        # Asynchronous copies from pinned memory; the graph's kernels are queued after them on the same stream.
-        for name, buffer in self._buffers().items():
-            buffer[:bucket].copy_(staging[name][:bucket], non_blocking=True)
-        if patch:   # the placeholders' values, from the previous step's sampled ids (both on the device)
-            rows = self.prev_rows[:bucket]
-            self.input_ids[:bucket] = torch.where(rows >= 0, prev.tokens[rows.clamp(min=0)], self.input_ids[:bucket])
-        self.graphs[bucket].replay()
-        self.num_replays += 1
-        return self.logits[:B]
+        return bucket, staging, patch

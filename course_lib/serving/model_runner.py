@@ -122,8 +122,15 @@ class ModelRunner:
         on the host are read from the previous step's sampled ids on the device."""
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, self.block_manager, prev)
+        batch = self.prepare(chunks, prev)
+        return self.model(batch.input_ids, cache=batch, positions=batch.positions,
+                          logits_indices=batch.logits_indices)                                # [rows, V]
+
+    def prepare(self, chunks: list[ScheduledChunk], prev=None) -> StepBatch:
+        """The host's share of an eager step: the StepBatch (input ids, positions, slot mapping, block tables,
+        context lengths, the sampling rows as ``logits_indices``), the placeholders patched (see ``execute``)."""
         batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
         if prev is not None and prev.position:
             patch_input_ids(batch.input_ids[0], *prev.input_rows(chunks), prev.tokens)
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=batch.input_ids.device)
-        return self.model(batch.input_ids, cache=batch, positions=batch.positions, logits_indices=rows)   # [rows, V]
+        batch.logits_indices = torch.tensor(batch.sample_rows, dtype=torch.long, device=batch.input_ids.device)
+        return batch
