@@ -143,13 +143,15 @@ class DecodeGraphs:
         h["block_tables"][:bucket] = 0
         h["prev_rows"][:bucket] = -1
         h["input_ids"][:bucket] = 0                                   # (a placeholder left there is no token id)
-        for i, chunk in enumerate(chunks):
-            seq, pos = chunk.seq, chunk.start
-            table = block_manager.block_tables[seq.seq_id]
-            h["input_ids"][i] = seq.token_ids[pos]
-            h["positions"][i] = pos
-            h["slot_mapping"][i] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-            h["context_lens"][i] = pos + 1
+        # each field built as a list over the batch and written once (one numpy call per field, not per row)
+        P, tables = self.block_size, block_manager.block_tables
+        positions = [c.start for c in chunks]                           # a decode chunk's one token: the last one
+        rows = [tables[c.seq.seq_id] for c in chunks]
+        h["input_ids"][:B] = [c.seq.last_token_id for c in chunks]
+        h["positions"][:B] = positions
+        h["slot_mapping"][:B] = [t[pos // P] * P + pos % P for t, pos in zip(rows, positions)]
+        h["context_lens"][:B] = [pos + 1 for pos in positions]
+        for i, table in enumerate(rows):
             h["block_tables"][i, :len(table)] = table
         patch = prev is not None and bool(prev.position)
         if patch:

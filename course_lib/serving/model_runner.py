@@ -46,13 +46,17 @@ class StepBatch:
                                               # (a speculative verify chunk: one per draft token + 1)
         decode_tables, decode_lens = [], []
         prefill_tables, prefill_spans = [], []    # per prefill chunk: its blocks; (first row, tokens, length)
+        P = block_manager.block_size
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             row = len(token_ids)
-            token_ids += seq.token_ids[start:start + n]
+            token_ids += seq.token_ids_slice(start, start + n)
             positions += range(start, start + n)
-            slots += block_manager.slot_mapping(seq.seq_id, start, start + n)
-            table = block_manager.block_tables[seq.seq_id][:block_manager.num_blocks_for(start + n)]
+            table = block_manager.block_tables[seq.seq_id]
+            if start + n > block_manager.num_tokens[seq.seq_id]:
+                raise ValueError(f"tokens {start}:{start + n} of sequence {seq.seq_id} have no slots (a bug)")
+            slots += [table[i // P] * P + i % P for i in range(start, start + n)]   # its slot mapping
+            table = table[:-(-(start + n) // P)]                                        # the blocks it attends to
             if n == 1:
                 if prefill_spans:   # rows [0, Bd) are the decodes: the scheduler (and spec_decode) sort them first
                     raise RuntimeError("a one-token chunk after a prefill chunk: the step's chunks must come "
