@@ -308,7 +308,8 @@ class Scheduler:
         return ahead
 
     def _slots_needed(self, seq: Sequence, n: int) -> int:
-        return max(0, seq.num_computed_tokens + n - self.block_manager.num_tokens[seq.seq_id])
+        need = seq.num_computed_tokens + n - self.block_manager.num_tokens[seq.seq_id]
+        return need if need > 0 else 0
 
     def _can_reserve(self, seq: Sequence, n: int) -> bool:
         return self.block_manager.can_append(seq.seq_id, self._slots_needed(seq, n))
