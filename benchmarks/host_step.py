@@ -2,6 +2,8 @@
 the outputs, timed with the model's forward pass and the sampling replaced by stubs that cost nothing.
 
     python -m benchmarks.host_step            # CPU, ~1 min; writes benchmarks/results/host_step_<cpu>.json
+    python -m benchmarks.host_step --baseline ../other-worktree --rounds 3 --out benchmarks/results/host_step_ab.json
+                                              # the same runs by another checkout's code, interleaved with this one's
 
 On a GPU a replayed decode step costs the host one launch, so what is left between two steps is this: the Python
 that decides what runs next and records what ran. It runs on the CPU whatever the card, so it is measured here on
@@ -20,9 +22,14 @@ A step's host time has two parts, timed apart in every decode step of the step A
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import course_lib.device  # noqa: F401  (first: the interpreter switch)
 import torch
@@ -110,24 +117,65 @@ def host_seconds_per_step(batch: int, output_tokens: int, block_size: int = 16) 
                 prep_eager_step_median_s=med(2), prep_eager_per_seq_median_s=per_seq(2))
 
 
+def best_of(rows: list[dict]) -> dict:
+    """Several runs of one batch as one row: each time its minimum over the runs (the run least disturbed by the
+    other processes of the machine), the counts from the first run (they are the same in every run)."""
+    return {k: min(r[k] for r in rows) if k.endswith("_s") else v for k, v in rows[0].items()}
+
+
+def run_in(root: Path, batch: int, output_tokens: int) -> dict:
+    """host_seconds_per_step as the code of the checkout at ``root`` has it, in a fresh interpreter, with the commit
+    it measured (``git_commit``)."""
+    code = ("import json, torch; torch.set_num_threads(1); from benchmarks import record; "
+            "from benchmarks.host_step import host_seconds_per_step as h; "
+            f"print(json.dumps(dict(h({batch}, {output_tokens}), git_commit=record.git_commit())))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _options(parser) -> None:
+    parser.add_argument("--rounds", type=int, default=1, help="runs per batch; each time its best (default 1)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout of the course (a git worktree of the commit to compare with): each "
+                             "batch runs by its code and by this one's, alternating, in fresh interpreters, --rounds "
+                             "times; its rows go to baseline_rows")
+
+
+def _describe(r: dict) -> str:
+    return (f"batch {r['batch']:4d}: generate() {r['generate_per_step_s'] * 1e3:7.3f} ms/step | decode step (step "
+            f"API): scheduling+bookkeeping {r['sched_step_median_s'] * 1e3:7.3f} ms, input prep graph "
+            f"{r['prep_graph_step_median_s'] * 1e3:6.3f} / eager {r['prep_eager_step_median_s'] * 1e3:6.3f} ms | "
+            f"per running sequence {r['sched_per_seq_median_s'] * 1e6:5.1f} + "
+            f"{r['prep_graph_per_seq_median_s'] * 1e6:4.1f} (graph) / {r['prep_eager_per_seq_median_s'] * 1e6:4.1f} "
+            "(eager) us")
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = record.parse_args(__doc__, "host_step", "batches 1 and 64, 32 output tokens", argv)
+    args = record.parse_args(__doc__, "host_step", "batches 1 and 64, 32 output tokens", argv, _options)
     batches, output_tokens = ([1, 64], 32) if args.quick else ([1, 16, 64, 128, 256], 128)
     result = record.provenance("host_step", "benchmarks.host_step", argv, torch.float32, args.quick, engine=False)
     result.update(what="host time of an engine step: forward pass and sampling replaced by stubs (distinct tokens: "
                        "the prefix cache holds as many blocks as in a real run); per decode step of the step API, "
                        "scheduling + bookkeeping (sched_*) and the input preparation of a CUDA-graph replay "
-                       "(prep_graph_*) and of an eager step (prep_eager_*); host_* = sched + prep_graph",
+                       "(prep_graph_*) and of an eager step (prep_eager_*); host_* = sched + prep_graph; "
+                       f"best of {args.rounds} run(s) per batch",
                   trace=f"B requests at once, prompts 64-128 tokens, {output_tokens} output tokens each", rows=[])
+    if args.baseline:
+        result["baseline_rows"] = []
     for batch in batches:
-        r = host_seconds_per_step(batch, output_tokens)
+        if args.baseline:   # alternate which goes first, so that neither always runs in the other's wake
+            this, base = [], []
+            for i in range(args.rounds):
+                for runs, root in ((this, Path(__file__).parents[1]), (base, args.baseline))[::1 if i % 2 else -1]:
+                    runs.append(run_in(root, batch, output_tokens))
+            r, b = best_of(this), best_of(base)
+            result["baseline_rows"].append(b)
+            print(f"baseline ({b['git_commit'][:12]}) {_describe(b)}")
+        else:
+            r = best_of([host_seconds_per_step(batch, output_tokens) for _ in range(args.rounds)])
         result["rows"].append(r)
-        print(f"batch {batch:4d}: generate() {r['generate_per_step_s'] * 1e3:7.3f} ms/step | decode step (step API): "
-              f"scheduling+bookkeeping {r['sched_step_median_s'] * 1e3:7.3f} ms, input prep graph "
-              f"{r['prep_graph_step_median_s'] * 1e3:6.3f} / eager {r['prep_eager_step_median_s'] * 1e3:6.3f} ms | "
-              f"per running sequence {r['sched_per_seq_median_s'] * 1e6:5.1f} + "
-              f"{r['prep_graph_per_seq_median_s'] * 1e6:4.1f} (graph) / {r['prep_eager_per_seq_median_s'] * 1e6:4.1f} "
-              "(eager) us", flush=True)
+        print(_describe(r), flush=True)
     print(f"wrote {record.write(result, 'host_step', args.out)}")
     return result
 
