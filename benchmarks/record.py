@@ -19,9 +19,13 @@ from course_lib.analysis.roofline import RESULTS_DIR
 from benchmarks.roofline import device_name, slug
 
 
-def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None) -> argparse.Namespace:
-    """--quick, --threads (set here on a CPU), --out (default benchmarks/results/<name>_<device>.json)."""
+def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None,
+               add_arguments=None) -> argparse.Namespace:
+    """--quick, --threads (set here on a CPU), --out (default benchmarks/results/<name>_<device>.json), and the
+    benchmark's own options (``add_arguments(parser)``)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: the models are tiny, and one thread is as fast and far "

@@ -13,4 +13,13 @@ def test_quick_run_counts_the_steps_of_its_trace(tmp_path):
         # step per further token
         assert row["steps"] == row["output_tokens"]
         assert row["step_api_decode_steps"] == row["output_tokens"] - 1
-        assert row["generate_per_step_s"] > 0 and row["step_api_per_seq_median_s"] > 0
+        assert row["generate_per_step_s"] > 0 and row["sched_per_seq_median_s"] > 0
+        # both input preparations ran in every decode step: the graphs' staging and the eager StepBatch
+        assert row["prep_graph_per_seq_median_s"] > 0 and row["prep_eager_per_seq_median_s"] > 0
+        assert row["host_step_median_s"] >= row["sched_step_median_s"]
+
+
+def test_best_of_takes_each_time_at_its_minimum_and_the_counts_as_they_are():
+    rows = [dict(batch=8, steps=5, sched_step_median_s=2.0, host_step_median_s=1.0),
+            dict(batch=8, steps=5, sched_step_median_s=1.0, host_step_median_s=3.0)]
+    assert host_step.best_of(rows) == dict(batch=8, steps=5, sched_step_median_s=1.0, host_step_median_s=1.0)

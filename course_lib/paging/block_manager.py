@@ -143,20 +143,22 @@ class BlockManager:
         filled last block that it shares with another sequence (copy-on-write).
         """
         need = self._blocks_to_append(seq_id, num_tokens)
-        if need > self.num_free_blocks:
-            raise OutOfBlocksError(f"sequence {seq_id} needs {need} more blocks for {num_tokens} tokens; "
-                                   f"{self.num_free_blocks} of {self.allocator.num_blocks} are free")
         table, start, P = self.block_tables[seq_id], self.num_tokens[seq_id], self.block_size
         copies = []
-        if self._writes_into_shared_block(seq_id, num_tokens):
-            shared = table[-1]
-            table[-1] = self.allocator.allocate()      # our own copy of the block ...
-            copies.append((shared, table[-1]))
-            self.allocator.free(shared)                # ... and one owner fewer for the shared one
-        while len(table) * P < start + num_tokens:     # new blocks for tokens past the last block
-            table.append(self.allocator.allocate())
+        if need > 0:   # most decode steps write into the last block, which the sequence owns alone: nothing to do
+            self._make_room(need)
+            if need > self.num_free_blocks:
+                raise OutOfBlocksError(f"sequence {seq_id} needs {need} more blocks for {num_tokens} tokens; "
+                                       f"{self.num_free_blocks} of {self.allocator.num_blocks} are free")
+            if self._writes_into_shared_block(seq_id, num_tokens):
+                shared = table[-1]
+                table[-1] = self.allocator.allocate()      # our own copy of the block ...
+                copies.append((shared, table[-1]))
+                self.allocator.free(shared)                # ... and one owner fewer for the shared one
+            while len(table) * P < start + num_tokens:     # new blocks for tokens past the last block
+                table.append(self.allocator.allocate())
         self.num_tokens[seq_id] = start + num_tokens
-        return self.slot_mapping(seq_id, start, start + num_tokens), copies
+        return [table[i // P] * P + i % P for i in range(start, start + num_tokens)], copies
 
     def fork(self, parent_id: int, child_id: int) -> list[int]:
         """A child sequence sharing all of its parent's blocks (no copy: ref counts + 1). Returns its table."""
@@ -210,14 +212,20 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id} (allocate or fork it first)")
         return self.block_tables[seq_id]
 
+    def _make_room(self, need: int) -> None:
+        """Before ``need`` blocks are taken from the free list: nothing to do here; a prefix cache evicts."""
+
     def _writes_into_shared_block(self, seq_id: int, num_tokens: int) -> bool:
         table, n = self._table(seq_id), self.num_tokens[seq_id]
         # n % P != 0: the last block has free slots, and the next token goes there.
         return num_tokens > 0 and n % self.block_size != 0 and self.allocator.ref_counts[table[-1]] > 1
 
     def _blocks_to_append(self, seq_id: int, num_tokens: int) -> int:
+        """New blocks that num_tokens more tokens take: past the last block, plus a copy of a shared last block
+        written into (``_writes_into_shared_block``, inlined: the scheduler asks for every sequence every step)."""
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
-        table, n = self._table(seq_id), self.num_tokens[seq_id]
-        new = self.num_blocks_for(n + num_tokens) - len(table)
-        return new + int(self._writes_into_shared_block(seq_id, num_tokens))
+        table = self.block_tables.get(seq_id) or self._table(seq_id)   # (_table: the error of an unknown id)
+        n, P = self.num_tokens[seq_id], self.block_size
+        shared = num_tokens > 0 and n % P != 0 and self.allocator.ref_counts[table[-1]] > 1
+        return -(-(n + num_tokens) // P) - len(table) + shared

@@ -121,25 +121,7 @@ class DecodeGraphs:
         if not self.graphs:
             self.capture()
         B = len(chunks)
-        bucket = next(b for b in self.buckets if b >= B)
-        staging, h = self._staging[self.num_replays % 2], self._hosts[self.num_replays % 2]
-        h["slot_mapping"][:bucket] = -1                               # padding rows: slot -1, skipped by the store,
-        h["context_lens"][:bucket] = 0                                # context 0: the attention reads nothing
-        h["block_tables"][:bucket] = 0
-        h["prev_rows"][:bucket] = -1
-        h["input_ids"][:bucket] = 0                                   # (a placeholder left there is no token id)
-        for i, chunk in enumerate(chunks):
-            seq, pos = chunk.seq, chunk.start
-            table = block_manager.block_tables[seq.seq_id]
-            h["input_ids"][i] = seq.token_ids[pos]
-            h["positions"][i] = pos
-            h["slot_mapping"][i] = table[pos // self.block_size] * self.block_size + pos % self.block_size
-            h["context_lens"][i] = pos + 1
-            h["block_tables"][i, :len(table)] = table
-        patch = prev is not None and bool(prev.position)
-        if patch:
-            for i, src in zip(*prev.input_rows(chunks)):
-                h["prev_rows"][i] = src
+        bucket, staging, patch = self.prepare(chunks, block_manager, prev)
         # Asynchronous copies from pinned memory; the graph's kernels are queued after them on the same stream.
         for name, buffer in self._buffers().items():
             buffer[:bucket].copy_(staging[name][:bucket], non_blocking=True)
@@ -149,3 +131,30 @@ class DecodeGraphs:
         self.graphs[bucket].replay()
         self.num_replays += 1
         return self.logits[:B]
+
+    def prepare(self, chunks: list[ScheduledChunk], block_manager, prev=None) -> tuple[int, dict, bool]:
+        """The host's share of a replay: this step's inputs written into the pinned staging buffers (the set this
+        replay uses). Returns (the bucket, the staging tensors, whether placeholders must be patched)."""
+        B = len(chunks)
+        bucket = next(b for b in self.buckets if b >= B)
+        staging, h = self._staging[self.num_replays % 2], self._hosts[self.num_replays % 2]
+        h["slot_mapping"][:bucket] = -1                               # padding rows: slot -1, skipped by the store,
+        h["context_lens"][:bucket] = 0                                # context 0: the attention reads nothing
+        h["block_tables"][:bucket] = 0
+        h["prev_rows"][:bucket] = -1
+        h["input_ids"][:bucket] = 0                                   # (a placeholder left there is no token id)
+        # each field built as a list over the batch and written once (one numpy call per field, not per row)
+        P, tables = self.block_size, block_manager.block_tables
+        positions = [c.start for c in chunks]                           # a decode chunk's one token: the last one
+        rows = [tables[c.seq.seq_id] for c in chunks]
+        h["input_ids"][:B] = [c.seq.last_token_id for c in chunks]
+        h["positions"][:B] = positions
+        h["slot_mapping"][:B] = [t[pos // P] * P + pos % P for t, pos in zip(rows, positions)]
+        h["context_lens"][:B] = [pos + 1 for pos in positions]
+        for i, table in enumerate(rows):
+            h["block_tables"][i, :len(table)] = table
+        patch = prev is not None and bool(prev.position)
+        if patch:
+            for i, src in zip(*prev.input_rows(chunks)):
+                h["prev_rows"][i] = src
+        return bucket, staging, patch

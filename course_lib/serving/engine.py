@@ -349,10 +349,10 @@ class LLMEngine:
             seqs = self._requests.get(request_id)
             if seqs is None:                          # aborted since
                 continue
-            finished = all(s.finish_reason for s in seqs)
-            if finished or not finished_only:
-                outputs.append(RequestOutput.from_seqs(request_id, seqs, self.tokenizer))
-            if finished:
+            if finished_only and not all(s.finish_reason for s in seqs):
+                continue
+            outputs.append(RequestOutput.from_seqs(request_id, seqs, self.tokenizer))
+            if outputs[-1].finished:
                 del self._requests[request_id]
         return outputs
 

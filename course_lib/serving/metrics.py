@@ -74,20 +74,26 @@ class RequestOutput:
     def from_seqs(cls, request_id, seqs: list[Sequence], tokenizer=None) -> RequestOutput:
         """The output of a request now (vLLM's ``from_seq_group``), from its n sequences: their tokens so far;
         ``finished`` and the text too once every sequence has finished."""
-        finished = all(s.finish_reason for s in seqs)
+        # one pass over the request's sequences, no generator per field: this runs for every request of every step
+        finished, scheduled, first_token, last_token, num_output_tokens, num_preemptions = True, [], [], [], 0, 0
+        for s in seqs:
+            if not s.finish_reason:
+                finished = False
+            if s.first_scheduled_time is not None:
+                scheduled.append(s.first_scheduled_time)
+            if s.token_times:
+                first_token.append(s.token_times[0])
+                last_token.append(s.token_times[-1])
+            num_output_tokens += len(s.output_token_ids)
+            num_preemptions += s.num_preemptions
         decode = tokenizer.decode if finished and tokenizer is not None else None
-        times = [s.token_times for s in seqs if s.token_times]
-        metrics = RequestMetrics(
-            arrival_time=seqs[0].arrival_time,
-            first_scheduled_time=min((s.first_scheduled_time for s in seqs if s.first_scheduled_time is not None),
-                                     default=None),
-            first_token_time=min((t[0] for t in times), default=None),
-            finished_time=max((t[-1] for t in times), default=None) if finished else None,
-            num_output_tokens=sum(len(s.output_token_ids) for s in seqs),
-            num_preemptions=sum(s.num_preemptions for s in seqs))
-        completions = [CompletionOutput(s.sample_index, list(s.output_token_ids),
+        metrics = RequestMetrics(seqs[0].arrival_time, min(scheduled) if scheduled else None,
+                                 min(first_token) if first_token else None,
+                                 max(last_token) if finished and last_token else None,
+                                 num_output_tokens, num_preemptions)
+        completions = [CompletionOutput(s.sample_index, s.output_token_ids[:],
                                         decode(s.output_token_ids) if decode else None, s.finish_reason,
-                                        list(s.token_times)) for s in seqs]
+                                        s.token_times[:]) for s in seqs]
         return cls(request_id, seqs[0].prompt_token_ids, completions, metrics,
                    num_cached_tokens=seqs[0].num_cached_tokens, finished=finished)
 

@@ -25,6 +25,7 @@ there (``kernels.reference``: same signatures, same results; for decode a batche
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from course_lib.paging.block_manager import BlockManager
@@ -46,13 +47,17 @@ class StepBatch:
                                               # (a speculative verify chunk: one per draft token + 1)
         decode_tables, decode_lens = [], []
         prefill_tables, prefill_spans = [], []    # per prefill chunk: its blocks; (first row, tokens, length)
+        P = block_manager.block_size
         for chunk in chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             row = len(token_ids)
-            token_ids += seq.token_ids[start:start + n]
+            token_ids += seq.token_ids_slice(start, start + n)
             positions += range(start, start + n)
-            slots += block_manager.slot_mapping(seq.seq_id, start, start + n)
-            table = block_manager.block_tables[seq.seq_id][:block_manager.num_blocks_for(start + n)]
+            table = block_manager.block_tables[seq.seq_id]
+            if start + n > block_manager.num_tokens[seq.seq_id]:
+                raise ValueError(f"tokens {start}:{start + n} of sequence {seq.seq_id} have no slots (a bug)")
+            slots += [table[i // P] * P + i % P for i in range(start, start + n)]   # its slot mapping
+            table = table[:-(-(start + n) // P)]                                        # the blocks it attends to
             if n == 1:
                 if prefill_spans:   # rows [0, Bd) are the decodes: the scheduler (and spec_decode) sort them first
                     raise RuntimeError("a one-token chunk after a prefill chunk: the step's chunks must come "
@@ -65,18 +70,17 @@ class StepBatch:
             self.sample_rows += range(row + n - chunk.num_logits, row + n)
         self.num_decodes = len(decode_tables)
         self.decode_tables = _padded_table(decode_tables, device)                          # [Bd, max_blocks]
-        self.decode_lens = torch.tensor(decode_lens, dtype=torch.int32, device=device)     # [Bd]
+        self.decode_lens = _tensor(decode_lens, np.int32, device)                          # [Bd]
         self.max_decode_len = max(decode_lens, default=0)
         # the prefill chunks, rows Bd ... T-1, as kernels.paged_prefill_attention takes them (and on the host)
         self.prefill_spans = prefill_spans                                                 # [(row, n, L)] * Bp
         if prefill_spans:
             self.prefill_tables = _padded_table(prefill_tables, device)                    # [Bp, max_blocks]
-            self.cu_seqlens_q = torch.tensor([0] + [r + n for r, n, _ in prefill_spans], dtype=torch.int32,
-                                             device=device)                                # [Bp + 1]
-            self.prefill_lens = torch.tensor([L for _, _, L in prefill_spans], dtype=torch.int32, device=device)
-        self.input_ids = torch.tensor([token_ids], device=device)                          # [1, T]
-        self.positions = torch.tensor(positions, device=device)                            # [T]
-        self.slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)          # [T]
+            self.cu_seqlens_q = _tensor([0] + [r + n for r, n, _ in prefill_spans], np.int32, device)  # [Bp + 1]
+            self.prefill_lens = _tensor([L for _, _, L in prefill_spans], np.int32, device)
+        self.input_ids = _tensor(token_ids, np.int64, device)[None]                        # [1, T]
+        self.positions = _tensor(positions, np.int64, device)                              # [T]
+        self.slot_mapping = _tensor(slots, np.int64, device)                               # [T]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] of the flattened step -> attention output [1, Hq, T, D]."""
@@ -98,10 +102,18 @@ class StepBatch:
         pass   # the scheduler counts computed tokens (Scheduler.update)
 
 
+def _tensor(values: list[int], dtype, device) -> torch.Tensor:
+    """A 1-D integer tensor from a list of ints, through numpy: a few times faster than ``torch.tensor(list)``,
+    which converts element by element (the host builds several of these per step, one element per token)."""
+    return torch.from_numpy(np.array(values, dtype=dtype)).to(device)
+
+
 def _padded_table(tables: list[list[int]], device) -> torch.Tensor:
     """Block tables of different lengths as one int32 [rows, max_blocks] tensor (padded with block 0, never read)."""
-    width = max((len(t) for t in tables), default=1)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device).view(-1, width)
+    padded = np.zeros((len(tables), max(map(len, tables), default=1)), dtype=np.int32)
+    for row, table in zip(padded, tables):
+        row[:len(table)] = table
+    return torch.from_numpy(padded).to(device)
 
 
 class ModelRunner:
@@ -122,8 +134,15 @@ class ModelRunner:
         on the host are read from the previous step's sampled ids on the device."""
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, self.block_manager, prev)
+        batch = self.prepare(chunks, prev)
+        return self.model(batch.input_ids, cache=batch, positions=batch.positions,
+                          logits_indices=batch.logits_indices)                                # [rows, V]
+
+    def prepare(self, chunks: list[ScheduledChunk], prev=None) -> StepBatch:
+        """The host's share of an eager step: the StepBatch (input ids, positions, slot mapping, block tables,
+        context lengths, the sampling rows as ``logits_indices``), the placeholders patched (see ``execute``)."""
         batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
         if prev is not None and prev.position:
             patch_input_ids(batch.input_ids[0], *prev.input_rows(chunks), prev.tokens)
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=batch.input_ids.device)
-        return self.model(batch.input_ids, cache=batch, positions=batch.positions, logits_indices=rows)   # [rows, V]
+        batch.logits_indices = _tensor(batch.sample_rows, np.int64, batch.input_ids.device)
+        return batch

@@ -206,7 +206,7 @@ class PrefixCachingBlockManager(BlockManager):
 
     def can_append(self, seq_id: int, num_tokens: int = 1) -> bool:
         need = self._blocks_to_append(seq_id, num_tokens)
-        return need <= self.allocator.num_free_blocks or need <= self.num_free_blocks   # count the cache only if needed
+        return need <= 0 or need <= self.num_free_blocks     # most decode steps need no block: no count at all
 
     def allocate_with_prefix(self, seq_id: int, token_ids, num_tokens: int) -> int:
         """Start sequence ``seq_id`` with ``num_tokens`` slots, its first blocks taken from the cache where
@@ -247,10 +247,6 @@ class PrefixCachingBlockManager(BlockManager):
         self.num_cached_blocks[seq_id] = 0
         return table
 
-    def append_slots(self, seq_id: int, num_tokens: int = 1):
-        self._make_room(self._blocks_to_append(seq_id, num_tokens))
-        return super().append_slots(seq_id, num_tokens)
-
     def fork(self, parent_id: int, child_id: int) -> list[int]:
         table = super().fork(parent_id, child_id)
         self.num_cached_blocks[child_id] = self.num_cached_blocks.get(parent_id, 0)
@@ -275,6 +271,7 @@ class PrefixCachingBlockManager(BlockManager):
         return blocks, total - len(blocks), self.num_free_blocks - reused_evictable
 
     def _make_room(self, need: int) -> None:
+        """Evict idle cached blocks until ``need`` blocks are on the free list (or none is idle any more)."""
         short = need - self.allocator.num_free_blocks
         if short > 0:
             self.num_evicted_blocks += len(self.prefix_cache.evict(short))

@@ -212,7 +212,7 @@ class Scheduler:
 
     def _schedule_chunk(self, seq: Sequence, n: int, budget: int, out: SchedulerOutput) -> int:
         """Schedule n tokens of seq (and its lookahead slots) in this step; returns the tokens of budget they take."""
-        ahead = self._lookahead(seq, n, budget)
+        ahead = self._lookahead(seq, n, budget) if self.num_lookahead_slots else 0
         self._reserve(seq, n + ahead)
         out.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n, ahead))
         return n + ahead
@@ -232,7 +232,9 @@ class Scheduler:
             # K/V now valid (in every model's pool): the chunk's tokens and, with speculative decoding, the accepted
             # draft tokens that both models ran: all appended tokens but the last, and at most num_lookahead - 1
             # (the draft model never runs its own last proposal; see course_lib.serving.spec_decode)
-            seq.num_computed_tokens += chunk.num_tokens + max(0, min(appended - 1, chunk.num_lookahead - 1))
+            seq.num_computed_tokens += chunk.num_tokens
+            if chunk.num_lookahead:
+                seq.num_computed_tokens += max(0, min(appended - 1, chunk.num_lookahead - 1))
             if self.prefix_caching:              # the full blocks just computed join the cache (before any free)
                 self._cache_computed_blocks(seq)
             if seq.finish_reason:
@@ -306,7 +308,8 @@ class Scheduler:
         return ahead
 
     def _slots_needed(self, seq: Sequence, n: int) -> int:
-        return max(0, seq.num_computed_tokens + n - self.block_manager.num_tokens[seq.seq_id])
+        need = seq.num_computed_tokens + n - self.block_manager.num_tokens[seq.seq_id]
+        return need if need > 0 else 0
 
     def _can_reserve(self, seq: Sequence, n: int) -> bool:
         return self.block_manager.can_append(seq.seq_id, self._slots_needed(seq, n))

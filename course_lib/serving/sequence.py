@@ -38,6 +38,21 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def last_token_id(self) -> int:
+        """The input of a decode step (vLLM's ``get_last_token_id``), without building ``token_ids``."""
+        return (self.output_token_ids or self.prompt_token_ids)[-1]
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """``token_ids[start:end]`` without building ``token_ids`` (a copy of every token) when the slice lies in
+        the prompt or in the output: the model runner reads a chunk's tokens for every sequence of every step."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.token_ids[start:end]
+
     def generator(self, offset: int = 0) -> TokenNoise | None:
         """The noise of the draw of output token ``len(output_token_ids) + offset`` (a speculative step draws
         the tokens after the next one too): keyed by the seed and the position, never by the batch. None when

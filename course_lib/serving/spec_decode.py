@@ -98,6 +98,13 @@ class Drafted:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def last_token_id(self) -> int:          # what the model runner reads of a Sequence, read here
+        return self.token_ids[-1]
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        return self.token_ids[start:end]
+
 
 @dataclass
 class VerifyChunk(ScheduledChunk):
