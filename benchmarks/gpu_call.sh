@@ -11,7 +11,8 @@
 #   fa_bwd_configs  the backward's dK/dV and dQ kernels' launch configs at D = 128 (issue 20's 0.7x cuDNN; ~4 min)
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only;
 #                GPU_CONFIGS gained 128 x 128 / 8 warps / 3 stages in session 8, not yet timed autotuned)
-#   paged        python -m benchmarks.paged_attention on this card (issue 21: paged decode vs SDPA, H200 file only)
+#   paged        python -m benchmarks.paged_attention --splits on this card (issue 21: paged decode vs SDPA, H200 file
+#                only; the split sweep at batch 1, where it trails SDPA most)
 #   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
 #                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
@@ -72,7 +73,7 @@ for s in ${STEPS:?set STEPS}; do
     fa_configs) step fa_configs 240 python3 -m benchmarks.flash_attention_configs --time-limit 150 \
                  --out "$OUT/flash_attention_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
-    paged) step paged 300 python3 -m benchmarks.paged_attention --out "$OUT/paged_attention.json" ;;
+    paged) step paged 400 python3 -m benchmarks.paged_attention --splits --out "$OUT/paged_attention.json" ;;
     bench_batching) step bench_batching 450 python3 -m benchmarks.engine_batching ;;
     bench_spec_prefix) step bench_speculative 300 python3 -m benchmarks.speculative
                step bench_prefix 200 python3 -m benchmarks.prefix_caching ;;

@@ -2,6 +2,7 @@
 
     python -m benchmarks.paged_attention            # GPU: < 4 min on an H100/H200
     python -m benchmarks.paged_attention --tune     # also sweep tile/warp/stage configs at two key shapes
+    python -m benchmarks.paged_attention --splits   # also sweep num_splits x BLOCK_N at batch 1 and 4 (issue 21)
     python -m benchmarks.paged_attention --quick    # CPU smoke test (interpreter, tiny shapes): seconds
 
 Shapes: a LLaMA-3-8B-like attention layer, Hq = 32, Hkv = 8, D = 128, block size P = 16, batch up to 256,
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
     parser.add_argument("--tune", action="store_true", help="sweep BLOCK_N / num_warps / num_stages at two key shapes")
+    parser.add_argument("--splits", action="store_true",
+                        help="sweep num_splits (and BLOCK_N) at the small-batch shapes, against SDPA (issue 21)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output JSON (default: benchmarks/results/paged_attention_<device>.json)")
     args = parser.parse_args(argv)
@@ -240,6 +243,38 @@ def main(argv: list[str] | None = None) -> dict:
             pa.CONFIG.update(default)
             del q, kc, vc
 
+    # 5. Optional: the split-K plan at small batches, where the kernel trails SDPA most (batch 1, short contexts):
+    # every num_splits (and BLOCK_N 16/32/64) replayed from a CUDA graph, against SDPA's best backend
+    split_sweep = []
+    if args.splits:
+        shapes = [(1, 64), (2, 64)] if not HAS_GPU else [(1, 1024), (1, 4096), (1, 32768), (4, 8192)]
+        default = dict(pa.CONFIG)
+        for (B, L) in shapes:
+            q, kc, vc, tables, lens = make_inputs(B, [L] * B, Hq, Hkv, D, P, torch.float16, seed=4)
+            k, v = contiguous_kv(kc, vc, tables, L)
+            t_sdpa, _, _, _, sdpa_call = time_sdpa(q[:, :, None], k, v, warmup, reps)
+            want = sdpa_call()[:, :, 0].float()
+            for block_n in (16, 32, 64):
+                pa.CONFIG.update(BLOCK_N=block_n)
+                for splits in (1, 2, 4, 8, 16, 32, 64):
+                    if splits * block_n > max(L, block_n):   # every split at least one tile
+                        continue
+                    call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L,
+                                                                  num_splits=splits, validate=False)
+                    err = (call().float() - want).abs().max().item()   # checked before it is timed
+                    t = best_time(call, warmup, reps)[0] if err < 1e-2 else None
+                    split_sweep.append(dict(B=B, context=L, BLOCK_N=block_n, num_splits=splits, max_abs_error=err,
+                                            seconds=t, sdpa_seconds=t_sdpa, ratio_to_sdpa=t_sdpa / t if t else None))
+            pa.CONFIG.clear()
+            pa.CONFIG.update(default)
+            auto = pa.choose_num_splits(B, Hkv, L, pa._num_sms(q.device), pa.PROGRAMS_PER_SM)
+            rows = [r for r in split_sweep if (r["B"], r["context"]) == (B, L) and r["seconds"]]
+            best = min(rows, key=lambda r: r["seconds"])
+            print(f"splits B={B} L={L}: best BLOCK_N={best['BLOCK_N']} num_splits={best['num_splits']} "
+                  f"{best['ratio_to_sdpa']:.2f}x SDPA (the automatic plan: {auto} splits of BLOCK_N="
+                  f"{default['BLOCK_N']})", flush=True)
+            del q, kc, vc, k, v
+
     key = next(p for p in points if (p["B"], p["context"]) == cfg["key"] and p["dtype"] == "float16")
     result = dict(
         benchmark="paged_attention", device=name, device_slug=slug(name),
@@ -257,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
                     bytes="K and V bytes of all B x context tokens, read once"),
         copy_bandwidth=copy_bw, correctness=correctness, bandwidth=points, split_k=split_k,
         host_sync=dict(B=B, context=L, eager_seconds_with_max_context_len=t_no_sync, eager_seconds_without=t_sync),
-        tuning=tuning,
+        tuning=tuning, split_sweep=split_sweep,
         targets=dict(batch64_ctx4k_ratio_to_sdpa=key["ratio_to_sdpa"], batch64_ctx4k_target=0.85,
                      batch1_ctx32k_split_speedup=split_k["speedup"], batch1_ctx32k_target=3.0,
                      met=bool(key["ratio_to_sdpa"] >= 0.85 and split_k["speedup"] >= 3.0)),

@@ -117,11 +117,16 @@ def test_benchmark_script_quick(tmp_path):
     from benchmarks import paged_attention as bench
 
     out = tmp_path / "r.json"
-    result = bench.main(["--quick", "--out", str(out)])
+    result = bench.main(["--quick", "--splits", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     for key in ("device", "date", "torch", "triton", "correctness", "bandwidth", "split_k"):
         assert key in result
     assert all(c["max_abs_error"] <= c["tolerance"] for c in result["correctness"])
+    # the split sweep: every (BLOCK_N, num_splits) with at least one tile per split, timed against SDPA
+    sweep = result["split_sweep"]
+    assert {(r["BLOCK_N"], r["num_splits"]) for r in sweep if r["B"] == 1} == {(16, 1), (16, 2), (16, 4), (32, 1),
+                                                                                (32, 2), (64, 1)}
+    assert all(r["max_abs_error"] < 1e-2 and r["seconds"] > 0 and r["sdpa_seconds"] > 0 for r in sweep)
 
 
 # ---------------------------------------------------------------- more mistakes a learner makes (issue 23)
