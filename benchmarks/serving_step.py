@@ -11,7 +11,9 @@ the K/V of every sequence once) divided by this card's measured copy bandwidth.
 Part 2, a serving trace (the 0.37B LLaMA shape of issue 18: 128 requests, prompts 64-512 tokens, 256 output tokens
 each, greedy, no early stop) through ``LLMEngine`` three ways: the old engine (eager, prefill through the gather
 path), + the paged prefill kernel, + CUDA graphs (the default). Throughput, steps, and the GPU's busy fraction
-(kernel time / wall time, from torch.profiler over a shorter run of the same trace).
+(kernel time / wall time, from torch.profiler over a second run of the whole trace; until 2026-12-06 over its first
+64 requests only, a run at half the batch, whose shorter GPU steps leave the host a larger share). No progress bar:
+its updates are host time too.
 """
 from __future__ import annotations
 
@@ -156,15 +158,15 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
                            enforce_eager=opts["enforce_eager"], async_scheduling=opts["async_scheduling"])
         engine.pool.use_paged_prefill = opts["paged_prefill"]
         (fuse if opts["fused_kernels"] else unfuse)(model)
-        engine.generate(short_prompts, SamplingParams(max_tokens=8))     # warm-up: kernels compiled, graphs captured
+        engine.generate(short_prompts, SamplingParams(max_tokens=8), use_tqdm=False)   # warm-up: compile, capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        outs = engine.generate(prompts, params)
+        outs = engine.generate(prompts, params, use_tqdm=False)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         steps = len(engine.metrics.steps)
-        busy = gpu_busy(lambda: engine.generate(prompts[:64], params))
+        busy = gpu_busy(lambda: engine.generate(prompts, params, use_tqdm=False))   # the same trace, profiled
         results.append(dict(row=name, **opts, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
                             steps=steps, busy=busy))
         print(f"  {name:40s} {tokens / wall:9,.0f} tok/s  GPU busy {busy['busy_fraction']:.0%} "
