@@ -11,7 +11,7 @@ the K/V of every sequence once) divided by this card's measured copy bandwidth.
 Part 2, a serving trace (the 0.37B LLaMA shape of issue 18: 128 requests, prompts 64-512 tokens, 256 output tokens
 each, greedy, no early stop) through ``LLMEngine`` three ways: the old engine (eager, prefill through the gather
 path), + the paged prefill kernel, + CUDA graphs (the default). Throughput, steps, and the GPU's busy fraction
-(kernel time / wall time, from torch.profiler over a second run of the whole trace; until 2026-12-06 over its first
+(kernel time / wall time, from torch.profiler over a second run of the whole trace, `busy.requests`; before that field
 64 requests only, a run at half the batch, whose shorter GPU steps leave the host a larger share). No progress bar:
 its updates are host time too.
 """
@@ -168,7 +168,7 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
         steps = len(engine.metrics.steps)
         busy = gpu_busy(lambda: engine.generate(prompts, params, use_tqdm=False))   # the same trace, profiled
         results.append(dict(row=name, **opts, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
-                            steps=steps, busy=busy))
+                            steps=steps, busy=busy | dict(requests=len(prompts))))
         print(f"  {name:40s} {tokens / wall:9,.0f} tok/s  GPU busy {busy['busy_fraction']:.0%} "
               f"({busy['kernels']} kernels in {busy['wall_s']:.2f} s)", flush=True)
     return results
