@@ -9,8 +9,9 @@ Python), the step replayed as a CUDA graph, and the **HBM floor**: the bytes a s
 the K/V of every sequence once) divided by this card's measured copy bandwidth.
 
 Part 2, a serving trace (the 0.37B LLaMA shape of issue 18: 128 requests, prompts 64-512 tokens, 256 output tokens
-each, greedy, no early stop) through ``LLMEngine`` three ways: the old engine (eager, prefill through the gather
-path), + the paged prefill kernel, + CUDA graphs (the default). Throughput, steps, and the GPU's busy fraction
+each, greedy, no early stop) through ``LLMEngine`` five ways, each adding one thing: the old engine (eager, prefill
+through the gather path), + the paged prefill kernel, + fused kernels, + CUDA graphs, + asynchronous scheduling (the
+default). Throughput, steps, and the GPU's busy fraction
 (kernel time / wall time, from torch.profiler over a second run of the whole trace, ``busy.requests``; files without
 that field profiled the trace's first 64 requests only, a run at half the batch, whose shorter GPU steps leave the
 host a larger share). No progress bar: its updates are host time too.
