@@ -14,7 +14,8 @@ through the gather path), + the paged prefill kernel, + fused kernels, + CUDA gr
 default). Throughput, steps, and the GPU's busy fraction
 (kernel time / wall time, from torch.profiler over a second run of the whole trace, ``busy.requests``; files without
 that field profiled the trace's first 64 requests only, a run at half the batch, whose shorter GPU steps leave the
-host a larger share). No progress bar: its updates are host time too.
+host a larger share). No progress bar: its updates are host time too. Per row also the busy fraction of two
+phases (``run_phases``): the prefill phase (up to the first step without prompt tokens) and steady decoding.
 """
 from __future__ import annotations
 
@@ -150,6 +151,59 @@ def trace(num_requests: int, output_len: int, vocab: int, seed: int = 0):
     return prompts, SamplingParams(max_tokens=output_len)
 
 
+def run_phases(engine: LLMEngine, prompts, params, phase_fn) -> dict:
+    """Serve ``prompts`` through the step API in two phases: **prefill**, the steps up to the first one that schedules
+    no prompt token (every prompt admitted and prefilled, decodes beside them), then **decode**, the rest (the batch
+    only shrinks as requests finish). ``phase_fn(name, run)`` runs each phase (``run()`` returns its step count)
+    and returns what it measured: a timer, a profiler. Returns {phase: that}."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(i, prompt, params)
+
+    def prefill() -> int:
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+            if engine.last_step is not None and engine.last_step.num_prefill_tokens == 0:
+                break
+        return steps
+
+    def decode() -> int:
+        steps = 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return steps
+
+    return {name: phase_fn(name, run) for name, run in (("prefill", prefill), ("decode", decode))}
+
+
+def phase_busy(engine: LLMEngine, prompts, params) -> dict:
+    """The GPU's busy fraction in each phase of ``run_phases``: wall time from one unprofiled run, kernel time from
+    a second, profiled one (the schedule is the same: greedy, all requests at once)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def timed(name, run):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps = run()
+        torch.cuda.synchronize()
+        return dict(steps=steps, wall_s=time.perf_counter() - t0)
+
+    def profiled(name, run):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run()
+            torch.cuda.synchronize()
+        return sum(e.time_range.end - e.time_range.start for e in prof.events()
+                   if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start) / 1e6
+
+    walls = run_phases(engine, prompts, params, timed)
+    kernels = run_phases(engine, prompts, params, profiled)
+    return {name: walls[name] | dict(kernel_time_s=kernels[name],
+                                     busy_fraction=min(kernels[name] / walls[name]["wall_s"], 1.0))
+            for name in walls}
+
+
 def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_len: int, max_num_seqs: int) -> list:
     prompts, params = trace(num_requests, output_len, model.config.vocab_size)
     short_prompts = prompts[:8]
@@ -168,10 +222,16 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         steps = len(engine.metrics.steps)
         busy = gpu_busy(lambda: engine.generate(prompts, params, use_tqdm=False))   # the same trace, profiled
+        try:   # where the GPU waits: the prefill phase (eager steps) or steady decoding (replayed graphs)
+            phases = phase_busy(engine, prompts, params)
+        except Exception as err:   # a diagnosis: never at the cost of the row
+            phases = dict(error=f"{type(err).__name__}: {err}"[:300])
         results.append(dict(row=name, **opts, output_tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
-                            steps=steps, busy=busy | dict(requests=len(prompts))))
+                            steps=steps, busy=busy | dict(requests=len(prompts)), phases=phases))
         print(f"  {name:40s} {tokens / wall:9,.0f} tok/s  GPU busy {busy['busy_fraction']:.0%} "
-              f"({busy['kernels']} kernels in {busy['wall_s']:.2f} s)", flush=True)
+              f"({busy['kernels']} kernels in {busy['wall_s']:.2f} s)" + "".join(
+                  f"; {k} phase {v['steps']} steps, {v['wall_s']:.2f} s, busy {v['busy_fraction']:.0%}"
+                  for k, v in phases.items() if isinstance(v, dict)), flush=True)
     return results
 
 
