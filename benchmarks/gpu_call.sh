@@ -7,7 +7,7 @@
 # to run them (the serving plan and its measured durations are in benchmarks/serving.py's docstring):
 #   tests_gpu    re-run: flash attention's every-config test now has 128 x 128 / 8 warps / 3 stages (session 8)
 #   serving_step python -m benchmarks.serving_step: the decode step vs its floor, the engine's GPU busy fraction row
-#                by row (~3 min); re-run after any change to the engine's host time (issue 18: 68% busy, target 80%)
+#                by row and per phase (~4 min); re-run after any change to the engine's host time (issue 18)
 #   fa_bwd_configs  the backward's dK/dV and dQ kernels' launch configs at D = 128 (issue 20's 0.7x cuDNN; ~4 min)
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only;
 #                GPU_CONFIGS gained 128 x 128 / 8 warps / 3 stages in session 8, not yet timed autotuned)
@@ -52,7 +52,7 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_engine.py ;;
     tests_e2e) step tests_e2e 300 python3 -m pytest -q -rfE tests/test_lesson00_warmups.py tests/test_lesson03.py \
                  tests/test_lesson07.py -k end_to_end ;;
-    serving_step) step serving_step 300 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
+    serving_step) step serving_step 420 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
     engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
                 --repeats 3 --time-limit 330 ;;
     serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;
