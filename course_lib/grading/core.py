@@ -228,6 +228,19 @@ class Checker:
             self._fail(case, [f"expected: {expected}" if expected else "", f"got: {got}" if got else ""], hint)
         self.cases_passed += 1
 
+    def run_together(self, serve, pieces, *, exercises: str, expected: str):
+        """``serve(*pieces)``: the learner's functions run together inside the engine. A stub among them makes the
+        check not attempted; an error the engine reported (``{"error": ...}``) fails it, pointing at the unit checks."""
+        try:
+            got = serve(*pieces)
+        except NotImplementedError:
+            raise NotImplementedError(f"Exercise: this check runs exercises {exercises} together inside the engine: "
+                                      "finish them first") from None
+        if "error" in got:
+            self.check(False, expected=expected, got=got["error"],
+                       hint="the unit check of that function above shows the rule; here it broke the engine")
+        return got
+
     def require_gpu(self) -> None:
         """First line of a ``needs_gpu=True`` block: on a machine without a GPU, end the block here."""
         if self.skipped:
