@@ -30,8 +30,13 @@ from kernels._checks import check_block_tables, check_sm_scale, check_tensors
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Tile and launch parameters: tokens per tile, warps, software-pipelining stages (tuned on an H100).
 CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
-#: A split processes at least this many tokens (below it, the merge costs more than the parallelism gains).
+#: A split processes at least this many tokens (below it, the merge costs more than the parallelism gains): the
+#: INT8 kernel's wave planner (``choose_num_splits_in_waves``).
 MIN_TOKENS_PER_SPLIT = 256
+#: The FP16 kernel's floor: one tile. On an H100 at batch 1, 1k tokens (8 kv heads), 16 splits of 64 tokens ran at
+#: 0.97x SDPA's time where 4 splits of 256 ran at 0.71x: with so few programs, more of them matters more than the
+#: merge (``paged_attention --splits``, paged_attention_nvidia-h100-80gb-hbm3.json, 2026-12-06).
+DECODE_MIN_TOKENS_PER_SPLIT = CONFIG["BLOCK_N"]
 MAX_SPLITS = 128
 #: Below this many programs per SM, split-K adds programs (B=32, context 4k, unsplit: 256 programs, 3.2 TB/s;
 #: B=64: 512 programs, 4.2 TB/s on an H200).
@@ -144,15 +149,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, num_sms: int,
-                      programs_per_sm: int = PROGRAMS_PER_SM) -> int:
+                      programs_per_sm: int = PROGRAMS_PER_SM, min_tokens: int = DECODE_MIN_TOKENS_PER_SPLIT) -> int:
     """Splits per sequence: 1 when B·Hkv programs already keep the GPU busy (>= 3 per SM: enough loads in
     flight to saturate HBM, measured on an H200); otherwise enough splits to get there, each with at least
-    MIN_TOKENS_PER_SPLIT tokens (below that the merge costs more than the extra parallelism gains)."""
+    ``min_tokens`` tokens (DECODE_MIN_TOKENS_PER_SPLIT: one tile)."""
     programs = batch_size * num_kv_heads
-    if programs >= programs_per_sm * num_sms or max_context_len < 2 * MIN_TOKENS_PER_SPLIT:
+    if programs >= programs_per_sm * num_sms or max_context_len < 2 * min_tokens:
         return 1
     wanted = math.ceil(programs_per_sm * num_sms / programs)
-    return max(1, min(wanted, max_context_len // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
+    return max(1, min(wanted, max_context_len // min_tokens, MAX_SPLITS))
 
 
 #: A split plan "fills its waves" when its programs keep at least this share of the GPU's slots busy, averaged

@@ -9,7 +9,8 @@ import torch
 import kernels
 import kernels.reference as ref
 from course_lib.device import DEVICE, HAS_GPU, kernel_dtypes
-from kernels.paged_attention import MIN_TOKENS_PER_SPLIT, WAVE_FILL, choose_num_splits, choose_num_splits_in_waves
+from kernels.paged_attention import (DECODE_MIN_TOKENS_PER_SPLIT, MIN_TOKENS_PER_SPLIT, WAVE_FILL, choose_num_splits,
+                                     choose_num_splits_in_waves)
 
 #: Tolerances of the kernel vs the fp32 reference (rounded to the dtype), per dtype.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
@@ -101,8 +102,10 @@ def test_split_k_is_chosen_for_few_long_sequences():
     assert choose_num_splits(64, 8, 4096, num_sms=132) == 1           # 512 programs: >= 3 per SM already
     assert choose_num_splits(32, 8, 4096, num_sms=132) == 2           # 256 programs: too few loads in flight
     assert choose_num_splits(1, 8, 32768, num_sms=132) == 50          # 8 programs: ~3 per SM with splits
-    assert choose_num_splits(1, 8, MIN_TOKENS_PER_SPLIT, num_sms=132) == 1
-    assert choose_num_splits(1, 8, 4 * MIN_TOKENS_PER_SPLIT, num_sms=132) == 4   # splits stay >= 256 tokens
+    assert choose_num_splits(1, 8, 1024, num_sms=132) == 16           # the H100 sweep's best at 1k: 16 x 64 tokens
+    assert choose_num_splits(1, 8, DECODE_MIN_TOKENS_PER_SPLIT, num_sms=132) == 1
+    assert choose_num_splits(1, 8, 4 * DECODE_MIN_TOKENS_PER_SPLIT, num_sms=132) == 4   # splits stay >= one tile
+    assert choose_num_splits(1, 8, 1024, num_sms=132, min_tokens=256) == 4
 
 
 def test_wave_filling_splits_match_the_h200_sweep():
