@@ -108,6 +108,23 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
     if not serving:
         out.append(("10", "serving at real model shapes vs `transformers`' best (`python -m benchmarks.serving`)",
                     "not measured at real size yet: no GPU `serving_*.json` recorded"))
+    steps = [r for r in claims.recorded("serving_step_*.json", results_dir) if "phases" in r["serving"][0]]
+    if steps:   # the latest run that splits the trace into phases (the earlier ones are in gpu_checks.md)
+        run = max(steps, key=lambda r: r["date"])
+        floor = ", ".join(f"B = {r['batch']} {r['graph_fused_over_floor']:.2f}x" for r in run["decode"]
+                          if r["batch"] >= 64)
+        old_row, best = run["serving"][0], run["serving"][-1]
+        pre, dec = best["phases"]["prefill"], best["phases"]["decode"]
+        out.append(("10", f"the engine's step on the GPU (`python -m benchmarks.serving_step`; {_where(run)}, commit "
+                          f"{run['git_commit'][:7]})",
+                    f"{run['decode_model']}: a replayed decode step over its HBM floor {floor} (target ≤ 1.5x). "
+                    f"{run['serving_model'].split(' (')[0]}, {run['serving_trace'].split(',')[0]}: "
+                    f"{best['tokens_per_s']:,.0f} tok/s = {best['tokens_per_s'] / old_row['tokens_per_s']:.2f}x "
+                    f"the old engine ({old_row['row']}, {old_row['tokens_per_s']:,.0f} tok/s) in the same run "
+                    f"(target ≥ 4x); GPU busy {best['busy']['busy_fraction']:.0%} of the whole trace: "
+                    f"{dec['busy_fraction']:.0%} in the decode phase, {pre['busy_fraction']:.0%} in the prefill "
+                    f"phase ({pre['steps']} eager steps, {pre['wall_s'] / (pre['wall_s'] + dec['wall_s']):.0%} of "
+                    f"the wall time) (target ≥ 80%)"))
     for run in claims.recorded("engine_*.json", results_dir):
         s = claims.engine_summary(run)
         n = len(s["workloads"])
