@@ -28,7 +28,7 @@ tile and the buffer's zeroing, traffic and cast. Why: on an H100 (bf16, D = 128,
 kernel alone took ~5.0 ms, about cuDNN's whole backward, and the dq kernel another ~2.8 ms; fwd+bwd was 0.68x cuDNN
 (0.69x at 16k) where issue 20 asks for 0.7x. The atomic sum's order changes from run to run, so its dQ is not
 bit-reproducible (its rounding differs by an ulp or so of fp32 between runs); "separate" stays the default until a
-GPU run (``benchmarks.flash_attention_bwd --dq-mode both``) says which is faster.
+GPU run (``benchmarks.flash_attention_bwd --atomic-dq``) says which is faster.
 
 Causal masks are bottom-right aligned as in the forward (query i sits at position i + Skv - Sq). Each loop runs in
 two stages like the forward: the blocks every pair of which is visible without a mask, and the diagonal blocks

@@ -377,22 +377,38 @@ def test_gpu_atomic_dq_every_autotune_config_is_correct(cfg):
 
 
 # ---------------------------------------------------------------- the benchmark's smoke run
-def test_benchmark_script_quick(tmp_path):
+@pytest.mark.parametrize("atomic", [False, True])
+def test_benchmark_script_quick(tmp_path, atomic):
     """``python -m benchmarks.flash_attention_bwd --quick``: on CPU tiny shapes in the interpreter, checked against
-    SDPA's math backend; every row has its errors and timings, and the file is what main() returned."""
+    SDPA's math backend; every row has its errors and timings, and the file is what main() returned. With
+    ``--atomic-dq`` every row has ours_atomic too, with its ratios to the same baselines as ours."""
     import json
 
     from benchmarks import flash_attention_bwd as bench
 
     out = tmp_path / "fa_bwd.json"
-    result = bench.main(["--quick", "--out", str(out)])
+    result = bench.main(["--quick", "--out", str(out), *(["--atomic-dq"] if atomic else [])])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["device"] and result["date"] and result["torch"] and result["triton"] and result["speed"]
     assert {row["causal"] for row in result["speed"]} == {False, True}
+    mine = ["ours", "ours_atomic"] if atomic else ["ours"]
+    assert list(result["dq_modes"]) == mine and bwd.DQ_MODE == "separate"  # the benchmark restored the default
     for row in result["speed"]:
-        assert row["bwd_flops"] == 2.5 * row["fwd_flops"] and row["ours_fwd_bwd_seconds"] > 0
-        if not HAS_GPU:
-            assert max(row[f"ours_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
+        assert row["bwd_flops"] == 2.5 * row["fwd_flops"]
+        baselines = {key.removeprefix("ours_vs_") for key in row if key.startswith("ours_vs_")}
+        assert baselines and ("ours_atomic_fwd_bwd_seconds" in row) == atomic
+        for name in mine:
+            assert row[f"{name}_fwd_bwd_seconds"] > 0
+            assert all(f"{name}_vs_{b}" in row for b in baselines)
+            if not HAS_GPU:
+                assert max(row[f"{name}_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
+
+
+def test_benchmark_script_rejects_unknown_head_dims():
+    from benchmarks import flash_attention_bwd as bench
+
+    with pytest.raises(SystemExit, match="--head-dims"):
+        bench.main(["--quick", "--head-dims", "96"])
 
 
 # ---------------------------------------------------------------- which configs float32 may autotune (any machine)
