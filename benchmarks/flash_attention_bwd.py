@@ -3,6 +3,7 @@
     python -m benchmarks.flash_attention_bwd            # GPU: bf16, D = 64/128, N = 1k..16k, causal and not (< 4 min)
     python -m benchmarks.flash_attention_bwd --quick    # smoke run: tiny shapes in the interpreter on CPU (seconds),
                                                         # 2 shapes on a GPU
+    python -m benchmarks.flash_attention_bwd --atomic-dq --head-dims 128   # also ours with atomic dQ, D = 128 only
 
 Shapes as in ``benchmarks/flash_attention.py`` (FlashAttention's benchmarks): B·N = 16k tokens, Hq = Hkv = 2048 / D
 heads. For each shape and implementation, in the same run: the forward with inputs that require grad (ours then
@@ -12,6 +13,8 @@ FLOPs: forward 4·B·H·N²·D, backward 10·B·H·N²·D (5 matmuls, P recomput
 TFLOP/s of every implementation count the same work; ours does 7 matmuls, see kernels/flash_attention_bwd.py);
 causal halves both. Before timing, every implementation's dq, dk, dv are compared with SDPA-flash's (max abs
 error, and relative to max |grad|); a row where ours disagrees is recorded with its errors and not timed.
+``--atomic-dq`` adds ``ours_atomic``: ours with ``dq_mode="atomic"`` (kernels/flash_attention_bwd.py: dQ added by the
+dK/dV programs with fp32 atomics, 5 matmuls), timed in the same rows, with its own ``ours_atomic_vs_*`` ratios.
 Writes ``benchmarks/results/flash_attention_bwd_<device-slug>.json`` after every row (a run cut short keeps its data).
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 import triton
 
 import kernels
+import kernels.flash_attention_bwd as bwd
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_backward_flops, attention_flops
 
@@ -45,10 +49,24 @@ def config(quick: bool) -> dict:
     return dict(dtype=torch.float32, head_dims=[16], Ns=[16] if quick else [32, 64, 128], tokens=64, width=32)
 
 
-def implementations(usable: dict) -> dict:
-    """name -> attention(q, k, v, causal): ours, and SDPA restricted to each usable backend (on CPU: SDPA's default,
-    the math backend, as the reference the errors are measured against)."""
-    impls = {"ours": lambda q, k, v, causal: kernels.flash_attention(q, k, v, causal=causal)}
+def ours(dq_mode: str):
+    """Our attention whose backward computes dQ in ``dq_mode``: the autograd function reads the module's DQ_MODE at
+    the forward, so it is set for the forward only and restored (the other implementations are unaffected)."""
+    def attention(q, k, v, causal):
+        previous, bwd.DQ_MODE = bwd.DQ_MODE, dq_mode
+        try:
+            return kernels.flash_attention(q, k, v, causal=causal)
+        finally:
+            bwd.DQ_MODE = previous
+    return attention
+
+
+def implementations(usable: dict, atomic_dq: bool = False) -> dict:
+    """name -> attention(q, k, v, causal): ours (and with ``atomic_dq`` ours_atomic), and SDPA restricted to each usable
+    backend (on CPU: SDPA's default, the math backend, as the reference the errors are measured against)."""
+    impls = {"ours": ours("separate")}
+    if atomic_dq:
+        impls["ours_atomic"] = ours("atomic")
     impls.update({name: (lambda q, k, v, causal, b=backend: sdpa(b, q, k, v, causal))
                   for name, backend in usable.items()})
     if not HAS_GPU:
@@ -74,9 +92,19 @@ def bench(fn, leaves: tuple[torch.Tensor, ...]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    def add_arguments(parser):
+        parser.add_argument("--atomic-dq", action="store_true",
+                            help='also time ours with dq_mode="atomic" (ours_atomic) in every row')
+        parser.add_argument("--head-dims", type=lambda text: [int(d) for d in text.split(",")], default=None,
+                            help="comma-separated head dims to run, of the configured ones (default: all)")
+
     args = parse_args(__doc__, "flash_attention_bwd", "smoke run: tiny shapes (CPU, interpreter) or two shapes (GPU)",
-                      argv)
+                      argv, add_arguments)
     cfg = config(args.quick)
+    if args.head_dims is not None:
+        if not set(args.head_dims) <= set(cfg["head_dims"]):
+            raise SystemExit(f"--head-dims {args.head_dims}: this run's head dims are {cfg['head_dims']}")
+        cfg["head_dims"] = [D for D in cfg["head_dims"] if D in args.head_dims]
     t_start = time.perf_counter()
     result = provenance("flash_attention_bwd", "benchmarks.flash_attention_bwd", argv, cfg["dtype"], args.quick,
                         engine=False)
@@ -93,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["total_seconds"] = time.perf_counter() - t_start
         if not INTERPRET:  # what the autotuners picked, per key
             from kernels.flash_attention import _attn_fwd_tuned
-            from kernels.flash_attention_bwd import _attn_bwd_dkdv_tuned, _attn_bwd_dq_tuned
-            tuned = dict(fwd=_attn_fwd_tuned, dkdv=_attn_bwd_dkdv_tuned, dq=_attn_bwd_dq_tuned)
+            tuned = dict(fwd=_attn_fwd_tuned, dkdv=bwd._attn_bwd_dkdv_tuned, dq=bwd._attn_bwd_dq_tuned,
+                         dkdv_dq=bwd._attn_bwd_dkdv_dq_tuned)
             result["autotuned"] = {name: {str(key): str(conf) for key, conf in kernel.cache.items()}
                                    for name, kernel in tuned.items()}
         return write(result, "flash_attention_bwd", args.out)
@@ -104,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
                for _ in range(3))   # the probe runs forward and backward: a backend may lack either
     result["backends"] = probe_backends(lambda backend: grads(lambda *a: sdpa(backend, *a), q, k, v,
                                                               torch.ones_like(q), True))
-    impls = implementations({b: backend for b, backend in backends.items() if result["backends"][b] == "available"})
+    impls = implementations({b: backend for b, backend in backends.items() if result["backends"][b] == "available"},
+                            args.atomic_dq)
+    result["dq_modes"] = dict(ours="separate", **({"ours_atomic": "atomic"} if args.atomic_dq else {}))
     reference = next((name for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_math") if name in impls), None)
     result["grad_reference"] = reference
     print(f"device: {result['device']}  torch {torch.__version__}  triton {triton.__version__}  "
@@ -145,11 +175,12 @@ def main(argv: list[str] | None = None) -> dict:
                                 f"{name}_bwd_seconds": t_all - t_fwd,
                                 f"{name}_fwd_bwd_tflops": (row["fwd_flops"] + row["bwd_flops"]) / t_all / 1e12,
                                 f"{name}_bwd_tflops": row["bwd_flops"] / max(t_all - t_fwd, 1e-12) / 1e12})
-                for name in impls:
-                    if name != "ours" and "ours_fwd_bwd_seconds" in row and f"{name}_fwd_bwd_seconds" in row:
-                        # > 1: ours is faster
-                        row[f"ours_vs_{name}"] = row[f"{name}_fwd_bwd_seconds"] / row["ours_fwd_bwd_seconds"]
-                        row[f"ours_vs_{name}_bwd"] = row[f"{name}_bwd_seconds"] / row["ours_bwd_seconds"]
+                for mine in result["dq_modes"]:
+                    for name in impls:
+                        if name not in result["dq_modes"] and f"{mine}_fwd_bwd_seconds" in row \
+                                and f"{name}_fwd_bwd_seconds" in row:   # > 1: ours is faster
+                            row[f"{mine}_vs_{name}"] = row[f"{name}_fwd_bwd_seconds"] / row[f"{mine}_fwd_bwd_seconds"]
+                            row[f"{mine}_vs_{name}_bwd"] = row[f"{name}_bwd_seconds"] / row[f"{mine}_bwd_seconds"]
                 result["speed"].append(row)
                 save()
                 speed = "  ".join(f"{name} {row[f'{name}_fwd_bwd_tflops']:6.1f}" for name in impls

@@ -1,9 +1,13 @@
 """Which launch config makes a FlashAttention kernel fastest at D = 128 (issues 20, 21): every (BLOCK_M, BLOCK_N,
 num_warps, num_stages) of a list, fixed (no autotuning), against cuDNN: the forward (our portable kernel and the
-TMA kernel), or one of the backward's two kernels (``--kernel dkdv``: dK and dV; ``--kernel dq``).
+TMA kernel), or one of the backward's two kernels (``--kernel dkdv``: dK and dV; ``--kernel dq``), or the
+backward's fused dK/dV kernel that adds dQ with fp32 atomics (``--kernel dkdv_dq``: ``dq_mode="atomic"``, a whole
+backward, so its timed region includes zeroing the fp32 dQ buffer and casting it). Every backward row's time
+includes the Δ preprocessing pass too (one ``flash_attention_backward`` call).
 
     python -m benchmarks.flash_attention_configs --time-limit 150   # GPU: bf16, D = 128, N = 8k, causal and not
     python -m benchmarks.flash_attention_configs --kernel dkdv      # the backward's dK/dV kernel, its configs
+    python -m benchmarks.flash_attention_configs --kernel dkdv_dq   # dK/dV with atomic dQ: vs cuDNN's backward
     python -m benchmarks.flash_attention_configs --quick            # smoke run: two configs in the interpreter (CPU)
 
 The Hopper ablation (``benchmarks.flash_attention_hopper``, H100, 2026-12-06) found the TMA loads themselves buy
@@ -55,7 +59,13 @@ BWD_CONFIGS = {
     "dq": [(128, 32, 4, 2), (128, 32, 4, 3), (128, 32, 4, 5), (128, 32, 8, 3), (128, 64, 4, 2), (128, 64, 4, 3),
            (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3), (64, 32, 4, 5), (64, 64, 4, 3), (128, 16, 4, 3),
            (128, 16, 4, 5)],
+    # DKDV_CONFIGS' and the tuned dkdv's neighbours, fewer stages (the fp32 dQ tile adds registers), 128 x 128
+    "dkdv_dq": [(64, 128, 8, 3), (64, 128, 8, 2), (64, 128, 4, 3), (32, 128, 8, 3), (32, 128, 4, 3),
+                (32, 128, 4, 2), (32, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 128, 8, 3)],
 }
+#: what each backward entry computes: flash_attention_backward's ``needs`` and ``dq_mode``
+BWD_NEEDS = {"dkdv": ((False, True, True), "separate"), "dq": ((True, False, False), "separate"),
+             "dkdv_dq": ((True, True, True), "atomic")}
 
 
 def run(impl: str, cfg: tuple, q, k, v, causal: bool, saved=None):
@@ -65,9 +75,9 @@ def run(impl: str, cfg: tuple, q, k, v, causal: bool, saved=None):
     config = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
     if impl in BWD_CONFIGS:
         out, lse, do = saved
-        needs = (False, True, True) if impl == "dkdv" else (True, False, False)
+        needs, dq_mode = BWD_NEEDS[impl]
         grads = flash_attention_backward(do, q, k, v, out, lse, causal=causal, sm_scale=q.shape[-1] ** -0.5,
-                                         needs=needs, config=config)
+                                         needs=needs, config=config, dq_mode=dq_mode)
         return torch.cat([g.flatten() for g in grads if g is not None])
     if impl == "portable":
         return _flash_attention(q, k, v, causal=causal, config=config)
@@ -90,7 +100,7 @@ def reference(impl: str, q, k, v, causal: bool, saved, backend):
     with torch.enable_grad():
         o = sdpa(backend, *x, causal) if backend else kernels.reference.attention(*x, causal=causal)
         o.backward(saved[2])
-    grads = [x[1].grad, x[2].grad] if impl == "dkdv" else [x[0].grad]
+    grads = [t.grad for t, need in zip(x, BWD_NEEDS[impl][0]) if need]   # in run's order: dq, dk, dv
     return torch.cat([g.flatten() for g in grads])
 
 
@@ -155,8 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         [(32, 16, 4, 1), (16, 32, 4, 1)]
     impls = (args.kernel,) if backward else IMPLS if tma.hopper_status() is None else ("portable",)
     # FLOPs of what the kernel computes, in units of 2·B·H·N²·D (one matmul over all scores): the forward 2 matmuls;
-    # dK/dV 4 (S recomputed, dV, dP, dK); dQ 3 (S recomputed, dP, dQ)
-    matmuls = {"forward": 2, "dkdv": 4, "dq": 3}[args.kernel]
+    # dK/dV 4 (S recomputed, dV, dP, dK); dQ 3 (S recomputed, dP, dQ); dK/dV with atomic dQ 5
+    matmuls = {"forward": 2, "dkdv": 4, "dq": 3, "dkdv_dq": 5}[args.kernel]
     name = device_name()
     stem = "flash_attention_configs" + (f"_{args.kernel}" if backward else "")
     out = args.out or RESULTS_DIR / f"{stem}_{slug(name)}.json"
@@ -166,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
                   python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
                   dtype=str(dtype).removeprefix("torch."), D=D, N=N, impls=list(impls), configs=configs,
                   baseline="cuDNN's " + ("forward" if not backward else "whole backward (vs_cudnn: its time / this "
-                                         "kernel's; the backward needs both kernels and a preprocessing pass)"),
+                                         "kernel's; " + ("a whole backward too" if args.kernel == "dkdv_dq" else
+                                                         "the backward needs both kernels") + ")"),
                   command=" ".join(["python -m benchmarks.flash_attention_configs", *(argv or sys.argv[1:])]),
                   timing="triton.testing.do_bench median" if HAS_GPU else "time.perf_counter", probe={}, rows=[])
     jobs = [(impl, cfg, causal) for causal in (False, True) for impl in impls for cfg in configs]

@@ -9,6 +9,8 @@
 #   serving_step python -m benchmarks.serving_step: the decode step vs its floor, the engine's GPU busy fraction row
 #                by row and per phase (~4 min); re-run after any change to the engine's host time (issue 18)
 #   fa_bwd_configs  the backward's dK/dV and dQ kernels' launch configs at D = 128 (issue 20's 0.7x cuDNN; ~4 min)
+#   fa_atomic    the backward's dq_mode="atomic" (dQ added by the dK/dV programs, fp32 atomics; issue 20's 0.68x at
+#                D = 128): its GPU tests, the dkdv_dq config sweep vs cuDNN, fwd+bwd of both modes at D = 128 (~5 min)
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only;
 #                GPU_CONFIGS gained 128 x 128 / 8 warps / 3 stages in session 8, not yet timed autotuned)
 #   paged        python -m benchmarks.paged_attention --splits on this card (issue 21: paged decode vs SDPA, H200 file
@@ -80,6 +82,11 @@ for s in ${STEPS:?set STEPS}; do
     fa_bwd_configs) for kern in dkdv dq; do step "fa_configs_$kern" 240 python3 -m benchmarks.flash_attention_configs \
                  --kernel $kern --time-limit 150 --out "$OUT/flash_attention_configs_$kern.json"; done ;;
     serving7) serving 7 --models tiny --ablation --time-limit 420 ;;
+    fa_atomic) step fa_atomic_tests 170 python3 -m pytest -v -rfE tests/test_flash_attention_bwd.py -k "gpu and atomic"
+               step fa_configs_dkdv_dq 140 python3 -m benchmarks.flash_attention_configs --kernel dkdv_dq --time-limit 90 \
+                 --out "$OUT/flash_attention_configs_dkdv_dq.json"
+               step fa_bwd_atomic 220 python3 -m benchmarks.flash_attention_bwd --atomic-dq --head-dims 128 \
+                 --out "$OUT/flash_attention_bwd_atomic.json" ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac
 done

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from kernels.device import INTERPRET
 from kernels._checks import check_device, check_sm_scale
+import kernels.flash_attention_bwd as _bwd  # its DQ_MODE, read at each forward
 from kernels.flash_attention_bwd import dot_precision, flash_attention_backward, fp32_tiles
 
 #: Head dimensions the kernel is built for (tl.dot needs >= 16; larger ones need smaller blocks than tuned here).
@@ -236,7 +237,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     scaled scores, lse [B, Hq, Sq] float32 (natural log), so that softmax = exp(scores·sm_scale - lse).
     Gradients: when autograd records (grad enabled and q, k or v requires grad) the call goes through
     ``FlashAttentionFunction``, whose forward saves q, k, v, out and lse, and whose backward runs the Triton
-    kernels of ``kernels.flash_attention_bwd`` (lse is differentiable too). Otherwise nothing is saved.
+    kernels of ``kernels.flash_attention_bwd`` (lse is differentiable too), with that module's ``DQ_MODE`` as it was
+    at the forward ("separate", the default, or "atomic" dQ). Otherwise nothing is saved.
     config: a fixed launch config ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of
     autotuning (a serving engine's ``serving_config``, tests); with gradients the backward's kernels use it too.
     hopper: True (or a variant name of ``kernels.flash_attention_hopper.VARIANTS``) runs the forward with TMA
@@ -258,10 +260,14 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, config, hopper=False):
+        if _bwd.DQ_MODE not in _bwd.DQ_MODES:  # here, not in the backward: the error comes with the bad setting
+            raise ValueError(f"kernels.flash_attention_bwd.DQ_MODE must be one of {_bwd.DQ_MODES}, "
+                             f"got {_bwd.DQ_MODE!r}")
         out, lse = _flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=True, config=config,
                                     hopper=hopper)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.causal, ctx.config = bool(causal), config
+        ctx.dq_mode = _bwd.DQ_MODE  # at the forward: a benchmark may switch modes between two training steps
         ctx.sm_scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
         ctx.set_materialize_grads(False)  # a None gradient (lse unused) stays None: no zero tensors to read
         return out, lse
@@ -274,7 +280,8 @@ class FlashAttentionFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None
         dout = torch.zeros_like(out) if dout is None else dout
         dq, dk, dv = flash_attention_backward(dout, q, k, v, out, lse, causal=ctx.causal, sm_scale=ctx.sm_scale,
-                                              dlse=dlse, needs=ctx.needs_input_grad[:3], config=ctx.config)
+                                              dlse=dlse, needs=ctx.needs_input_grad[:3], config=ctx.config,
+                                              dq_mode=ctx.dq_mode)
         return dq, dk, dv, None, None, None, None
 
 

@@ -20,6 +20,16 @@ Three launches:
    atomics (5 matmuls in all instead of 7): fewer FLOPs, but an fp32 dQ buffer, a nondeterministic summation
    order, and an autotuner that must zero it before every trial.
 
+``dq_mode="atomic"`` (or the module's ``DQ_MODE``) is that variant, to be measured: launch 2 becomes the dK/dV
+kernel with the constexpr ``ATOMIC_DQ``, which also computes each tile's dQ = s · dS K from the dS it already has
+and adds it with ``tl.atomic_add`` (fp32, relaxed) into a zeroed fp32 [B, Hq, Sq, D] buffer, cast to the input
+dtype afterwards; launch 3 goes away. 5 matmuls per tile instead of 4 + 3, for atomics on BLOCK_M x D floats per
+tile and the buffer's zeroing, traffic and cast. Why: on an H100 (bf16, D = 128, N = 8k, non-causal) the dK/dV
+kernel alone took ~5.0 ms, about cuDNN's whole backward, and the dq kernel another ~2.8 ms; fwd+bwd was 0.68x cuDNN
+(0.69x at 16k) where issue 20 asks for 0.7x. The atomic sum's order changes from run to run, so its dQ is not
+bit-reproducible (its rounding differs by an ulp or so of fp32 between runs); "separate" stays the default until a
+GPU run (``benchmarks.flash_attention_bwd --atomic-dq``) says which is faster.
+
 Causal masks are bottom-right aligned as in the forward (query i sits at position i + Skv - Sq). Each loop runs in
 two stages like the forward: the blocks every pair of which is visible without a mask, and the diagonal blocks
 with one. Rows past Sq need no score mask: their dO and Δ are loaded as 0, so they add nothing to dV or dK (and
@@ -64,10 +74,11 @@ def _attn_bwd_preprocess(Out, DO, Delta,  # out, dO [B, Hq, Sq, D]; Delta [B, Hq
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v,  # accumulators and the key block [BLOCK_N, HEAD_DIM]
-                         q_ptrs, do_ptrs, lse_ptr, delta_ptr,  # query row 0 of this query head
-                         stride_qm, stride_dom, offs_n,  # key positions of the block [BLOCK_N]
-                         lo, hi, Sq, causal_offset, qk_scale,  # the query rows [lo, hi) of this stage
-                         MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         q_ptrs, do_ptrs, dq_ptrs, lse_ptr, delta_ptr,  # query row 0 of this query head
+                         stride_qm, stride_dom, stride_dqm, offs_n,  # key positions of the block [BLOCK_N]
+                         lo, hi, Sq, causal_offset, qk_scale, sm_scale,  # the query rows [lo, hi) of this stage
+                         MASKED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         ATOMIC_DQ: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -85,20 +96,25 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  # accumulators and the key block [BLOCK_
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)  # dV += Pᵀ dO
         delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO Vᵀ)ᵀ [BLOCK_N, BLOCK_M]
-        dsT = pT * (dpT - delta[None, :])  # dSᵀ = Pᵀ ∘ (dPᵀ - Δ)
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)  # dK += dSᵀ Q (sm_scale applied at the end)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)  # dSᵀ = Pᵀ ∘ (dPᵀ - Δ), rounded for its matmuls
+        dk += tl.dot(dsT, q, input_precision=DOT_PRECISION)  # dK += dSᵀ Q (sm_scale applied at the end)
+        if ATOMIC_DQ:  # this tile's share of dQ = s · dS K, added to the fp32 buffer the other key blocks add to
+            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale  # [BLOCK_M, HEAD_DIM]
+            tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq, mask=row_ok[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["Sq", "Skv", "SQ_BUCKET", "SKV_BUCKET"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta,  # LSE (natural log) and Delta: [B, Hq, Sq] fp32
+                   DQ32,  # ATOMIC_DQ: the zeroed fp32 dQ [B, Hq, Sq, D] every program adds into; else unused
                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                    Hq, Hkv, GROUP, Sq, Skv, qk_scale, sm_scale,
                    SQ_BUCKET, SKV_BUCKET,  # next powers of two of Sq, Skv: only the autotuner's cache key reads them
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # Grid: (key blocks, B * Hkv). Causal: the first key blocks are seen by the most queries; they start first.
     start_n = tl.program_id(0) * BLOCK_N
     off_bkv = tl.program_id(1)
@@ -129,13 +145,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, Delta,  # LSE (natural log) and Del
         q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m0[:, None] * stride_qm + offs_d[None, :] * stride_qd
         do_ptrs = (DO + off_b * stride_dob + off_h * stride_doh + offs_m0[:, None] * stride_dom
                    + offs_d[None, :] * stride_dod)
+        dq_ptrs = (DQ32 + off_b * stride_dqb + off_h * stride_dqh + offs_m0[:, None] * stride_dqm
+                   + offs_d[None, :] * stride_dqd)  # each query head of the group adds to its own dQ rows
         row0 = (off_b * Hq + off_h) * Sq  # the rows of this head in LSE and Delta
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, Delta + row0, stride_qm,
-                                      stride_dom, offs_n, lo, mid, Sq, causal_offset, qk_scale,
-                                      True, BLOCK_M, DOT_PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, Delta + row0, stride_qm,
-                                      stride_dom, offs_n, mid, Sq, Sq, causal_offset, qk_scale,
-                                      False, BLOCK_M, DOT_PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + row0, Delta + row0, stride_qm,
+                                      stride_dom, stride_dqm, offs_n, lo, mid, Sq, causal_offset, qk_scale,
+                                      sm_scale, True, BLOCK_M, DOT_PRECISION, ATOMIC_DQ)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, dq_ptrs, LSE + row0, Delta + row0, stride_qm,
+                                      stride_dom, stride_dqm, offs_n, mid, Sq, Sq, causal_offset, qk_scale,
+                                      sm_scale, False, BLOCK_M, DOT_PRECISION, ATOMIC_DQ)
     dk = dk * sm_scale  # S = sm_scale · Q Kᵀ, so dK = sm_scale · dSᵀ Q
     tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=col_ok)
@@ -226,6 +244,9 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, Delta,
 #: autotuner drops them.
 DKDV_CONFIGS = [(32, 128, 4, 5), (32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (16, 32, 4, 2)]
 DQ_CONFIGS = [(128, 32, 4, 5), (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (32, 16, 4, 2)]
+#: The dK/dV kernel with ATOMIC_DQ: a fifth matmul, a [BLOCK_M, HEAD_DIM] fp32 dQ tile and its atomics per step
+#: raise register pressure, so fewer stages; untimed yet (``benchmarks.flash_attention_configs --kernel dkdv_dq``).
+DKDV_DQ_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (16, 32, 4, 2)]
 
 
 def _prune(dim: str, bucket: str):
@@ -256,15 +277,18 @@ def fp32_tiles(configs, precision: str):
     return small or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-def _tuned(kernel, configs, dim, bucket):
+def _tuned(kernel, configs, dim, bucket, reset_to_zero=None):
     return None if INTERPRET else triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in configs],
         key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "DOT_PRECISION"],  # (+ the dtypes of the tensors)
-        prune_configs_by={"early_config_prune": _prune(dim, bucket)})(kernel)
+        prune_configs_by={"early_config_prune": _prune(dim, bucket)}, reset_to_zero=reset_to_zero)(kernel)
 
 
 _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, DKDV_CONFIGS, "BLOCK_N", "SKV_BUCKET")
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, DQ_CONFIGS, "BLOCK_M", "SQ_BUCKET")
+# The same kernel with ATOMIC_DQ, its own autotuner: every timed trial adds into DQ32, which must start from zero
+# for each (the autotuner zeroes it before every trial and again before the launch it returns from).
+_attn_bwd_dkdv_dq_tuned = _tuned(_attn_bwd_dkdv, DKDV_DQ_CONFIGS, "BLOCK_N", "SKV_BUCKET", reset_to_zero=["DQ32"])
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -285,18 +309,29 @@ def _launch(kernel, tuned, grid_dim, args, flags, config):
     kernel[grid_dim(config["BLOCK_M"], config["BLOCK_N"])](*args, **flags, **config)
 
 
+#: How dQ is computed when dK or dV are computed too: "separate" (the dq kernel, deterministic) or "atomic" (added by
+#: the dK/dV programs with fp32 atomics). ``kernels.flash_attention``'s autograd function reads it at each forward.
+DQ_MODE = "separate"
+DQ_MODES = ("separate", "atomic")
+
+
 def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                              lse: torch.Tensor, *, causal: bool, sm_scale: float, dlse: torch.Tensor | None = None,
                              needs: tuple[bool, bool, bool] = (True, True, True),
-                             config: dict | None = None) -> tuple[torch.Tensor | None, ...]:
+                             config: dict | None = None, dq_mode: str | None = None) -> tuple[torch.Tensor | None, ...]:
     """(dq, dk, dv) of ``out = flash_attention(q, k, v, causal, sm_scale)`` given dO = ``do``.
 
     q, out, do: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D]; lse: [B, Hq, Sq] float32 (natural log, contiguous), as the
     forward returns it. ``dlse``: the gradient of lse when the caller used it too (d lse_i / d s_ij = P_ij, so it
     enters as Δ - dlse). ``needs``: which of dq, (dk, dv) to compute (None for the others). ``config``: a fixed
     ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` for both kernels instead of autotuning.
+    ``dq_mode``: "separate" or "atomic" (default: the module's ``DQ_MODE``); "atomic" only changes anything when dq
+    and dk or dv are all needed (dq alone: the dq kernel's 3 matmuls beat the fused kernel's 5).
     Inputs are trusted (the autograd function's forward checked them); any strides.
     """
+    dq_mode = DQ_MODE if dq_mode is None else dq_mode
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     if q.numel() == 0:  # no queries (or no batch): nothing flows back, and a 0-sized grid is not a launch
@@ -310,13 +345,20 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     buckets = (triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
     common = (Sq, Skv, sm_scale * LOG2E, sm_scale, *buckets)
     dq = dk = dv = None
+    atomic = dq_mode == "atomic" and needs[0] and (needs[1] or needs[2])
     if needs[1] or needs[2]:
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        args = (q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
-                *dv.stride(), Hq, Hkv, Hq // Hkv, *common)
-        _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, lambda bm, bn: (triton.cdiv(Skv, bn), B * Hkv), args, flags,
-                config)
-    if needs[0]:
+        # atomic: the programs add into a zeroed fp32 dQ (the zeroing and the cast below are part of its cost);
+        # separate: DQ32 is never touched (ATOMIC_DQ is a constexpr), dk stands in for the pointer
+        dq32 = torch.zeros_like(q, dtype=torch.float32) if atomic else dk
+        dq32_strides = dq32.stride() if atomic else (0, 0, 0, 0)
+        args = (q, k, v, do, dk, dv, lse, delta, dq32, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                *dk.stride(), *dv.stride(), *dq32_strides, Hq, Hkv, Hq // Hkv, *common)
+        _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_dq_tuned if atomic else _attn_bwd_dkdv_tuned,
+                lambda bm, bn: (triton.cdiv(Skv, bn), B * Hkv), args, dict(flags, ATOMIC_DQ=atomic), config)
+        if atomic:
+            dq = dq32.to(q.dtype)  # float32 inputs: the buffer itself
+    if needs[0] and not atomic:
         dq = torch.empty_like(q)
         args = (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 Hq, Hq // Hkv, *common)

@@ -11,10 +11,11 @@ import torch
 import triton
 
 import kernels
+import kernels.flash_attention_bwd as bwd
 import kernels.reference
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from kernels.flash_attention import _flash_attention
-from kernels.flash_attention_bwd import DKDV_CONFIGS, DQ_CONFIGS
+from kernels.flash_attention_bwd import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
 
 # Per-dtype tolerances on dq, dk, dv: |got - want| <= atol * max(1, max|want|) + rtol * |want|. float32 runs exact
 # fp32 dots (input_precision="ieee") on a GPU and numpy fp32 in the interpreter; fp16/bf16 round P and dS to the
@@ -162,6 +163,89 @@ def test_bad_inputs_with_grad_keep_the_clear_error():
         kernels.flash_attention(q, k[:, :, :4], v[:, :, :4], causal=True)
 
 
+# ---------------------------------------------------------------- dq_mode="atomic": dQ added by the dK/dV programs
+# Sq != Skv both ways, GQA 4:2 and 4:1 (every query head of a group adds its own dQ rows), causal with an offset,
+# a query block that sees no key of some key blocks, one query, D = 128.
+ATOMIC_CASES = [
+    (1, 4, 2, 29, 61, 32, True),
+    (2, 4, 2, 20, 75, 64, True),
+    (1, 4, 1, 1, 50, 32, True),
+    (1, 4, 1, 45, 30, 16, False),
+    (1, 4, 2, 37, 37, 32, False),
+    (1, 2, 1, 17, 33, 128, True),
+]
+
+
+def _grads_in_mode(mode, q, k, v, do, monkeypatch, **kwargs):
+    """(dq, dk, dv) through ``kernels.flash_attention`` with the module-level DQ_MODE the autograd function reads."""
+    monkeypatch.setattr(bwd, "DQ_MODE", mode)
+    return _grads(kernels.flash_attention, q, k, v, do, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", ATOMIC_CASES)
+def test_atomic_dq_matches_the_reference_and_the_separate_mode(B, Hq, Hkv, Sq, Skv, D, causal, dtype, monkeypatch):
+    q, k, v, do = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=13)
+    atomic = _grads_in_mode("atomic", q, k, v, do, monkeypatch, causal=causal, config=SMALL_CONFIG)
+    assert_grads_close(atomic, _grads(kernels.reference.flash_attention, q, k, v, do, causal=causal), dtype)
+    separate = _grads_in_mode("separate", q, k, v, do, monkeypatch, causal=causal, config=SMALL_CONFIG)
+    assert_grads_close(atomic, separate, dtype)
+    # dK, dV: the same code and config in both modes (only dQ's summation differs)
+    assert torch.equal(atomic[1], separate[1]) and torch.equal(atomic[2], separate[2])
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter block sizes; fp16 (fp32 on the GPU is tested autotuned below)")
+@pytest.mark.parametrize("config", [dict(BLOCK_M=32, BLOCK_N=16), dict(BLOCK_M=16, BLOCK_N=16)])
+def test_atomic_dq_other_block_shapes_and_fp16(config, monkeypatch):
+    """BLOCK_M > BLOCK_N and equal blocks, and fp16 (dS rounded to fp16 before dQ's matmul, dQ summed in fp32)."""
+    for dtype, case in [(torch.float32, (1, 4, 2, 29, 61, 32, True)), (torch.float16, (1, 4, 1, 40, 40, 16, True))]:
+        q, k, v, do = _inputs(*case[:6], dtype, seed=14)
+        got = _grads_in_mode("atomic", q, k, v, do, monkeypatch, causal=True, config=config)
+        assert got[0].dtype == dtype
+        assert_grads_close(got, _grads(kernels.reference.flash_attention, q, k, v, do, causal=True), dtype)
+
+
+def test_atomic_dq_launches_no_dq_kernel_unless_dq_alone(monkeypatch):
+    """With dk or dv needed, dq comes from the dK/dV programs (the dq kernel must not run); with dq alone the dq
+    kernel runs (3 matmuls instead of the fused kernel's 5). The lse gradient (Δ - dlse) enters the fused dS too."""
+    dtype = DTYPES[0]
+    q, k, v, do = _inputs(1, 4, 2, 19, 45, 32, dtype, seed=15)
+    dlse = torch.randn(1, 4, 19, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    loss = lambda out, lse: (out.float() * do.float()).sum() + (lse * dlse).sum()
+    want = torch.autograd.grad(loss(*kernels.reference.flash_attention_lse(q, k, v, causal=True, sm_scale=0.3)),
+                               (q, k, v))
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the dq kernel was launched in atomic mode")
+
+    monkeypatch.setattr(bwd, "DQ_MODE", "atomic")
+    with monkeypatch.context() as patch:
+        patch.setattr(bwd, "_attn_bwd_dq", NoLaunch())
+        patch.setattr(bwd, "_attn_bwd_dq_tuned", NoLaunch())
+        out, lse = kernels.flash_attention(q, k, v, causal=True, sm_scale=0.3, return_lse=True, config=SMALL_CONFIG)
+        assert_grads_close(torch.autograd.grad(loss(out, lse), (q, k, v)), want, dtype)
+        out = kernels.flash_attention(q, k.detach(), v, causal=True, sm_scale=0.3, config=SMALL_CONFIG)  # dq, dv
+        dq, dv = torch.autograd.grad(out, (q, v), do)
+    want_plain = _grads(kernels.reference.flash_attention, q, k, v, do, causal=True, sm_scale=0.3)
+    assert_grads_close((dq, dv), (want_plain[0], want_plain[2]), dtype)
+    out = kernels.flash_attention(q, k.detach(), v.detach(), causal=True, sm_scale=0.3, config=SMALL_CONFIG)
+    (dq,) = torch.autograd.grad(out, (q,), do)   # dq alone: the dq kernel
+    torch.testing.assert_close(dq.float(), want_plain[0].float(), **TOL[dtype])
+
+
+def test_bad_dq_mode_names_the_setting(monkeypatch):
+    from kernels.flash_attention_bwd import flash_attention_backward
+
+    q, k, v, do = _inputs(1, 2, 2, 8, 8, 16, DTYPES[0])
+    out, lse = _flash_attention(q.detach(), k.detach(), v.detach(), return_lse=True, config=SMALL_CONFIG)
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        flash_attention_backward(do, q, k, v, out, lse, causal=False, sm_scale=0.25, dq_mode="fused")
+    monkeypatch.setattr(bwd, "DQ_MODE", "atomics")
+    with pytest.raises(ValueError, match="kernels.flash_attention_bwd.DQ_MODE must be one of"):
+        kernels.flash_attention(q, k, v)
+
+
 # ---------------------------------------------------------------- the reference backward (plain torch, any device)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Hq, Hkv, Sq, Skv", [(2, 2, 7, 7), (4, 2, 5, 13), (4, 1, 1, 9), (2, 1, 11, 6)])
@@ -252,23 +336,79 @@ def test_gpu_every_autotune_config_is_correct(dkdv, dq):
         assert_grads_close(got, want, torch.bfloat16)
 
 
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal, dtype", [
+    (2, 16, 4, 1000, 1000, 128, True, torch.bfloat16),
+    (1, 16, 16, 2048, 2048, 128, False, torch.bfloat16),
+    (1, 8, 8, 777, 1500, 64, False, torch.float16),
+    (1, 8, 2, 300, 1100, 128, True, torch.float32),  # "ieee" dots, FP32_MAX_TILE pruning
+])
+def test_gpu_atomic_dq_autotuned(B, Hq, Hkv, Sq, Skv, D, causal, dtype, monkeypatch):
+    """Both modes compiled and autotuned (each shape a new autotuner key). The atomic autotuner times every config on
+    the same fp32 dQ buffer: a wrong answer here is what a missing reset_to_zero gives (the trials' sums)."""
+    q, k, v, do = _inputs(B, Hq, Hkv, Sq, Skv, D, dtype, seed=17)
+    atomic = _grads_in_mode("atomic", q, k, v, do, monkeypatch, causal=causal)
+    separate = _grads_in_mode("separate", q, k, v, do, monkeypatch, causal=causal)
+    assert_grads_close(atomic, _grads(kernels.reference.flash_attention, q, k, v, do, causal=causal), dtype)
+    assert_grads_close(atomic, separate, dtype)
+    again = _grads_in_mode("atomic", q, k, v, do, monkeypatch, causal=causal)  # tuned: the buffer zeroed by us
+    assert_grads_close(again, atomic, dtype)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cfg", DKDV_DQ_CONFIGS)
+def test_gpu_atomic_dq_every_autotune_config_is_correct(cfg):
+    """The atomic autotuner may pick any of its configs: each must be right (causal with an offset, ragged, GQA)."""
+    from kernels.flash_attention_bwd import flash_attention_backward
+
+    m, n, w, s = cfg
+    config = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    for D in (128, 64):   # a config out of shared memory at D = 128 is skipped by the autotuner: then D = 64
+        q, k, v, do = _inputs(2, 8, 2, 333, 701, D, torch.bfloat16, seed=18)
+        out, lse = _flash_attention(q.detach(), k.detach(), v.detach(), causal=True, return_lse=True)
+        try:
+            got = flash_attention_backward(do, q.detach(), k.detach(), v.detach(), out, lse, causal=True,
+                                           sm_scale=1 / math.sqrt(D), config=config, dq_mode="atomic")
+        except triton.runtime.errors.OutOfResources:
+            assert D == 128, f"{cfg} does not fit at D = 64 either"
+            continue
+        assert_grads_close(got, _grads(kernels.reference.flash_attention, q, k, v, do, causal=True), torch.bfloat16)
+        break
+
+
 # ---------------------------------------------------------------- the benchmark's smoke run
-def test_benchmark_script_quick(tmp_path):
+@pytest.mark.parametrize("atomic", [False, True])
+def test_benchmark_script_quick(tmp_path, atomic):
     """``python -m benchmarks.flash_attention_bwd --quick``: on CPU tiny shapes in the interpreter, checked against
-    SDPA's math backend; every row has its errors and timings, and the file is what main() returned."""
+    SDPA's math backend; every row has its errors and timings, and the file is what main() returned. With
+    ``--atomic-dq`` every row has ours_atomic too, with its ratios to the same baselines as ours."""
     import json
 
     from benchmarks import flash_attention_bwd as bench
 
     out = tmp_path / "fa_bwd.json"
-    result = bench.main(["--quick", "--out", str(out)])
+    result = bench.main(["--quick", "--out", str(out), *(["--atomic-dq"] if atomic else [])])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["device"] and result["date"] and result["torch"] and result["triton"] and result["speed"]
     assert {row["causal"] for row in result["speed"]} == {False, True}
+    mine = ["ours", "ours_atomic"] if atomic else ["ours"]
+    assert list(result["dq_modes"]) == mine and bwd.DQ_MODE == "separate"  # the benchmark restored the default
     for row in result["speed"]:
-        assert row["bwd_flops"] == 2.5 * row["fwd_flops"] and row["ours_fwd_bwd_seconds"] > 0
-        if not HAS_GPU:
-            assert max(row[f"ours_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
+        assert row["bwd_flops"] == 2.5 * row["fwd_flops"]
+        baselines = {key.removeprefix("ours_vs_") for key in row if key.startswith("ours_vs_")}
+        assert baselines and ("ours_atomic_fwd_bwd_seconds" in row) == atomic
+        for name in mine:
+            assert row[f"{name}_fwd_bwd_seconds"] > 0
+            assert all(f"{name}_vs_{b}" in row for b in baselines)
+            if not HAS_GPU:
+                assert max(row[f"{name}_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
+
+
+def test_benchmark_script_rejects_unknown_head_dims():
+    from benchmarks import flash_attention_bwd as bench
+
+    with pytest.raises(SystemExit, match="--head-dims"):
+        bench.main(["--quick", "--head-dims", "96"])
 
 
 # ---------------------------------------------------------------- which configs float32 may autotune (any machine)

@@ -113,7 +113,7 @@ def test_benchmark_script_quick(tmp_path):
             assert row[f"{impl}_max_abs_diff"] < 5e-2 and row[f"{impl}_seconds"] > 0
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq"])
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq", "dkdv_dq"])
 def test_config_sweep_script_quick(tmp_path, kernel):
     """``python -m benchmarks.flash_attention_configs --quick``: on CPU two fixed configs per kernel in the
     interpreter (the forward's two kernels, or one of the backward's), each checked against the reference before
