@@ -75,7 +75,7 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"{n[-1] // 1024}k, causal and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)))
     for run in claims.recorded("flash_attention_bwd_*.json", results_dir):
         c = claims.flash_attention_bwd_claims(run)
-        miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.2f}x"
+        miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.3f}x"
                          for d, n, causal, r in c["cudnn_misses"])
         out.append(("03", f"FlashAttention forward + backward, training (`flash_attention_bwd.py`; {_where(run)})",
                     f"{c['dtype']}, fwd+bwd time vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all "
@@ -84,7 +84,9 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"(FlashAttention-2): {_x(c['flash_all'])} over all (target ≥ {c['flash_target']}x: "
                     + ("met" if not c["flash_misses"] else "missed") + f"); backward alone at N ≥ "
                     f"{c['min_n'] // 1024}k: {_x(c['bwd_flash_sel'])} SDPA-flash, {_x(c['bwd_cudnn_sel'])} cuDNN; "
-                    f"gradients within {c['max_grad_rel_err']:.1%} of SDPA-flash's largest"))
+                    f"gradients within {c['max_grad_rel_err']:.1%} of SDPA-flash's largest"
+                    + (f"; dQ by fp32 atomics instead (`dq_mode=\"atomic\"`): {_x(c['atomic_cudnn_all'])} cuDNN, "
+                       f"{_x(c['atomic_over_separate'])} the default mode's time" if c["atomic_cudnn_all"] else "")))
     out.append(("04", "continuous vs static batching, same trace",
                 _no_file("the GPU run", "python -m benchmarks.engine_batching")))
     out.append(("05", "prefix caching, hit rate and time to first token",

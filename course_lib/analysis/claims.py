@@ -40,6 +40,11 @@ def _span(values) -> tuple[float, float]:
     return min(values), max(values)
 
 
+def _span_or_none(values) -> tuple[float, float] | None:
+    values = list(values)
+    return (min(values), max(values)) if values else None
+
+
 def engine_claims(run: dict) -> dict:
     """Per workload of an ``engine_*.json``: the fastest engine row against the HF row at the KV budget's batch and
     against the strongest HF row (over the budget), and the decomposition of the first ratio,
@@ -125,6 +130,12 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
         "flash_target": flash_target, "cudnn_target": cudnn_target, "min_n": min_n,
         "num_shapes": len(rows), "num_sel": len(sel), "dtype": run["dtype"],
         "max_grad_rel_err": max(s[f"ours_{g}_rel_err"] for s in rows for g in ("dq", "dk", "dv")),
+        # a run with --atomic-dq also timed dq_mode="atomic" (dQ added with fp32 atomics): its fwd+bwd vs cuDNN
+        # and its time over the default mode's, shape by shape (> 1: the atomic mode is slower)
+        "atomic_cudnn_all": _span_or_none(s["ours_atomic_vs_sdpa_cudnn"] for s in rows
+                                          if "ours_atomic_vs_sdpa_cudnn" in s),
+        "atomic_over_separate": _span_or_none(s["ours_atomic_fwd_bwd_seconds"] / s["ours_fwd_bwd_seconds"]
+                                              for s in rows if "ours_atomic_fwd_bwd_seconds" in s),
     }
 
 
