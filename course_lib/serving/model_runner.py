@@ -15,6 +15,10 @@ multiply over the T tokens. Attention is the only per-sequence part; ``StepBatch
   through the block tables like the decode kernel. The 8-bit pool, and the CPU's plain-torch path, instead
   gather each sequence's K/V into a contiguous tensor and attend chunk by chunk (``KVPool.prefill``).
 
+The host builds the step's inputs (token ids, positions, slot mapping, block tables, lengths) per chunk in Python
+and per token in numpy, and sends them in one asynchronous copy that never waits for the GPU (``_upload``): an
+eager step (every prefill step) is planned while the GPU still runs the step before it.
+
 Before attending, every layer writes the step's new K/V into their slots with ``kernels.store_kv``. The K/V live
 in a pool of blocks (``course_lib.serving.kv_pool``): in the model's dtype, or as 8-bit codes plus scales
 (``LLMEngine(kv_cache_dtype="int8")``, lesson 07), whose pool quantizes on write and dequantizes as it reads. On a CPU
