@@ -87,8 +87,10 @@ class InflightStep:
         return dst, src
 
 
-def patch_input_ids(input_ids: torch.Tensor, dst: list[int], src: list[int], tokens: torch.Tensor) -> None:
-    """input_ids[dst] = tokens[src] on the device (``input_ids`` 1-D, a view of the step's token ids)."""
-    if dst:
+def patch_input_ids(input_ids: torch.Tensor, dst, src, tokens: torch.Tensor) -> None:
+    """input_ids[dst] = tokens[src] on the device (``input_ids`` 1-D, a view of the step's token ids). ``dst`` and
+    ``src``: lists, or int64 tensors already on the device (the model runner's: a list is copied to the device
+    from pageable memory, and that copy waits for every kernel queued before it)."""
+    if len(dst):
         device = input_ids.device
-        input_ids[torch.tensor(dst, device=device)] = tokens[torch.tensor(src, device=device)]
+        input_ids[torch.as_tensor(dst, device=device)] = tokens[torch.as_tensor(src, device=device)]

@@ -15,6 +15,10 @@ multiply over the T tokens. Attention is the only per-sequence part; ``StepBatch
   through the block tables like the decode kernel. The 8-bit pool, and the CPU's plain-torch path, instead
   gather each sequence's K/V into a contiguous tensor and attend chunk by chunk (``KVPool.prefill``).
 
+The host builds the step's inputs (token ids, positions, slot mapping, block tables, lengths) per chunk in Python
+and per token in numpy, and sends them in one asynchronous copy that never waits for the GPU (``_upload``): an
+eager step (every prefill step) is planned while the GPU still runs the step before it.
+
 Before attending, every layer writes the step's new K/V into their slots with ``kernels.store_kv``. The K/V live
 in a pool of blocks (``course_lib.serving.kv_pool``): in the model's dtype, or as 8-bit codes plus scales
 (``LLMEngine(kv_cache_dtype="int8")``, lesson 07), whose pool quantizes on write and dequantizes as it reads. On a CPU
@@ -24,6 +28,8 @@ there (``kernels.reference``: same signatures, same results; for decode a batche
 ``use_kernels`` forces either.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import torch
@@ -36,51 +42,61 @@ from course_lib.serving.sequence import ScheduledChunk
 
 class StepBatch:
     """The model's cache protocol (``length``, ``attend``, ``advance``) for one engine step: the tokens of all
-    scheduled chunks flattened into one row, one-token chunks (decodes) first."""
+    scheduled chunks flattened into one row, one-token chunks (decodes) first. ``placeholder_rows`` (asynchronous
+    scheduling: ``InflightStep.input_rows``) travel with the step's inputs, as ``placeholder_rows`` ``[2, n]``."""
 
-    def __init__(self, chunks: list[ScheduledChunk], block_manager: BlockManager, pool: KVPool, use_kernels: bool):
+    def __init__(self, chunks: list[ScheduledChunk], block_manager: BlockManager, pool: KVPool, use_kernels: bool,
+                 placeholder_rows: tuple[list[int], list[int]] = ((), ())):
         device = pool.k_caches[0].device
         self.pool, self.use_kernels = pool, use_kernels
         self.length = 0                       # unused: the engine passes every token's position explicitly
-        token_ids, positions, slots = [], [], []
+        P = block_manager.block_size
+        # Per chunk in Python (at most max_num_seqs of them), per token in numpy: a prefill step has ~2,000 tokens.
+        token_ids, starts, sizes, tables = [], [], [], []
         self.sample_rows = []                 # rows whose logits the step needs: each sampling chunk's last one
                                               # (a speculative verify chunk: one per draft token + 1)
-        decode_tables, decode_lens = [], []
-        prefill_tables, prefill_spans = [], []    # per prefill chunk: its blocks; (first row, tokens, length)
-        P = block_manager.block_size
-        for chunk in chunks:
+        num_decodes = 0
+        for i, chunk in enumerate(chunks):
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
-            row = len(token_ids)
-            token_ids += seq.token_ids_slice(start, start + n)
-            positions += range(start, start + n)
-            table = block_manager.block_tables[seq.seq_id]
-            if start + n > block_manager.num_tokens[seq.seq_id]:
-                raise ValueError(f"tokens {start}:{start + n} of sequence {seq.seq_id} have no slots (a bug)")
-            slots += [table[i // P] * P + i % P for i in range(start, start + n)]   # its slot mapping
-            table = table[:-(-(start + n) // P)]                                        # the blocks it attends to
+            row, end = len(token_ids), start + n
+            if end > block_manager.num_tokens[seq.seq_id]:
+                raise ValueError(f"tokens {start}:{end} of sequence {seq.seq_id} have no slots (a bug)")
             if n == 1:
-                if prefill_spans:   # rows [0, Bd) are the decodes: the scheduler (and spec_decode) sort them first
+                if num_decodes < i:   # rows [0, Bd) are the decodes: the scheduler (and spec_decode) sort them first
                     raise RuntimeError("a one-token chunk after a prefill chunk: the step's chunks must come "
                                        "one-token chunks first (a bug)")
-                decode_tables.append(table)
-                decode_lens.append(start + 1)
-            else:
-                prefill_tables.append(table)
-                prefill_spans.append((row - len(decode_tables), n, start + n))
+                num_decodes += 1
+            token_ids += seq.token_ids_slice(start, end)
+            starts.append(start)
+            sizes.append(n)
+            tables.append(block_manager.block_tables[seq.seq_id][:-(-end // P)])   # the blocks it attends to
             self.sample_rows += range(row + n - chunk.num_logits, row + n)
-        self.num_decodes = len(decode_tables)
-        self.decode_tables = _padded_table(decode_tables, device)                          # [Bd, max_blocks]
-        self.decode_lens = _tensor(decode_lens, np.int32, device)                          # [Bd]
-        self.max_decode_len = max(decode_lens, default=0)
+        Bd = self.num_decodes = num_decodes
+        starts, sizes = np.array(starts, dtype=np.int64), np.array(sizes, dtype=np.int64)
+        ends = starts + sizes
+        # every token's position and slot (its block's id * P + its offset in the block), from its chunk's table
+        first_rows = np.cumsum(sizes) - sizes                                              # [C]
+        positions = np.arange(len(token_ids), dtype=np.int64) + np.repeat(starts - first_rows, sizes)   # [T]
+        table = _padded_table(tables)                                                      # [C, max_blocks]
+        slots = table[np.repeat(np.arange(len(chunks)), sizes), positions // P].astype(np.int64) * P + positions % P
+        widths = np.array([len(t) for t in tables], dtype=np.int64)
+        self.max_decode_len = int(ends[:Bd].max()) if Bd else 0
         # the prefill chunks, rows Bd ... T-1, as kernels.paged_prefill_attention takes them (and on the host)
-        self.prefill_spans = prefill_spans                                                 # [(row, n, L)] * Bp
-        if prefill_spans:
-            self.prefill_tables = _padded_table(prefill_tables, device)                    # [Bp, max_blocks]
-            self.cu_seqlens_q = _tensor([0] + [r + n for r, n, _ in prefill_spans], np.int32, device)  # [Bp + 1]
-            self.prefill_lens = _tensor([L for _, _, L in prefill_spans], np.int32, device)
-        self.input_ids = _tensor(token_ids, np.int64, device)[None]                        # [1, T]
-        self.positions = _tensor(positions, np.int64, device)                              # [T]
-        self.slot_mapping = _tensor(slots, np.int64, device)                               # [T]
+        rows = first_rows[Bd:] - (first_rows[Bd] if Bd < len(chunks) else 0)
+        self.prefill_spans = list(zip(rows.tolist(), sizes[Bd:].tolist(), ends[Bd:].tolist()))  # [(row, n, L)] * Bp
+        host = dict(input_ids=np.array(token_ids, dtype=np.int64)[None],                    # [1, T]
+                    positions=positions, slot_mapping=slots,                                # [T]
+                    logits_indices=np.array(self.sample_rows, dtype=np.int64),              # [rows]
+                    decode_tables=table[:Bd, :widths[:Bd].max(initial=1)],                  # [Bd, max_blocks]
+                    decode_lens=ends[:Bd].astype(np.int32))                                 # [Bd]
+        if self.prefill_spans:
+            host.update(prefill_tables=table[Bd:, :widths[Bd:].max()],                      # [Bp, max_blocks]
+                        cu_seqlens_q=np.append(rows, rows[-1] + sizes[-1]).astype(np.int32),  # [Bp + 1]
+                        prefill_lens=ends[Bd:].astype(np.int32))                            # [Bp]
+        if len(placeholder_rows[0]):
+            host["placeholder_rows"] = np.array(placeholder_rows, dtype=np.int64)           # [2, n]
+        for name, tensor in _upload(host, device).items():
+            setattr(self, name, tensor)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, Hq, T, D], k/v [1, Hkv, T, D] of the flattened step -> attention output [1, Hq, T, D]."""
@@ -102,18 +118,40 @@ class StepBatch:
         pass   # the scheduler counts computed tokens (Scheduler.update)
 
 
-def _tensor(values: list[int], dtype, device) -> torch.Tensor:
-    """A 1-D integer tensor from a list of ints, through numpy: a few times faster than ``torch.tensor(list)``,
-    which converts element by element (the host builds several of these per step, one element per token)."""
-    return torch.from_numpy(np.array(values, dtype=dtype)).to(device)
+def _upload(arrays: dict[str, np.ndarray], device: torch.device, pack: bool | None = None) -> dict[str, torch.Tensor]:
+    """The host arrays of a step as tensors on ``device`` (same names, shapes and dtypes), without waiting for it.
+
+    ``torch.from_numpy(a).to("cuda")`` copies from pageable memory, and PyTorch then synchronizes the stream: the
+    host waits until the GPU has run every kernel queued before the copy (the previous step's forward pass, under
+    asynchronous scheduling), so that it plans nothing while the GPU works. Instead (``pack``: by default on a GPU)
+    the arrays are packed into one pinned buffer, copied by one asynchronous copy, and viewed in place on the device
+    (PyTorch's pinned-memory cache does not hand the buffer out again before the copy has read it). On the CPU the
+    arrays are used as they are."""
+    if not (device.type == "cuda" if pack is None else pack):
+        return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+    offsets, total = {}, 0
+    for name, a in arrays.items():
+        offsets[name] = total
+        total += -(-a.nbytes // 8) * 8        # 8-byte aligned: each part is viewed as its own dtype on the device
+    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host = buffer.numpy()
+    for name, a in arrays.items():
+        host[offsets[name]:offsets[name] + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    buffer = buffer.to(device, non_blocking=True)
+    return {name: buffer[offsets[name]:offsets[name] + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
+            for name, a in arrays.items()}
 
 
-def _padded_table(tables: list[list[int]], device) -> torch.Tensor:
-    """Block tables of different lengths as one int32 [rows, max_blocks] tensor (padded with block 0, never read)."""
-    padded = np.zeros((len(tables), max(map(len, tables), default=1)), dtype=np.int32)
-    for row, table in zip(padded, tables):
-        row[:len(table)] = table
-    return torch.from_numpy(padded).to(device)
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+def _padded_table(tables: list[list[int]]) -> np.ndarray:
+    """Block tables of different lengths as one int32 [rows, max_blocks] array (padded with block 0, never read)."""
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    padded = np.zeros((len(tables), lengths.max(initial=1)), dtype=np.int32)
+    padded[np.arange(padded.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))   # row by row, in order
+    return padded
 
 
 class ModelRunner:
@@ -141,8 +179,8 @@ class ModelRunner:
     def prepare(self, chunks: list[ScheduledChunk], prev=None) -> StepBatch:
         """The host's share of an eager step: the StepBatch (input ids, positions, slot mapping, block tables,
         context lengths, the sampling rows as ``logits_indices``), the placeholders patched (see ``execute``)."""
-        batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels)
-        if prev is not None and prev.position:
-            patch_input_ids(batch.input_ids[0], *prev.input_rows(chunks), prev.tokens)
-        batch.logits_indices = _tensor(batch.sample_rows, np.int64, batch.input_ids.device)
+        placeholders = prev.input_rows(chunks) if prev is not None and prev.position else ((), ())
+        batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels, placeholders)
+        if len(placeholders[0]):
+            patch_input_ids(batch.input_ids[0], *batch.placeholder_rows, prev.tokens)
         return batch
