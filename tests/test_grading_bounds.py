@@ -123,3 +123,39 @@ def test_launch_on_a_gpu_preflights(monkeypatch):
     with pytest.raises(OutOfBounds, match="wrote outside `dst`"):
         launch(_copy_rows, (3,), torch.ones(3, 4), buf[1:4], 3, SHIFT=1, COLS=4, MASKED=False)
     assert torch.isnan(buf).all()            # stopped before the real launch wrote anything
+
+
+@triton.jit
+def _sum_pairs(a_ptr, b_ptr, out_ptr, COLS: tl.constexpr, READ_ROWS: tl.constexpr):
+    """out[row] = a[row] + b[row], reading READ_ROWS rows of a at once: past a's end when READ_ROWS > a's rows."""
+    rows = tl.arange(0, READ_ROWS)
+    offs = tl.arange(0, COLS)
+    a = tl.load(a_ptr + rows[:, None] * COLS + offs[None, :])
+    b = tl.load(b_ptr + offs)
+    tl.store(out_ptr + offs, tl.sum(a, 0) + b)
+
+
+def test_a_read_past_one_tensor_into_its_neighbour_names_the_first():
+    """Two arguments side by side in memory (a before b, as an allocator may place them): a tile that runs past a's
+    end lies mostly in b. It is named after a, the tensor it started in, not after b, where most of its lanes fall
+    (the kernel's arguments are copied apart, with gaps, before the launch)."""
+    buf = torch.arange(40, dtype=torch.float32)
+    a, b = buf[:8].view(2, 4), buf[8:].view(8, 4)   # b follows a directly
+    out = torch.zeros(4)
+    with pytest.raises(OutOfBounds, match=r"read outside `a`"):
+        launch(_sum_pairs, (1,), a, b, out, COLS=4, READ_ROWS=8)   # rows 2-7 of the tile lie in b
+    launch(_sum_pairs, (1,), a, b, out, COLS=4, READ_ROWS=2)       # in bounds: runs, and writes back into out
+    assert torch.equal(out, a.sum(0) + b[0])
+
+
+def test_the_copies_keep_the_bytes_between_the_rows_of_a_slice():
+    """A slice of a wider matrix keeps its neighbours' values in the copy (a kernel reading with the wrong row
+    stride reads them, as it would in place, and the check can say which stride it used)."""
+    from course_lib.grading.bounds import spaced_copies
+
+    wide = torch.arange(30, dtype=torch.float32).view(5, 6)
+    view = wide[1:4, 1:5]
+    (copy,) = spaced_copies([view])
+    assert copy.stride() == view.stride() and torch.equal(copy, view)
+    flat = torch.as_strided(copy, (3 * 6 - 2,), (1,))   # the span from the first element to the last
+    assert torch.equal(flat, wide.flatten()[7:23])

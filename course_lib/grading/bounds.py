@@ -132,14 +132,58 @@ def guard_memory(regions, hint: str = DEFAULT_HINT):
                 setattr(builder, name, value)
 
 
-def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU copy with the same strides, also of a slice of a wider matrix (``clone`` would make that one contiguous,
-    and the kernel, given the original row stride, would then read past the copy)."""
-    t = tensor.detach()
-    try:
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
-    except RuntimeError:   # overlapping strides (an expanded view): no layout to keep
-        return t.cpu().clone()
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to the end of its last (a view of a longer buffer ends at its own)."""
+    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes a tensor's elements span in its storage (the elements between its rows included), as a uint8
+    tensor sharing that storage."""
+    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset() * t.element_size(), (_span_bytes(t),), (1,))
+
+
+def spaced_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """CPU copies of ``tensors`` (same shapes and strides, and the same bytes between their elements: a slice of a
+    wider matrix keeps its neighbours' values), placed in one buffer with a gap after each at least as large as the
+    largest of them.
+
+    The bounds check names the tensor an access belongs to by where its addresses fall. Where the allocator put
+    two arguments side by side (``k`` right before ``v``), the tail of a load past ``k``'s end lies inside ``v``:
+    reported as a read outside `v`, or not at all when the whole tile lands in ``v``. With the gaps, an access that
+    runs past a tensor by less than the largest tensor's size lands in no tensor, and is named after its own."""
+    spans = [_span_bytes(t) if t.numel() else 0 for t in tensors]
+    gap = max([4096, *spans])
+    offsets, end = [], gap
+    for span in spans:
+        end = -(-end // 256) * 256   # aligned for every dtype
+        offsets.append(end)
+        end += span + gap
+    arena = torch.empty(end, dtype=torch.uint8)
+    copies = []
+    for t, off, span in zip(tensors, offsets, spans):
+        if not t.numel():
+            copies.append(t.detach().cpu().clone())
+            continue
+        arena[off:off + span].copy_(raw_bytes(t.detach()))
+        size = t.element_size()
+        typed = arena[off:off + -(-span // size) * size].view(t.dtype)
+        copies.append(torch.as_strided(typed, t.shape, t.stride()))
+    return copies
+
+
+def spaced(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with every tensor replaced by its copy from ``spaced_copies``."""
+    keys = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    copies = spaced_copies([args[i] for i in keys] + [kwargs[k] for k in names])
+    new_args, new_kwargs = list(args), dict(kwargs)
+    for i, c in zip(keys, copies):
+        new_args[i] = c
+    for k, c in zip(names, copies[len(keys):]):
+        new_kwargs[k] = c
+    return tuple(new_args), new_kwargs
 
 
 def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT) -> None:
@@ -155,8 +199,7 @@ def preflight(kernel, grid, args: tuple, kwargs: dict, hint: str = DEFAULT_HINT)
     fn = getattr(kernel, "fn", None)
     if not callable(fn):
         return
-    copies = tuple(_cpu_copy(a) if isinstance(a, torch.Tensor) else a for a in args)
-    kw_copies = {k: _cpu_copy(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    copies, kw_copies = spaced(args, kwargs)
     try:
         with guard_memory(tensor_regions(kernel, copies, kw_copies), hint):
             InterpretedFunction(fn)[grid](*copies, **kw_copies)

@@ -6,7 +6,8 @@ import inspect
 
 import numpy as np
 
-from course_lib.grading.bounds import DEFAULT_HINT, guard_memory, preflight, tensor_regions
+from course_lib.grading.bounds import (DEFAULT_HINT, _span_bytes, guard_memory, preflight, raw_bytes, spaced,
+                                      tensor_regions)
 from course_lib.grading.remote import is_remote, run_beside, type_name
 
 
@@ -51,6 +52,29 @@ def launch(kernel, grid, *args, exercise: str = "Exercise: write the kernel", bo
     if is_remote(kernel):  # run the launch, and the unwrapping below, in the learner's kernel
         return run_beside(kernel, "course_lib.grading.kernels:launch", kernel, grid, *args, exercise=exercise,
                           bounds_hint=bounds_hint, **kwargs)
+    if not can_trace():
+        return _launch(kernel, grid, args, kwargs, exercise, bounds_hint)
+    with _spaced_apart(args, kwargs) as (args, kwargs):
+        _launch(kernel, grid, args, kwargs, exercise, bounds_hint)
+
+
+@contextlib.contextmanager
+def _spaced_apart(args: tuple, kwargs: dict):
+    """The interpreter's launch on copies of the tensors with gaps between them (``bounds.spaced_copies``: an
+    access past a tensor's end is then named after that tensor, whatever the allocator put next to it), copied
+    back into the caller's tensors afterwards, whatever happened."""
+    copies, kw_copies = spaced(args, kwargs)
+    pairs = [(a, c) for a, c in zip(args, copies) if c is not a] + \
+            [(kwargs[k], kw_copies[k]) for k in kwargs if kw_copies[k] is not kwargs[k]]
+    try:
+        yield copies, kw_copies
+    finally:
+        for original, copy in pairs:   # byte for byte: what the kernel wrote between the rows of a slice too
+            if original.numel():
+                raw_bytes(original).copy_(raw_bytes(copy))
+
+
+def _launch(kernel, grid, args: tuple, kwargs: dict, exercise: str, bounds_hint: str) -> None:
     traced = can_trace()
     guard = guard_memory(tensor_regions(kernel, args, kwargs), bounds_hint) if traced else contextlib.nullcontext()
     try:
@@ -137,13 +161,13 @@ def launch_traced(kernel, grid, *args, watch: tuple[int, ...] = (), exercise: st
         launch(kernel, grid, *args, exercise=exercise, bounds_hint=bounds_hint, **kwargs)
         return {}
     records: list = []
-    with _watch_loads(records):
-        launch(kernel, grid, *args, exercise=exercise, bounds_hint=bounds_hint, **kwargs)
+    with _spaced_apart(args, kwargs) as (spaced_args, spaced_kwargs), _watch_loads(records):
+        _launch(kernel, grid, spaced_args, spaced_kwargs, exercise, bounds_hint)
     seen: dict = {}
     for position in watch:
-        t = args[position]
+        t = spaced_args[position]   # the addresses the kernel read are those of the copies
         start, size = t.data_ptr(), t.element_size()
-        end = start + t.untyped_storage().nbytes()
+        end = start + _span_bytes(t)   # its own elements (the copies share one buffer with the other tensors)
         per_program: dict = {}
         for program, addresses, mask in records:
             inside = (addresses >= start) & (addresses < end)
