@@ -150,6 +150,7 @@ class PiecewiseGraphs:
         """Record the L + 1 segments of every capture size, largest first, all into one memory pool, on one side
         stream (a capture needs a stream other than the default one, and a shared pool is best used from one)."""
         stream, mempool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         segments: list[torch.cuda.CUDAGraph] = []
 
         def cut(layer: int) -> None:   # the attention of `layer` stays outside: end this segment, begin the next
@@ -159,16 +160,20 @@ class PiecewiseGraphs:
 
         for size in reversed(self.sizes):
             torch.cuda.synchronize()
-            stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._forward(size, lambda layer: None)   # warm-up, uncaptured: compiles kernels, creates handles
+                # warm-up, uncaptured, on the capture stream (torch's recipe for capturing): compiles the Triton
+                # kernels and lets cuBLAS set up its per-stream workspace before a capture, not inside one
+                self._forward(size, lambda layer: None)
                 torch.cuda.synchronize()
                 segments = [torch.cuda.CUDAGraph()]
                 segments[0].capture_begin(pool=mempool)
-                self._forward(size, cut)
-                segments[-1].capture_end()
-            self.graphs[size] = segments
+                try:
+                    self._forward(size, cut)
+                finally:   # also after an error: a stream left capturing would fail every later CUDA call
+                    segments[-1].capture_end()
+            graphs[size] = segments
         torch.cuda.synchronize()
+        self.graphs = graphs             # only once every size is captured (run captures while this is empty)
 
     @torch.no_grad()
     def run(self, batch) -> torch.Tensor:
