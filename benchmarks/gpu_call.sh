@@ -5,6 +5,9 @@
 # Every step (a name in the case list below). Done in session 8 (2026-12-06, one H100; gpu_checks.md): tests_fa,
 # tests_gpu, tests_e2e, tests_sampling, serving_step, serving2, serving3, fa_hopper, fa_configs. Left, in the order
 # to run them (the serving plan and its measured durations are in benchmarks/serving.py's docstring):
+#   piecewise    piecewise CUDA graphs for mixed steps (cudagraph_mode="FULL_AND_PIECEWISE", never run on a GPU yet):
+#                their GPU tests, with tests/test_cuda_graph.py and tests/test_async_scheduling.py (<= 200 s); then
+#                serving_step, whose last row ("+ piecewise graphs for mixed steps") measures them
 #   tests_gpu    re-run: flash attention's every-config test now has 128 x 128 / 8 warps / 3 stages (session 8)
 #   serving_step python -m benchmarks.serving_step: the decode step vs its floor, the engine's GPU busy fraction row
 #                by row and per phase (~4 min); re-run after any change to the engine's host time (issue 18)
@@ -70,6 +73,8 @@ for s in ${STEPS:?set STEPS}; do
     fa_hopper) step fa_hopper_tests ${FAH_TEST_LIMIT:-150} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention_hopper.py
                step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit ${FAH_BENCH_LIMIT:-280} \
                  --out "$OUT/flash_attention_hopper.json" ;;
+    piecewise) step piecewise 200 python3 -m pytest -q -rfE --durations=10 tests/test_piecewise_graph.py \
+                 tests/test_cuda_graph.py tests/test_async_scheduling.py ;;
     tests_sampling) step tests_sampling 200 python3 -m pytest -q -rfE tests/test_device_sampling.py tests/test_cuda_graph.py \
                  tests/test_async_scheduling.py ;;
     fa_configs) step fa_configs 240 python3 -m benchmarks.flash_attention_configs --time-limit 150 \

@@ -9,9 +9,10 @@ Python), the step replayed as a CUDA graph, and the **HBM floor**: the bytes a s
 the K/V of every sequence once) divided by this card's measured copy bandwidth.
 
 Part 2, a serving trace (the 0.37B LLaMA shape of issue 18: 128 requests, prompts 64-512 tokens, 256 output tokens
-each, greedy, no early stop) through ``LLMEngine`` five ways, each adding one thing: the old engine (eager, prefill
+each, greedy, no early stop) through ``LLMEngine`` six ways, each adding one thing: the old engine (eager, prefill
 through the gather path), + the paged prefill kernel, + fused kernels, + CUDA graphs, + asynchronous scheduling (the
-default). Throughput, steps, and the GPU's busy fraction
+default), + piecewise CUDA graphs for the mixed steps (``cudagraph_mode="FULL_AND_PIECEWISE"``, not the default yet:
+``course_lib.serving.piecewise_graph``). Throughput, steps, and the GPU's busy fraction
 (kernel time / wall time, from torch.profiler over a second run of the whole trace, ``busy.requests``; files without
 that field profiled the trace's first 64 requests only, a run at half the batch, whose shorter GPU steps leave the
 host a larger share). No progress bar: its updates are host time too. Per row also the busy fraction of two
@@ -35,6 +36,7 @@ from course_lib.model.fused import fuse, unfuse
 from course_lib.model.llama import Llama
 from course_lib.model.sampling import SamplingParams
 from course_lib.paging.block_manager import BlockManager
+from course_lib.serving.config import EngineConfig
 from course_lib.serving.cuda_graph import DecodeGraphs
 from course_lib.serving.engine import LLMEngine
 from course_lib.serving.kv_pool import KVPool
@@ -210,7 +212,8 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
     results = []
     for name, opts in rows:
         engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-                           enforce_eager=opts["enforce_eager"], async_scheduling=opts["async_scheduling"])
+                           enforce_eager=opts["enforce_eager"], async_scheduling=opts["async_scheduling"],
+                           cudagraph_mode=opts.get("cudagraph_mode", EngineConfig.cudagraph_mode))
         engine.pool.use_paged_prefill = opts["paged_prefill"]
         (fuse if opts["fused_kernels"] else unfuse)(model)
         engine.generate(short_prompts, SamplingParams(max_tokens=8), use_tqdm=False)   # warm-up: compile, capture
@@ -273,7 +276,10 @@ def main(argv: list[str] | None = None) -> dict:
              dict(enforce_eager=True, paged_prefill=True, fused_kernels=True, **sync)),
             ("+ CUDA graphs", dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, **sync)),
             ("+ async scheduling (the default)",
-             dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True))]
+             dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True)),
+            ("+ piecewise graphs for mixed steps",
+             dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True,
+                  cudagraph_mode="FULL_AND_PIECEWISE"))]
     result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
     base = result["serving"][0]["tokens_per_s"]
     for r in result["serving"]:

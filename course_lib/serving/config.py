@@ -23,6 +23,10 @@ from course_lib.serving.scheduler import PREEMPTION_MODES
 from course_lib.serving.spec_decode import check_speculative_config
 
 
+#: ``EngineConfig.cudagraph_mode``'s values (vLLM's ``CUDAGraphMode`` names that the engine implements)
+CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+
+
 def _positive_int(name: str, value, *, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -68,8 +72,15 @@ class EngineConfig:
                             always speculate). A big batch already fills a step: a verify pass of 1 + k tokens per
                             sequence then costs more than the drafts it accepts save
     enforce_eager           run every step eagerly, never through a captured CUDA graph (vLLM's switch to debug or
-                            compare against graphs). By default, with the kernels on a GPU, decode-only steps replay
-                            one CUDA graph per batch-size bucket (``course_lib.serving.cuda_graph``)
+                            compare against graphs; the same as cudagraph_mode "NONE"). By default, with the kernels
+                            on a GPU, decode-only steps replay one CUDA graph per batch-size bucket
+                            (``course_lib.serving.cuda_graph``)
+    cudagraph_mode          which steps replay CUDA graphs (vLLM's names), with the kernels on a GPU (on a CPU any mode
+                            runs every step eagerly): "FULL_DECODE_ONLY" (the default) one whole graph per batch-size
+                            bucket for decode-only steps (``course_lib.serving.cuda_graph``); "FULL_AND_PIECEWISE"
+                            those, and piecewise graphs, cut at each attention, for mixed steps with prompt chunks
+                            (``course_lib.serving.piecewise_graph``; not the default yet: it has never run on a GPU);
+                            "NONE" no graph (what ``enforce_eager=True`` forces, whatever the mode)
     async_scheduling        plan step k + 1 on the host while the GPU runs step k (vLLM's name;
                             ``course_lib.serving.async_scheduling``): greedy steps launch without waiting for their
                             tokens, which are read back one step later. Default None: on for a model on a GPU, off
@@ -96,6 +107,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     speculative_disable_by_batch_size: int | None = None
     enforce_eager: bool = False
+    cudagraph_mode: str = "FULL_DECODE_ONLY"
     async_scheduling: bool | None = None
     gpu_memory_utilization: float = 0.9
 
@@ -119,6 +131,8 @@ class EngineConfig:
             elif isinstance(self.num_cpu_blocks, bool) or not isinstance(self.num_cpu_blocks, int) \
                     or self.num_cpu_blocks < 0:
                 raise ValueError(f"num_cpu_blocks must be an int >= 0 or None, got {self.num_cpu_blocks!r}")
+        if self.cudagraph_mode not in CUDAGRAPH_MODES:
+            raise ValueError(f"cudagraph_mode must be one of {CUDAGRAPH_MODES}, got {self.cudagraph_mode!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):

@@ -98,11 +98,13 @@ class StepBatch:
         for name, tensor in _upload(host, device).items():
             setattr(self, name, tensor)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [1, Hq, T, D], k/v [1, Hkv, T, D] of the flattened step -> attention output [1, Hq, T, D]."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """q [1, Hq, T, D], k/v [1, Hkv, T, D] of the flattened step -> attention output [1, Hq, T, D] (written into
+        ``out`` if given: the piecewise graphs' static buffer, ``course_lib.serving.piecewise_graph``)."""
         pool = self.pool
         pool.store(layer, k[0].transpose(0, 1), v[0].transpose(0, 1), self.slot_mapping, self.use_kernels)  # [T,Hkv,D]
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         Bd = self.num_decodes
         if Bd:   # all decodes at once, through the block tables
             q_dec = q[0, :, :Bd].transpose(0, 1)                                               # [Bd, Hq, D]
@@ -156,11 +158,14 @@ def _padded_table(tables: list[list[int]]) -> np.ndarray:
 
 class ModelRunner:
     """Executes scheduled chunks: builds the StepBatch, runs the model once, returns the sampling rows' logits.
-    With ``graphs`` (``course_lib.serving.cuda_graph.DecodeGraphs``), decode-only steps replay a CUDA graph."""
+    With ``graphs`` (``course_lib.serving.cuda_graph.DecodeGraphs``), decode-only steps replay a CUDA graph; with
+    ``piecewise`` (``course_lib.serving.piecewise_graph.PiecewiseGraphs``), the other steps it accepts replay its
+    pieces, the attention eager between them; the rest runs eagerly."""
 
     def __init__(self, model, block_manager: BlockManager, pool: KVPool, use_kernels: bool | None = None,
-                 graphs=None):
+                 graphs=None, piecewise=None):
         self.model, self.block_manager, self.pool, self.graphs = model, block_manager, pool, graphs
+        self.piecewise = piecewise
         # default: the Triton kernels for a model on a GPU, their plain-torch references for a model on the CPU
         self.use_kernels = model.device.type == "cuda" if use_kernels is None else use_kernels
 
@@ -173,6 +178,8 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, self.block_manager, prev)
         batch = self.prepare(chunks, prev)
+        if self.piecewise is not None and self.piecewise.can_run(chunks):
+            return self.piecewise.run(batch)
         return self.model(batch.input_ids, cache=batch, positions=batch.positions,
                           logits_indices=batch.logits_indices)                                # [rows, V]
 
