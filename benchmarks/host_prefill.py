@@ -21,12 +21,8 @@ The launches of the forward pass are not here (the stub hides them): see lesson 
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -104,21 +100,14 @@ def prefill_phase_host_seconds(num_requests: int = 128, output_tokens: int = 256
                 prep_step_mean_s=prepare / len(steps), prep_per_token_s=prepare / tokens)
 
 
-def best_of(rows: list[dict]) -> dict:
-    """Several runs as one row: each time its minimum over the runs, the counts from the first run."""
-    return {k: min(r[k] for r in rows) if k.endswith("_s") else v for k, v in rows[0].items()}
-
-
 def run_in(root: Path, **kwargs) -> dict:
     """``prefill_phase_host_seconds`` of this file over the engine of the checkout at ``root`` (which need not have
     this file), in a fresh interpreter, with the commit it measured (``git_commit``)."""
-    code = ("import importlib.util, json, torch; torch.set_num_threads(1); from benchmarks import record; "
-            f"spec = importlib.util.spec_from_file_location('host_prefill_', {str(Path(__file__).resolve())!r}); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            f"print(json.dumps(dict(m.prefill_phase_host_seconds(**{kwargs!r}), git_commit=record.git_commit())))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from benchmarks.host_step import run_json_in   # here: a baseline checkout runs this file with its own host_step
+
+    return run_json_in(root, "import importlib.util; spec = importlib.util.spec_from_file_location('host_prefill_', "
+                             f"{str(Path(__file__).resolve())!r}); m = importlib.util.module_from_spec(spec); "
+                             f"spec.loader.exec_module(m); result = m.prefill_phase_host_seconds(**{kwargs!r})")
 
 
 def _options(parser) -> None:
@@ -138,6 +127,7 @@ def _describe(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks import host_step   # here, not at the top: see run_in
     args = record.parse_args(__doc__, "host_prefill", "32 requests, 512 tokens a step, one round", argv, _options)
     trace = (dict(num_requests=32, max_num_batched_tokens=512) if args.quick else
              dict(num_requests=128, max_num_batched_tokens=2048))
@@ -160,11 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(rounds):
                 for runs, root in ((this, Path(__file__).parents[1]), (base, args.baseline))[::1 if i % 2 else -1]:
                     runs.append(run_in(root, **kwargs))
-            r, b = best_of(this), best_of(base)
+            r, b = host_step.best_of(this), host_step.best_of(base)
             result["baseline_rows"].append(b)
             print(f"baseline ({b['git_commit'][:12]}) {_describe(b)}")
         else:
-            r = best_of([prefill_phase_host_seconds(**kwargs) for _ in range(rounds)])
+            r = host_step.best_of([prefill_phase_host_seconds(**kwargs) for _ in range(rounds)])
         result["rows"].append(r)
         print(f"this     ({record.git_commit()[:12]}) {_describe(r)}", flush=True)
     print(f"wrote {record.write(result, 'host_prefill', args.out)}")

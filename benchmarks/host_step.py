@@ -126,10 +126,16 @@ def best_of(rows: list[dict]) -> dict:
 def run_in(root: Path, batch: int, output_tokens: int) -> dict:
     """host_seconds_per_step as the code of the checkout at ``root`` has it, in a fresh interpreter, with the commit
     it measured (``git_commit``)."""
-    code = ("import json, torch; torch.set_num_threads(1); from benchmarks import record; "
-            "from benchmarks.host_step import host_seconds_per_step as h; "
-            f"print(json.dumps(dict(h({batch}, {output_tokens}), git_commit=record.git_commit())))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+    return run_json_in(root, "from benchmarks.host_step import host_seconds_per_step as h; "
+                             f"result = h({batch}, {output_tokens})")
+
+
+def run_json_in(root: Path, code: str) -> dict:
+    """Run ``code`` (which sets ``result``, a dict) in a fresh single-threaded interpreter in the checkout at
+    ``root``, its engine on the path; ``result`` with the commit it measured (``git_commit``)."""
+    script = ("import json, torch; torch.set_num_threads(1); from benchmarks import record; " + code +
+              "; print(json.dumps(dict(result, git_commit=record.git_commit())))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
