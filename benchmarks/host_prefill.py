@@ -111,11 +111,9 @@ def run_in(root: Path, **kwargs) -> dict:
 
 
 def _options(parser) -> None:
-    parser.add_argument("--rounds", type=int, default=3, help="runs per row; each time its best (default 3)")
-    parser.add_argument("--baseline", type=Path, default=None,
-                        help="another checkout of the course (a git worktree of the commit to compare with): each "
-                             "row runs by its code and by this one's, alternating, in fresh interpreters, --rounds "
-                             "times; its rows go to baseline_rows")
+    from benchmarks.host_step import ab_options   # here, not at the top: see run_in
+
+    ab_options(parser, "row", 3)
 
 
 def _describe(r: dict) -> str:

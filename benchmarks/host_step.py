@@ -140,12 +140,19 @@ def run_json_in(root: Path, code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _options(parser) -> None:
-    parser.add_argument("--rounds", type=int, default=1, help="runs per batch; each time its best (default 1)")
+def ab_options(parser, unit: str, rounds: int) -> None:
+    """--rounds and --baseline: each ``unit`` (a batch, a row) timed ``rounds`` times, by this checkout's code and by
+    another's, alternating."""
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"runs per {unit}; each time its best "
+                                                                    f"(default {rounds})")
     parser.add_argument("--baseline", type=Path, default=None,
-                        help="another checkout of the course (a git worktree of the commit to compare with): each "
-                             "batch runs by its code and by this one's, alternating, in fresh interpreters, --rounds "
+                        help=f"another checkout of the course (a git worktree of the commit to compare with): each "
+                             f"{unit} runs by its code and by this one's, alternating, in fresh interpreters, --rounds "
                              "times; its rows go to baseline_rows")
+
+
+def _options(parser) -> None:
+    ab_options(parser, "batch", 1)
 
 
 def _describe(r: dict) -> str:
