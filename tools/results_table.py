@@ -117,7 +117,7 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                           if r["batch"] >= 64)
         # the engine as it ships: the row run with the engine's defaults (later rows try what is not default yet)
         old_row = run["serving"][0]
-        best = next((r for r in run["serving"] if r["row"].endswith("(the default)")), run["serving"][-1])
+        best = claims.default_row(run["serving"])
         pre, dec = best["phases"]["prefill"], best["phases"]["decode"]
         out.append(("10", f"the engine's step on the GPU (`python -m benchmarks.serving_step`; {_where(run)}, commit "
                           f"{run['git_commit'][:7]})",

@@ -105,6 +105,13 @@ def flash_attention_claims(run: dict, head_dim: int = 128, min_n: int = 4096) ->
     }
 
 
+def default_row(serving: list[dict]) -> dict:
+    """Of a ``benchmarks.serving_step`` run's engine rows, the one run with the engine's defaults (its name ends in
+    "(the default)"): the engine as it ships; later rows try options that are not the default yet. Files without
+    the mark: their last row."""
+    return next((r for r in serving if r["row"].endswith("(the default)")), serving[-1])
+
+
 def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float = 1.0,
                                cudnn_target: float = 0.7) -> dict:
     """Lesson 03's training pass (``benchmarks.flash_attention_bwd``): forward + backward time of ours over SDPA's
