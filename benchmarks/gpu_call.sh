@@ -57,7 +57,7 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_engine.py ;;
     tests_e2e) step tests_e2e 300 python3 -m pytest -q -rfE tests/test_lesson00_warmups.py tests/test_lesson03.py \
                  tests/test_lesson07.py -k end_to_end ;;
-    serving_step) step serving_step 420 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
+    serving_step) step serving_step 570 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
     engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
                 --repeats 3 --time-limit 330 ;;
     serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;
@@ -80,6 +80,9 @@ for s in ${STEPS:?set STEPS}; do
     fa_configs) step fa_configs 240 python3 -m benchmarks.flash_attention_configs --time-limit 150 \
                  --out "$OUT/flash_attention_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
+    prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
+               step prefill_profile_decode_only 200 python3 -m benchmarks.prefill_profile --mode FULL_DECODE_ONLY \
+                 --out "$OUT/prefill_profile_decode_only.json" ;;
     paged) step paged 400 python3 -m benchmarks.paged_attention --splits --out "$OUT/paged_attention.json" ;;
     bench_batching) step bench_batching 450 python3 -m benchmarks.engine_batching ;;
     bench_spec_prefix) step bench_speculative 300 python3 -m benchmarks.speculative

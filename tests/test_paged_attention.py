@@ -101,7 +101,7 @@ def test_head_dim_not_a_power_of_two_and_sm_scale_and_empty_sequences():
 def test_split_k_is_chosen_for_few_long_sequences():
     assert choose_num_splits(64, 8, 4096, num_sms=132) == 1           # 512 programs: >= 3 per SM already
     assert choose_num_splits(32, 8, 4096, num_sms=132) == 2           # 256 programs: too few loads in flight
-    assert choose_num_splits(1, 8, 32768, num_sms=132) == 50          # 8 programs: ~3 per SM with splits
+    assert choose_num_splits(1, 8, 32768, num_sms=132) == 64          # 8 programs: ~3 per SM with 50, a power of 2
     assert choose_num_splits(1, 8, 1024, num_sms=132) == 16           # the H100 sweep's best at 1k: 16 x 64 tokens
     assert choose_num_splits(1, 8, DECODE_MIN_TOKENS_PER_SPLIT, num_sms=132) == 1
     assert choose_num_splits(1, 8, 4 * DECODE_MIN_TOKENS_PER_SPLIT, num_sms=132) == 4   # splits stay >= one tile
