@@ -73,6 +73,9 @@ for s in ${STEPS:?set STEPS}; do
     fa_hopper) step fa_hopper_tests ${FAH_TEST_LIMIT:-150} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention_hopper.py
                step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit ${FAH_BENCH_LIMIT:-280} \
                  --out "$OUT/flash_attention_hopper.json" ;;
+    full_graph) step full_graph 200 python3 -m pytest -q -rfE --durations=5 tests/test_full_graph.py ;;
+    serving_step_mixed) step serving_step_mixed 480 python3 -m benchmarks.serving_step --rows 4,5,6 \
+                 --out "$OUT/serving_step_mixed.json" ;;
     piecewise) step piecewise 200 python3 -m pytest -q -rfE --durations=10 tests/test_piecewise_graph.py \
                  tests/test_cuda_graph.py tests/test_async_scheduling.py ;;
     tests_sampling) step tests_sampling 200 python3 -m pytest -q -rfE tests/test_device_sampling.py tests/test_cuda_graph.py \
@@ -81,8 +84,8 @@ for s in ${STEPS:?set STEPS}; do
                  --out "$OUT/flash_attention_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
-               step prefill_profile_decode_only 200 python3 -m benchmarks.prefill_profile --mode FULL_DECODE_ONLY \
-                 --out "$OUT/prefill_profile_decode_only.json" ;;
+               step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \
+                 --out "$OUT/prefill_profile_full.json" ;;
     paged) step paged 400 python3 -m benchmarks.paged_attention --splits --out "$OUT/paged_attention.json" ;;
     bench_batching) step bench_batching 450 python3 -m benchmarks.engine_batching ;;
     bench_spec_prefix) step bench_speculative 300 python3 -m benchmarks.speculative

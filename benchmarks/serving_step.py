@@ -9,10 +9,12 @@ Python), the step replayed as a CUDA graph, and the **HBM floor**: the bytes a s
 the K/V of every sequence once) divided by this card's measured copy bandwidth.
 
 Part 2, a serving trace (the 0.37B LLaMA shape of issue 18: 128 requests, prompts 64-512 tokens, 256 output tokens
-each, greedy, no early stop) through ``LLMEngine`` six ways, each adding one thing: the old engine (eager, prefill
+each, greedy, no early stop) through ``LLMEngine`` seven ways, each adding one thing: the old engine (eager, prefill
 through the gather path), + the paged prefill kernel, + fused kernels, + CUDA graphs, + asynchronous scheduling (the
-default), + piecewise CUDA graphs for the mixed steps (``cudagraph_mode="FULL_AND_PIECEWISE"``, not the default yet:
-``course_lib.serving.piecewise_graph``). Throughput, steps, and the GPU's busy fraction
+default), then two ways of replaying the mixed steps too: piecewise CUDA graphs (``cudagraph_mode=
+"FULL_AND_PIECEWISE"``, ``course_lib.serving.piecewise_graph``) and one full graph per step, attention included
+(``cudagraph_mode="FULL"``, ``course_lib.serving.full_graph``). ``--rows 4,6`` runs a subset (row 0 always).
+Throughput, steps, and the GPU's busy fraction
 (kernel time / wall time, from torch.profiler over a second run of the whole trace, ``busy.requests``; files without
 that field profiled the trace's first 64 requests only, a run at half the batch, whose shorter GPU steps leave the
 host a larger share). No progress bar: its updates are host time too. Per row also the busy fraction of two
@@ -241,6 +243,7 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and batches")
+    parser.add_argument("--rows", default=None, help="serving rows to run, by index (e.g. 4,5,6); default all")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not HAS_GPU:
@@ -279,7 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
              dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True)),
             ("+ piecewise graphs for mixed steps",
              dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True,
-                  cudagraph_mode="FULL_AND_PIECEWISE"))]
+                  cudagraph_mode="FULL_AND_PIECEWISE")),
+            ("+ full graphs for mixed steps",
+             dict(enforce_eager=False, paged_prefill=True, fused_kernels=True, async_scheduling=True,
+                  cudagraph_mode="FULL"))]
+    if args.rows:   # a subset (the first row, the old engine, always: the speedups are over it)
+        keep = {0, *map(int, args.rows.split(","))}
+        rows = [r for i, r in enumerate(rows) if i in keep]
     result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
     base = result["serving"][0]["tokens_per_s"]
     for r in result["serving"]:

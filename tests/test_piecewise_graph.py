@@ -94,7 +94,7 @@ def test_piecewise_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, pl
     g = PiecewiseGraphs(model, pool, max_num_batched_tokens=64, max_num_seqs=8, eager=True)
     g.input_ids.fill_(7)
     g.out.fill_(1.0)                                               # stale rows of an earlier, longer step
-    runner = ModelRunner(model, bm, pool, use_kernels=False, piecewise=g)
+    runner = ModelRunner(model, bm, pool, use_kernels=False, mixed=g)
     assert g.can_run(chunks) and g.sizes == [16, 24, 32, 48, 64]
     got = runner.execute(chunks, prev)
     assert got.shape == eager.shape == (4, model.config.vocab_size) and g.num_steps == 1
@@ -117,7 +117,7 @@ def test_a_step_without_sampling_rows_and_the_steps_it_refuses():
     g = PiecewiseGraphs(model, pool, max_num_batched_tokens=40, max_num_seqs=8, eager=True)
     mid_prompt = [ScheduledChunk(chunks[2].seq, 12, 10)]           # C's tokens 12-21 of 30: no logits row
     assert g.can_run(mid_prompt)
-    assert ModelRunner(model, bm, pool, use_kernels=False, piecewise=g).execute(mid_prompt).shape == (0, 96)
+    assert ModelRunner(model, bm, pool, use_kernels=False, mixed=g).execute(mid_prompt).shape == (0, 96)
     assert g.can_run(chunks) and not g.can_run(chunks + [ScheduledChunk(chunks[3].seq, 0, 12)])   # 44 > 40 tokens
     verify = VerifyChunk(chunks[0].seq, 10, 1, num_lookahead=3, num_drafts=3)   # 4 logits rows: stays eager
     assert not g.can_run([verify] + chunks[1:])
@@ -130,9 +130,9 @@ def _piecewise_engine(model, recorded_decode_graphs: bool, **kwargs) -> LLMEngin
     decode steps run test_cuda_graph's CPU stand-in of the decode graphs): the GPU's path minus the graphs."""
     engine = LLMEngine(model, cudagraph_mode="FULL_AND_PIECEWISE", **kwargs)
     c = engine.config
-    engine._piecewise = PiecewiseGraphs(model, engine.pool, max_num_batched_tokens=c.max_num_batched_tokens,
+    engine._mixed = PiecewiseGraphs(model, engine.pool, max_num_batched_tokens=c.max_num_batched_tokens,
                                         max_num_seqs=c.max_num_seqs, eager=True)
-    engine._piecewise_graphs = lambda m, pool: engine._piecewise
+    engine._mixed_graphs = lambda m, pool: engine._mixed
     if recorded_decode_graphs:
         graphs = RecordedGraphs(model, engine.pool, max_num_seqs=c.max_num_seqs, max_model_len=engine.max_model_len,
                                 block_size=c.block_size, use_kernels=False)
@@ -152,7 +152,7 @@ def test_engine_with_piecewise_steps_gives_the_greedy_tokens(async_scheduling, p
     for _ in range(2 if prefix_caching else 1):
         outputs = engine.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in outputs] == reference
-    assert engine._piecewise.num_steps > 0
+    assert engine._mixed.num_steps > 0
     if prefix_caching:   # the second call's prompt chunks start after their cached blocks
         assert engine.metrics.num_cached_tokens > 0
     else:
@@ -166,7 +166,7 @@ def test_cudagraph_mode_on_a_cpu_captures_nothing_and_changes_no_token():
         engine = LLMEngine(model, cudagraph_mode=mode, max_num_seqs=5, max_num_batched_tokens=24, num_blocks=64,
                            block_size=4)
         assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == reference
-        assert engine._runner.graphs is None and engine._runner.piecewise is None and engine.cudagraph_mode == mode
+        assert engine._runner.graphs is None and engine._runner.mixed is None and engine.cudagraph_mode == mode
     assert EngineConfig().cudagraph_mode == "FULL_DECODE_ONLY"
 
 
@@ -193,7 +193,7 @@ def test_replayed_piecewise_step_gives_the_eager_steps_logits_without_a_sync(pro
     eager = ModelRunner(model, bm, pool, use_kernels=True).execute(chunks, prev)
     after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
     g = PiecewiseGraphs(model, pool, max_num_batched_tokens=64, max_num_seqs=8)
-    runner = ModelRunner(model, bm, pool, use_kernels=True, piecewise=g)
+    runner = ModelRunner(model, bm, pool, use_kernels=True, mixed=g)
     runner.execute(chunks, prev)                                   # captures every size
     assert sorted(g.graphs) == g.sizes and all(len(s) == model.config.num_hidden_layers + 1 for s in g.graphs.values())
     for t, b in zip(pool.k_caches + pool.v_caches, before):
@@ -222,7 +222,7 @@ def test_a_piecewise_step_launches_far_fewer_kernels_than_the_eager_step():
     chunks, bm, pool, _ = _mixed_step(model, 12, placeholders=False, use_kernels=True)
     g = PiecewiseGraphs(model, pool, max_num_batched_tokens=64, max_num_seqs=8)
     runners = {"eager": ModelRunner(model, bm, pool, use_kernels=True),
-               "piecewise": ModelRunner(model, bm, pool, use_kernels=True, piecewise=g)}
+               "piecewise": ModelRunner(model, bm, pool, use_kernels=True, mixed=g)}
     launches = {}
     for name, runner in runners.items():
         runner.execute(chunks)                                     # warm-up (and capture)
@@ -249,7 +249,7 @@ def test_engine_with_piecewise_graphs_gives_the_eager_engines_greedy_tokens(asyn
                           for o in engine.generate(prompts, trace)]
             assert_all_blocks_free(engine)
             if mode != "NONE":
-                assert engine._piecewise.num_steps > 0 and engine._piecewise.graphs
+                assert engine._mixed.num_steps > 0 and engine._mixed.graphs
                 (g,) = engine._graphs.values()
                 assert g.num_replays > 0
         assert outs["NONE"] == outs["FULL_AND_PIECEWISE"]

@@ -111,8 +111,10 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
         out.append(("10", "serving at real model shapes vs `transformers`' best (`python -m benchmarks.serving`)",
                     "not measured at real size yet: no GPU `serving_*.json` recorded"))
     steps = [r for r in claims.recorded("serving_step_*.json", results_dir) if "phases" in r["serving"][0]]
-    if steps:   # the latest run that splits the trace into phases (the earlier ones are in gpu_checks.md)
-        run = max(steps, key=lambda r: r["date"])
+    latest = {}   # per card, the latest run that splits the trace into phases (the earlier ones: gpu_checks.md)
+    for r in sorted(steps, key=lambda r: r["date"]):
+        latest[r["device_slug"]] = r
+    for run in latest.values():
         floor = ", ".join(f"B = {r['batch']} {r['graph_fused_over_floor']:.2f}x" for r in run["decode"]
                           if r["batch"] >= 64)
         # the engine as it ships: the row run with the engine's defaults (later rows try what is not default yet)
@@ -128,7 +130,11 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"(target ≥ 4x); GPU busy {best['busy']['busy_fraction']:.0%} of the whole trace: "
                     f"{dec['busy_fraction']:.0%} in the decode phase, {pre['busy_fraction']:.0%} in the prefill "
                     f"phase ({pre['steps']} eager steps, {pre['wall_s'] / (pre['wall_s'] + dec['wall_s']):.0%} of "
-                    f"the wall time) (target ≥ 80%)"))
+                    f"the wall time) (target ≥ 80%)" + "".join(
+                        f"; {r['row'].lstrip('+ ')} (not the default): {r['tokens_per_s']:,.0f} tok/s, GPU busy "
+                        f"{r['busy']['busy_fraction']:.0%}, {r['phases']['prefill']['busy_fraction']:.0%} in the "
+                        f"prefill phase" for r in run["serving"][run["serving"].index(best) + 1:]
+                        if "prefill" in r.get("phases", {}))))
     for run in claims.recorded("engine_*.json", results_dir):
         s = claims.engine_summary(run)
         n = len(s["workloads"])

@@ -24,7 +24,7 @@ from course_lib.serving.spec_decode import check_speculative_config
 
 
 #: ``EngineConfig.cudagraph_mode``'s values (vLLM's ``CUDAGraphMode`` names that the engine implements)
-CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE")
+CUDAGRAPH_MODES = ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE", "FULL")
 
 
 def _positive_int(name: str, value, *, optional: bool = False) -> None:
@@ -79,8 +79,9 @@ class EngineConfig:
                             runs every step eagerly): "FULL_DECODE_ONLY" (the default) one whole graph per batch-size
                             bucket for decode-only steps (``course_lib.serving.cuda_graph``); "FULL_AND_PIECEWISE"
                             those, and piecewise graphs, cut at each attention, for mixed steps with prompt chunks
-                            (``course_lib.serving.piecewise_graph``; not the default yet: it has never run on a GPU);
-                            "NONE" no graph (what ``enforce_eager=True`` forces, whatever the mode)
+                            (``course_lib.serving.piecewise_graph``); "FULL" those, and one whole graph per mixed
+                            step, its attention included (``course_lib.serving.full_graph``); "NONE" no graph (what
+                            ``enforce_eager=True`` forces, whatever the mode)
     async_scheduling        plan step k + 1 on the host while the GPU runs step k (vLLM's name;
                             ``course_lib.serving.async_scheduling``): greedy steps launch without waiting for their
                             tokens, which are read back one step later. Default None: on for a model on a GPU, off

@@ -70,6 +70,7 @@ from course_lib.serving.async_scheduling import InflightStep
 from course_lib.serving.cuda_graph import DecodeGraphs
 from course_lib.serving.memory import num_blocks_for_gpu
 from course_lib.serving.model_runner import ModelRunner
+from course_lib.serving.full_graph import FullMixedGraphs
 from course_lib.serving.piecewise_graph import PiecewiseGraphs
 from course_lib.serving.prefix_cache import PrefixCachingBlockManager
 from course_lib.serving.scheduler import PREEMPTION_MODES, Scheduler
@@ -121,7 +122,7 @@ class LLMEngine:
             c = replace(c, num_blocks=num_blocks)
         self.config = c = c.resolve(model, speculative_model)
         self._graphs: dict[int, DecodeGraphs] = {}   # per model (target, draft): captured at its first decode step
-        self._piecewise: PiecewiseGraphs | None = None   # the target's, captured at its first mixed step
+        self._mixed = None   # the target's graphs for mixed steps, captured at its first mixed step
         self.pool = make_kv_pool(model.config, c.num_blocks, c.block_size, kv_cache_dtype=c.kv_cache_dtype,
                                  num_cpu_blocks=c.num_cpu_blocks, dtype=model.dtype, device=model.device)
         # speculative decoding: the draft's K/V in blocks of their own, at the same block ids as the target's
@@ -383,7 +384,7 @@ class LLMEngine:
             preemption_mode=c.preemption_mode, cpu_block_manager=cpu_bm, num_lookahead_slots=c.num_speculative_tokens,
             lookahead_disable_by_batch_size=c.speculative_disable_by_batch_size, partial_swap=c.enable_partial_swap)
         self._runner = ModelRunner(self.model, bm, self.pool, c.use_kernels, self._decode_graphs(self.model, self.pool),
-                                   piecewise=self._piecewise_graphs(self.model, self.pool))
+                                   mixed=self._mixed_graphs(self.model, self.pool))
         self._spec = None if self.speculative_model is None else SpecDecodeWorker(
             self._runner, ModelRunner(self.speculative_model, bm, self.draft_pool, c.use_kernels,
                                       self._decode_graphs(self.speculative_model, self.draft_pool)))
@@ -403,19 +404,24 @@ class LLMEngine:
                                                    max_model_len=self.max_model_len, block_size=c.block_size)
         return self._graphs[id(model)]
 
-    def _piecewise_graphs(self, model, pool) -> PiecewiseGraphs | None:
-        """The piecewise CUDA graphs of ``model``'s mixed steps (``cudagraph_mode="FULL_AND_PIECEWISE"``; kept for
-        the engine's life, captured at its first mixed step), or None: another mode, ``enforce_eager``, a model on
-        the CPU, ``use_kernels=False``, or speculative decoding (its steps with drafts are verify steps, which stay
-        eager; kept simple: no piecewise graphs at all with a draft model)."""
+    def _mixed_graphs(self, model, pool):
+        """The CUDA graphs of ``model``'s mixed steps (kept for the engine's life, captured at its first mixed
+        step): ``cudagraph_mode="FULL_AND_PIECEWISE"`` piecewise graphs (``course_lib.serving.piecewise_graph``),
+        ``"FULL"`` one graph per step, attention included (``course_lib.serving.full_graph``). None: another mode,
+        ``enforce_eager``, a model on the CPU, ``use_kernels=False``, or speculative decoding (its steps with drafts
+        are verify steps, which stay eager; kept simple: no mixed graphs at all with a draft model)."""
         c = self.config
-        if (c.cudagraph_mode != "FULL_AND_PIECEWISE" or c.enforce_eager or model.device.type != "cuda"
+        if (c.cudagraph_mode not in ("FULL_AND_PIECEWISE", "FULL") or c.enforce_eager or model.device.type != "cuda"
                 or c.use_kernels is False or self.speculative_model is not None):
             return None
-        if self._piecewise is None:
-            self._piecewise = PiecewiseGraphs(model, pool, max_num_batched_tokens=c.max_num_batched_tokens,
+        if self._mixed is None:
+            if c.cudagraph_mode == "FULL":
+                self._mixed = FullMixedGraphs(model, pool, max_num_batched_tokens=c.max_num_batched_tokens,
+                                              max_num_seqs=c.max_num_seqs, max_model_len=self.max_model_len)
+            else:
+                self._mixed = PiecewiseGraphs(model, pool, max_num_batched_tokens=c.max_num_batched_tokens,
                                               max_num_seqs=c.max_num_seqs)
-        return self._piecewise
+        return self._mixed
 
     def _seed(self, params: SamplingParams, index: int) -> int | None:
         """The seed of sample ``index`` of a request (None when greedy): its own seed + index, else one drawn from

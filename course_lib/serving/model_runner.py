@@ -43,10 +43,13 @@ from course_lib.serving.sequence import ScheduledChunk
 class StepBatch:
     """The model's cache protocol (``length``, ``attend``, ``advance``) for one engine step: the tokens of all
     scheduled chunks flattened into one row, one-token chunks (decodes) first. ``placeholder_rows`` (asynchronous
-    scheduling: ``InflightStep.input_rows``) travel with the step's inputs, as ``placeholder_rows`` ``[2, n]``."""
+    scheduling: ``InflightStep.input_rows``) travel with the step's inputs, as ``placeholder_rows`` ``[2, n]``.
+    ``unified`` (an int S): also every chunk's block table, ``cu_seqlens_q`` and length as one list of chunks,
+    padded to S chunks (``unified_tables`` ``[C, max_blocks]``, ``unified_cu_seqlens_q`` ``[S + 1]``,
+    ``unified_seq_lens`` ``[S]``): the full mixed graphs' inputs (``course_lib.serving.full_graph``)."""
 
     def __init__(self, chunks: list[ScheduledChunk], block_manager: BlockManager, pool: KVPool, use_kernels: bool,
-                 placeholder_rows: tuple[list[int], list[int]] = ((), ())):
+                 placeholder_rows: tuple[list[int], list[int]] = ((), ()), unified: int | None = None):
         device = pool.k_caches[0].device
         self.pool, self.use_kernels = pool, use_kernels
         self.length = 0                       # unused: the engine passes every token's position explicitly
@@ -93,6 +96,11 @@ class StepBatch:
             host.update(prefill_tables=table[Bd:, :widths[Bd:].max()],                      # [Bp, max_blocks]
                         cu_seqlens_q=np.append(rows, rows[-1] + sizes[-1]).astype(np.int32),  # [Bp + 1]
                         prefill_lens=ends[Bd:].astype(np.int32))                            # [Bp]
+        if unified:   # every chunk as one kernel sees them (course_lib.serving.full_graph), padded to `unified` chunks
+            T, C = len(token_ids), len(chunks)
+            host.update(unified_tables=table,                                               # [C, max_blocks]
+                        unified_cu_seqlens_q=np.append(first_rows, np.full(unified + 1 - C, T)).astype(np.int32),
+                        unified_seq_lens=np.append(ends, np.zeros(unified - C, np.int64)).astype(np.int32))
         if len(placeholder_rows[0]):
             host["placeholder_rows"] = np.array(placeholder_rows, dtype=np.int64)           # [2, n]
         for name, tensor in _upload(host, device).items():
@@ -159,13 +167,14 @@ def _padded_table(tables: list[list[int]]) -> np.ndarray:
 class ModelRunner:
     """Executes scheduled chunks: builds the StepBatch, runs the model once, returns the sampling rows' logits.
     With ``graphs`` (``course_lib.serving.cuda_graph.DecodeGraphs``), decode-only steps replay a CUDA graph; with
-    ``piecewise`` (``course_lib.serving.piecewise_graph.PiecewiseGraphs``), the other steps it accepts replay its
-    pieces, the attention eager between them; the rest runs eagerly."""
+    ``mixed``, the other steps it accepts replay its graphs: ``course_lib.serving.piecewise_graph.PiecewiseGraphs``
+    (the attention eager between the pieces) or ``course_lib.serving.full_graph.FullMixedGraphs`` (one graph, the
+    attention in it); the rest runs eagerly."""
 
     def __init__(self, model, block_manager: BlockManager, pool: KVPool, use_kernels: bool | None = None,
-                 graphs=None, piecewise=None):
+                 graphs=None, mixed=None):
         self.model, self.block_manager, self.pool, self.graphs = model, block_manager, pool, graphs
-        self.piecewise = piecewise
+        self.mixed = mixed
         # default: the Triton kernels for a model on a GPU, their plain-torch references for a model on the CPU
         self.use_kernels = model.device.type == "cuda" if use_kernels is None else use_kernels
 
@@ -177,17 +186,18 @@ class ModelRunner:
         on the host are read from the previous step's sampled ids on the device."""
         if self.graphs is not None and self.graphs.can_run(chunks):
             return self.graphs.run(chunks, self.block_manager, prev)
-        batch = self.prepare(chunks, prev)
-        if self.piecewise is not None and self.piecewise.can_run(chunks):
-            return self.piecewise.run(batch)
+        mixed = self.mixed if self.mixed is not None and self.mixed.can_run(chunks) else None
+        batch = self.prepare(chunks, prev, unified=getattr(mixed, "unified_chunks", None))
+        if mixed is not None:
+            return mixed.run(batch)
         return self.model(batch.input_ids, cache=batch, positions=batch.positions,
                           logits_indices=batch.logits_indices)                                # [rows, V]
 
-    def prepare(self, chunks: list[ScheduledChunk], prev=None) -> StepBatch:
+    def prepare(self, chunks: list[ScheduledChunk], prev=None, unified: int | None = None) -> StepBatch:
         """The host's share of an eager step: the StepBatch (input ids, positions, slot mapping, block tables,
         context lengths, the sampling rows as ``logits_indices``), the placeholders patched (see ``execute``)."""
         placeholders = prev.input_rows(chunks) if prev is not None and prev.position else ((), ())
-        batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels, placeholders)
+        batch = StepBatch(chunks, self.block_manager, self.pool, self.use_kernels, placeholders, unified)
         if len(placeholders[0]):
             patch_input_ids(batch.input_ids[0], *batch.placeholder_rows, prev.tokens)
         return batch

@@ -1,0 +1,190 @@
+"""Mixed steps as one full CUDA graph each (course_lib.serving.full_graph): every chunk, decodes included, through
+the paged prefill kernel over fixed shapes, padded buffers, and the engine's ``cudagraph_mode="FULL"``.
+
+On a CPU ``FullMixedGraphs(eager=True)`` runs the same padded forward pass without capturing it: with the kernels'
+plain-torch references, and once with the Triton kernels in the interpreter (the padding chunks, the fixed grid).
+The GPU tests capture and replay, against the eager step."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import course_lib  # noqa: F401  (resolves the device before anything imports triton)
+from course_lib import load_tiny
+from course_lib.device import HAS_GPU
+from course_lib.serving.engine import LLMEngine
+from course_lib.serving.full_graph import FullMixedGraphs
+from course_lib.serving.kv_pool import QuantizedKVPool
+from course_lib.serving.model_runner import ModelRunner
+from course_lib.serving.sequence import ScheduledChunk
+from course_lib.serving.spec_decode import VerifyChunk
+from test_cuda_graph import RecordedGraphs
+from test_engine import assert_all_blocks_free, corpus_requests
+from test_piecewise_graph import _mixed_step, _model
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
+
+
+def _graphs(model, pool, **kw) -> FullMixedGraphs:
+    return FullMixedGraphs(model, pool, max_num_batched_tokens=kw.pop("tokens", 64), max_num_seqs=kw.pop("seqs", 8),
+                           max_model_len=256, **kw)
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])       # True: the Triton kernels in the interpreter
+@pytest.mark.parametrize("placeholders", [False, True])
+@pytest.mark.parametrize("prompt_len, size", [(12, 32), (13, 48)])   # T = 32: a capture size; T = 33: one above
+def test_full_mixed_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, placeholders, use_kernels):
+    if use_kernels and (placeholders or prompt_len == 13):
+        pytest.skip("the interpreter is slow: one case is enough for the kernel path")
+    model = _model()
+    chunks, bm, pool, prev = _mixed_step(model, prompt_len, placeholders=placeholders, use_kernels=use_kernels)
+    T = sum(c.num_tokens for c in chunks)
+    before = [t.clone() for t in pool.k_caches + pool.v_caches]
+    eager = ModelRunner(model, bm, pool, use_kernels=use_kernels).execute(chunks, prev)
+    after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
+    for t, b in zip(pool.k_caches + pool.v_caches, before):        # the same step again, from the same cache
+        t.copy_(b)
+    g = _graphs(model, pool, use_kernels=use_kernels, eager=True)
+    g.input_ids.fill_(7)
+    g.out.fill_(1.0)                                               # stale rows of an earlier, longer step
+    g.block_tables.fill_(5)                                        # stale tables: only the real chunks' are read
+    runner = ModelRunner(model, bm, pool, use_kernels=use_kernels, mixed=g)
+    assert g.can_run(chunks) and g.sizes == [16, 24, 32, 48, 64]
+    got = runner.execute(chunks, prev)
+    assert got.shape == eager.shape == (4, model.config.vocab_size) and g.num_steps == 1
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
+    for a, b in zip(pool.k_caches + pool.v_caches, after_eager):   # the real tokens' K/V, and nothing else
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the chunks as one kernel sees them: decodes A and B (one query each), C's chunk, D's prompt, then padding
+    assert g.cu_seqlens_q.tolist() == [0, 1, 2, 20, T] + [T] * 4
+    assert g.seq_lens.tolist() == [11, 8, 30, prompt_len] + [0] * 4
+    assert g.slot_mapping[T:size].eq(-1).all() and g.input_ids[T:size].eq(0).all()
+    assert g.out[T:size].eq(0).all() and g.out[size:].eq(1.0).all()   # rows past the size: not this step's
+    assert g.logits_indices.tolist() == [0, 1, 19, T - 1] + [0] * 4
+
+
+def test_the_steps_full_mixed_graphs_refuse():
+    model = _model()
+    chunks, bm, pool, _ = _mixed_step(model, 12, placeholders=False)
+    g = _graphs(model, pool, tokens=40, use_kernels=False, eager=True)
+    mid_prompt = [ScheduledChunk(chunks[2].seq, 12, 10)]           # C's tokens 12-21 of 30: no logits row
+    assert g.can_run(mid_prompt)
+    assert ModelRunner(model, bm, pool, use_kernels=False, mixed=g).execute(mid_prompt).shape == (0, 96)
+    assert g.can_run(chunks) and not g.can_run(chunks + [ScheduledChunk(chunks[3].seq, 0, 12)])   # 44 > 40 tokens
+    verify = VerifyChunk(chunks[0].seq, 10, 1, num_lookahead=3, num_drafts=3)   # 4 logits rows: stays eager
+    assert not g.can_run([verify] + chunks[1:])
+    assert not _graphs(model, pool, seqs=3, use_kernels=False, eager=True).can_run(chunks)   # 4 chunks > 3
+    int8 = QuantizedKVPool(model.config, 16, 4, kv_cache_dtype="int8", device="cpu")   # no kernel reads its codes
+    assert not _graphs(model, int8, use_kernels=False, eager=True).can_run(chunks)
+    pool.use_paged_prefill = False                                 # the gather path asked for: stays eager
+    assert not g.can_run(chunks)
+
+
+def _full_engine(model, **kwargs) -> LLMEngine:
+    """An engine whose mixed steps run ``FullMixedGraphs(eager=True)`` and whose decode steps run test_cuda_graph's
+    CPU stand-in of the decode graphs: the GPU's path minus the graphs."""
+    engine = LLMEngine(model, cudagraph_mode="FULL", **kwargs)
+    c = engine.config
+    engine._mixed = FullMixedGraphs(model, engine.pool, max_num_batched_tokens=c.max_num_batched_tokens,
+                                    max_num_seqs=c.max_num_seqs, max_model_len=engine.max_model_len,
+                                    use_kernels=False, eager=True)
+    engine._mixed_graphs = lambda m, pool: engine._mixed
+    graphs = RecordedGraphs(model, engine.pool, max_num_seqs=c.max_num_seqs, max_model_len=engine.max_model_len,
+                            block_size=c.block_size, use_kernels=False)
+    engine._decode_graphs = lambda m, pool: graphs
+    return engine
+
+
+@pytest.mark.parametrize("async_scheduling, prefix_caching", [(False, False), (True, False), (True, True)])
+def test_engine_with_full_mixed_steps_gives_the_greedy_tokens(async_scheduling, prefix_caching):
+    """Prompts of up to 40 tokens through a budget of 24 tokens per step: chunked prompts beside decodes."""
+    model, tok = load_tiny("draft", dtype=torch.float32, device="cpu")   # 2 layers: fast on a CPU
+    prompts, params, reference = corpus_requests(model, tok)
+    engine = _full_engine(model, max_num_seqs=5, max_num_batched_tokens=24, num_blocks=256, block_size=4,
+                          async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching)
+    for _ in range(2 if prefix_caching else 1):
+        outputs = engine.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in outputs] == reference
+    assert engine._mixed.num_steps > 0
+    if prefix_caching:
+        assert engine.metrics.num_cached_tokens > 0
+    else:
+        assert_all_blocks_free(engine)
+
+
+def test_full_mode_on_a_cpu_captures_nothing():
+    model, tok = load_tiny("draft", dtype=torch.float32, device="cpu")
+    prompts, params, reference = corpus_requests(model, tok)
+    engine = LLMEngine(model, cudagraph_mode="FULL", max_num_seqs=5, max_num_batched_tokens=24, num_blocks=64,
+                       block_size=4)
+    assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == reference
+    assert engine._runner.graphs is None and engine._runner.mixed is None
+
+
+# ---------------------------------------------------------------- on a GPU
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("placeholders", [False, True])
+@pytest.mark.parametrize("prompt_len", [12, 13])
+def test_replayed_full_mixed_step_gives_the_eager_steps_logits_without_a_sync(prompt_len, placeholders):
+    """bf16, the Triton kernels, one graph per size captured and replayed: the eager step's logits (decodes through
+    the prefill kernel: equal to rounding) and K/V; a replay waits for nothing."""
+    from course_lib.model.fused import fuse
+
+    model = _model("cuda", torch.bfloat16)
+    fuse(model)
+    chunks, bm, pool, prev = _mixed_step(model, prompt_len, placeholders=placeholders, use_kernels=True)
+    before = [t.clone() for t in pool.k_caches + pool.v_caches]
+    eager = ModelRunner(model, bm, pool, use_kernels=True).execute(chunks, prev)
+    after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
+    g = _graphs(model, pool)
+    runner = ModelRunner(model, bm, pool, use_kernels=True, mixed=g)
+    runner.execute(chunks, prev)                                   # captures every size
+    assert sorted(g.graphs) == g.sizes
+    for t, b in zip(pool.k_caches + pool.v_caches, before):
+        t.copy_(b)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")                        # any wait for the GPU inside raises
+    try:
+        got = runner.execute(chunks, prev)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
+    for a, b in zip(pool.k_caches + pool.v_caches, after_eager):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+def test_a_full_mixed_step_is_one_graph_launch_and_a_few_copies():
+    from torch.profiler import ProfilerActivity, profile
+
+    from course_lib.model.fused import fuse
+
+    model = _model("cuda", torch.bfloat16)
+    fuse(model)
+    chunks, bm, pool, _ = _mixed_step(model, 12, placeholders=False, use_kernels=True)
+    runner = ModelRunner(model, bm, pool, use_kernels=True, mixed=_graphs(model, pool))
+    runner.execute(chunks)                                         # capture
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        runner.execute(chunks)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events()]
+    assert sum("GraphLaunch" in n for n in names) == 1
+    assert sum("LaunchKernel" in n for n in names) <= 12, names    # the buffers' copies and fills only
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_with_full_mixed_graphs_gives_the_eager_engines_greedy_tokens(async_scheduling):
+    """float32 (exact fp32 dots): the decodes' other summation order cannot flip a greedy token here."""
+    model, tok = load_tiny("target", dtype=torch.float32)
+    prompts, params, _ = corpus_requests(model, tok)
+    outs = {}
+    for mode in ("NONE", "FULL"):
+        engine = LLMEngine(model, max_num_seqs=8, max_num_batched_tokens=64, cudagraph_mode=mode,
+                           async_scheduling=async_scheduling)
+        outs[mode] = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+        assert_all_blocks_free(engine)
+        if mode == "FULL":
+            assert engine._mixed.num_steps > 0 and engine._mixed.graphs
+    assert outs["NONE"] == outs["FULL"]
