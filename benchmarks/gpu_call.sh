@@ -86,6 +86,8 @@ for s in ${STEPS:?set STEPS}; do
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \
                  --out "$OUT/prefill_profile_full.json" ;;
+    profile_full) step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL --top 20 \
+                 --out "$OUT/prefill_profile_full.json" ;;
     paged) step paged 400 python3 -m benchmarks.paged_attention --splits --out "$OUT/paged_attention.json" ;;
     bench_batching) step bench_batching 450 python3 -m benchmarks.engine_batching ;;
     bench_spec_prefix) step bench_speculative 300 python3 -m benchmarks.speculative

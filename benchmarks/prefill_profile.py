@@ -37,8 +37,6 @@ from course_lib.serving.engine import LLMEngine
 def per_step(engine: LLMEngine, prompts, params) -> dict:
     """The prefill phase's steps one by one: host seconds inside ``step()`` (``perf_counter``, no sync)."""
     def timed(name, run):
-        if name != "prefill":
-            return run()
         times, step = [], engine.step
 
         def timed_step():
@@ -55,7 +53,7 @@ def per_step(engine: LLMEngine, prompts, params) -> dict:
             del engine.step
         torch.cuda.synchronize()
         return dict(wall_s=time.perf_counter() - t0, step_s=times)
-    return run_phases(engine, prompts, params, timed)["prefill"]
+    return run_phases(engine, prompts, params, timed)
 
 
 def profiled(engine: LLMEngine, prompts, params, top: int) -> dict:
@@ -109,10 +107,14 @@ def main(argv: list[str] | None = None) -> dict:
     engine.generate(prompts, params, use_tqdm=False)                             # and every capture size
     result.update(mode=args.mode, serving_model="LLaMA 0.37B shape, random weights, bf16, fused kernels",
                   serving_trace="128 requests, prompts uniform in 64-512 tokens, 256 output tokens each, greedy")
-    result["steps"] = per_step(engine, prompts, params)
-    s = result["steps"]
-    print(f"prefill phase: {len(s['step_s'])} steps, {s['wall_s'] * 1e3:.1f} ms wall, host in step(): "
-          + " ".join(f"{t * 1e3:.1f}" for t in s["step_s"]) + " ms", flush=True)
+    for repeat in range(2):   # the second: nothing left to compile or capture
+        result["steps"] = per_step(engine, prompts, params)
+        for name, s in result["steps"].items():
+            slow = sorted(range(len(s["step_s"])), key=lambda i: -s["step_s"][i])[:5]
+            print(f"run {repeat}, {name} phase: {len(s['step_s'])} steps, {s['wall_s'] * 1e3:.1f} ms wall, host in "
+                  f"step() {sum(s['step_s']) * 1e3:.1f} ms; slowest steps (index: ms) "
+                  + ", ".join(f"{i}: {s['step_s'][i] * 1e3:.1f}" for i in slow), flush=True)
+        print("prefill steps' host ms: " + " ".join(f"{t * 1e3:.1f}" for t in result["steps"]["prefill"]["step_s"]))
     result["torch_profiler"] = profiled(engine, prompts, params, args.top)
     print("torch.profiler, by self CPU time (s, calls):")
     for r in result["torch_profiler"]["by_self_cpu"]:
