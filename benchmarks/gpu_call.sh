@@ -4,24 +4,19 @@
 #     STEPS="tests_fa serving1" COURSE_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_call.sh
 # Every step (a name in the case list below). Done in session 8 (2026-12-06, one H100; gpu_checks.md): tests_fa,
 # tests_gpu, tests_e2e, tests_sampling, serving_step, serving2, serving3, fa_hopper, fa_configs; in session 9:
-# serving_step (phases), fa_bwd_configs, paged (twice: before and after the one-tile split plan), fa_atomic. Left, in
-# the order to run them (the serving plan and its measured durations are in benchmarks/serving.py's docstring):
-#   piecewise    piecewise CUDA graphs for mixed steps (cudagraph_mode="FULL_AND_PIECEWISE", never run on a GPU yet):
-#                their GPU tests, with tests/test_cuda_graph.py and tests/test_async_scheduling.py (<= 200 s); then
-#   serving_step in its own call (~6.5 min in session 9, one row more now: may need its limit raised): the decode
-#                step vs its floor, the engine's GPU busy fraction row by row and per phase; its last row ("+ piecewise
-#                graphs for mixed steps") measures the piecewise graphs and the prefill-step sync fix (issue 18's 80%)
-#   tests_gpu    re-run: flash attention's every-config test now has 128 x 128 / 8 warps / 3 stages (session 8); the
-#                eager step's inputs now go up in one pinned copy (session 9)
-#   paged        again after trying BLOCK_N = 32 for split plans at batch 1 (the sweep's best at 4k and 32k; bf16
-#                batch 1 4k/32k still 0.87-0.89x SDPA), and on an H200 (its file predates the one-tile split plan)
-#   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only;
-#                GPU_CONFIGS gained 128 x 128 / 8 warps / 3 stages in session 8, not yet timed autotuned)
+# serving_step (phases), fa_bwd_configs, paged (twice), fa_atomic; in session 10: piecewise, serving_step (H200),
+# full_graph, serving_step_mixed, paged, profile_full. Left, in the order to run them:
+#   tests_gpu    with cudagraph_mode="FULL" made the default locally (the working tree travels): every GPU engine
+#                test against eager engines, then also tests_sampling and piecewise; if green, commit FULL as the default
+#   serving_step in its own call (~7.5 min on an H200 with 6 rows; 7 rows now, warm-up over the whole trace): the
+#                complete file with the full-graph row, on an H100 (and an H200)
+#   paged        BLOCK_N = 32 for split plans (the sweep's best at 4k, 32k, batch 4 8k by 1-3%; bf16 batch 1 32k
+#                0.89x SDPA, the one shape under 0.9x); an H200 run (its file predates the split-plan changes)
+#   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
 #   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
 #                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
-#   bench_batching, bench_spec_prefix   lessons 04, 06, 05's GPU result files (issue 19: the README says "no GPU
-#                result file yet" for them; their GPU runs exist only as logs): ~7 and ~8 min
+#   bench_batching, bench_spec_prefix   lessons 04, 06, 05's GPU result files (~7 and ~8 min)
 #   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_configs, fa_bwd_configs, fa_atomic: re-run when their code
 #                changes
 set -u

@@ -8,7 +8,7 @@ piecewise CUDA graphs; ``benchmarks.host_prefill`` puts the scheduler's and the 
 CPU. This script says where the rest goes, three ways over the same phase (same engine, same schedule: greedy,
 all requests added at once):
 
-1. per step: the host's time in ``engine.step()`` and the wall time between steps (``step_s``);
+1. per step: the host's time in the engine's step (``step_s``; ``run_phases`` steps as generate() does);
 2. ``torch.profiler`` with CPU and CUDA activities: the CUDA runtime calls by self time (``cudaStreamSynchronize``
    and ``cudaMemcpyAsync`` to a pageable buffer are the host *waiting* for the GPU; ``cudaLaunchKernel``,
    ``cudaGraphLaunch`` and Triton's launcher are the cost of starting work) and the step's kernels;
@@ -35,22 +35,22 @@ from course_lib.serving.engine import LLMEngine
 
 
 def per_step(engine: LLMEngine, prompts, params) -> dict:
-    """The prefill phase's steps one by one: host seconds inside ``step()`` (``perf_counter``, no sync)."""
+    """Each phase's steps one by one: host seconds inside the step (``perf_counter``, no sync)."""
     def timed(name, run):
-        times, step = [], engine.step
+        times, step = [], engine._step
 
-        def timed_step():
+        def timed_step(**kwargs):
             t0 = time.perf_counter()
-            out = step()
+            out = step(**kwargs)
             times.append(time.perf_counter() - t0)
             return out
-        engine.step = timed_step
+        engine._step = timed_step
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         try:
             run()
         finally:
-            del engine.step
+            del engine._step
         torch.cuda.synchronize()
         return dict(wall_s=time.perf_counter() - t0, step_s=times)
     return run_phases(engine, prompts, params, timed)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, s in result["steps"].items():
             slow = sorted(range(len(s["step_s"])), key=lambda i: -s["step_s"][i])[:5]
             print(f"run {repeat}, {name} phase: {len(s['step_s'])} steps, {s['wall_s'] * 1e3:.1f} ms wall, host in "
-                  f"step() {sum(s['step_s']) * 1e3:.1f} ms; slowest steps (index: ms) "
+                  f"steps {sum(s['step_s']) * 1e3:.1f} ms; slowest steps (index: ms) "
                   + ", ".join(f"{i}: {s['step_s'][i] * 1e3:.1f}" for i in slow), flush=True)
         print("prefill steps' host ms: " + " ".join(f"{t * 1e3:.1f}" for t in result["steps"]["prefill"]["step_s"]))
     result["torch_profiler"] = profiled(engine, prompts, params, args.top)

@@ -163,10 +163,12 @@ def run_phases(engine: LLMEngine, prompts, params, phase_fn) -> dict:
     for i, prompt in enumerate(prompts):
         engine.add_request(i, prompt, params)
 
+    # Each step as generate() takes it (``_step(finished_only=True)``): ``step()`` also builds the output of every
+    # request that gained a token, host work generate() does not do (files before 2026-12-06's f71c25a measured with it)
     def prefill() -> int:
         steps = 0
         while engine.has_unfinished_requests():
-            engine.step()
+            engine._step(finished_only=True)
             steps += 1
             if engine.last_step is not None and engine.last_step.num_prefill_tokens == 0:
                 break
@@ -175,7 +177,7 @@ def run_phases(engine: LLMEngine, prompts, params, phase_fn) -> dict:
     def decode() -> int:
         steps = 0
         while engine.has_unfinished_requests():
-            engine.step()
+            engine._step(finished_only=True)
             steps += 1
         return steps
 
@@ -210,7 +212,6 @@ def phase_busy(engine: LLMEngine, prompts, params) -> dict:
 
 def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_len: int, max_num_seqs: int) -> list:
     prompts, params = trace(num_requests, output_len, model.config.vocab_size)
-    short_prompts = prompts[:8]
     results = []
     for name, opts in rows:
         engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
@@ -218,7 +219,10 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
                            cudagraph_mode=opts.get("cudagraph_mode", EngineConfig.cudagraph_mode))
         engine.pool.use_paged_prefill = opts["paged_prefill"]
         (fuse if opts["fused_kernels"] else unfuse)(model)
-        engine.generate(short_prompts, SamplingParams(max_tokens=8), use_tqdm=False)   # warm-up: compile, capture
+        # warm-up: the whole trace with 2 output tokens, so that every step shape of the timed run (its prefill
+        # steps, decodes at every batch size) has compiled its Triton kernels and captured its graphs before it
+        engine.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+        engine.generate(prompts[:8], SamplingParams(max_tokens=8), use_tqdm=False)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = engine.generate(prompts, params, use_tqdm=False)

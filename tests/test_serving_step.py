@@ -20,14 +20,14 @@ def test_run_phases_splits_at_the_first_step_without_prompt_tokens(async_schedul
                        block_size=8, async_scheduling=async_scheduling)
     prompts = [[(7 * i + j) % 64 for j in range(20 + 9 * i)] for i in range(6)]   # 20-65 tokens: several chunks
     seen, kinds = [], {}
-    step = engine.step
+    step = engine._step   # run_phases steps as generate() does
 
-    def recording_step():   # the prompt tokens of every step, as the phases run them
-        out = step()
+    def recording_step(**kwargs):   # the prompt tokens of every step, as the phases run them
+        out = step(**kwargs)
         seen.append(engine.last_step.num_prefill_tokens if engine.last_step is not None else None)
         return out
 
-    engine.step = recording_step
+    engine._step = recording_step
 
     def phase_fn(name, run):
         before = len(seen)

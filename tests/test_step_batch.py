@@ -49,6 +49,19 @@ def test_inputs_equal_their_per_token_definition():
     assert batch.placeholder_rows.tolist() == [[1], [0]]
 
 
+def test_unified_inputs_list_every_chunk_padded_to_the_asked_count():
+    """``unified=S`` (the full mixed graphs): every chunk, decodes included, as one kernel sees them, padded to S."""
+    chunks, bm = _mixed_step()
+    pool = KVPool(MICRO.config, 64, bm.block_size, device="cpu")
+    batch = StepBatch(chunks, bm, pool, use_kernels=False, unified=6)
+    assert batch.unified_cu_seqlens_q.tolist() == [0, 1, 2, 10, 16, 16, 16]    # T = 16 repeated: empty chunks
+    assert batch.unified_seq_lens.tolist() == [8, 10, 13, 6, 0, 0]
+    assert batch.unified_cu_seqlens_q.dtype == batch.unified_seq_lens.dtype == torch.int32
+    assert batch.unified_tables.tolist() == torch.cat([                         # decode rows, then prefill rows
+        torch.nn.functional.pad(batch.decode_tables, (0, 1)), batch.prefill_tables]).tolist()
+    assert not hasattr(StepBatch(chunks, bm, pool, use_kernels=False), "unified_tables")
+
+
 def test_a_one_token_chunk_after_a_prefill_chunk_is_refused():
     chunks, bm = _mixed_step()
     pool = KVPool(MICRO.config, 64, bm.block_size, device="cpu")

@@ -112,6 +112,35 @@ def default_row(serving: list[dict]) -> dict:
     return next((r for r in serving if r["row"].endswith("(the default)")), serving[-1])
 
 
+def serving_step_runs(results_dir: Path | None = None) -> tuple[dict, dict]:
+    """The ``benchmarks.serving_step`` GPU runs that split the trace into phases, per card (``device_slug``): the
+    latest **complete** run (every row; ``--rows`` runs a subset) and the latest run with a row that replays the
+    mixed steps as graphs (``cudagraph_mode`` "FULL_AND_PIECEWISE" or "FULL"; None where there is none)."""
+    runs = sorted((r for r in recorded("serving_step_*.json", results_dir) if "phases" in r["serving"][0]),
+                  key=lambda r: r["date"])
+    complete, mixed = {}, {}
+    for run in runs:
+        if "--rows" not in run.get("command", ""):
+            complete[run["device_slug"]] = run
+        if mixed_graph_rows(run):
+            mixed[run["device_slug"]] = run
+    return complete, mixed
+
+
+def serving_step_tok_s(row: dict) -> float:
+    """A serving_step engine row's throughput: output tokens over the faster of its two runs of the whole trace (the
+    timed one, ``wall_s``, and the profiled one, ``busy.wall_s``). Before 2026-12-06's f71c25a the warm-up served 8
+    short prompts only, and a row's timed run could include compiling its Triton kernels (the old engine's on the
+    H200: 13.3 s timed, 9.8 s profiled); the profiler's own overhead only slows a run down."""
+    return row["output_tokens"] / min(row["wall_s"], row["busy"]["wall_s"])
+
+
+def mixed_graph_rows(run: dict) -> list[dict]:
+    """A serving_step run's rows that replay mixed steps as graphs too (piecewise, full), with their phases."""
+    return [r for r in run["serving"] if r.get("cudagraph_mode") in ("FULL_AND_PIECEWISE", "FULL")
+            and "prefill" in r.get("phases", {})]
+
+
 def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float = 1.0,
                                cudnn_target: float = 0.7) -> dict:
     """Lesson 03's training pass (``benchmarks.flash_attention_bwd``): forward + backward time of ours over SDPA's

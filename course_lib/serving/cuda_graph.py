@@ -21,7 +21,8 @@ A graph replays exactly what it recorded: the same kernels, the same grid sizes,
 Only decode-only steps (every chunk one token) replay a graph; steps with prompt chunks or speculative verify
 chunks run eagerly (their shapes change every step), or, with ``LLMEngine(cudagraph_mode="FULL_AND_PIECEWISE")``,
 the steps with prompt chunks replay graphs of the pieces between the attentions
-(``course_lib.serving.piecewise_graph``). Graphs are captured largest first into one memory pool (only one graph
+(``course_lib.serving.piecewise_graph``), or, with ``cudagraph_mode="FULL"``, one whole graph per step, attention
+included (``course_lib.serving.full_graph``). Graphs are captured largest first into one memory pool (only one graph
 runs at a time, so they can share their intermediate buffers). ``LLMEngine(enforce_eager=True)`` (vLLM's name) or
 ``cudagraph_mode="NONE"`` turns them off, and on a CPU there are none.
 """
