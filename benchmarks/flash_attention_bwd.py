@@ -4,6 +4,7 @@
     python -m benchmarks.flash_attention_bwd --quick    # smoke run: tiny shapes in the interpreter on CPU (seconds),
                                                         # 2 shapes on a GPU
     python -m benchmarks.flash_attention_bwd --atomic-dq --head-dims 128   # also ours with atomic dQ, D = 128 only
+    python -m benchmarks.flash_attention_bwd --hopper-forward tma_wide --head-dims 128   # also the TMA forward
 
 Shapes as in ``benchmarks/flash_attention.py`` (FlashAttention's benchmarks): B·N = 16k tokens, Hq = Hkv = 2048 / D
 heads. For each shape and implementation, in the same run: the forward with inputs that require grad (ours then
@@ -15,6 +16,8 @@ causal halves both. Before timing, every implementation's dq, dk, dv are compare
 error, and relative to max |grad|); a row where ours disagrees is recorded with its errors and not timed.
 ``--atomic-dq`` adds ``ours_atomic``: ours with ``dq_mode="atomic"`` (kernels/flash_attention_bwd.py: dQ added by the
 dK/dV programs with fp32 atomics, 5 matmuls), timed in the same rows, with its own ``ours_atomic_vs_*`` ratios.
+``--hopper-forward tma_wide`` adds ``ours_tma``: the forward through that TMA variant
+(``kernels.flash_attention_hopper``), the same backward, with its own ``ours_tma_vs_*`` ratios.
 Writes ``benchmarks/results/flash_attention_bwd_<device-slug>.json`` after every row (a run cut short keeps its data).
 """
 from __future__ import annotations
@@ -49,24 +52,28 @@ def config(quick: bool) -> dict:
     return dict(dtype=torch.float32, head_dims=[16], Ns=[16] if quick else [32, 64, 128], tokens=64, width=32)
 
 
-def ours(dq_mode: str):
+def ours(dq_mode: str, hopper: bool | str = False):
     """Our attention whose backward computes dQ in ``dq_mode``: the autograd function reads the module's DQ_MODE at
-    the forward, so it is set for the forward only and restored (the other implementations are unaffected)."""
+    the forward, so it is set for the forward only and restored (the other implementations are unaffected).
+    ``hopper``: the forward's TMA variant (``kernels.flash_attention(hopper=...)``), the backward unchanged."""
     def attention(q, k, v, causal):
         previous, bwd.DQ_MODE = bwd.DQ_MODE, dq_mode
         try:
-            return kernels.flash_attention(q, k, v, causal=causal)
+            return kernels.flash_attention(q, k, v, causal=causal, hopper=hopper)
         finally:
             bwd.DQ_MODE = previous
     return attention
 
 
-def implementations(usable: dict, atomic_dq: bool = False) -> dict:
-    """name -> attention(q, k, v, causal): ours (and with ``atomic_dq`` ours_atomic), and SDPA restricted to each usable
-    backend (on CPU: SDPA's default, the math backend, as the reference the errors are measured against)."""
+def implementations(usable: dict, atomic_dq: bool = False, hopper_forward: str | None = None) -> dict:
+    """name -> attention(q, k, v, causal): ours (and with ``atomic_dq`` ours_atomic, with ``hopper_forward`` ours_tma),
+    and SDPA restricted to each usable backend (on CPU: SDPA's default, the math backend, as the reference the errors
+    are measured against)."""
     impls = {"ours": ours("separate")}
     if atomic_dq:
         impls["ours_atomic"] = ours("atomic")
+    if hopper_forward:
+        impls["ours_tma"] = ours("separate", hopper_forward)
     impls.update({name: (lambda q, k, v, causal, b=backend: sdpa(b, q, k, v, causal))
                   for name, backend in usable.items()})
     if not HAS_GPU:
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     def add_arguments(parser):
         parser.add_argument("--atomic-dq", action="store_true",
                             help='also time ours with dq_mode="atomic" (ours_atomic) in every row')
+        parser.add_argument("--hopper-forward", default=None, metavar="VARIANT",
+                            help="also time ours with this TMA forward variant (ours_tma, e.g. tma_wide)")
         parser.add_argument("--head-dims", type=lambda text: [int(d) for d in text.split(",")], default=None,
                             help="comma-separated head dims to run, of the configured ones (default: all)")
 
@@ -133,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["backends"] = probe_backends(lambda backend: grads(lambda *a: sdpa(backend, *a), q, k, v,
                                                               torch.ones_like(q), True))
     impls = implementations({b: backend for b, backend in backends.items() if result["backends"][b] == "available"},
-                            args.atomic_dq)
-    result["dq_modes"] = dict(ours="separate", **({"ours_atomic": "atomic"} if args.atomic_dq else {}))
+                            args.atomic_dq, args.hopper_forward)
+    result["dq_modes"] = dict(ours="separate", **({"ours_atomic": "atomic"} if args.atomic_dq else {}),
+                              **({"ours_tma": "separate"} if args.hopper_forward else {}))
+    result["forward_variants"] = dict(ours="portable", **({"ours_tma": args.hopper_forward}
+                                                          if args.hopper_forward else {}))
     reference = next((name for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_math") if name in impls), None)
     result["grad_reference"] = reference
     print(f"device: {result['device']}  torch {torch.__version__}  triton {triton.__version__}  "

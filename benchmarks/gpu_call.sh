@@ -12,6 +12,8 @@
 #                complete file with the full-graph row, on an H100 (and an H200)
 #   paged        BLOCK_N = 32 for split plans (the sweep's best at 4k, 32k, batch 4 8k by 1-3%; bf16 batch 1 32k
 #                0.89x SDPA, the one shape under 0.9x); an H200 run (its file predates the split-plan changes)
+#   fa_bwd_tma   forward + backward at D = 128 with the TMA forward (tma_wide: 0.80-0.91x cuDNN's forward at D = 128
+#                where the portable one is 0.80-0.85x): may lift non-causal 8k/16k (0.685x, 0.696x) over issue 20's 0.7x
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
 #   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
 #                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
@@ -95,6 +97,8 @@ for s in ${STEPS:?set STEPS}; do
                  --out "$OUT/flash_attention_configs_dkdv_dq.json"
                step fa_bwd_atomic 220 python3 -m benchmarks.flash_attention_bwd --atomic-dq --head-dims 128 \
                  --out "$OUT/flash_attention_bwd_atomic.json" ;;
+    fa_bwd_tma) step fa_bwd_tma 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward tma_wide --head-dims 128 \
+                 --out "$OUT/flash_attention_bwd_tma.json" ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac
 done
