@@ -16,11 +16,10 @@ from course_lib.serving.engine import LLMEngine
 from course_lib.serving.full_graph import FullMixedGraphs
 from course_lib.serving.kv_pool import QuantizedKVPool
 from course_lib.serving.model_runner import ModelRunner
-from course_lib.serving.sequence import ScheduledChunk
-from course_lib.serving.spec_decode import VerifyChunk
 from test_cuda_graph import RecordedGraphs
 from test_engine import assert_all_blocks_free, corpus_requests
-from test_piecewise_graph import _mixed_step, _model
+from test_piecewise_graph import (_mixed_step, _model, check_the_steps_refused, mixed_step_matches_eager,
+                                  replayed_step_matches_eager, serve_and_check)
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
@@ -39,22 +38,9 @@ def test_full_mixed_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, p
     model = _model()
     chunks, bm, pool, prev = _mixed_step(model, prompt_len, placeholders=placeholders, use_kernels=use_kernels)
     T = sum(c.num_tokens for c in chunks)
-    before = [t.clone() for t in pool.k_caches + pool.v_caches]
-    eager = ModelRunner(model, bm, pool, use_kernels=use_kernels).execute(chunks, prev)
-    after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
-    for t, b in zip(pool.k_caches + pool.v_caches, before):        # the same step again, from the same cache
-        t.copy_(b)
     g = _graphs(model, pool, use_kernels=use_kernels, eager=True)
-    g.input_ids.fill_(7)
-    g.out.fill_(1.0)                                               # stale rows of an earlier, longer step
     g.block_tables.fill_(5)                                        # stale tables: only the real chunks' are read
-    runner = ModelRunner(model, bm, pool, use_kernels=use_kernels, mixed=g)
-    assert g.can_run(chunks) and g.sizes == [16, 24, 32, 48, 64]
-    got = runner.execute(chunks, prev)
-    assert got.shape == eager.shape == (4, model.config.vocab_size) and g.num_steps == 1
-    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-4)
-    for a, b in zip(pool.k_caches + pool.v_caches, after_eager):   # the real tokens' K/V, and nothing else
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mixed_step_matches_eager(g, chunks, bm, pool, prev, use_kernels=use_kernels, tol=1e-4)
     # the chunks as one kernel sees them: decodes A and B (one query each), C's chunk, D's prompt, then padding
     assert g.cu_seqlens_q.tolist() == [0, 1, 2, 20, T] + [T] * 4
     assert g.seq_lens.tolist() == [11, 8, 30, prompt_len] + [0] * 4
@@ -66,14 +52,9 @@ def test_full_mixed_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, p
 def test_the_steps_full_mixed_graphs_refuse():
     model = _model()
     chunks, bm, pool, _ = _mixed_step(model, 12, placeholders=False)
-    g = _graphs(model, pool, tokens=40, use_kernels=False, eager=True)
-    mid_prompt = [ScheduledChunk(chunks[2].seq, 12, 10)]           # C's tokens 12-21 of 30: no logits row
-    assert g.can_run(mid_prompt)
-    assert ModelRunner(model, bm, pool, use_kernels=False, mixed=g).execute(mid_prompt).shape == (0, 96)
-    assert g.can_run(chunks) and not g.can_run(chunks + [ScheduledChunk(chunks[3].seq, 0, 12)])   # 44 > 40 tokens
-    verify = VerifyChunk(chunks[0].seq, 10, 1, num_lookahead=3, num_drafts=3)   # 4 logits rows: stays eager
-    assert not g.can_run([verify] + chunks[1:])
-    assert not _graphs(model, pool, seqs=3, use_kernels=False, eager=True).can_run(chunks)   # 4 chunks > 3
+    check_the_steps_refused(lambda tokens, seqs: _graphs(model, pool, tokens=tokens, seqs=seqs, use_kernels=False,
+                                                         eager=True), chunks, bm, pool)
+    g = _graphs(model, pool, use_kernels=False, eager=True)
     int8 = QuantizedKVPool(model.config, 16, 4, kv_cache_dtype="int8", device="cpu")   # no kernel reads its codes
     assert not _graphs(model, int8, use_kernels=False, eager=True).can_run(chunks)
     pool.use_paged_prefill = False                                 # the gather path asked for: stays eager
@@ -102,23 +83,8 @@ def test_engine_with_full_mixed_steps_gives_the_greedy_tokens(async_scheduling, 
     prompts, params, reference = corpus_requests(model, tok)
     engine = _full_engine(model, max_num_seqs=5, max_num_batched_tokens=24, num_blocks=256, block_size=4,
                           async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching)
-    for _ in range(2 if prefix_caching else 1):
-        outputs = engine.generate(prompts, params)
-        assert [o.outputs[0].token_ids for o in outputs] == reference
-    assert engine._mixed.num_steps > 0
-    if prefix_caching:
-        assert engine.metrics.num_cached_tokens > 0
-    else:
-        assert_all_blocks_free(engine)
-
-
-def test_full_mode_on_a_cpu_captures_nothing():
-    model, tok = load_tiny("draft", dtype=torch.float32, device="cpu")
-    prompts, params, reference = corpus_requests(model, tok)
-    engine = LLMEngine(model, cudagraph_mode="FULL", max_num_seqs=5, max_num_batched_tokens=24, num_blocks=64,
-                       block_size=4)
-    assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == reference
-    assert engine._runner.graphs is None and engine._runner.mixed is None
+    serve_and_check(engine, prompts, params, reference, prefix_caching)   # (on a CPU, "FULL" captures nothing:
+                                                                          # test_piecewise_graph, every mode)
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -128,29 +94,8 @@ def test_full_mode_on_a_cpu_captures_nothing():
 def test_replayed_full_mixed_step_gives_the_eager_steps_logits_without_a_sync(prompt_len, placeholders):
     """bf16, the Triton kernels, one graph per size captured and replayed: the eager step's logits (decodes through
     the prefill kernel: equal to rounding) and K/V; a replay waits for nothing."""
-    from course_lib.model.fused import fuse
-
-    model = _model("cuda", torch.bfloat16)
-    fuse(model)
-    chunks, bm, pool, prev = _mixed_step(model, prompt_len, placeholders=placeholders, use_kernels=True)
-    before = [t.clone() for t in pool.k_caches + pool.v_caches]
-    eager = ModelRunner(model, bm, pool, use_kernels=True).execute(chunks, prev)
-    after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
-    g = _graphs(model, pool)
-    runner = ModelRunner(model, bm, pool, use_kernels=True, mixed=g)
-    runner.execute(chunks, prev)                                   # captures every size
+    g = replayed_step_matches_eager(_graphs, prompt_len, placeholders)
     assert sorted(g.graphs) == g.sizes
-    for t, b in zip(pool.k_caches + pool.v_caches, before):
-        t.copy_(b)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")                        # any wait for the GPU inside raises
-    try:
-        got = runner.execute(chunks, prev)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)
-    for a, b in zip(pool.k_caches + pool.v_caches, after_eager):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")

@@ -86,21 +86,8 @@ def test_piecewise_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, pl
     model = _model()
     chunks, bm, pool, prev = _mixed_step(model, prompt_len, placeholders=placeholders)
     T = sum(c.num_tokens for c in chunks)
-    before = [t.clone() for t in pool.k_caches + pool.v_caches]
-    eager = ModelRunner(model, bm, pool, use_kernels=False).execute(chunks, prev)
-    after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
-    for t, b in zip(pool.k_caches + pool.v_caches, before):        # the same step again, from the same cache
-        t.copy_(b)
     g = PiecewiseGraphs(model, pool, max_num_batched_tokens=64, max_num_seqs=8, eager=True)
-    g.input_ids.fill_(7)
-    g.out.fill_(1.0)                                               # stale rows of an earlier, longer step
-    runner = ModelRunner(model, bm, pool, use_kernels=False, mixed=g)
-    assert g.can_run(chunks) and g.sizes == [16, 24, 32, 48, 64]
-    got = runner.execute(chunks, prev)
-    assert got.shape == eager.shape == (4, model.config.vocab_size) and g.num_steps == 1
-    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(pool.k_caches + pool.v_caches, after_eager):   # the real tokens' K/V, and nothing else
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    mixed_step_matches_eager(g, chunks, bm, pool, prev, use_kernels=False, tol=1e-5)
     # the padding: token 0 at position 0 from row T to the capture size, zero attention output there
     assert g.input_ids[T:size].eq(0).all() and g.positions[T:size].eq(0).all()
     assert g.out[T:size].eq(0).all() and g.out[size:].eq(1.0).all()   # rows past the size: not this step's
@@ -111,18 +98,44 @@ def test_piecewise_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, pl
     assert g.logits_indices.tolist() == [0, 1, 19, T - 1] + [0] * 4
 
 
+def mixed_step_matches_eager(g, chunks, bm, pool, prev, *, use_kernels: bool, tol: float) -> None:
+    """The step run eagerly, the cache restored, the step again through ``g`` (eager mode, its buffers stale from an
+    earlier, longer step): the same logits, the same K/V stored (the real tokens' and nothing else)."""
+    model = g.model
+    before = [t.clone() for t in pool.k_caches + pool.v_caches]
+    eager = ModelRunner(model, bm, pool, use_kernels=use_kernels).execute(chunks, prev)
+    after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
+    for t, b in zip(pool.k_caches + pool.v_caches, before):        # the same step again, from the same cache
+        t.copy_(b)
+    g.input_ids.fill_(7)
+    g.out.fill_(1.0)                                               # stale rows of an earlier, longer step
+    assert g.can_run(chunks) and g.sizes == [16, 24, 32, 48, 64]
+    got = ModelRunner(model, bm, pool, use_kernels=use_kernels, mixed=g).execute(chunks, prev)
+    assert got.shape == eager.shape == (4, model.config.vocab_size) and g.num_steps == 1
+    torch.testing.assert_close(got, eager, rtol=tol, atol=tol)
+    for a, b in zip(pool.k_caches + pool.v_caches, after_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_step_without_sampling_rows_and_the_steps_it_refuses():
     model = _model()
     chunks, bm, pool, _ = _mixed_step(model, 12, placeholders=False)
-    g = PiecewiseGraphs(model, pool, max_num_batched_tokens=40, max_num_seqs=8, eager=True)
+    make = lambda tokens, seqs: PiecewiseGraphs(model, pool, max_num_batched_tokens=tokens, max_num_seqs=seqs,
+                                                eager=True)
+    check_the_steps_refused(make, chunks, bm, pool)
+
+
+def check_the_steps_refused(make_graphs, chunks, bm, pool) -> None:
+    """What mixed graphs (``make_graphs(tokens, seqs)``, in eager mode) run and refuse: a step without logits rows
+    runs; more tokens than the largest size, a speculative verify chunk, more chunks than ``max_num_seqs`` do not."""
+    g = make_graphs(40, 8)
     mid_prompt = [ScheduledChunk(chunks[2].seq, 12, 10)]           # C's tokens 12-21 of 30: no logits row
     assert g.can_run(mid_prompt)
-    assert ModelRunner(model, bm, pool, use_kernels=False, mixed=g).execute(mid_prompt).shape == (0, 96)
+    assert ModelRunner(g.model, bm, pool, use_kernels=False, mixed=g).execute(mid_prompt).shape == (0, 96)
     assert g.can_run(chunks) and not g.can_run(chunks + [ScheduledChunk(chunks[3].seq, 0, 12)])   # 44 > 40 tokens
     verify = VerifyChunk(chunks[0].seq, 10, 1, num_lookahead=3, num_drafts=3)   # 4 logits rows: stays eager
     assert not g.can_run([verify] + chunks[1:])
-    small = PiecewiseGraphs(model, pool, max_num_batched_tokens=64, max_num_seqs=3, eager=True)
-    assert not small.can_run(chunks)                               # 4 chunks, 3 logits rows at most
+    assert not make_graphs(64, 3).can_run(chunks)                  # 4 chunks, 3 logits rows at most
 
 
 def _piecewise_engine(model, recorded_decode_graphs: bool, **kwargs) -> LLMEngine:
@@ -149,6 +162,12 @@ def test_engine_with_piecewise_steps_gives_the_greedy_tokens(async_scheduling, p
     prompts, params, reference = corpus_requests(model, tok)
     engine = _piecewise_engine(model, decode_graphs, max_num_seqs=5, max_num_batched_tokens=24, num_blocks=256,
                                block_size=4, async_scheduling=async_scheduling, enable_prefix_caching=prefix_caching)
+    serve_and_check(engine, prompts, params, reference, prefix_caching)
+
+
+def serve_and_check(engine, prompts, params, reference, prefix_caching: bool) -> None:
+    """The trace served (twice with prefix caching): the reference's greedy tokens, mixed steps through the engine's
+    mixed graphs, and either cached prefixes found or every block given back."""
     for _ in range(2 if prefix_caching else 1):
         outputs = engine.generate(prompts, params)
         assert [o.outputs[0].token_ids for o in outputs] == reference
@@ -162,7 +181,7 @@ def test_engine_with_piecewise_steps_gives_the_greedy_tokens(async_scheduling, p
 def test_cudagraph_mode_on_a_cpu_captures_nothing_and_changes_no_token():
     model, tok = load_tiny("draft", dtype=torch.float32, device="cpu")
     prompts, params, reference = corpus_requests(model, tok)
-    for mode in ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"):
+    for mode in ("NONE", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE", "FULL"):
         engine = LLMEngine(model, cudagraph_mode=mode, max_num_seqs=5, max_num_batched_tokens=24, num_blocks=64,
                            block_size=4)
         assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == reference
@@ -184,6 +203,15 @@ def test_a_bad_cudagraph_mode_is_refused_naming_the_field(mode):
 def test_replayed_piecewise_step_gives_the_eager_steps_logits_without_a_sync(prompt_len, size, placeholders):
     """bf16, the Triton kernels, the segments captured and replayed: the eager step's logits and K/V; a replay
     waits for nothing (the capture, at the first run, synchronizes: it is outside the check)."""
+    g = replayed_step_matches_eager(lambda model, pool: PiecewiseGraphs(model, pool, max_num_batched_tokens=64,
+                                                                        max_num_seqs=8), prompt_len, placeholders)
+    layers = g.model.config.num_hidden_layers
+    assert sorted(g.graphs) == g.sizes and all(len(s) == layers + 1 for s in g.graphs.values())
+
+
+def replayed_step_matches_eager(make_graphs, prompt_len: int, placeholders: bool):
+    """bf16 on a GPU: the mixed step through ``make_graphs(model, pool)`` (captured at its first run, replayed at its
+    second) gives the eager step's logits and K/V, and its replay waits for nothing. Returns the graphs."""
     from course_lib.model.fused import fuse
 
     model = _model("cuda", torch.bfloat16)
@@ -192,10 +220,9 @@ def test_replayed_piecewise_step_gives_the_eager_steps_logits_without_a_sync(pro
     before = [t.clone() for t in pool.k_caches + pool.v_caches]
     eager = ModelRunner(model, bm, pool, use_kernels=True).execute(chunks, prev)
     after_eager = [t.clone() for t in pool.k_caches + pool.v_caches]
-    g = PiecewiseGraphs(model, pool, max_num_batched_tokens=64, max_num_seqs=8)
+    g = make_graphs(model, pool)
     runner = ModelRunner(model, bm, pool, use_kernels=True, mixed=g)
     runner.execute(chunks, prev)                                   # captures every size
-    assert sorted(g.graphs) == g.sizes and all(len(s) == model.config.num_hidden_layers + 1 for s in g.graphs.values())
     for t, b in zip(pool.k_caches + pool.v_caches, before):
         t.copy_(b)
     torch.cuda.synchronize()
@@ -207,6 +234,7 @@ def test_replayed_piecewise_step_gives_the_eager_steps_logits_without_a_sync(pro
     torch.testing.assert_close(got, eager, rtol=2e-2, atol=2e-2)   # bf16: padded GEMMs may sum in another order
     for a, b in zip(pool.k_caches + pool.v_caches, after_eager):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    return g
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
