@@ -133,7 +133,7 @@ def _prefill_inner(acc, l_i, m_i, q, pos,        # running state of the tile's B
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "num_tiles"])   # one compilation for every batch
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "min_q", "max_q"])   # one compilation for every batch
 def _paged_prefill_kernel(
     q_ptr,                      # [T, Hq, D]: the query tokens of all chunks, chunk after chunk
     k_cache_ptr, v_cache_ptr,   # [N, P, Hkv, D], last dim contiguous
@@ -142,6 +142,7 @@ def _paged_prefill_kernel(
     cu_seqlens_q_ptr,           # [num_seqs + 1] int32: chunk s is rows cu_seqlens_q[s] ... cu_seqlens_q[s+1]-1 of q
     seq_lens_ptr,               # [num_seqs] int32: tokens of K/V of sequence s, its chunk included
     num_seqs, num_tiles, num_kv_heads,   # num_tiles: tile numbers per kv head, T // BLOCK_Q + num_seqs
+    min_q, max_q,               # this launch attends the chunks of min_q ... max_q query tokens only (the others exit)
     qk_scale,                   # sm_scale * log2(e)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kn, stride_kp, stride_kh, stride_vn, stride_vp, stride_vh,
@@ -161,7 +162,7 @@ def _paged_prefill_kernel(
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     n = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start                  # query tokens of the chunk
     i0 = (tile - q_start // BLOCK_Q - seq) * BLOCK_Q                    # its first query of this tile
-    if i0 >= n:                                                         # a spare tile number: nothing to do
+    if i0 >= n or n < min_q or n > max_q:        # a spare tile number, or a chunk left to another launch
         return
     prefix = tl.load(seq_lens_ptr + seq) - n                            # tokens cached before the chunk
 
@@ -231,12 +232,15 @@ def is_supported(dtype: torch.dtype, head_dim: int) -> bool:
 def paged_prefill_attention_unchecked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                       block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor,
                                       seq_lens: torch.Tensor, *, sm_scale: float | None = None,
-                                      out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                                      out: torch.Tensor | None = None, config: dict | None = None,
+                                      chunk_lens: tuple[int, int] | None = None) -> torch.Tensor:
     """``paged_prefill_attention`` without any check: the engine's hot path, which builds its inputs itself.
     Reads only shapes and strides on the host, never a value in device memory: no device-to-host sync.
     ``out`` ``[T, Hq, D]`` (any strides, last dim contiguous): written in place, e.g. a slice of the step's
     output; ``config``: ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of
-    ``prefill_config``'s."""
+    ``prefill_config``'s. ``chunk_lens=(lo, hi)``: attend only the chunks of lo ... hi query tokens (their rows of
+    ``out`` written, the others' left as they are), so that two launches with their own tile sizes can share a
+    step: decodes in 16-row tiles, long chunks in 128-row ones (``course_lib.serving.full_graph``)."""
     T, Hq, D = q.shape
     Hkv, P = k_cache.shape[2], k_cache.shape[1]
     num_seqs = seq_lens.shape[0]
@@ -254,7 +258,8 @@ def paged_prefill_attention_unchecked(q: torch.Tensor, k_cache: torch.Tensor, v_
     num_tiles = T // block_q + num_seqs
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     _paged_prefill_kernel[(num_tiles * Hkv,)](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, num_seqs, num_tiles, Hkv, scale * LOG2E,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, num_seqs, num_tiles, Hkv,
+        *(chunk_lens or (0, T)), scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0),
         GROUP=G, HEAD_DIM=D, DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=P, BLOCK_M=block_m,

@@ -40,6 +40,9 @@ def test_full_mixed_step_gives_the_eager_steps_logits_and_kv(prompt_len, size, p
     T = sum(c.num_tokens for c in chunks)
     g = _graphs(model, pool, use_kernels=use_kernels, eager=True)
     g.block_tables.fill_(5)                                        # stale tables: only the real chunks' are read
+    if use_kernels:   # two launches per layer as on a GPU: decodes (G = 2) in 8-row tiles, the rest in 32-row ones
+        small, large = (dict(BLOCK_M=m, BLOCK_N=16) for m in (8, 32))
+        g.passes = {n: [(small, (1, 4)), (large, (5, n))] for n in g.sizes}
     mixed_step_matches_eager(g, chunks, bm, pool, prev, use_kernels=use_kernels, tol=1e-4)
     # the chunks as one kernel sees them: decodes A and B (one query each), C's chunk, D's prompt, then padding
     assert g.cu_seqlens_q.tolist() == [0, 1, 2, 20, T] + [T] * 4
@@ -57,8 +60,22 @@ def test_the_steps_full_mixed_graphs_refuse():
     g = _graphs(model, pool, use_kernels=False, eager=True)
     int8 = QuantizedKVPool(model.config, 16, 4, kv_cache_dtype="int8", device="cpu")   # no kernel reads its codes
     assert not _graphs(model, int8, use_kernels=False, eager=True).can_run(chunks)
+    assert g.can_run(chunks)
     pool.use_paged_prefill = False                                 # the gather path asked for: stays eager
     assert not g.can_run(chunks)
+
+
+def test_short_chunks_get_the_small_tiles_long_ones_the_large(monkeypatch):
+    """The launches per capture size (``_passes``) with the GPU's configs: decodes and short verify chunks in
+    16-row tiles, the rest in the tiles of one long chunk; one launch where both are the same."""
+    import kernels.paged_prefill as pp
+    from course_lib.serving.full_graph import _passes
+
+    monkeypatch.setattr(pp, "INTERPRET", False)                     # the GPU's configs
+    (short, lens_a), (long, lens_b) = _passes(2048, 2, 64, torch.bfloat16)
+    assert short["BLOCK_M"] == 16 and lens_a == (1, 8) and long["BLOCK_M"] == 128 and lens_b == (9, 2048)
+    assert [lens for _, lens in _passes(16, 4, 128, torch.bfloat16)] == [(1, 4), (5, 16)]
+    assert _passes(16, 1, 64, torch.bfloat16) == [(pp.prefill_config(16, 1, 1, 64, torch.bfloat16), None)]   # MHA
 
 
 def _full_engine(model, **kwargs) -> LLMEngine:

@@ -101,6 +101,31 @@ def test_one_launch_equals_one_launch_per_chunk():
         assert torch.equal(alone, together[a:b])
 
 
+def test_two_launches_split_by_chunk_length_make_the_one_launch():
+    """``chunk_lens``: the short chunks in one launch with small tiles, the long ones in another with large tiles
+    (the full mixed graphs' two passes) give the reference; each launch leaves the other's rows as they were, and
+    padding chunks (no query) and padding rows (in no chunk) are never written."""
+    dtype = kernel_dtypes()[0]
+    q, k_cache, v_cache, tables, cu, lens = make_prefill([(1, 9), (1, 30), (3, 4), (21, 0), (9, 17)], 4, 2, 16, 4,
+                                                         dtype, seed=9)
+    T = q.shape[0]
+    q = torch.cat([q, torch.randn(5, 4, 16, device=DEVICE).to(dtype)])           # 5 padding rows
+    cu, lens = torch.cat([cu, _i32([T] * 3)]), torch.cat([lens, _i32([0] * 3)])     # 3 padding chunks
+    tables = torch.cat([tables, tables[:3]])
+    small, large = (dict(BLOCK_M=m, BLOCK_N=16 if INTERPRET else 64, num_warps=4, num_stages=2)
+                    for m in ((8, 32) if INTERPRET else (16, 64)))
+    short_max = small["BLOCK_M"] // 2                                             # G = 2: tokens per small tile
+    out = torch.full_like(q, 7.0)
+    paged_prefill_attention_unchecked(q, k_cache, v_cache, tables, cu, lens, out=out, config=small,
+                                      chunk_lens=(1, short_max))
+    assert torch.equal(out[5:], torch.full_like(out[5:], 7.0))                     # long chunks: not this launch's
+    paged_prefill_attention_unchecked(q, k_cache, v_cache, tables, cu, lens, out=out, config=large,
+                                      chunk_lens=(short_max + 1, q.shape[0]))
+    want = ref.paged_prefill_attention(q[:T], k_cache, v_cache, tables[:5], cu[:6], lens[:5])
+    torch.testing.assert_close(out[:T], want, **TOL[dtype])
+    assert torch.equal(out[T:], torch.full_like(out[T:], 7.0))                     # padding rows: never written
+
+
 def test_a_key_is_seen_only_by_the_queries_after_it():
     """Changing the last key of a sequence changes only its chunk's last query (causal), nothing of the others."""
     dtype = kernel_dtypes()[0]

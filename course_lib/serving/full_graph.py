@@ -12,7 +12,7 @@ vLLM capture mixed batches whole:
 * **one kernel for every chunk**: a decode is a chunk of one query token over its L cached keys (causal, bottom
   right: it sees all of them), so the step's decodes and prompt chunks go through ``paged_prefill_attention``
   together, chunk after chunk in the step's order (decodes first), instead of the decode kernel plus the prefill
-  kernel;
+  kernel; in two launches per layer, short chunks in small tiles and long ones in large tiles (``_passes``);
 * **padded to fixed shapes**: T to the next capture size (16, 24, 32, 48, ... ``max_num_batched_tokens``, as for
   the piecewise graphs), the chunks to ``max_num_seqs`` (padding chunks have no query rows: ``cu_seqlens_q`` stays
   at the real T, their length is 0; padding rows belong to no chunk, so the kernel never writes them, and their
@@ -47,6 +47,20 @@ from course_lib.serving.sequence import ScheduledChunk
 from kernels.paged_prefill import is_supported, paged_prefill_attention_unchecked, prefill_config
 
 
+def _passes(size: int, group: int, head_dim: int, dtype: torch.dtype) -> list[tuple[dict, tuple[int, int] | None]]:
+    """The paged prefill launches of a step of ``size`` rows: (config, chunk lengths it attends). One tile size for
+    every chunk would be wasteful either way: a decode in a 128-row tile computes 128 rows for its G real ones (at
+    batch 200, contexts of 1k and head dim 128, ~3 TFLOP per step of 28 layers, milliseconds), a 512-token chunk in
+    16-row tiles reads its K/V 32 times more often. So chunks of up to one smallest tile of tokens (decodes,
+    speculative verify chunks) go through a launch with the smallest tiles, the longer ones through a second launch
+    with the tiles ``prefill_config`` picks for one chunk of ``size`` tokens; each launch skips the other's chunks."""
+    short, long = prefill_config(1, 1, group, head_dim, dtype), prefill_config(size, 1, group, head_dim, dtype)
+    if long["BLOCK_M"] <= short["BLOCK_M"]:
+        return [(long, None)]
+    short_max = short["BLOCK_M"] // group                       # query tokens in one smallest tile
+    return [(short, (1, short_max)), (long, (short_max + 1, size))]
+
+
 class _UnifiedAttention:
     """The model's cache protocol inside a full mixed step of ``size`` rows: stores the step's K/V at their slots
     and attends every chunk, decodes included, in one ``paged_prefill_attention`` launch over fixed shapes."""
@@ -65,7 +79,8 @@ class _UnifiedAttention:
         args = (q[0].transpose(0, 1), pool.k_caches[layer], pool.v_caches[layer], g.block_tables, g.cu_seqlens_q,
                 g.seq_lens)
         if g.use_kernels:
-            paged_prefill_attention_unchecked(*args, out=out, config=g.configs[n])
+            for config, chunk_lens in g.passes[n]:
+                paged_prefill_attention_unchecked(*args, out=out, config=config, chunk_lens=chunk_lens)
         else:   # the plain-torch reference (reads the lengths on the host: CPU only); padding rows stay zero
             real = kernels.reference.paged_prefill_attention(*args)
             out.copy_(real)
@@ -97,9 +112,10 @@ class FullMixedGraphs:
         self.seq_lens = torch.zeros(S, dtype=torch.int32, device=device)
         self.out = torch.zeros(T, Hq, D, dtype=dtype, device=device)
         self.logits = torch.zeros(S, cfg.vocab_size, dtype=torch.float32, device=device)
-        # the kernel's tiles per capture size, as for one long chunk: fixed, so that every replay has the same grid
+        # the kernel's launches per capture size, fixed so that every replay has the same grids: the short chunks
+        # (decodes, up to one small tile of tokens) in the smallest tiles, the others in tiles for one long chunk
         G = Hq // cfg.num_key_value_heads
-        self.configs = {n: prefill_config(n, 1, G, D, dtype) for n in self.sizes}
+        self.passes = {n: _passes(n, G, D, dtype) for n in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.num_steps = 0
 
