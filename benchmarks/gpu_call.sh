@@ -7,7 +7,8 @@
 # serving_step (phases), fa_bwd_configs, paged (twice), fa_atomic; in session 10: piecewise, serving_step (H200),
 # full_graph, serving_step_mixed, paged, profile_full. Left, in the order to run them:
 #   tests_gpu    with cudagraph_mode="FULL" made the default locally (the working tree travels): every GPU engine
-#                test against eager engines, then also tests_sampling and piecewise; if green, commit FULL as the default
+#                test (the full graphs' two launches per layer, fb8972a, never ran on a GPU); if green, commit FULL as
+#                the default
 #   serving_step in its own call (~7.5 min on an H200 with 6 rows; 7 rows now, warm-up over the whole trace): the
 #                complete file with the full-graph row, on an H100 (and an H200)
 #   paged        BLOCK_N = 32 for split plans (the sweep's best at 4k, 32k, batch 4 8k by 1-3%; bf16 batch 1 32k
@@ -51,7 +52,7 @@ for s in ${STEPS:?set STEPS}; do
     tests_gpu) step tests_gpu ${GPU_LIMIT:-400} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
                  tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
                  tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py \
-                 tests/test_engine.py ;;
+                 tests/test_engine.py tests/test_full_graph.py tests/test_piecewise_graph.py tests/test_device_sampling.py ;;
     tests_e2e) step tests_e2e 300 python3 -m pytest -q -rfE tests/test_lesson00_warmups.py tests/test_lesson03.py \
                  tests/test_lesson07.py -k end_to_end ;;
     serving_step) step serving_step 570 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;

@@ -24,7 +24,9 @@ vLLM capture mixed batches whole:
 * **one graph per capture size**, captured largest first into one memory pool (``DecodeGraphs``' recipe).
 
 A mixed step is then: the host plans it and uploads its inputs (``StepBatch``, one pinned copy), a few
-device-to-device copies into the persistent buffers, one graph launch. Decode-only steps keep their own graphs
+device-to-device copies into the persistent buffers, one graph launch. Measured on an H100 (``benchmarks.serving_step``,
+the 0.37B trace, before the two launches per layer): the prefill phase 94% GPU busy, where the piecewise graphs left
+it at 49% and eager steps at ~25%. Decode-only steps keep their own graphs
 (``course_lib.serving.cuda_graph``: the split-K decode kernel, better for long contexts at small batch).
 
 **What runs where.** Steps with speculative verify chunks (several logits rows per chunk) stay eager, and so does
@@ -63,7 +65,7 @@ def _passes(size: int, group: int, head_dim: int, dtype: torch.dtype) -> list[tu
 
 class _UnifiedAttention:
     """The model's cache protocol inside a full mixed step of ``size`` rows: stores the step's K/V at their slots
-    and attends every chunk, decodes included, in one ``paged_prefill_attention`` launch over fixed shapes."""
+    and attends every chunk, decodes included, with ``paged_prefill_attention`` over fixed shapes (``_passes``)."""
 
     length = 0   # unused: the positions come from the persistent buffer
 
