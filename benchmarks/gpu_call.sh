@@ -49,7 +49,7 @@ serving() {   # serving N ARGS...: benchmarks.serving with --out serving_partN.j
 for s in ${STEPS:?set STEPS}; do
   case $s in
     tests_fa) step tests_fa ${FA_LIMIT:-300} python3 -m pytest -v -rfE tests/test_flash_attention_bwd.py -k "gpu or benchmark or float32" ;;
-    tests_gpu) step tests_gpu ${GPU_LIMIT:-400} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
+    tests_gpu) step tests_gpu ${GPU_LIMIT:-540} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
                  tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
                  tests/test_paged_prefill.py tests/test_lesson00_warmups.py tests/test_prefix_cache_engine.py \
                  tests/test_engine.py tests/test_full_graph.py tests/test_piecewise_graph.py tests/test_device_sampling.py ;;
