@@ -24,9 +24,10 @@ vLLM capture mixed batches whole:
 * **one graph per capture size**, captured largest first into one memory pool (``DecodeGraphs``' recipe).
 
 A mixed step is then: the host plans it and uploads its inputs (``StepBatch``, one pinned copy), a few
-device-to-device copies into the persistent buffers, one graph launch. Measured on an H100 (``benchmarks.serving_step``,
-the 0.37B trace, before the two launches per layer): the prefill phase 94% GPU busy, where the piecewise graphs left
-it at 49% and eager steps at ~25%. Decode-only steps keep their own graphs
+device-to-device copies into the persistent buffers, one graph launch. Measured on an H100
+(``benchmarks.serving_step``, the 0.37B trace, before the two launches per layer;
+``serving_step_nvidia-h100-80gb-hbm3_e.json``): the prefill phase 94% GPU busy, where the piecewise graphs left it
+at 49% (eager steps: 25% in ``..._d.json``). Decode-only steps keep their own graphs
 (``course_lib.serving.cuda_graph``: the split-K decode kernel, better for long contexts at small batch).
 
 **What runs where.** Steps with speculative verify chunks (several logits rows per chunk) stay eager, and so does
@@ -44,7 +45,7 @@ import torch
 
 import kernels
 from course_lib.serving.kv_pool import KVPool
-from course_lib.serving.piecewise_graph import capture_sizes
+from course_lib.serving.piecewise_graph import capture_sizes, copy_padded
 from course_lib.serving.sequence import ScheduledChunk
 from kernels.paged_prefill import is_supported, paged_prefill_attention_unchecked, prefill_config
 
@@ -166,14 +167,10 @@ class FullMixedGraphs:
         C, width = batch.unified_tables.shape
         size = next(s for s in self.sizes if s >= T)
         # queued after the step's upload (and its placeholder patch) on the same stream: nothing waits
-        self.input_ids[:T].copy_(batch.input_ids[0])
-        self.input_ids[T:size].zero_()
-        self.positions[:T].copy_(batch.positions)
-        self.positions[T:size].zero_()
-        self.slot_mapping[:T].copy_(batch.slot_mapping)
-        self.slot_mapping[T:size].fill_(-1)
-        self.logits_indices[:rows].copy_(batch.logits_indices)
-        self.logits_indices[rows:].zero_()
+        copy_padded(self.input_ids, batch.input_ids[0], size)
+        copy_padded(self.positions, batch.positions, size)
+        copy_padded(self.slot_mapping, batch.slot_mapping, size, fill=-1)   # padding rows: never stored
+        copy_padded(self.logits_indices, batch.logits_indices, len(self.logits_indices))
         self.block_tables[:C, :width].copy_(batch.unified_tables)
         self.cu_seqlens_q.copy_(batch.unified_cu_seqlens_q)            # padded on the host: [S + 1], T repeated
         self.seq_lens.copy_(batch.unified_seq_lens)                    # [S], 0 for the padding chunks

@@ -57,7 +57,8 @@ steps over ``max_num_batched_tokens`` (never scheduled). ``eager=True`` runs the
 same padded buffers with the attention between the pieces, without any graph: the CPU tests drive it, so that on
 a GPU only the capture and the replay of the segments are new (their GPU tests passed on an H200, 2026-12-06).
 ``LLMEngine(cudagraph_mode="FULL_AND_PIECEWISE")`` turns it on; the default is "FULL_DECODE_ONLY". Measured
-(``benchmarks.serving_step``): the prefill phase of its trace went from 21% to 33% GPU busy on an H200, since the
+(``benchmarks.serving_step``): the prefill phase of its trace went from 21% to 33% GPU busy on an H200
+(``serving_step_nvidia-h200.json``), since the
 attention's own launches (~3-5 Triton launches per layer) stay on the host; ``course_lib.serving.full_graph``
 (``cudagraph_mode="FULL"``) captures them too.
 """
@@ -80,6 +81,14 @@ def capture_sizes(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
         sizes += [s for s in (p, p * 3 // 2) if s < max_num_batched_tokens]
         p *= 2
     return sizes + [max_num_batched_tokens]
+
+
+def copy_padded(buffer: torch.Tensor, values: torch.Tensor, end: int, fill: int = 0) -> None:
+    """A persistent buffer's rows for one step: ``values`` in its first rows, ``fill`` from there to row ``end``
+    (the padding up to the capture size; rows past it belong to no graph of this size). On the device: no wait."""
+    n = values.shape[0]
+    buffer[:n].copy_(values)
+    buffer[n:end].fill_(fill)
 
 
 class _Pieces:
@@ -188,12 +197,9 @@ class PiecewiseGraphs:
         T, rows = batch.input_ids.shape[1], batch.logits_indices.shape[0]
         size = next(s for s in self.sizes if s >= T)
         # device-to-device copies, queued after the step's upload (and its placeholder patch): nothing waits
-        self.input_ids[:T].copy_(batch.input_ids[0])
-        self.input_ids[T:size].zero_()
-        self.positions[:T].copy_(batch.positions)
-        self.positions[T:size].zero_()
-        self.logits_indices[:rows].copy_(batch.logits_indices)
-        self.logits_indices[rows:].zero_()
+        copy_padded(self.input_ids, batch.input_ids[0], size)
+        copy_padded(self.positions, batch.positions, size)
+        copy_padded(self.logits_indices, batch.logits_indices, len(self.logits_indices))
         self.out[T:size].zero_()                     # the padding rows' attention output (no layer writes them)
         q, k, v = (t[:, :, :T] for t in self.views(size))
         out = self.views(size, out=True)[:, :, :T]
