@@ -59,3 +59,29 @@ def test_a_superseded_engine_judges_no_claim(tmp_path):
     runs = claims.real_size_serving_runs(tmp_path)
     assert [r["rows"][0]["throughput_tok_s"] for r in runs] == [9000.0]
     assert claims.serving_vs_strongest_hf(runs[0]) == []       # no whole-trace HF row: nothing to compare
+
+
+def _step_row(name, tokens, wall, profiled_wall, mode="FULL_DECODE_ONLY"):
+    phase = dict(steps=1, wall_s=1.0, kernel_time_s=0.5, busy_fraction=0.5)
+    return dict(row=name, output_tokens=tokens, wall_s=wall, busy=dict(wall_s=profiled_wall, busy_fraction=0.5),
+                cudagraph_mode=mode, phases=dict(prefill=phase, decode=phase))
+
+
+def test_serving_step_runs_keep_the_latest_complete_run_and_the_latest_with_mixed_graphs(tmp_path):
+    def run(date, command, rows, slug="gpu-a"):
+        return dict(benchmark="serving_step", device="GPU A", device_slug=slug, date=date, command=command,
+                    serving=rows)
+    old = _step_row("old", 1000, 10.0, 8.0)                        # its timed run compiled: the profiled one counts
+    assert claims.serving_step_tok_s(old) == 125.0
+    assert claims.serving_step_tok_s(_step_row("x", 1000, 2.0, 2.5)) == 500.0   # the profiler only slows a run
+    full = _step_row("+ full", 1000, 1.0, 1.0, mode="FULL")
+    files = {"serving_step_a.json": run("2026-01-01", "python -m benchmarks.serving_step", [old, full]),
+             "serving_step_b.json": run("2026-01-04", "python -m benchmarks.serving_step --rows 6", [old, full]),
+             "serving_step_c.json": run("2026-01-03", "python -m benchmarks.serving_step", [old]),
+             "serving_step_d.json": run("2026-01-01", "python -m benchmarks.serving_step", [old], slug="gpu-b")}
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    complete, mixed = claims.serving_step_runs(tmp_path)
+    assert {s: r["date"] for s, r in complete.items()} == {"gpu-a": "2026-01-03", "gpu-b": "2026-01-01"}
+    assert {s: r["date"] for s, r in mixed.items()} == {"gpu-a": "2026-01-04"}     # the subset run: the row
+    assert claims.mixed_graph_rows(mixed["gpu-a"]) == [full]
