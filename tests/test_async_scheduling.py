@@ -83,8 +83,13 @@ def test_outputs_equal_the_synchronous_engine_on_any_trace(data):
         sync.reset_prefix_cache()
     # arrival times are read on each engine's own clock (measured step times): only a trace that arrives at once
     # is scheduled identically; later arrivals still must give the same tokens
+    # A stop token is read one step late: the stopped sequence runs one step more (a thrown-away token, a slot of
+    # its own), so under memory pressure other free cached blocks may be evicted in another order. The tokens and
+    # finish reasons stay the same; the prefix-cache hits are the same only when no stop token can fire (found by
+    # hypothesis: 5 requests, block size 1, 9 blocks, 2 running at most: request 4 hit 2 cached tokens, then 1).
     want = outputs_of(sync, prompts, params)
-    assert outputs_of(overlap, prompts, params) == want
+    got = outputs_of(overlap, prompts, params)
+    assert got == want if not stop_ids else [g[:2] for g in got] == [w[:2] for w in want]
     all_blocks_free(overlap)
     got = outputs_of(overlap, prompts, params, arrival_times=arrivals)
     assert [g[:2] for g in got] == [w[:2] for w in want]          # cached-token counts depend on the arrival order
@@ -198,3 +203,18 @@ def test_a_step_of_seeded_draws_launches_without_draining(monkeypatch):
     assert got == want and len({tuple(t) for t in got}) == 3
     assert len(launched_over) == 8 and launched_over == [False] + [True] * 7   # 1 prefill step + 7 decode steps
     all_blocks_free(engine)
+
+
+def test_a_stop_token_read_one_step_late_changes_no_token_under_memory_pressure():
+    """The case hypothesis found: the async engine's stopped request runs one step more, its cached-block hits can
+    differ from the synchronous engine's, its tokens and finish reasons cannot."""
+    prompts = [[0, 0, 0, 1], [0], [0, 0, 0, 0, 0, 0, 0], [0, 12], [0, 12, 0]]
+    stop = (frequent_token(prompts),)
+    params = [SamplingParams(max_tokens=m, stop_token_ids=stop) for m in (2, 1, 1, 1, 1)]
+    config = dict(block_size=1, num_blocks=9, max_num_seqs=2, enable_prefix_caching=True)
+    want = outputs_of(LLMEngine(MICRO, **config), prompts, params)
+    overlap = LLMEngine(MICRO, async_scheduling=True, **config)
+    overlap._sample = never_synchronously
+    got = outputs_of(overlap, prompts, params)
+    assert [g[:2] for g in got] == [w[:2] for w in want] and "stop" in want[0][1]
+    all_blocks_free(overlap)
