@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,35 @@ def graph_time(fn, warmup, reps):
         return None
 
 
+def capture(fn):
+    """fn's work as a CUDA graph's replay (fn itself on CPU or where the capture fails)."""
+    if not HAS_GPU:
+        return fn
+    try:
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception:
+        torch.cuda.synchronize()
+        return fn
+
+
+def interleaved_times(replays: dict, warmup: int, reps: int, rounds: int) -> dict:
+    """{name: [median seconds of each round]}: every call (a ``capture``'s replay), ``rounds`` times in turn, the
+    order rotated each round. Two calls timed minutes apart differ by up to ~10% at tens of microseconds (the same
+    plan timed twice in one H100 run: 64 and 71 us); taken in turn, both see the same clocks."""
+    names = list(replays)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times[name].append(time_fn(replays[name], warmup=warmup, reps=reps, flush=True))
+    return times
+
+
 def best_time(fn, warmup, reps):
     """(seconds, eager seconds, mode): CUDA-graph time when it can be measured, else the eager per-call time."""
     eager = time_fn(fn, warmup=warmup, reps=reps, flush=True)
@@ -118,10 +149,11 @@ def time_sdpa(q4, k, v, warmup, reps):
 
 def config(quick: bool) -> dict:
     if quick or not HAS_GPU:   # the interpreter: tiny shapes, just to prove the script runs
-        return dict(Hq=4, Hkv=2, D=16, P=8, dtypes=[torch.float16], warmup=1, reps=2,
+        return dict(Hq=4, Hkv=2, D=16, P=8, dtypes=[torch.float16], warmup=1, reps=2, rounds=2, sweep_rounds=2,
                     correctness=[(2, 40, 8, torch.float32), (1, 100, 16, torch.float16)],
                     sweep=[(1, 64), (2, 64)], split=(1, 512), key=(2, 64))
     return dict(Hq=32, Hkv=8, D=128, P=16, dtypes=[torch.float16, torch.bfloat16], warmup=3, reps=20,
+                rounds=7, sweep_rounds=3,
                 correctness=[(256, 1024, 16, torch.float16), (64, 4096, 16, torch.bfloat16),
                              (1, 32768, 16, torch.float16), (1, 32768, 16, torch.bfloat16),
                              (8, 8192, 8, torch.bfloat16), (16, 2048, 32, torch.float16), (3, 1000, 8, torch.float16)],
@@ -174,23 +206,34 @@ def main(argv: list[str] | None = None) -> dict:
             k, v = contiguous_kv(kc, vc, tables, L)
             kv_bytes = 2 * B * L * Hkv * D * kc.element_size()
             splits = pa.choose_num_splits(B, Hkv, L, pa._num_sms(q.device))
-            t_paged, t_paged_eager, mode = best_time(
+            t_paged_first, t_paged_eager, mode = best_time(
                 lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False),
                 warmup, reps)
             t_sdpa, t_sdpa_eager, backend, all_sdpa, sdpa_call = time_sdpa(q[:, :, None], k, v, warmup, reps)
             out_sdpa = sdpa_call()[:, :, 0]
             out_paged = kernels.paged_attention_decode(q, kc, vc, tables, lens)
             err = (out_paged.float() - out_sdpa.float()).abs().max().item()
+            # The ratio: the two (the paged kernel, SDPA's fastest backend) timed in turn, cfg["rounds"] rounds;
+            # the median of the rounds' ratios, and their range
+            turns = interleaved_times(dict(paged=capture(lambda: kernels.paged_attention_decode(
+                q, kc, vc, tables, lens, max_context_len=L, validate=False)), sdpa=capture(sdpa_call)), warmup, reps,
+                cfg["rounds"])
+            ratios = [s / p for s, p in zip(turns["sdpa"], turns["paged"])]
+            t_paged, t_sdpa = statistics.median(turns["paged"]), statistics.median(turns["sdpa"])
             points.append(dict(B=B, context=L, dtype=str(dtype)[6:], kv_bytes=kv_bytes, num_splits=splits,
                                timing_mode=mode, paged_seconds=t_paged, paged_bytes_per_s=kv_bytes / t_paged,
                                sdpa_seconds=t_sdpa, sdpa_bytes_per_s=kv_bytes / t_sdpa, sdpa_backend=backend,
                                paged_eager_seconds=t_paged_eager, sdpa_eager_seconds=t_sdpa_eager,
                                eager_ratio_to_sdpa=t_sdpa_eager / t_paged_eager,
-                               sdpa_all_seconds=all_sdpa, ratio_to_sdpa=t_sdpa / t_paged, max_abs_diff_vs_sdpa=err))
+                               sdpa_all_seconds=all_sdpa, ratio_to_sdpa=statistics.median(ratios),
+                               round_ratios=ratios, paged_round_seconds=turns["paged"],
+                               sdpa_round_seconds=turns["sdpa"], first_pass_paged_seconds=t_paged_first,
+                               max_abs_diff_vs_sdpa=err))
             print(f"B={B:3d} L={L:5d} {str(dtype)[6:]:>8} splits={splits:3d}: "
                   f"paged {human(kv_bytes / t_paged, 'B/s'):>11} ({t_paged * 1e6:8.1f} us)  "
                   f"SDPA[{backend}] {human(kv_bytes / t_sdpa, 'B/s'):>11} ({t_sdpa * 1e6:8.1f} us)  "
-                  f"ratio {t_sdpa / t_paged:.2f} [{mode}]; "
+                  f"ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f} over "
+                  f"{len(ratios)} rounds) [{mode}]; "
                   f"eager: {t_paged_eager * 1e6:.1f} vs {t_sdpa_eager * 1e6:.1f} us", flush=True)
             del q, kc, vc, k, v
 
@@ -252,21 +295,28 @@ def main(argv: list[str] | None = None) -> dict:
         for (B, L) in shapes:
             q, kc, vc, tables, lens = make_inputs(B, [L] * B, Hq, Hkv, D, P, torch.float16, seed=4)
             k, v = contiguous_kv(kc, vc, tables, L)
-            t_sdpa, _, _, _, sdpa_call = time_sdpa(q[:, :, None], k, v, warmup, reps)
+            _, _, _, _, sdpa_call = time_sdpa(q[:, :, None], k, v, warmup, reps)
             want = sdpa_call()[:, :, 0].float()
+            replays, errors = dict(sdpa=capture(sdpa_call)), {}
             for block_n in (16, 32, 64):
-                pa.CONFIG.update(BLOCK_N=block_n)
+                pa.CONFIG.update(BLOCK_N=block_n)   # read when the call is captured; the graph keeps it
                 for splits in (1, 2, 4, 8, 16, 32, 64):
                     if splits * block_n > max(L, block_n):   # every split at least one tile
                         continue
-                    call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L,
-                                                                  num_splits=splits, validate=False)
-                    err = (call().float() - want).abs().max().item()   # checked before it is timed
-                    t = best_time(call, warmup, reps)[0] if err < 1e-2 else None
-                    split_sweep.append(dict(B=B, context=L, BLOCK_N=block_n, num_splits=splits, max_abs_error=err,
-                                            seconds=t, sdpa_seconds=t_sdpa, ratio_to_sdpa=t_sdpa / t if t else None))
+                    call = functools.partial(kernels.paged_attention_decode, q, kc, vc, tables, lens,
+                                             max_context_len=L, num_splits=splits, validate=False)
+                    errors[block_n, splits] = (call().float() - want).abs().max().item()  # checked before timing
+                    if errors[block_n, splits] < 1e-2:
+                        replays[block_n, splits] = capture(call)
             pa.CONFIG.clear()
             pa.CONFIG.update(default)
+            # every plan and SDPA in turn (cfg["sweep_rounds"] rounds): the plans are compared under the same clocks
+            turns = interleaved_times(replays, warmup, reps, cfg["sweep_rounds"])
+            t_sdpa = statistics.median(turns["sdpa"])
+            for (block_n, splits), err in errors.items():
+                t = statistics.median(turns[block_n, splits]) if (block_n, splits) in turns else None
+                split_sweep.append(dict(B=B, context=L, BLOCK_N=block_n, num_splits=splits, max_abs_error=err,
+                                        seconds=t, sdpa_seconds=t_sdpa, ratio_to_sdpa=t_sdpa / t if t else None))
             auto = pa.choose_num_splits(B, Hkv, L, pa._num_sms(q.device), pa.PROGRAMS_PER_SM)
             rows = [r for r in split_sweep if (r["B"], r["context"]) == (B, L) and r["seconds"]]
             best = min(rows, key=lambda r: r["seconds"])
@@ -283,11 +333,14 @@ def main(argv: list[str] | None = None) -> dict:
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
         command=" ".join(["python -m benchmarks.paged_attention", *(argv if argv is not None else sys.argv[1:])]),
         shapes=dict(Hq=Hq, Hkv=Hkv, head_dim=D, block_size=P), kernel_config=dict(pa.CONFIG),
-        timing=dict(warmup=warmup, reps=reps, statistic="median",
+        timing=dict(warmup=warmup, reps=reps, rounds=cfg["rounds"], statistic="median",
                     clock="CUDA events" if HAS_GPU else "time.perf_counter",
                     mode="seconds: one call replayed from a CUDA graph (GPU time, as serving engines run decode); "
                          "eager_seconds: one call from Python, launch overhead included",
                     cache="L2 flushed before each repetition",
+                    ratio_to_sdpa="the paged kernel and SDPA's fastest backend (chosen in a first pass) replayed in "
+                                  "turn, `rounds` rounds of `reps`, order rotated: the median of the rounds' ratios "
+                                  "(round_ratios); paged_seconds, sdpa_seconds: the median of the rounds",
                     paged_call="max_context_len given, validate=False (no host sync)",
                     bytes="K and V bytes of all B x context tokens, read once"),
         copy_bandwidth=copy_bw, correctness=correctness, bandwidth=points, split_k=split_k,

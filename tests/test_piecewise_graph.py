@@ -186,7 +186,7 @@ def test_cudagraph_mode_on_a_cpu_captures_nothing_and_changes_no_token():
                            block_size=4)
         assert [o.outputs[0].token_ids for o in engine.generate(prompts, params)] == reference
         assert engine._runner.graphs is None and engine._runner.mixed is None and engine.cudagraph_mode == mode
-    assert EngineConfig().cudagraph_mode == "FULL_DECODE_ONLY"
+    assert EngineConfig().cudagraph_mode == "FULL"
 
 
 @pytest.mark.parametrize("mode", ["PIECEWISE", "full_and_piecewise", None, 2])

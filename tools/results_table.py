@@ -49,7 +49,9 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
         out.append(("02", f"paged decode vs SDPA's fastest backend on a contiguous cache (`paged_attention.py`; "
                           f"{_where(run)})",
                     f"{_x(c['all'])} SDPA's speed over all {c['num_shapes']} shapes (lowest at batch {b}, context "
-                    f"{ctx}, {dt}; {c['batch64_ctx4k']:.2f}x at batch 64, context 4k); split-K {c['split_k']:.0f}x "
+                    f"{ctx}, {dt}; {c['batch64_ctx4k']:.2f}x at batch 64, context 4k"
+                    + (f"; medians of rounds timed in turn, single rounds {_x(c['rounds'])}" if c["rounds"] else "")
+                    + f"); split-K {c['split_k']:.0f}x "
                     f"the unsplit kernel at batch {c['split_k_shape'][0]}, context {c['split_k_shape'][1] // 1024}k"))
     for run in claims.recorded("flash_attention_*.json", results_dir):
         if run.get("benchmark") != "flash_attention":      # flash_attention_bwd_* has its own row below

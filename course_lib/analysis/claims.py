@@ -177,12 +177,14 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
 
 def paged_decode_claims(run: dict) -> dict:
     """Lesson 02's paged decode: SDPA's time on a contiguous cache (its fastest backend for each shape) over the
-    paged kernel's, both replayed from a CUDA graph, over every recorded shape; and the split-K speed-up."""
+    paged kernel's, both replayed from a CUDA graph, over every recorded shape; and the split-K speed-up. Files with
+    ``round_ratios`` timed the two in turn, several rounds: the ratio is the median of the rounds, ``rounds`` the
+    lowest and highest round over all shapes (None in older files, which timed each once)."""
     rows = run["bandwidth"]
-    ratios = {(b["B"], b["context"], b["dtype"]): min(b["sdpa_all_seconds"].values()) / b["paged_seconds"]
-              for b in rows}
+    ratios = {(b["B"], b["context"], b["dtype"]): b["ratio_to_sdpa"] for b in rows}
     worst = min(ratios, key=ratios.get)
     return {"all": _span(ratios.values()), "worst_shape": worst, "num_shapes": len(ratios),
+            "rounds": _span_or_none(x for b in rows for x in b.get("round_ratios", ())),
             "batch64_ctx4k": ratios.get((64, 4096, "float16")),
             "split_k": run["split_k"]["speedup"], "split_k_shape": (run["split_k"]["B"], run["split_k"]["context"])}
 

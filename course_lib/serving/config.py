@@ -108,7 +108,7 @@ class EngineConfig:
     num_speculative_tokens: int = 0
     speculative_disable_by_batch_size: int | None = None
     enforce_eager: bool = False
-    cudagraph_mode: str = "FULL_DECODE_ONLY"
+    cudagraph_mode: str = "FULL"
     async_scheduling: bool | None = None
     gpu_memory_utilization: float = 0.9
 
