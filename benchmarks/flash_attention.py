@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 
 import kernels
+from kernels.flash_attention import use_hopper_forward
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_flops, naive_attention, peak_memory, score_matrix_bytes
 from course_lib.analysis.roofline import RESULTS_DIR, time_fn
@@ -140,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
                     q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, generator=gen) for _ in range(3))
                     flops = attention_flops(B, H, N, N, D, causal)
                     ours = kernels.flash_attention(q, k, v, causal=causal)  # the first call autotunes
-                    row = dict(dtype=str(dtype).removeprefix("torch."), D=D, causal=causal, N=N, B=B, H=H, flops=flops)
+                    row = dict(dtype=str(dtype).removeprefix("torch."), D=D, causal=causal, N=N, B=B, H=H, flops=flops,
+                               # which forward kernels.flash_attention's hopper="auto" ran for "ours"
+                               ours_forward="tma" if use_hopper_forward(q, None) else "portable")
                     impls = {"ours": lambda: kernels.flash_attention(q, k, v, causal=causal)}
                     impls.update({b: (lambda backend=backend: sdpa(backend, q, k, v, causal))
                                   for b, backend in usable.items()})

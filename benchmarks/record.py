@@ -1,11 +1,13 @@
 """What every engine benchmark shares: its command line (--quick, --threads, --out), the run's provenance (device,
-versions, date, command) and writing the result to ``benchmarks/results/<name>_<device-slug>.json``."""
+versions, date, command, CPU model, GPU driver) and writing the result to
+``benchmarks/results/<name>_<device-slug>.json``."""
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import json
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,9 +70,32 @@ def provenance(benchmark: str, module: str, argv: list[str] | None, dtype: torch
         cuda=torch.version.cuda if HAS_GPU else None, dtype=str(dtype).removeprefix("torch."),
         torch_threads=torch.get_num_threads(), quick=quick,
         command=" ".join(["python", "-m", module, *(argv if argv is not None else sys.argv[1:])]))
+    info["cpu_model"] = cpu_model()   # an engine's host-bound steps run at the host's speed: name it
+    info["driver"] = driver_version()
     if engine:
         info["kernels"] = "Triton (compiled)" if HAS_GPU else "plain-torch references (CPU)"
     return info
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def driver_version() -> str | None:
+    if not HAS_GPU:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def write(result: dict, name: str, out: Path | str | None) -> Path:

@@ -86,8 +86,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -210,33 +208,10 @@ def provenance(argv, dtype) -> dict:
 
     info = record.provenance("serving", "benchmarks.serving", argv, dtype, False)
     info["transformers"] = transformers.__version__
-    info["cpu_model"] = _cpu_model()
-    info["driver"] = _driver_version()
     info["gpu"] = torch.cuda.get_device_name(0) if HAS_GPU else None
     info["host_bound_note"] = (None if HAS_GPU else "a CPU run: every system's steps are host-bound (Python and "
                                "per-op overhead); its ratios say nothing about a GPU")
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _driver_version() -> str | None:
-    if not HAS_GPU:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 # ---------------------------------------------------------------- traces

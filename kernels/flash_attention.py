@@ -225,7 +225,7 @@ def _check_inputs(q, k, v, causal, sm_scale) -> None:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     sm_scale: float | None = None, return_lse: bool = False, config: dict | None = None,
-                    hopper: bool | str = False):
+                    hopper: bool | str = "auto"):
     """softmax(q kᵀ · sm_scale) v with the Triton FlashAttention forward kernel ``_attn_fwd``; differentiable.
 
     q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] with Hq % Hkv == 0; D in 16/32/64/128; any Sq, Skv >= 1.
@@ -243,8 +243,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     autotuning (a serving engine's ``serving_config``, tests); with gradients the backward's kernels use it too.
     hopper: True (or a variant name of ``kernels.flash_attention_hopper.VARIANTS``) runs the forward with TMA
     tensor descriptors (``kernels.flash_attention_hopper``) where it can: float16/bfloat16 on an sm_90+ GPU with a
-    Triton that has descriptors, or the interpreter; elsewhere, and for float32, the portable kernel runs. Off by
-    default until the benchmark (``benchmarks.flash_attention_hopper``) shows it wins. The backward is the same.
+    Triton that has descriptors, or the interpreter; elsewhere, and for float32, the portable kernel runs. False:
+    the portable kernel always. "auto" (the default): the TMA forward only where it was measured faster
+    (``use_hopper_forward``: D = 128, float16/bfloat16, autotuned, on an sm_90+ GPU), else the portable kernel; the
+    interpreter always runs the portable one. The backward is the same either way.
     Raises ValueError, naming the argument, for shapes, dtypes or devices it cannot handle.
     """
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
@@ -259,7 +261,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     [Sq, Skv] probabilities; the backward recomputes them block by block (``kernels.flash_attention_bwd``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, config, hopper=False):
+    def forward(ctx, q, k, v, causal, sm_scale, config, hopper="auto"):
         if _bwd.DQ_MODE not in _bwd.DQ_MODES:  # here, not in the backward: the error comes with the bad setting
             raise ValueError(f"kernels.flash_attention_bwd.DQ_MODE must be one of {_bwd.DQ_MODES}, "
                              f"got {_bwd.DQ_MODE!r}")
@@ -299,11 +301,33 @@ def serving_config(num_queries: int, dtype: torch.dtype = torch.bfloat16) -> dic
                 num_stages=2 if wide else 3)
 
 
+#: The head dims at which ``hopper="auto"`` takes the TMA forward. Measured on an H100 (torch 2.11, triton 3.6):
+#: forward alone at D = 128, N = 4k-16k, its variant "tma_wide" 0.80-0.91x cuDNN's time where the portable kernel
+#: is 0.80-0.85x, faster in 7 of 8 bf16/fp16 shapes (flash_attention_hopper_nvidia-h100-80gb-hbm3.json); forward +
+#: backward 0.72-0.74x cuDNN vs 0.66-0.73x, faster in all 8 shapes (flash_attention_bwd_nvidia-h100-80gb-hbm3_tma.json).
+#: At D = 64 the portable kernel was as fast or faster (0.93-0.96x vs 0.89-0.93x): not taken there.
+HOPPER_AUTO_HEAD_DIMS = (128,)
+
+
+def use_hopper_forward(q: torch.Tensor, config: dict | None) -> bool:
+    """``hopper="auto"``: True where the TMA forward was measured faster (``HOPPER_AUTO_HEAD_DIMS``), compiled on an
+    sm_90+ GPU, float16/bfloat16, autotuned (a fixed ``config`` is a portable kernel's config: kept)."""
+    if INTERPRET or config is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if q.shape[-1] not in HOPPER_AUTO_HEAD_DIMS:
+        return False
+    from kernels import flash_attention_hopper as tma  # here: it imports this module
+
+    return tma.hopper_status() is None
+
+
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None,
-                     hopper: bool | str = False):
+                     hopper: bool | str = "auto"):
     """The forward launch, outside autograd: ``flash_attention`` with an optional fixed launch config
     ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of autotuning (tests use it)."""
     _check_inputs(q, k, v, causal, sm_scale)
+    if hopper == "auto":
+        hopper = use_hopper_forward(q, config)
     if hopper and (INTERPRET or q.dtype != torch.float32):
         from kernels import flash_attention_hopper as tma  # here: it imports this module
 

@@ -35,7 +35,8 @@ CONFIG = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 MIN_TOKENS_PER_SPLIT = 256
 #: The FP16 kernel's floor: one tile. On an H100 at batch 1, 1k tokens (8 kv heads), 16 splits of 64 tokens ran at
 #: 0.97x SDPA's time where 4 splits of 256 ran at 0.71x: with so few programs, more of them matters more than the
-#: merge (``paged_attention --splits``, paged_attention_nvidia-h100-80gb-hbm3.json, 2026-12-06).
+#: merge (``paged_attention --splits``: paged_attention_nvidia-h100-80gb-hbm3.json as of abdf249, 2026-12-06;
+#: later files of that card ran without the sweep).
 DECODE_MIN_TOKENS_PER_SPLIT = CONFIG["BLOCK_N"]
 MAX_SPLITS = 128
 #: Below this many programs per SM, split-K adds programs (B=32, context 4k, unsplit: 256 programs, 3.2 TB/s;

@@ -158,3 +158,37 @@ def test_gpu_autotuned_wrapper():
     got = kernels.flash_attention(q, k, v, causal=True, hopper="tma")
     torch.testing.assert_close(got, kernels.reference.attention(q, k, v, causal=True), **TOL[torch.bfloat16])
     assert DEVICE.type == "cuda"
+
+
+def test_auto_never_takes_the_tma_forward_in_the_interpreter_or_off_its_measured_shapes():
+    """``hopper="auto"`` (the default): the portable kernel in the interpreter (CPU paths unchanged), for float32,
+    at head dims where the TMA forward was not measured faster, and with a fixed (portable) launch config."""
+    from kernels.flash_attention import HOPPER_AUTO_HEAD_DIMS, use_hopper_forward
+
+    q, _, _ = _qkv(1, 2, 2, 8, 8, 128, kernel_dtypes()[0])
+    assert HOPPER_AUTO_HEAD_DIMS == (128,)
+    assert not use_hopper_forward(q, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2))
+    assert not use_hopper_forward(q.float(), None)
+    assert not use_hopper_forward(q[..., :64].contiguous(), None)
+    assert use_hopper_forward(q, None) == ON_HOPPER   # the interpreter: never
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs an sm_90+ GPU")
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_default_takes_the_tma_forward_at_head_dim_128_and_stays_differentiable(causal):
+    """On an sm_90+ GPU at D = 128 the default call runs the TMA forward (the same output as hopper="tma_wide", bit
+    for bit) and its gradients, through the portable backward, match the reference's; at D = 64 the portable one."""
+    q, k, v = _qkv(1, 8, 4, 700, 900, 128, torch.bfloat16, seed=6)
+    torch.testing.assert_close(kernels.flash_attention(q, k, v, causal=causal),
+                               kernels.flash_attention(q, k, v, causal=causal, hopper="tma_wide"), rtol=0, atol=0)
+    q64, k64, v64 = (t[..., :64].contiguous() for t in (q, k, v))
+    torch.testing.assert_close(kernels.flash_attention(q64, k64, v64, causal=causal),
+                               kernels.flash_attention(q64, k64, v64, causal=causal, hopper=False), rtol=0, atol=0)
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    kernels.reference.attention(*leaves, causal=causal).square().sum().backward()
+    want = [t.grad for t in leaves]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    kernels.flash_attention(*leaves, causal=causal).float().square().sum().backward()
+    for got, w in zip((t.grad for t in leaves), want):
+        scale = w.abs().max().item()
+        assert (got.float() - w).abs().max().item() <= 3e-2 * scale

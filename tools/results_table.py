@@ -88,7 +88,11 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"{c['min_n'] // 1024}k: {_x(c['bwd_flash_sel'])} SDPA-flash, {_x(c['bwd_cudnn_sel'])} cuDNN; "
                     f"gradients within {c['max_grad_rel_err']:.1%} of SDPA-flash's largest"
                     + (f"; dQ by fp32 atomics instead (`dq_mode=\"atomic\"`): {_x(c['atomic_cudnn_all'])} cuDNN, "
-                       f"{_x(c['atomic_over_separate'])} the default mode's time" if c["atomic_cudnn_all"] else "")))
+                       f"{_x(c['atomic_over_separate'])} the default mode's time" if c["atomic_cudnn_all"] else "")
+                    + (f"; the forward through the TMA kernel instead (`hopper=\"{c['tma_variant']}\"`), same "
+                       f"backward: {_x(c['tma_cudnn_sel'])} cuDNN at N ≥ {c['min_n'] // 1024}k (target: "
+                       + ("met" if not c["tma_cudnn_misses"] else "missed") + f"), {_x(c['tma_flash_sel'])} "
+                       f"SDPA-flash" if c["tma_cudnn_sel"] else "")))
     out.append(("04", "continuous vs static batching, same trace",
                 _no_file("the GPU run", "python -m benchmarks.engine_batching")))
     out.append(("05", "prefix caching, hit rate and time to first token",
@@ -130,16 +134,21 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"faster of its two runs of the trace (target ≥ 4x); GPU busy "
                     f"{best['busy']['busy_fraction']:.0%} of the whole trace: "
                     f"{dec['busy_fraction']:.0%} in the decode phase, {pre['busy_fraction']:.0%} in the prefill "
-                    f"phase ({pre['steps']} eager steps, {pre['wall_s'] / (pre['wall_s'] + dec['wall_s']):.0%} of "
-                    f"the wall time) (target ≥ 80%)"))
-    for run in mixed.values():   # the mixed steps replayed as graphs too (not the default yet)
+                    f"phase ({pre['steps']} steps, {pre['wall_s'] / (pre['wall_s'] + dec['wall_s']):.0%} of "
+                    f"the wall time) (target ≥ 80%); the default at that commit: "
+                    f"{best['row'].removesuffix(' (the default)').lstrip('+ ')}"
+                    + "".join(f"; {r['row'].lstrip('+ ')} instead: {tok_s(r):,.0f} tok/s, GPU busy "
+                              f"{r['busy']['busy_fraction']:.0%}" for r in run["serving"][3:] if r is not best)))
+    for run in mixed.values():   # a run with mixed-step graph rows that is not its card's latest complete run
+        if run is complete.get(run["device_slug"]):
+            continue
         old_row = run["serving"][0]
         parts = [f"{r['row'].lstrip('+ ')} (`cudagraph_mode=\"{r['cudagraph_mode']}\"`): {tok_s(r):,.0f} "
                  f"tok/s = {tok_s(r) / tok_s(old_row):.1f}x the old engine in the same run, GPU "
                  f"busy {r['busy']['busy_fraction']:.0%} of the whole trace (target ≥ 80%), "
                  f"{r['phases']['prefill']['busy_fraction']:.0%} in the prefill phase"
                  for r in claims.mixed_graph_rows(run)]
-        out.append(("10", f"mixed steps replayed as CUDA graphs too, not the default yet (`python -m "
+        out.append(("10", f"mixed steps replayed as CUDA graphs too (`python -m "
                           f"benchmarks.serving_step`; {_where(run)}, commit {run['git_commit'][:7]})",
                     f"{run['serving_model'].split(' (')[0]}, {run['serving_trace'].split(',')[0]}, tok/s the faster "
                     f"of each row's two runs of the trace: " + "; ".join(parts)))

@@ -172,6 +172,12 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
                                           if "ours_atomic_vs_sdpa_cudnn" in s),
         "atomic_over_separate": _span_or_none(s["ours_atomic_fwd_bwd_seconds"] / s["ours_fwd_bwd_seconds"]
                                               for s in rows if "ours_atomic_fwd_bwd_seconds" in s),
+        # a run with --hopper-forward also timed ours with the forward through that TMA variant (the same backward)
+        "tma_variant": run.get("forward_variants", {}).get("ours_tma"),
+        "tma_cudnn_sel": _span_or_none(s["ours_tma_vs_sdpa_cudnn"] for s in sel if "ours_tma_vs_sdpa_cudnn" in s),
+        "tma_flash_sel": _span_or_none(s["ours_tma_vs_sdpa_flash"] for s in sel if "ours_tma_vs_sdpa_flash" in s),
+        "tma_cudnn_misses": misses("ours_tma_vs_sdpa_cudnn", cudnn_target) if any(
+            "ours_tma_vs_sdpa_cudnn" in s for s in sel) else [],
     }
 
 
