@@ -16,8 +16,11 @@ causal halves both. Before timing, every implementation's dq, dk, dv are compare
 error, and relative to max |grad|); a row where ours disagrees is recorded with its errors and not timed.
 ``--atomic-dq`` adds ``ours_atomic``: ours with ``dq_mode="atomic"`` (kernels/flash_attention_bwd.py: dQ added by the
 dK/dV programs with fp32 atomics, 5 matmuls), timed in the same rows, with its own ``ours_atomic_vs_*`` ratios.
+``ours`` runs the library's default forward (``hopper="auto"``: the TMA kernel at D = 128 on an sm_90+ GPU, the
+portable one elsewhere; each row's ``ours_forward`` says which; rows without it ran the portable one).
 ``--hopper-forward tma_wide`` adds ``ours_tma``: the forward through that TMA variant
-(``kernels.flash_attention_hopper``), the same backward, with its own ``ours_tma_vs_*`` ratios.
+(``kernels.flash_attention_hopper``), the same backward, with its own ``ours_tma_vs_*`` ratios;
+``--hopper-forward portable`` adds ``ours_portable``, the portable forward.
 Writes ``benchmarks/results/flash_attention_bwd_<device-slug>.json`` after every row (a run cut short keeps its data).
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ import triton
 
 import kernels
 import kernels.flash_attention_bwd as bwd
+from kernels.flash_attention import use_hopper_forward
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_backward_flops, attention_flops
 
@@ -52,10 +56,11 @@ def config(quick: bool) -> dict:
     return dict(dtype=torch.float32, head_dims=[16], Ns=[16] if quick else [32, 64, 128], tokens=64, width=32)
 
 
-def ours(dq_mode: str, hopper: bool | str = False):
+def ours(dq_mode: str, hopper: bool | str = "auto"):
     """Our attention whose backward computes dQ in ``dq_mode``: the autograd function reads the module's DQ_MODE at
     the forward, so it is set for the forward only and restored (the other implementations are unaffected).
-    ``hopper``: the forward's TMA variant (``kernels.flash_attention(hopper=...)``), the backward unchanged."""
+    ``hopper``: the forward (``kernels.flash_attention(hopper=...)``: "auto", the library's default, a TMA variant, or
+    False for the portable kernel), the backward unchanged."""
     def attention(q, k, v, causal):
         previous, bwd.DQ_MODE = bwd.DQ_MODE, dq_mode
         try:
@@ -72,8 +77,9 @@ def implementations(usable: dict, atomic_dq: bool = False, hopper_forward: str |
     impls = {"ours": ours("separate")}
     if atomic_dq:
         impls["ours_atomic"] = ours("atomic")
-    if hopper_forward:
-        impls["ours_tma"] = ours("separate", hopper_forward)
+    if hopper_forward:   # "portable": ours_portable, the portable forward; a TMA variant's name: ours_tma
+        impls["ours_portable" if hopper_forward == "portable" else "ours_tma"] = ours(
+            "separate", False if hopper_forward == "portable" else hopper_forward)
     impls.update({name: (lambda q, k, v, causal, b=backend: sdpa(b, q, k, v, causal))
                   for name, backend in usable.items()})
     if not HAS_GPU:
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--atomic-dq", action="store_true",
                             help='also time ours with dq_mode="atomic" (ours_atomic) in every row')
         parser.add_argument("--hopper-forward", default=None, metavar="VARIANT",
-                            help="also time ours with this TMA forward variant (ours_tma, e.g. tma_wide)")
+                            help="also time ours with this forward: a TMA variant (ours_tma, e.g. tma_wide) or "
+                                 "portable (ours_portable)")
         parser.add_argument("--head-dims", type=lambda text: [int(d) for d in text.split(",")], default=None,
                             help="comma-separated head dims to run, of the configured ones (default: all)")
 
@@ -143,10 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                               torch.ones_like(q), True))
     impls = implementations({b: backend for b, backend in backends.items() if result["backends"][b] == "available"},
                             args.atomic_dq, args.hopper_forward)
+    extra = "ours_portable" if args.hopper_forward == "portable" else "ours_tma"
     result["dq_modes"] = dict(ours="separate", **({"ours_atomic": "atomic"} if args.atomic_dq else {}),
-                              **({"ours_tma": "separate"} if args.hopper_forward else {}))
-    result["forward_variants"] = dict(ours="portable", **({"ours_tma": args.hopper_forward}
-                                                          if args.hopper_forward else {}))
+                              **({extra: "separate"} if args.hopper_forward else {}))
+    # ours: the library's default forward (hopper="auto": each row's ours_forward says which kernel it ran)
+    result["forward_variants"] = dict(ours="auto", **({extra: args.hopper_forward} if args.hopper_forward else {}))
     reference = next((name for name in ("sdpa_flash", "sdpa_cudnn", "sdpa_math") if name in impls), None)
     result["grad_reference"] = reference
     print(f"device: {result['device']}  torch {torch.__version__}  triton {triton.__version__}  "
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
                 q, k, v, do = (torch.randn(B, H, N, D, device=DEVICE, dtype=dtype, generator=gen) for _ in range(4))
                 q, k, v = (t.requires_grad_() for t in (q, k, v))
                 row = dict(dtype=str(dtype).removeprefix("torch."), D=D, causal=causal, N=N, B=B, H=H,
+                           ours_forward="tma" if use_hopper_forward(q, None) else "portable",
                            fwd_flops=attention_flops(B, H, N, N, D, causal),
                            bwd_flops=attention_backward_flops(B, H, N, N, D, causal))
                 want = grads(impls[reference], q, k, v, do, causal) if reference else None

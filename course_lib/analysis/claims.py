@@ -107,9 +107,17 @@ def flash_attention_claims(run: dict, head_dim: int = 128, min_n: int = 4096) ->
 
 def default_row(serving: list[dict]) -> dict:
     """Of a ``benchmarks.serving_step`` run's engine rows, the one run with the engine's defaults (its name ends in
-    "(the default)"): the engine as it ships; later rows try options that are not the default yet. Files without
+    "(the default)"): the engine as it ships (as of that run's commit). Files without
     the mark: their last row."""
     return next((r for r in serving if r["row"].endswith("(the default)")), serving[-1])
+
+
+def decode_graphs_row(serving: list[dict]) -> dict:
+    """Of a ``benchmarks.serving_step`` run's engine rows, the engine with CUDA graphs for its decode-only steps and
+    asynchronous scheduling, its mixed steps eager (the row "+ async scheduling", the default before the full graphs
+    became it): the engine whose idle GPU lesson 10 dissects. Files without that row: their default row."""
+    return next((r for r in serving if r["row"].removesuffix(" (the default)") == "+ async scheduling"),
+                default_row(serving))
 
 
 def serving_step_runs(results_dir: Path | None = None) -> tuple[dict, dict]:

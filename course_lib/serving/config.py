@@ -72,16 +72,16 @@ class EngineConfig:
                             always speculate). A big batch already fills a step: a verify pass of 1 + k tokens per
                             sequence then costs more than the drafts it accepts save
     enforce_eager           run every step eagerly, never through a captured CUDA graph (vLLM's switch to debug or
-                            compare against graphs; the same as cudagraph_mode "NONE"). By default, with the kernels
-                            on a GPU, decode-only steps replay one CUDA graph per batch-size bucket
-                            (``course_lib.serving.cuda_graph``)
+                            compare against graphs; the same as cudagraph_mode "NONE")
     cudagraph_mode          which steps replay CUDA graphs (vLLM's names), with the kernels on a GPU (on a CPU any mode
-                            runs every step eagerly): "FULL_DECODE_ONLY" (the default) one whole graph per batch-size
-                            bucket for decode-only steps (``course_lib.serving.cuda_graph``); "FULL_AND_PIECEWISE"
-                            those, and piecewise graphs, cut at each attention, for mixed steps with prompt chunks
-                            (``course_lib.serving.piecewise_graph``); "FULL" those, and one whole graph per mixed
-                            step, its attention included (``course_lib.serving.full_graph``); "NONE" no graph (what
-                            ``enforce_eager=True`` forces, whatever the mode)
+                            runs every step eagerly): "FULL" (the default) one whole graph per batch-size bucket for
+                            decode-only steps (``course_lib.serving.cuda_graph``) and one whole graph per token count
+                            for mixed steps with prompt chunks, attention included (``course_lib.serving.full_graph``);
+                            "FULL_AND_PIECEWISE" the decode graphs, and for mixed steps piecewise graphs cut at each
+                            attention (``course_lib.serving.piecewise_graph``); "FULL_DECODE_ONLY" the decode graphs
+                            only, mixed steps eager (the default until the full graphs, measured on an H100:
+                            serving_step_nvidia-h100-80gb-hbm3_f.json); "NONE" no graph (what ``enforce_eager=True``
+                            forces, whatever the mode)
     async_scheduling        plan step k + 1 on the host while the GPU runs step k (vLLM's name;
                             ``course_lib.serving.async_scheduling``): greedy steps launch without waiting for their
                             tokens, which are read back one step later. Default None: on for a model on a GPU, off

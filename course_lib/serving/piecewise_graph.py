@@ -56,7 +56,7 @@ device from the previous step's sampled ids, as in an eager step (``ModelRunner.
 steps over ``max_num_batched_tokens`` (never scheduled). ``eager=True`` runs the very same forward pass over the
 same padded buffers with the attention between the pieces, without any graph: the CPU tests drive it, so that on
 a GPU only the capture and the replay of the segments are new (their GPU tests passed on an H200, 2026-12-06).
-``LLMEngine(cudagraph_mode="FULL_AND_PIECEWISE")`` turns it on; the default is "FULL_DECODE_ONLY". Measured
+``LLMEngine(cudagraph_mode="FULL_AND_PIECEWISE")`` turns it on; the default is "FULL". Measured
 (``benchmarks.serving_step``): the prefill phase of its trace went from 21% to 33% GPU busy on an H200
 (``serving_step_nvidia-h200.json``), since the
 attention's own launches (~3-5 Triton launches per layer) stay on the host; ``course_lib.serving.full_graph``
