@@ -5,16 +5,12 @@
 # Every step (a name in the case list below). Done in session 8 (2026-12-06, one H100; gpu_checks.md): tests_fa,
 # tests_gpu, tests_e2e, tests_sampling, serving_step, serving2, serving3, fa_hopper, fa_configs; in session 9:
 # serving_step (phases), fa_bwd_configs, paged (twice), fa_atomic; in session 10: piecewise, serving_step (H200),
-# full_graph, serving_step_mixed, paged, profile_full. Left, in the order to run them:
-#   tests_gpu    with cudagraph_mode="FULL" made the default locally (the working tree travels): every GPU engine
-#                test (the full graphs' two launches per layer, fb8972a, never ran on a GPU); if green, commit FULL as
-#                the default
-#   serving_step in its own call (~7.5 min on an H200 with 6 rows; 7 rows now, warm-up over the whole trace): the
-#                complete file with the full-graph row, on an H100 (and an H200)
-#   paged        BLOCK_N = 32 for split plans (the sweep's best at 4k, 32k, batch 4 8k by 1-3%; bf16 batch 1 32k
-#                0.89x SDPA, the one shape under 0.9x); an H200 run (its file predates the split-plan changes)
-#   fa_bwd_tma   forward + backward at D = 128 with the TMA forward (tma_wide: 0.80-0.91x cuDNN's forward at D = 128
-#                where the portable one is 0.80-0.85x): may lift non-causal 8k/16k (0.685x, 0.696x) over issue 20's 0.7x
+# full_graph, serving_step_mixed, paged, profile_full; in session 11 (H100): tests_gpu (FULL the default),
+# serving_step, paged (no sweep), fa_bwd_tma. Left, in the order to run them:
+#   fa_auto      the GPU tests of kernels.flash_attention's hopper="auto" default (435bf7f: the TMA forward at D = 128
+#                on sm_90+, never run as the default), then the fwd+bwd benchmark whose "ours" is now that default
+#   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
+#   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
 #   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
 #                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
@@ -98,6 +94,10 @@ for s in ${STEPS:?set STEPS}; do
                  --out "$OUT/flash_attention_configs_dkdv_dq.json"
                step fa_bwd_atomic 220 python3 -m benchmarks.flash_attention_bwd --atomic-dq --head-dims 128 \
                  --out "$OUT/flash_attention_bwd_atomic.json" ;;
+    fa_auto) step fa_auto_tests 240 python3 -m pytest -q -rfE --durations=5 tests/test_flash_attention_hopper.py \
+                 tests/test_flash_attention.py -k "gpu or auto or default"
+               step fa_bwd 330 python3 -m benchmarks.flash_attention_bwd --hopper-forward portable \
+                 --out "$OUT/flash_attention_bwd.json" ;;
     fa_bwd_tma) step fa_bwd_tma 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward tma_wide --head-dims 128 \
                  --out "$OUT/flash_attention_bwd_tma.json" ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
