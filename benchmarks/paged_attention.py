@@ -229,12 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
                                round_ratios=ratios, paged_round_seconds=turns["paged"],
                                sdpa_round_seconds=turns["sdpa"], first_pass_paged_seconds=t_paged_first,
                                max_abs_diff_vs_sdpa=err))
+            if B >= 64:   # the target's denominator (>= 90% of the copy bandwidth), also at this transfer's size:
+                # a copy moving the same bytes (read + write = kv_bytes); a ~100 us transfer pays its ramp too
+                points[-1]["copy_bandwidth_same_bytes"] = measure_copy_bandwidth(kv_bytes // 2, warmup=3, reps=reps)
             print(f"B={B:3d} L={L:5d} {str(dtype)[6:]:>8} splits={splits:3d}: "
                   f"paged {human(kv_bytes / t_paged, 'B/s'):>11} ({t_paged * 1e6:8.1f} us)  "
                   f"SDPA[{backend}] {human(kv_bytes / t_sdpa, 'B/s'):>11} ({t_sdpa * 1e6:8.1f} us)  "
                   f"ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f} over "
                   f"{len(ratios)} rounds) [{mode}]; "
-                  f"eager: {t_paged_eager * 1e6:.1f} vs {t_sdpa_eager * 1e6:.1f} us", flush=True)
+                  f"eager: {t_paged_eager * 1e6:.1f} vs {t_sdpa_eager * 1e6:.1f} us"
+                  + (f"; a copy of the same bytes {human(points[-1]['copy_bandwidth_same_bytes'], 'B/s')}"
+                     if B >= 64 else ""), flush=True)
             del q, kc, vc, k, v
 
     # 3. Split-K: one long sequence, split vs unsplit.
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     # every num_splits (and BLOCK_N 16/32/64) replayed from a CUDA graph, against SDPA's best backend
     split_sweep = []
     if args.splits:
-        shapes = [(1, 64), (2, 64)] if not HAS_GPU else [(1, 1024), (1, 4096), (1, 32768), (4, 8192)]
+        shapes = [(1, 64), (2, 64)] if not HAS_GPU else [(1, 1024), (1, 4096), (1, 32768), (4, 8192), (64, 1024)]
         default = dict(pa.CONFIG)
         for (B, L) in shapes:
             q, kc, vc, tables, lens = make_inputs(B, [L] * B, Hq, Hkv, D, P, torch.float16, seed=4)
