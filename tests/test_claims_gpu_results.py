@@ -23,6 +23,37 @@ def test_flash_attention_bwd_claims_ranges_and_missed_targets():
     assert c["max_grad_rel_err"] == 0.02
 
 
+def test_flash_attention_bwd_claims_read_the_tma_forward_rows_of_a_hopper_forward_run():
+    """A --hopper-forward run: ours_tma's ratios at N >= 4k and its misses, apart from ours'; absent: None / []."""
+    rows = [_fa_row(128, 4096, False, 1.2, 0.68), _fa_row(128, 8192, True, 1.25, 0.72)]
+    for row, tma in zip(rows, (0.72, 0.69)):
+        row.update(ours_tma_vs_sdpa_cudnn=tma, ours_tma_vs_sdpa_flash=1.3)
+    c = claims.flash_attention_bwd_claims(dict(dtype="bfloat16", speed=rows, forward_variants=dict(ours_tma="tma_w")))
+    assert c["tma_variant"] == "tma_w" and c["tma_cudnn_sel"] == (0.69, 0.72) and c["tma_flash_sel"] == (1.3, 1.3)
+    assert c["tma_cudnn_misses"] == [(128, 8192, True, 0.69)] and c["cudnn_misses"] == [(128, 4096, False, 0.68)]
+    plain = claims.flash_attention_bwd_claims(dict(dtype="bfloat16", speed=[_fa_row(128, 4096, False, 1.2, 0.68)]))
+    assert plain["tma_cudnn_sel"] is None and plain["tma_cudnn_misses"] == [] and plain["tma_variant"] is None
+
+
+def _paged_point(B, L, ratio, rounds=None):
+    point = dict(B=B, context=L, dtype="float16", ratio_to_sdpa=ratio, paged_seconds=1.0,
+                 sdpa_all_seconds=dict(default=2.0, cudnn=2.5))   # first-pass times: their quotient is 2.0
+    return point | (dict(round_ratios=rounds) if rounds else {})
+
+
+def test_paged_decode_claims_take_the_recorded_ratio_and_the_rounds_range():
+    """The ratio the file records (the median of rounds timed in turn), never a quotient of first-pass times; the
+    lowest and highest single round over all shapes; older files (no rounds): None."""
+    split_k = dict(speedup=12.0, B=1, context=32768)
+    run = dict(bandwidth=[_paged_point(1, 4096, 0.97, [0.93, 0.97, 0.99]), _paged_point(64, 4096, 0.98, [0.98, 1.0])],
+               split_k=split_k)
+    c = claims.paged_decode_claims(run)
+    assert c["all"] == (0.97, 0.98) and c["worst_shape"] == (1, 4096, "float16") and c["rounds"] == (0.93, 1.0)
+    assert c["batch64_ctx4k"] == 0.98 and c["split_k"] == 12.0
+    old = claims.paged_decode_claims(dict(bandwidth=[_paged_point(64, 4096, 0.9)], split_k=split_k))
+    assert old["rounds"] is None and old["all"] == (0.9, 0.9)
+
+
 def _serving_run(engine_tok_s, hf_cb=None, sweep=None, complete=True, **extra):
     rows = [dict(model="m", workload="w", system="llmengine", status="ok", throughput_tok_s=engine_tok_s, num_runs=1)]
     if hf_cb:
