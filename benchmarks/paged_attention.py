@@ -73,29 +73,10 @@ def sdpa_backends():
             ("cudnn", lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION))]
 
 
-def graph_time(fn, warmup, reps):
-    """Median GPU time of fn replayed from a CUDA graph: no Python or launch overhead, as serving engines run
-    decode steps (vLLM, SGLang capture them in CUDA graphs). None on CPU or if the capture fails."""
+def capture(fn, *, report: bool = False):
+    """fn's work as a CUDA graph's replay; None on CPU or where the capture fails (said so with ``report``)."""
     if not HAS_GPU:
         return None
-    try:
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_fn(graph.replay, warmup=warmup, reps=reps, flush=True)
-    except Exception as err:
-        print(f"(CUDA graph capture failed: {type(err).__name__}: {str(err)[:200]}; eager timing only)", flush=True)
-        torch.cuda.synchronize()
-        return None
-
-
-def capture(fn):
-    """fn's work as a CUDA graph's replay (fn itself on CPU or where the capture fails)."""
-    if not HAS_GPU:
-        return fn
     try:
         for _ in range(2):
             fn()
@@ -104,13 +85,28 @@ def capture(fn):
         with torch.cuda.graph(graph):
             fn()
         return graph.replay
-    except Exception:
+    except Exception as err:
+        if report:
+            print(f"(CUDA graph capture failed: {type(err).__name__}: {str(err)[:200]}; eager timing only)",
+                  flush=True)
         torch.cuda.synchronize()
-        return fn
+        return None
+
+
+def graph_time(fn, warmup, reps):
+    """Median GPU time of fn replayed from a CUDA graph: no Python or launch overhead, as serving engines run
+    decode steps (vLLM, SGLang capture them in CUDA graphs). None on CPU or if the capture fails."""
+    replay = capture(fn, report=True)
+    return None if replay is None else time_fn(replay, warmup=warmup, reps=reps, flush=True)
+
+
+def replay_or_call(fn):
+    """A CUDA graph's replay of fn, or fn itself (CPU, failed capture)."""
+    return capture(fn) or fn
 
 
 def interleaved_times(replays: dict, warmup: int, reps: int, rounds: int) -> dict:
-    """{name: [median seconds of each round]}: every call (a ``capture``'s replay), ``rounds`` times in turn, the
+    """{name: [median seconds of each round]}: every call (a ``replay_or_call``), ``rounds`` times in turn, the
     order rotated each round. Two calls timed minutes apart differ by up to ~10% at tens of microseconds (the same
     plan timed twice in one H100 run: 64 and 71 us); taken in turn, both see the same clocks."""
     names = list(replays)
@@ -215,9 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
             err = (out_paged.float() - out_sdpa.float()).abs().max().item()
             # The ratio: the two (the paged kernel, SDPA's fastest backend) timed in turn, cfg["rounds"] rounds;
             # the median of the rounds' ratios, and their range
-            turns = interleaved_times(dict(paged=capture(lambda: kernels.paged_attention_decode(
-                q, kc, vc, tables, lens, max_context_len=L, validate=False)), sdpa=capture(sdpa_call)), warmup, reps,
-                cfg["rounds"])
+            paged_call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L,
+                                                                validate=False)
+            turns = interleaved_times(dict(paged=replay_or_call(paged_call), sdpa=replay_or_call(sdpa_call)), warmup,
+                                      reps, cfg["rounds"])
             ratios = [s / p for s, p in zip(turns["sdpa"], turns["paged"])]
             t_paged, t_sdpa = statistics.median(turns["paged"]), statistics.median(turns["sdpa"])
             points.append(dict(B=B, context=L, dtype=str(dtype)[6:], kv_bytes=kv_bytes, num_splits=splits,
@@ -302,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             k, v = contiguous_kv(kc, vc, tables, L)
             _, _, _, _, sdpa_call = time_sdpa(q[:, :, None], k, v, warmup, reps)
             want = sdpa_call()[:, :, 0].float()
-            replays, errors = dict(sdpa=capture(sdpa_call)), {}
+            replays, errors = dict(sdpa=replay_or_call(sdpa_call)), {}
             for block_n in (16, 32, 64):
                 pa.CONFIG.update(BLOCK_N=block_n)   # read when the call is captured; the graph keeps it
                 for splits in (1, 2, 4, 8, 16, 32, 64):
@@ -312,7 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
                                              max_context_len=L, num_splits=splits, validate=False)
                     errors[block_n, splits] = (call().float() - want).abs().max().item()  # checked before timing
                     if errors[block_n, splits] < 1e-2:
-                        replays[block_n, splits] = capture(call)
+                        replays[block_n, splits] = replay_or_call(call)
             pa.CONFIG.clear()
             pa.CONFIG.update(default)
             # every plan and SDPA in turn (cfg["sweep_rounds"] rounds): the plans are compared under the same clocks
