@@ -211,7 +211,9 @@ def phase_busy(engine: LLMEngine, prompts, params) -> dict:
             for name in walls}
 
 
-def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_len: int, max_num_seqs: int) -> list:
+def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_len: int, max_num_seqs: int,
+          on_row=lambda results: None) -> list:
+    """Each row's engine on the trace; ``on_row(results so far)`` after every row (the caller saves them)."""
     prompts, params = trace(num_requests, output_len, model.config.vocab_size)
     results = []
     for name, opts in rows:
@@ -242,6 +244,7 @@ def serve(model: Llama, rows: list[tuple[str, dict]], num_requests: int, output_
               f"({busy['kernels']} kernels in {busy['wall_s']:.2f} s)" + "".join(
                   f"; {k} phase {v['steps']} steps, {v['wall_s']:.2f} s, busy {v['busy_fraction']:.0%}"
                   for k, v in phases.items() if isinstance(v, dict)), flush=True)
+        on_row(results)
     return results
 
 
@@ -300,10 +303,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rows:   # a subset (the first row, the old engine, always: the speedups are over it)
         keep = {0, *map(int, args.rows.split(","))}
         rows = [r for i, r in enumerate(rows) if i in keep]
-    result["serving"] = serve(model, rows, n, 256, max_num_seqs=128)
+    # saved after every row with complete=False (a run cut short by a time limit keeps its rows; readers of complete
+    # runs skip it), then once more, complete
+    result["complete"] = False
+    result["serving"] = serve(model, rows, n, 256, max_num_seqs=128,
+                              on_row=lambda done: record.write(result | dict(serving=done), "serving_step", args.out))
     base = result["serving"][0]["tokens_per_s"]
     for r in result["serving"]:
         r["speedup_over_old"] = r["tokens_per_s"] / base
+    result["complete"] = True
     path = record.write(result, "serving_step", args.out)
     print(f"wrote {path}")
     return result

@@ -109,7 +109,10 @@ def test_serving_step_runs_keep_the_latest_complete_run_and_the_latest_with_mixe
     files = {"serving_step_a.json": run("2026-01-01", "python -m benchmarks.serving_step", [old, full]),
              "serving_step_b.json": run("2026-01-04", "python -m benchmarks.serving_step --rows 6", [old, full]),
              "serving_step_c.json": run("2026-01-03", "python -m benchmarks.serving_step", [old]),
-             "serving_step_d.json": run("2026-01-01", "python -m benchmarks.serving_step", [old], slug="gpu-b")}
+             "serving_step_d.json": run("2026-01-01", "python -m benchmarks.serving_step", [old], slug="gpu-b"),
+             # the latest of gpu-b, cut short by a time limit (saved after its first row): not complete
+             "serving_step_e.json": run("2026-01-05", "python -m benchmarks.serving_step", [old], slug="gpu-b")
+             | dict(complete=False)}
     for name, data in files.items():
         (tmp_path / name).write_text(json.dumps(data))
     complete, mixed = claims.serving_step_runs(tmp_path)

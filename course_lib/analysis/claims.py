@@ -122,13 +122,14 @@ def decode_graphs_row(serving: list[dict]) -> dict:
 
 def serving_step_runs(results_dir: Path | None = None) -> tuple[dict, dict]:
     """The ``benchmarks.serving_step`` GPU runs that split the trace into phases, per card (``device_slug``): the
-    latest **complete** run (every row; ``--rows`` runs a subset) and the latest run with a row that replays the
+    latest **complete** run (every row; ``--rows`` runs a subset, and a run cut short by a time limit saved its rows
+    with ``complete`` false) and the latest run with a row that replays the
     mixed steps as graphs (``cudagraph_mode`` "FULL_AND_PIECEWISE" or "FULL"; None where there is none)."""
     runs = sorted((r for r in recorded("serving_step_*.json", results_dir) if "phases" in r["serving"][0]),
                   key=lambda r: r["date"])
     complete, mixed = {}, {}
     for run in runs:
-        if "--rows" not in run.get("command", ""):
+        if "--rows" not in run.get("command", "") and run.get("complete", True):   # cut short: complete=False
             complete[run["device_slug"]] = run
         if mixed_graph_rows(run):
             mixed[run["device_slug"]] = run
