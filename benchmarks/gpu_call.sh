@@ -51,7 +51,7 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_engine.py tests/test_full_graph.py tests/test_piecewise_graph.py tests/test_device_sampling.py ;;
     tests_e2e) step tests_e2e 300 python3 -m pytest -q -rfE tests/test_lesson00_warmups.py tests/test_lesson03.py \
                  tests/test_lesson07.py -k end_to_end ;;
-    serving_step) step serving_step 570 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
+    serving_step) step serving_step 585 python3 -m benchmarks.serving_step --out "$OUT/serving_step_part.json" ;;
     engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
                 --repeats 3 --time-limit 330 ;;
     serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;

@@ -105,6 +105,8 @@ def test_serving_step_runs_keep_the_latest_complete_run_and_the_latest_with_mixe
     old = _step_row("old", 1000, 10.0, 8.0)                        # its timed run compiled: the profiled one counts
     assert claims.serving_step_tok_s(old) == 125.0
     assert claims.serving_step_tok_s(_step_row("x", 1000, 2.0, 2.5)) == 500.0   # the profiler only slows a run
+    repeated = _step_row("r", 1000, 2.0, 0.5) | dict(wall_s_runs=[4.0, 2.0, 2.5])   # repeats: their median
+    assert claims.serving_step_tok_s(repeated) == 400.0
     full = _step_row("+ full", 1000, 1.0, 1.0, mode="FULL")
     files = {"serving_step_a.json": run("2026-01-01", "python -m benchmarks.serving_step", [old, full]),
              "serving_step_b.json": run("2026-01-04", "python -m benchmarks.serving_step --rows 6", [old, full]),
