@@ -22,6 +22,10 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 
 
+
+#: what a flash_attention_bwd file's "ours" ran as its forward (its forward_variants; older files: the portable one)
+_FORWARDS = {"portable": "the portable forward", "auto": "the library's default forward: TMA at D = 128 on sm_90+"}
+
 def _x(span: tuple[float, float], digits: int = 2) -> str:
     lo, hi = span
     return f"{lo:.{digits}f}x" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}x"
@@ -80,7 +84,8 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
         miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.3f}x"
                          for d, n, causal, r in c["cudnn_misses"])
         out.append(("03", f"FlashAttention forward + backward, training (`flash_attention_bwd.py`; {_where(run)})",
-                    f"{c['dtype']}, fwd+bwd time vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all "
+                    f"{c['dtype']}, ours ({_FORWARDS[run.get('forward_variants', {}).get('ours', 'portable')]}) "
+                    f"fwd+bwd time vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all "
                     f"{c['num_shapes']} shapes, {_x(c['cudnn_sel'])} at N ≥ {c['min_n'] // 1024}k (target ≥ "
                     f"{c['cudnn_target']}x: " + (f"missed at {miss}" if miss else "met") + "); vs SDPA-flash "
                     f"(FlashAttention-2): {_x(c['flash_all'])} over all (target ≥ {c['flash_target']}x: "
