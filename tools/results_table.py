@@ -20,9 +20,6 @@ from course_lib.analysis import claims  # noqa: E402
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
-
-
-
 #: what a flash_attention_bwd file's "ours" ran as its forward (its forward_variants; older files: the portable one)
 _FORWARDS = {"portable": "the portable forward", "auto": "the library's default forward: TMA at D = 128 on sm_90+"}
 
