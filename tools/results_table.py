@@ -23,6 +23,7 @@ BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
 #: what a flash_attention_bwd file's "ours" ran as its forward (its forward_variants; older files: the portable one)
 _FORWARDS = {"portable": "the portable forward", "auto": "the library's default forward: TMA at D = 128 on sm_90+"}
 
+
 def _x(span: tuple[float, float], digits: int = 2) -> str:
     lo, hi = span
     return f"{lo:.{digits}f}x" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}x"
