@@ -309,16 +309,20 @@ def serving_config(num_queries: int, dtype: torch.dtype = torch.bfloat16) -> dic
 HOPPER_AUTO_HEAD_DIMS = (128,)
 
 
+def hopper_forward_rule(head_dim: int, dtype: torch.dtype, config: dict | None, compiled_on_hopper: bool) -> bool:
+    """``hopper="auto"``'s rule, on plain facts (tested on a CPU): a head dim of ``HOPPER_AUTO_HEAD_DIMS``,
+    float16/bfloat16, autotuned (a fixed ``config`` is a portable kernel's config: kept), compiled on an sm_90+ GPU."""
+    return (compiled_on_hopper and config is None and dtype in (torch.float16, torch.bfloat16)
+            and head_dim in HOPPER_AUTO_HEAD_DIMS)
+
+
 def use_hopper_forward(q: torch.Tensor, config: dict | None) -> bool:
-    """``hopper="auto"``: True where the TMA forward was measured faster (``HOPPER_AUTO_HEAD_DIMS``), compiled on an
-    sm_90+ GPU, float16/bfloat16, autotuned (a fixed ``config`` is a portable kernel's config: kept)."""
-    if INTERPRET or config is not None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if q.shape[-1] not in HOPPER_AUTO_HEAD_DIMS:
+    """``hopper="auto"``: True where the TMA forward was measured faster (``hopper_forward_rule``) for this call."""
+    if INTERPRET or not q.is_cuda:
         return False
     from kernels import flash_attention_hopper as tma  # here: it imports this module
 
-    return tma.hopper_status() is None
+    return hopper_forward_rule(q.shape[-1], q.dtype, config, tma.hopper_status() is None)
 
 
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None,

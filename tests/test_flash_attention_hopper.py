@@ -161,15 +161,19 @@ def test_gpu_autotuned_wrapper():
 
 
 def test_auto_never_takes_the_tma_forward_in_the_interpreter_or_off_its_measured_shapes():
-    """``hopper="auto"`` (the default): the portable kernel in the interpreter (CPU paths unchanged), for float32,
-    at head dims where the TMA forward was not measured faster, and with a fixed (portable) launch config."""
-    from kernels.flash_attention import HOPPER_AUTO_HEAD_DIMS, use_hopper_forward
+    """``hopper="auto"`` (the default): the TMA forward only at D = 128, fp16/bf16, autotuned, compiled on an sm_90+
+    GPU (the rule on plain facts, each condition flipped alone); never in the interpreter (CPU paths unchanged)."""
+    from kernels.flash_attention import HOPPER_AUTO_HEAD_DIMS, hopper_forward_rule, use_hopper_forward
 
-    q, _, _ = _qkv(1, 2, 2, 8, 8, 128, kernel_dtypes()[0])
     assert HOPPER_AUTO_HEAD_DIMS == (128,)
-    assert not use_hopper_forward(q, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2))
-    assert not use_hopper_forward(q.float(), None)
-    assert not use_hopper_forward(q[..., :64].contiguous(), None)
+    fixed = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert hopper_forward_rule(128, dtype, None, True)
+        assert not hopper_forward_rule(128, dtype, None, False)     # not compiled on Hopper
+        assert not hopper_forward_rule(128, dtype, fixed, True)     # a fixed (portable) config
+        assert not hopper_forward_rule(64, dtype, None, True)       # measured slower at D = 64
+    assert not hopper_forward_rule(128, torch.float32, None, True)  # float32: the portable kernel
+    q, _, _ = _qkv(1, 2, 2, 8, 8, 128, kernel_dtypes()[0])
     assert use_hopper_forward(q, None) == ON_HOPPER   # the interpreter: never
 
 
