@@ -330,17 +330,27 @@ def test_end_to_end_check():
     assert_not_attempted(lesson03.check_end_to_end(*pieces[:2], STUBS._causal_flash_fwd_kernel))
 
 
-def test_end_to_end_check_names_the_mistake():
+def _end_to_end_mistakes():
+    """(name, (tiled, flash, causal) with one piece broken, the words the feedback must contain)."""
     tiled, flash, causal = SOLVED.tiled_attention, SOLVED._flash_fwd_kernel, SOLVED._causal_flash_fwd_kernel
     top_left = edited(tiled, {"cols[None, :] > rows[:, None] + (Skv - Sq)": "cols[None, :] > rows[:, None]"})
-    assert_caught(lesson03.check_end_to_end(top_left, flash, causal), "bottom-right alignment")
-    assert_caught(lesson03.check_end_to_end(_tiled_no_rescale, flash, causal), "multiply BOTH l and acc")
-    assert_caught(lesson03.check_end_to_end(tiled, edited(flash, GQA_INTERLEAVED), causal), "not with GQA")
     drops_last_block = edited(flash, {"for start_n in range(0, Skv, BLOCK_N):":
                                       "for start_n in range(0, Skv // BLOCK_N * BLOCK_N, BLOCK_N):"})
-    assert_caught(lesson03.check_end_to_end(tiled, drops_last_block, causal), "visit every block")
     no_batch = edited(flash, {"kv_off = (b * Hkv + h_kv) * Skv * HEAD_DIM": "kv_off = h_kv * Skv * HEAD_DIM"})
-    assert_caught(lesson03.check_end_to_end(tiled, no_batch, causal), "each prompt correctly alone")
     top_left_kernel = edited(causal, {"causal_offset = Skv - Sq": "causal_offset = 0"})
-    assert_caught(lesson03.check_end_to_end(tiled, flash, top_left_kernel), "bottom-right alignment")
-    assert_caught(lesson03.check_end_to_end(tiled, flash, edited(causal, GQA_INTERLEAVED)), "not with GQA")
+    return {
+        "tiled_top_left_mask": ((top_left, flash, causal), "bottom-right alignment"),
+        "tiled_no_rescale": ((_tiled_no_rescale, flash, causal), "multiply BOTH l and acc"),
+        "flash_gqa_interleaved": ((tiled, edited(flash, GQA_INTERLEAVED), causal), "not with GQA"),
+        "flash_drops_last_block": ((tiled, drops_last_block, causal), "visit every block"),
+        "flash_ignores_batch": ((tiled, no_batch, causal), "each prompt correctly alone"),
+        "causal_top_left": ((tiled, flash, top_left_kernel), "bottom-right alignment"),
+        "causal_gqa_interleaved": ((tiled, flash, edited(causal, GQA_INTERLEAVED)), "not with GQA"),
+    }
+
+
+# one test per mistake (about 10 s each in the interpreter): pytest-xdist spreads them over its workers
+@pytest.mark.parametrize("mistake", list(_end_to_end_mistakes()))
+def test_end_to_end_check_names_the_mistake(mistake):
+    pieces, words = _end_to_end_mistakes()[mistake]
+    assert_caught(lesson03.check_end_to_end(*pieces), words)
