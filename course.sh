@@ -95,8 +95,9 @@ case "${1:-}" in
     $py -m ruff check .
     echo "== unit tests, grader tests, exercises-in-sync test (two processes: pytest-xdist)"
     # two workers halve the time on a 2-core CPU (each test is single-threaded: the one_thread fixture); more would
-    # only share the same cores, and each starts its own Jupyter kernels for the grader's tests
-    $py -m pytest -q -n 2 tests --ignore=tests/browser
+    # only share the same cores, and each starts its own Jupyter kernels for the grader's tests. The tests marked
+    # `command` (a benchmark's --quick, the grader's command line) run later, beside the browser test.
+    $py -m pytest -q -n 2 tests --ignore=tests/browser -m "not command"
     start_load "$load"
     # Where the browser test runs, it executes every lesson top to bottom and fails on any cell's error, as nbval
     # would: nbval then takes solutions/ only, so the lessons run once (COURSE_BROWSER_NOTEBOOKS limits the browser
@@ -106,11 +107,13 @@ case "${1:-}" in
         && $py -c "import playwright.sync_api" 2>/dev/null; then
       lessons=
     fi
-    # The graders and nbval run beside the browser test, which mostly waits on the browser: on two cores the two
-    # chains take about the time of the longer one. Their output is printed when both are done.
+    # The command tests, the graders and nbval run beside the browser test, which mostly waits on the browser: on
+    # two cores the two chains take about the time of the longer one. Their output is printed when both are done.
     checks_log=$(mktemp)
     (
       set -e
+      echo "== the tests that run the course's commands end to end (pytest -m command)"
+      $py -m pytest -q tests --ignore=tests/browser -m command
       echo "== the grader over solutions/ (every check must pass)"
       $py -m course_lib.grade solutions/ --require-full
       echo "== the grader over exercises/ (every check must be 'not attempted')"
@@ -121,7 +124,7 @@ case "${1:-}" in
     ) > "$checks_log" 2>&1 &
     checks=$!
     echo "== the lessons as a learner sees them: JupyterLab in headless Chromium (skipped without /usr/bin/chromium)"
-    echo "   (beside it: the graders and nbval, printed below when both are done)"
+    echo "   (beside it: the command tests, the graders and nbval, printed below when both are done)"
     browser_rc=0
     $py -m pytest -q -rs tests/browser || browser_rc=$?
     checks_rc=0
@@ -129,7 +132,7 @@ case "${1:-}" in
     cat "$checks_log"
     rm -f "$checks_log"
     if [ "$browser_rc" != 0 ] || [ "$checks_rc" != 0 ]; then
-      echo "FAILED: browser test exit $browser_rc, graders and nbval exit $checks_rc" >&2
+      echo "FAILED: browser test exit $browser_rc, command tests, graders and nbval exit $checks_rc" >&2
       exit 1
     fi ;;
   lessons)

@@ -179,6 +179,7 @@ def quick_run(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.command
 def test_benchmark_quick_machinery(quick_run):
     result, out = quick_run
     assert json.loads(out.read_text()) == result and result["complete"]
@@ -198,6 +199,7 @@ def test_benchmark_quick_machinery(quick_run):
     assert result["headline"]["chat"]["all_features"] == rows[7]["config"] or rows[7]["status"] != "ok"
 
 
+@pytest.mark.command
 def test_merge_puts_per_workload_runs_back_together(quick_run):
     """Runs of one setup on different workloads (one per GPU) merge into the result of one run of both."""
     result, _ = quick_run

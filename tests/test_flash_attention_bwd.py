@@ -377,6 +377,7 @@ def test_gpu_atomic_dq_every_autotune_config_is_correct(cfg):
 
 
 # ---------------------------------------------------------------- the benchmark's smoke run
+@pytest.mark.command
 @pytest.mark.parametrize("atomic", [False, True])
 def test_benchmark_script_quick(tmp_path, atomic):
     """``python -m benchmarks.flash_attention_bwd --quick``: on CPU tiny shapes in the interpreter, checked against

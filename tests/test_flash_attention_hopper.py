@@ -96,6 +96,7 @@ def test_float32_on_a_gpu_falls_back_to_the_portable_kernel():
     torch.testing.assert_close(got, kernels.reference.attention(q, k, v), **TOL[torch.float32])
 
 
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     """``python -m benchmarks.flash_attention_hopper --quick``: on CPU two tiny rows in the interpreter, every
     variant checked against the reference before it is timed; the JSON records provenance and every cell."""
@@ -113,6 +114,7 @@ def test_benchmark_script_quick(tmp_path):
             assert row[f"{impl}_max_abs_diff"] < 5e-2 and row[f"{impl}_seconds"] > 0
 
 
+@pytest.mark.command
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq", "dkdv_dq"])
 def test_config_sweep_script_quick(tmp_path, kernel):
     """``python -m benchmarks.flash_attention_configs --quick``: on CPU two fixed configs per kernel in the

@@ -21,6 +21,9 @@ import pytest
 from course_lib.grading.cli import NotebookGrade, Row, exit_code, summary
 from course_lib.grading.integrity import changed_files
 
+# runs the course's commands end to end: bash course.sh test runs these beside the browser test
+pytestmark = pytest.mark.command
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MANIFEST = FIXTURES / "manifest.json"

@@ -2,9 +2,12 @@
 times)."""
 import json
 
+import pytest
+
 from benchmarks import host_prefill
 
 
+@pytest.mark.command
 def test_quick_run_times_every_step_with_prompt_tokens(tmp_path):
     out = tmp_path / "host_prefill.json"
     result = host_prefill.main(["--quick", "--out", str(out)])

@@ -1,9 +1,12 @@
 """benchmarks.host_step: the host's share of a step, with stub forward passes (its machinery, not its times)."""
 import json
 
+import pytest
+
 from benchmarks import host_step
 
 
+@pytest.mark.command
 def test_quick_run_counts_the_steps_of_its_trace(tmp_path):
     out = tmp_path / "host.json"
     result = host_step.main(["--quick", "--out", str(out)])

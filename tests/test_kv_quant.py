@@ -490,6 +490,7 @@ def test_quantized_cache_memory_fork_and_factory(tiny):
 
 
 # ---------------------------------------------------------------- the benchmark script runs (CPU smoke mode)
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     from benchmarks import kv_quant as bench
 

@@ -105,6 +105,7 @@ def test_plot_roofline_and_results(tmp_path):
     assert roofline.load_recorded_results(results_dir=tmp_path) == [{"device": "toy"}]
 
 
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     from benchmarks import roofline as bench
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from course_lib.grading import lesson02
 from conftest import assert_caught, assert_not_attempted, edited, exercise, solution, stub
 
@@ -113,6 +115,7 @@ def test_paged_attention_kernel_check():
 
 
 # ---------------------------------------------------------------- the benchmark script runs (CPU smoke mode)
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     from benchmarks import paged_attention as bench
 

@@ -65,6 +65,7 @@ def test_peak_memory_on_cpu_grows_quadratically_for_naive_only():
     assert tiled2 / tiled1 < 2.5 and tiled2 < naive2
 
 
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     from benchmarks import flash_attention as bench
 

@@ -89,6 +89,7 @@ def test_split_budget_check():
 
 
 # ---------------------------------------------------------------- the benchmark script runs (CPU smoke mode)
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     from benchmarks import engine_batching as bench
 

@@ -159,6 +159,7 @@ def test_seeded_sampling_is_unchanged_by_the_cache(tiny, shared):
 
 
 # ---------------------------------------------------------------- the benchmark script runs (CPU smoke mode)
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     import json
 

@@ -8,6 +8,9 @@ import benchmarks.serving as serving
 from benchmarks.serving_runs import aggregate, merge
 from course_lib.experiments.workloads import nanovllm_trace
 
+# runs the course's commands end to end: bash course.sh test runs these beside the browser test
+pytestmark = pytest.mark.command
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):

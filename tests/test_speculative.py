@@ -231,6 +231,7 @@ def test_cache_rollback_keeps_exactly_the_accepted_tokens(pair, temperature):
 
 
 # ---------------------------------------------------------------- the benchmark script
+@pytest.mark.command
 def test_benchmark_script_quick(tmp_path):
     from benchmarks import speculative as bench
 
