@@ -9,6 +9,7 @@
 # serving_step, paged (no sweep), fa_bwd_tma. Left, in the order to run them:
 #   fa_auto      the GPU tests of kernels.flash_attention's hopper="auto" default (435bf7f: the TMA forward at D = 128
 #                on sm_90+, never run as the default), then the fwd+bwd benchmark whose "ours" is now that default
+#   fa_auto128   the same at D = 128 only (the head dim where the default changed), for a short call
 #   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
 #   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
@@ -97,6 +98,10 @@ for s in ${STEPS:?set STEPS}; do
     fa_auto) step fa_auto_tests 240 python3 -m pytest -q -rfE --durations=5 tests/test_flash_attention_hopper.py \
                  tests/test_flash_attention.py -k "gpu or auto or default"
                step fa_bwd 330 python3 -m benchmarks.flash_attention_bwd --hopper-forward portable \
+                 --out "$OUT/flash_attention_bwd.json" ;;
+    fa_auto128) step fa_auto_tests 200 python3 -m pytest -q -rfE --durations=5 tests/test_flash_attention_hopper.py \
+                 tests/test_flash_attention.py -k "gpu or auto or default"
+               step fa_bwd 200 python3 -m benchmarks.flash_attention_bwd --hopper-forward portable --head-dims 128 \
                  --out "$OUT/flash_attention_bwd.json" ;;
     fa_bwd_tma) step fa_bwd_tma 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward tma_wide --head-dims 128 \
                  --out "$OUT/flash_attention_bwd_tma.json" ;;
