@@ -52,6 +52,7 @@ from course_lib.analysis.roofline import RESULTS_DIR
 from course_lib.model.tokenizer import Tokenizer
 from course_lib.experiments.workloads import Trace, with_context_length
 from benchmarks.roofline import device_name, slug
+from benchmarks.record import cpu_model, driver_version, git_commit
 
 #: Random-init models for --config (no weights needed: both systems load the same random weights).
 CONFIG_PRESETS = {
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_path = args.out or RESULTS_DIR / f"engine_{slug(name)}.json"
     result = dict(
         benchmark="engine", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **versions(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(), cpu_model=cpu_model(), driver=driver_version(), **versions(),
         dtype=str(dtype).removeprefix("torch."), torch_threads=torch.get_num_threads(), quick=args.quick,
         kernels="Triton (compiled)" if HAS_GPU else "plain-torch references (CPU)",
         command=" ".join(["python -m benchmarks.engine", *(argv if argv is not None else sys.argv[1:])]),

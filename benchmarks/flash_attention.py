@@ -32,6 +32,7 @@ from kernels.flash_attention import use_hopper_forward
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_flops, naive_attention, peak_memory, score_matrix_bytes
 from course_lib.analysis.roofline import RESULTS_DIR, time_fn
+from benchmarks.record import cpu_model, driver_version, git_commit
 
 
 def device_name() -> str:
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     result = dict(
         benchmark="flash_attention", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(), cpu_model=cpu_model(), driver=driver_version(), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         cudnn=torch.backends.cudnn.version() if HAS_GPU else None,
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,

@@ -37,6 +37,7 @@ from kernels.store_kv_int8 import fp8_supported
 
 from benchmarks.paged_attention import best_time  # CUDA-graph timing, as lesson 02's benchmark
 from benchmarks.roofline import device_name, slug
+from benchmarks.record import cpu_model, driver_version, git_commit
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     worst = max(p["int8_ratio_to_fp16"] for p in long)
     result = dict(
         benchmark="kv_quant", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(), cpu_model=cpu_model(), driver=driver_version(), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
         command=" ".join(["python -m benchmarks.kv_quant", *(argv if argv is not None else sys.argv[1:])]),

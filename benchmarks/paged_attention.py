@@ -37,6 +37,7 @@ from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.analysis.roofline import RESULTS_DIR, human, measure_copy_bandwidth, time_fn
 
 from benchmarks.roofline import device_name, slug  # same device naming as the roofline benchmark
+from benchmarks.record import cpu_model, driver_version, git_commit
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     key = next(p for p in points if (p["B"], p["context"]) == cfg["key"] and p["dtype"] == "float16")
     result = dict(
         benchmark="paged_attention", device=name, device_slug=slug(name),
-        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(), cpu_model=cpu_model(), driver=driver_version(), python=platform.python_version(),
         torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda if HAS_GPU else None,
         kernel_mode="interpreter" if INTERPRET else "compiled", quick=args.quick,
         command=" ".join(["python -m benchmarks.paged_attention", *(argv if argv is not None else sys.argv[1:])]),

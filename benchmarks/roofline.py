@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     # The roof for the sweep's dtype: the best matmul rate we measured in it (peak GEMM or sweep), and copy bandwidth.
     sweep_name = str(dtype).removeprefix("torch.")
     roof_flops = max([p["flops_per_s"] for p in peak if p["dtype"] == sweep_name] + [p["flops_per_s"] for p in sweep])
+    from benchmarks.record import cpu_model, driver_version, git_commit  # record imports this module
     result = dict(
         benchmark="roofline", device=name, device_slug=slug(name),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(), cpu_model=cpu_model(), driver=driver_version(),
         python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
         cuda=torch.version.cuda if HAS_GPU else None, kernel_mode="interpreter" if INTERPRET else "compiled",
         quick=args.quick,

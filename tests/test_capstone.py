@@ -183,7 +183,8 @@ def quick_run(tmp_path_factory):
 def test_benchmark_quick_machinery(quick_run):
     result, out = quick_run
     assert json.loads(out.read_text()) == result and result["complete"]
-    for key in ("device", "date", "torch", "triton", "transformers", "config", "workloads", "rows", "ratios_to_hf"):
+    for key in ("device", "date", "git_commit", "cpu_model", "driver", "torch", "triton", "transformers", "config",
+                "workloads", "rows", "ratios_to_hf"):
         assert key in result, key
     rows = result["rows"]
     assert [r["workload"] for r in rows] == ["chat"] * 8 + ["multimodal"] * 8

@@ -35,6 +35,20 @@ def test_flash_attention_bwd_claims_read_the_tma_forward_rows_of_a_hopper_forwar
     assert plain["tma_cudnn_sel"] is None and plain["tma_cudnn_misses"] == [] and plain["tma_variant"] is None
 
 
+def test_flash_attention_bwd_claims_read_the_portable_forward_rows_of_a_default_forward_run():
+    """ours = the library's default, --hopper-forward portable: the portable forward's rows at N >= 4k only."""
+    rows = [_fa_row(128, 1024, False, 1.3, 0.74), _fa_row(128, 4096, False, 1.2, 0.72),
+            _fa_row(128, 8192, True, 1.25, 0.73)]
+    for row, portable in zip(rows, (0.5, 0.70, 0.67)):
+        row.update(ours_portable_vs_sdpa_cudnn=portable, ours_portable_vs_sdpa_flash=portable + 0.5)
+    c = claims.flash_attention_bwd_claims(dict(dtype="bfloat16", speed=rows,
+                                               forward_variants=dict(ours="auto", ours_portable="portable")))
+    assert c["portable_cudnn_sel"] == (0.67, 0.70) and c["portable_flash_sel"] == (1.17, 1.2)
+    assert c["cudnn_sel"] == (0.72, 0.73) and c["tma_cudnn_sel"] is None
+    plain = claims.flash_attention_bwd_claims(dict(dtype="bfloat16", speed=[_fa_row(128, 4096, False, 1.2, 0.72)]))
+    assert plain["portable_cudnn_sel"] is None
+
+
 def _paged_point(B, L, ratio, rounds=None):
     point = dict(B=B, context=L, dtype="float16", ratio_to_sdpa=ratio, paged_seconds=1.0,
                  sdpa_all_seconds=dict(default=2.0, cudnn=2.5))   # first-pass times: their quotient is 2.0

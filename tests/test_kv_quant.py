@@ -497,7 +497,8 @@ def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "r.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    for key in ("device", "date", "torch", "triton", "correctness", "decode", "memory", "targets"):
+    for key in ("device", "date", "git_commit", "cpu_model", "driver", "torch", "triton", "correctness", "decode",
+                "memory", "targets"):
         assert key in result
     assert all(c["max_abs_error"] <= c["tolerance"] for c in result["correctness"])
 

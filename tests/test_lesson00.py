@@ -112,8 +112,8 @@ def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "r.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    for key in ("device", "date", "torch", "triton", "peak_matmul", "copy_bandwidth", "gemm_sweep", "vector_add",
-                "roofline"):
+    for key in ("device", "date", "git_commit", "cpu_model", "driver", "torch", "triton", "peak_matmul",
+                "copy_bandwidth", "gemm_sweep", "vector_add", "roofline"):
         assert key in result
     assert result["gemm_sweep"]["points"][0]["M"] == 1
     assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"

@@ -122,7 +122,8 @@ def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "r.json"
     result = bench.main(["--quick", "--splits", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    for key in ("device", "date", "torch", "triton", "correctness", "bandwidth", "split_k"):
+    for key in ("device", "date", "git_commit", "cpu_model", "driver", "torch", "triton", "correctness", "bandwidth",
+                "split_k"):
         assert key in result
     assert all(c["max_abs_error"] <= c["tolerance"] for c in result["correctness"])
     # the split sweep: every (BLOCK_N, num_splits) with at least one tile per split, timed against SDPA

@@ -72,7 +72,8 @@ def test_benchmark_script_quick(tmp_path):
     out = tmp_path / "fa.json"
     result = bench.main(["--quick", "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    for key in ("device", "date", "torch", "triton", "backends", "speed", "memory"):
+    for key in ("device", "date", "git_commit", "cpu_model", "driver", "torch", "triton", "backends", "speed",
+                "memory"):
         assert key in result
     assert result["speed"] and all(row["ours_tflops"] > 0 for row in result["speed"])
     mem = result["memory"]

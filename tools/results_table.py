@@ -95,7 +95,10 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     + (f"; the forward through the TMA kernel instead (`hopper=\"{c['tma_variant']}\"`), same "
                        f"backward: {_x(c['tma_cudnn_sel'])} cuDNN at N ≥ {c['min_n'] // 1024}k (target: "
                        + ("met" if not c["tma_cudnn_misses"] else "missed") + f"), {_x(c['tma_flash_sel'])} "
-                       f"SDPA-flash" if c["tma_cudnn_sel"] else "")))
+                       f"SDPA-flash" if c["tma_cudnn_sel"] else "")
+                    + (f"; the portable forward instead (`hopper=False`), same backward: {_x(c['portable_cudnn_sel'])} "
+                       f"cuDNN, {_x(c['portable_flash_sel'])} SDPA-flash at N ≥ {c['min_n'] // 1024}k"
+                       if c["portable_cudnn_sel"] else "")))
     out.append(("04", "continuous vs static batching, same trace",
                 _no_file("the GPU run", "python -m benchmarks.engine_batching")))
     out.append(("05", "prefix caching, hit rate and time to first token",

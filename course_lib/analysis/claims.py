@@ -192,6 +192,12 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
         "tma_flash_sel": _span_or_none(s["ours_tma_vs_sdpa_flash"] for s in sel if "ours_tma_vs_sdpa_flash" in s),
         "tma_cudnn_misses": misses("ours_tma_vs_sdpa_cudnn", cudnn_target) if any(
             "ours_tma_vs_sdpa_cudnn" in s for s in sel) else [],
+        # a run whose "ours" is the library's default (TMA at D = 128 on sm_90+) with --hopper-forward portable also
+        # timed the portable forward, the same backward
+        "portable_cudnn_sel": _span_or_none(s["ours_portable_vs_sdpa_cudnn"] for s in sel
+                                            if "ours_portable_vs_sdpa_cudnn" in s),
+        "portable_flash_sel": _span_or_none(s["ours_portable_vs_sdpa_flash"] for s in sel
+                                            if "ours_portable_vs_sdpa_flash" in s),
     }
 
 
