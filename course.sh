@@ -9,9 +9,10 @@
 #                         ones (tests/test_i18n.py), so grading solutions/zh/ would run the same code a second time
 #   bash course.sh lessons   set up .venv and run nbval over notebooks/ only: every lesson, top to bottom
 # `--loaded` after `test` or `lessons` runs the lessons on a busy CPU: COURSE_LOAD busy-looping processes (default 2)
-# run beside everything after the unit tests (browser test, graders, nbval) and are stopped at exit, however it
-# ends. A lesson asserts counts (FLOPs, bytes, steps, tokens), never a wall-clock time, so it must pass that way too.
-# COURSE_LOAD=N without `--loaded` does the same with N processes. CI runs `lessons --loaded` after `test`.
+# run beside everything after the unit tests (browser test, command tests, graders, nbval) and are stopped at exit,
+# however it ends. A lesson asserts counts (FLOPs, bytes, steps, tokens), never a wall-clock time, so it must pass that
+# way too. COURSE_LOAD=N without `--loaded` does the same with N processes. CI runs `test` unloaded (.ci/run says
+# why); the loaded runs are made on demand.
 # Arguments after `lab` go to JupyterLab (e.g. `bash course.sh lab --no-browser --port=8890`); `lab --zh` opens the
 # Chinese edition's lesson 00 (README.zh.md).
 # Setup creates .venv with $PYTHON (default python3, 3.10 or newer) and installs requirements.txt into it;
