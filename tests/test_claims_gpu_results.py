@@ -68,6 +68,54 @@ def test_paged_decode_claims_take_the_recorded_ratio_and_the_rounds_range():
     assert old["rounds"] is None and old["all"] == (0.9, 0.9)
 
 
+def test_datasheet_knows_the_sxm_cards_only():
+    """The roofline fractions need the card's datasheet: H100 SXM (as torch names it) and H200; nothing else."""
+    from course_lib.analysis.roofline import H100_SXM, H200_SXM, datasheet
+    assert datasheet("NVIDIA H100 80GB HBM3") is H100_SXM and datasheet("NVIDIA H200") is H200_SXM
+    assert datasheet("NVIDIA H100 PCIe") is None and datasheet("CPU (x86_64)") is None and datasheet("") is None
+    assert claims.peak_tflops(dict(device="NVIDIA H200")) == 989 and claims.hbm_datasheet(dict(device="x")) is None
+
+
+def test_paged_decode_claims_give_bandwidth_at_large_batch_against_the_copy_and_the_datasheet():
+    """Batch >= 64 only: the kernel's bytes/s over the same run's copy bandwidth and the datasheet's (H100: 3.35 TB/s),
+    with the shape furthest from the copy; SDPA's own fraction beside it."""
+    small, big1, big2 = (_paged_point(1, 4096, 0.97), _paged_point(64, 1024, 0.95), _paged_point(128, 4096, 0.99))
+    for point, rate in ((small, 0.5e12), (big1, 2.4e12), (big2, 3.0e12)):
+        point.update(paged_bytes_per_s=rate, sdpa_bytes_per_s=rate * 1.05)
+    run = dict(device="NVIDIA H100 80GB HBM3", bandwidth=[small, big1, big2], copy_bandwidth=3.0e12,
+               split_k=dict(speedup=12.0, B=1, context=32768))
+    c = claims.paged_decode_claims(run)
+    assert c["copy_big"] == (0.8, 1.0) and c["copy_big_worst"] == (64, 1024, "float16")
+    assert abs(c["sdpa_copy_big"][0] - 0.84) < 1e-12 and c["roof_big"] == (2.4e12 / 3.35e12, 3.0e12 / 3.35e12)
+    unknown = claims.paged_decode_claims(dict(run, device="Some GPU", copy_bandwidth=None))
+    assert unknown["copy_big"] is None and unknown["roof_big"] is None
+
+
+def test_int8_and_flash_attention_claims_give_their_fraction_of_the_roofline():
+    """INT8 / FP16 bytes per second at long contexts over the H200's 4.8 TB/s; the forward's TFLOP/s over 989."""
+    decode = [dict(context=c, int8_ratio_to_fp16=r, int8_bytes_per_s=i8, fp16_bytes_per_s=f16)
+              for c, r, i8, f16 in ((4096, 0.7, 1e12, 4e12), (8192, 0.74, 2.4e12, 4.32e12),
+                                    (16384, 0.76, 3.0e12, 4.5e12))]
+    run = dict(device="NVIDIA H200", decode=decode, targets=dict(target=0.6, met=False),
+               memory=dict(ratio_int8_to_fp16=0.51))
+    c = claims.int8_decode_claims(run)
+    assert c["long"] == (0.74, 0.76) and c["int8_roof_long"] == (0.5, 0.625) and c["fp16_roof_long"] == (0.9, 0.9375)
+    speed = [dict(D=128, N=n, ours_vs_sdpa_cudnn=0.8, ours_vs_sdpa_flash=1.4, ours_tflops=t, sdpa_cudnn_tflops=t / 0.8)
+             for n, t in ((1024, 300.0), (4096, 494.5), (8192, 445.05))]
+    fa = claims.flash_attention_claims(dict(device="NVIDIA H100 80GB HBM3", speed=speed))
+    assert fa["roof_sel"] == (0.45, 0.5) and fa["cudnn_roof_sel"] == (0.45 / 0.8, 0.5 / 0.8)
+
+
+def test_flash_attention_hopper_claims_per_head_dim_and_the_roof_at_d128():
+    rows = [dict(D=d, N=n, portable_vs_cudnn=0.8 + n / 1e5, v_vs_cudnn=0.9, portable_tflops=400.0 + d, v_tflops=500.0,
+                 sdpa_cudnn_tflops=600.0) for d in (64, 128) for n in (4096, 8192)]
+    c = claims.flash_attention_hopper_claims(dict(device="NVIDIA H100 80GB HBM3", variants={"v": {}}, rows=rows))
+    assert c["vs_cudnn"][64]["portable"] == (0.8 + 4096 / 1e5, 0.8 + 8192 / 1e5)
+    assert c["vs_cudnn"][128]["v"] == (0.9, 0.9)
+    assert c["tflops"]["portable"] == (528.0, 528.0) and c["roof"]["sdpa_cudnn"] == (600 / 989, 600 / 989)
+    assert c["Ns"] == [4096, 8192] and c["num_shapes"] == 4
+
+
 def _serving_run(engine_tok_s, hf_cb=None, sweep=None, complete=True, **extra):
     rows = [dict(model="m", workload="w", system="llmengine", status="ok", throughput_tok_s=engine_tok_s, num_runs=1)]
     if hf_cb:

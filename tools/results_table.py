@@ -29,6 +29,19 @@ def _x(span: tuple[float, float], digits: int = 2) -> str:
     return f"{lo:.{digits}f}x" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}x"
 
 
+def _pct(span: tuple[float, float]) -> str:
+    lo, hi = (f"{100 * x:.0f}" for x in span)
+    return f"{lo}%" if lo == hi else f"{lo}-{hi}%"
+
+
+def _roof(span, cudnn_span, peak) -> str:
+    """'; = 46-56% of the datasheet's 989 TFLOP/s (cuDNN 53-62%)', or '' off a card whose datasheet is unknown."""
+    if span is None:
+        return ""
+    return (f" = {_pct(span)} of the datasheet's {peak:.0f} TFLOP/s"
+            + (f" (cuDNN {_pct(cudnn_span)})" if cudnn_span else ""))
+
+
 def _where(run: dict) -> str:
     return f"{run['device']}, {run['date'][:10]}, `{run['file']}`"
 
@@ -54,7 +67,13 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"{ctx}, {dt}; {c['batch64_ctx4k']:.2f}x at batch 64, context 4k"
                     + (f"; medians of rounds timed in turn, single rounds {_x(c['rounds'])}" if c["rounds"] else "")
                     + f"); split-K {c['split_k']:.0f}x "
-                    f"the unsplit kernel at batch {c['split_k_shape'][0]}, context {c['split_k_shape'][1] // 1024}k"))
+                    f"the unsplit kernel at batch {c['split_k_shape'][0]}, context {c['split_k_shape'][1] // 1024}k"
+                    + (f"; at batch ≥ {c['big_batch']}, K/V read at {_pct(c['copy_big'])} of the copy bandwidth "
+                       f"measured in the same run ({c['copy_bandwidth'] / 1e12:.2f} TB/s; lowest at batch "
+                       f"{c['copy_big_worst'][0]}, context {c['copy_big_worst'][1]}; SDPA {_pct(c['sdpa_copy_big'])})"
+                       if c["copy_big"] else "")
+                    + (f", {_pct(c['roof_big'])} of the datasheet's {c['hbm_datasheet'] / 1e12:.2f} TB/s"
+                       if c["roof_big"] else "")))
     for run in claims.recorded("flash_attention_*.json", results_dir):
         if run.get("benchmark") != "flash_attention":      # flash_attention_bwd_* has its own row below
             continue
@@ -64,19 +83,21 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"{_x(c['cudnn_sel'])} at D = {c['head_dim']}, N ≥ {c['min_n'] // 1024}k; vs SDPA-flash "
                     f"(FlashAttention-2): {_x(c['flash_all'])} over all, {_x(c['flash_sel'])} at D = {c['head_dim']}, "
                     f"N ≥ {c['min_n'] // 1024}k ({c['tflops_sel'][0]:.0f}-{c['tflops_sel'][1]:.0f} TFLOP/s, cuDNN "
-                    f"{c['cudnn_tflops_sel'][0]:.0f}-{c['cudnn_tflops_sel'][1]:.0f})"))
+                    f"{c['cudnn_tflops_sel'][0]:.0f}-{c['cudnn_tflops_sel'][1]:.0f})"
+                    + _roof(c["roof_sel"], c["cudnn_roof_sel"], c["peak_tflops"])))
     for run in claims.recorded("flash_attention_hopper_*.json", results_dir):
-        impls = ["portable", *run["variants"]]
-        spans = []
-        for D in sorted({row["D"] for row in run["rows"]}):
-            per = {i: [row[f"{i}_vs_cudnn"] for row in run["rows"] if row["D"] == D and f"{i}_vs_cudnn" in row]
-                   for i in impls}
-            spans.append(f"D = {D}: " + ", ".join(f"{i} {_x((min(v), max(v)))}" for i, v in per.items() if v))
-        n = sorted({row["N"] for row in run["rows"]})
+        c = claims.flash_attention_hopper_claims(run)
+        spans = [f"D = {D}: " + ", ".join(f"{i} {_x(span)}" for i, span in per.items())
+                 for D, per in c["vs_cudnn"].items()]
+        n, best = c["Ns"], max((i for i in c["tflops"] if i != "sdpa_cudnn"), key=lambda i: c["tflops"][i][0])
         out.append(("03", f"FlashAttention forward on Hopper, TMA variants (`flash_attention_hopper.py`; "
                           f"{_where(run)})",
-                    f"speed vs cuDNN (cuDNN time / ours) over {len(run['rows'])} shapes (N = {n[0] // 1024}k-"
-                    f"{n[-1] // 1024}k, causal and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)))
+                    f"speed vs cuDNN (cuDNN time / ours) over {c['num_shapes']} shapes (N = {n[0] // 1024}k-"
+                    f"{n[-1] // 1024}k, causal and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)
+                    + (f"; at D = {c['head_dim']} the fastest, {best}, {c['tflops'][best][0]:.0f}-"
+                       f"{c['tflops'][best][1]:.0f} TFLOP/s" + _roof(c["roof"][best], c["roof"].get("sdpa_cudnn"),
+                                                                     c["peak_tflops"])
+                       if c["tflops"] else "")))
     for run in claims.recorded("flash_attention_bwd_*.json", results_dir):
         c = claims.flash_attention_bwd_claims(run)
         miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.3f}x"
@@ -90,6 +111,9 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     + ("met" if not c["flash_misses"] else "missed") + f"); backward alone at N ≥ "
                     f"{c['min_n'] // 1024}k: {_x(c['bwd_flash_sel'])} SDPA-flash, {_x(c['bwd_cudnn_sel'])} cuDNN; "
                     f"gradients within {c['max_grad_rel_err']:.1%} of SDPA-flash's largest"
+                    + (f"; fwd+bwd at N ≥ {c['min_n'] // 1024}k {c['tflops_sel'][0]:.0f}-{c['tflops_sel'][1]:.0f} "
+                       f"TFLOP/s" + _roof(c["roof_sel"], c["cudnn_roof_sel"], c["peak_tflops"])
+                       if c["roof_sel"] else "")
                     + (f"; dQ by fp32 atomics instead (`dq_mode=\"atomic\"`): {_x(c['atomic_cudnn_all'])} cuDNN, "
                        f"{_x(c['atomic_over_separate'])} the default mode's time" if c["atomic_cudnn_all"] else "")
                     + (f"; the forward through the TMA kernel instead (`hopper=\"{c['tma_variant']}\"`), same "
@@ -109,7 +133,9 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
         c = claims.int8_decode_claims(run)
         parts.append(f"{run['device']}: {_x(c['all'])} over all shapes, {_x(c['long'])} at ≥ "
                      f"{c['min_context'] // 1024}k tokens (target ≤ {c['target']}x: {'met' if c['met'] else 'not met'})"
-                     f" (`{run['file']}`)")
+                     + (f"; there INT8 reads its bytes at {_pct(c['int8_roof_long'])} of the datasheet's "
+                        f"{c['hbm_datasheet'] / 1e12:.2f} TB/s, FP16 at {_pct(c['fp16_roof_long'])}"
+                        if c["int8_roof_long"] else "") + f" (`{run['file']}`)")
     if parts:
         out.append(("07", "INT8 vs FP16 K/V: the paged decode attention kernel's time (`kv_quant.py`)",
                     f"{c['memory']:.2f}x the bytes; kernel time " + "; ".join(parts)))

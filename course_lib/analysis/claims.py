@@ -3,10 +3,14 @@
 Every ratio the README and the lessons state is returned here with what it is made of: the strongest baseline of
 the same file first, then the full measured range over every shape the file holds, then the point a target names.
 No number is typed: a claim whose file does not exist comes back as ``None``, and the reader says what to run.
+Kernel claims also give their distance to the roofline (issue 21): TFLOP/s as a fraction of the datasheet's Tensor
+Core peak, bytes/s as a fraction of the copy bandwidth measured in the same run and of the datasheet's HBM bandwidth
+(``roof_*`` keys; None for a device whose datasheet the course does not hold).
 
 * :func:`engine_claims` - ``python -m benchmarks.engine``: the tiny model's engine rows against ``transformers``'
   ``generate()``, each ratio decomposed as the baseline's own overhead x fewer forward passes x the cost of a pass;
 * :func:`flash_attention_claims` - lesson 03's kernel against cuDNN's and FlashAttention-2's SDPA backends;
+* :func:`flash_attention_hopper_claims` - lesson 03's Hopper (TMA) variants against cuDNN, and their TFLOP/s;
 * :func:`paged_decode_claims` - lesson 02's paged decode against the fastest SDPA backend on a contiguous cache;
 * :func:`int8_decode_claims` - lesson 07's INT8 K/V as the decode attention kernel's time over FP16's;
 * :func:`real_size_serving_runs` - the GPU runs of ``python -m benchmarks.serving`` (real model shapes).
@@ -17,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from course_lib.analysis.roofline import RESULTS_DIR
+from course_lib.analysis.roofline import RESULTS_DIR, datasheet
 
 #: the engine benchmark's strongest row of ``transformers``: a static batch over the KV budget
 HF_BUDGET_PREFIX, HF_LARGE_MARK, STATIC_OURS_PREFIX = "HF generate (B=", "over budget", "static, ours"
@@ -44,6 +48,24 @@ def _span(values) -> tuple[float, float]:
 def _span_or_none(values) -> tuple[float, float] | None:
     values = list(values)
     return (min(values), max(values)) if values else None
+
+
+def _of(span: tuple[float, float] | None, roof: float | None) -> tuple[float, float] | None:
+    """A measured range as fractions of a roof (None where the range or the roof is unknown)."""
+    return None if span is None or not roof else (span[0] / roof, span[1] / roof)
+
+
+def peak_tflops(run: dict) -> float | None:
+    """The datasheet's dense bf16 Tensor Core peak of the run's device in TFLOP/s (989 on H100 SXM and H200), else
+    None (a CPU, another GPU, a hand-made record without a device)."""
+    spec = datasheet(run.get("device", ""))
+    return spec.peak_flops / 1e12 if spec else None
+
+
+def hbm_datasheet(run: dict) -> float | None:
+    """The datasheet's HBM bandwidth of the run's device in bytes/s (3.35e12 H100 SXM, 4.8e12 H200), else None."""
+    spec = datasheet(run.get("device", ""))
+    return spec.hbm_bandwidth if spec else None
 
 
 def engine_claims(run: dict) -> dict:
@@ -102,8 +124,29 @@ def flash_attention_claims(run: dict, head_dim: int = 128, min_n: int = 4096) ->
         "flash_sel": _span(s["ours_vs_sdpa_flash"] for s in sel),
         "tflops_sel": _span(s["ours_tflops"] for s in sel),
         "cudnn_tflops_sel": _span(s["sdpa_cudnn_tflops"] for s in sel),
+        # the same TFLOP/s as fractions of the datasheet's Tensor Core peak (None off an H100 SXM / H200)
+        "peak_tflops": peak_tflops(run),
+        "roof_sel": _of(_span(s["ours_tflops"] for s in sel), peak_tflops(run)),
+        "cudnn_roof_sel": _of(_span(s["sdpa_cudnn_tflops"] for s in sel), peak_tflops(run)),
         "head_dim": head_dim, "min_n": min_n, "num_shapes": len(rows), "num_sel": len(sel),
     }
+
+
+def flash_attention_hopper_claims(run: dict, head_dim: int = 128) -> dict:
+    """Lesson 03's Hopper ablation (``benchmarks.flash_attention_hopper``): per head dim, each implementation's speed
+    vs cuDNN (cuDNN's time over its own) over the file's shapes; at ``head_dim``, each one's TFLOP/s and those as
+    fractions of the datasheet's peak, cuDNN's included (the strongest baseline's distance to the roof too)."""
+    impls = ["portable", *run["variants"]]
+    heads = sorted({row["D"] for row in run["rows"]})
+    vs_cudnn = {D: {i: _span(row[f"{i}_vs_cudnn"] for row in run["rows"] if row["D"] == D)
+                    for i in impls if any(f"{i}_vs_cudnn" in row and row["D"] == D for row in run["rows"])}
+                for D in heads}
+    sel = [row for row in run["rows"] if row["D"] == head_dim]
+    tflops = {i: _span(row[f"{i}_tflops"] for row in sel) for i in [*impls, "sdpa_cudnn"]
+              if sel and all(f"{i}_tflops" in row for row in sel)}
+    return {"vs_cudnn": vs_cudnn, "head_dim": head_dim, "tflops": tflops, "peak_tflops": peak_tflops(run),
+            "roof": {i: _of(span, peak_tflops(run)) for i, span in tflops.items()},
+            "num_shapes": len(run["rows"]), "Ns": sorted({row["N"] for row in run["rows"]})}
 
 
 def default_row(serving: list[dict]) -> dict:
@@ -175,6 +218,10 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
         "bwd_flash_sel": _span(s["ours_vs_sdpa_flash_bwd"] for s in sel),
         "bwd_cudnn_sel": _span(s["ours_vs_sdpa_cudnn_bwd"] for s in sel if "ours_vs_sdpa_cudnn_bwd" in s),
         "tflops_sel": _span(s["ours_fwd_bwd_tflops"] for s in sel),
+        "peak_tflops": peak_tflops(run),
+        "roof_sel": _of(_span(s["ours_fwd_bwd_tflops"] for s in sel), peak_tflops(run)),
+        "cudnn_roof_sel": _of(_span_or_none(s["sdpa_cudnn_fwd_bwd_tflops"] for s in sel
+                                            if "sdpa_cudnn_fwd_bwd_tflops" in s), peak_tflops(run)),
         "flash_misses": misses("ours_vs_sdpa_flash", flash_target),
         "cudnn_misses": misses("ours_vs_sdpa_cudnn", cudnn_target),
         "flash_target": flash_target, "cudnn_target": cudnn_target, "min_n": min_n,
@@ -201,7 +248,7 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
     }
 
 
-def paged_decode_claims(run: dict) -> dict:
+def paged_decode_claims(run: dict, big_batch: int = 64) -> dict:
     """Lesson 02's paged decode: SDPA's time on a contiguous cache (its fastest backend for each shape) over the
     paged kernel's, both replayed from a CUDA graph, over every recorded shape; and the split-K speed-up. Files with
     ``round_ratios`` timed the two in turn, several rounds: the ratio is the median of the rounds, ``rounds`` the
@@ -209,7 +256,17 @@ def paged_decode_claims(run: dict) -> dict:
     rows = run["bandwidth"]
     ratios = {(b["B"], b["context"], b["dtype"]): b["ratio_to_sdpa"] for b in rows}
     worst = min(ratios, key=ratios.get)
+    # issue 21: at batch >= 64 (enough work to fill the card) the K/V bytes read per second as fractions of the
+    # card's copy bandwidth measured in the same run and of the datasheet's; the shape furthest from the copy
+    big, copy = [b for b in rows if b["B"] >= big_batch and "paged_bytes_per_s" in b], run.get("copy_bandwidth")
+    of_copy = {(b["B"], b["context"], b["dtype"]): b["paged_bytes_per_s"] / copy for b in big} if copy else {}
     return {"all": _span(ratios.values()), "worst_shape": worst, "num_shapes": len(ratios),
+            "big_batch": big_batch, "copy_bandwidth": copy,
+            "copy_big": _span_or_none(of_copy.values()),
+            "copy_big_worst": min(of_copy, key=of_copy.get) if of_copy else None,
+            "sdpa_copy_big": _span_or_none(b["sdpa_bytes_per_s"] / copy for b in big) if copy else None,
+            "hbm_datasheet": hbm_datasheet(run),
+            "roof_big": _of(_span_or_none(b["paged_bytes_per_s"] for b in big), hbm_datasheet(run)),
             "rounds": _span_or_none(x for b in rows for x in b.get("round_ratios", ())),
             "batch64_ctx4k": ratios.get((64, 4096, "float16")),
             "split_k": run["split_k"]["speedup"], "split_k_shape": (run["split_k"]["B"], run["split_k"]["context"])}
@@ -219,8 +276,14 @@ def int8_decode_claims(run: dict, min_context: int = 8192) -> dict:
     """Lesson 07: the paged decode attention kernel's time with INT8 K/V over FP16 K/V (attention-kernel time, not a
     model step), over every recorded shape and at ``context >= min_context``; the target the file records."""
     rows = run["decode"]
+    long = [d for d in rows if d["context"] >= min_context]
     return {"all": _span(d["int8_ratio_to_fp16"] for d in rows),
-            "long": _span(d["int8_ratio_to_fp16"] for d in rows if d["context"] >= min_context),
+            "long": _span(d["int8_ratio_to_fp16"] for d in long),
+            # bytes each kernel reads per second at long contexts, as fractions of the datasheet's HBM bandwidth:
+            # where INT8 reads its half of the bytes more slowly than FP16 reads its own, it is not bandwidth-bound
+            "hbm_datasheet": hbm_datasheet(run),
+            "int8_roof_long": _of(_span(d["int8_bytes_per_s"] for d in long), hbm_datasheet(run)),
+            "fp16_roof_long": _of(_span(d["fp16_bytes_per_s"] for d in long), hbm_datasheet(run)),
             "min_context": min_context, "target": run["targets"]["target"], "met": run["targets"]["met"],
             "memory": run["memory"]["ratio_int8_to_fp16"]}
 

@@ -52,6 +52,26 @@ H100_SXM = DeviceSpec(
     registers_per_sm_bytes=256 * 1024, num_sms=132,
 )
 
+#: NVIDIA H200 SXM 141 GB, from NVIDIA's H200 datasheet: the H100's GH100 die (same Tensor Core peak, SMs and L2)
+#: with 141 GB of HBM3e at 4.8 TB/s.
+H200_SXM = DeviceSpec(
+    name="NVIDIA H200 SXM 141GB (datasheet)", peak_flops=989e12, flops_dtype="bfloat16 (dense, Tensor Cores)",
+    hbm_bandwidth=4.8e12, hbm_bytes=141e9, l2_bytes=50e6, smem_per_sm_bytes=228 * 1024,
+    registers_per_sm_bytes=256 * 1024, num_sms=132,
+)
+
+
+def datasheet(device: str) -> DeviceSpec | None:
+    """The datasheet of a device as a result file names it (``torch.cuda.get_device_name``): "NVIDIA H200" and
+    "NVIDIA H100 80GB HBM3" (the SXM card; the PCIe and NVL cards have other clocks and memory). None for any
+    other device: a fraction of a roofline is given only where the roofline is known."""
+    name = device.upper()
+    if "H200" in name:
+        return H200_SXM
+    if "H100" in name and ("HBM3" in name or "SXM" in name):
+        return H100_SXM
+    return None
+
 
 # ---------------------------------------------------------------- the model (pure arithmetic)
 def matmul_flops(M: int, N: int, K: int) -> int:
