@@ -15,7 +15,14 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
 - ``tma_ws``: ``tl.range(..., warp_specialize=True)``: the compiler splits the warps into a producer (TMA loads)
   and consumers (dots, softmax) that hand tiles over through shared-memory barriers. Triton 3.6 leaves this kernel
   unchanged on sm_90 (cross-compiled: the same code as ``tma_device``); its Blackwell pass is where the flag acts;
-- ``tma_persistent``: one program per SM that loops over the (query block, head) tiles instead of one per tile.
+- ``tma_persistent``: one program per SM that loops over the (query block, head) tiles instead of one per tile;
+- ``tma_exp16``: ``tma_wide`` with the softmax's exponentials in half precision, two per instruction
+  (``ex2.approx.f16x2`` / ``.bf16x2``, sm_90). Per [BLOCK_M, BLOCK_N] tile the loop does BLOCK_M·BLOCK_N
+  exponentials on the SM's special-function units (16 per clock) beside 2·BLOCK_M·BLOCK_N·D multiply-adds on the
+  Tensor Cores (~2048 per clock in bf16): at D = 128 the exponentials take half as long as the dots, and unless the
+  two overlap perfectly they cap the loop (FlashAttention-3's and -4's observation). p is rounded to fp16/bf16 for
+  the P·V dot anyway; here the exponent's argument is rounded first (|error of p| <= ~2^-11 in fp16, ~2^-9 in bf16,
+  below p's own rounding). Compiled only: the interpreter computes this variant's exponentials in fp32.
 
 Layout: the descriptors see q, k, v, out as 2-D [B·H·S, D] row matrices (the tensors are made contiguous first), so
 head (b, h) owns rows (b·H + h)·S ... (b·H + h + 1)·S - 1. A query block that runs past Sq therefore reads the next
@@ -51,6 +58,7 @@ class HopperVariant:
     device_desc: bool = False  # descriptors made in the kernel (tl.make_tensor_descriptor) instead of on the host
     warp_specialize: bool = False  # producer/consumer warp groups for the key loop
     persistent: bool = False  # one program per SM looping over tiles
+    half_exp: bool = False  # the softmax's exp2 in packed fp16/bf16 (two per instruction; compiled only)
     #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner; few on purpose, each one is a compilation
     configs: tuple = ((128, 64, 4, 3), (128, 128, 8, 2))
 
@@ -63,6 +71,7 @@ VARIANTS = {
     "tma_ws": HopperVariant(device_desc=True, warp_specialize=True,
                             configs=((128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2))),
     "tma_persistent": HopperVariant(persistent=True, configs=((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3))),
+    "tma_exp16": HopperVariant(half_exp=True, configs=_WIDE),
 }
 DEFAULT_VARIANT = "tma_wide"
 
@@ -92,11 +101,22 @@ def _as_descriptor(desc_or_ptr, rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexp
 
 
 @triton.jit
+def _exp2_half(x, dtype: tl.constexpr):
+    """2**x for fp32 x, as ``dtype`` (fp16/bf16): Hopper's packed exponential, two values per instruction."""
+    if dtype == tl.bfloat16:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                         dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
 def _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v,
                         kv_row0,  # the row of key 0 of this kv head in the [B·Hkv·Skv, D] matrices
                         offs_m, offs_n, lo, hi, Skv, causal_offset, qk_scale,
                         STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HALF_EXP: tl.constexpr):
     # The loop of the portable kernel's _attn_fwd_inner; only the loads changed (one TMA copy per tile).
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -113,9 +133,13 @@ def _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v,
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
+        if HALF_EXP:  # p in q's dtype straight from the packed exponential; its row sums in fp32
+            p = _exp2_half(qk, q.dtype)
+            l_ij = tl.sum(p.to(tl.float32), 1)
+        else:
+            p = tl.math.exp2(qk)
+            l_ij = tl.sum(p, 1)
         alpha = tl.math.exp2(m_i - m_ij)
-        l_ij = tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = desc_v.load([kv_row0 + start_n, 0])  # [BLOCK_N, HEAD_DIM]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -127,7 +151,8 @@ def _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v,
 @triton.jit
 def _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-               RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+               RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+               HALF_EXP: tl.constexpr):
     """One query block of one (batch, query head): ``tile`` counts query blocks fastest, so that neighbouring
     programs share a head and its K/V stays in L2."""
     n_m = tl.cdiv(Sq, BLOCK_M)
@@ -155,10 +180,10 @@ def _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, S
         diag_end = Skv
     acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, 0, full_end,
                                         Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N, DOT_PRECISION,
-                                        WARP_SPECIALIZE)
+                                        WARP_SPECIALIZE, HALF_EXP)
     acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, full_end,
                                         diag_end, Skv, causal_offset, qk_scale, 2, CAUSAL, BLOCK_N, DOT_PRECISION,
-                                        WARP_SPECIALIZE)
+                                        WARP_SPECIALIZE, HALF_EXP)
 
     acc = acc / l_i[:, None]
     if RETURN_LSE:
@@ -181,7 +206,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o,  # host descriptors, or the ba
                   SQ_BUCKET, SKV_BUCKET,  # powers of two of Sq, Skv: only the autotuner's cache key reads them
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr):
+                  WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, HALF_EXP: tl.constexpr):
     Hkv = Hq // GROUP
     desc_q = _as_descriptor(desc_q, B * Hq * Sq, HEAD_DIM, BLOCK_M)
     desc_o = _as_descriptor(desc_o, B * Hq * Sq, HEAD_DIM, BLOCK_M)
@@ -191,10 +216,10 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o,  # host descriptors, or the ba
         n_tiles = tl.cdiv(Sq, BLOCK_M) * B * Hq
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE)
+                       HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP)
     else:  # grid = #tiles
         _attn_tile(tl.program_id(0), desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE)
+                   HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP)
 
 
 def _set_block_shapes(nargs):
@@ -212,7 +237,7 @@ def _tuned(name: str):
                for m, n, w, s in VARIANTS[name].configs]
     return triton.autotune(configs=configs,
                            key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "RETURN_LSE", "DOT_PRECISION",
-                                "WARP_SPECIALIZE", "PERSISTENT"])(_attn_fwd_tma)
+                                "WARP_SPECIALIZE", "PERSISTENT", "HALF_EXP"])(_attn_fwd_tma)
 
 
 @functools.cache
@@ -274,7 +299,8 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     args = (*descs, o2, lse, B, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E,
             triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
     flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype),
-                 WARP_SPECIALIZE=spec.warp_specialize and not INTERPRET, PERSISTENT=spec.persistent)
+                 WARP_SPECIALIZE=spec.warp_specialize and not INTERPRET, PERSISTENT=spec.persistent,
+                 HALF_EXP=spec.half_exp and not INTERPRET)
 
     def grid(meta):
         tiles = triton.cdiv(Sq, meta["BLOCK_M"]) * B * Hq
