@@ -12,8 +12,9 @@
 #   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
 #                and 128 with it (fa_auto128, the same at D = 128 only, ran on an H100 in session 12)
 #   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
-#   fa_exp16     the tma_exp16 variant (packed half-precision exponentials) compiled: its GPU tests, then the
-#                Hopper ablation with tma_wide beside it (~5 min)
+#   fa_exp       the variants that unload the exponentials from the SFUs (tma_exp16: packed half precision;
+#                tma_poly: half of them as a polynomial on the FMA units) compiled: their GPU tests, then the Hopper
+#                ablation with tma_wide beside them (~5 min)
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
 #   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
 #                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
@@ -79,9 +80,10 @@ for s in ${STEPS:?set STEPS}; do
                  tests/test_async_scheduling.py ;;
     fa_configs) step fa_configs 240 python3 -m benchmarks.flash_attention_configs --time-limit 150 \
                  --out "$OUT/flash_attention_configs.json" ;;
-    fa_exp16) step fa_exp16_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py -k "exp16 or tma_wide"
-              step fa_exp16 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_exp16 \
-                --time-limit 200 --out "$OUT/flash_attention_hopper_exp16.json" ;;
+    fa_exp) step fa_exp_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py \
+              -k "exp16 or poly or tma_wide"
+            step fa_exp 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_exp16,tma_poly \
+              --time-limit 200 --out "$OUT/flash_attention_hopper_exp.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \

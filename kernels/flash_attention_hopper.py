@@ -23,6 +23,10 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
   two overlap perfectly they cap the loop (FlashAttention-3's and -4's observation). p is rounded to fp16/bf16 for
   the P·V dot anyway; here the exponent's argument is rounded first (|error of p| <= ~2^-11 in fp16, ~2^-9 in bf16,
   below p's own rounding). Compiled only: the interpreter computes this variant's exponentials in fp32.
+- ``tma_poly``: the other way to unload the special-function units (FlashAttention-4's): each loop step takes two
+  key tiles of BLOCK_N; the first tile's exponentials go to the SFUs (``exp2``), the second's to the FMA units as a
+  polynomial (``_exp2_poly``: 2^floor(x) written into the float's exponent bits, 2^frac(x) by a cubic, relative
+  error <= 1.1e-4, under fp16's rounding of p). Runs in the interpreter too.
 
 Layout: the descriptors see q, k, v, out as 2-D [B·H·S, D] row matrices (the tensors are made contiguous first), so
 head (b, h) owns rows (b·H + h)·S ... (b·H + h + 1)·S - 1. A query block that runs past Sq therefore reads the next
@@ -59,6 +63,7 @@ class HopperVariant:
     warp_specialize: bool = False  # producer/consumer warp groups for the key loop
     persistent: bool = False  # one program per SM looping over tiles
     half_exp: bool = False  # the softmax's exp2 in packed fp16/bf16 (two per instruction; compiled only)
+    poly_exp: bool = False  # key tiles in pairs: one tile's exp2 on the SFUs, the other's as a polynomial on the FMAs
     #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner; few on purpose, each one is a compilation
     configs: tuple = ((128, 64, 4, 3), (128, 128, 8, 2))
 
@@ -72,6 +77,9 @@ VARIANTS = {
                             configs=((128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 8, 2))),
     "tma_persistent": HopperVariant(persistent=True, configs=((128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3))),
     "tma_exp16": HopperVariant(half_exp=True, configs=_WIDE),
+    # BLOCK_N here is one tile of a pair: 64 means 128 keys per loop step
+    "tma_poly": HopperVariant(poly_exp=True, configs=((128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
+                                                      (128, 64, 4, 3), (128, 32, 4, 3))),
 }
 DEFAULT_VARIANT = "tma_wide"
 
@@ -109,6 +117,44 @@ def _exp2_half(x, dtype: tl.constexpr):
     else:
         return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
                                          dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _exp2_poly(x):
+    """2**x (x <= 0, fp32) without the special-function units: 2**floor(x) goes into the exponent bits, 2**frac(x)
+    comes from a cubic fitted here to a relative error of 1.1e-4 on [0, 1) with p(0) = 1 and p(1) = 2."""
+    x = tl.maximum(x, -126.0)  # below that 2**x is a denormal: read as 2**-126, which weighs nothing next to 1
+    xi = tl.floor(x)
+    f = x - xi
+    p = 1.0 + f * (0.6954227 + f * (0.22630849 + f * 0.07826881))
+    bits = p.to(tl.int32, bitcast=True) + (xi.to(tl.int32) << 23)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _attn_fwd_tma_inner_pairs(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, lo, hi, qk_scale,
+                              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Stage 1 (no mask) over pairs of key tiles, [lo, hi) a multiple of 2·BLOCK_N: tile 0's exponentials by exp2
+    (SFUs), tile 1's by ``_exp2_poly`` (FMA units), so that both kinds of unit share the softmax's work."""
+    for start_n in tl.range(lo, hi, 2 * BLOCK_N):
+        start_n = tl.multiple_of(start_n, 2 * BLOCK_N)
+        k0 = desc_k.load([kv_row0 + start_n, 0])
+        k1 = desc_k.load([kv_row0 + start_n + BLOCK_N, 0])
+        qk0 = tl.dot(q, k0.T, input_precision=DOT_PRECISION)
+        qk1 = tl.dot(q, k1.T, input_precision=DOT_PRECISION)
+        m_ij = tl.maximum(m_i, tl.maximum(tl.max(qk0, 1), tl.max(qk1, 1)) * qk_scale)
+        p0 = tl.math.exp2(qk0 * qk_scale - m_ij[:, None])
+        p1 = _exp2_poly(qk1 * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_ij = tl.sum(p0, 1) + tl.sum(p1, 1)
+        acc = acc * alpha[:, None]
+        v0 = desc_v.load([kv_row0 + start_n, 0])
+        v1 = desc_v.load([kv_row0 + start_n + BLOCK_N, 0])
+        acc = tl.dot(p0.to(v0.dtype), v0, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(p1.to(v1.dtype), v1, acc, input_precision=DOT_PRECISION)
+        l_i = l_i * alpha + l_ij
+        m_i = m_ij
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -152,7 +198,7 @@ def _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v,
 def _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-               HALF_EXP: tl.constexpr):
+               HALF_EXP: tl.constexpr, POLY_EXP: tl.constexpr):
     """One query block of one (batch, query head): ``tile`` counts query blocks fastest, so that neighbouring
     programs share a head and its K/V stays in L2."""
     n_m = tl.cdiv(Sq, BLOCK_M)
@@ -178,8 +224,13 @@ def _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, S
     else:
         full_end = Skv // BLOCK_N * BLOCK_N
         diag_end = Skv
-    acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, 0, full_end,
-                                        Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N, DOT_PRECISION,
+    pairs_end = 0
+    if POLY_EXP:  # whole pairs of key tiles first; an odd last tile of stage 1 goes through the plain loop
+        pairs_end = full_end // (2 * BLOCK_N) * (2 * BLOCK_N)
+        acc, l_i, m_i = _attn_fwd_tma_inner_pairs(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, 0, pairs_end, qk_scale,
+                                                  BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, pairs_end,
+                                        full_end, Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N, DOT_PRECISION,
                                         WARP_SPECIALIZE, HALF_EXP)
     acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, full_end,
                                         diag_end, Skv, causal_offset, qk_scale, 2, CAUSAL, BLOCK_N, DOT_PRECISION,
@@ -206,7 +257,8 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o,  # host descriptors, or the ba
                   SQ_BUCKET, SKV_BUCKET,  # powers of two of Sq, Skv: only the autotuner's cache key reads them
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, HALF_EXP: tl.constexpr):
+                  WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, HALF_EXP: tl.constexpr,
+                  POLY_EXP: tl.constexpr):
     Hkv = Hq // GROUP
     desc_q = _as_descriptor(desc_q, B * Hq * Sq, HEAD_DIM, BLOCK_M)
     desc_o = _as_descriptor(desc_o, B * Hq * Sq, HEAD_DIM, BLOCK_M)
@@ -216,10 +268,12 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o,  # host descriptors, or the ba
         n_tiles = tl.cdiv(Sq, BLOCK_M) * B * Hq
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP)
+                       HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP,
+                       POLY_EXP)
     else:  # grid = #tiles
         _attn_tile(tl.program_id(0), desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
-                   HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP)
+                   HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP,
+                   POLY_EXP)
 
 
 def _set_block_shapes(nargs):
@@ -237,7 +291,8 @@ def _tuned(name: str):
                for m, n, w, s in VARIANTS[name].configs]
     return triton.autotune(configs=configs,
                            key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "RETURN_LSE", "DOT_PRECISION",
-                                "WARP_SPECIALIZE", "PERSISTENT", "HALF_EXP"])(_attn_fwd_tma)
+                                "WARP_SPECIALIZE", "PERSISTENT", "HALF_EXP",
+                                "POLY_EXP"])(_attn_fwd_tma)
 
 
 @functools.cache
@@ -300,7 +355,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
     flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype),
                  WARP_SPECIALIZE=spec.warp_specialize and not INTERPRET, PERSISTENT=spec.persistent,
-                 HALF_EXP=spec.half_exp and not INTERPRET)
+                 HALF_EXP=spec.half_exp and not INTERPRET, POLY_EXP=spec.poly_exp)
 
     def grid(meta):
         tiles = triton.cdiv(Sq, meta["BLOCK_M"]) * B * Hq
