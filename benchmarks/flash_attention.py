@@ -32,7 +32,7 @@ from kernels.flash_attention import use_hopper_forward
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_flops, naive_attention, peak_memory, score_matrix_bytes
 from course_lib.analysis.roofline import RESULTS_DIR, time_fn
-from benchmarks.record import cpu_model, driver_version, git_commit
+from benchmarks.record import cpu_model, driver_version, git_commit, print_readme_row
 
 
 def device_name() -> str:
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         q = k = v = None  # free this shape's memory (not del: closures above use the names)
     save()
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
+    print_readme_row(out_path)
     return result
 
 

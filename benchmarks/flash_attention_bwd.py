@@ -41,7 +41,7 @@ from course_lib.model.online_softmax import attention_backward_flops, attention_
 from course_lib.analysis.roofline import time_fn
 
 from benchmarks.flash_attention import probe_backends, sdpa, sdpa_backends
-from benchmarks.record import parse_args, provenance, write
+from benchmarks.record import parse_args, print_readme_row, provenance, write
 
 #: Agreement required before ours is timed: max |ours - SDPA-flash| <= GRAD_RTOL · max |SDPA-flash| for each gradient
 #: (bf16 rounds P and dS to 8 bits of mantissa; two correct bf16 kernels differ by ~1% of the largest gradient).
@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                 q = k = v = do = want = None  # free this shape's memory (not del: closures above use the names)
     path = save()
     print(f"wrote {path} in {result['total_seconds']:.1f} s")
+    print_readme_row(path)
     return result
 
 

@@ -34,7 +34,7 @@ import triton
 
 import kernels.reference
 from benchmarks.flash_attention import bench, device_name, probe_backends, sdpa, sdpa_backends, slug
-from benchmarks.record import git_commit
+from benchmarks.record import git_commit, print_readme_row
 from course_lib.analysis.roofline import RESULTS_DIR
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_flops
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         q = k = v = want = None  # free this row's memory (not del: the closures above use the names)
     save()
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
+    print_readme_row(out_path)
     return result
 
 

@@ -37,7 +37,7 @@ from kernels.store_kv_int8 import fp8_supported
 
 from benchmarks.paged_attention import best_time  # CUDA-graph timing, as lesson 02's benchmark
 from benchmarks.roofline import device_name, slug
-from benchmarks.record import cpu_model, driver_version, git_commit
+from benchmarks.record import cpu_model, driver_version, git_commit, print_readme_row
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"INT8 / FP16 decode time at contexts >= 8k: worst {worst:.2f}x (target <= 0.6); "
           f"wrote {out_path} in {result['total_seconds']:.0f} s")
+    print_readme_row(out_path)
     return result
 
 

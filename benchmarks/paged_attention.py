@@ -37,7 +37,7 @@ from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.analysis.roofline import RESULTS_DIR, human, measure_copy_bandwidth, time_fn
 
 from benchmarks.roofline import device_name, slug  # same device naming as the roofline benchmark
-from benchmarks.record import cpu_model, driver_version, git_commit
+from benchmarks.record import cpu_model, driver_version, git_commit, print_readme_row
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 
@@ -360,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"B={key['B']} L={key['context']}: {key['ratio_to_sdpa']:.2f}x SDPA's bandwidth (target 0.85); split-K "
           f"{split_k['speedup']:.1f}x unsplit (target 3); wrote {out_path} in {result['total_seconds']:.0f} s")
+    print_readme_row(out_path)
     return result
 
 

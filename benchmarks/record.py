@@ -40,6 +40,19 @@ def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None,
     return args
 
 
+def print_readme_row(path: Path) -> str | None:
+    """Print (and return) the README's row of the kernel result file just written (``kernel_lines.summary``): the
+    strongest baseline first, the full measured range, the fraction of the roofline. Nothing for a quick or an
+    interpreter run, which has no strongest baseline to lead with."""
+    from course_lib.analysis import kernel_lines
+
+    path = Path(path)
+    line = kernel_lines.summary(json.loads(path.read_text()), path.name)
+    if line:
+        print(f"the README's row of this run: {line}", flush=True)
+    return line
+
+
 def git_commit() -> str:
     """The commit a run measured: $COURSE_GIT_COMMIT when set (a copy of the tree without its .git, as on a lent
     GPU machine), else ``git rev-parse HEAD`` (``-dirty`` with uncommitted changes), else "unknown"."""

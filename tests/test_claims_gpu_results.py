@@ -183,3 +183,26 @@ def test_serving_step_runs_keep_the_latest_complete_run_and_the_latest_with_mixe
     assert {s: r["date"] for s, r in complete.items()} == {"gpu-a": "2026-01-03", "gpu-b": "2026-01-01"}
     assert {s: r["date"] for s, r in mixed.items()} == {"gpu-a": "2026-01-04"}     # the subset run: the row
     assert claims.mixed_graph_rows(mixed["gpu-a"]) == [full]
+
+
+def test_each_kernel_benchmark_prints_its_readme_row(tmp_path, capsys):
+    """benchmarks.record.print_readme_row, which the five kernel benchmarks call after writing their file: for every
+    recorded GPU file the row is the README's own (strongest baseline first, full range, roofline share: issue 21);
+    a quick or interpreter run prints nothing."""
+    from benchmarks.record import print_readme_row
+    from course_lib.analysis.roofline import RESULTS_DIR
+
+    readme = (RESULTS_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    names = ("paged_attention", "flash_attention", "flash_attention_hopper", "flash_attention_bwd", "kv_quant")
+    seen = set()
+    for run in claims.recorded("*.json"):
+        if run.get("benchmark") not in names:
+            continue
+        line = print_readme_row(RESULTS_DIR / run["file"])
+        assert line and line in readme and line in capsys.readouterr().out, run["file"]
+        assert "datasheet" in line   # every recorded file is from an H100 SXM or an H200: its roofline is known
+        seen.add(run["benchmark"])
+    assert seen == set(names)
+    quick = tmp_path / "paged_attention_cpu.json"
+    quick.write_text(json.dumps(dict(benchmark="paged_attention", quick=True, kernel_mode="interpreter")))
+    assert print_readme_row(quick) is None and capsys.readouterr().out == ""

@@ -16,34 +16,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.analysis import claims  # noqa: E402
+from course_lib.analysis import claims, kernel_lines  # noqa: E402
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
-#: what a flash_attention_bwd file's "ours" ran as its forward (its forward_variants; older files: the portable one)
-_FORWARDS = {"portable": "the portable forward", "auto": "the library's default forward: TMA at D = 128 on sm_90+"}
-
-
-def _x(span: tuple[float, float], digits: int = 2) -> str:
-    lo, hi = span
-    return f"{lo:.{digits}f}x" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f}-{hi:.{digits}f}x"
-
-
-def _pct(span: tuple[float, float]) -> str:
-    lo, hi = (f"{100 * x:.0f}" for x in span)
-    return f"{lo}%" if lo == hi else f"{lo}-{hi}%"
-
-
-def _roof(span, cudnn_span, peak) -> str:
-    """'; = 46-56% of the datasheet's 989 TFLOP/s (cuDNN 53-62%)', or '' off a card whose datasheet is unknown."""
-    if span is None:
-        return ""
-    return (f" = {_pct(span)} of the datasheet's {peak:.0f} TFLOP/s"
-            + (f" (cuDNN {_pct(cudnn_span)})" if cudnn_span else ""))
-
-
-def _where(run: dict) -> str:
-    return f"{run['device']}, {run['date'][:10]}, `{run['file']}`"
+from course_lib.analysis.kernel_lines import _where, _x  # noqa: E402
 
 
 def _no_file(what: str, command: str) -> str:
@@ -58,87 +35,22 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                     f"bf16 matmul {r['peak_flops'] / 1e12:.0f} TFLOP/s, copy {r['peak_bandwidth'] / 1e12:.2f} TB/s, "
                     f"ridge {r['ridge_point']:.0f} FLOP/byte; a batch-{sweep['M']} decode GEMM reaches "
                     f"{sweep['flops_per_s'] / 1e12:.1f} TFLOP/s"))
-    for run in claims.recorded("paged_attention_*.json", results_dir):
-        c = claims.paged_decode_claims(run)
-        b, ctx, dt = c["worst_shape"]
-        out.append(("02", f"paged decode vs SDPA's fastest backend on a contiguous cache (`paged_attention.py`; "
-                          f"{_where(run)})",
-                    f"{_x(c['all'])} SDPA's speed over all {c['num_shapes']} shapes (lowest at batch {b}, context "
-                    f"{ctx}, {dt}; {c['batch64_ctx4k']:.2f}x at batch 64, context 4k"
-                    + (f"; medians of rounds timed in turn, single rounds {_x(c['rounds'])}" if c["rounds"] else "")
-                    + f"); split-K {c['split_k']:.0f}x "
-                    f"the unsplit kernel at batch {c['split_k_shape'][0]}, context {c['split_k_shape'][1] // 1024}k"
-                    + (f"; at batch ≥ {c['big_batch']}, K/V read at {_pct(c['copy_big'])} of the copy bandwidth "
-                       f"measured in the same run ({c['copy_bandwidth'] / 1e12:.2f} TB/s; lowest at batch "
-                       f"{c['copy_big_worst'][0]}, context {c['copy_big_worst'][1]}; SDPA {_pct(c['sdpa_copy_big'])})"
-                       if c["copy_big"] else "")
-                    + (f", {_pct(c['roof_big'])} of the datasheet's {c['hbm_datasheet'] / 1e12:.2f} TB/s"
-                       if c["roof_big"] else "")))
-    for run in claims.recorded("flash_attention_*.json", results_dir):
-        if run.get("benchmark") != "flash_attention":      # flash_attention_bwd_* has its own row below
-            continue
-        c = claims.flash_attention_claims(run)
-        out.append(("03", f"FlashAttention forward (`flash_attention.py`; {_where(run)})",
-                    f"vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all {c['num_shapes']} shapes, "
-                    f"{_x(c['cudnn_sel'])} at D = {c['head_dim']}, N ≥ {c['min_n'] // 1024}k; vs SDPA-flash "
-                    f"(FlashAttention-2): {_x(c['flash_all'])} over all, {_x(c['flash_sel'])} at D = {c['head_dim']}, "
-                    f"N ≥ {c['min_n'] // 1024}k ({c['tflops_sel'][0]:.0f}-{c['tflops_sel'][1]:.0f} TFLOP/s, cuDNN "
-                    f"{c['cudnn_tflops_sel'][0]:.0f}-{c['cudnn_tflops_sel'][1]:.0f})"
-                    + _roof(c["roof_sel"], c["cudnn_roof_sel"], c["peak_tflops"])))
-    for run in claims.recorded("flash_attention_hopper_*.json", results_dir):
-        c = claims.flash_attention_hopper_claims(run)
-        spans = [f"D = {D}: " + ", ".join(f"{i} {_x(span)}" for i, span in per.items())
-                 for D, per in c["vs_cudnn"].items()]
-        n, best = c["Ns"], max((i for i in c["tflops"] if i != "sdpa_cudnn"), key=lambda i: c["tflops"][i][0])
-        out.append(("03", f"FlashAttention forward on Hopper, TMA variants (`flash_attention_hopper.py`; "
-                          f"{_where(run)})",
-                    f"speed vs cuDNN (cuDNN time / ours) over {c['num_shapes']} shapes (N = {n[0] // 1024}k-"
-                    f"{n[-1] // 1024}k, causal and not, bf16 and fp16; target ≥ 0.9x): " + "; ".join(spans)
-                    + (f"; at D = {c['head_dim']} the fastest, {best}, {c['tflops'][best][0]:.0f}-"
-                       f"{c['tflops'][best][1]:.0f} TFLOP/s" + _roof(c["roof"][best], c["roof"].get("sdpa_cudnn"),
-                                                                     c["peak_tflops"])
-                       if c["tflops"] else "")))
-    for run in claims.recorded("flash_attention_bwd_*.json", results_dir):
-        c = claims.flash_attention_bwd_claims(run)
-        miss = ", ".join(f"D = {d}, N = {n // 1024}k{' causal' if causal else ''} {r:.3f}x"
-                         for d, n, causal, r in c["cudnn_misses"])
-        out.append(("03", f"FlashAttention forward + backward, training (`flash_attention_bwd.py`; {_where(run)})",
-                    f"{c['dtype']}, ours ({_FORWARDS[run.get('forward_variants', {}).get('ours', 'portable')]}) "
-                    f"fwd+bwd time vs cuDNN (the fastest SDPA backend): {_x(c['cudnn_all'])} over all "
-                    f"{c['num_shapes']} shapes, {_x(c['cudnn_sel'])} at N ≥ {c['min_n'] // 1024}k (target ≥ "
-                    f"{c['cudnn_target']}x: " + (f"missed at {miss}" if miss else "met") + "); vs SDPA-flash "
-                    f"(FlashAttention-2): {_x(c['flash_all'])} over all (target ≥ {c['flash_target']}x: "
-                    + ("met" if not c["flash_misses"] else "missed") + f"); backward alone at N ≥ "
-                    f"{c['min_n'] // 1024}k: {_x(c['bwd_flash_sel'])} SDPA-flash, {_x(c['bwd_cudnn_sel'])} cuDNN; "
-                    f"gradients within {c['max_grad_rel_err']:.1%} of SDPA-flash's largest"
-                    + (f"; fwd+bwd at N ≥ {c['min_n'] // 1024}k {c['tflops_sel'][0]:.0f}-{c['tflops_sel'][1]:.0f} "
-                       f"TFLOP/s" + _roof(c["roof_sel"], c["cudnn_roof_sel"], c["peak_tflops"])
-                       if c["roof_sel"] else "")
-                    + (f"; dQ by fp32 atomics instead (`dq_mode=\"atomic\"`): {_x(c['atomic_cudnn_all'])} cuDNN, "
-                       f"{_x(c['atomic_over_separate'])} the default mode's time" if c["atomic_cudnn_all"] else "")
-                    + (f"; the forward through the TMA kernel instead (`hopper=\"{c['tma_variant']}\"`), same "
-                       f"backward: {_x(c['tma_cudnn_sel'])} cuDNN at N ≥ {c['min_n'] // 1024}k (target: "
-                       + ("met" if not c["tma_cudnn_misses"] else "missed") + f"), {_x(c['tma_flash_sel'])} "
-                       f"SDPA-flash" if c["tma_cudnn_sel"] else "")
-                    + (f"; the portable forward instead (`hopper=False`), same backward: {_x(c['portable_cudnn_sel'])} "
-                       f"cuDNN, {_x(c['portable_flash_sel'])} SDPA-flash at N ≥ {c['min_n'] // 1024}k"
-                       if c["portable_cudnn_sel"] else "")))
+    for pattern, row in (("paged_attention_*.json", kernel_lines.paged_row),
+                         ("flash_attention_*.json", kernel_lines.flash_forward_row),
+                         ("flash_attention_hopper_*.json", kernel_lines.hopper_row),
+                         ("flash_attention_bwd_*.json", kernel_lines.bwd_row)):
+        for run in claims.recorded(pattern, results_dir):
+            # flash_attention_*.json also matches the hopper and bwd files: each benchmark has its own row
+            if run.get("benchmark") == pattern.removesuffix("_*.json"):
+                out.append(row(run))
     out.append(("04", "continuous vs static batching, same trace",
                 _no_file("the GPU run", "python -m benchmarks.engine_batching")))
     out.append(("05", "prefix caching, hit rate and time to first token",
                 _no_file("the GPU run", "python -m benchmarks.prefix_caching")))
     out.append(("06", "speculative decoding, batch 1", _no_file("the GPU run", "python -m benchmarks.speculative")))
-    parts = []
-    for run in claims.recorded("kv_quant_*.json", results_dir):
-        c = claims.int8_decode_claims(run)
-        parts.append(f"{run['device']}: {_x(c['all'])} over all shapes, {_x(c['long'])} at ≥ "
-                     f"{c['min_context'] // 1024}k tokens (target ≤ {c['target']}x: {'met' if c['met'] else 'not met'})"
-                     + (f"; there INT8 reads its bytes at {_pct(c['int8_roof_long'])} of the datasheet's "
-                        f"{c['hbm_datasheet'] / 1e12:.2f} TB/s, FP16 at {_pct(c['fp16_roof_long'])}"
-                        if c["int8_roof_long"] else "") + f" (`{run['file']}`)")
-    if parts:
-        out.append(("07", "INT8 vs FP16 K/V: the paged decode attention kernel's time (`kv_quant.py`)",
-                    f"{c['memory']:.2f}x the bytes; kernel time " + "; ".join(parts)))
+    int8 = kernel_lines.int8_row(claims.recorded("kv_quant_*.json", results_dir))
+    if int8:
+        out.append(int8)
     out.append(("08-09", "TP = 2 and PP = 2 over NCCL on 2 GPUs (log in `gpu_checks.md`)",
                 "logits within 2e-5 of one process, greedy tokens identical"))
     serving = [r for r in claims.recorded("serving_*.json", results_dir) if r.get("benchmark") == "serving"]
