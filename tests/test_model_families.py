@@ -135,10 +135,12 @@ def test_kv_cache_holds_head_dim_wide_keys():
     model = tiny_qwen3()
     cache = KVCache(model.config, batch_size=1, max_seq_len=8, device="cpu")
     assert cache.k[0].shape == (1, 1, 8, 32) and cache.nbytes() == kv_cache_bytes(model.config, 8, 1, 4)
-    ids = torch.randint(0, 64, (1, 8))
+    ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    # float32: two chunks through the cache vs one pass differ only by rounding (matmuls of other shapes: up to ~1e-5
+    # in these peaked logits, seen in CI); a cache that dropped or misplaced a key would be off by O(1)
     with torch.no_grad():
         torch.testing.assert_close(torch.cat([model(ids[:, :5], cache=cache), model(ids[:, 5:], cache=cache)], 1),
-                                   model(ids), rtol=0, atol=1e-5)
+                                   model(ids), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- the engine on these families
