@@ -109,7 +109,8 @@ def test_cached_forward_equals_full_forward(hf_and_ours):
     full = ours(ids)
     cache = KVCache(ours.config, batch_size=2, max_seq_len=12, device=ours.device)
     parts = [ours(ids[:, :5], cache=cache), ours(ids[:, 5:6], cache=cache), ours(ids[:, 6:], cache=cache)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-5)
+    # float32 rounding only (matmuls of other shapes; ~1e-5 seen in a sibling test): a wrong cache is off by O(1)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
     assert cache.length == 12
 
 
