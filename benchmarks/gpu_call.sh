@@ -6,9 +6,11 @@
 # tests_gpu, tests_e2e, tests_sampling, serving_step, serving2, serving3, fa_hopper, fa_configs; in session 9:
 # serving_step (phases), fa_bwd_configs, paged (twice), fa_atomic; in session 10: piecewise, serving_step (H200),
 # full_graph, serving_step_mixed, paged, profile_full; in session 11 (H100): tests_gpu (FULL the default),
-# serving_step, paged (no sweep), fa_bwd_tma; in session 12 (H100): fa_auto128, paged (with --splits).
+# serving_step, paged (no sweep), fa_bwd_tma; in session 12 (H100): fa_auto128, paged (with --splits); in session 13:
+# nothing (no GPU could be started).
 # Left, in the order to run them:
 #   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
+#   fa_exp       (below) on either card: a short call (~5 min) that decides whether the exponentials cap the forward
 #   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
 #                and 128 with it (fa_auto128, the same at D = 128 only, ran on an H100 in session 12)
 #   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
