@@ -21,8 +21,11 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
   exponentials on the SM's special-function units (16 per clock) beside 2·BLOCK_M·BLOCK_N·D multiply-adds on the
   Tensor Cores (~2048 per clock in bf16): at D = 128 the exponentials take half as long as the dots, and unless the
   two overlap perfectly they cap the loop (FlashAttention-3's and -4's observation). p is rounded to fp16/bf16 for
-  the P·V dot anyway; here the exponent's argument is rounded first (|error of p| <= ~2^-11 in fp16, ~2^-9 in bf16,
-  below p's own rounding). Compiled only: the interpreter computes this variant's exponentials in fp32.
+  the P·V dot anyway; here two more errors come in: the argument is rounded to 16 bits first (its effect on p is at
+  most ~2^-11/e in fp16 and ~2^-9/e in bf16, absolute, since p = 2^x <= 1 for x <= 0), and the approximate
+  instruction has its own relative error, which the PTX manual bounds and which may exceed fp16's rounding of p.
+  Not proven harmless here: the GPU tests hold this variant to the same tolerances as every other (reference and
+  SDPA, both 16-bit dtypes). Compiled only: the interpreter computes this variant's exponentials in fp32.
 - ``tma_poly``: the other way to unload the special-function units (FlashAttention-4's): each loop step takes two
   key tiles of BLOCK_N; the first tile's exponentials go to the SFUs (``exp2``), the second's to the FMA units as a
   polynomial (``_exp2_poly``: 2^floor(x) written into the float's exponent bits, 2^frac(x) by a cubic, relative

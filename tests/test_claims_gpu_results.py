@@ -73,6 +73,7 @@ def test_datasheet_knows_the_sxm_cards_only():
     from course_lib.analysis.roofline import H100_SXM, H200_SXM, datasheet
     assert datasheet("NVIDIA H100 80GB HBM3") is H100_SXM and datasheet("NVIDIA H200") is H200_SXM
     assert datasheet("NVIDIA H100 PCIe") is None and datasheet("CPU (x86_64)") is None and datasheet("") is None
+    assert datasheet("NVIDIA H200 NVL") is None and datasheet("NVIDIA H100 NVL") is None
     assert claims.peak_tflops(dict(device="NVIDIA H200")) == 989 and claims.hbm_datasheet(dict(device="x")) is None
 
 

@@ -63,9 +63,11 @@ H200_SXM = DeviceSpec(
 
 def datasheet(device: str) -> DeviceSpec | None:
     """The datasheet of a device as a result file names it (``torch.cuda.get_device_name``): "NVIDIA H200" and
-    "NVIDIA H100 80GB HBM3" (the SXM card; the PCIe and NVL cards have other clocks and memory). None for any
-    other device: a fraction of a roofline is given only where the roofline is known."""
+    "NVIDIA H100 80GB HBM3" (the SXM cards; the PCIe and NVL cards have other clocks, peaks and memory). None for
+    any other device: a fraction of a roofline is given only where the roofline is known."""
     name = device.upper()
+    if "NVL" in name or "PCIE" in name:   # the H100 / H200 NVL and PCIe cards: lower clocks, other peaks
+        return None
     if "H200" in name:
         return H200_SXM
     if "H100" in name and ("HBM3" in name or "SXM" in name):
