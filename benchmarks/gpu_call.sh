@@ -7,23 +7,21 @@
 # serving_step (phases), fa_bwd_configs, paged (twice), fa_atomic; in session 10: piecewise, serving_step (H200),
 # full_graph, serving_step_mixed, paged, profile_full; in session 11 (H100): tests_gpu (FULL the default),
 # serving_step, paged (no sweep), fa_bwd_tma; in session 12 (H100): fa_auto128, paged (with --splits); in session 13:
-# nothing (no GPU could be started).
+# nothing (no GPU could be started); in session 14 (H100): fa_exp, serving1, serving5 (cut short), bench_batching,
+# bench_spec_prefix.
 # Left, in the order to run them:
 #   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
-#   fa_exp       (below) on either card: a short call (~5 min) that decides whether the exponentials cap the forward
 #   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
 #                and 128 with it (fa_auto128, the same at D = 128 only, ran on an H100 in session 12)
 #   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
-#   fa_exp       the variants that unload the exponentials from the SFUs (tma_exp16: packed half precision;
-#                tma_poly: half of them as a polynomial on the FMA units) compiled: their GPU tests, then the Hopper
-#                ablation with tma_wide beside them (~5 min)
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
-#   serving1, 4-7   benchmarks/serving.py's other calls, one per device call (each ~8-9 min): HF continuous batching
-#                with the engine of today, llama-3.2-1b, the course's four workloads, the sweeps, the tiny model
+#   serving5b    the course's long-cot and multimodal workloads (serving5 did chat and multi-turn, then hit its limit)
+#   serving4, 6, 7   llama-3.2-1b, the sweeps, the tiny model (one per device call, each ~8-9 min)
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
-#   bench_batching, bench_spec_prefix   lessons 04, 06, 05's GPU result files (~7 and ~8 min)
-#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_configs, fa_bwd_configs, fa_atomic: re-run when their code
-#                changes
+#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run when their
+#                code changes
+# Not possible in one call: the HF rows with 3 repeats (HF continuous batching takes ~290 s per run of nano-vllm's
+# trace on an H100), which issue 19's targets ask for.
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"
@@ -67,6 +65,8 @@ for s in ${STEPS:?set STEPS}; do
                 --hf-sweep-sample full --repeats 1 --time-limit 400 ;;
     serving4) serving 4 --models llama-3.2-1b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 420 ;;
     serving5) serving 5 --models qwen3-0.6b --workloads chat,multi-turn,long-cot,multimodal --num-requests 64 \
+                --repeats 1 --hf-batch-sizes 64 --hf-sweep-sample full --time-limit 420 ;;
+    serving5b) serving 5b --models qwen3-0.6b --workloads long-cot,multimodal --num-requests 64 \
                 --repeats 1 --hf-batch-sizes 64 --hf-sweep-sample full --time-limit 420 ;;
     serving6) serving 6 --models qwen3-0.6b --workloads none --systems llmengine,hf-cb --sweep-repeats 1 \
                 --sweep-concurrency 8,32,128,256 --sweep-context 256,1024,1792 --sweep-kv-budget 8,32,128 --time-limit 420 ;;

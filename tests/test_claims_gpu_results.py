@@ -207,3 +207,32 @@ def test_each_kernel_benchmark_prints_its_readme_row(tmp_path, capsys):
     quick = tmp_path / "paged_attention_cpu.json"
     quick.write_text(json.dumps(dict(benchmark="paged_attention", quick=True, kernel_mode="interpreter")))
     assert print_readme_row(quick) is None and capsys.readouterr().out == ""
+
+
+def test_serving_targets_take_the_latest_file_per_baseline_and_judge_ratio_and_repeats():
+    def run(date, engine, runs, hf_cb=None, hf_static=None, device="GPU A"):
+        r = _serving_run(engine, hf_cb=hf_cb, date=date, device=device, file=f"serving_{date}.json")
+        r["rows"][0]["num_runs"] = runs
+        s = r["summary"][0]
+        s.update(model="qwen3-0.6b", workload="nano-vllm")
+        for row in r["rows"]:
+            row.update(model="qwen3-0.6b", workload="nano-vllm", num_runs=runs)
+        if hf_cb:
+            s["engine_x_hf_cb"] = dict(median=engine / hf_cb, low=engine / hf_cb, high=engine / hf_cb)
+        if hf_static:
+            r["rows"].append(dict(model="qwen3-0.6b", workload="nano-vllm", system="hf-static", status="ok",
+                                  throughput_tok_s=hf_static, num_runs=runs, batch_size=128))
+            s["engine_x_hf_static"] = dict(median=engine / hf_static, low=0.0, high=0.0)
+        return r
+
+    runs = [run("2026-01-01", 9000.0, 1, hf_cb=1000.0, hf_static=3000.0),     # 9x and 3x: both missed
+            run("2026-01-02", 12000.0, 3, hf_cb=1000.0),                       # a later CB row: 12x, 3 runs
+            run("2026-01-03", 5000.0, 3, device="GPU B")]                      # no baseline on the other card
+    by = {(t["device"], t["baseline"]): t for t in claims.serving_targets(runs)}
+    cb, static = by["GPU A", "hf_cb"], by["GPU A", "hf_static"]
+    assert cb["file"] == "serving_2026-01-02.json" and cb["met"] and cb["repeats_met"]
+    assert static["file"] == "serving_2026-01-01.json" and not static["met"] and not static["repeats_met"]
+    assert static["ratio"]["median"] == 3.0 and static["batch_size"] == 128
+    assert by["GPU B", "hf_cb"]["file"] is None and by["GPU B", "hf_static"]["file"] is None
+    recorded = claims.serving_targets(claims.real_size_serving_runs())
+    assert {t["baseline"] for t in recorded if t["file"]} == {"hf_cb", "hf_static"}   # the H100's files judge both

@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from course_lib.analysis import claims, kernel_lines  # noqa: E402
+from course_lib.analysis import claims, feature_lines, kernel_lines  # noqa: E402
 
 README = ROOT / "README.md"
 BEGIN, END = "<!-- results-table:begin -->", "<!-- results-table:end -->"
@@ -43,11 +43,16 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
             # flash_attention_*.json also matches the hopper and bwd files: each benchmark has its own row
             if run.get("benchmark") == pattern.removesuffix("_*.json"):
                 out.append(row(run))
-    out.append(("04", "continuous vs static batching, same trace",
-                _no_file("the GPU run", "python -m benchmarks.engine_batching")))
-    out.append(("05", "prefix caching, hit rate and time to first token",
-                _no_file("the GPU run", "python -m benchmarks.prefix_caching")))
-    out.append(("06", "speculative decoding, batch 1", _no_file("the GPU run", "python -m benchmarks.speculative")))
+    for lesson, what, pattern, module, row in (
+            ("04", "continuous vs static batching, same trace", "batching_*.json", "engine_batching",
+             feature_lines.batching_row),
+            ("05", "prefix caching, hit rate and time to first token", "prefix_caching_*.json", "prefix_caching",
+             feature_lines.prefix_row),
+            ("06", "speculative decoding, batch 1", "speculative_*.json", "speculative",
+             feature_lines.speculative_row)):
+        runs = claims.recorded(pattern, results_dir)
+        out += [row(run) for run in runs] or [(lesson, what,
+                                               _no_file("the GPU run", f"python -m benchmarks.{module}"))]
     int8 = kernel_lines.int8_row(claims.recorded("kv_quant_*.json", results_dir))
     if int8:
         out.append(int8)

@@ -381,6 +381,41 @@ def serving_line(run: dict) -> str:
     return " / ".join(parts) + note + (f". Note: {run['annotation']}" if run.get("annotation") else "")
 
 
+#: issue 19's targets: LLMEngine over transformers' continuous batching and over its best static batch, on the
+#: qwen3-0.6b shape and nano-vllm's workload, each recorded with at least this many repeats
+SERVING_TARGETS = {"hf_cb": 10.0, "hf_static": 5.0}
+SERVING_TARGET_REPEATS = 3
+
+
+def serving_targets(runs: list[dict], model: str = "qwen3-0.6b", workload: str = "nano-vllm") -> list[dict]:
+    """Issue 19's targets judged per card from the real-size runs: for each baseline, the latest file that measured
+    it and the engine on the same trace (both on the whole trace), its ratio (median over median, range from the
+    runs' extremes), whether the ratio meets the target, and whether both sides ran the required repeats."""
+    out = []
+    for device in dict.fromkeys(r["device"] for r in runs):
+        for key, target in SERVING_TARGETS.items():
+            found = None
+            for run in sorted((r for r in runs if r["device"] == device), key=lambda r: r["date"]):
+                s = next((s for s in run["summary"] if s["model"] == model and s["workload"] == workload), None)
+                if s and s.get(f"engine_x_{key}"):
+                    found = (run, s)
+            if found is None:
+                out.append(dict(device=device, baseline=key, target=target, file=None))
+                continue
+            run, s = found
+            system = key.replace("_", "-")
+            rows = {r["system"]: r for r in run["rows"] if r.get("model") == model and r.get("workload") == workload
+                    and r.get("status") == "ok"}
+            repeats = min(rows["llmengine"]["num_runs"], rows[system]["num_runs"])
+            ratio = s[f"engine_x_{key}"]
+            out.append(dict(device=device, baseline=key, target=target, file=run["file"], ratio=ratio,
+                            met=ratio["median"] >= target, repeats=repeats,
+                            repeats_met=repeats >= SERVING_TARGET_REPEATS, batch_size=rows[system].get("batch_size"),
+                            engine_tok_s=rows["llmengine"]["throughput_tok_s"],
+                            baseline_tok_s=rows[system]["throughput_tok_s"]))
+    return out
+
+
 #: the setting of the vLLM launch post's 14-24x (vLLM blog, June 2023), to say what a course run differs in
 VLLM_CLAIM_SETTING = ("LLaMA-7B on an NVIDIA A10G and LLaMA-13B on an A100-40GB, requests sampled from ShareGPT, "
                       "one completion per request, HF Transformers' generate() as the baseline")
