@@ -236,3 +236,18 @@ def test_serving_targets_take_the_latest_file_per_baseline_and_judge_ratio_and_r
     assert by["GPU B", "hf_cb"]["file"] is None and by["GPU B", "hf_static"]["file"] is None
     recorded = claims.serving_targets(claims.real_size_serving_runs())
     assert {t["baseline"] for t in recorded if t["file"]} == {"hf_cb", "hf_static"}   # the H100's files judge both
+
+
+def test_strongest_hf_per_trace_keeps_the_file_with_the_strongest_baseline():
+    def run(name, engine, hf_cb=None, hf_static=None, workload="w"):
+        s = dict(model="m", workload=workload, engine_tok_s=engine, hf_cb_tok_s=hf_cb,
+                 hf_cb_status="ok" if hf_cb else "not run", hf_static_best_tok_s=hf_static)
+        for key, hf in (("engine_x_hf_cb", hf_cb), ("engine_x_hf_static", hf_static)):
+            s[key] = dict(median=engine / hf, low=engine / hf, high=engine / hf) if hf else None
+        return dict(device="GPU A", file=name, summary=[s])
+
+    runs = [run("a.json", 10000.0, hf_cb=400.0),             # 25x against the weaker baseline
+            run("b.json", 9000.0, hf_static=600.0),          # 15x against the stronger one: this one judges
+            run("c.json", 9000.0, hf_cb=300.0, workload="v")]
+    got = {x["workload"]: (r["file"], x["strongest_hf"], x["ratio"]) for r, x in claims.strongest_hf_per_trace(runs)}
+    assert got == {"w": ("b.json", "hf_static", 15.0), "v": ("c.json", "hf_cb", 30.0)}
