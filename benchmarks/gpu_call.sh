@@ -20,8 +20,9 @@
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
 #   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run when their
 #                code changes
-# Not possible in one call: the HF rows with 3 repeats (HF continuous batching takes ~290 s per run of nano-vllm's
-# trace on an H100), which issue 19's targets ask for.
+#   serving1 x3, serving2 x3 issue 19's repeats: one HF run per call (HF continuous batching takes ~290 s per run of
+#                nano-vllm's trace on an H100), all at one commit, then pooled:
+#                python -m benchmarks.serving --merge part1a.json part1b.json ... --out serving_<device>_<date>.json
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"

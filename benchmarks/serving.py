@@ -44,7 +44,8 @@ tokens) on the nano-vllm trace. Throughput and TPOT p50 per point and system.
 Writes ``benchmarks/results/serving_<device-slug>.json`` (or ``--out``) after every run, with provenance (git commit,
 torch / triton / transformers / CUDA driver versions, GPU, CPU model, date, command); ``--time-limit`` stops starting
 runs after that many seconds and still writes the file (``complete`` false). ``--merge A.json B.json`` joins files of
-the same commit, device and versions (one per GPU call).
+the same commit, device and versions (one per GPU call); a workload measured in several of them pools its runs, so
+the repeats of a row that takes minutes (HF's continuous batching) can come from separate calls.
 
 GPU run plan (one H100, calls of at most 10 minutes). Durations measured on an H100 on 2026-12-06 (gpu_checks.md), on
 the nano-vllm trace with qwen3-0.6b: setup (random-init model saved and loaded by both systems, warm-up) ~60 s;

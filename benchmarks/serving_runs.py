@@ -247,12 +247,40 @@ def summarize_workload(result: dict, model: str, workload: str) -> dict:
 #: what must agree for result files to be merged
 SAME_SETUP = ("benchmark", "device", "git_commit", "python", "torch", "triton", "transformers", "cuda", "dtype",
               "driver", "quick")
+#: what must also agree for a (model, workload) measured in several files to pool its runs (the trace and the engine's
+#: limits; which systems and how many repeats each call ran may differ)
+SAME_TRACE = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_output", "num_requests", "seed",
+              "hf_cb_kv")
+
+
+def _row_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("model", "workload", "sweep", "x", "system", "config", "batch_size"))
+
+
+def _pool(rows: list[dict]) -> list[dict]:
+    """Rows of the same measurement (same model, workload or sweep point, system and configuration) from several
+    files as one row: their runs together, median and spread recomputed; the others unchanged, in first-seen order."""
+    pooled: dict[tuple, dict] = {}
+    for row in rows:
+        key = _row_key(row)
+        if key not in pooled:
+            pooled[key] = dict(row, runs=list(row["runs"]))
+        else:
+            pooled[key]["runs"] += row["runs"]
+            pooled[key]["chosen_from"] = sorted(set(pooled[key].get("chosen_from") or [])
+                                                | set(row.get("chosen_from") or [])) or None
+    for row in pooled.values():
+        if row["runs"]:
+            aggregate(row)
+    return list(pooled.values())
 
 
 def merge(records: list[dict]) -> dict:
     """One result from several files of the same setup (e.g. one per GPU call): rows, floors, summaries, sweeps and
-    models together; ``parts`` keeps each file's command, date and duration. ValueError if the setups differ or a
-    (model, workload) pair appears twice."""
+    models together; ``parts`` keeps each file's command, date and duration. A (model, workload) measured in more than
+    one file pools its runs: the repeats of one measurement spread over calls that each fit the device's time limit
+    (each run keeps its ``part``, the index of its file). ValueError if the setups differ, or if a (model, workload) in
+    several files was not the same trace with the same limits."""
     if not records:
         raise ValueError("nothing to merge")
     first = records[0]
@@ -260,18 +288,37 @@ def merge(records: list[dict]) -> dict:
         for key in SAME_SETUP:
             if r.get(key) != first.get(key):
                 raise ValueError(f"cannot merge: '{key}' differs ({first.get(key)!r} vs {r.get(key)!r})")
-    pairs = [(s["model"], s["workload"]) for r in records for s in r["summary"]]
-    if len(set(pairs)) != len(pairs):
-        raise ValueError(f"cannot merge: a (model, workload) appears in more than one file ({pairs})")
+    seen: dict[tuple, dict] = {}
+    for r in records:
+        for sm in r["summary"]:
+            pair = (sm["model"], sm["workload"])
+            if pair in seen:
+                other = seen[pair]
+                name = f"{pair[0]}/{pair[1]}"
+                if other.get("workloads", {}).get(name) != r.get("workloads", {}).get(name):
+                    raise ValueError(f"cannot merge: {name} is not the same trace in every file")
+                for key in SAME_TRACE:
+                    if (other.get("config") or {}).get(key) != (r.get("config") or {}).get(key):
+                        raise ValueError(f"cannot merge: {name} ran with a different '{key}'")
+            else:
+                seen[pair] = r
+    tagged = [[dict(row, runs=[dict(run, part=i) for run in row["runs"]]) for row in r.get("rows", [])]
+              for i, r in enumerate(records)]
     out = dict(first, date=max(r["date"] for r in records), command=" ; ".join(r["command"] for r in records),
                complete=all(r.get("complete") for r in records),
                total_seconds=sum(r.get("total_seconds", 0) for r in records),
                parts=[dict(command=r["command"], date=r["date"], total_seconds=r.get("total_seconds"),
                            copy_bandwidth_Bps=r.get("copy_bandwidth_Bps"), config=r.get("config")) for r in records])
-    for key in ("rows", "floors", "summary"):
-        out[key] = [x for r in records for x in r.get(key, [])]
+    out["rows"] = _pool([row for rows in tagged for row in rows])
+    floors = {}
+    for f in (f for r in records for f in r.get("floors", [])):   # a pair's floor: its first file's (same schedule)
+        floors.setdefault((f["model"], f["workload"]), f)
+    out["floors"] = list(floors.values())
     for key in ("models", "workloads"):
         out[key] = {k: v for r in records for k, v in r.get(key, {}).items()}
-    out["sweeps"] = {k: [x for r in records for x in r.get("sweeps", {}).get(k, [])]
+    out["sweeps"] = {k: _pool([x for r in records for x in r.get("sweeps", {}).get(k, [])])
                      for k in ("concurrency", "context", "kv_budget")}
+    out["summary"] = []
+    for model, workload in seen:
+        summarize_workload(out, model, workload)
     return out

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import benchmarks.serving as serving
-from benchmarks.serving_runs import aggregate, merge
+from benchmarks.serving_runs import aggregate, merge, summarize_workload
 from course_lib.experiments.workloads import nanovllm_trace
 
 # runs the course's commands end to end: bash course.sh test runs these beside the browser test
@@ -138,19 +138,56 @@ def test_nanovllm_trace_is_nano_vllms():
     assert max(max(p) for p in small.prompts) < 2048 and small.output_lens.max() <= 32
 
 
+def _ok(tput, steps=10):
+    return dict(status="ok", throughput_tok_s=tput, output_tokens=5, requested_tokens=5, tpot_p50=0.1,
+                num_steps=steps)
+
+
+def _part(command, workload, engine, hf_cb=(), git_commit="abc", trace="T", max_num_seqs=8):
+    rows = [dict(model="m", workload=workload, system="llmengine", config="LLMEngine (all switches)",
+                 runs=[_ok(x) for x in engine])]
+    if hf_cb:
+        rows.append(dict(model="m", workload=workload, system="hf-cb", config="HF continuous batching",
+                         runs=[_ok(x) for x in hf_cb]))
+    for row in rows:
+        aggregate(row)
+    rec = dict(benchmark="serving", device="X", git_commit=git_commit, date=command, command=command, rows=rows,
+               floors=[dict(model="m", workload=workload, floor_tok_s=1000.0)], sweeps={}, models={},
+               workloads={f"m/{workload}": dict(description=trace)}, config=dict(max_num_seqs=max_num_seqs),
+               summary=[], complete=True)
+    summarize_workload(rec, "m", workload)
+    return rec
+
+
 def test_aggregate_and_merge():
     row = dict(runs=[dict(status="ok", throughput_tok_s=x, output_tokens=5, requested_tokens=5, tpot_p50=0.1)
                      for x in (3.0, 1.0, 2.0)] + [dict(status="error: x")])
     aggregate(row)
     assert (row["throughput_tok_s"], row["throughput_min"], row["throughput_max"], row["num_runs"]) == (2.0, 1, 3, 3)
-    a = dict(benchmark="serving", device="X", git_commit="abc", date="1", command="a", summary=[
-        dict(model="m", workload="w")], rows=[1], floors=[], sweeps={}, models={}, workloads={})
-    b = dict(a, command="b", summary=[dict(model="m", workload="v")], rows=[2])
-    assert merge([a, b])["rows"] == [1, 2]
+    a, b = _part("a", "w", [100.0]), _part("b", "v", [50.0])
+    merged = merge([a, b])
+    assert [(r["workload"], r["throughput_tok_s"]) for r in merged["rows"]] == [("w", 100.0), ("v", 50.0)]
+    assert {(s["model"], s["workload"]) for s in merged["summary"]} == {("m", "w"), ("m", "v")}
     with pytest.raises(ValueError, match="git_commit"):
-        merge([a, dict(b, git_commit="def")])
-    with pytest.raises(ValueError, match="more than one"):
-        merge([a, dict(b, summary=a["summary"])])
+        merge([a, _part("b", "v", [50.0], git_commit="def")])
+
+
+def test_merge_pools_the_repeats_of_one_measurement_spread_over_calls():
+    """Issue 19's repeats: the engine and HF's continuous batching on one trace, one HF run per device call."""
+    parts = [_part("call 1", "w", [100.0, 110.0], hf_cb=[10.0]), _part("call 2", "w", [90.0], hf_cb=[8.0]),
+             _part("call 3", "w", [], hf_cb=[12.0])]
+    merged = merge(parts)
+    rows = {r["system"]: r for r in merged["rows"]}
+    assert rows["llmengine"]["num_runs"] == 3 and rows["llmengine"]["throughput_tok_s"] == 100.0
+    assert rows["hf-cb"]["num_runs"] == 3 and rows["hf-cb"]["throughput_tok_s"] == 10.0
+    assert [r["part"] for r in rows["hf-cb"]["runs"]] == [0, 1, 2]
+    (s,) = merged["summary"]
+    assert s["engine_x_hf_cb"] == dict(median=10.0, low=90.0 / 12.0, high=110.0 / 8.0)
+    assert len(merged["floors"]) == 1 and [p["command"] for p in merged["parts"]] == ["call 1", "call 2", "call 3"]
+    with pytest.raises(ValueError, match="not the same trace"):
+        merge([parts[0], _part("call 2", "w", [90.0], trace="another trace")])
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        merge([parts[0], _part("call 2", "w", [90.0], max_num_seqs=16)])
 
 
 def test_the_lesson_reads_the_file(quick):
