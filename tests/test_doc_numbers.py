@@ -8,8 +8,11 @@ from course_lib.review.review import latest
 
 
 def _recorded():
+    from course_lib.analysis.claims import real_size_serving_runs, strongest_hf_per_trace
+
     return dict(flash=latest("flash_attention", gpu=True), batching=latest("batching"),
-                engine=latest("engine", gpu=True), roofline=latest("roofline", gpu=True))
+                engine=latest("engine", gpu=True), roofline=latest("roofline", gpu=True),
+                serving=strongest_hf_per_trace(real_size_serving_runs()))
 
 
 @pytest.mark.parametrize("records", [{}, "recorded"], ids=["nothing recorded", "recorded files"])
@@ -34,7 +37,11 @@ def test_recorded_files_make_rows_measured():
         assert rows["FlashAttention加速: 2-4x"].kind == "measured"
         assert rows["FlashAttention显存: 5-20x减少"].kind == "measured"
     if rec["batching"]:
-        assert rows["Continuous Batching: 2-3x吞吐"].kind == "measured"
+        row = rows["Continuous Batching: 2-3x吞吐"]
+        assert row.kind == "measured" and "fewer steps" in row.value   # the ratio with its factors
+    if rec["serving"]:   # the real-size serving result leads; the tiny model's is labelled host-bound
+        course = rows[DOCUMENT_NUMBERS[0][0]].course                  # the document's first row: 14-24x
+        assert course.startswith("LLMEngine vs transformers' strongest system") and "host-bound" in course
 
 
 def test_recomputed_values():
