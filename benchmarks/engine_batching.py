@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         total_seconds=time.perf_counter() - t_start,
     )
     out_path = record.write(result, "batching", args.out)
+    record.print_readme_row(out_path)
     print(f"wrote {out_path} ({result['total_seconds']:.0f} s)")
     return result
 

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
                + ("one untimed warm-up pass per engine, then the prefix cache emptied" if HAS_GPU else "no warm-up"),
         shared_prompt=shared, chat=multi, total_seconds=time.perf_counter() - t_start)
     out_path = record.write(result, "prefix_caching", args.out)
+    record.print_readme_row(out_path)
     print(f"wrote {out_path} ({result['total_seconds']:.0f} s)")
     return result
 

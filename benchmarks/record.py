@@ -41,13 +41,15 @@ def parse_args(doc: str, name: str, quick_help: str, argv: list[str] | None,
 
 
 def print_readme_row(path: Path) -> str | None:
-    """Print (and return) the README's row of the kernel result file just written (``kernel_lines.summary``): the
-    strongest baseline first, the full measured range, the fraction of the roofline. Nothing for a quick or an
-    interpreter run, which has no strongest baseline to lead with."""
-    from course_lib.analysis import kernel_lines
+    """Print (and return) the README's row of the result file just written: a kernel's (``kernel_lines.summary``:
+    the strongest baseline first, the full measured range, the fraction of the roofline) or a serving feature's
+    (``feature_lines.summary``: each ratio with its factors). Nothing for a quick, CPU or interpreter run, which the
+    README's GPU table does not hold."""
+    from course_lib.analysis import feature_lines, kernel_lines
 
     path = Path(path)
-    line = kernel_lines.summary(json.loads(path.read_text()), path.name)
+    result = json.loads(path.read_text())
+    line = kernel_lines.summary(result, path.name) or feature_lines.summary(result, path.name)
     if line:
         print(f"the README's row of this run: {line}", flush=True)
     return line

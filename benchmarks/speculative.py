@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs=runs, total_seconds=time.perf_counter() - t_start,
     )
     out_path = record.write(result, "speculative", args.out)
+    record.print_readme_row(out_path)
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
     return result
 

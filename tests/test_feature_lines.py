@@ -60,3 +60,20 @@ def test_prefix_summary_ratios_and_speculative_best_gamma():
             speedups = [p["speedup"] for p in r["points"]]
             assert t["best"] == max(speedups) and t["speedups"] == (min(speedups), max(speedups))
             assert next(p["gamma"] for p in r["points"] if p["speedup"] == t["best"]) == t["best_gamma"]
+
+
+def test_each_feature_benchmark_prints_its_readme_row_on_a_gpu_only(capsys):
+    """benchmarks.record.print_readme_row, called by the three benchmarks after writing their file: a GPU file's row
+    is the README's own; a CPU file (not in the README's GPU table) and a quick run print nothing."""
+    from benchmarks.record import print_readme_row
+
+    for pattern in KINDS:
+        for run in claims.recorded(pattern, gpu_only=False):
+            line = print_readme_row(RESULTS_DIR / run["file"])
+            out = capsys.readouterr().out
+            if run in claims.recorded(pattern):
+                assert line and line in README and line in out, run["file"]
+            else:
+                assert line is None and out == "", run["file"]
+    run = claims.recorded("batching_*.json")[0]
+    assert feature_lines.summary(dict(run, quick=True), run["file"]) is None

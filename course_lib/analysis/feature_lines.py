@@ -5,6 +5,7 @@ host-bound on a GPU, so every ratio here comes with what it is made of; the less
 """
 from __future__ import annotations
 
+from course_lib.analysis import claims
 from course_lib.analysis.kernel_lines import _where, _x
 
 
@@ -121,3 +122,15 @@ def speculative_row(run: dict) -> tuple[str, str, str]:
             + f". A draft pass costs c = {s['c']:.2f} of a target pass ({s['draft_ms']:.1f} ms / "
             f"{s['target_ms']:.1f} ms): host-bound passes, where a model several times smaller is not several "
             "times cheaper; with a real model pair c is typically smaller and the same α buys more")
+
+
+ROWS = {"engine_batching": batching_row, "prefix_caching": prefix_row, "speculative": speculative_row}
+
+
+def summary(result: dict, file: str) -> str | None:
+    """The README row of a GPU run of one of these benchmarks, for the end of its output; None for a quick or a CPU
+    run (the README's table holds GPU files only) and for another benchmark."""
+    row = ROWS.get(result.get("benchmark"))
+    if row is None or result.get("quick") or not claims._gpu([result]):
+        return None
+    return row(dict(result, file=file))[2]
