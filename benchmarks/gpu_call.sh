@@ -11,6 +11,8 @@
 # bench_spec_prefix.
 # Left, in the order to run them:
 #   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
+#   fa_rot       on either card (~4 min): tma_rot (the unmasked loop rotated: tile j+1's QK^T issued before tile j's
+#                softmax, FA3's intra-warpgroup overlap) compiled: its GPU tests, then beside tma_wide (issue 21)
 #   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
 #                and 128 with it (fa_auto128, the same at D = 128 only, ran on an H100 in session 12)
 #   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
@@ -87,6 +89,9 @@ for s in ${STEPS:?set STEPS}; do
               -k "exp16 or poly or tma_wide"
             step fa_exp 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_exp16,tma_poly \
               --time-limit 200 --out "$OUT/flash_attention_hopper_exp.json" ;;
+    fa_rot) step fa_rot_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py -k "rot or tma_wide"
+            step fa_rot 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_rot \
+              --time-limit 200 --out "$OUT/flash_attention_hopper_rot.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \

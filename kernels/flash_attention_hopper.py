@@ -34,6 +34,10 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
   polynomial (``_exp2_poly``: 2^floor(x) written into the float's exponent bits, 2^frac(x) by a cubic, relative
   error <= 1.1e-4, under fp16's rounding of p). Runs in the interpreter too. Measured on an H100: slower
   than ``tma_wide`` at every shape (same file; the profile that would say where the time goes is not taken).
+- ``tma_rot``: ``tma_wide``'s unmasked loop rotated by half a step (``_attn_fwd_tma_inner_rotated``): the next key
+  tile's QK^T is issued before this tile's softmax, so that the Tensor Cores can work while the softmax runs (the
+  intra-warpgroup half of FlashAttention-3's overlap; the ping-pong of two warp groups stays out of Triton's reach).
+  Costs registers: two score tiles are live at once. Runs in the interpreter too.
 
 Layout: the descriptors see q, k, v, out as 2-D [B·H·S, D] row matrices (the tensors are made contiguous first), so
 head (b, h) owns rows (b·H + h)·S ... (b·H + h + 1)·S - 1. A query block that runs past Sq therefore reads the next
@@ -71,6 +75,7 @@ class HopperVariant:
     persistent: bool = False  # one program per SM looping over tiles
     half_exp: bool = False  # the softmax's exp2 in packed fp16/bf16 (two per instruction; compiled only)
     poly_exp: bool = False  # key tiles in pairs: one tile's exp2 on the SFUs, the other's as a polynomial on the FMAs
+    rotate: bool = False  # the unmasked loop rotated: tile j+1's QK^T issued before tile j's softmax
     #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner; few on purpose, each one is a compilation
     configs: tuple = ((128, 64, 4, 3), (128, 128, 8, 2))
 
@@ -87,6 +92,9 @@ VARIANTS = {
     # BLOCK_N here is one tile of a pair: 64 means 128 keys per loop step
     "tma_poly": HopperVariant(poly_exp=True, configs=((128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3),
                                                       (128, 64, 4, 3), (128, 32, 4, 3))),
+    # two score tiles live at once: 8 warps keep them in registers at BLOCK_N = 64 and 128
+    "tma_rot": HopperVariant(rotate=True, configs=((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                                                   (128, 128, 8, 3), (128, 64, 4, 3))),
 }
 DEFAULT_VARIANT = "tma_wide"
 
@@ -163,6 +171,41 @@ def _attn_fwd_tma_inner_pairs(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, lo, hi,
 
 
 @triton.jit
+def _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One key tile of stage 1 (no mask) after its scores: the online softmax's update and the P·V dot."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _attn_fwd_tma_inner_rotated(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, lo, hi, qk_scale,
+                                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Stage 1 (no mask) over [lo, hi), a multiple of BLOCK_N, with the loop rotated by half a step: tile j+1's
+    QK^T is issued before tile j's softmax and P·V. FlashAttention-3's intra-warpgroup overlap as far as Triton can
+    be told: on Hopper a dot is an asynchronous wgmma that the compiler waits for where its result is first used,
+    here one iteration later, so the Tensor Cores may run it while the softmax runs. Whether they do is the GPU's
+    answer (two score tiles are live at once, which costs registers)."""
+    if lo < hi:
+        k = desc_k.load([kv_row0 + lo, 0])
+        qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
+        for start_n in tl.range(lo, hi - BLOCK_N, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            k_next = desc_k.load([kv_row0 + start_n + BLOCK_N, 0])
+            qk_next = tl.dot(q, k_next.T, input_precision=DOT_PRECISION)   # tile j+1's scores, in flight
+            v = desc_v.load([kv_row0 + start_n, 0])
+            acc, l_i, m_i = _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)   # tile j
+            qk = qk_next
+        v = desc_v.load([kv_row0 + hi - BLOCK_N, 0])   # the last tile: nothing left to issue ahead of it
+        acc, l_i, m_i = _softmax_pv_unmasked(acc, l_i, m_i, qk, v, qk_scale, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v,
                         kv_row0,  # the row of key 0 of this kv head in the [B·Hkv·Skv, D] matrices
                         offs_m, offs_n, lo, hi, Skv, causal_offset, qk_scale,
@@ -203,7 +246,7 @@ def _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v,
 def _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-               HALF_EXP: tl.constexpr, POLY_EXP: tl.constexpr):
+               HALF_EXP: tl.constexpr, POLY_EXP: tl.constexpr, ROTATE: tl.constexpr):
     """One query block of one (batch, query head): ``tile`` counts query blocks fastest, so that neighbouring
     programs share a head and its K/V stays in L2."""
     n_m = tl.cdiv(Sq, BLOCK_M)
@@ -234,9 +277,13 @@ def _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, S
         pairs_end = full_end // (2 * BLOCK_N) * (2 * BLOCK_N)
         acc, l_i, m_i = _attn_fwd_tma_inner_pairs(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, 0, pairs_end, qk_scale,
                                                   BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, pairs_end,
-                                        full_end, Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N, DOT_PRECISION,
-                                        WARP_SPECIALIZE, HALF_EXP)
+    if ROTATE:
+        acc, l_i, m_i = _attn_fwd_tma_inner_rotated(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, pairs_end, full_end,
+                                                    qk_scale, BLOCK_N, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, pairs_end,
+                                            full_end, Skv, causal_offset, qk_scale, 1, CAUSAL, BLOCK_N,
+                                            DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP)
     acc, l_i, m_i = _attn_fwd_tma_inner(acc, l_i, m_i, q, desc_k, desc_v, kv_row0, offs_m, offs_n, full_end,
                                         diag_end, Skv, causal_offset, qk_scale, 2, CAUSAL, BLOCK_N, DOT_PRECISION,
                                         WARP_SPECIALIZE, HALF_EXP)
@@ -263,7 +310,7 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o,  # host descriptors, or the ba
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, RETURN_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr, HALF_EXP: tl.constexpr,
-                  POLY_EXP: tl.constexpr):
+                  POLY_EXP: tl.constexpr, ROTATE: tl.constexpr):
     Hkv = Hq // GROUP
     desc_q = _as_descriptor(desc_q, B * Hq * Sq, HEAD_DIM, BLOCK_M)
     desc_o = _as_descriptor(desc_o, B * Hq * Sq, HEAD_DIM, BLOCK_M)
@@ -274,11 +321,11 @@ def _attn_fwd_tma(desc_q, desc_k, desc_v, desc_o,  # host descriptors, or the ba
         for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
             _attn_tile(tile, desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
                        HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP,
-                       POLY_EXP)
+                       POLY_EXP, ROTATE)
     else:  # grid = #tiles
         _attn_tile(tl.program_id(0), desc_q, desc_k, desc_v, desc_o, Out, LSE, Hq, GROUP, Hkv, Sq, Skv, qk_scale,
                    HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL, RETURN_LSE, DOT_PRECISION, WARP_SPECIALIZE, HALF_EXP,
-                   POLY_EXP)
+                   POLY_EXP, ROTATE)
 
 
 def _set_block_shapes(nargs):
@@ -297,7 +344,7 @@ def _tuned(name: str):
     return triton.autotune(configs=configs,
                            key=["SQ_BUCKET", "SKV_BUCKET", "HEAD_DIM", "CAUSAL", "RETURN_LSE", "DOT_PRECISION",
                                 "WARP_SPECIALIZE", "PERSISTENT", "HALF_EXP",
-                                "POLY_EXP"])(_attn_fwd_tma)
+                                "POLY_EXP", "ROTATE"])(_attn_fwd_tma)
 
 
 @functools.cache
@@ -360,7 +407,7 @@ def flash_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             triton.next_power_of_2(Sq), triton.next_power_of_2(Skv))
     flags = dict(HEAD_DIM=D, CAUSAL=bool(causal), RETURN_LSE=bool(return_lse), DOT_PRECISION=dot_precision(q.dtype),
                  WARP_SPECIALIZE=spec.warp_specialize and not INTERPRET, PERSISTENT=spec.persistent,
-                 HALF_EXP=spec.half_exp and not INTERPRET, POLY_EXP=spec.poly_exp)
+                 HALF_EXP=spec.half_exp and not INTERPRET, POLY_EXP=spec.poly_exp, ROTATE=spec.rotate)
 
     def grid(meta):
         tiles = triton.cdiv(Sq, meta["BLOCK_M"]) * B * Hq

@@ -59,6 +59,14 @@ def test_variants_match_reference(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype
     _check(variant, B, Hq, Hkv, Sq, Skv, D, causal, dtype)
 
 
+@pytest.mark.skipif(HAS_GPU, reason="on a GPU the real-shape tests cover tma_rot with long key loops")
+@pytest.mark.parametrize("Skv", [15, 16, 33, 64, 100])
+def test_rotated_loop_over_no_one_and_many_key_tiles(Skv):
+    """tma_rot's stage 1 issues tile j+1's scores before tile j's softmax: no unmasked tile (Skv < BLOCK_N), one
+    (nothing issued ahead), several (the loop, then the last tile on its own), with a partial tile after them."""
+    _check("tma_rot", 1, 2, 1, 20, Skv, 32, False, kernel_dtypes()[0])
+
+
 def test_public_wrapper_selects_it_and_keeps_the_backward():
     """``kernels.flash_attention(..., hopper=True)``: the TMA forward, the portable backward (through its lse)."""
     dtype = kernel_dtypes()[0]
