@@ -62,6 +62,17 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
     for run in serving:
         out.append(("10", f"serving at real model shapes, random weights (`python -m benchmarks.serving`; "
                           f"{_where(run)}, commit {run['git_commit'][:7]})", claims.serving_line(run)))
+    names = {"hf_cb": "transformers' continuous batching", "hf_static": "transformers' best static batch"}
+    verdicts = [t for t in claims.serving_targets(claims.real_size_serving_runs(results_dir)) if t["file"]]
+    for device in dict.fromkeys(t["device"] for t in verdicts):
+        out.append(("10", f"the serving targets: `qwen3-0.6b` shape, nano-vllm's workload ({device}; per baseline "
+                          "the latest file that measured it beside the engine)",
+                    "; ".join(f"LLMEngine over {names[t['baseline']]}"
+                              + (f" (B = {t['batch_size']})" if t["batch_size"] else "")
+                              + f" {t['ratio']['median']:.1f}x (target ≥ {t['target']:.0f}x: "
+                              f"{'met' if t['met'] else 'missed'}; {t['repeats']} run(s) of each, "
+                              f"{'as required' if t['repeats_met'] else 'the 3 required: missed'}; `{t['file']}`)"
+                              for t in verdicts if t["device"] == device)))
     if not serving:
         out.append(("10", "serving at real model shapes vs `transformers`' best (`python -m benchmarks.serving`)",
                     "not measured at real size yet: no GPU `serving_*.json` recorded"))
