@@ -11,6 +11,8 @@
 # bench_spec_prefix.
 # Left, in the order to run them:
 #   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
+#   paged_tune   on either card (~5 min?): BLOCK_N x warps x stages at batch 64, 1k, where the kernel reads at 84% of
+#                the copy bandwidth (issue 21's 90%), beside the two key shapes
 #   fa_rot       on either card (~4 min): tma_rot (the unmasked loop rotated: tile j+1's QK^T issued before tile j's
 #                softmax, FA3's intra-warpgroup overlap) compiled: its GPU tests, then beside tma_wide (issue 21)
 #   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
@@ -99,6 +101,7 @@ for s in ${STEPS:?set STEPS}; do
     profile_full) step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL --top 20 \
                  --out "$OUT/prefill_profile_full.json" ;;
     paged) step paged 400 python3 -m benchmarks.paged_attention --splits --out "$OUT/paged_attention.json" ;;
+    paged_tune) step paged_tune 480 python3 -m benchmarks.paged_attention --tune --out "$OUT/paged_attention_tune.json" ;;
     bench_batching) step bench_batching 450 python3 -m benchmarks.engine_batching ;;
     bench_spec_prefix) step bench_speculative 300 python3 -m benchmarks.speculative
                step bench_prefix 200 python3 -m benchmarks.prefix_caching ;;

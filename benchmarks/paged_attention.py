@@ -1,7 +1,7 @@
 """Paged-attention decode on a GPU: correctness at real shapes, and K/V bytes read per second vs torch SDPA (lesson 02).
 
     python -m benchmarks.paged_attention            # GPU: < 4 min on an H100/H200
-    python -m benchmarks.paged_attention --tune     # also sweep tile/warp/stage configs at two key shapes
+    python -m benchmarks.paged_attention --tune     # also sweep tile/warp/stage configs at three key shapes
     python -m benchmarks.paged_attention --splits   # also sweep num_splits x BLOCK_N at batch 1 and 4 (issue 21)
     python -m benchmarks.paged_attention --quick    # CPU smoke test (interpreter, tiny shapes): seconds
 
@@ -148,7 +148,7 @@ def config(quick: bool) -> dict:
     if quick or not HAS_GPU:   # the interpreter: tiny shapes, just to prove the script runs
         return dict(Hq=4, Hkv=2, D=16, P=8, dtypes=[torch.float16], warmup=1, reps=2, rounds=2, sweep_rounds=2,
                     correctness=[(2, 40, 8, torch.float32), (1, 100, 16, torch.float16)],
-                    sweep=[(1, 64), (2, 64)], split=(1, 512), key=(2, 64))
+                    sweep=[(1, 64), (2, 64)], split=(1, 512), key=(2, 64), tune=[(2, 64)])
     return dict(Hq=32, Hkv=8, D=128, P=16, dtypes=[torch.float16, torch.bfloat16], warmup=3, reps=20,
                 rounds=7, sweep_rounds=3,
                 correctness=[(256, 1024, 16, torch.float16), (64, 4096, 16, torch.bfloat16),
@@ -156,13 +156,16 @@ def config(quick: bool) -> dict:
                              (8, 8192, 8, torch.bfloat16), (16, 2048, 32, torch.float16), (3, 1000, 8, torch.float16)],
                 sweep=[(1, 1024), (1, 4096), (1, 32768), (4, 8192), (16, 4096), (32, 4096), (64, 1024), (64, 4096),
                        (128, 4096), (256, 1024), (256, 4096)],
-                split=(1, 32768), key=(64, 4096))
+                split=(1, 32768), key=(64, 4096),
+                # --tune: the key shapes and the one below 90% of the copy bandwidth at batch >= 64 (issue 21)
+                tune=[(64, 4096), (1, 32768), (64, 1024)])
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--tune", action="store_true", help="sweep BLOCK_N / num_warps / num_stages at two key shapes")
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep BLOCK_N / num_warps / num_stages at three key shapes")
     parser.add_argument("--splits", action="store_true",
                         help="sweep num_splits (and BLOCK_N) at the small-batch shapes, against SDPA (issue 21)")
     parser.add_argument("--out", type=Path, default=None,
@@ -269,11 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
     tuning = []
     if args.tune:
         default = dict(pa.CONFIG)
-        for (B, L) in (cfg["key"], cfg["split"]):
+        for (B, L) in cfg["tune"]:
             q, kc, vc, tables, lens = make_inputs(B, [L] * B, Hq, Hkv, D, P, torch.float16, seed=3)
             call = lambda: kernels.paged_attention_decode(q, kc, vc, tables, lens, max_context_len=L, validate=False)
             for block_n in (32, 64, 128):
-                for warps in (4, 8):
+                for warps in (2, 4, 8):
                     for stages in (2, 3, 4):
                         pa.CONFIG.update(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
                         try:
