@@ -13,13 +13,14 @@ def _ms(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds >= 1 else f"{1e3 * seconds:.1f} ms"
 
 
-def _identical(fraction: float | None, dtype: str) -> str:
-    """How many outputs matched token for token, and why fewer than all can in 16-bit floats."""
+def _identical(fraction: float | None, dtype: str, at_least: bool = False) -> str:
+    """How many outputs matched token for token (``at_least``: the lowest of several workloads), and why fewer than
+    all can in 16-bit floats."""
     if fraction is None:
         return ""
     why = (" (in 16-bit floats a different batch or chunk shape rounds differently, and a greedy choice between "
            "near-tied logits can flip)" if fraction < 1 and dtype in ("bfloat16", "float16") else "")
-    return f"; {fraction:.0%} of the outputs identical token for token{why}"
+    return f"; {'at least ' if at_least else ''}{fraction:.0%} of the outputs identical token for token{why}"
 
 
 def batching_summary(run: dict) -> dict:
@@ -90,8 +91,7 @@ def prefix_row(run: dict) -> tuple[str, str, str]:
                   f"{_where(run)})",
             f"{run['dtype']}: " + "; ".join(parts)
             + _identical(min(run["shared_prompt"].get("identical_outputs_fraction", 1.0),
-                             run["chat"].get("identical_outputs_fraction", 1.0)), run["dtype"]).replace(
-                "; ", "; at least ", 1)
+                             run["chat"].get("identical_outputs_fraction", 1.0)), run["dtype"], at_least=True)
             + ". The ratio follows the prefill time the cache removes: large "
             "where prefills queue behind each other (all requests at once), small where each arrives to an idle "
             "engine and a tiny model's prefill is short")
