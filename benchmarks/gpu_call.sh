@@ -27,9 +27,20 @@
 #   serving1 x3, serving2 x3 issue 19's repeats: one HF run per call (HF continuous batching takes ~290 s per run of
 #                nano-vllm's trace on an H100), all at one commit, then pooled:
 #                python -m benchmarks.serving --merge part1a.json part1b.json ... --out serving_<device>_<date>.json
+# PIN=<commit> runs the steps in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
+#     git archive --format=tar.gz -o .pinned/7ee05a3.tar.gz 7ee05a3
+# and carried with .whl): the repeats of one measurement spread over sessions then measure the same code, and
+# benchmarks.serving --merge accepts their files (it refuses files of different commits). The steps are this
+# script's; the code they run is the pinned tree's.
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -n "${PIN:-}" ]; then
+  rm -rf /tmp/pinned && mkdir -p /tmp/pinned && tar -xzf ".pinned/$PIN.tar.gz" -C /tmp/pinned || exit 1
+  [ -d .whl ] && cp -r .whl /tmp/pinned/
+  cd /tmp/pinned && COURSE_GIT_COMMIT=$PIN && echo "pinned: the tree of $PIN" > "$OUT/pin.log"
+fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD COURSE_GIT_COMMIT=${COURSE_GIT_COMMIT:-unknown}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
