@@ -25,27 +25,29 @@
 #   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run when their
 #                code changes
 #   serving1 x3, serving2 x3 issue 19's repeats: one HF run per call (HF continuous batching takes ~290 s per run of
-#                nano-vllm's trace on an H100), all at one commit, then pooled:
+#                nano-vllm's trace on an H100), all at one commit: "@7ee05a3 serving1" (serving_..._2026-12-07a.json is
+#                the H100's first serving1 run at that commit), then pooled:
 #                python -m benchmarks.serving --merge part1a.json part1b.json ... --out serving_<device>_<date>.json
-# PIN=<commit> runs the steps in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
+# A step "@<commit>" runs the steps after it in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
 #     git archive --format=tar.gz -o .pinned/7ee05a3.tar.gz 7ee05a3
 # and carried with .whl): the repeats of one measurement spread over sessions then measure the same code, and
 # benchmarks.serving --merge accepts their files (it refuses files of different commits). The steps are this
-# script's; the code they run is the pinned tree's.
+# script's; the code they run is the pinned tree's. E.g. STEPS="fa_rot @7ee05a3 serving1".
 set -u
 OUT=${OUT:-/tmp/gpu_call}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -n "${PIN:-}" ]; then
-  rm -rf /tmp/pinned && mkdir -p /tmp/pinned && tar -xzf ".pinned/$PIN.tar.gz" -C /tmp/pinned || exit 1
-  [ -d .whl ] && cp -r .whl /tmp/pinned/
-  cd /tmp/pinned && COURSE_GIT_COMMIT=$PIN && echo "pinned: the tree of $PIN" > "$OUT/pin.log"
-fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD COURSE_GIT_COMMIT=${COURSE_GIT_COMMIT:-unknown}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     > /dev/null 2>&1 && export PYTHONPATH=$PWD:/tmp/site
 fi
+pin() {   # pin COMMIT: the steps after this one run in the tree of COMMIT
+  local tree=/tmp/pinned/$1
+  rm -rf "$tree" && mkdir -p "$tree" && tar -xzf ".pinned/$1.tar.gz" -C "$tree" || { echo "pin $1: no tree" | tee -a "$OUT/env.log"; exit 1; }
+  cd "$tree" && export PYTHONPATH=$tree:/tmp/site COURSE_GIT_COMMIT=$1
+  echo "pinned: the steps after this run the tree of $1" | tee -a "$OUT/env.log"
+}
 touch /tmp/.gpu_call_start
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
@@ -64,6 +66,7 @@ serving() {   # serving N ARGS...: benchmarks.serving with --out serving_partN.j
 }
 for s in ${STEPS:?set STEPS}; do
   case $s in
+    @*) pin "${s#@}" ;;
     tests_fa) step tests_fa ${FA_LIMIT:-300} python3 -m pytest -v -rfE tests/test_flash_attention_bwd.py -k "gpu or benchmark or float32" ;;
     tests_gpu) step tests_gpu ${GPU_LIMIT:-540} python3 -m pytest -q -rfE --durations=10 tests/test_flash_attention.py \
                  tests/test_engine_memory.py tests/test_grading_bounds.py tests/test_cuda_graph.py \
