@@ -25,8 +25,9 @@
 #   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run when their
 #                code changes
 #   serving1 x3, serving2 x3 issue 19's repeats: one HF run per call (HF continuous batching takes ~290 s per run of
-#                nano-vllm's trace on an H100), all at one commit: "@7ee05a3 serving1" (serving_..._2026-12-07a.json is
-#                the H100's first serving1 run at that commit), then pooled:
+#                nano-vllm's trace on an H100), each at one commit: "@7ee05a3 serving1" and "@eef2c7a serving2"
+#                (serving_nvidia-h100-80gb-hbm3_2026-12-07a.json and _2026-12-06d.json are the H100's first runs of
+#                each at those commits; carry .pinned with .whl), then pooled:
 #                python -m benchmarks.serving --merge part1a.json part1b.json ... --out serving_<device>_<date>.json
 # A step "@<commit>" runs the steps after it in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
 #     git archive --format=tar.gz -o .pinned/7ee05a3.tar.gz 7ee05a3
