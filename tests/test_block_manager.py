@@ -155,3 +155,18 @@ def test_random_operations_keep_the_books_and_copy_on_write_isolates_sequences(o
     for s in list(bm.block_tables):
         bm.free(s)
     assert bm.num_free_blocks == num_blocks and set(bm.allocator.ref_counts) == {0}
+
+
+def test_reserved_slots_follow_the_vllm_paper_layouts():
+    """Orca (Pow2) keeps the prompt and rounds the output up to a power of two (an output of 25 gets 32 slots)."""
+    import numpy as np
+
+    from course_lib.paging.waste import reserved_slots, waste_fraction
+
+    prompt, output = np.array([100, 7]), np.array([25, 1])
+    assert reserved_slots(prompt, output, "pow2").tolist() == [132, 8]
+    assert reserved_slots(prompt, output, "oracle").tolist() == [125, 8]
+    assert reserved_slots(prompt, output, "max", max_len=2048).tolist() == [2048, 2048]
+    assert reserved_slots(prompt, output, "paged", block_size=16).tolist() == [128, 16]
+    assert waste_fraction(prompt, output, "oracle") == 0.0
+    assert abs(waste_fraction(prompt, output, "pow2") - (1 - 133 / 140)) < 1e-12

@@ -39,7 +39,8 @@ def reserved_slots(prompt: np.ndarray, output: np.ndarray, layout: str, *, progr
     """Token slots each request holds under a layout:
 
     * ``"max"``    contiguous, preallocated for the longest possible sequence (max_len)
-    * ``"pow2"``   contiguous, the true final length rounded up to a power of two (needs to know the future)
+    * ``"pow2"``   contiguous, the prompt plus the true output length rounded up to a power of two (the vLLM
+      paper's "Orca (Pow2)": an output of 25 tokens gets 32 slots; needs to know the future)
     * ``"oracle"`` contiguous, exactly the true final length (an oracle: still reserved from the start)
     * ``"paged"``  blocks of block_size allocated on demand: ceil(tokens held / P) blocks
     """
@@ -47,7 +48,7 @@ def reserved_slots(prompt: np.ndarray, output: np.ndarray, layout: str, *, progr
     if layout == "max":
         return np.full_like(prompt, max_len)
     if layout == "pow2":
-        return 2 ** np.ceil(np.log2(final)).astype(int)
+        return prompt + 2 ** np.ceil(np.log2(np.maximum(output, 1))).astype(int)
     if layout == "oracle":
         return final
     if layout == "paged":

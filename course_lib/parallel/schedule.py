@@ -131,10 +131,10 @@ def plot_timeline(ax, events: list[dict], *, title: str = "", unit: str = "ms", 
 
 def simulate_decode(num_stages: int, num_batches: int, num_steps: int, *, t_stage: float = 1.0) -> list[dict]:
     """Ideal timeline of autoregressive decode on a pipeline with ``num_batches`` independent batches in flight
-    (KsanaLLM's "PP multi-batch", vLLM's virtual engines): step k of batch j enters stage 0 only once step k - 1 of
-    the same batch has left the last stage (its next token must be sampled first), and a stage runs one batch at a
-    time. One batch leaves every stage idle (p - 1) / p of the time; p batches or more keep them all busy.
-    Events as ``simulate``'s, with ``mb`` the batch and ``step`` the decode step."""
+    (KsanaLLM's "PP multi-batch"; vLLM V1's batch queue, V0's virtual engines): step k of batch j enters stage 0
+    only once step k - 1 of the same batch has left the last stage (its next token must be sampled first), and a
+    stage runs one batch at a time. One batch leaves every stage idle (p - 1) / p of the time; p batches or more
+    keep them all busy. Events as ``simulate``'s, with ``mb`` the batch and ``step`` the decode step."""
     p, m = num_stages, num_batches
     free = [0.0] * p
     done_last = [0.0] * m                   # when each batch's previous step left the last stage
