@@ -16,19 +16,21 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
   and consumers (dots, softmax) that hand tiles over through shared-memory barriers. Triton 3.6 leaves this kernel
   unchanged on sm_90 (cross-compiled: the same code as ``tma_device``); its Blackwell pass is where the flag acts;
 - ``tma_persistent``: one program per SM that loops over the (query block, head) tiles instead of one per tile;
-- ``tma_exp16``: ``tma_wide`` with the softmax's exponentials in half precision, two per instruction
-  (``ex2.approx.f16x2``, sm_90, for bf16 inputs too). Per [BLOCK_M, BLOCK_N] tile the loop does BLOCK_M·BLOCK_N
-  exponentials on the SM's special-function units (16 per clock) beside 2·BLOCK_M·BLOCK_N·D multiply-adds on the
-  Tensor Cores (~2048 per clock in bf16): at D = 128 the exponentials take half as long as the dots, and unless the
-  two overlap perfectly they cap the loop (FlashAttention-3's and -4's observation). p is rounded to 16 bits for
-  the P·V dot anyway; here two more errors come in: the argument is rounded to fp16 first (its effect on p is at
-  most ~2^-11/e, absolute, since p = 2^x <= 1 for x <= 0), and the approximate instruction has its own relative
-  error, which the PTX manual bounds and which may exceed fp16's rounding of p. The GPU tests hold this variant to
-  the same tolerances as every other (reference and SDPA, both 16-bit dtypes); with ``ex2.approx.bf16x2`` for bf16
-  inputs (commit 7ee05a3) the bf16 cases missed the LSE tolerance, hence fp16 for both. Measured on an H100: as fast
-  as ``tma_wide`` within a few percent, ahead at some shapes and behind at most
-  (``flash_attention_hopper_nvidia-h100-80gb-hbm3_exp.json``): in Triton 3.6 the SFUs do not hold this loop back.
-  Compiled only: the interpreter computes them in fp32.
+- ``tma_exp16``: ``tma_wide`` with the softmax's exponentials in half precision, two per PTX instruction
+  (``ex2.approx.f16x2``, for bf16 inputs too) - but not two per SFU operation: on sm_90 ptxas compiles it to two
+  ``MUFU.EX2.F16`` (``cuobjdump -sass``), so it does not unload the SFUs; what it saves is p's conversion to fp16. Per
+  [BLOCK_M, BLOCK_N] tile the loop does BLOCK_M·BLOCK_N exponentials on the SM's special-function units (16 per clock)
+  beside 2·BLOCK_M·BLOCK_N·D multiply-adds on the Tensor Cores (~2048 per clock in bf16): at D = 128 the exponentials
+  take half as long as the dots, and unless the two overlap perfectly they cap the loop (FlashAttention-3's and -4's
+  observation). p is rounded to 16 bits for the P·V dot anyway; here two more errors come in: the argument is rounded
+  to fp16 first (its effect on p is at most ~2^-11/e, absolute, since p = 2^x <= 1 for x <= 0), and the approximate
+  instruction has its own relative error, which the PTX manual bounds and which may exceed fp16's rounding of p. The
+  GPU tests hold this variant to the same tolerances as every other (reference and SDPA, both 16-bit dtypes); with
+  ``ex2.approx.bf16x2`` for bf16 inputs (commit 7ee05a3) the bf16 cases missed the LSE tolerance, hence fp16 for both.
+  Measured on an H100: as fast as ``tma_wide`` within a few percent, ahead at some shapes and behind at most
+  (``flash_attention_hopper_nvidia-h100-80gb-hbm3_exp.json``): as expected from its machine code, which keeps the
+  SFUs' work; it says nothing about whether the SFUs hold this loop back (``tma_poly`` speaks to that). Compiled only:
+  the interpreter computes them in fp32.
 - ``tma_poly``: the other way to unload the special-function units (FlashAttention-4's): each loop step takes two
   key tiles of BLOCK_N; the first tile's exponentials go to the SFUs (``exp2``), the second's to the FMA units as a
   polynomial (``_exp2_poly``: 2^floor(x) written into the float's exponent bits, 2^frac(x) by a cubic, relative
@@ -73,7 +75,7 @@ class HopperVariant:
     device_desc: bool = False  # descriptors made in the kernel (tl.make_tensor_descriptor) instead of on the host
     warp_specialize: bool = False  # producer/consumer warp groups for the key loop
     persistent: bool = False  # one program per SM looping over tiles
-    half_exp: bool = False  # the softmax's exp2 in packed fp16/bf16 (two per instruction; compiled only)
+    half_exp: bool = False  # the softmax's exp2 in packed fp16 (two per PTX instruction, one per SFU op; compiled only)
     poly_exp: bool = False  # key tiles in pairs: one tile's exp2 on the SFUs, the other's as a polynomial on the FMAs
     rotate: bool = False  # the unmasked loop rotated: tile j+1's QK^T issued before tile j's softmax
     #: (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner; few on purpose, each one is a compilation
@@ -125,9 +127,10 @@ def _as_descriptor(desc_or_ptr, rows, HEAD_DIM: tl.constexpr, BLOCK: tl.constexp
 
 @triton.jit
 def _exp2_half(x):
-    """2**x for fp32 x <= 0, as fp16: Hopper's packed exponential, two values per instruction. fp16 for bf16 inputs
-    too: p lies in [0, 1], where fp16 has 3 more mantissa bits than bf16, and bf16's packed instruction (its argument
-    rounded to 8 bits) missed the tests' LSE tolerance on an H100 (off by 3.4e-3 where 1e-3 is allowed)."""
+    """2**x for fp32 x <= 0, as fp16: the packed exponential, two values per PTX instruction (on sm_90 still one
+    MUFU.EX2.F16 per value in the machine code). fp16 for bf16 inputs too: p lies in [0, 1], where fp16 has 3 more
+    mantissa bits than bf16, and bf16's packed instruction (its argument rounded to 8 bits) missed the tests' LSE
+    tolerance on an H100 (off by 3.4e-3 where 1e-3 is allowed)."""
     return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
                                      dtype=tl.float16, is_pure=True, pack=2)
 

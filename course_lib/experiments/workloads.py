@@ -84,7 +84,8 @@ def sharegpt_trace(num_requests: int, *, rate: float = float("inf"), scale: floa
     return Trace(prompts, [SamplingParams(max_tokens=int(o)) for o in output],
                  poisson_arrivals(num_requests, rate, seed).tolist(),
                  f"{num_requests} ShareGPT-like requests (means x {scale}: prompt {prompt.mean():.0f}, output "
-                 f"{output.mean():.0f} tokens), Poisson arrivals at {rate:g} req/s")
+                 f"{output.mean():.0f} tokens), "
+                 + ("all arriving at t = 0" if rate == float("inf") else f"Poisson arrivals at {rate:g} req/s"))
 
 
 def nanovllm_trace(num_requests: int = 256, max_model_len: int = 2048, *, vocab_size: int = 10001, seed: int = 0,

@@ -45,10 +45,11 @@ DOCUMENT: tuple[DocQuestion, ...] = (
                  ("02", "cell-25"), ("10", "a15c4903")),
                 "连续预分配按最大长度占位，浪费大部分显存；分页把 KV 切成固定大小的块（如 16 token），按需分配，块表把"
                 "逻辑块映射到"
-                "物理块（类似页表）；引用计数 + 写时复制让并行采样、beam search 共享块。第 02 课在 ShareGPT 式长度分"
+                "物理块（类似页表）；引用计数 + 写时复制让并行采样、beam search 共享块"
+                "（论文与 vLLM V0 的做法；V1 改由前缀缓存共享满块）。第 02 课在 ShareGPT 式长度分"
                 "布上复现浪费比例。",
-                "「vs HF 14-24x、vs TGI 2.2-3.5x」是 vLLM 论文在其设置下的数字（TGI 的 3.5x 是 3 路并行采样，单路为 2."
-                "2-2.5x）；"
+                "「vs HF 14-24x、vs TGI 2.2-3.5x」是 vLLM 发布博客（2023 年 6 月）在其设置下的数字"
+                "（TGI 的 3.5x 是 3 路并行采样，单路为 2.2-2.5x）；"
                 "第 10 课测的是本课程引擎对 transformers generate() 的倍数，并说明倍数从何而来。"),
     DocQuestion("Q2 追问", "为什么浪费只有4%？",
                 (("02", "cell-7"), ("02", "cell-9"), ("11", "c10")),
@@ -58,8 +59,8 @@ DOCUMENT: tuple[DocQuestion, ...] = (
     DocQuestion("Q3", "Continuous Batching是什么？",
                 (("04", "082d640c"), ("04", "8cb91d5e"), ("04", "869999cc"), ("04", "692040ab"), ("04", "bd1a7785"),
                  ("11", "c16")),
-                "迭代级（token 级）调度：每一步重新组成 batch，完成的请求立即离开，新请求下一步就能加入。调度器维护 Wa"
-                "iting、Running、"
+                "迭代级（token 级）调度：每一步重新组成 batch，完成的请求立即离开，新请求下一步就能加入。本课程的调度器"
+                "（与 vLLM V0 一样；V1 没有 Swapped 队列，只以重计算抢占）维护 Waiting、Running、"
                 "Swapped 三个队列和三个上限（max_num_seqs、每步 token 预算、空闲 KV 块）。收益取决于长度差异：等长请求"
                 "时几乎没有"
                 "（第 04 课的 Myth vs measurement），录制结果给出具体倍数。"),
@@ -81,7 +82,7 @@ DOCUMENT: tuple[DocQuestion, ...] = (
                 "合并（online softmax），不写回中间矩阵：显存从 O(N²) 降到 O(N)，HBM 读写大幅减少。加速倍数取决于 N、D"
                 " 和 mask，"
                 "见第 03 课录制的 GPU 结果。",
-                "「SRAM 19 TB/s」是 FlashAttention 论文对 A100-40GB 的估算（其 HBM 为 1.5 TB/s，2 TB/s 是 A100-80GB）"
+                "「SRAM 19 TB/s」是 FlashAttention 论文对 A100（40/80GB，HBM 1.5–2.0 TB/s）的估算"
                 "，本课程未直接测量 "
                 "SRAM 带宽。"),
     DocQuestion("Q4 追问", "Online Softmax怎么工作？",
@@ -117,8 +118,8 @@ DOCUMENT: tuple[DocQuestion, ...] = (
                 "输出很长：KV 随输出线性增长，显存决定并发（INT8 KV 约减半）；decode 占主导，每步读全部权重和 KV，越长"
                 "越慢；抢占代价"
                 "也随上下文增长（长上下文时部分尾部换出省得最多，第 04 课）。decode 时 S_q=1，没有 N×N 矩阵，FlashAtte"
-                "ntion 不是 "
-                "decode 的解法；对应的是 split-K / Flash-Decoding（第 02 课 paged 内核的 split-K）。"),
+                "ntion 省显存的那部分收益用不上；decode 需要的是沿 key 维的并行 split-K / Flash-Decoding（第 02 课 "
+                "paged 内核的 split-K；FlashAttention 库和 FlashInfer 也提供）。"),
     DocQuestion("Q8", "大模型推理是计算密集还是访存密集？",
                 (("00", "c14"), ("00", "c16"), ("00", "c20"), ("01", "c38"), ("11", "c06")),
                 "分阶段看：prefill 是 GEMM，算术强度高于 ridge point，受算力限制；decode 在小 batch 下是 GEMV，每步读"
@@ -142,7 +143,8 @@ DOCUMENT: tuple[DocQuestion, ...] = (
     DocQuestion("Q11", "KV Cache量化有什么影响？",
                 (("07", "cell-3"), ("07", "cell-10"), ("07", "cell-20"), ("07", "cell-22"), ("07", "cell-32"),
                  ("11", "c24")),
-                "INT8/FP8 的 K/V 加上每个 (token, KV 头) 一个 fp16 scale，字节约减半，同样显存放下约两倍 token；误差随"
+                "K/V 存成 8 位（本课程 INT8：每个 (token, KV 头) 一个 fp16 scale；vLLM/TensorRT-LLM 的 FP8：静态 "
+                "per-tensor scale，vLLM 可选 per-head），字节约减半，同样显存放下约两倍 token；误差随"
                 "层数、上下文"
                 "长度和位宽变化，第 07 课在本课程小模型能到的长度上测误差和 token 一致率；更深的模型、更长的上下文、更"
                 "低位宽需要重新"

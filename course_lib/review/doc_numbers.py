@@ -142,7 +142,8 @@ def document_numbers(*, flash: dict | None = None, batching: dict | None = None,
                  f"{_human(roofline['roofline']['peak_bandwidth'], 'B/s')}" if roofline
                  else not_recorded("roofline", gpu=True))
     add(", ".join(f"{name}: {_human(bw, 'B/s')} (SRAM estimate {smem / bw:.1f}x)" for name, bw in hbm.items()),
-        "sourced", "NVIDIA A100 datasheet (the FlashAttention paper's 1.5 TB/s is the 40 GB card)", roof_line)
+        "sourced", "NVIDIA A100 datasheet (1.5 TB/s for the 40 GB card, 2.0 for the 80 GB; the FlashAttention paper: "
+        "1.5-2.0)", roof_line)
 
     # 5-6: KV memory waste, recomputed on lesson 02's length distribution
     w = _waste()

@@ -169,8 +169,10 @@ GLOSSARY: tuple[Term, ...] = (
     Term("running queue", "运行队列（Running）", "Requests with KV blocks on the device, scheduled every step.",
          "KV 块在显存中、每步参与调度的请求。", "04"),
     Term("swapped queue", "换出队列（Swapped）",
-         "Preempted requests whose KV blocks wait in CPU memory to be swapped in.",
-         "被抢占、KV 块暂存在 CPU 内存中等待换入的请求。", "04"),
+         "Preempted requests whose KV blocks wait in CPU memory to be swapped in (the course's engine, vLLM V0; "
+         "vLLM V1 has none: it preempts by recompute only).",
+         "被抢占、KV 块暂存在 CPU 内存中等待换入的请求（本课程的引擎、vLLM V0；vLLM V1 没有该队列，只以重计算抢占）。",
+         "04"),
     Term("Split-fuse (Dynamic SplitFuse)", "Split-fuse（动态分块融合）",
          "DeepSpeed-FastGen's name for chunking long prompts and fusing the chunks with decodes into steps of a "
          "steady token count; Sarathi-Serve's chunked prefills with stall-free batching are the same idea.",
@@ -190,8 +192,10 @@ GLOSSARY: tuple[Term, ...] = (
          "Cached blocks as a tree: a child per next block of tokens, found by that block's token ids (KsanaLLM).",
          "缓存块组成的树：每个子节点是下一块 token，以该块的 token 序列为键查找（KsanaLLM）。", "05"),
     Term("hash chain", "哈希链（块哈希）",
-         "Each full block keyed by hash(parent block's key, its tokens): keys independent of the process (vLLM).",
-         "每个满块的键 = hash(父块的键, 本块 token)：键与进程无关（vLLM）。", "05"),
+         "Each full block keyed by hash(parent block's key, its tokens), from a seed: the same keys in every "
+         "process with the same seed (vLLM: a fixed PYTHONHASHSEED).",
+         "每个满块的键 = hash(父块的键, 本块 token)，从一个种子开始：种子相同的进程得到相同的键（vLLM：固定 "
+         "PYTHONHASHSEED）。", "05"),
     Term("swap-in deduplication", "换入去重（去重合并）",
          "On swap-in, blocks already in the prefix cache are reused instead of copied back.",
          "换入时，前缀缓存中已有的块直接复用，不再拷回。", "04, 05"),
