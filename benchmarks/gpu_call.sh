@@ -10,6 +10,9 @@
 # nothing (no GPU could be started); in session 14 (H100): fa_exp, serving1, serving5 (cut short), bench_batching,
 # bench_spec_prefix.
 # Left, in the order to run them:
+#   serving1g    on either card (~5 min?): transformers' continuous batching with its CUDA graphs and async batching
+#                forced on (--hf-cb-graphs on; the recorded HF CB rows ran its defaults, both off for paged sdpa):
+#                the strongest HF baseline for issue 19's >= 10x target
 #   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
 #   paged_tune   on either card (~5 min?): BLOCK_N x warps x stages at batch 64, 1k, where the kernel reads at 84% of
 #                the copy bandwidth (issue 21's 90%), beside the two key shapes
@@ -79,6 +82,8 @@ for s in ${STEPS:?set STEPS}; do
     engine_async) serving 0 --models qwen3-0.6b --workloads nano-vllm --systems llmengine --ablation async,graphs \
                 --repeats 3 --time-limit 330 ;;
     serving1) serving 1 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --repeats 1 --time-limit 400 ;;
+    serving1g) serving 1g --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-cb --hf-cb-graphs on \
+                --repeats 1 --time-limit 400 ;;
     serving2) serving 2 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static --hf-batch-sizes 128 \
                 --hf-sweep-sample full --repeats 1 --time-limit 400 ;;
     serving3) serving 3 --models qwen3-0.6b --workloads nano-vllm --systems llmengine,hf-static --hf-batch-sizes 256 \

@@ -15,7 +15,8 @@ temp folder first, and both ``course_lib`` and ``transformers`` load that folder
   recorded;
 * ``transformers``' own continuous batching (``generate_batch``'s manager, ``course_lib.serving.hf_continuous``), with
   the engine's KV capacity in tokens (``--hf-cb-kv same``) or its own sizing from free memory (``auto``); a version
-  without it gets a row that says so;
+  without it gets a row that says so. Its defaults turn its CUDA graphs and async batching on only where the attention
+  needs no mask (off for ``paged|sdpa``); ``--hf-cb-graphs on`` forces both on (the row's config says which);
 * optionally ``static-ours`` (``StaticBatchEngine``, the course model in the same static batches as HF's best): how much
   of the gap is HF's own per-step overhead;
 * the **HBM floor** of the trace: the bytes of the schedule the engine actually ran (every weight once per step, the
@@ -156,6 +157,9 @@ def parse_args(argv):
     p.add_argument("--hf-cb-kv", choices=("same", "auto"), default="same",
                    help="KV of transformers' continuous batching: the engine's token capacity, or its own sizing "
                         "from free GPU memory (a GPU only)")
+    p.add_argument("--hf-cb-graphs", choices=("default", "on"), default="default",
+                   help="transformers' continuous batching with its own defaults (CUDA graphs and async batching "
+                        "only where the attention needs no mask: off for paged sdpa), or with both forced on")
     p.add_argument("--max-num-seqs", type=int, default=None, help="the engine's batch (default 256; --quick 8)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="the engine's token budget per step (default 8192 on a GPU, 512 on a CPU)")
@@ -257,7 +261,7 @@ class Bench:
             quick=args.quick, config=dict(
                 models=args.models, workloads=args.workloads, systems=args.systems, ablation=args.ablation,
                 repeats=args.repeats, hf_batch_sizes=args.hf_batch_sizes, hf_sweep_sample=args.hf_sweep_sample,
-                hf_cb_kv=args.hf_cb_kv, max_num_seqs=args.max_num_seqs,
+                hf_cb_kv=args.hf_cb_kv, hf_cb_graphs=args.hf_cb_graphs, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                 max_output=args.max_output, num_requests=args.num_requests, seed=args.seed,
                 time_limit_s=args.time_limit, warmup=args.warmup,
@@ -340,6 +344,15 @@ def interleave(bench: Bench, todo: list[tuple[dict, object]], repeats: int) -> N
                 bench.measure(row, fn)
 
 
+def hf_cb_graphs(args) -> bool | None:
+    """transformers' continuous batching: None for its own defaults, True for its CUDA graphs and async batching."""
+    return True if args.hf_cb_graphs == "on" else None
+
+
+def hf_cb_config(args) -> str:
+    return "HF continuous batching" + (", CUDA graphs + async batching" if args.hf_cb_graphs == "on" else "")
+
+
 def engine_kwargs(args, **extra) -> dict:
     return dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_chunked_prefill=True, enable_prefix_caching=True) | extra
@@ -383,7 +396,7 @@ def bench_workload(bench: Bench, model, hf_model, mname: str, workload: str, tra
                     int(trace.prompt_lens.sum() + trace.output_lens.sum()) + 256 * len(trace))
     if "hf-cb" in args.systems:
         reason = hf_cb_available(hf_model)
-        cb_row = new_row(rows, **key, system="hf-cb", config="HF continuous batching",
+        cb_row = new_row(rows, **key, system="hf-cb", config=hf_cb_config(args),
                          kv_tokens=kv_tokens if args.hf_cb_kv == "same" else "auto")
         if reason:
             cb_row["status"] = "not available"
@@ -391,7 +404,7 @@ def bench_workload(bench: Bench, model, hf_model, mname: str, workload: str, tra
         else:
             kv = kv_tokens if args.hf_cb_kv == "same" else None
             mbt = None if HAS_GPU else args.max_num_batched_tokens
-            cb_fn = lambda kv=kv, mbt=mbt: run_hf_cb(hf_model, trace, kv, mbt, warm)
+            cb_fn = lambda kv=kv, mbt=mbt: run_hf_cb(hf_model, trace, kv, mbt, warm, hf_cb_graphs(args))
             bench.measure(cb_row, cb_fn)                   # second: a run cut short still has the three systems
             todo.append((cb_row, cb_fn))
     best = None
@@ -463,8 +476,8 @@ def bench_sweeps(bench: Bench, model, hf_model, mname: str) -> None:
                          lambda B=contexts, t=trace, w=warm: run_hf_static(hf_model, t, B, C, w)))
         if "hf-cb" in args.systems and hf_cb_available(hf_model) is None:
             mbt, kv = (None if HAS_GPU else args.max_num_batched_tokens), blocks(contexts) * 16
-            todo.append((new_row(rows, **key, system="hf-cb", config="HF continuous batching"),
-                         lambda kv=kv, t=trace, w=warm, m=mbt: run_hf_cb(hf_model, t, kv, m, w)))
+            todo.append((new_row(rows, **key, system="hf-cb", config=hf_cb_config(args)),
+                         lambda kv=kv, t=trace, w=warm, m=mbt: run_hf_cb(hf_model, t, kv, m, w, hf_cb_graphs(args))))
     interleave(bench, todo, args.sweep_repeats)
 
 

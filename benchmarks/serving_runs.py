@@ -150,10 +150,11 @@ def run_static_ours(model, trace: Trace, batch_size: int, warmup: Trace | None) 
 
 
 def run_hf_cb(hf_model, trace: Trace, kv_tokens: int | None, max_batch_tokens: int | None,
-              warmup: Trace | None) -> dict:
+              warmup: Trace | None, graphs: bool | None = None) -> dict:
     """transformers' continuous batching; its wall time is its own (first add_request to last result), since its
-    manager's setup (cache, CUDA graphs) happens inside the call."""
-    runner = HFContinuousBatching(hf_model, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens)
+    manager's setup (cache, CUDA graphs) happens inside the call. ``graphs``: None its defaults, True its CUDA
+    graphs and async batching forced on."""
+    runner = HFContinuousBatching(hf_model, kv_tokens=kv_tokens, max_batch_tokens=max_batch_tokens, graphs=graphs)
     t0 = time.perf_counter()
     if warmup is not None and not runner.warms_itself:
         runner.generate(warmup.prompts, warmup.params)

@@ -251,3 +251,16 @@ def test_strongest_hf_per_trace_keeps_the_file_with_the_strongest_baseline():
             run("c.json", 9000.0, hf_cb=300.0, workload="v")]
     got = {x["workload"]: (r["file"], x["strongest_hf"], x["ratio"]) for r, x in claims.strongest_hf_per_trace(runs)}
     assert got == {"w": ("b.json", "hf_static", 15.0), "v": ("c.json", "hf_cb", 30.0)}
+
+
+def test_hf_cb_setup_says_how_transformers_ran():
+    """The targets name the configuration of transformers' continuous batching: the recorded rows ran its defaults
+    (no CUDA graphs, no async batching with paged SDPA); a row run with --hf-cb-graphs on says so."""
+    from course_lib.analysis.claims import hf_cb_setup
+
+    run = claims.recorded("serving_nvidia-h100-80gb-hbm3_2026-12-07a.json")[0]
+    row = next(r for r in run["rows"] if r["system"] == "hf-cb")
+    assert hf_cb_setup(row) == "attention paged sdpa, CUDA graphs off, async batching off"
+    on = dict(row, runs=[dict(row["runs"][0], hf_use_cuda_graph="(True, True)", hf_use_async_batching="True")])
+    assert hf_cb_setup(on) == "attention paged sdpa, CUDA graphs on, async batching on"
+    assert hf_cb_setup(next(r for r in run["rows"] if r["system"] == "llmengine")) is None

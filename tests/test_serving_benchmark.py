@@ -207,3 +207,22 @@ def test_the_lesson_reads_the_file(quick):
     fig, axes = plt.subplots(2, 3, squeeze=False)
     assert plot_sweeps(result, axes) and all(a.get_ylabel() for row in axes for a in row)
     plt.close("all")
+
+
+def test_hf_cb_graphs_option_reaches_transformers_config():
+    """--hf-cb-graphs on forces transformers' CUDA graphs and async batching on (its defaults leave both off for
+    paged sdpa, whose attention needs a mask); the row's config says which baseline ran."""
+    from course_lib.serving.hf_continuous import HFContinuousBatching
+
+    runner = HFContinuousBatching.__new__(HFContinuousBatching)     # the config only: no model needed
+    runner.kv_tokens, runner.max_batch_tokens = 1000, None
+    for graphs, want in ((None, None), (True, True)):
+        runner.graphs = graphs
+        _, cb, page = runner._configs(8)
+        assert cb.use_cuda_graph is want and cb.use_async_batching is want
+        assert cb.num_blocks == -(-1000 // page)
+    args = serving.parse_args(["--quick", "--hf-cb-graphs", "on"])
+    assert serving.hf_cb_graphs(args) is True
+    assert serving.hf_cb_config(args) == "HF continuous batching, CUDA graphs + async batching"
+    args = serving.parse_args(["--quick"])
+    assert serving.hf_cb_graphs(args) is None and serving.hf_cb_config(args) == "HF continuous batching"

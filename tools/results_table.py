@@ -69,6 +69,7 @@ def rows(results_dir: Path | None = None) -> list[tuple[str, str, str]]:
                           "the latest file that measured it beside the engine)",
                     "; ".join(f"LLMEngine over {names[t['baseline']]}"
                               + (f" (B = {t['batch_size']})" if t["batch_size"] else "")
+                              + (f" ({t['setup']})" if t.get("setup") else "")
                               + f" {t['ratio']['median']:.1f}x (target ≥ {t['target']:.0f}x: "
                               f"{'met' if t['met'] else 'missed'}; {t['repeats']} run(s) of each, "
                               f"{'as required' if t['repeats_met'] else 'the 3 required: missed'}; `{t['file']}`)"

@@ -426,8 +426,21 @@ def serving_targets(runs: list[dict], model: str = "qwen3-0.6b", workload: str =
                             met=ratio["median"] >= target, repeats=repeats,
                             repeats_met=repeats >= SERVING_TARGET_REPEATS, batch_size=rows[system].get("batch_size"),
                             engine_tok_s=rows["llmengine"]["throughput_tok_s"],
-                            baseline_tok_s=rows[system]["throughput_tok_s"]))
+                            baseline_tok_s=rows[system]["throughput_tok_s"], setup=hf_cb_setup(rows[system])))
     return out
+
+
+def hf_cb_setup(row: dict) -> str | None:
+    """How transformers' continuous batching ran, from its first run's record (attention, its CUDA graphs and async
+    batching); None for another system or a file that did not record it."""
+    run = (row.get("runs") or [{}])[0]
+    if row.get("system") != "hf-cb" or "hf_use_cuda_graph" not in run:
+        return None
+    graphs = "True" in str(run["hf_use_cuda_graph"])
+    asynchronous = str(run.get("hf_use_async_batching")) == "True"
+    attention = str(run.get("hf_attn_implementation")).replace("|", " ")   # "paged|sdpa": no pipe in a table
+    return (f"attention {attention}, CUDA graphs {'on' if graphs else 'off'}, async batching "
+            f"{'on' if asynchronous else 'off'}")
 
 
 #: the setting of the vLLM launch post's 14-24x (vLLM blog, June 2023), to say what a course run differs in

@@ -58,11 +58,14 @@ class HFContinuousBatching:
     RequestOutputs, ``.metrics`` (a RunMetrics), ``.info`` (attention implementation, cache size, API used)."""
 
     def __init__(self, hf_model, *, kv_tokens: int | None = None, max_batch_tokens: int | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, graphs: bool | None = None):
         reason = available(hf_model)
         if reason:
             raise RuntimeError(reason)
         self.model, self.kv_tokens, self.max_batch_tokens, self.warmup = hf_model, kv_tokens, max_batch_tokens, warmup
+        # None: transformers' own choice (its CUDA graphs and async batching only where the attention needs no mask,
+        # so off for "paged|sdpa"); True: both on, whatever the attention (transformers pads the graphs' inputs)
+        self.graphs = graphs
         self.vocab_size = hf_model.config.vocab_size
         self.metrics: RunMetrics | None = None
         self.info: dict = {}
@@ -88,7 +91,13 @@ class HFContinuousBatching:
                 sizes["num_blocks"] = -(-self.kv_tokens // page)
             if self.max_batch_tokens is not None:
                 sizes["max_batch_tokens"] = self.max_batch_tokens
+            if self.graphs is not None:
+                if "use_cuda_graph" not in names:
+                    raise RuntimeError("this transformers version's continuous batching has no use_cuda_graph option")
+                sizes.update(use_cuda_graph=self.graphs, use_async_batching=self.graphs)
             return gen, ContinuousBatchingConfig(**{k: v for k, v in sizes.items() if k in names}), page
+        if self.graphs is not None:
+            raise RuntimeError("this transformers version's continuous batching has no use_cuda_graph option")
         page = 32                                             # 4.5x's default block size
         if self.kv_tokens is not None:
             gen.num_blocks = -(-self.kv_tokens // page)
