@@ -373,7 +373,9 @@ def serving_line(run: dict) -> str:
                         f"{on['throughput_min']:,.0f}-{on['throughput_max']:,.0f} vs "
                         f"{off['throughput_min']:,.0f}-{off['throughput_max']:,.0f})")
         if "hf-cb" in rows:
-            text.append(f"HF continuous batching {rows['hf-cb']['throughput_tok_s']:,.0f}")
+            setup = hf_cb_setup(rows["hf-cb"])
+            text.append(f"HF continuous batching {rows['hf-cb']['throughput_tok_s']:,.0f}"
+                        + (f" ({setup})" if setup else ""))
         if "hf-static" in rows:
             r = rows["hf-static"]
             text.append(f"HF generate, best static B = {r['batch_size']}, {r['throughput_tok_s']:,.0f}")
