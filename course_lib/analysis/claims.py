@@ -314,7 +314,10 @@ def serving_vs_strongest_hf(run: dict) -> list[dict]:
             continue
         which = "engine_x_hf_cb" if hf_cb > hf_static else "engine_x_hf_static"
         d = s.get("decomposition_vs_hf_static") if which == "engine_x_hf_static" else None
+        cb_row = next((r for r in run.get("rows", []) if r.get("system") == "hf-cb" and r.get("model") == s["model"]
+                       and r.get("workload") == s["workload"] and r.get("status") == "ok"), None)
         out.append({"model": s["model"], "workload": s["workload"], "strongest_hf": which.removeprefix("engine_x_"),
+                    "hf_setup": hf_cb_setup(cb_row) if cb_row and which == "engine_x_hf_cb" else None,
                     "ratio": s["engine_tok_s"] / max(hf_cb, hf_static), "range": s.get(which),
                     "hf_tok_s": max(hf_cb, hf_static),
                     "decomposition": (f"{d['passes_ratio']:.2f} (HF's forward passes / the engine's) x "

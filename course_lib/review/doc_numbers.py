@@ -96,8 +96,10 @@ def _real_size(comparisons: list[tuple[dict, dict]] | None) -> str | None:
         return None
     ratios = [x["ratio"] for _, x in comparisons]
     devices = ", ".join(dict.fromkeys(run["device"] for run, _ in comparisons))
+    setups = sorted({x["hf_setup"] for _, x in comparisons if x.get("hf_setup")})
     return (f"LLMEngine vs transformers' strongest system on the same trace and card, real model shapes (random "
-            f"weights): {min(ratios):.1f}-{max(ratios):.1f}x over {len(ratios)} traces ({devices}; lesson 10)")
+            f"weights): {min(ratios):.1f}-{max(ratios):.1f}x over {len(ratios)} traces ({devices}; lesson 10"
+            + (f"; its continuous batching as run: {', '.join(setups)}" if setups else "") + ")")
 
 
 def document_numbers(*, flash: dict | None = None, batching: dict | None = None, engine: dict | None = None,
