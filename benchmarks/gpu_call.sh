@@ -13,7 +13,8 @@
 #   serving1g    on either card (~5 min?): transformers' continuous batching with its CUDA graphs and async batching
 #                forced on (--hf-cb-graphs on; the recorded HF CB rows ran its defaults, both off for paged sdpa):
 #                the strongest HF baseline for issue 19's >= 10x target
-#   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min)
+#   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min); with less device
+#                time left, serving_step_default: the decode floors, the old engine and the default row only (~5 min?)
 #   paged_tune   on either card (~5 min?): BLOCK_N x warps x stages at batch 64, 1k, where the kernel reads at 84% of
 #                the copy bandwidth (issue 21's 90%), beside the two key shapes
 #   fa_rot       on either card (~4 min): tma_rot (the unmasked loop rotated: tile j+1's QK^T issued before tile j's
@@ -99,6 +100,8 @@ for s in ${STEPS:?set STEPS}; do
                step fa_hopper 400 python3 -m benchmarks.flash_attention_hopper --time-limit ${FAH_BENCH_LIMIT:-280} \
                  --out "$OUT/flash_attention_hopper.json" ;;
     full_graph) step full_graph 200 python3 -m pytest -q -rfE --durations=5 tests/test_full_graph.py ;;
+    serving_step_default) step serving_step_default 480 python3 -m benchmarks.serving_step --rows 6 \
+                 --out "$OUT/serving_step_default.json" ;;
     serving_step_mixed) step serving_step_mixed 480 python3 -m benchmarks.serving_step --rows 4,5,6 \
                  --out "$OUT/serving_step_mixed.json" ;;
     piecewise) step piecewise 200 python3 -m pytest -q -rfE --durations=10 tests/test_piecewise_graph.py \
