@@ -8,8 +8,9 @@
 # full_graph, serving_step_mixed, paged, profile_full; in session 11 (H100): tests_gpu (FULL the default),
 # serving_step, paged (no sweep), fa_bwd_tma; in session 12 (H100): fa_auto128, paged (with --splits); in session 13:
 # nothing (no GPU could be started); in session 14 (H100): fa_exp, serving1, serving5 (cut short), bench_batching,
-# bench_spec_prefix.
-# Left, in the order to run them:
+# bench_spec_prefix; in session 15: nothing (no GPU could be started).
+# Left, in the order to run them (on an H200 start with serving_step / serving_step_default, on an H100 with serving1g;
+# if serving1g's HF CB beats its defaults, issue 19's repeats of that baseline are of serving1g, at one pinned commit):
 #   serving1g    on either card (~5 min?): transformers' continuous batching with its CUDA graphs and async batching
 #                forced on (--hf-cb-graphs on; the recorded HF CB rows ran its defaults, both off for paged sdpa):
 #                the strongest HF baseline for issue 19's >= 10x target
