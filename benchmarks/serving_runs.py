@@ -205,8 +205,8 @@ def aggregate(row: dict) -> dict:
     if tpot:
         row.update(tpot_p50=statistics.median(tpot), tpot_p50_min=min(tpot), tpot_p50_max=max(tpot))
     steps = [r["num_steps"] for r in ok if r.get("num_steps")]
-    if steps:
-        row["num_steps"] = statistics.median(steps)
+    if steps:   # one run's count (an even number of runs would otherwise average two)
+        row["num_steps"] = statistics.median_low(steps)
     return row
 
 
