@@ -39,7 +39,10 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
 - ``tma_rot``: ``tma_wide``'s unmasked loop rotated by half a step (``_attn_fwd_tma_inner_rotated``): the next key
   tile's QK^T is issued before this tile's softmax, so that the Tensor Cores can work while the softmax runs (the
   intra-warpgroup half of FlashAttention-3's overlap; the ping-pong of two warp groups stays out of Triton's reach).
-  Costs registers: two score tiles are live at once. Runs in the interpreter too.
+  Costs registers: two score tiles are live at once. Runs in the interpreter too. Measured on an H100
+  (``flash_attention_hopper_nvidia-h100-80gb-hbm3_rot.json``): slower than ``tma_wide`` at every D = 128 shape, about
+  even at D = 64; at D = 128 its autotuner picks 8 warps where ``tma_wide`` wins with 4 (registers, most likely;
+  the register counts are not recorded).
 
 Layout: the descriptors see q, k, v, out as 2-D [B·H·S, D] row matrices (the tensors are made contiguous first), so
 head (b, h) owns rows (b·H + h)·S ... (b·H + h + 1)·S - 1. A query block that runs past Sq therefore reads the next
