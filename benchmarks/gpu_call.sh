@@ -8,32 +8,24 @@
 # full_graph, serving_step_mixed, paged, profile_full; in session 11 (H100): tests_gpu (FULL the default),
 # serving_step, paged (no sweep), fa_bwd_tma; in session 12 (H100): fa_auto128, paged (with --splits); in session 13:
 # nothing (no GPU could be started); in session 14 (H100): fa_exp, serving1, serving5 (cut short), bench_batching,
-# bench_spec_prefix; in session 15: nothing (no GPU could be started).
-# Left, in the order to run them (on an H200 start with serving_step / serving_step_default, on an H100 with serving1g;
-# if serving1g's HF CB beats its defaults, issue 19's repeats of that baseline are of serving1g, at one pinned commit):
-#   serving1g    on either card (~5 min?): transformers' continuous batching with its CUDA graphs and async batching
-#                forced on (--hf-cb-graphs on; the recorded HF CB rows ran its defaults, both off for paged sdpa):
-#                the strongest HF baseline for issue 19's >= 10x target
-#   serving_step on an H200 (its file predates FULL as the default) in its own call (~9.5 min); with less device
-#                time left, serving_step_default: the decode floors, the old engine and the default row only (~5 min?)
-#   paged_tune   on either card (~5 min?): BLOCK_N x warps x stages at batch 64, 1k, where the kernel reads at 84% of
-#                the copy bandwidth (issue 21's 90%), beside the two key shapes
-#   fa_rot       on either card (~4 min): tma_rot (the unmasked loop rotated: tile j+1's QK^T issued before tile j's
-#                softmax, FA3's intra-warpgroup overlap) compiled: its GPU tests, then beside tma_wide (issue 21)
+# bench_spec_prefix; in session 15: nothing (no GPU could be started); in session 16 (H100): serving1g x3 (pooled:
+# serving_..._2026-12-07c.json), fa_rot, paged_tune, "@eef2c7a serving2" (its 2nd run: ..._2026-12-07d.json).
+# Left, in the order to run them (on an H200 start with serving_step_default, on an H100 with "@eef2c7a serving2"):
+#   serving_step_default on an H200 (~5 min?): the decode floors, the old engine and the default row (FULL graphs):
+#                issue 18's three targets on the second card kind (its H200 file predates FULL as the default)
+#   serving2     "@eef2c7a serving2" on an H100 (~280 s): the 3rd run of HF's best static batch on the whole trace
+#                (issue 19's >= 5x target has 2 runs: serving_..._2026-12-07d.json); then pool all three:
+#                python -m benchmarks.serving --merge <07d.json> serving_part2.json --out serving_<device>_<date>.json
+#                (07d already holds runs 1-2; keep its annotation, say 3 runs)
+#   paged        an H200 run (its file predates the split-plan and timing changes), with --tune (paged_tune)
 #   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
 #                and 128 with it (fa_auto128, the same at D = 128 only, ran on an H100 in session 12)
-#   paged        an H200 run (its file predates the split-plan and timing changes), with --splits
 #   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
 #   serving5b    the course's long-cot and multimodal workloads (serving5 did chat and multi-turn, then hit its limit)
 #   serving4, 6, 7   llama-3.2-1b, the sweeps, the tiny model (one per device call, each ~8-9 min)
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
-#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run when their
-#                code changes
-#   serving1 x3, serving2 x3 issue 19's repeats: one HF run per call (HF continuous batching takes ~290 s per run of
-#                nano-vllm's trace on an H100), each at one commit: "@7ee05a3 serving1" and "@eef2c7a serving2"
-#                (serving_nvidia-h100-80gb-hbm3_2026-12-07a.json and _2026-12-06d.json are the H100's first runs of
-#                each at those commits; carry .pinned with .whl), then pooled:
-#                python -m benchmarks.serving --merge part1a.json part1b.json ... --out serving_<device>_<date>.json
+#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_rot, fa_configs, fa_bwd_configs, fa_atomic: re-run
+#                when their code changes
 # A step "@<commit>" runs the steps after it in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
 #     git archive --format=tar.gz -o .pinned/7ee05a3.tar.gz 7ee05a3
 # and carried with .whl): the repeats of one measurement spread over sessions then measure the same code, and
