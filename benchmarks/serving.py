@@ -29,13 +29,13 @@ multi-turn, long-cot, multimodal; lengths stated for a 2,048-token context). Mod
 ``llama-3.2-1b`` shapes with RANDOM weights (context cut to ``--max-model-len``, 2,048), and the shipped tiny model
 (trained; context 512, so every workload is scaled to a quarter; on any device its steps are host-bound).
 
-Measurement: every system serves an untimed warm-up trace first (on a GPU); ``--repeats`` (3) timed runs of each
-row, the rows interleaved (repeat r runs the rows in an order rotated by r), median and min-max reported; tokens are
-counted the same way for every system (each request's tokens up to its requested length, nothing past it, no
-padding); wall time of serving the trace, setup (engine / manager construction, KV allocation, graph capture)
-excluded for every system. Throughput = output tokens / wall time; TPOT p50 from each system's per-token times.
-Ratios in ``summary`` are medians over medians, with the decomposition vs static batching: ratio = (HF's forward
-passes / the engine's) x (HF's time per pass / the engine's), both measured.
+Measurement: every system serves an untimed warm-up first (on a GPU: every prompt of the trace, 2 output tokens);
+``--repeats`` (3) timed runs of each row, the rows interleaved (repeat r runs the rows in an order rotated by r),
+median and min-max reported; tokens are counted the same way for every system (each request's tokens up to its
+requested length, nothing past it, no padding); wall time of serving the trace, setup (engine / manager
+construction, KV allocation, graph capture) excluded for every system. Throughput = output tokens / wall time; TPOT
+p50 from each system's per-token times. Ratios in ``summary`` are medians over medians, with the decomposition vs
+static batching: ratio = (HF's forward passes / the engine's) x (HF's time per pass / the engine's), both measured.
 
 Sweeps (each a flag, each a list of rows in ``sweeps``): ``--sweep-concurrency`` N requests at once (engine
 ``max_num_seqs`` = HF batch = N), ``--sweep-context`` prompt length L at a fixed concurrency, ``--sweep-kv-budget``
@@ -239,13 +239,16 @@ def make_trace(workload: str, model, tokenizer, args) -> Trace:
     return cap_outputs(trace, args.max_output)
 
 
-def warmup_trace(trace: Trace, k: int = 2) -> Trace:
-    """The k longest requests of the trace (prompt + output), outputs cut to 8 tokens: every kernel shape compiled."""
-    order = sorted(range(len(trace)), key=lambda i: -(len(trace.prompts[i]) + trace.params[i].max_tokens))[:k]
+def warmup_trace(trace: Trace, max_tokens: int = 2) -> Trace:
+    """Every prompt of the trace, all at once, outputs cut to ``max_tokens``: the timed run's prompt lengths, prefill
+    chunks and batch sizes run once before the clock starts, so that kernels compiled (or autotuned, or captured) on
+    first use are ready. A warm-up of the two longest requests left some shapes to the timed run: at commits that ran
+    mixed steps eagerly, the engine's runs on nano-vllm's trace then started seconds late (TTFT p50 2.5-3.0 s against
+    0.2-0.3 s, the same TPOT: lesson 10)."""
     from course_lib.model.sampling import SamplingParams
 
-    return Trace([trace.prompts[i] for i in order], [SamplingParams(max_tokens=8) for _ in order], [0.0] * len(order),
-                 "warm-up")
+    return Trace([list(p) for p in trace.prompts], [SamplingParams(max_tokens=max_tokens) for _ in trace.prompts],
+                 [0.0] * len(trace), "warm-up")
 
 
 # ---------------------------------------------------------------- the run: rows, interleaved repeats, saved each time

@@ -226,3 +226,13 @@ def test_hf_cb_graphs_option_reaches_transformers_config():
     assert serving.hf_cb_config(args) == "HF continuous batching, CUDA graphs + async batching"
     args = serving.parse_args(["--quick"])
     assert serving.hf_cb_graphs(args) is None and serving.hf_cb_config(args) == "HF continuous batching"
+
+
+def test_warmup_runs_every_prompt_of_the_trace():
+    """The warm-up serves every prompt of the timed trace (2 output tokens each, all at t = 0): no prompt length or
+    prefill chunk of the timed run is new to the engine's kernels when the clock starts."""
+    trace = nanovllm_trace(16, 2048, vocab_size=1000, seed=0)
+    warm = serving.warmup_trace(trace)
+    assert warm.prompts == trace.prompts and warm.prompts is not trace.prompts
+    assert [p.max_tokens for p in warm.params] == [2] * len(trace)
+    assert warm.arrival_times == [0.0] * len(trace)
