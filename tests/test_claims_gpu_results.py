@@ -264,3 +264,8 @@ def test_hf_cb_setup_says_how_transformers_ran():
     on = dict(row, runs=[dict(row["runs"][0], hf_use_cuda_graph="(True, True)", hf_use_async_batching="True")])
     assert hf_cb_setup(on) == "attention paged sdpa, CUDA graphs on, async batching on"
     assert hf_cb_setup(next(r for r in run["rows"] if r["system"] == "llmengine")) is None
+    for installed, said in (((False, False), ", no flash-attn installed"), ((True, False), ", flash-attn 2 installed"),
+                            ((True, True), ", flash-attn 3 installed")):
+        fa = dict(row, runs=[dict(row["runs"][0], hf_flash_attn_2_installed=installed[0],
+                                  hf_flash_attn_3_installed=installed[1])])
+        assert hf_cb_setup(fa) == "attention paged sdpa, CUDA graphs off, async batching off" + said

@@ -236,3 +236,18 @@ def test_warmup_runs_every_prompt_of_the_trace():
     assert warm.prompts == trace.prompts and warm.prompts is not trace.prompts
     assert [p.max_tokens for p in warm.params] == [2] * len(trace)
     assert warm.arrival_times == [0.0] * len(trace)
+
+
+def test_hf_cb_rows_record_whether_flash_attention_was_installed(quick, monkeypatch):
+    """transformers runs its continuous batching on FlashAttention 3 or 2 where installed, paged SDPA otherwise: each
+    HF CB run records which packages were there, so that a reader can tell a weaker attention from a weaker engine."""
+    from transformers.utils import import_utils
+
+    from course_lib.serving.hf_continuous import flash_attention_packages
+
+    result, _, _ = quick
+    runs = [run for row in result["rows"] if row["system"] == "hf-cb" and row["status"] == "ok" for run in row["runs"]]
+    assert runs and all({"hf_flash_attn_2_installed", "hf_flash_attn_3_installed"} <= set(run) for run in runs)
+    monkeypatch.setattr(import_utils, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.setattr(import_utils, "is_flash_attn_3_available", lambda: False)
+    assert flash_attention_packages() == {"flash_attn_2_installed": True, "flash_attn_3_installed": False}

@@ -437,15 +437,19 @@ def serving_targets(runs: list[dict], model: str = "qwen3-0.6b", workload: str =
 
 def hf_cb_setup(row: dict) -> str | None:
     """How transformers' continuous batching ran, from its first run's record (attention, its CUDA graphs and async
-    batching); None for another system or a file that did not record it."""
+    batching, and where recorded whether a FlashAttention package it would have switched to was installed); None for
+    another system or a file that did not record it."""
     run = (row.get("runs") or [{}])[0]
     if row.get("system") != "hf-cb" or "hf_use_cuda_graph" not in run:
         return None
     graphs = "True" in str(run["hf_use_cuda_graph"])
     asynchronous = str(run.get("hf_use_async_batching")) == "True"
     attention = str(run.get("hf_attn_implementation")).replace("|", " ")   # "paged|sdpa": no pipe in a table
+    flash = [v for v in (3, 2) if run.get(f"hf_flash_attn_{v}_installed")]
+    installed = ("" if "hf_flash_attn_2_installed" not in run   # files before 2026-12-07 did not record it
+                 else f", flash-attn {flash[0]} installed" if flash else ", no flash-attn installed")
     return (f"attention {attention}, CUDA graphs {'on' if graphs else 'off'}, async batching "
-            f"{'on' if asynchronous else 'off'}")
+            f"{'on' if asynchronous else 'off'}{installed}")
 
 
 #: the setting of the vLLM launch post's 14-24x (vLLM blog, June 2023), to say what a course run differs in

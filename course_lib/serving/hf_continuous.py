@@ -33,6 +33,17 @@ from course_lib.serving.engine import _synchronize
 from course_lib.serving.metrics import CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, summarize
 
 
+def flash_attention_packages() -> dict:
+    """Whether the FlashAttention packages ``transformers`` would switch its continuous batching to are installed
+    (``flash_attn`` 2 and 3, as ``transformers.utils`` checks them, without its kernels-hub fallback, which downloads).
+    ``transformers`` (5.17's ``switch_to_cb_friendly_attn``) picks FlashAttention 3, then 2, for a model loaded with
+    SDPA or eager, and runs ``paged|sdpa`` only when neither is there: a row's attention says which it ran."""
+    from transformers.utils import import_utils
+
+    return {f"flash_attn_{v}_installed": bool(getattr(import_utils, f"is_flash_attn_{v}_available", lambda: False)())
+            for v in (2, 3)}
+
+
 def available(hf_model) -> str | None:
     """None when this ``transformers`` model has continuous batching, else why not (a sentence for the result file)."""
     import transformers
@@ -181,6 +192,7 @@ class HFContinuousBatching:
             value = getattr(cache, name, None)
             if isinstance(value, int):
                 info[f"cache_{name}"] = value
+        info.update(flash_attention_packages())
         cfg = getattr(manager, "continuous_batching_config", None)
         for name in ("use_cuda_graph", "use_async_batching", "max_requests_per_batch", "allow_block_sharing"):
             if cfg is not None and hasattr(cfg, name):
