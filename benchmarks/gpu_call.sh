@@ -49,7 +49,9 @@ pin() {   # pin COMMIT: the steps after this one run in the tree of COMMIT
 touch /tmp/.gpu_call_start
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'triton', triton.__version__, 'transformers', transformers.__version__)"
+'triton', triton.__version__, 'transformers', transformers.__version__)
+import importlib.util as u   # what transformers' continuous batching could switch to (it runs paged SDPA without)
+print('flash_attn installed', u.find_spec('flash_attn') is not None, '| kernels installed', u.find_spec('kernels') is not None)"
   date -u +%FT%TZ; } > "$OUT/env.log" 2>&1
 step() {   # step NAME SECONDS COMMAND...
   local name=$1 limit=$2; shift 2
