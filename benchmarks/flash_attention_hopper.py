@@ -34,6 +34,7 @@ import triton
 
 import kernels.reference
 from benchmarks.flash_attention import bench, device_name, probe_backends, sdpa, sdpa_backends, slug
+from benchmarks.kernel_resources import compiled_resources
 from benchmarks.record import git_commit, print_readme_row
 from course_lib.analysis.roofline import RESULTS_DIR
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
@@ -47,6 +48,10 @@ DEFAULT_VARIANTS = [v for v in tma.VARIANTS if v != "tma_ws"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS, WIDTH = 16384, 2048  # B·N and Hq·D of every row on a GPU
 
+
+#: the constexprs that name a compiled specialization of either forward kernel in the file's "compiled" record
+RESOURCE_KEYS = ("HEAD_DIM", "CAUSAL", "BLOCK_M", "BLOCK_N", "ROTATE", "HALF_EXP", "POLY_EXP", "PERSISTENT",
+                 "WARP_SPECIALIZE")
 
 def plan(quick: bool) -> list[tuple[str, int, bool, int]]:
     """(dtype, D, causal, N) rows in the order they run."""
@@ -230,6 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
             for impl in fns if f"{impl}_tflops" in row) + f" TFLOP/s  [{last_row_s:.0f} s]"
               + (f"  errors: {row['errors']}" if row["errors"] else ""), flush=True)
         q = k = v = want = None  # free this row's memory (not del: the closures above use the names)
+    # registers and spills of every config the autotuners compiled (the readings of lesson 03 name them)
+    from kernels.flash_attention import _attn_fwd_tuned
+    result["compiled"] = {"tma": compiled_resources(tma._attn_fwd_tma, RESOURCE_KEYS),
+                          "portable": compiled_resources(_attn_fwd_tuned, RESOURCE_KEYS) if _attn_fwd_tuned else []}
+    for kernel_name, entries in result["compiled"].items():
+        for e in entries:
+            flags = ",".join(k for k in ("ROTATE", "HALF_EXP", "POLY_EXP", "PERSISTENT", "WARP_SPECIALIZE") if e.get(k))
+            print(f"  {kernel_name}{'[' + flags + ']' if flags else ''} {e['first_arg']} D={e.get('HEAD_DIM')} "
+                  f"causal={e.get('CAUSAL')} {e.get('BLOCK_M')}x{e.get('BLOCK_N')}, {e['num_warps']} warps, "
+                  f"{e['num_stages']} stages: {e['n_regs']} registers per thread, {e['n_spills']} bytes spilled")
     save()
     print(f"wrote {out_path} in {result['total_seconds']:.1f} s")
     print_readme_row(out_path)

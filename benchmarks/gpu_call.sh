@@ -24,7 +24,9 @@
 #   serving5b    the course's long-cot and multimodal workloads (serving5 did chat and multi-turn, then hit its limit)
 #   serving4, 6, 7   llama-3.2-1b, the sweeps, the tiny model (one per device call, each ~8-9 min)
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
-#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_rot, fa_configs, fa_bwd_configs, fa_atomic: re-run
+#   fa_rot       again when there is time (~3 min): flash_attention_hopper files now record each compiled config's
+#                registers per thread and spills ("compiled"), which would settle lesson 03's "lost to registers"
+#   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run
 #                when their code changes
 # A step "@<commit>" runs the steps after it in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
 #     git archive --format=tar.gz -o .pinned/7ee05a3.tar.gz 7ee05a3

@@ -240,3 +240,24 @@ def test_exp2_poly_relative_error():
     low = torch.tensor([float("-inf"), -1000.0] + [0.0] * 4094, device=DEVICE)
     apply[(1,)](low, y, N=4096)
     assert y[0].item() == y[1].item() == 2.0 ** -126
+
+
+def test_compiled_resources_reads_registers_and_spills_of_loaded_kernels():
+    """benchmarks.kernel_resources reads each compiled specialization's registers and spills with the constexprs that
+    name it; kernels compiled but never loaded (no counts) and other caches' entries are left out."""
+    from types import SimpleNamespace as NS
+
+    from benchmarks.kernel_resources import compiled_resources
+
+    def kernel(block_n, rotate, warps, regs, spills):
+        return NS(n_regs=regs, n_spills=spills, metadata=NS(num_warps=warps, num_stages=2),
+                  src=NS(constants={(1,): block_n, (2,): rotate, (3,): 128},
+                         signature={"q": "*bf16", "BLOCK_N": "constexpr"}))
+
+    jit = NS(arg_names=["q", "BLOCK_N", "ROTATE", "HEAD_DIM"], device_caches={0: (
+        {"a": kernel(64, False, 4, 232, 0), "b": kernel(128, True, 8, 255, 96), "c": NS(n_regs=None)}, {}, None)})
+    got = compiled_resources(NS(fn=jit), keep=("BLOCK_N", "ROTATE"))
+    launch = dict(first_arg="*bf16", num_stages=2)
+    assert got == [dict(launch, BLOCK_N=128, ROTATE=True, num_warps=8, n_regs=255, n_spills=96),
+                   dict(launch, BLOCK_N=64, ROTATE=False, num_warps=4, n_regs=232, n_spills=0)]
+    assert compiled_resources(NS(arg_names=[], device_caches={}), keep=("BLOCK_N",)) == []
