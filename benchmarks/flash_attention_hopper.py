@@ -74,8 +74,8 @@ def shape(D: int, N: int) -> tuple[int, int]:
 
 def run_impl(impl: str, q, k, v, causal: bool):
     """One forward of ``impl``: "portable" (kernels.flash_attention's kernel) or a Hopper variant name."""
-    if impl == "portable":
-        return _flash_attention(q, k, v, causal=causal)
+    if impl == "portable":   # hopper=False: by default (hopper="auto") D = 128 would run tma_wide here
+        return _flash_attention(q, k, v, causal=causal, hopper=False)
     return tma.flash_attention_hopper(q, k, v, causal=causal, variant=impl)
 
 
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
                     flops="4*B*H*N^2*D, halved when causal"),
         hopper_status=tma.hopper_status() or "available",
         variants={v: dict(vars(tma.VARIANTS[v])) for v in variants},
+        portable_forward="kernels.flash_attention(hopper=False)",   # before this field: hopper="auto" (D = 128: TMA)
         backends={}, probe={}, rows=[], skipped_rows=[], total_seconds=None)
 
     def save():

@@ -14,7 +14,8 @@ def compiled_resources(fn, keep: tuple[str, ...]) -> list[dict]:
     """One dict per compiled, loaded specialization of ``fn`` (a ``triton.jit`` function or an autotuner around one):
     the type of its first argument (which names the dtype), the constexprs named in ``keep``, ``num_warps``,
     ``num_stages``, ``n_regs`` (per thread) and ``n_spills`` (bytes), sorted by those fields."""
-    fn = getattr(fn, "fn", fn)   # an Autotuner wraps the JITFunction
+    while not hasattr(fn, "device_caches") and hasattr(fn, "fn"):   # an Autotuner wraps the JITFunction; a bare
+        fn = fn.fn                                                     # JITFunction's .fn is its Python function
     names = list(getattr(fn, "arg_names", []))
     out = []
     for cache in getattr(fn, "device_caches", {}).values():

@@ -130,6 +130,17 @@ def test_benchmark_script_quick(tmp_path):
             assert row[f"{impl}_max_abs_diff"] < 5e-2 and row[f"{impl}_seconds"] > 0
 
 
+def test_benchmark_portable_column_runs_the_portable_kernel(monkeypatch):
+    """The ablation's "portable" column is kernels.flash_attention with hopper=False: with the default
+    (hopper="auto") a GPU runs tma_wide at D = 128, and the column timed tma_wide twice (7ee05a3 to 90d3b45)."""
+    from benchmarks import flash_attention_hopper as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "_flash_attention", lambda *a, **kw: calls.append(kw))
+    bench.run_impl("portable", None, None, None, True)
+    assert calls == [dict(causal=True, hopper=False)]
+
+
 @pytest.mark.command
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq", "dkdv_dq"])
 def test_config_sweep_script_quick(tmp_path, kernel):
@@ -256,8 +267,10 @@ def test_compiled_resources_reads_registers_and_spills_of_loaded_kernels():
 
     jit = NS(arg_names=["q", "BLOCK_N", "ROTATE", "HEAD_DIM"], device_caches={0: (
         {"a": kernel(64, False, 4, 232, 0), "b": kernel(128, True, 8, 255, 96), "c": NS(n_regs=None)}, {}, None)})
-    got = compiled_resources(NS(fn=jit), keep=("BLOCK_N", "ROTATE"))
+    jit.fn = lambda q: None   # a JITFunction's own .fn is its Python function, which has no caches
+    got = compiled_resources(NS(fn=jit), keep=("BLOCK_N", "ROTATE"))   # an autotuner around it
     launch = dict(first_arg="*bf16", num_stages=2)
     assert got == [dict(launch, BLOCK_N=128, ROTATE=True, num_warps=8, n_regs=255, n_spills=96),
                    dict(launch, BLOCK_N=64, ROTATE=False, num_warps=4, n_regs=232, n_spills=0)]
+    assert compiled_resources(jit, keep=("BLOCK_N", "ROTATE")) == got   # the bare kernel (it read nothing in 90d3b45)
     assert compiled_resources(NS(arg_names=[], device_caches={}), keep=("BLOCK_N",)) == []
