@@ -303,13 +303,18 @@ def merge(records: list[dict]) -> dict:
                         raise ValueError(f"cannot merge: {name} ran with a different '{key}'")
             else:
                 seen[pair] = r
-    tagged = [[dict(row, runs=[dict(run, part=i) for run in row["runs"]]) for row in r.get("rows", [])]
-              for i, r in enumerate(records)]
-    out = dict(first, date=max(r["date"] for r in records), command=" ; ".join(r["command"] for r in records),
+    # a file that is itself a merge brings its parts, and its runs keep pointing at theirs
+    parts, tagged = [], []
+    for r in records:
+        own = r.get("parts") or [dict(command=r["command"], date=r["date"], total_seconds=r.get("total_seconds"),
+                                      copy_bandwidth_Bps=r.get("copy_bandwidth_Bps"), config=r.get("config"))]
+        offset = len(parts)
+        tagged.append([dict(row, runs=[dict(run, part=offset + (run.get("part", 0) if r.get("parts") else 0))
+                                       for run in row["runs"]]) for row in r.get("rows", [])])
+        parts += own
+    out = dict(first, date=max(p["date"] for p in parts), command=" ; ".join(p["command"] for p in parts),
                complete=all(r.get("complete") for r in records),
-               total_seconds=sum(r.get("total_seconds", 0) for r in records),
-               parts=[dict(command=r["command"], date=r["date"], total_seconds=r.get("total_seconds"),
-                           copy_bandwidth_Bps=r.get("copy_bandwidth_Bps"), config=r.get("config")) for r in records])
+               total_seconds=sum(r.get("total_seconds", 0) for r in records), parts=parts)
     out["rows"] = _pool([row for rows in tagged for row in rows])
     floors = {}
     for f in (f for r in records for f in r.get("floors", [])):   # a pair's floor: its first file's (same schedule)

@@ -145,6 +145,22 @@ def test_serving_line_says_a_sweep_point_ran_out_of_memory():
     assert "B = 256 out of memory" in line and "a row failed" in line and "cut short" not in line
 
 
+def test_serving_line_summarizes_each_sweep_from_its_first_to_its_last_point():
+    def point(system, x, tok_s, tpot, status="ok"):
+        return dict(model="m", system=system, x=x, throughput_tok_s=tok_s, tpot_p50=tpot, status=status)
+
+    run = _serving_run(10000.0, sweeps=dict(
+        concurrency=[point("llmengine", 32, 900.0, 0.002), point("llmengine", 8, 100.0, 0.001),
+                     point("llmengine", 256, 2500.0, 0.009), point("hf-cb", 8, 10.0, 0.1),
+                     point("hf-cb", 256, 70.0, 0.3)],
+        context=[], kv_budget=[point("llmengine", 8, 60.0, 0.002), point("hf-cb", 8, 0.0, 0.0, status="not run")]))
+    line = claims.serving_line(run)
+    assert ("sweep of concurrent requests 8 -> 256, m: LLMEngine 100 -> 2,500 tok/s (TPOT p50 1.0 -> 9.0 ms, "
+            "3 points); HF continuous batching 10 -> 70 tok/s (TPOT p50 100.0 -> 300.0 ms)") in line
+    assert "sweep of KV budget (full contexts) 8 -> 8, m: LLMEngine 60 -> 60 tok/s" in line
+    assert "prompt length" not in line and "HF continuous batching 0" not in line   # empty sweep, a point not run
+
+
 def test_a_superseded_engine_judges_no_claim(tmp_path):
     old = _serving_run(1000.0, hf_cb=500.0, date="2026-01-01", engine_superseded_by="serving_b.json")
     new = _serving_run(9000.0, sweep=(8, 100.0), date="2026-01-02")

@@ -184,6 +184,13 @@ def test_merge_pools_the_repeats_of_one_measurement_spread_over_calls():
     (s,) = merged["summary"]
     assert s["engine_x_hf_cb"] == dict(median=10.0, low=90.0 / 12.0, high=110.0 / 8.0)
     assert len(merged["floors"]) == 1 and [p["command"] for p in merged["parts"]] == ["call 1", "call 2", "call 3"]
+    # a merged file merged again with the next call (repeats spread over sessions) keeps every call as a part
+    again = merge([merge(parts[:2]), parts[2]])
+    assert [p["command"] for p in again["parts"]] == ["call 1", "call 2", "call 3"]
+    assert again["date"] == "call 3" and again["command"] == "call 1 ; call 2 ; call 3"
+    rows_again = {r["system"]: r for r in again["rows"]}
+    assert [r["part"] for r in rows_again["hf-cb"]["runs"]] == [0, 1, 2]
+    assert [r["part"] for r in rows_again["llmengine"]["runs"]] == [0, 0, 1]
     with pytest.raises(ValueError, match="not the same trace"):
         merge([parts[0], _part("call 2", "w", [90.0], trace="another trace")])
     with pytest.raises(ValueError, match="max_num_seqs"):

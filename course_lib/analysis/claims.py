@@ -394,10 +394,35 @@ def serving_line(run: dict) -> str:
             text.append(f"LLMEngine / {'HF continuous batching' if name == 'hf-cb' else 'HF best static'} "
                         f"{rows['llmengine']['throughput_tok_s'] / hf:.1f}x")
         parts.append(" ".join(text[:1]) + " " + "; ".join(text[1:]))
+    parts += sweep_lines(run)
     failed = any(r.get("status", "").startswith("error") for r in run["rows"])
     note = ("" if run.get("complete", True) else " (a row failed: see it)" if failed
             else " (cut short by its time limit: rows missing)")
     return " / ".join(parts) + note + (f". Note: {run['annotation']}" if run.get("annotation") else "")
+
+
+_SWEEPS = {"concurrency": "concurrent requests", "context": "prompt length", "kv_budget": "KV budget (full contexts)"}
+_SYSTEM_NAMES = {"llmengine": "LLMEngine", "hf-cb": "HF continuous batching", "hf-static": "HF generate"}
+
+
+def sweep_lines(run: dict) -> list[str]:
+    """Per sweep of a ``benchmarks.serving`` file (``sweeps``), per model and system: throughput and TPOT p50 at the
+    smallest and the largest point measured, e.g. "sweep of concurrent requests 8 -> 256, qwen3-0.6b: LLMEngine
+    4,249 -> 25,812 tok/s (TPOT p50 1.8 -> 9.6 ms)". Points that did not run are left out."""
+    lines = []
+    for sweep, label in _SWEEPS.items():
+        rows = [r for r in run.get("sweeps", {}).get(sweep, []) if r.get("status") == "ok"]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            text = []
+            for system in dict.fromkeys(r["system"] for r in rows if r["model"] == model):
+                pts = sorted((r for r in rows if (r["model"], r["system"]) == (model, system)), key=lambda r: r["x"])
+                a, b = pts[0], pts[-1]
+                text.append(f"{_SYSTEM_NAMES.get(system, system)} {a['throughput_tok_s']:,.0f} -> "
+                            f"{b['throughput_tok_s']:,.0f} tok/s (TPOT p50 {a['tpot_p50'] * 1e3:.1f} -> "
+                            f"{b['tpot_p50'] * 1e3:.1f} ms" + (f", {len(pts)} points" if len(pts) > 2 else "") + ")")
+            xs = sorted({r["x"] for r in rows if r["model"] == model})
+            lines.append(f"sweep of {label} {xs[0]} -> {xs[-1]}, {model}: " + "; ".join(text))
+    return lines
 
 
 #: issue 19's targets: LLMEngine over transformers' continuous batching and over its best static batch, on the
