@@ -9,23 +9,18 @@
 # serving_step, paged (no sweep), fa_bwd_tma; in session 12 (H100): fa_auto128, paged (with --splits); in session 13:
 # nothing (no GPU could be started); in session 14 (H100): fa_exp, serving1, serving5 (cut short), bench_batching,
 # bench_spec_prefix; in session 15: nothing (no GPU could be started); in session 16 (H100): serving1g x3 (pooled:
-# serving_..._2026-12-07c.json), fa_rot, paged_tune, "@eef2c7a serving2" (its 2nd run: ..._2026-12-07d.json).
-# Left, in the order to run them (on an H200 start with serving_step_default, on an H100 with "@eef2c7a serving2"):
-#   serving_step_default on an H200 (~5 min?): the decode floors, the old engine and the default row (FULL graphs):
-#                issue 18's three targets on the second card kind (its H200 file predates FULL as the default)
-#   serving2     "@eef2c7a serving2" on an H100 (~280 s): the 3rd run of HF's best static batch on the whole trace
-#                (issue 19's >= 5x target has 2 runs: serving_..._2026-12-07d.json); then pool all three:
-#                python -m benchmarks.serving --merge <07d.json> serving_part2.json --out serving_<device>_<date>.json
-#                (07d already holds runs 1-2; keep its annotation, say 3 runs)
-#   paged        an H200 run (its file predates the split-plan and timing changes), with --tune (paged_tune)
-#   fa_auto      on an H200: the GPU tests of kernels.flash_attention's hopper="auto" default, then fwd+bwd at D = 64
-#                and 128 with it (fa_auto128, the same at D = 128 only, ran on an H100 in session 12)
-#   fa_fwd       python -m benchmarks.flash_attention on this card (the forward's file exists for an H200 only)
+# serving_..._2026-12-07c.json), fa_rot, paged_tune, "@eef2c7a serving2" (its 2nd run: ..._2026-12-07d.json); in
+# session 17 (H100; naming nvidia-h200 gave an H100): serving_step_default, paged_tune, "@eef2c7a serving2" (3rd run,
+# pooled into 07d), serving4 (07e), serving6 (cut in its KV-budget sweep) + that sweep engine-only (07f), fa_rot (_rot2).
+# Left, in the order to run them:
 #   serving5b    the course's long-cot and multimodal workloads (serving5 did chat and multi-turn, then hit its limit)
-#   serving4, 6, 7   llama-3.2-1b, the sweeps, the tiny model (one per device call, each ~8-9 min)
+#   serving7     the tiny model on a GPU (one device call, ~8-9 min)
+#   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
+#                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
+#                "lost to registers"
+#   on an H200, if the device tool lends one: serving_step_default (issue 18's targets with FULL graphs the default;
+#                the H200 file predates it), paged_tune, fa_auto, fa_fwd (issue 21's H200 files)
 #   engine_async the engine with and without async scheduling and without CUDA graphs, 3 repeats each (~5 min)
-#   fa_rot       again when there is time (~3 min): flash_attention_hopper files now record each compiled config's
-#                registers per thread and spills ("compiled"), which would settle lesson 03's "lost to registers"
 #   tests_fa, tests_e2e, tests_sampling, fa_hopper, fa_exp, fa_configs, fa_bwd_configs, fa_atomic: re-run
 #                when their code changes
 # A step "@<commit>" runs the steps after it in that commit's tree, carried as .pinned/<commit>.tar.gz (made here by
