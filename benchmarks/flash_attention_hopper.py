@@ -39,12 +39,16 @@ from benchmarks.record import git_commit, print_readme_row
 from course_lib.analysis.roofline import RESULTS_DIR
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.model.online_softmax import attention_flops
+from kernels import flash_attention_gluon as gluon_fa
 from kernels import flash_attention_hopper as tma
 from kernels.flash_attention import _flash_attention
 
 #: The variants a run measures by default: all but tma_ws, which Triton 3.6 compiles for sm_90 to the very code of
 #: tma_device (cross-compiled without a GPU: no ttg.warp_specialize in its TTGIR at 4 or 8 warps); --variants adds it.
 DEFAULT_VARIANTS = [v for v in tma.VARIANTS if v != "tma_ws"]
+#: kernels.flash_attention_gluon (warp-specialized, two consumer warp groups; GPU only, so not a default variant)
+GLUON = "gluon_ws"
+ALL_VARIANTS = [*tma.VARIANTS, GLUON]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS, WIDTH = 16384, 2048  # B·N and Hq·D of every row on a GPU
 
@@ -76,6 +80,8 @@ def run_impl(impl: str, q, k, v, causal: bool):
     """One forward of ``impl``: "portable" (kernels.flash_attention's kernel) or a Hopper variant name."""
     if impl == "portable":   # hopper=False: by default (hopper="auto") D = 128 would run tma_wide here
         return _flash_attention(q, k, v, causal=causal, hopper=False)
+    if impl == GLUON:
+        return gluon_fa.flash_attention_gluon(q, k, v, causal=causal)
     return tma.flash_attention_hopper(q, k, v, causal=causal, variant=impl)
 
 
@@ -83,6 +89,8 @@ def best_config(impl: str) -> str | None:
     """The config the autotuner chose last for ``impl`` (None in the interpreter)."""
     if INTERPRET:
         return None
+    if impl == GLUON:   # one fixed launch config, no autotuner
+        return str(gluon_fa.DEFAULT_CONFIG)
     if impl == "portable":
         from kernels.flash_attention import _attn_fwd_tuned
         tuner = _attn_fwd_tuned
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--time-limit", type=float, default=330.0,
                         help="seconds after which no new row starts (the JSON is written all the same)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                        help=f"comma-separated Hopper variants of {','.join(tma.VARIANTS)} "
+                        help=f"comma-separated Hopper variants of {','.join(ALL_VARIANTS)} "
                              f"(default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-probe", action="store_true", help="compile in this process, no subprocesses")
     parser.add_argument("--probe", nargs=4, metavar=("IMPL", "DTYPE", "D", "CAUSAL"), help=argparse.SUPPRESS)
@@ -143,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_start, deadline = time.perf_counter(), time.time() + args.time_limit
     variants = [v for v in args.variants.split(",") if v]
     for v in variants:
-        if v not in tma.VARIANTS:
-            raise ValueError(f"--variants names {v!r}; expected some of {', '.join(tma.VARIANTS)}")
+        if v not in ALL_VARIANTS:
+            raise ValueError(f"--variants names {v!r}; expected some of {', '.join(ALL_VARIANTS)}")
     name = device_name()
     out_path = args.out or RESULTS_DIR / f"flash_attention_hopper_{slug(name)}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         shapes=dict(rule=f"B = {TOKENS} // N, Hq = Hkv = {WIDTH} // D, Sq = Skv = N" if HAS_GPU else "B = 1, H = 2",
                     flops="4*B*H*N^2*D, halved when causal"),
         hopper_status=tma.hopper_status() or "available",
-        variants={v: dict(vars(tma.VARIANTS[v])) for v in variants},
+        variants={v: dict(vars(tma.VARIANTS[v])) if v in tma.VARIANTS
+                  else dict(kernel="kernels.flash_attention_gluon", **gluon_fa.DEFAULT_CONFIG) for v in variants},
         portable_forward="kernels.flash_attention(hopper=False)",   # before this field: hopper="auto" (D = 128: TMA)
         backends={}, probe={}, rows=[], skipped_rows=[], total_seconds=None)
 
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row["errors"][impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 continue
             row[f"{impl}_max_abs_diff"] = err
-            if impl in tma.VARIANTS or impl == "portable":
+            if impl in ALL_VARIANTS or impl == "portable":
                 row["best_config"][impl] = best_config(impl)
             if not err < 5e-2:  # never time a wrong kernel
                 row["errors"][impl] = f"wrong: max |diff| {err:.3g} against SDPA"
@@ -240,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     from kernels.flash_attention import _attn_fwd_tuned
     result["compiled"] = {"tma": compiled_resources(tma._attn_fwd_tma, RESOURCE_KEYS),
                           "portable": compiled_resources(_attn_fwd_tuned, RESOURCE_KEYS) if _attn_fwd_tuned else []}
+    if GLUON in variants:   # registers of a warp-specialized kernel: the budget before setmaxnreg moves them
+        result["compiled"]["gluon"] = compiled_resources(gluon_fa._attn_fwd_ws, ("CAUSAL", "STAGES"))
     for kernel_name, entries in result["compiled"].items():
         for e in entries:
             flags = ",".join(k for k in ("ROTATE", "HALF_EXP", "POLY_EXP", "PERSISTENT", "WARP_SPECIALIZE") if e.get(k))

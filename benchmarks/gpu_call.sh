@@ -13,6 +13,8 @@
 # session 17 (H100; naming nvidia-h200 gave an H100): serving_step_default, paged_tune, "@eef2c7a serving2" (3rd run,
 # pooled into 07d), serving4 (07e), serving6 (cut in its KV-budget sweep) + that sweep engine-only (07f), fa_rot (_rot2).
 # Left, in the order to run them:
+#   fa_gluon     (~5 min) kernels.flash_attention_gluon (FA3's warp specialization in Gluon, cross-compiled for sm_90
+#                on a CPU only so far): its GPU tests, the Hopper ablation with tma_wide beside it, its config sweep
 #   serving5b    the course's long-cot and multimodal workloads (serving5 did chat and multi-turn, then hit its limit)
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
@@ -109,6 +111,11 @@ for s in ${STEPS:?set STEPS}; do
     fa_rot) step fa_rot_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py -k "rot or tma_wide"
             step fa_rot 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_rot \
               --time-limit 200 --out "$OUT/flash_attention_hopper_rot.json" ;;
+    fa_gluon) step fa_gluon_tests 200 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py
+              step fa_gluon 240 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
+                --time-limit 150 --out "$OUT/flash_attention_hopper_gluon.json"
+              step fa_gluon_configs 200 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 120 \
+                --out "$OUT/flash_attention_gluon_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \

@@ -38,7 +38,8 @@ Variants, selected by name (``VARIANTS``), measured against each other by ``benc
   than ``tma_wide`` at every shape (same file; the profile that would say where the time goes is not taken).
 - ``tma_rot``: ``tma_wide``'s unmasked loop rotated by half a step (``_attn_fwd_tma_inner_rotated``): the next key
   tile's QK^T is issued before this tile's softmax, so that the Tensor Cores can work while the softmax runs (the
-  intra-warpgroup half of FlashAttention-3's overlap; the ping-pong of two warp groups stays out of Triton's reach).
+  intra-warpgroup half of FlashAttention-3's overlap; the ping-pong of two warp groups is out of ``tl``'s reach:
+  ``kernels.flash_attention_gluon`` tries it in Gluon).
   Costs registers: two score tiles are live at once. Runs in the interpreter too. Measured on an H100
   (``flash_attention_hopper_nvidia-h100-80gb-hbm3_rot.json``): slower than ``tma_wide`` at every D = 128 shape, about
   even at D = 64; at D = 128 its autotuner picks 8 warps where ``tma_wide`` wins with 4 (registers, most likely;

@@ -1,0 +1,98 @@
+"""The Gluon forward's launch parameters, swept: key tile (BLOCK_N), K/V buffers (STAGES) and the consumer groups'
+register budget, each checked against the reference and timed beside cuDNN and ``tma_wide`` (issue 21).
+
+    python -m benchmarks.flash_attention_gluon_configs            # an sm_90 GPU: D = 128 and 64, N = 8k, bf16
+
+``kernels.flash_attention_gluon`` runs one fixed config (``DEFAULT_CONFIG``); this sweep says which one to fix.
+Shapes: B = 16384 // N, H = 2048 // D (the Hopper ablation's), causal and not. Writes
+``benchmarks/results/flash_attention_gluon_configs_<device>.json`` (or ``--out``) after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import torch
+import triton
+
+from benchmarks.flash_attention import bench, device_name, sdpa, slug
+from benchmarks.record import git_commit
+from course_lib.analysis.roofline import RESULTS_DIR
+from course_lib.model.online_softmax import attention_flops
+from kernels import flash_attention_gluon as fg
+from kernels import flash_attention_hopper as tma
+
+#: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24)
+CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
+           dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240, maxnreg=176)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--N", type=int, default=8192, help="sequence length (Sq = Skv)")
+    parser.add_argument("--head-dims", default="128,64")
+    parser.add_argument("--time-limit", type=float, default=240.0, help="no new row after this many seconds")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    why = fg.gluon_status()
+    if why is not None:
+        print(f"the Gluon kernel cannot run here: {why}")
+        return {}
+    from torch.nn.attention import SDPBackend
+
+    name, t0 = device_name(), time.time()
+    out_path = args.out or RESULTS_DIR / f"flash_attention_gluon_configs_{slug(name)}.json"
+    result = dict(benchmark="flash_attention_gluon_configs", device=name, device_slug=slug(name),
+                  git_commit=git_commit(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  python=platform.python_version(), torch=torch.__version__, triton=triton.__version__,
+                  command=" ".join(["python -m benchmarks.flash_attention_gluon_configs",
+                                    *(argv if argv is not None else sys.argv[1:])]),
+                  timing="triton.testing.do_bench, median, warmup 25 ms, rep 100 ms", dtype="bf16", N=args.N,
+                  default_config=fg.DEFAULT_CONFIG, rows=[])
+    for D in (int(d) for d in args.head_dims.split(",")):
+        for causal in (False, True):
+            if time.time() - t0 > args.time_limit:
+                result["stopped"] = "time limit"
+                break
+            B, H = 16384 // args.N, 2048 // D
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            q, k, v = (torch.randn(B, H, args.N, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                       for _ in range(3))
+            flops = attention_flops(B, H, args.N, args.N, D, causal)
+            want = sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)
+            t_cudnn = bench(lambda: sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal))
+            t_wide = bench(lambda: tma.flash_attention_hopper(q, k, v, causal=causal, variant="tma_wide"))
+            row = dict(D=D, causal=causal, B=B, H=H, cudnn_tflops=flops / t_cudnn / 1e12,
+                       tma_wide_vs_cudnn=t_cudnn / t_wide, configs=[])
+            for cfg in CONFIGS:
+                entry = dict(config={**fg.DEFAULT_CONFIG, **cfg})
+                try:
+                    got = fg.flash_attention_gluon(q, k, v, causal=causal, config=cfg)
+                    entry["max_abs_diff_vs_cudnn"] = (got.float() - want.float()).abs().max().item()
+                    if entry["max_abs_diff_vs_cudnn"] < 5e-2:   # never time a wrong kernel
+                        t = bench(lambda cfg=cfg: fg.flash_attention_gluon(q, k, v, causal=causal, config=cfg))
+                        entry.update(seconds=t, tflops=flops / t / 1e12, vs_cudnn=t_cudnn / t)
+                except Exception as exc:   # a config that fails to compile or run loses its cell, not the run
+                    entry["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                row["configs"].append(entry)
+            result["rows"].append(row)
+            out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+            print(f"D={D} causal={causal!s:5}: cuDNN {row['cudnn_tflops']:.0f} TFLOP/s, tma_wide "
+                  f"{row['tma_wide_vs_cudnn']:.2f}x; gluon " + ", ".join(
+                      f"{e['config']['BLOCK_N']}/{e['config']['STAGES']}/{e['config']['consumer_regs']} "
+                      + (f"{e['vs_cudnn']:.2f}x" if "vs_cudnn" in e else e.get("error", "wrong")[:60])
+                      for e in row["configs"]), flush=True)
+            q = k = v = want = None   # free this row's memory (not del: the closures above use the names)
+    out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"wrote {out_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""FlashAttention forward for Hopper written in Gluon: warp specialization with two consumer warp groups (FA3's idea).
+
+``kernels.flash_attention_hopper`` reaches 0.84-0.97x cuDNN's speed at D = 128 on an H100 with ``tl``: the softmax of
+each key tile sits between its two matmuls, and ``tl`` in Triton 3.6 does not split a kernel's warps into groups with
+different jobs on sm_90. FlashAttention-3 does: one *producer* warp only issues TMA loads of K and V into a ring of
+shared-memory buffers, and two *consumer* warp groups (4 warps each) each own half of a 128-row query tile. While one
+group runs its exponentials on the special-function units, the other's ``wgmma`` keeps the Tensor Cores busy; the
+warp scheduler interleaves them. The producer needs almost no registers, so they go to the consumers
+(``worker_num_regs``: the ``setmaxnreg`` of FA3). Gluon (``triton.experimental.gluon``), Triton's lower-level
+dialect, writes exactly that: explicit layouts, shared-memory buffers, mbarriers, ``warpgroup_mma`` and
+``gl.warp_specialize``.
+
+Per program: query rows [start, start + 128) of one (batch, head); consumer c of {0, 1} owns rows start + 64c ...
+start + 64c + 63 (and writes its output through the shared buffer its Q came in). The producer loads both Q halves
+once, then K and V tiles of BLOCK_N keys into STAGES buffers; a buffer is reused after both consumers arrived on its
+"empty" barrier (count 2). Each consumer: S = Q Kᵀ (``warpgroup_mma``, A and B from shared memory), the online softmax
+in the accumulator's registers, P converted to the A-operand register layout, O += P V. Causal masking is bottom-right
+aligned, as in ``kernels.flash_attention``.
+
+Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only, float16 /
+bfloat16, D in {64, 128}, Sq a multiple of 128 and Skv a multiple of BLOCK_N, Skv >= Sq when causal, on an sm_90
+GPU. Anything else raises a ValueError naming the argument. There is no interpreter for Gluon: its tests run on a
+GPU, and on a CPU the kernel is only compiled for sm_90 (``cross_compile``, in a subprocess where the interpreter
+is off), which checks that it lowers. For that reason this module does not import ``kernels.device`` itself (the
+package's ``__init__`` does, for every other kernel).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import triton
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    gluon = gl = None
+
+LOG2E = 1.4426950408889634
+BLOCK_M = 128            # query rows per program: two consumer warp groups of 64 rows
+HALF_M = BLOCK_M // 2
+#: launch parameters (measured choices go here; ``config`` overrides them per call)
+DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, consumer_regs=232, producer_regs=24, maxnreg=168)
+
+
+def gluon_status() -> str | None:
+    """None when the Gluon kernel can run here, else why not (a sentence)."""
+    if gl is None:
+        return f"triton {triton.__version__} has no Gluon (needs >= 3.5)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (Gluon has no interpreter)"
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) != (9, 0):
+        return f"this kernel uses Hopper's wgmma (sm_90); this GPU is sm_{major}{minor}"
+    return None
+
+
+if gl is not None:
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+        """One warp: Q's two halves once, then every K and V tile into the ring, as soon as its buffer is free."""
+        half: gl.constexpr = q_desc.block_type.shape[0]
+        block_n: gl.constexpr = k_desc.block_type.shape[0]
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row + half, 0], q_bar, q_smem.index(1))
+        for j in range(n_tiles):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            # a fresh barrier counts as having completed the phase before phase 0: the first STAGES waits pass
+            mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+            mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+            row = kv_row + j * block_n
+            tma.async_copy_global_to_shared(k_desc, [row, 0], k_ready.index(stage), k_bufs.index(stage))
+            mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_bufs.index(stage))
+
+    @gluon.jit
+    def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+        """One warp group: the online softmax over every key tile for its 64 query rows, then their output."""
+        half: gl.constexpr = q_desc.block_type.shape[0]
+        head_dim: gl.constexpr = q_desc.block_type.shape[1]
+        block_n: gl.constexpr = k_desc.block_type.shape[0]
+        dtype: gl.constexpr = q_desc.dtype
+        # wgmma accumulators: 4 warps along M (16 rows each), instruction N = the tile's width
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, block_n, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, head_dim, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+        q = q_smem.index(WHICH)
+        my_lo = q_lo + WHICH * half     # this group's first query row within the head
+        m_i = gl.full([half], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([half], gl.float32, layout=row_s)
+        acc = gl.zeros([half, head_dim], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([half, block_n], gl.float32, layout=s_layout)
+        rows = my_lo + gl.arange(0, half, layout=row_s)
+        mbarrier.wait(q_bar, 0)
+        for j in range(n_tiles):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            s = s * qk_scale
+            if CAUSAL:   # bottom-right: query row i sees keys <= i + Skv - Sq
+                cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
+                visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
+                s = gl.where(visible, s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            m_i = m_new
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
+            p16 = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(stage), phase)
+            acc = warpgroup_mma(p16, v_bufs.index(stage), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+        o_smem.index(WHICH).store(out.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [q_row + WHICH * half, 0], o_smem.index(WHICH))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _consumer0(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+        _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, 0)
+
+    @gluon.jit
+    def _consumer1(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+        _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, 1)
+
+    @gluon.jit
+    def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        half: gl.constexpr = q_desc.block_type.shape[0]
+        block_n: gl.constexpr = k_desc.block_type.shape[0]
+        start = gl.program_id(0) * 2 * half          # the program's first query row within its head
+        off_bh = gl.program_id(1)                    # b * Hq + h
+        kv_bh = (off_bh // Hq) * (Hq // GROUP) + (off_bh % Hq) // GROUP
+        q_row = off_bh * Sq + start
+        kv_row = kv_bh * Skv
+        causal_offset = Skv - Sq
+        if CAUSAL:   # keys up to the last row's diagonal, bottom-right aligned
+            n_tiles = gl.cdiv(gl.minimum(Skv, start + 2 * half + causal_offset), block_n)
+        else:
+            n_tiles = Skv // block_n
+
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        o_smem = q_smem   # each group's output goes where its Q was (same shape and layout; Q is dead by then)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)   # both consumer groups release a buffer
+
+        args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, 0)
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _check(q, k, v, causal: bool, block_n: int) -> None:
+    """ValueError naming the argument for inputs outside this kernel's scope (module docstring)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, S, D]")
+        if t.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} has dtype {t.dtype}; the Gluon kernel takes float16 or bfloat16")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, Skv, D={D}]")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if Hq % k.shape[1]:
+        raise ValueError(f"q has {Hq} heads, not a multiple of k's {k.shape[1]}")
+    if D not in (64, 128):
+        raise ValueError(f"head_dim D={D}; the Gluon kernel is written for D in (64, 128)")
+    if Sq % BLOCK_M or k.shape[2] % block_n:
+        raise ValueError(f"Sq={Sq} must be a multiple of {BLOCK_M} and Skv={k.shape[2]} of BLOCK_N={block_n}")
+    if causal and k.shape[2] < Sq:
+        raise ValueError(f"causal with Skv={k.shape[2]} < Sq={Sq}: rows that see no key are not handled here")
+
+
+def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
+    """(grid, args, kwargs) of one launch; the output tensor is args[3].base."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    block_n, dt = config["BLOCK_N"], gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    q2, k2, v2 = (t.contiguous().view(-1, D) for t in (q, k, v))
+    out = torch.empty((B * Hq * Sq, D), device=q.device, dtype=q.dtype)
+    q_layout = gl.NVMMASharedLayout.get_default_for([HALF_M, D], dt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, D], dt)
+    descs = (TensorDescriptor.from_tensor(q2, [HALF_M, D], q_layout),
+             TensorDescriptor.from_tensor(k2, [block_n, D], kv_layout),
+             TensorDescriptor.from_tensor(v2, [block_n, D], kv_layout),
+             TensorDescriptor.from_tensor(out, [HALF_M, D], q_layout))
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
+    args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E)
+    kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], CONSUMER_REGS=config["consumer_regs"],
+                  PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
+    return (Sq // BLOCK_M, B * Hq), args, kwargs, out
+
+
+def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                          sm_scale: float | None = None, config: dict | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · sm_scale) v, forward only. q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] (Hq % Hkv == 0).
+    config: keys of ``DEFAULT_CONFIG`` to override. ValueError for inputs outside the scope in the module docstring,
+    RuntimeError where the kernel cannot run (``gluon_status``)."""
+    config = {**DEFAULT_CONFIG, **(config or {})}
+    _check(q, k, v, causal, config["BLOCK_N"])
+    why = gluon_status()
+    if why is not None:
+        raise RuntimeError(f"the Gluon FlashAttention kernel cannot run here: {why}")
+    grid, args, kwargs, out = _launch_args(q, k, v, causal, sm_scale, config)
+    _attn_fwd_ws[grid](*args, **kwargs)
+    return out.view(q.shape)
+
+
+def _compile_for(D: int, causal: bool, dtype: str, config: dict, arch: int) -> dict:
+    """Compile for sm_``arch`` in this process (the interpreter must be off): what the compiled kernel says of
+    itself. CPU tensors stand in for the shapes; no GPU is touched."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    config = {**DEFAULT_CONFIG, **config}
+    q = torch.empty(1, 2, 256, D, dtype=getattr(torch, dtype))
+    k = v = torch.empty(1, 1, 256, D, dtype=getattr(torch, dtype))
+    _check(q, k, v, causal, config["BLOCK_N"])
+    _, args, kwargs, _ = _launch_args(q, k, v, causal, None, config)
+    names = _attn_fwd_ws.arg_names
+    constexprs = {name: kwargs[name] for name in names[len(args):]}
+    signature = {name: mangle_type(arg) for name, arg in zip(names, args)} | {n: "constexpr" for n in constexprs}
+    src = GluonASTSource(_attn_fwd_ws, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=kwargs["num_warps"], maxnreg=kwargs["maxnreg"]))
+    ptx = compiled.asm["ptx"]
+    return dict(triton=triton.__version__, arch=arch, D=D, causal=causal, dtype=dtype, config=config,
+                shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
+                wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
+                setmaxnreg=sorted(set(ptx.split("setmaxnreg.")[1:][i].split(";")[0]
+                                      for i in range(ptx.count("setmaxnreg.")))))
+
+
+def cross_compile(D: int = 128, causal: bool = False, dtype: str = "float16", config: dict | None = None,
+                  arch: int = 90, timeout: float = 600.0) -> dict:
+    """Compile the kernel for sm_``arch`` without a GPU, in a fresh Python whose Triton is not in interpreter mode
+    (this process's may be: ``kernels.device``): a dict with Triton's version, the shared memory and warps of the
+    compiled kernel, and counts read from its PTX (``wgmma.mma_async`` instructions, TMA loads, the ``setmaxnreg``
+    register reallocations of the warp-specialized partitions). RuntimeError with the compiler's message if it
+    fails."""
+    code = ("import importlib.util, json, sys\n"
+            f"spec = importlib.util.spec_from_file_location('flash_attention_gluon_xc', {__file__!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            f"print(json.dumps(m._compile_for({D}, {bool(causal)}, {dtype!r}, {config or {}!r}, {arch})))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    if done.returncode:
+        raise RuntimeError(f"cross-compiling for sm_{arch} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,0 +1,84 @@
+"""kernels.flash_attention_gluon (warp-specialized Gluon forward, two consumer warp groups): on a CPU, its input
+checks and a compilation for sm_90 (Gluon has no interpreter: the compiled PTX must hold the warp groups' register
+reallocation, the wgmma and the TMA loads); on an sm_90 GPU, its output against the plain-torch reference and SDPA."""
+from __future__ import annotations
+
+import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
+import pytest
+import torch
+
+import kernels.reference
+from kernels import flash_attention_gluon as fg
+
+from tests.test_flash_attention import TOL, _qkv
+
+ON_SM90 = fg.gluon_status() is None
+needs_gluon = pytest.mark.skipif(fg.gl is None, reason="this Triton has no Gluon")
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(dtype=torch.float32), "dtype"), (dict(D=96), "head_dim"), (dict(Sq=200, Skv=256), "Sq=200"),
+    (dict(Skv=200), "Skv=200"), (dict(Sq=256, Skv=128, causal=True), "causal"), (dict(Hq=3, Hkv=2), "heads"),
+])
+def test_inputs_outside_the_scope_raise_naming_the_field(change, field):
+    """What the kernel does not handle (float32, other head dims, lengths off its tiles, causal rows that see no key,
+    heads that do not group) is a ValueError naming it, before anything is launched."""
+    shape = dict(B=1, Hq=2, Hkv=1, Sq=128, Skv=256, D=64, dtype=torch.float16, causal=False) | change
+    q, k, v = _qkv(shape["B"], shape["Hq"], shape["Hkv"], shape["Sq"], shape["Skv"], shape["D"], shape["dtype"])
+    with pytest.raises(ValueError, match=field):
+        fg.flash_attention_gluon(q, k, v, causal=shape["causal"])
+
+
+@pytest.mark.skipif(ON_SM90, reason="runs on an sm_90 GPU here")
+def test_without_an_sm90_gpu_it_says_why():
+    q, k, v = _qkv(1, 2, 1, 128, 128, 64, torch.float16)
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        fg.flash_attention_gluon(q, k, v)
+
+
+@needs_gluon
+@pytest.mark.parametrize("D, causal, dtype", [(128, True, "bfloat16"), (64, False, "float16")])
+def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype):
+    """Cross-compiled for sm_90 on any machine: 12 warps (two consumer groups of 4, the producer's group), the
+    producer's registers given back (setmaxnreg.dec to its budget) and the consumers' raised to theirs, wgmma
+    instructions and TMA tile loads in the PTX."""
+    got = fg.cross_compile(D=D, causal=causal, dtype=dtype)
+    config = fg.DEFAULT_CONFIG
+    assert got["num_warps"] == 12 and got["wgmma"] > 0 and got["tma_loads"] > 0
+    counts = [s.split()[-1] for s in got["setmaxnreg"]]
+    assert str(config["producer_regs"]) in counts and str(config["consumer_regs"]) in counts
+    assert got["shared_bytes"] < 227 * 1024   # an H100's shared memory per block
+
+
+# ---------------------------------------------------------------- on an sm_90 GPU
+GPU_CASES = [(2, 8, 8, 1024, 1024, 128, False), (2, 8, 8, 1024, 1024, 128, True),
+             (1, 16, 4, 384, 1024, 64, True), (1, 4, 2, 256, 512, 64, False)]   # GQA, a causal offset (Skv > Sq)
+
+
+@pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES)
+def test_gpu_matches_reference_and_sdpa(B, Hq, Hkv, Sq, Skv, D, causal, dtype):
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, dtype)
+    out = fg.flash_attention_gluon(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, causal=causal), **TOL[dtype])
+    if Sq == Skv and Hq == Hkv:   # SDPA's is_causal is top-left aligned: compare where the two agree
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(out, want, **TOL[dtype])
+
+
+@pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
+@pytest.mark.parametrize("config", [dict(BLOCK_N=64), dict(BLOCK_N=64, STAGES=3), dict(STAGES=3)])
+def test_gpu_other_configs_match_reference(config):
+    q, k, v = _qkv(1, 8, 8, 512, 512, 128, torch.bfloat16, seed=3)
+    out = fg.flash_attention_gluon(q, k, v, causal=True, config=config)
+    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, causal=True), **TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(ON_SM90, reason="runs the sweep on an sm_90 GPU")
+def test_config_sweep_says_why_it_cannot_run_here(capsys):
+    from benchmarks import flash_attention_gluon_configs
+
+    assert flash_attention_gluon_configs.main([]) == {}
+    assert "cannot run here" in capsys.readouterr().out
