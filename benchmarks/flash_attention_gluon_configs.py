@@ -1,7 +1,8 @@
-"""The Gluon forward's launch parameters, swept: key tile (BLOCK_N), K/V buffers (STAGES) and the consumer groups'
-register budget, each checked against the reference and timed beside cuDNN and ``tma_wide`` (issue 21).
+"""The Gluon forward's launch parameters, swept: key tile (BLOCK_N), K/V buffers (STAGES), the consumer groups'
+register budget and the rotated loop (ROTATE), each checked against cuDNN's output and timed beside cuDNN and
+``tma_wide`` (issue 21).
 
-    python -m benchmarks.flash_attention_gluon_configs            # an sm_90 GPU: D = 128 and 64, N = 8k, bf16
+    python -m benchmarks.flash_attention_gluon_configs            # an sm_90 GPU: D = 128, N = 8k, bf16
 
 ``kernels.flash_attention_gluon`` runs one fixed config (``DEFAULT_CONFIG``); this sweep says which one to fix.
 Shapes: B = 16384 // N, H = 2048 // D (the Hopper ablation's), causal and not. Writes
@@ -30,13 +31,14 @@ from kernels import flash_attention_hopper as tma
 
 #: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24)
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
-           dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240, maxnreg=176)]
+           dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240, maxnreg=176),
+           dict(BLOCK_N=128, STAGES=2, ROTATE=True), dict(BLOCK_N=64, STAGES=3, ROTATE=True)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--N", type=int, default=8192, help="sequence length (Sq = Skv)")
-    parser.add_argument("--head-dims", default="128,64")
+    parser.add_argument("--head-dims", default="128", help="e.g. 128,64")
     parser.add_argument("--time-limit", type=float, default=240.0, help="no new row after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
             out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
             print(f"D={D} causal={causal!s:5}: cuDNN {row['cudnn_tflops']:.0f} TFLOP/s, tma_wide "
                   f"{row['tma_wide_vs_cudnn']:.2f}x; gluon " + ", ".join(
-                      f"{e['config']['BLOCK_N']}/{e['config']['STAGES']}/{e['config']['consumer_regs']} "
+                      f"{e['config']['BLOCK_N']}/{e['config']['STAGES']}/{e['config']['consumer_regs']}"
+                      f"{'/rot' if e['config']['ROTATE'] else ''} "
                       + (f"{e['vs_cudnn']:.2f}x" if "vs_cudnn" in e else e.get("error", "wrong")[:60])
                       for e in row["configs"]), flush=True)
             q = k = v = want = None   # free this row's memory (not del: the closures above use the names)

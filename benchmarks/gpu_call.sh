@@ -114,7 +114,7 @@ for s in ${STEPS:?set STEPS}; do
     fa_gluon) step fa_gluon_tests 200 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py
               step fa_gluon 240 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
                 --time-limit 150 --out "$OUT/flash_attention_hopper_gluon.json"
-              step fa_gluon_configs 200 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 120 \
+              step fa_gluon_configs 240 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 170 \
                 --out "$OUT/flash_attention_gluon_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"

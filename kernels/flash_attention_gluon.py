@@ -15,7 +15,9 @@ start + 64c + 63 (and writes its output through the shared buffer its Q came in)
 once, then K and V tiles of BLOCK_N keys into STAGES buffers; a buffer is reused after both consumers arrived on its
 "empty" barrier (count 2). Each consumer: S = Q Kᵀ (``warpgroup_mma``, A and B from shared memory), the online softmax
 in the accumulator's registers, P converted to the A-operand register layout, O += P V. Causal masking is bottom-right
-aligned, as in ``kernels.flash_attention``.
+aligned, as in ``kernels.flash_attention``. ``ROTATE`` adds FA3's other overlap, inside one group: tile j+1's QK^T is
+issued before tile j's softmax (what ``tma_rot`` does in ``tl``; here 64-row groups leave registers for two score
+tiles: ``cross_compile`` reports no spill).
 
 Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only, float16 /
 bfloat16, D in {64, 128}, Sq a multiple of 128 and Skv a multiple of BLOCK_N, Skv >= Sq when causal, on an sm_90
@@ -29,8 +31,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -48,7 +52,7 @@ LOG2E = 1.4426950408889634
 BLOCK_M = 128            # query rows per program: two consumer warp groups of 64 rows
 HALF_M = BLOCK_M // 2
 #: launch parameters (measured choices go here; ``config`` overrides them per call)
-DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, consumer_regs=232, producer_regs=24, maxnreg=168)
+DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, consumer_regs=232, producer_regs=24, maxnreg=168)
 
 
 def gluon_status() -> str | None:
@@ -68,7 +72,7 @@ if gl is not None:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
         """One warp: Q's two halves once, then every K and V tile into the ring, as soon as its buffer is free."""
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
@@ -87,10 +91,31 @@ if gl is not None:
             tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_bufs.index(stage))
 
     @gluon.jit
+    def _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL: gl.constexpr,
+                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """One key tile's online-softmax update: scores s [rows, BLOCK_N] (unscaled) -> the new running max and
+        sum, the output accumulator rescaled, and p in the register layout of the P·V matmul's A operand."""
+        block_n: gl.constexpr = s.shape[1]
+        s = s * qk_scale
+        if CAUSAL:   # bottom-right: query row i sees keys <= i + Skv - Sq
+            cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
+            visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
+            s = gl.where(visible, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        return m_new, l_i, acc, p16
+
+    @gluon.jit
     def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
-        """One warp group: the online softmax over every key tile for its 64 query rows, then their output."""
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
+        """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE:
+        tile j+1's QK^T is issued before tile j's softmax and runs on the Tensor Cores while it does (FA3's
+        intra-warpgroup overlap; two score tiles live in registers)."""
         half: gl.constexpr = q_desc.block_type.shape[0]
         head_dim: gl.constexpr = q_desc.block_type.shape[1]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
@@ -102,39 +127,50 @@ if gl is not None:
                                                            instr_shape=[16, head_dim, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
 
         q = q_smem.index(WHICH)
-        my_lo = q_lo + WHICH * half     # this group's first query row within the head
         m_i = gl.full([half], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.zeros([half], gl.float32, layout=row_s)
         acc = gl.zeros([half, head_dim], gl.float32, layout=o_layout)
         s_zero = gl.zeros([half, block_n], gl.float32, layout=s_layout)
-        rows = my_lo + gl.arange(0, half, layout=row_s)
+        rows = q_lo + WHICH * half + gl.arange(0, half, layout=row_s)   # this group's query rows within the head
         mbarrier.wait(q_bar, 0)
-        for j in range(n_tiles):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if ROTATE:
+            mbarrier.wait(k_ready.index(0), 0)
+            s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            s = s * qk_scale
-            if CAUSAL:   # bottom-right: query row i sees keys <= i + Skv - Sq
-                cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
-                visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
-                s = gl.where(visible, s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - gl.expand_dims(m_new, 1))
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            m_i = m_new
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, row_o), 1)
-            p16 = gl.convert_layout(p.to(dtype), p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
-            acc = warpgroup_mma(p16, v_bufs.index(stage), acc, is_async=True)
+            for j in range(n_tiles - 1):
+                stage = j % STAGES
+                nxt = (j + 1) % STAGES
+                mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
+                s_next = warpgroup_mma(q, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                                                 s_layout, o_layout, p_layout, dtype)
+                mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+                acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
+                acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
+                mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
+            last = n_tiles - 1
+            m_i, l_i, acc, p = _softmax_tile(s, last, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                                             s_layout, o_layout, p_layout, dtype)
+            mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+            acc = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
-        out = acc / gl.expand_dims(gl.convert_layout(l_i, row_o), 1)
+            mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+        else:
+            for j in range(n_tiles):
+                stage = j % STAGES
+                phase = (j // STAGES) & 1
+                mbarrier.wait(k_ready.index(stage), phase)
+                s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                                                 s_layout, o_layout, p_layout, dtype)
+                mbarrier.wait(v_ready.index(stage), phase)
+                acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         o_smem.index(WHICH).store(out.to(dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [q_row + WHICH * half, 0], o_smem.index(WHICH))
@@ -143,20 +179,20 @@ if gl is not None:
     @gluon.jit
     def _consumer0(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                    q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
         _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, 0)
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, ROTATE, 0)
 
     @gluon.jit
     def _consumer1(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                    q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, WHICH: gl.constexpr):
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
         _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, 1)
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, ROTATE, 1)
 
     @gluon.jit
     def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
-                     CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
@@ -186,7 +222,7 @@ if gl is not None:
             mbarrier.init(kv_empty.index(i), count=2)   # both consumer groups release a buffer
 
         args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, 0)
+                q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, 0)
         gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -228,7 +264,8 @@ def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
              TensorDescriptor.from_tensor(out, [HALF_M, D], q_layout))
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
     args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E)
-    kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], CONSUMER_REGS=config["consumer_regs"],
+    kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], ROTATE=bool(config["ROTATE"]),
+                  CONSUMER_REGS=config["consumer_regs"],
                   PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
     return (Sq // BLOCK_M, B * Hq), args, kwargs, out
 
@@ -267,20 +304,32 @@ def _compile_for(D: int, causal: bool, dtype: str, config: dict, arch: int) -> d
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=kwargs["num_warps"], maxnreg=kwargs["maxnreg"]))
     ptx = compiled.asm["ptx"]
+    # ptxas -v on the PTX: the registers a thread starts with and the bytes spilled to local memory
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        info = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.devnull],
+                              capture_output=True, text=True)
+    report = info.stdout + info.stderr
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    regs = re.search(r"Used (\d+) registers", report)
     return dict(triton=triton.__version__, arch=arch, D=D, causal=causal, dtype=dtype, config=config,
                 shared_bytes=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
                 wgmma=ptx.count("wgmma.mma_async"), tma_loads=ptx.count("cp.async.bulk.tensor"),
-                setmaxnreg=sorted(set(ptx.split("setmaxnreg.")[1:][i].split(";")[0]
-                                      for i in range(ptx.count("setmaxnreg.")))))
+                setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+);", ptx))),
+                ptxas_registers=int(regs.group(1)) if regs else None,
+                spill_store_bytes=int(spills.group(1)) if spills else None)
 
 
 def cross_compile(D: int = 128, causal: bool = False, dtype: str = "float16", config: dict | None = None,
                   arch: int = 90, timeout: float = 600.0) -> dict:
     """Compile the kernel for sm_``arch`` without a GPU, in a fresh Python whose Triton is not in interpreter mode
     (this process's may be: ``kernels.device``): a dict with Triton's version, the shared memory and warps of the
-    compiled kernel, and counts read from its PTX (``wgmma.mma_async`` instructions, TMA loads, the ``setmaxnreg``
-    register reallocations of the warp-specialized partitions). RuntimeError with the compiler's message if it
-    fails."""
+    compiled kernel, counts read from its PTX (``wgmma.mma_async`` instructions, TMA loads, the ``setmaxnreg``
+    register reallocations of the warp-specialized partitions as (inc/dec, count) pairs) and what ``ptxas -v`` says
+    of it (registers per thread at launch, bytes spilled). RuntimeError with the compiler's message if it fails."""
     code = ("import importlib.util, json, sys\n"
             f"spec = importlib.util.spec_from_file_location('flash_attention_gluon_xc', {__file__!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"

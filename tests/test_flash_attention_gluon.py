@@ -37,17 +37,20 @@ def test_without_an_sm90_gpu_it_says_why():
 
 
 @needs_gluon
-@pytest.mark.parametrize("D, causal, dtype", [(128, True, "bfloat16"), (64, False, "float16")])
-def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype):
+@pytest.mark.parametrize("D, causal, dtype, config", [(128, True, "bfloat16", {}), (64, False, "float16", {}),
+                                                     (128, True, "float16", dict(ROTATE=True))])
+def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype, config):
     """Cross-compiled for sm_90 on any machine: 12 warps (two consumer groups of 4, the producer's group), the
     producer's registers given back (setmaxnreg.dec to its budget) and the consumers' raised to theirs, wgmma
-    instructions and TMA tile loads in the PTX."""
-    got = fg.cross_compile(D=D, causal=causal, dtype=dtype)
-    config = fg.DEFAULT_CONFIG
+    instructions (twice as many in the rotated loop: its peeled last tile) and TMA tile loads in the PTX, no
+    register spilled (ptxas -v), shared memory within an H100's 227 KB per block."""
+    got = fg.cross_compile(D=D, causal=causal, dtype=dtype, config=config)
+    budget = {**fg.DEFAULT_CONFIG, **config}
     assert got["num_warps"] == 12 and got["wgmma"] > 0 and got["tma_loads"] > 0
-    counts = [s.split()[-1] for s in got["setmaxnreg"]]
-    assert str(config["producer_regs"]) in counts and str(config["consumer_regs"]) in counts
-    assert got["shared_bytes"] < 227 * 1024   # an H100's shared memory per block
+    assert ["dec", str(budget["producer_regs"])] in got["setmaxnreg"]
+    assert ["inc", str(budget["consumer_regs"])] in got["setmaxnreg"]
+    assert got["spill_store_bytes"] == 0 and got["ptxas_registers"] == budget["maxnreg"]
+    assert got["shared_bytes"] < 227 * 1024
 
 
 # ---------------------------------------------------------------- on an sm_90 GPU
@@ -69,7 +72,8 @@ def test_gpu_matches_reference_and_sdpa(B, Hq, Hkv, Sq, Skv, D, causal, dtype):
 
 
 @pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
-@pytest.mark.parametrize("config", [dict(BLOCK_N=64), dict(BLOCK_N=64, STAGES=3), dict(STAGES=3)])
+@pytest.mark.parametrize("config", [dict(BLOCK_N=64), dict(BLOCK_N=64, STAGES=3), dict(STAGES=3), dict(ROTATE=True),
+                                    dict(ROTATE=True, BLOCK_N=64, STAGES=3)])
 def test_gpu_other_configs_match_reference(config):
     q, k, v = _qkv(1, 8, 8, 512, 512, 128, torch.bfloat16, seed=3)
     out = fg.flash_attention_gluon(q, k, v, causal=True, config=config)
