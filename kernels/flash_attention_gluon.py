@@ -177,20 +177,6 @@ if gl is not None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _consumer0(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
-        _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, ROTATE, 0)
-
-    @gluon.jit
-    def _consumer1(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
-        _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, CAUSAL, STAGES, ROTATE, 1)
-
-    @gluon.jit
     def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
@@ -221,9 +207,12 @@ if gl is not None:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)   # both consumer groups release a buffer
 
-        args = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, 0)
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)],
+        args0 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, 0)
+        args1 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, 1)
+        # the default partition (this program's 4 warps) is consumer 0; the workers: consumer 1 and the producer
+        gl.warp_specialize([(_consumer, args0), (_consumer, args1), (_producer, args0)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
