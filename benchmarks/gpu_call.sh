@@ -111,11 +111,13 @@ for s in ${STEPS:?set STEPS}; do
     fa_rot) step fa_rot_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py -k "rot or tma_wide"
             step fa_rot 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_rot \
               --time-limit 200 --out "$OUT/flash_attention_hopper_rot.json" ;;
-    fa_gluon) step fa_gluon_tests 200 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py
-              step fa_gluon 240 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
-                --time-limit 150 --out "$OUT/flash_attention_hopper_gluon.json"
-              step fa_gluon_configs 240 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 170 \
-                --out "$OUT/flash_attention_gluon_configs.json" ;;
+    fa_gluon) step fa_gluon_smoke 200 python3 -m benchmarks.flash_attention_gluon_smoke   # smallest case first
+              if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # the rest only once every smoke case is right
+              step fa_gluon_tests 150 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py
+              step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
+                --time-limit 120 --out "$OUT/flash_attention_hopper_gluon.json"
+              step fa_gluon_configs 150 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 90 \
+                --out "$OUT/flash_attention_gluon_configs.json"; fi ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \

@@ -1,0 +1,65 @@
+"""First runs of the Gluon forward on a GPU, from the smallest case up, each in its own process with a time limit:
+a hung barrier (a wrong mbarrier phase) costs seconds instead of a whole device call, and the first case that fails
+says where to look (one key tile; the ring wrapping; both halves of a query tile; causal; D = 128; GQA; configs).
+
+    python -m benchmarks.flash_attention_gluon_smoke            # an sm_90 GPU; prints one JSON line per case
+
+Each line: the case, "ok" / "wrong" / "hung" / "error", the largest difference to ``kernels.reference`` and, for a
+wrong output, which 64-row halves and which key tiles' rows differ.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+#: (B, Hq, Hkv, Sq, Skv, D, causal, config), smallest first
+CASES = [(1, 1, 1, 128, 128, 64, False, {}), (1, 1, 1, 128, 256, 64, False, {}), (1, 1, 1, 128, 512, 64, False, {}),
+         (1, 2, 2, 256, 512, 64, False, {}), (1, 1, 1, 128, 128, 64, True, {}), (1, 1, 1, 256, 512, 64, True, {}),
+         (1, 1, 1, 128, 256, 128, False, {}), (2, 8, 8, 1024, 1024, 128, True, {}), (1, 16, 4, 384, 1024, 64, True, {}),
+         (1, 2, 2, 512, 512, 128, True, dict(ROTATE=True)), (1, 2, 2, 512, 512, 128, True, dict(STAGES=3)),
+         (1, 2, 2, 512, 512, 128, True, dict(BLOCK_N=64))]
+
+CHILD = """
+import json, sys, torch
+import kernels.reference
+from kernels import flash_attention_gluon as fg
+B, Hq, Hkv, Sq, Skv, D, causal, config = json.loads(sys.argv[1])
+g = torch.Generator(device="cuda").manual_seed(0)
+q = torch.randn(B, Hq, Sq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+k = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+v = torch.randn(B, Hkv, Skv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+out = fg.flash_attention_gluon(q, k, v, causal=causal, config=config)
+torch.cuda.synchronize()
+want = kernels.reference.attention(q, k, v, causal=causal)
+diff = (out.float() - want.float()).abs()
+bad = diff.amax(dim=(0, 1, 3)) > 0.05                       # per query row
+halves = sorted({int(r) // 64 % 2 for r in bad.nonzero().flatten().tolist()})
+print(json.dumps(dict(max_diff=float(diff.max()), nan=bool(out.isnan().any()), bad_rows=int(bad.sum()),
+                      rows=Sq, bad_halves=halves, first_bad_row=int(bad.nonzero()[0]) if bad.any() else None)))
+"""
+
+
+def main() -> int:
+    failures = 0
+    for case in CASES:
+        try:
+            done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(case)], capture_output=True, text=True,
+                                  timeout=60)
+        except subprocess.TimeoutExpired:
+            print(json.dumps(dict(case=case, status="hung")), flush=True)
+            failures += 1
+            continue
+        if done.returncode:
+            print(json.dumps(dict(case=case, status="error", stderr=done.stderr[-1500:])), flush=True)
+            failures += 1
+            continue
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        ok = got["bad_rows"] == 0 and not got["nan"]
+        failures += not ok
+        print(json.dumps(dict(case=case, status="ok" if ok else "wrong", **got)), flush=True)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main() else 0)
