@@ -31,7 +31,7 @@ from kernels import flash_attention_hopper as tma
 
 #: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24)
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
-           dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240, maxnreg=176),
+           dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240),
            dict(BLOCK_N=128, STAGES=2, ROTATE=True), dict(BLOCK_N=64, STAGES=3, ROTATE=True)]
 
 
