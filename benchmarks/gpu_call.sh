@@ -118,6 +118,12 @@ for s in ${STEPS:?set STEPS}; do
                 --time-limit 120 --out "$OUT/flash_attention_hopper_gluon.json"
               step fa_gluon_configs 150 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 90 \
                 --out "$OUT/flash_attention_gluon_configs.json"; fi ;;
+    fa_gluon_quick) step fa_gluon_smoke 60 python3 -m benchmarks.flash_attention_gluon_smoke --quick
+              if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # a short call: smoke, ablation, sweep
+              step fa_gluon 150 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
+                --time-limit 90 --out "$OUT/flash_attention_hopper_gluon.json"
+              step fa_gluon_configs 100 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 50 \
+                --out "$OUT/flash_attention_gluon_configs.json"; fi ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \
