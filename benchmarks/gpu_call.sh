@@ -12,10 +12,13 @@
 # serving_..._2026-12-07c.json), fa_rot, paged_tune, "@eef2c7a serving2" (its 2nd run: ..._2026-12-07d.json); in
 # session 17 (H100; naming nvidia-h200 gave an H100): serving_step_default, paged_tune, "@eef2c7a serving2" (3rd run,
 # pooled into 07d), serving4 (07e), serving6 (cut in its KV-budget sweep) + that sweep engine-only (07f), fa_rot (_rot2).
+# In session 18 (H100): fa_gluon (the Gluon forward's first GPU run: correct; ..._gluon.json, gluon_configs), serving5b
+# (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json).
 # Left, in the order to run them:
-#   fa_gluon     (~5 min) kernels.flash_attention_gluon (FA3's warp specialization in Gluon, cross-compiled for sm_90
-#                on a CPU only so far): its GPU tests, the Hopper ablation with tma_wide beside it, its config sweep
-#   serving5b    the course's long-cot and multimodal workloads (serving5 did chat and multi-turn, then hit its limit)
+#   fa_gluon     (~4.5 min) again, with branch gluon-diag-mask's kernel (git checkout gluon-diag-mask --
+#                kernels/flash_attention_gluon.py; commit; then this step): causal tiles below every row's diagonal
+#                without the mask, one FMA per score; written after the first run, not yet run on a GPU, so main keeps
+#                the measured kernel until it passes the smoke run and the tests
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's

@@ -91,50 +91,29 @@ if gl is not None:
             tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_bufs.index(stage))
 
     @gluon.jit
-    def _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK: gl.constexpr,
+    def _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL: gl.constexpr,
                       s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
         """One key tile's online-softmax update: scores s [rows, BLOCK_N] (unscaled) -> the new running max and
-        sum, the output accumulator rescaled, and p in the register layout of the P·V matmul's A operand. The max is
-        kept in scaled log2 units, so each score costs one fused multiply-add before its exp2. MASK: the tile
-        crosses some row's causal diagonal (the other tiles skip the comparison)."""
+        sum, the output accumulator rescaled, and p in the register layout of the P·V matmul's A operand."""
         block_n: gl.constexpr = s.shape[1]
-        if MASK:   # bottom-right: query row i sees keys <= i + Skv - Sq
+        s = s * qk_scale
+        if CAUSAL:   # bottom-right: query row i sees keys <= i + Skv - Sq
             cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
             visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
             s = gl.where(visible, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
         alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
+        p = gl.exp2(s - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
         return m_new, l_i, acc, p16
 
     @gluon.jit
-    def _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lo, hi, m_i, l_i, acc, s_zero, rows, qk_scale,
-                      causal_offset, MASK: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                      o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
-        """Key tiles lo ... hi - 1 for one warp group: wait for the tile, S = Q Kᵀ, softmax, O += P V, release."""
-        for j in range(lo, hi):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK,
-                                             s_layout, o_layout, p_layout, dtype)
-            mbarrier.wait(v_ready.index(stage), phase)
-            acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
-        return m_i, l_i, acc
-
-    @gluon.jit
     def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
-        """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE
-        (which masks every tile when causal; the plain loop masks only the tiles that cross the diagonal):
+        """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE:
         tile j+1's QK^T is issued before tile j's softmax and runs on the Tensor Cores while it does (FA3's
         intra-warpgroup overlap; two score tiles live in registers)."""
         half: gl.constexpr = q_desc.block_type.shape[0]
@@ -178,18 +157,19 @@ if gl is not None:
             acc = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
-        else:   # tiles below every row's diagonal first (no mask), then the ones that cross it
-            if CAUSAL:
-                n_full = gl.minimum((q_lo + WHICH * half + causal_offset + 1) // block_n, n_tiles)
-            else:
-                n_full = n_tiles
-            m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_full, m_i, l_i, acc,
-                                          s_zero, rows, qk_scale, causal_offset, False, STAGES, s_layout, o_layout,
-                                          p_layout, dtype)
-            if CAUSAL:
-                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_full, n_tiles, m_i,
-                                              l_i, acc, s_zero, rows, qk_scale, causal_offset, True, STAGES, s_layout,
-                                              o_layout, p_layout, dtype)
+        else:
+            for j in range(n_tiles):
+                stage = j % STAGES
+                phase = (j // STAGES) & 1
+                mbarrier.wait(k_ready.index(stage), phase)
+                s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+                m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                                                 s_layout, o_layout, p_layout, dtype)
+                mbarrier.wait(v_ready.index(stage), phase)
+                acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
         out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         o_smem.index(WHICH).store(out.to(dtype))
         fence_async_shared()
