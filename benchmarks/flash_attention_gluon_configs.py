@@ -29,10 +29,20 @@ from course_lib.model.online_softmax import attention_flops
 from kernels import flash_attention_gluon as fg
 from kernels import flash_attention_hopper as tma
 
-#: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24)
+#: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24), the
+#: rotated loop, the causal loop split at the diagonal, the softmax's scale folded into one FMA per score
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
            dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240),
-           dict(BLOCK_N=128, STAGES=2, ROTATE=True), dict(BLOCK_N=64, STAGES=3, ROTATE=True)]
+           dict(BLOCK_N=128, STAGES=2, ROTATE=True), dict(BLOCK_N=64, STAGES=3, ROTATE=True),
+           dict(SPLIT_MASK=True), dict(FMA_SOFTMAX=True), dict(SPLIT_MASK=True, FMA_SOFTMAX=True),
+           dict(SPLIT_MASK=True, FMA_SOFTMAX=True, STAGES=3)]
+
+
+def label(config: dict) -> str:
+    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/fma' for the switches on."""
+    flags = [name for name, key in (("rot", "ROTATE"), ("split", "SPLIT_MASK"), ("fma", "FMA_SOFTMAX"))
+             if config.get(key)]
+    return "/".join([str(config["BLOCK_N"]), str(config["STAGES"]), str(config["consumer_regs"]), *flags])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
             row = dict(D=D, causal=causal, B=B, H=H, cudnn_tflops=flops / t_cudnn / 1e12,
                        tma_wide_vs_cudnn=t_cudnn / t_wide, configs=[])
             for cfg in CONFIGS:
+                if cfg.get("SPLIT_MASK") and not causal:   # the split changes only the causal loop
+                    continue
                 entry = dict(config={**fg.DEFAULT_CONFIG, **cfg})
                 try:
                     got = fg.flash_attention_gluon(q, k, v, causal=causal, config=cfg)
@@ -87,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
             print(f"D={D} causal={causal!s:5}: cuDNN {row['cudnn_tflops']:.0f} TFLOP/s, tma_wide "
                   f"{row['tma_wide_vs_cudnn']:.2f}x; gluon " + ", ".join(
-                      f"{e['config']['BLOCK_N']}/{e['config']['STAGES']}/{e['config']['consumer_regs']}"
-                      f"{'/rot' if e['config']['ROTATE'] else ''} "
+                      f"{label(e['config'])} "
                       + (f"{e['vs_cudnn']:.2f}x" if "vs_cudnn" in e else e.get("error", "wrong")[:60])
                       for e in row["configs"]), flush=True)
             q = k = v = want = None   # free this row's memory (not del: the closures above use the names)

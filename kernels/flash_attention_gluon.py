@@ -17,7 +17,11 @@ once, then K and V tiles of BLOCK_N keys into STAGES buffers; a buffer is reused
 in the accumulator's registers, P converted to the A-operand register layout, O += P V. Causal masking is bottom-right
 aligned, as in ``kernels.flash_attention``. ``ROTATE`` adds FA3's other overlap, inside one group: tile j+1's QK^T is
 issued before tile j's softmax (what ``tma_rot`` does in ``tl``; here 64-row groups leave registers for two score
-tiles: ``cross_compile`` reports no spill).
+tiles: ``cross_compile`` reports no spill). Two more switches, off by default until a GPU has measured them (with
+both off the kernel compiles to the instructions of the first measured version): ``SPLIT_MASK`` runs a causal
+group's tiles below its diagonal without the comparison and masks only the ones that cross it, as the ``tl``
+kernels do; ``FMA_SOFTMAX`` keeps the running max in scaled units, so each score costs one FMA before its exp2
+instead of a multiply (for the max) and an FMA.
 
 Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only, float16 /
 bfloat16, D in {64, 128}, Sq a multiple of 128 and Skv a multiple of BLOCK_N, Skv >= Sq when causal, on an sm_90
@@ -52,7 +56,8 @@ LOG2E = 1.4426950408889634
 BLOCK_M = 128            # query rows per program: two consumer warp groups of 64 rows
 HALF_M = BLOCK_M // 2
 #: launch parameters (measured choices go here; ``config`` overrides them per call)
-DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, consumer_regs=232, producer_regs=24, maxnreg=168)
+DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, SPLIT_MASK=False, FMA_SOFTMAX=False, consumer_regs=232,
+                      producer_regs=24, maxnreg=168)
 
 
 def gluon_status() -> str | None:
@@ -72,7 +77,8 @@ if gl is not None:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                  FMA_SOFTMAX: gl.constexpr, WHICH: gl.constexpr):
         """One warp: Q's two halves once, then every K and V tile into the ring, as soon as its buffer is free."""
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
@@ -91,31 +97,62 @@ if gl is not None:
             tma.async_copy_global_to_shared(v_desc, [row, 0], v_ready.index(stage), v_bufs.index(stage))
 
     @gluon.jit
-    def _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL: gl.constexpr,
-                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+    def _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK: gl.constexpr,
+                      FMA_SOFTMAX: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                      p_layout: gl.constexpr, dtype: gl.constexpr):
         """One key tile's online-softmax update: scores s [rows, BLOCK_N] (unscaled) -> the new running max and
-        sum, the output accumulator rescaled, and p in the register layout of the P·V matmul's A operand."""
+        sum, the output accumulator rescaled, and p in the register layout of the P·V matmul's A operand. MASK: the
+        causal comparison (bottom-right aligned). FMA_SOFTMAX: the max is kept in scaled log2 units, so each score
+        costs one fused multiply-add before its exp2 instead of a multiply and a subtract."""
         block_n: gl.constexpr = s.shape[1]
-        s = s * qk_scale
-        if CAUSAL:   # bottom-right: query row i sees keys <= i + Skv - Sq
+        if not FMA_SOFTMAX:
+            s = s * qk_scale
+        if MASK:   # bottom-right: query row i sees keys <= i + Skv - Sq
             cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
             visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
             s = gl.where(visible, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        if FMA_SOFTMAX:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         p16 = gl.convert_layout(p.to(dtype), p_layout)
         return m_new, l_i, acc, p16
 
     @gluon.jit
+    def _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lo, hi, m_i, l_i, acc, s_zero, rows, qk_scale,
+                      causal_offset, MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr, STAGES: gl.constexpr,
+                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """Key tiles lo ... hi - 1 for one warp group: wait for the tile, S = Q Kᵀ, softmax, O += P V, release."""
+        for j in range(lo, hi):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK, FMA_SOFTMAX,
+                                             s_layout, o_layout, p_layout, dtype)
+            mbarrier.wait(v_ready.index(stage), phase)
+            acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
+        return m_i, l_i, acc
+
+    @gluon.jit
     def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, WHICH: gl.constexpr):
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                  FMA_SOFTMAX: gl.constexpr, WHICH: gl.constexpr):
         """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE:
         tile j+1's QK^T is issued before tile j's softmax and runs on the Tensor Cores while it does (FA3's
-        intra-warpgroup overlap; two score tiles live in registers)."""
+        intra-warpgroup overlap; two score tiles live in registers; causal, it masks every tile). SPLIT_MASK (the plain
+        loop, causal): the tiles below every row's diagonal first, without the comparison, then the ones that cross
+        it, as the ``tl`` kernels do."""
         half: gl.constexpr = q_desc.block_type.shape[0]
         head_dim: gl.constexpr = q_desc.block_type.shape[1]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
@@ -145,31 +182,30 @@ if gl is not None:
                 mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
                 s_next = warpgroup_mma(q, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
-                                                 s_layout, o_layout, p_layout, dtype)
+                                                 FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype)
                 mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
                 acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
                 acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
                 mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
             last = n_tiles - 1
             m_i, l_i, acc, p = _softmax_tile(s, last, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
-                                             s_layout, o_layout, p_layout, dtype)
+                                             FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype)
             mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
             acc = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+        elif SPLIT_MASK and CAUSAL:   # tiles below every row of this group's diagonal, then the ones crossing it
+            n_full = gl.minimum((q_lo + WHICH * half + causal_offset + 1) // block_n, n_tiles)
+            m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_full, m_i, l_i, acc,
+                                          s_zero, rows, qk_scale, causal_offset, False, FMA_SOFTMAX, STAGES, s_layout,
+                                          o_layout, p_layout, dtype)
+            m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_full, n_tiles, m_i, l_i,
+                                          acc, s_zero, rows, qk_scale, causal_offset, True, FMA_SOFTMAX, STAGES,
+                                          s_layout, o_layout, p_layout, dtype)
         else:
-            for j in range(n_tiles):
-                stage = j % STAGES
-                phase = (j // STAGES) & 1
-                mbarrier.wait(k_ready.index(stage), phase)
-                s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-                m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
-                                                 s_layout, o_layout, p_layout, dtype)
-                mbarrier.wait(v_ready.index(stage), phase)
-                acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
+            m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_tiles, m_i, l_i, acc,
+                                          s_zero, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX, STAGES,
+                                          s_layout, o_layout, p_layout, dtype)
         out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         o_smem.index(WHICH).store(out.to(dtype))
         fence_async_shared()
@@ -178,8 +214,8 @@ if gl is not None:
 
     @gluon.jit
     def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
-                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                     FMA_SOFTMAX: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
         start = gl.program_id(0) * 2 * half          # the program's first query row within its head
@@ -208,9 +244,11 @@ if gl is not None:
             mbarrier.init(kv_empty.index(i), count=2)   # both consumer groups release a buffer
 
         args0 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, 0)
+                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
+                 FMA_SOFTMAX, 0)
         args1 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, 1)
+                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
+                 FMA_SOFTMAX, 1)
         # the default partition (this program's 4 warps) is consumer 0; the workers: consumer 1 and the producer
         gl.warp_specialize([(_consumer, args0), (_consumer, args1), (_producer, args0)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -254,6 +292,7 @@ def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
     args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E)
     kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], ROTATE=bool(config["ROTATE"]),
+                  SPLIT_MASK=bool(config["SPLIT_MASK"]), FMA_SOFTMAX=bool(config["FMA_SOFTMAX"]),
                   CONSUMER_REGS=config["consumer_regs"],
                   PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
     return (Sq // BLOCK_M, B * Hq), args, kwargs, out

@@ -172,3 +172,13 @@ def test_column_and_row_split_in_chinese():
     chinese = {t.english: t.chinese for t in GLOSSARY}
     assert "列切分" in chinese["column-parallel linear"] and "行切分" in chinese["row-parallel linear"]
     assert [t.english for t in lookup("queue")] == ["waiting queue", "running queue", "swapped queue"]
+
+
+def test_every_recorded_file_belongs_to_the_benchmark_that_reads_it():
+    """A new result file whose name also matches a shorter pattern (flash_attention_gluon_configs_x.json is a
+    flash_attention_*.json too) must not reach the reader of that pattern: its ``benchmark`` field says whose it is
+    (lesson 11 read the Gluon sweep as the forward's result until the review listed it)."""
+    own = {"batching": "engine_batching"}   # the benchmark field where it differs from the review's name
+    for name in BENCHMARKS:
+        fields = {r.get("benchmark") for r in recorded(name)} - {None}
+        assert fields <= {own.get(name, name)}, (name, fields)

@@ -34,6 +34,8 @@ BENCHMARKS = {
                                         "03"),
     "flash_attention_configs": Benchmark("flash_attention_configs_*.json",
                                          "python -m benchmarks.flash_attention_configs", "03"),
+    "flash_attention_gluon_configs": Benchmark("flash_attention_gluon_configs_*.json",
+                                               "python -m benchmarks.flash_attention_gluon_configs", "03"),
     "batching": Benchmark("batching_*.json", "python -m benchmarks.engine_batching", "04"),
     "prefix_caching": Benchmark("prefix_caching_*.json", "python -m benchmarks.prefix_caching", "05"),
     "speculative": Benchmark("speculative_*.json", "python -m benchmarks.speculative", "06"),
