@@ -101,3 +101,13 @@ def test_config_sweep_says_why_it_cannot_run_here(capsys):
 
     assert flash_attention_gluon_configs.main([]) == {}
     assert "cannot run here" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(ON_SM90, reason="runs the smoke cases on an sm_90 GPU")
+def test_smoke_run_says_why_it_cannot_run_here(capsys):
+    """Without an sm_90 GPU the smoke run starts no process: it says why and counts every case as failed (so
+    gpu_call.sh's fa_gluon step skips the benchmarks)."""
+    from benchmarks import flash_attention_gluon_smoke as smoke
+
+    assert smoke.main(quick=True) == len(smoke.QUICK) and smoke.main() == len(smoke.CASES)
+    assert "cannot run here" in capsys.readouterr().out
