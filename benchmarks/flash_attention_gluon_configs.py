@@ -30,18 +30,20 @@ from kernels import flash_attention_gluon as fg
 from kernels import flash_attention_hopper as tma
 
 #: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24), the
-#: rotated loop, the causal loop split at the diagonal, the softmax's scale folded into one FMA per score
+#: rotated loop, the causal loop split at the diagonal, the softmax's scale folded into one FMA per score, the two
+#: consumer groups' matmuls issued in turns (FA3's ping-pong)
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
            dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240),
            dict(BLOCK_N=128, STAGES=2, ROTATE=True), dict(BLOCK_N=64, STAGES=3, ROTATE=True),
            dict(SPLIT_MASK=True), dict(FMA_SOFTMAX=True), dict(SPLIT_MASK=True, FMA_SOFTMAX=True),
-           dict(SPLIT_MASK=True, FMA_SOFTMAX=True, STAGES=3)]
+           dict(SPLIT_MASK=True, FMA_SOFTMAX=True, STAGES=3), dict(PINGPONG=True),
+           dict(PINGPONG=True, FMA_SOFTMAX=True), dict(PINGPONG=True, FMA_SOFTMAX=True, STAGES=3)]
 
 
 def label(config: dict) -> str:
-    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/fma' for the switches on."""
-    flags = [name for name, key in (("rot", "ROTATE"), ("split", "SPLIT_MASK"), ("fma", "FMA_SOFTMAX"))
-             if config.get(key)]
+    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/fma', '/pp' for switches on."""
+    flags = [name for name, key in (("rot", "ROTATE"), ("split", "SPLIT_MASK"), ("fma", "FMA_SOFTMAX"),
+                                    ("pp", "PINGPONG")) if config.get(key)]
     return "/".join([str(config["BLOCK_N"]), str(config["STAGES"]), str(config["consumer_regs"]), *flags])
 
 

@@ -3,7 +3,7 @@ a hung barrier (a wrong mbarrier phase) costs seconds instead of a whole device 
 says where to look (one key tile; the ring wrapping; both halves of a query tile; causal; D = 128; GQA; configs).
 
     python -m benchmarks.flash_attention_gluon_smoke            # an sm_90 GPU; prints one JSON line per case
-    python -m benchmarks.flash_attention_gluon_smoke --quick    # four: causal at both head dims, GQA, the split
+    python -m benchmarks.flash_attention_gluon_smoke --quick    # six: causal at both head dims, GQA, split, ping-pong
 
 Each line: the case, "ok" / "wrong" / "hung" / "error", the largest difference to ``kernels.reference`` and, for a
 wrong output, which 64-row halves and which key tiles' rows differ.
@@ -21,7 +21,8 @@ CASES = [(1, 1, 1, 128, 128, 64, False, {}), (1, 1, 1, 128, 256, 64, False, {}),
          (1, 2, 2, 512, 512, 128, True, dict(ROTATE=True)), (1, 2, 2, 512, 512, 128, True, dict(STAGES=3)),
          (1, 2, 2, 512, 512, 128, True, dict(BLOCK_N=64)), (1, 2, 2, 512, 512, 128, True, dict(SPLIT_MASK=True)),
          (1, 2, 1, 512, 640, 64, True, dict(SPLIT_MASK=True, FMA_SOFTMAX=True)),
-         (1, 2, 2, 512, 512, 128, False, dict(FMA_SOFTMAX=True))]
+         (1, 2, 2, 512, 512, 128, False, dict(FMA_SOFTMAX=True)), (1, 1, 1, 128, 128, 64, False, dict(PINGPONG=True)),
+         (1, 2, 2, 512, 512, 128, False, dict(PINGPONG=True)), (1, 16, 4, 384, 1024, 64, True, dict(PINGPONG=True))]
 
 CHILD = """
 import json, sys, torch
@@ -43,7 +44,7 @@ print(json.dumps(dict(max_diff=float(diff.max()), nan=bool(out.isnan().any()), b
 """
 
 
-QUICK = [CASES[5], CASES[7], CASES[8], CASES[13]]
+QUICK = [CASES[5], CASES[7], CASES[8], CASES[13], CASES[16], CASES[17]]
 
 
 def main(quick: bool = False) -> int:

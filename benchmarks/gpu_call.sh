@@ -15,9 +15,10 @@
 # In session 18 (H100): fa_gluon (the Gluon forward's first GPU run: correct; ..._gluon.json, gluon_configs), serving5b
 # (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json).
 # Left, in the order to run them:
-#   fa_gluon     (~5 min) again: the switches SPLIT_MASK (causal tiles below each group's diagonal without the
-#                mask) and FMA_SOFTMAX (one FMA per score), written after the first run and off by default until
-#                this run's smoke cases, tests and sweep (D = 128 and 64) say they are right and faster
+#   fa_gluon     (~9 min, alone in its call) again: the switches SPLIT_MASK (causal tiles below each group's diagonal
+#                without the mask), FMA_SOFTMAX (one FMA per score) and PINGPONG (FA3's turns between the two consumer
+#                groups), written after the first run and off by default until this run's smoke cases, tests and
+#                sweep (D = 128, then 64) say they are right and faster; then the ablation with the default
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -116,15 +117,13 @@ for s in ${STEPS:?set STEPS}; do
     fa_gluon) step fa_gluon_smoke 200 python3 -m benchmarks.flash_attention_gluon_smoke   # smallest case first
               if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # the rest only once every smoke case is right
               step fa_gluon_tests 150 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py
-              step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
-                --time-limit 120 --out "$OUT/flash_attention_hopper_gluon.json"
               step fa_gluon_configs 200 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 128,64 \
-                --time-limit 120 --out "$OUT/flash_attention_gluon_configs.json"; fi ;;
-    fa_gluon_quick) step fa_gluon_smoke 60 python3 -m benchmarks.flash_attention_gluon_smoke --quick
-              if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # a short call: smoke, ablation, sweep
+                --time-limit 120 --out "$OUT/flash_attention_gluon_configs.json"
               step fa_gluon 150 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
-                --time-limit 90 --out "$OUT/flash_attention_hopper_gluon.json"
-              step fa_gluon_configs 100 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 50 \
+                --time-limit 90 --out "$OUT/flash_attention_hopper_gluon.json"; fi ;;
+    fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick
+              if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # a short call: smoke, the sweep at D = 128
+              step fa_gluon_configs 170 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 60 \
                 --out "$OUT/flash_attention_gluon_configs.json"; fi ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"

@@ -21,7 +21,9 @@ tiles: ``cross_compile`` reports no spill). Two more switches, off by default un
 both off the kernel compiles to the instructions of the first measured version): ``SPLIT_MASK`` runs a causal
 group's tiles below its diagonal without the comparison and masks only the ones that cross it, as the ``tl``
 kernels do; ``FMA_SOFTMAX`` keeps the running max in scaled units, so each score costs one FMA before its exp2
-instead of a multiply (for the max) and an FMA.
+instead of a multiply (for the max) and an FMA; ``PINGPONG`` is FA3's inter-warpgroup schedule: the two consumer
+groups take turns (two more mbarriers) to issue their matmuls, QKᵀ of tile j with P·V of tile j-1, so that one
+group's softmax runs while the other's matmuls do by construction rather than by the warp scheduler's choice.
 
 Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only, float16 /
 bfloat16, D in {64, 128}, Sq a multiple of 128 and Skv a multiple of BLOCK_N, Skv >= Sq when causal, on an sm_90
@@ -56,8 +58,8 @@ LOG2E = 1.4426950408889634
 BLOCK_M = 128            # query rows per program: two consumer warp groups of 64 rows
 HALF_M = BLOCK_M // 2
 #: launch parameters (measured choices go here; ``config`` overrides them per call)
-DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, SPLIT_MASK=False, FMA_SOFTMAX=False, consumer_regs=232,
-                      producer_regs=24, maxnreg=168)
+DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, SPLIT_MASK=False, FMA_SOFTMAX=False, PINGPONG=False,
+                      consumer_regs=232, producer_regs=24, maxnreg=168)
 
 
 def gluon_status() -> str | None:
@@ -78,7 +80,7 @@ if gl is not None:
     def _producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
-                  FMA_SOFTMAX: gl.constexpr, WHICH: gl.constexpr):
+                  FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
         """One warp: Q's two halves once, then every K and V tile into the ring, as soon as its buffer is free."""
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
@@ -144,10 +146,81 @@ if gl is not None:
         return m_i, l_i, acc
 
     @gluon.jit
+    def _softmax_p(s, j, m_i, l_i, rows, qk_scale, causal_offset, MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr,
+                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """``_softmax_tile`` without touching the accumulator (a P·V matmul may still be adding into it): the new
+        max and sum, p as the next matmul's A operand, and the factor alpha (in the accumulator's row layout) by
+        which the accumulator must be rescaled before p's P·V joins it."""
+        block_n: gl.constexpr = s.shape[1]
+        if not FMA_SOFTMAX:
+            s = s * qk_scale
+        if MASK:   # bottom-right: query row i sees keys <= i + Skv - Sq
+            cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
+            visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
+            s = gl.where(visible, s, float("-inf"))
+        if FMA_SOFTMAX:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)
+            p = gl.exp2(s - gl.expand_dims(m_new, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+        return m_new, l_i, gl.convert_layout(p.to(dtype), p_layout), alpha_o
+
+    @gluon.jit
+    def _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i, acc, s_zero, rows,
+                        qk_scale, causal_offset, WHICH: gl.constexpr, CAUSAL: gl.constexpr,
+                        FMA_SOFTMAX: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+                        o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """FlashAttention-3's ping-pong: the two consumer groups take turns to *issue* their matmuls, so that one
+        group's softmax runs while the other's matmuls do, instead of leaving it to the warp scheduler. A turn is an
+        mbarrier per group (``kv_empty[STAGES + WHICH]``, one arrival completes it), passed to the other group as
+        soon as this one's matmuls are issued. In turn j a group issues S = Q K_jᵀ and O += P_(j-1) V_(j-1) (the
+        previous tile's, rotated as in FA3), passes the turn, waits for S only, runs tile j's softmax, then waits
+        for O. Causal, every tile is masked. Turn t of group 0 waits on phase (t & 1) ^ 1 (a fresh barrier counts
+        as having completed phase 1, so its first turn passes), of group 1 on phase t & 1: strict alternation."""
+        my_turn = kv_empty.index(STAGES + WHICH)
+        their_turn = kv_empty.index(STAGES + 1 - WHICH)
+        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(my_turn, WHICH ^ 1)                                   # turn 0
+        s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(their_turn, count=1)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        m_i, l_i, p, alpha = _softmax_p(s, 0, m_i, l_i, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX,
+                                        s_layout, o_layout, p_layout, dtype)
+        for j in range(1, n_tiles):                                         # turn j
+            prev = (j - 1) % STAGES
+            stage = j % STAGES
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            mbarrier.wait(my_turn, (j & 1) ^ (WHICH ^ 1))
+            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            acc = acc * gl.expand_dims(alpha, 1)
+            acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+            mbarrier.arrive(their_turn, count=1)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))            # S_j done; P_(j-1) V may still run
+            m_i, l_i, p, alpha = _softmax_p(s, j, m_i, l_i, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX,
+                                            s_layout, o_layout, p_layout, dtype)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index(prev), count=1)                  # this group is done with tile j-1
+        last = n_tiles - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        mbarrier.wait(my_turn, (n_tiles & 1) ^ (WHICH ^ 1))                 # turn n_tiles: the last P V
+        acc = acc * gl.expand_dims(alpha, 1)
+        acc = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
+        mbarrier.arrive(their_turn, count=1)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+        return m_i, l_i, acc
+
+    @gluon.jit
     def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                   q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
-                  FMA_SOFTMAX: gl.constexpr, WHICH: gl.constexpr):
+                  FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
         """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE:
         tile j+1's QK^T is issued before tile j's softmax and runs on the Tensor Cores while it does (FA3's
         intra-warpgroup overlap; two score tiles live in registers; causal, it masks every tile). SPLIT_MASK (the plain
@@ -172,7 +245,11 @@ if gl is not None:
         s_zero = gl.zeros([half, block_n], gl.float32, layout=s_layout)
         rows = q_lo + WHICH * half + gl.arange(0, half, layout=row_s)   # this group's query rows within the head
         mbarrier.wait(q_bar, 0)
-        if ROTATE:
+        if PINGPONG:
+            m_i, l_i, acc = _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i, acc,
+                                            s_zero, rows, qk_scale, causal_offset, WHICH, CAUSAL, FMA_SOFTMAX, STAGES,
+                                            s_layout, o_layout, p_layout, dtype)
+        elif ROTATE:
             mbarrier.wait(k_ready.index(0), 0)
             s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -215,7 +292,8 @@ if gl is not None:
     @gluon.jit
     def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
-                     FMA_SOFTMAX: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                     FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     PRODUCER_REGS: gl.constexpr):
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
         start = gl.program_id(0) * 2 * half          # the program's first query row within its head
@@ -236,19 +314,23 @@ if gl is not None:
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # PINGPONG: two more barriers after the ring's, the consumer groups' turns
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES + 2 * PINGPONG, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(kv_empty.index(i), count=2)   # both consumer groups release a buffer
+        if PINGPONG:
+            mbarrier.init(kv_empty.index(STAGES), count=1)
+            mbarrier.init(kv_empty.index(STAGES + 1), count=1)
 
         args0 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                  q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
-                 FMA_SOFTMAX, 0)
+                 FMA_SOFTMAX, PINGPONG, 0)
         args1 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
                  q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
-                 FMA_SOFTMAX, 1)
+                 FMA_SOFTMAX, PINGPONG, 1)
         # the default partition (this program's 4 warps) is consumer 0; the workers: consumer 1 and the producer
         gl.warp_specialize([(_consumer, args0), (_consumer, args1), (_producer, args0)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -293,6 +375,7 @@ def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
     args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E)
     kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], ROTATE=bool(config["ROTATE"]),
                   SPLIT_MASK=bool(config["SPLIT_MASK"]), FMA_SOFTMAX=bool(config["FMA_SOFTMAX"]),
+                  PINGPONG=bool(config["PINGPONG"]),
                   CONSUMER_REGS=config["consumer_regs"],
                   PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
     return (Sq // BLOCK_M, B * Hq), args, kwargs, out
