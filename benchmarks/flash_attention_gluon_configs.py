@@ -24,7 +24,7 @@ import triton
 
 from benchmarks.flash_attention import bench, device_name, sdpa, slug
 from benchmarks.record import git_commit
-from course_lib.analysis.roofline import RESULTS_DIR
+from course_lib.analysis.roofline import RESULTS_DIR, datasheet
 from course_lib.model.online_softmax import attention_flops
 from kernels import flash_attention_gluon as fg
 from kernels import flash_attention_hopper as tma
@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{label(e['config'])} "
                       + (f"{e['vs_cudnn']:.2f}x" if "vs_cudnn" in e else e.get("error", "wrong")[:60])
                       for e in row["configs"]), flush=True)
+            best = max((e for e in row["configs"] if "vs_cudnn" in e), key=lambda e: e["vs_cudnn"], default=None)
+            spec = datasheet(name)
+            if best is not None:   # the strongest baseline first, then the roofline (issue 21)
+                print(f"  best: {label(best['config'])} {best['vs_cudnn']:.2f}x cuDNN, {best['tflops']:.0f} TFLOP/s"
+                      + (f" = {best['tflops'] * 1e12 / spec.peak_flops:.0%} of the datasheet's "
+                         f"{spec.peak_flops / 1e12:.0f} (cuDNN {row['cudnn_tflops'] * 1e12 / spec.peak_flops:.0%})"
+                         if spec else ""), flush=True)
             q = k = v = want = None   # free this row's memory (not del: the closures above use the names)
     out_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"wrote {out_path}")
