@@ -101,56 +101,13 @@ if gl is not None:
     @gluon.jit
     def _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK: gl.constexpr,
                       FMA_SOFTMAX: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-                      p_layout: gl.constexpr, dtype: gl.constexpr):
+                      p_layout: gl.constexpr, dtype: gl.constexpr, RESCALE: gl.constexpr = True):
         """One key tile's online-softmax update: scores s [rows, BLOCK_N] (unscaled) -> the new running max and
-        sum, the output accumulator rescaled, and p in the register layout of the P·V matmul's A operand. MASK: the
-        causal comparison (bottom-right aligned). FMA_SOFTMAX: the max is kept in scaled log2 units, so each score
-        costs one fused multiply-add before its exp2 instead of a multiply and a subtract."""
-        block_n: gl.constexpr = s.shape[1]
-        if not FMA_SOFTMAX:
-            s = s * qk_scale
-        if MASK:   # bottom-right: query row i sees keys <= i + Skv - Sq
-            cols = j * block_n + gl.arange(0, block_n, layout=gl.SliceLayout(0, s_layout))
-            visible = gl.expand_dims(rows + causal_offset, 1) >= gl.expand_dims(cols, 0)
-            s = gl.where(visible, s, float("-inf"))
-        if FMA_SOFTMAX:
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(gl.fma(s, qk_scale, -gl.expand_dims(m_new, 1)))
-        else:
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            alpha = gl.exp2(m_i - m_new)
-            p = gl.exp2(s - gl.expand_dims(m_new, 1))
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p16 = gl.convert_layout(p.to(dtype), p_layout)
-        return m_new, l_i, acc, p16
-
-    @gluon.jit
-    def _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lo, hi, m_i, l_i, acc, s_zero, rows, qk_scale,
-                      causal_offset, MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr, STAGES: gl.constexpr,
-                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
-        """Key tiles lo ... hi - 1 for one warp group: wait for the tile, S = Q Kᵀ, softmax, O += P V, release."""
-        for j in range(lo, hi):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-            m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK, FMA_SOFTMAX,
-                                             s_layout, o_layout, p_layout, dtype)
-            mbarrier.wait(v_ready.index(stage), phase)
-            acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
-        return m_i, l_i, acc
-
-    @gluon.jit
-    def _softmax_p(s, j, m_i, l_i, rows, qk_scale, causal_offset, MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr,
-                   s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
-        """``_softmax_tile`` without touching the accumulator (a P·V matmul may still be adding into it): the new
-        max and sum, p as the next matmul's A operand, and the factor alpha (in the accumulator's row layout) by
-        which the accumulator must be rescaled before p's P·V joins it."""
+        sum, the output accumulator rescaled (unless RESCALE is off: a P·V matmul may still be adding into it, and
+        the caller rescales it later by the returned alpha), p in the register layout of the P·V matmul's A operand,
+        and alpha in the accumulator's row layout. MASK: the causal comparison (bottom-right aligned). FMA_SOFTMAX:
+        the max is kept in scaled log2 units, so each score costs one fused multiply-add before its exp2 instead of
+        a multiply and a subtract."""
         block_n: gl.constexpr = s.shape[1]
         if not FMA_SOFTMAX:
             s = s * qk_scale
@@ -168,7 +125,29 @@ if gl is not None:
             p = gl.exp2(s - gl.expand_dims(m_new, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
-        return m_new, l_i, gl.convert_layout(p.to(dtype), p_layout), alpha_o
+        if RESCALE:
+            acc = acc * gl.expand_dims(alpha_o, 1)
+        p16 = gl.convert_layout(p.to(dtype), p_layout)
+        return m_new, l_i, acc, p16, alpha_o
+
+    @gluon.jit
+    def _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lo, hi, m_i, l_i, acc, s_zero, rows, qk_scale,
+                      causal_offset, MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr, STAGES: gl.constexpr,
+                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+        """Key tiles lo ... hi - 1 for one warp group: wait for the tile, S = Q Kᵀ, softmax, O += P V, release."""
+        for j in range(lo, hi):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+            m_i, l_i, acc, p, _ = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, MASK, FMA_SOFTMAX,
+                                             s_layout, o_layout, p_layout, dtype)
+            mbarrier.wait(v_ready.index(stage), phase)
+            acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
+        return m_i, l_i, acc
 
     @gluon.jit
     def _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i, acc, s_zero, rows,
@@ -189,8 +168,8 @@ if gl is not None:
         s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.arrive(their_turn, count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-        m_i, l_i, p, alpha = _softmax_p(s, 0, m_i, l_i, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX,
-                                        s_layout, o_layout, p_layout, dtype)
+        m_i, l_i, acc, p, alpha = _softmax_tile(s, 0, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                                                FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype, RESCALE=False)
         for j in range(1, n_tiles):                                         # turn j
             prev = (j - 1) % STAGES
             stage = j % STAGES
@@ -202,8 +181,8 @@ if gl is not None:
             acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
             mbarrier.arrive(their_turn, count=1)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))            # S_j done; P_(j-1) V may still run
-            m_i, l_i, p, alpha = _softmax_p(s, j, m_i, l_i, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX,
-                                            s_layout, o_layout, p_layout, dtype)
+            m_i, l_i, acc, p, alpha = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                                                    FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype, RESCALE=False)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(kv_empty.index(prev), count=1)                  # this group is done with tile j-1
         last = n_tiles - 1
@@ -258,14 +237,14 @@ if gl is not None:
                 nxt = (j + 1) % STAGES
                 mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
                 s_next = warpgroup_mma(q, k_bufs.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                m_i, l_i, acc, p = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+                m_i, l_i, acc, p, _ = _softmax_tile(s, j, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
                                                  FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype)
                 mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
                 acc = warpgroup_mma(p, v_bufs.index(stage), acc, is_async=True)
                 acc, s = warpgroup_mma_wait(num_outstanding=0, deps=(acc, s_next))
                 mbarrier.arrive(kv_empty.index(stage), count=1)   # this group is done with the buffer
             last = n_tiles - 1
-            m_i, l_i, acc, p = _softmax_tile(s, last, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
+            m_i, l_i, acc, p, _ = _softmax_tile(s, last, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
                                              FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype)
             mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
             acc = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
