@@ -1,6 +1,6 @@
 """The Gluon forward's launch parameters, swept: key tile (BLOCK_N), K/V buffers (STAGES), the consumer groups'
-register budget and the rotated loop (ROTATE), each checked against cuDNN's output and timed beside cuDNN and
-``tma_wide`` (issue 21).
+register budget, the rotated loop (ROTATE) and the other switches of ``DEFAULT_CONFIG``, each checked against cuDNN's
+output and timed beside cuDNN and ``tma_wide`` (issue 21).
 
     python -m benchmarks.flash_attention_gluon_configs            # an sm_90 GPU: D = 128, N = 8k, bf16
 
@@ -30,20 +30,26 @@ from kernels import flash_attention_gluon as fg
 from kernels import flash_attention_hopper as tma
 
 #: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24), the
-#: rotated loop, the causal loop split at the diagonal, the softmax's scale folded into one FMA per score, the two
-#: consumer groups' matmuls issued in turns (FA3's ping-pong)
+#: rotated loop, the causal loop split at the diagonal, the heaviest query blocks launched first, the softmax's scale
+#: folded into one FMA per score, the two consumer groups' matmuls issued in turns (FA3's ping-pong). The first
+#: sweep (fd08f7e) also timed BLOCK_N 64 with 3 buffers and the rotated loop at 64/3: both slower.
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
-           dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=128, STAGES=2, consumer_regs=240),
-           dict(BLOCK_N=128, STAGES=2, ROTATE=True), dict(BLOCK_N=64, STAGES=3, ROTATE=True),
-           dict(SPLIT_MASK=True), dict(FMA_SOFTMAX=True), dict(SPLIT_MASK=True, FMA_SOFTMAX=True),
-           dict(SPLIT_MASK=True, FMA_SOFTMAX=True, STAGES=3), dict(PINGPONG=True),
-           dict(PINGPONG=True, FMA_SOFTMAX=True), dict(PINGPONG=True, FMA_SOFTMAX=True, STAGES=3)]
+           dict(BLOCK_N=128, STAGES=2, consumer_regs=240), dict(BLOCK_N=128, STAGES=2, ROTATE=True),
+           dict(FMA_SOFTMAX=True), dict(SPLIT_MASK=True), dict(HEAVY_FIRST=True),
+           dict(SPLIT_MASK=True, HEAVY_FIRST=True),
+           dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
+           dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True, STAGES=3), dict(PINGPONG=True),
+           dict(PINGPONG=True, FMA_SOFTMAX=True), dict(PINGPONG=True, FMA_SOFTMAX=True, STAGES=3),
+           dict(PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)]
+#: switches that change only the causal loop (not timed without a mask)
+CAUSAL_ONLY = ("SPLIT_MASK", "HEAVY_FIRST")
 
 
 def label(config: dict) -> str:
-    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/fma', '/pp' for switches on."""
-    flags = [name for name, key in (("rot", "ROTATE"), ("split", "SPLIT_MASK"), ("fma", "FMA_SOFTMAX"),
-                                    ("pp", "PINGPONG")) if config.get(key)]
+    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/heavy', '/fma', '/pp' for the
+    switches on."""
+    flags = [name for name, key in (("rot", "ROTATE"), ("split", "SPLIT_MASK"), ("heavy", "HEAVY_FIRST"),
+                                    ("fma", "FMA_SOFTMAX"), ("pp", "PINGPONG")) if config.get(key)]
     return "/".join([str(config["BLOCK_N"]), str(config["STAGES"]), str(config["consumer_regs"]), *flags])
 
 
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = dict(D=D, causal=causal, B=B, H=H, cudnn_tflops=flops / t_cudnn / 1e12,
                        tma_wide_vs_cudnn=t_cudnn / t_wide, configs=[])
             for cfg in CONFIGS:
-                if cfg.get("SPLIT_MASK") and not causal:   # the split changes only the causal loop
+                if not causal and any(cfg.get(key) for key in CAUSAL_ONLY):
                     continue
                 entry = dict(config={**fg.DEFAULT_CONFIG, **cfg})
                 try:

@@ -20,7 +20,7 @@ CASES = [(1, 1, 1, 128, 128, 64, False, {}), (1, 1, 1, 128, 256, 64, False, {}),
          (1, 1, 1, 128, 256, 128, False, {}), (2, 8, 8, 1024, 1024, 128, True, {}), (1, 16, 4, 384, 1024, 64, True, {}),
          (1, 2, 2, 512, 512, 128, True, dict(ROTATE=True)), (1, 2, 2, 512, 512, 128, True, dict(STAGES=3)),
          (1, 2, 2, 512, 512, 128, True, dict(BLOCK_N=64)), (1, 2, 2, 512, 512, 128, True, dict(SPLIT_MASK=True)),
-         (1, 2, 1, 512, 640, 64, True, dict(SPLIT_MASK=True, FMA_SOFTMAX=True)),
+         (1, 2, 1, 512, 640, 64, True, dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
          (1, 2, 2, 512, 512, 128, False, dict(FMA_SOFTMAX=True)), (1, 1, 1, 128, 128, 64, False, dict(PINGPONG=True)),
          (1, 2, 2, 512, 512, 128, False, dict(PINGPONG=True)), (1, 16, 4, 384, 1024, 64, True, dict(PINGPONG=True))]
 

@@ -16,9 +16,10 @@
 # (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json).
 # Left, in the order to run them:
 #   fa_gluon     (~9 min, alone in its call) again: the switches SPLIT_MASK (causal tiles below each group's diagonal
-#                without the mask), FMA_SOFTMAX (one FMA per score) and PINGPONG (FA3's turns between the two consumer
-#                groups), written after the first run and off by default until this run's smoke cases, tests and
-#                sweep (D = 128, then 64) say they are right and faster; then the ablation with the default
+#                without the mask), HEAVY_FIRST (causal: the last query blocks launched first), FMA_SOFTMAX (one FMA
+#                per score) and PINGPONG (FA3's turns between the two consumer groups), written after the first run
+#                and off by default until this run's smoke cases, sweep (D = 128, then 64) and tests say they are
+#                right and faster; then fa_gluon_ablation (~3 min) with the defaults that result
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -114,13 +115,13 @@ for s in ${STEPS:?set STEPS}; do
     fa_rot) step fa_rot_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py -k "rot or tma_wide"
             step fa_rot 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_rot \
               --time-limit 200 --out "$OUT/flash_attention_hopper_rot.json" ;;
-    fa_gluon) step fa_gluon_smoke 200 python3 -m benchmarks.flash_attention_gluon_smoke   # smallest case first
+    fa_gluon) step fa_gluon_smoke 150 python3 -m benchmarks.flash_attention_gluon_smoke   # smallest case first
               if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # the rest only once every smoke case is right
-              step fa_gluon_tests 150 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py
-              step fa_gluon_configs 200 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 128,64 \
-                --time-limit 120 --out "$OUT/flash_attention_gluon_configs.json"
-              step fa_gluon 150 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
-                --time-limit 90 --out "$OUT/flash_attention_hopper_gluon.json"; fi ;;
+              step fa_gluon_configs 300 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 128,64 \
+                --time-limit 230 --out "$OUT/flash_attention_gluon_configs.json"
+              step fa_gluon_tests 130 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py; fi ;;
+    fa_gluon_ablation) step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
+                --time-limit 130 --out "$OUT/flash_attention_hopper_gluon.json" ;;
     fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick
               if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # a short call: smoke, the sweep at D = 128
               step fa_gluon_configs 170 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 60 \

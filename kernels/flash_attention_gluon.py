@@ -23,7 +23,9 @@ group's tiles below its diagonal without the comparison and masks only the ones 
 kernels do; ``FMA_SOFTMAX`` keeps the running max in scaled units, so each score costs one FMA before its exp2
 instead of a multiply (for the max) and an FMA; ``PINGPONG`` is FA3's inter-warpgroup schedule: the two consumer
 groups take turns (two more mbarriers) to issue their matmuls, QKᵀ of tile j with P·V of tile j-1, so that one
-group's softmax runs while the other's matmuls do by construction rather than by the warp scheduler's choice.
+group's softmax runs while the other's matmuls do by construction rather than by the warp scheduler's choice;
+``HEAVY_FIRST`` launches a causal head's last query blocks (the ones that see the most keys) first, so that the short
+ones fill the end of the GPU's schedule, as the ``tl`` kernels have always done (this kernel's first version did not).
 
 Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only, float16 /
 bfloat16, D in {64, 128}, Sq a multiple of 128 and Skv a multiple of BLOCK_N, Skv >= Sq when causal, on an sm_90
@@ -59,7 +61,7 @@ BLOCK_M = 128            # query rows per program: two consumer warp groups of 6
 HALF_M = BLOCK_M // 2
 #: launch parameters (measured choices go here; ``config`` overrides them per call)
 DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, SPLIT_MASK=False, FMA_SOFTMAX=False, PINGPONG=False,
-                      consumer_regs=232, producer_regs=24, maxnreg=168)
+                      HEAVY_FIRST=False, consumer_regs=232, producer_regs=24, maxnreg=168)
 
 
 def gluon_status() -> str | None:
@@ -271,11 +273,14 @@ if gl is not None:
     @gluon.jit
     def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
-                     FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     PRODUCER_REGS: gl.constexpr):
+                     FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
-        start = gl.program_id(0) * 2 * half          # the program's first query row within its head
+        if CAUSAL and HEAVY_FIRST:   # late query blocks see the most keys: launch them first (as the tl kernels do)
+            start = (gl.num_programs(0) - 1 - gl.program_id(0)) * 2 * half
+        else:
+            start = gl.program_id(0) * 2 * half      # the program's first query row within its head
         off_bh = gl.program_id(1)                    # b * Hq + h
         kv_bh = (off_bh // Hq) * (Hq // GROUP) + (off_bh % Hq) // GROUP
         q_row = off_bh * Sq + start
@@ -354,7 +359,7 @@ def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
     args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E)
     kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], ROTATE=bool(config["ROTATE"]),
                   SPLIT_MASK=bool(config["SPLIT_MASK"]), FMA_SOFTMAX=bool(config["FMA_SOFTMAX"]),
-                  PINGPONG=bool(config["PINGPONG"]),
+                  PINGPONG=bool(config["PINGPONG"]), HEAVY_FIRST=bool(config["HEAVY_FIRST"]),
                   CONSUMER_REGS=config["consumer_regs"],
                   PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
     return (Sq // BLOCK_M, B * Hq), args, kwargs, out

@@ -39,7 +39,8 @@ def test_without_an_sm90_gpu_it_says_why():
 @needs_gluon
 @pytest.mark.parametrize("D, causal, dtype, config", [(128, True, "bfloat16", {}), (64, False, "float16", {}),
                                                      (128, True, "float16", dict(ROTATE=True)),
-                                                     (64, True, "bfloat16", dict(SPLIT_MASK=True, FMA_SOFTMAX=True)),
+                                                     (64, True, "bfloat16",
+                                                      dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
                                                      (128, False, "bfloat16", dict(PINGPONG=True))])
 def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype, config):
     """Cross-compiled for sm_90 on any machine: 12 warps (two consumer groups of 4, the producer's group), the
@@ -83,21 +84,22 @@ def test_gpu_other_configs_match_reference(config):
 
 
 @pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
-@pytest.mark.parametrize("config", [dict(SPLIT_MASK=True), dict(FMA_SOFTMAX=True),
-                                    dict(SPLIT_MASK=True, FMA_SOFTMAX=True, BLOCK_N=64, STAGES=3)])
+@pytest.mark.parametrize("config", [dict(SPLIT_MASK=True), dict(FMA_SOFTMAX=True), dict(HEAVY_FIRST=True),
+                                    dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True, BLOCK_N=64, STAGES=3)])
 @pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal",
                          [c for c in GPU_CASES if c[-1]] + [(1, 2, 1, 512, 640, 64, True)])
 def test_gpu_split_mask_and_fma_softmax_match_reference(B, Hq, Hkv, Sq, Skv, D, causal, config):
-    """The causal loop split at each warp group's diagonal (tiles below it unmasked) and the softmax's scale folded
-    into the exponent's FMA: the same output, with causal offsets that put the diagonal inside a tile (640 - 512 =
-    128 keys ahead; 1024 - 384 with BLOCK_N = 64)."""
+    """The causal loop split at each warp group's diagonal (tiles below it unmasked), the softmax's scale folded
+    into the exponent's FMA and the query blocks launched heaviest first: the same output, with causal offsets that
+    put the diagonal inside a tile (640 - 512 = 128 keys ahead; 1024 - 384 with BLOCK_N = 64)."""
     q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16, seed=5)
     out = fg.flash_attention_gluon(q, k, v, causal=causal, config=config)
     torch.testing.assert_close(out, kernels.reference.attention(q, k, v, causal=causal), **TOL[torch.bfloat16])
 
 
 @pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
-@pytest.mark.parametrize("config", [dict(PINGPONG=True), dict(PINGPONG=True, FMA_SOFTMAX=True, STAGES=3, BLOCK_N=64)])
+@pytest.mark.parametrize("config", [dict(PINGPONG=True), dict(PINGPONG=True, FMA_SOFTMAX=True, STAGES=3, BLOCK_N=64,
+                                                                     HEAVY_FIRST=True)])
 @pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES + [(1, 1, 1, 128, 128, 64, False)])
 def test_gpu_pingpong_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, config):
     """The two consumer groups taking turns to issue their matmuls (FA3's ping-pong, turns on mbarriers): the same
