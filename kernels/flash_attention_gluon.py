@@ -27,7 +27,8 @@ group's softmax runs while the other's matmuls do by construction rather than by
 ``HEAVY_FIRST`` launches a causal head's last query blocks (the ones that see the most keys) first, so that the short
 ones fill the end of the GPU's schedule, as the ``tl`` kernels have always done (this kernel's first version did not).
 
-Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only, float16 /
+Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only (each row's
+log-sum-exp on request, ``return_lse``, what a backward pass needs), float16 /
 bfloat16, D in {64, 128}, Sq a multiple of 128 and Skv a multiple of BLOCK_N, Skv >= Sq when causal, on an sm_90
 GPU. Anything else raises a ValueError naming the argument. There is no interpreter for Gluon: its tests run on a
 GPU, and on a CPU the kernel is only compiled for sm_90 (``cross_compile``, in a subprocess where the interpreter
@@ -80,7 +81,7 @@ if gl is not None:
 
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, lse_ptr, lse_size,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
                   FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
         """One warp: Q's two halves once, then every K and V tile into the ring, as soon as its buffer is free."""
@@ -199,7 +200,7 @@ if gl is not None:
 
     @gluon.jit
     def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, lse_ptr, lse_size,
                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
                   FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
         """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE:
@@ -264,6 +265,11 @@ if gl is not None:
             m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_tiles, m_i, l_i, acc,
                                           s_zero, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX, STAGES,
                                           s_layout, o_layout, p_layout, dtype)
+        # log-sum-exp of the scaled scores, natural log (the portable kernel's; m and l are in log2 units), written
+        # where lse_size > 0. A masked store rather than `if RETURN_LSE`: with the store only in the worker partition
+        # (the default one folds a false constexpr away), Triton 3.6's lowering to LLVM fails.
+        offs = (q_row + WHICH * half).to(gl.int64) + gl.arange(0, half, layout=row_s)
+        gl.store(lse_ptr + offs, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=offs < lse_size)
         out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
         o_smem.index(WHICH).store(out.to(dtype))
         fence_async_shared()
@@ -271,7 +277,7 @@ if gl is not None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale,
+    def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size,
                      CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
                      FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
@@ -310,11 +316,11 @@ if gl is not None:
             mbarrier.init(kv_empty.index(STAGES + 1), count=1)
 
         args0 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
-                 FMA_SOFTMAX, PINGPONG, 0)
+                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, lse_ptr, lse_size, CAUSAL, STAGES,
+                 ROTATE, SPLIT_MASK, FMA_SOFTMAX, PINGPONG, 0)
         args1 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
-                 FMA_SOFTMAX, PINGPONG, 1)
+                 q_row, kv_row, n_tiles, qk_scale, start, causal_offset, lse_ptr, lse_size, CAUSAL, STAGES,
+                 ROTATE, SPLIT_MASK, FMA_SOFTMAX, PINGPONG, 1)
         # the default partition (this program's 4 warps) is consumer 0; the workers: consumer 1 and the producer
         gl.warp_specialize([(_consumer, args0), (_consumer, args1), (_producer, args0)],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -342,8 +348,9 @@ def _check(q, k, v, causal: bool, block_n: int) -> None:
         raise ValueError(f"causal with Skv={k.shape[2]} < Sq={Sq}: rows that see no key are not handled here")
 
 
-def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
-    """(grid, args, kwargs) of one launch; the output tensor is args[3].base."""
+def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict, return_lse: bool = False):
+    """(grid, args, kwargs, out, lse) of one launch; lse [B, Hq, Sq] float32 when return_lse, else a placeholder
+    the kernel never writes."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     block_n, dt = config["BLOCK_N"], gl.float16 if q.dtype == torch.float16 else gl.bfloat16
@@ -356,28 +363,31 @@ def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict):
              TensorDescriptor.from_tensor(v2, [block_n, D], kv_layout),
              TensorDescriptor.from_tensor(out, [HALF_M, D], q_layout))
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
-    args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E)
+    lse = torch.empty((B, Hq, Sq) if return_lse else (1,), device=q.device, dtype=torch.float32)
+    args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, lse, lse.numel() if return_lse else 0)
     kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], ROTATE=bool(config["ROTATE"]),
                   SPLIT_MASK=bool(config["SPLIT_MASK"]), FMA_SOFTMAX=bool(config["FMA_SOFTMAX"]),
                   PINGPONG=bool(config["PINGPONG"]), HEAVY_FIRST=bool(config["HEAVY_FIRST"]),
                   CONSUMER_REGS=config["consumer_regs"],
                   PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
-    return (Sq // BLOCK_M, B * Hq), args, kwargs, out
+    return (Sq // BLOCK_M, B * Hq), args, kwargs, out, lse
 
 
 def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                          sm_scale: float | None = None, config: dict | None = None) -> torch.Tensor:
+                          sm_scale: float | None = None, return_lse: bool = False,
+                          config: dict | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(q kᵀ · sm_scale) v, forward only. q: [B, Hq, Sq, D]; k, v: [B, Hkv, Skv, D] (Hq % Hkv == 0).
-    config: keys of ``DEFAULT_CONFIG`` to override. ValueError for inputs outside the scope in the module docstring,
-    RuntimeError where the kernel cannot run (``gluon_status``)."""
+    return_lse: also the log-sum-exp of each row of scaled scores, [B, Hq, Sq] float32, natural log (as
+    ``kernels.flash_attention`` returns it). config: keys of ``DEFAULT_CONFIG`` to override. ValueError for inputs
+    outside the scope in the module docstring, RuntimeError where the kernel cannot run (``gluon_status``)."""
     config = {**DEFAULT_CONFIG, **(config or {})}
     _check(q, k, v, causal, config["BLOCK_N"])
     why = gluon_status()
     if why is not None:
         raise RuntimeError(f"the Gluon FlashAttention kernel cannot run here: {why}")
-    grid, args, kwargs, out = _launch_args(q, k, v, causal, sm_scale, config)
+    grid, args, kwargs, out, lse = _launch_args(q, k, v, causal, sm_scale, config, return_lse)
     _attn_fwd_ws[grid](*args, **kwargs)
-    return out.view(q.shape)
+    return (out.view(q.shape), lse) if return_lse else out.view(q.shape)
 
 
 def _compile_for(D: int, causal: bool, dtype: str, config: dict, arch: int) -> dict:
@@ -391,7 +401,7 @@ def _compile_for(D: int, causal: bool, dtype: str, config: dict, arch: int) -> d
     q = torch.empty(1, 2, 256, D, dtype=getattr(torch, dtype))
     k = v = torch.empty(1, 1, 256, D, dtype=getattr(torch, dtype))
     _check(q, k, v, causal, config["BLOCK_N"])
-    _, args, kwargs, _ = _launch_args(q, k, v, causal, None, config)
+    _, args, kwargs, _, _ = _launch_args(q, k, v, causal, None, config)
     names = _attn_fwd_ws.arg_names
     constexprs = {name: kwargs[name] for name in names[len(args):]}
     signature = {name: mangle_type(arg) for name, arg in zip(names, args)} | {n: "constexpr" for n in constexprs}

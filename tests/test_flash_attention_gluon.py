@@ -109,6 +109,22 @@ def test_gpu_pingpong_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, config):
     torch.testing.assert_close(out, kernels.reference.attention(q, k, v, causal=causal), **TOL[torch.bfloat16])
 
 
+@pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
+@pytest.mark.parametrize("config", [{}, dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
+                                    dict(PINGPONG=True, FMA_SOFTMAX=True)])
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES[1:3])
+def test_gpu_return_lse_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, config):
+    """return_lse: each row's log-sum-exp of the scaled scores (natural log, what the backward pass and split merges
+    read), from each group's running max and sum, whichever loop ran; the output is the one without it."""
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16, seed=9)
+    out, lse = fg.flash_attention_gluon(q, k, v, causal=causal, return_lse=True, config=config)
+    want_out, want_lse = kernels.reference.flash_attention_lse(q, k, v, causal=causal)
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(out, want_out, **TOL[torch.bfloat16])
+    torch.testing.assert_close(out, fg.flash_attention_gluon(q, k, v, causal=causal, config=config), atol=0, rtol=0)
+
+
 @pytest.mark.skipif(ON_SM90, reason="runs the sweep on an sm_90 GPU")
 def test_config_sweep_says_why_it_cannot_run_here(capsys):
     from benchmarks import flash_attention_gluon_configs
