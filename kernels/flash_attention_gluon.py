@@ -17,10 +17,10 @@ once, then K and V tiles of BLOCK_N keys into STAGES buffers; a buffer is reused
 in the accumulator's registers, P converted to the A-operand register layout, O += P V. Causal masking is bottom-right
 aligned, as in ``kernels.flash_attention``. ``ROTATE`` adds FA3's other overlap, inside one group: tile j+1's QK^T is
 issued before tile j's softmax (what ``tma_rot`` does in ``tl``; here 64-row groups leave registers for two score
-tiles: ``cross_compile`` reports no spill). Two more switches, off by default until a GPU has measured them (with
-both off the kernel compiles to the instructions of the first measured version): ``SPLIT_MASK`` runs a causal
-group's tiles below its diagonal without the comparison and masks only the ones that cross it, as the ``tl``
-kernels do; ``FMA_SOFTMAX`` keeps the running max in scaled units, so each score costs one FMA before its exp2
+tiles: ``cross_compile`` reports no spill). More switches, off by default until a GPU has measured them (with all
+off the kernel is the first measured version, fd08f7e, plus the epilogue's masked LSE store): ``SPLIT_MASK`` runs
+a causal group's tiles below its diagonal without the comparison and masks only the ones that cross it, as the
+``tl`` kernels do; ``FMA_SOFTMAX`` keeps the running max in scaled units, so each score costs one FMA before its exp2
 instead of a multiply (for the max) and an FMA; ``PINGPONG`` is FA3's inter-warpgroup schedule: the two consumer
 groups take turns (two more mbarriers) to issue their matmuls, QKᵀ of tile j with P·V of tile j-1, so that one
 group's softmax runs while the other's matmuls do by construction rather than by the warp scheduler's choice;
