@@ -20,7 +20,8 @@ dK/dV programs with fp32 atomics, 5 matmuls), timed in the same rows, with its o
 portable one elsewhere; each row's ``ours_forward`` says which; rows without it ran the portable one).
 ``--hopper-forward tma_wide`` adds ``ours_tma``: the forward through that TMA variant
 (``kernels.flash_attention_hopper``), the same backward, with its own ``ours_tma_vs_*`` ratios;
-``--hopper-forward portable`` adds ``ours_portable``, the portable forward.
+``--hopper-forward portable`` adds ``ours_portable``, the portable forward; ``--hopper-forward gluon`` adds
+``ours_gluon``, the warp-specialized Gluon forward (``kernels.flash_attention_gluon``, where its scope allows).
 Writes ``benchmarks/results/flash_attention_bwd_<device-slug>.json`` after every row (a run cut short keeps its data).
 """
 from __future__ import annotations
@@ -70,6 +71,11 @@ def ours(dq_mode: str, hopper: bool | str = "auto"):
     return attention
 
 
+def extra_name(hopper_forward: str) -> str:
+    """The column of ``--hopper-forward``: ours_portable, ours_gluon, or ours_tma for a TMA variant."""
+    return {"portable": "ours_portable", "gluon": "ours_gluon"}.get(hopper_forward, "ours_tma")
+
+
 def implementations(usable: dict, atomic_dq: bool = False, hopper_forward: str | None = None) -> dict:
     """name -> attention(q, k, v, causal): ours (and with ``atomic_dq`` ours_atomic, with ``hopper_forward`` ours_tma),
     and SDPA restricted to each usable backend (on CPU: SDPA's default, the math backend, as the reference the errors
@@ -77,9 +83,8 @@ def implementations(usable: dict, atomic_dq: bool = False, hopper_forward: str |
     impls = {"ours": ours("separate")}
     if atomic_dq:
         impls["ours_atomic"] = ours("atomic")
-    if hopper_forward:   # "portable": ours_portable, the portable forward; a TMA variant's name: ours_tma
-        impls["ours_portable" if hopper_forward == "portable" else "ours_tma"] = ours(
-            "separate", False if hopper_forward == "portable" else hopper_forward)
+    if hopper_forward:   # "portable": ours_portable, "gluon": ours_gluon; a TMA variant's name: ours_tma
+        impls[extra_name(hopper_forward)] = ours("separate", False if hopper_forward == "portable" else hopper_forward)
     impls.update({name: (lambda q, k, v, causal, b=backend: sdpa(b, q, k, v, causal))
                   for name, backend in usable.items()})
     if not HAS_GPU:
@@ -109,8 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument("--atomic-dq", action="store_true",
                             help='also time ours with dq_mode="atomic" (ours_atomic) in every row')
         parser.add_argument("--hopper-forward", default=None, metavar="VARIANT",
-                            help="also time ours with this forward: a TMA variant (ours_tma, e.g. tma_wide) or "
-                                 "portable (ours_portable)")
+                            help="also time ours with this forward: a TMA variant (ours_tma, e.g. tma_wide), "
+                                 "portable (ours_portable) or gluon (ours_gluon)")
         parser.add_argument("--head-dims", type=lambda text: [int(d) for d in text.split(",")], default=None,
                             help="comma-separated head dims to run, of the configured ones (default: all)")
 
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                               torch.ones_like(q), True))
     impls = implementations({b: backend for b, backend in backends.items() if result["backends"][b] == "available"},
                             args.atomic_dq, args.hopper_forward)
-    extra = "ours_portable" if args.hopper_forward == "portable" else "ours_tma"
+    extra = extra_name(args.hopper_forward) if args.hopper_forward else None
     result["dq_modes"] = dict(ours="separate", **({"ours_atomic": "atomic"} if args.atomic_dq else {}),
                               **({extra: "separate"} if args.hopper_forward else {}))
     # ours: the library's default forward (hopper="auto": each row's ours_forward says which kernel it ran)

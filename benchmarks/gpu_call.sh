@@ -19,7 +19,9 @@
 #                without the mask), HEAVY_FIRST (causal: the last query blocks launched first), FMA_SOFTMAX (one FMA
 #                per score) and PINGPONG (FA3's turns between the two consumer groups), written after the first run
 #                and off by default until this run's smoke cases, sweep (D = 128, then 64) and tests say they are
-#                right and faster; then fa_gluon_ablation (~3 min) with the defaults that result
+#                right and faster (its tests include hopper="gluon", kernels.flash_attention's route to it, and
+#                return_lse); then fa_gluon_ablation (~3 min) with the defaults that result, and fa_gluon_bwd (~5 min:
+#                forward + backward with the Gluon forward, ours_gluon, beside the default's and cuDNN's at D = 128)
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -120,6 +122,8 @@ for s in ${STEPS:?set STEPS}; do
               step fa_gluon_configs 300 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 128,64 \
                 --time-limit 230 --out "$OUT/flash_attention_gluon_configs.json"
               step fa_gluon_tests 130 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py; fi ;;
+    fa_gluon_bwd) step fa_gluon_bwd 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward gluon --head-dims 128 \
+                --out "$OUT/flash_attention_bwd_gluon.json" ;;
     fa_gluon_ablation) step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
                 --time-limit 130 --out "$OUT/flash_attention_hopper_gluon.json" ;;
     fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick

@@ -246,7 +246,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     Triton that has descriptors, or the interpreter; elsewhere, and for float32, the portable kernel runs. False:
     the portable kernel always. "auto" (the default): the TMA forward only where it was measured faster
     (``use_hopper_forward``: D = 128, float16/bfloat16, autotuned, on an sm_90+ GPU), else the portable kernel; the
-    interpreter always runs the portable one. The backward is the same either way.
+    interpreter always runs the portable one. "gluon": the warp-specialized Gluon forward
+    (``kernels.flash_attention_gluon``) where its scope covers the call (an sm_90 GPU, float16/bfloat16, D 64 or
+    128, Sq a multiple of 128, autotuned), else what "auto" would run. The backward is the same either way.
     Raises ValueError, naming the argument, for shapes, dtypes or devices it cannot handle.
     """
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v)):
@@ -325,11 +327,27 @@ def use_hopper_forward(q: torch.Tensor, config: dict | None) -> bool:
     return hopper_forward_rule(q.shape[-1], q.dtype, config, tma.hopper_status() is None)
 
 
+def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, config: dict | None) -> bool:
+    """``hopper="gluon"``: True where the Gluon forward can run this call (autotuned, i.e. no fixed portable
+    ``config``; inside its scope, ``flash_attention_gluon.outside_scope``; on an sm_90 GPU, ``gluon_status``)."""
+    if INTERPRET or not q.is_cuda or config is not None:
+        return False
+    from kernels import flash_attention_gluon as fg
+
+    return fg.outside_scope(q, k, v, causal) is None and fg.gluon_status() is None
+
+
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, return_lse=False, config: dict | None = None,
                      hopper: bool | str = "auto"):
     """The forward launch, outside autograd: ``flash_attention`` with an optional fixed launch config
     ``dict(BLOCK_M=..., BLOCK_N=..., num_warps=..., num_stages=...)`` instead of autotuning (tests use it)."""
     _check_inputs(q, k, v, causal, sm_scale)
+    if hopper == "gluon":
+        if use_gluon_forward(q, k, v, causal, config):
+            from kernels import flash_attention_gluon as fg  # here: Gluon needs no interpreter setup, only a GPU
+
+            return fg.flash_attention_gluon(q, k, v, causal=causal, sm_scale=sm_scale, return_lse=return_lse)
+        hopper = "auto"   # outside its scope: what the default runs
     if hopper == "auto":
         hopper = use_hopper_forward(q, config)
     if hopper and (INTERPRET or q.dtype != torch.float32):

@@ -348,6 +348,16 @@ def _check(q, k, v, causal: bool, block_n: int) -> None:
         raise ValueError(f"causal with Skv={k.shape[2]} < Sq={Sq}: rows that see no key are not handled here")
 
 
+def outside_scope(q, k, v, causal: bool, config: dict | None = None) -> str | None:
+    """None when this kernel's scope covers the call (module docstring; the GPU aside: ``gluon_status``), else why
+    not: the ValueError's message that ``flash_attention_gluon`` would raise."""
+    try:
+        _check(q, k, v, causal, {**DEFAULT_CONFIG, **(config or {})}["BLOCK_N"])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict, return_lse: bool = False):
     """(grid, args, kwargs, out, lse) of one launch; lse [B, Hq, Sq] float32 when return_lse, else a placeholder
     the kernel never writes."""

@@ -405,6 +405,22 @@ def test_benchmark_script_quick(tmp_path, atomic):
                 assert max(row[f"{name}_{g}_rel_err"] for g in ("dq", "dk", "dv")) < 1e-4
 
 
+@pytest.mark.parametrize("forward, column", [("gluon", "ours_gluon"), ("portable", "ours_portable"),
+                                             ("tma_wide", "ours_tma")])
+def test_benchmark_hopper_forward_column(forward, column):
+    """``--hopper-forward``: one more column, named after the forward it runs (ours_gluon for the Gluon kernel, not
+    ours_tma); without the GPU that forward needs, its gradients are ours'."""
+    from benchmarks import flash_attention_bwd as bench
+
+    impls = bench.implementations({}, hopper_forward=forward)
+    assert column in impls and not {"ours_gluon", "ours_portable", "ours_tma"} - {column} & set(impls)
+    if HAS_GPU:
+        return
+    q, k, v, do = _inputs(1, 2, 1, 24, 40, 16, torch.float32, seed=1)
+    for mine, want in zip(bench.grads(impls[column], q, k, v, do, True), bench.grads(impls["ours"], q, k, v, do, True)):
+        torch.testing.assert_close(mine, want, atol=0, rtol=0)
+
+
 def test_benchmark_script_rejects_unknown_head_dims():
     from benchmarks import flash_attention_bwd as bench
 

@@ -7,6 +7,7 @@ import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before tri
 import pytest
 import torch
 
+import kernels
 import kernels.reference
 from kernels import flash_attention_gluon as fg
 
@@ -54,6 +55,30 @@ def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype, conf
     assert ["inc", str(budget["consumer_regs"])] in got["setmaxnreg"]
     assert got["spill_store_bytes"] == 0 and got["ptxas_registers"] == budget["maxnreg"]
     assert got["shared_bytes"] < 227 * 1024
+
+
+def test_outside_scope_names_the_reason_and_accepts_what_it_covers():
+    """``outside_scope``: the reason ``flash_attention_gluon`` would raise, as a string (``hopper="gluon"`` falls
+    back on it), or None for a call inside the kernel's scope (shapes and dtypes; the GPU is ``gluon_status``)."""
+    q, k, v = _qkv(1, 4, 2, 256, 384, 64, torch.float16)
+    assert fg.outside_scope(q, k, v, causal=True) is None
+    assert "dtype" in fg.outside_scope(q.float(), k.float(), v.float(), causal=False)
+    assert "Sq=" in fg.outside_scope(q[:, :, :200], k, v, causal=False)
+    k320, v320 = k[:, :, :320], v[:, :, :320]
+    assert "Skv=320" in fg.outside_scope(q, k320, v320, causal=False)            # the default BLOCK_N, 128
+    assert fg.outside_scope(q, k320, v320, causal=False, config=dict(BLOCK_N=64)) is None
+
+
+def test_hopper_gluon_elsewhere_runs_what_auto_runs():
+    """``kernels.flash_attention(..., hopper="gluon")`` never fails for want of Gluon: without an sm_90 GPU (here: the
+    interpreter) and for calls outside the Gluon kernel's scope it runs what the default runs, the same numbers."""
+    from kernels.flash_attention import use_gluon_forward
+
+    q, k, v = _qkv(1, 2, 1, 40, 72, 32, torch.float32, seed=2)   # no tile multiple, float32: outside the scope
+    assert not use_gluon_forward(q, k, v, True, None)
+    got = kernels.flash_attention(q, k, v, causal=True, hopper="gluon")
+    torch.testing.assert_close(got, kernels.flash_attention(q, k, v, causal=True), atol=0, rtol=0)
+    torch.testing.assert_close(got, kernels.reference.attention(q, k, v, causal=True), **TOL[torch.float32])
 
 
 # ---------------------------------------------------------------- on an sm_90 GPU
@@ -123,6 +148,27 @@ def test_gpu_return_lse_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, config
     torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-2)
     torch.testing.assert_close(out, want_out, **TOL[torch.bfloat16])
     torch.testing.assert_close(out, fg.flash_attention_gluon(q, k, v, causal=causal, config=config), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES[1:3])
+def test_gpu_hopper_gluon_forward_with_the_portable_backward(B, Hq, Hkv, Sq, Skv, D, causal):
+    """``kernels.flash_attention(..., hopper="gluon")``: the Gluon forward (the same output as calling it), its
+    log-sum-exp saved for the portable backward; gradients as the reference's. Outside its scope (Sq = 200) the
+    default forward runs."""
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16, seed=11)
+    got = kernels.flash_attention(q, k, v, causal=causal, hopper="gluon")
+    torch.testing.assert_close(got, fg.flash_attention_gluon(q, k, v, causal=causal), atol=0, rtol=0)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    qr, kr, vr = (t.float().clone().requires_grad_() for t in (q, k, v))
+    dout = torch.randn_like(q)
+    kernels.flash_attention(qg, kg, vg, causal=causal, hopper="gluon").backward(dout)
+    kernels.reference.attention(qr, kr, vr, causal=causal).backward(dout.float())
+    for name, mine, ref in (("dq", qg.grad, qr.grad), ("dk", kg.grad, kr.grad), ("dv", vg.grad, vr.grad)):
+        torch.testing.assert_close(mine.float(), ref, rtol=5e-2, atol=5e-2, msg=lambda m, name=name: f"{name}: {m}")
+    q200 = q[:, :, :200].contiguous()
+    torch.testing.assert_close(kernels.flash_attention(q200, k, v, causal=causal, hopper="gluon"),
+                               kernels.flash_attention(q200, k, v, causal=causal), atol=0, rtol=0)
 
 
 @pytest.mark.skipif(ON_SM90, reason="runs the sweep on an sm_90 GPU")
