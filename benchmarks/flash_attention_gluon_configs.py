@@ -31,7 +31,8 @@ from kernels import flash_attention_hopper as tma
 
 #: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24), the
 #: rotated loop, the causal loop split at the diagonal, the heaviest query blocks launched first, the softmax's scale
-#: folded into one FMA per score, the two consumer groups' matmuls issued in turns (FA3's ping-pong). The first
+#: folded into one FMA per score, the two consumer groups' matmuls issued in turns (FA3's ping-pong), one program per
+#: SM looping over query tiles (FA3's persistent scheduler). The first
 #: sweep (fd08f7e) also timed BLOCK_N 64 with 3 buffers and the rotated loop at 64/3: both slower.
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
            dict(BLOCK_N=128, STAGES=2, consumer_regs=240), dict(BLOCK_N=128, STAGES=2, ROTATE=True),
@@ -40,16 +41,39 @@ CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_
            dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
            dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True, STAGES=3), dict(PINGPONG=True),
            dict(PINGPONG=True, FMA_SOFTMAX=True), dict(PINGPONG=True, FMA_SOFTMAX=True, STAGES=3),
-           dict(PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)]
+           dict(PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True), dict(PERSISTENT=True),
+           dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
+           dict(PERSISTENT=True, PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)]
 #: switches that change only the causal loop (not timed without a mask)
 CAUSAL_ONLY = ("SPLIT_MASK", "HEAVY_FIRST")
 
 
+def failed_in_smoke(log_text: str) -> list[dict]:
+    """The configs of the smoke run's failed cases (``flash_attention_gluon_smoke``'s JSON lines: status other than
+    ok), as overrides of DEFAULT_CONFIG ({} when the default itself failed)."""
+    failed = []
+    for line in log_text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "case" in entry and entry.get("status") != "ok":
+            failed.append(entry["case"][-1])
+    return failed
+
+
+def skipped_by_smoke(config: dict, failed: list[dict]) -> dict | None:
+    """The failed smoke case that rules ``config`` out (a config that sets everything a failed case set), or None.
+    A config that hung or was wrong in its smoke case is never timed: a hang would take the sweep's whole step."""
+    return next((f for f in failed if all(config.get(key) == value for key, value in f.items())), None)
+
+
 def label(config: dict) -> str:
-    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/heavy', '/fma', '/pp' for the
-    switches on."""
+    """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/heavy', '/fma', '/pp', '/pers'
+    for the switches on."""
     flags = [name for name, key in (("rot", "ROTATE"), ("split", "SPLIT_MASK"), ("heavy", "HEAVY_FIRST"),
-                                    ("fma", "FMA_SOFTMAX"), ("pp", "PINGPONG")) if config.get(key)]
+                                    ("fma", "FMA_SOFTMAX"), ("pp", "PINGPONG"), ("pers", "PERSISTENT"))
+             if config.get(key)]
     return "/".join([str(config["BLOCK_N"]), str(config["STAGES"]), str(config["consumer_regs"]), *flags])
 
 
@@ -59,6 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-dims", default="128", help="e.g. 128,64")
     parser.add_argument("--time-limit", type=float, default=240.0, help="no new row after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--smoke-log", type=Path, default=None,
+                        help="flash_attention_gluon_smoke's output: configs whose smoke case failed are not run")
     args = parser.parse_args(argv)
     why = fg.gluon_status()
     if why is not None:
@@ -66,6 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     from torch.nn.attention import SDPBackend
 
+    failed = failed_in_smoke(args.smoke_log.read_text()) if args.smoke_log and args.smoke_log.exists() else []
+    if failed:
+        print(f"smoke cases failed with {failed}: configs that set the same are skipped", flush=True)
     name, t0 = device_name(), time.time()
     out_path = args.out or RESULTS_DIR / f"flash_attention_gluon_configs_{slug(name)}.json"
     result = dict(benchmark="flash_attention_gluon_configs", device=name, device_slug=slug(name),
@@ -94,6 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
                 if not causal and any(cfg.get(key) for key in CAUSAL_ONLY):
                     continue
                 entry = dict(config={**fg.DEFAULT_CONFIG, **cfg})
+                ruled_out = skipped_by_smoke(entry["config"], failed)
+                if ruled_out is not None:
+                    entry["error"] = f"skipped: its smoke case failed ({ruled_out})"
+                    row["configs"].append(entry)
+                    continue
                 try:
                     got = fg.flash_attention_gluon(q, k, v, causal=causal, config=cfg)
                     entry["max_abs_diff_vs_cudnn"] = (got.float() - want.float()).abs().max().item()

@@ -22,7 +22,11 @@ CASES = [(1, 1, 1, 128, 128, 64, False, {}), (1, 1, 1, 128, 256, 64, False, {}),
          (1, 2, 2, 512, 512, 128, True, dict(BLOCK_N=64)), (1, 2, 2, 512, 512, 128, True, dict(SPLIT_MASK=True)),
          (1, 2, 1, 512, 640, 64, True, dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
          (1, 2, 2, 512, 512, 128, False, dict(FMA_SOFTMAX=True)), (1, 1, 1, 128, 128, 64, False, dict(PINGPONG=True)),
-         (1, 2, 2, 512, 512, 128, False, dict(PINGPONG=True)), (1, 16, 4, 384, 1024, 64, True, dict(PINGPONG=True))]
+         (1, 2, 2, 512, 512, 128, False, dict(PINGPONG=True)), (1, 16, 4, 384, 1024, 64, True, dict(PINGPONG=True)),
+         (1, 1, 1, 128, 128, 64, False, dict(PERSISTENT=True)),
+         (1, 2, 2, 512, 512, 128, True, dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True)),
+         (4, 16, 4, 1024, 1024, 64, True, dict(PERSISTENT=True)),
+         (2, 16, 4, 1024, 1024, 64, True, dict(PERSISTENT=True, PINGPONG=True, HEAVY_FIRST=True))]
 
 CHILD = """
 import json, sys, torch
@@ -44,7 +48,7 @@ print(json.dumps(dict(max_diff=float(diff.max()), nan=bool(out.isnan().any()), b
 """
 
 
-QUICK = [CASES[5], CASES[7], CASES[8], CASES[13], CASES[16], CASES[17]]
+QUICK = [CASES[5], CASES[7], CASES[8], CASES[13], CASES[16], CASES[17], CASES[18], CASES[20], CASES[21]]
 
 
 def main(quick: bool = False) -> int:

@@ -17,11 +17,12 @@
 # Left, in the order to run them:
 #   fa_gluon     (~9 min, alone in its call) again: the switches SPLIT_MASK (causal tiles below each group's diagonal
 #                without the mask), HEAVY_FIRST (causal: the last query blocks launched first), FMA_SOFTMAX (one FMA
-#                per score) and PINGPONG (FA3's turns between the two consumer groups), written after the first run
-#                and off by default until this run's smoke cases, sweep (D = 128, then 64) and tests say they are
-#                right and faster (its tests include hopper="gluon", kernels.flash_attention's route to it, and
-#                return_lse); then fa_gluon_ablation (~3 min) with the defaults that result, and fa_gluon_bwd (~5 min:
-#                forward + backward with the Gluon forward, ours_gluon, beside the default's and cuDNN's at D = 128)
+#                per score), PINGPONG (FA3's turns between the two consumer groups) and PERSISTENT (one program per
+#                SM looping over query tiles), written after the first run and off by default until the smoke cases
+#                and the sweep (D = 128, then 64; a config whose smoke case failed is skipped) say they are right and
+#                faster. Then, in a second call: fa_gluon_tests (~3 min: also hopper="gluon", kernels.flash_attention's
+#                route to it, and return_lse), fa_gluon_ablation (~3 min) with the defaults that result, fa_gluon_bwd
+#                (~5 min: forward + backward with the Gluon forward, ours_gluon, beside the default's and cuDNN's)
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -117,11 +118,11 @@ for s in ${STEPS:?set STEPS}; do
     fa_rot) step fa_rot_tests 240 python3 -m pytest -q -rfE tests/test_flash_attention_hopper.py -k "rot or tma_wide"
             step fa_rot 300 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,tma_rot \
               --time-limit 200 --out "$OUT/flash_attention_hopper_rot.json" ;;
-    fa_gluon) step fa_gluon_smoke 150 python3 -m benchmarks.flash_attention_gluon_smoke   # smallest case first
-              if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # the rest only once every smoke case is right
+    fa_gluon) step fa_gluon_smoke 200 python3 -m benchmarks.flash_attention_gluon_smoke   # smallest case first
+              # the sweep skips every config whose smoke case hung or was wrong (the default's too: then nothing runs)
               step fa_gluon_configs 300 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 128,64 \
-                --time-limit 230 --out "$OUT/flash_attention_gluon_configs.json"
-              step fa_gluon_tests 130 python3 -m pytest -q -rfE tests/test_flash_attention_gluon.py; fi ;;
+                --time-limit 230 --smoke-log "$OUT/fa_gluon_smoke.log" --out "$OUT/flash_attention_gluon_configs.json" ;;
+    fa_gluon_tests) step fa_gluon_tests 200 python3 -m pytest -q -rfE --durations=5 tests/test_flash_attention_gluon.py ;;
     fa_gluon_bwd) step fa_gluon_bwd 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward gluon --head-dims 128 \
                 --out "$OUT/flash_attention_bwd_gluon.json" ;;
     fa_gluon_ablation) step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \

@@ -25,7 +25,11 @@ instead of a multiply (for the max) and an FMA; ``PINGPONG`` is FA3's inter-warp
 groups take turns (two more mbarriers) to issue their matmuls, QKᵀ of tile j with P·V of tile j-1, so that one
 group's softmax runs while the other's matmuls do by construction rather than by the warp scheduler's choice;
 ``HEAVY_FIRST`` launches a causal head's last query blocks (the ones that see the most keys) first, so that the short
-ones fill the end of the GPU's schedule, as the ``tl`` kernels have always done (this kernel's first version did not).
+ones fill the end of the GPU's schedule, as the ``tl`` kernels have always done (this kernel's first version did not);
+``PERSISTENT`` is FA3's persistent scheduler: one program per SM takes query tile after query tile, the K/V ring and
+the turns running on across them, the next tile's first K/V load and its Q in flight while the current tile ends
+(the output gets its own shared buffer so that Q's can be refilled early). Its barrier protocol was model-checked in
+plain Python (random interleavings, with and without ping-pong, 2 and 3 buffers; mutations of it deadlock or fail).
 
 Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only (each row's
 log-sum-exp on request, ``return_lse``, what a backward pass needs), float16 /
@@ -62,7 +66,7 @@ BLOCK_M = 128            # query rows per program: two consumer warp groups of 6
 HALF_M = BLOCK_M // 2
 #: launch parameters (measured choices go here; ``config`` overrides them per call)
 DEFAULT_CONFIG = dict(BLOCK_N=128, STAGES=2, ROTATE=False, SPLIT_MASK=False, FMA_SOFTMAX=False, PINGPONG=False,
-                      HEAVY_FIRST=False, consumer_regs=232, producer_regs=24, maxnreg=168)
+                      HEAVY_FIRST=False, PERSISTENT=False, consumer_regs=232, producer_regs=24, maxnreg=168)
 
 
 def gluon_status() -> str | None:
@@ -136,11 +140,13 @@ if gl is not None:
     @gluon.jit
     def _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, lo, hi, m_i, l_i, acc, s_zero, rows, qk_scale,
                       causal_offset, MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr, STAGES: gl.constexpr,
-                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
-        """Key tiles lo ... hi - 1 for one warp group: wait for the tile, S = Q Kᵀ, softmax, O += P V, release."""
+                      s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr,
+                      ring=0):
+        """Key tiles lo ... hi - 1 for one warp group: wait for the tile, S = Q Kᵀ, softmax, O += P V, release.
+        ring: how many tiles went through the ring before this query tile's first (PERSISTENT; else 0)."""
         for j in range(lo, hi):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
+            stage = (ring + j) % STAGES
+            phase = ((ring + j) // STAGES) & 1
             mbarrier.wait(k_ready.index(stage), phase)
             s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -156,29 +162,31 @@ if gl is not None:
     def _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i, acc, s_zero, rows,
                         qk_scale, causal_offset, WHICH: gl.constexpr, CAUSAL: gl.constexpr,
                         FMA_SOFTMAX: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-                        o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+                        o_layout: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr, ring=0, turn=0):
         """FlashAttention-3's ping-pong: the two consumer groups take turns to *issue* their matmuls, so that one
         group's softmax runs while the other's matmuls do, instead of leaving it to the warp scheduler. A turn is an
         mbarrier per group (``kv_empty[STAGES + WHICH]``, one arrival completes it), passed to the other group as
         soon as this one's matmuls are issued. In turn j a group issues S = Q K_jᵀ and O += P_(j-1) V_(j-1) (the
         previous tile's, rotated as in FA3), passes the turn, waits for S only, runs tile j's softmax, then waits
         for O. Causal, every tile is masked. Turn t of group 0 waits on phase (t & 1) ^ 1 (a fresh barrier counts
-        as having completed phase 1, so its first turn passes), of group 1 on phase t & 1: strict alternation."""
+        as having completed phase 1, so its first turn passes), of group 1 on phase t & 1: strict alternation.
+        ring, turn (PERSISTENT): the tiles and turns of this program's earlier query tiles (n_tiles + 1 turns each),
+        so that ring phases and turns continue across them; else 0."""
         my_turn = kv_empty.index(STAGES + WHICH)
         their_turn = kv_empty.index(STAGES + 1 - WHICH)
-        mbarrier.wait(k_ready.index(0), 0)
-        mbarrier.wait(my_turn, WHICH ^ 1)                                   # turn 0
-        s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(k_ready.index(ring % STAGES), (ring // STAGES) & 1)
+        mbarrier.wait(my_turn, (turn & 1) ^ (WHICH ^ 1))                    # turn 0
+        s = warpgroup_mma(q, k_bufs.index(ring % STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         mbarrier.arrive(their_turn, count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
         m_i, l_i, acc, p, alpha = _softmax_tile(s, 0, m_i, l_i, acc, rows, qk_scale, causal_offset, CAUSAL,
                                                 FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype, RESCALE=False)
         for j in range(1, n_tiles):                                         # turn j
-            prev = (j - 1) % STAGES
-            stage = j % STAGES
-            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            mbarrier.wait(my_turn, (j & 1) ^ (WHICH ^ 1))
+            prev = (ring + j - 1) % STAGES
+            stage = (ring + j) % STAGES
+            mbarrier.wait(k_ready.index(stage), ((ring + j) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(prev), ((ring + j - 1) // STAGES) & 1)
+            mbarrier.wait(my_turn, ((turn + j) & 1) ^ (WHICH ^ 1))
             s = warpgroup_mma(q, k_bufs.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             acc = acc * gl.expand_dims(alpha, 1)
             acc = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
@@ -188,9 +196,9 @@ if gl is not None:
                                                     FMA_SOFTMAX, s_layout, o_layout, p_layout, dtype, RESCALE=False)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(kv_empty.index(prev), count=1)                  # this group is done with tile j-1
-        last = n_tiles - 1
+        last = ring + n_tiles - 1
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        mbarrier.wait(my_turn, (n_tiles & 1) ^ (WHICH ^ 1))                 # turn n_tiles: the last P V
+        mbarrier.wait(my_turn, ((turn + n_tiles) & 1) ^ (WHICH ^ 1))        # turn n_tiles: the last P V
         acc = acc * gl.expand_dims(alpha, 1)
         acc = warpgroup_mma(p, v_bufs.index(last % STAGES), acc, is_async=True)
         mbarrier.arrive(their_turn, count=1)
@@ -277,12 +285,171 @@ if gl is not None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size,
-                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
-                     FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    def _work_coords(work, n_bh, Hq, GROUP, Sq, Skv, CAUSAL: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                     half: gl.constexpr, block_n: gl.constexpr):
+        """PERSISTENT: query tile ``work`` of the n_bh · Sq/128 -> (its first row in q's [B·Hq·Sq, D] view, its kv
+        head's first row in k's view, its key tiles, its first query row within the head). The query tiles of one
+        head are neighbours (its K/V stays in L2); causal with HEAVY_FIRST, the last query block of every head comes
+        first, then the one before, ..., so that every program's next tile is no heavier than its last."""
+        n_m = Sq // (2 * half)
+        if CAUSAL and HEAVY_FIRST:
+            bh = work % n_bh
+            start = (n_m - 1 - work // n_bh) * 2 * half
+        else:
+            bh = work // n_m
+            start = (work % n_m) * 2 * half
+        kv_bh = (bh // Hq) * (Hq // GROUP) + (bh % Hq) // GROUP
+        if CAUSAL:   # keys up to the last row's diagonal, bottom-right aligned
+            n_tiles = gl.cdiv(gl.minimum(Skv, start + 2 * half + Skv - Sq), block_n)
+        else:
+            n_tiles = Skv // block_n
+        return bh * Sq + start, kv_bh * Skv, n_tiles, start
+
+    @gluon.jit
+    def _producer_persistent(q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty,
+                             n_bh, Hq, GROUP, Sq, Skv, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                             PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr):
+        """PERSISTENT's producer: for each query tile of this program, its K/V tiles into the ring (whose counter runs
+        on across query tiles) and, after the first of them, its Q halves, once both consumer groups have released
+        the last tile's (``q_empty``, the barrier after the ring's and the turns'). The next tile's first K/V tile
+        is thus in flight while the consumers finish the current one."""
         half: gl.constexpr = q_desc.block_type.shape[0]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
+        q_empty = kv_empty.index(STAGES + 2 * PINGPONG)
+        ring = 0
+        it = 0
+        for work in range(gl.program_id(0), n_bh * (Sq // (2 * half)), gl.num_programs(0)):
+            q_row, kv_row, n_tiles, start = _work_coords(work, n_bh, Hq, GROUP, Sq, Skv, CAUSAL, HEAVY_FIRST, half,
+                                                         block_n)
+            for j in range(n_tiles):
+                c = ring + j
+                stage = c % STAGES
+                mbarrier.wait(kv_empty.index(stage), ((c // STAGES) & 1) ^ 1)
+                mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [kv_row + j * block_n, 0], k_ready.index(stage),
+                                                k_bufs.index(stage))
+                mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(v_desc, [kv_row + j * block_n, 0], v_ready.index(stage),
+                                                v_bufs.index(stage))
+                if j == 0:   # a fresh q_empty counts as having completed phase 1: the first tile's wait passes
+                    mbarrier.wait(q_empty, (it & 1) ^ 1)
+                    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem.index(0))
+                    tma.async_copy_global_to_shared(q_desc, [q_row + half, 0], q_bar, q_smem.index(1))
+            ring += n_tiles
+            it += 1
+
+    @gluon.jit
+    def _consumer_persistent(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready,
+                             v_ready, kv_empty, n_bh, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size,
+                             CAUSAL: gl.constexpr, STAGES: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                             FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                             WHICH: gl.constexpr):
+        """PERSISTENT's consumer group: ``_consumer``'s work for each query tile of this program, the ring's and the
+        turns' counters running on across tiles. Q is released (``q_empty``) as soon as the tile's last QKᵀ is done,
+        and the output leaves through its own buffer (not Q's), so the next Q can arrive during the epilogue."""
+        half: gl.constexpr = q_desc.block_type.shape[0]
+        head_dim: gl.constexpr = q_desc.block_type.shape[1]
+        block_n: gl.constexpr = k_desc.block_type.shape[0]
+        dtype: gl.constexpr = q_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, block_n, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, head_dim, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        q_empty = kv_empty.index(STAGES + 2 * PINGPONG)
+        causal_offset = Skv - Sq
+        q = q_smem.index(WHICH)
+        s_zero = gl.zeros([half, block_n], gl.float32, layout=s_layout)
+        ring = 0
+        turn = 0
+        it = 0
+        for work in range(gl.program_id(0), n_bh * (Sq // (2 * half)), gl.num_programs(0)):
+            q_row, kv_row, n_tiles, start = _work_coords(work, n_bh, Hq, GROUP, Sq, Skv, CAUSAL, HEAVY_FIRST, half,
+                                                         block_n)
+            m_i = gl.full([half], float("-inf"), gl.float32, layout=row_s)
+            l_i = gl.zeros([half], gl.float32, layout=row_s)
+            acc = gl.zeros([half, head_dim], gl.float32, layout=o_layout)
+            rows = start + WHICH * half + gl.arange(0, half, layout=row_s)
+            mbarrier.wait(q_bar, it & 1)
+            if PINGPONG:
+                m_i, l_i, acc = _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i,
+                                                acc, s_zero, rows, qk_scale, causal_offset, WHICH, CAUSAL,
+                                                FMA_SOFTMAX, STAGES, s_layout, o_layout, p_layout, dtype, ring, turn)
+            elif SPLIT_MASK and CAUSAL:
+                n_full = gl.minimum((start + WHICH * half + causal_offset + 1) // block_n, n_tiles)
+                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_full, m_i, l_i,
+                                              acc, s_zero, rows, qk_scale, causal_offset, False, FMA_SOFTMAX, STAGES,
+                                              s_layout, o_layout, p_layout, dtype, ring)
+                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_full, n_tiles, m_i,
+                                              l_i, acc, s_zero, rows, qk_scale, causal_offset, True, FMA_SOFTMAX,
+                                              STAGES, s_layout, o_layout, p_layout, dtype, ring)
+            else:
+                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_tiles, m_i, l_i,
+                                              acc, s_zero, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX,
+                                              STAGES, s_layout, o_layout, p_layout, dtype, ring)
+            mbarrier.arrive(q_empty, count=1)   # this group's QKᵀ are done: the producer may load the next Q
+            ring += n_tiles
+            turn += n_tiles + 1
+            it += 1
+            offs = (q_row + WHICH * half).to(gl.int64) + gl.arange(0, half, layout=row_s)
+            gl.store(lse_ptr + offs, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=offs < lse_size)
+            out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
+            tma.store_wait(pendings=0)   # the last tile's output has left this group's buffer
+            o_smem.index(WHICH).store(out.to(dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_desc, [q_row + WHICH * half, 0], o_smem.index(WHICH))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _attn_fwd_persistent(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size, n_bh,
+                             CAUSAL: gl.constexpr, STAGES: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                             FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                             CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """PERSISTENT: one program per SM (the grid: ``min(query tiles, SMs)``) takes query tiles pid, pid + grid,
+        ... (``_work_coords``). Its shared memory: the Q halves, the output halves in their own buffers, the K/V
+        ring; its barriers: the ring's, the turns' (PINGPONG) and ``q_empty`` (both groups done with a Q)."""
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        o_smem = gl.allocate_shared_memory(o_desc.dtype, [2] + o_desc.block_type.shape, o_desc.layout)
+        k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES + 2 * PINGPONG + 1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(kv_empty.index(i), count=2)
+        if PINGPONG:
+            mbarrier.init(kv_empty.index(STAGES), count=1)
+            mbarrier.init(kv_empty.index(STAGES + 1), count=1)
+        mbarrier.init(kv_empty.index(STAGES + 2 * PINGPONG), count=2)   # q_empty: both groups release their Q
+        consumer0 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready,
+                     kv_empty, n_bh, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size, CAUSAL, STAGES, SPLIT_MASK,
+                     FMA_SOFTMAX, PINGPONG, HEAVY_FIRST, 0)
+        consumer1 = (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready,
+                     kv_empty, n_bh, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size, CAUSAL, STAGES, SPLIT_MASK,
+                     FMA_SOFTMAX, PINGPONG, HEAVY_FIRST, 1)
+        producer = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_bar, k_ready, v_ready, kv_empty, n_bh, Hq,
+                    GROUP, Sq, Skv, CAUSAL, STAGES, PINGPONG, HEAVY_FIRST)
+        gl.warp_specialize([(_consumer_persistent, consumer0), (_consumer_persistent, consumer1),
+                            (_producer_persistent, producer)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    @gluon.jit
+    def _attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size, n_bh,
+                     CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                     FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                     PERSISTENT: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        half: gl.constexpr = q_desc.block_type.shape[0]
+        block_n: gl.constexpr = k_desc.block_type.shape[0]
+        if PERSISTENT:
+            _attn_fwd_persistent(q_desc, k_desc, v_desc, o_desc, Hq, GROUP, Sq, Skv, qk_scale, lse_ptr, lse_size,
+                                 n_bh, CAUSAL, STAGES, SPLIT_MASK, FMA_SOFTMAX, PINGPONG, HEAVY_FIRST, CONSUMER_REGS,
+                                 PRODUCER_REGS)
+            return
         if CAUSAL and HEAVY_FIRST:   # late query blocks see the most keys: launch them first (as the tl kernels do)
             start = (gl.num_programs(0) - 1 - gl.program_id(0)) * 2 * half
         else:
@@ -348,6 +515,12 @@ def _check(q, k, v, causal: bool, block_n: int) -> None:
         raise ValueError(f"causal with Skv={k.shape[2]} < Sq={Sq}: rows that see no key are not handled here")
 
 
+def _check_config(config: dict) -> None:
+    """ValueError for switches this kernel does not combine."""
+    if config["PERSISTENT"] and config["ROTATE"]:
+        raise ValueError("config: PERSISTENT is written for the plain, split and ping-pong loops, not ROTATE")
+
+
 def outside_scope(q, k, v, causal: bool, config: dict | None = None) -> str | None:
     """None when this kernel's scope covers the call (module docstring; the GPU aside: ``gluon_status``), else why
     not: the ValueError's message that ``flash_attention_gluon`` would raise."""
@@ -374,13 +547,21 @@ def _launch_args(q, k, v, causal: bool, sm_scale: float | None, config: dict, re
              TensorDescriptor.from_tensor(out, [HALF_M, D], q_layout))
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
     lse = torch.empty((B, Hq, Sq) if return_lse else (1,), device=q.device, dtype=torch.float32)
-    args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, lse, lse.numel() if return_lse else 0)
+    args = (*descs, Hq, Hq // Hkv, Sq, Skv, scale * LOG2E, lse, lse.numel() if return_lse else 0, B * Hq)
     kwargs = dict(CAUSAL=bool(causal), STAGES=config["STAGES"], ROTATE=bool(config["ROTATE"]),
                   SPLIT_MASK=bool(config["SPLIT_MASK"]), FMA_SOFTMAX=bool(config["FMA_SOFTMAX"]),
                   PINGPONG=bool(config["PINGPONG"]), HEAVY_FIRST=bool(config["HEAVY_FIRST"]),
+                  PERSISTENT=bool(config["PERSISTENT"]),
                   CONSUMER_REGS=config["consumer_regs"],
                   PRODUCER_REGS=config["producer_regs"], num_warps=4, maxnreg=config["maxnreg"])
+    if config["PERSISTENT"]:   # one program per SM, each looping over query tiles
+        return (min(Sq // BLOCK_M * B * Hq, _num_sms(q.device)), 1), args, kwargs, out, lse
     return (Sq // BLOCK_M, B * Hq), args, kwargs, out, lse
+
+
+def _num_sms(device: torch.device) -> int:
+    """SMs of the GPU (132 on an H100 SXM); a stand-in for CPU tensors (cross-compiling: the grid is not compiled)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
@@ -392,6 +573,7 @@ def flash_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     outside the scope in the module docstring, RuntimeError where the kernel cannot run (``gluon_status``)."""
     config = {**DEFAULT_CONFIG, **(config or {})}
     _check(q, k, v, causal, config["BLOCK_N"])
+    _check_config(config)
     why = gluon_status()
     if why is not None:
         raise RuntimeError(f"the Gluon FlashAttention kernel cannot run here: {why}")
@@ -411,6 +593,7 @@ def _compile_for(D: int, causal: bool, dtype: str, config: dict, arch: int) -> d
     q = torch.empty(1, 2, 256, D, dtype=getattr(torch, dtype))
     k = v = torch.empty(1, 1, 256, D, dtype=getattr(torch, dtype))
     _check(q, k, v, causal, config["BLOCK_N"])
+    _check_config(config)
     _, args, kwargs, _, _ = _launch_args(q, k, v, causal, None, config)
     names = _attn_fwd_ws.arg_names
     constexprs = {name: kwargs[name] for name in names[len(args):]}

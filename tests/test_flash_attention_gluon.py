@@ -42,7 +42,9 @@ def test_without_an_sm90_gpu_it_says_why():
                                                      (128, True, "float16", dict(ROTATE=True)),
                                                      (64, True, "bfloat16",
                                                       dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
-                                                     (128, False, "bfloat16", dict(PINGPONG=True))])
+                                                     (128, False, "bfloat16", dict(PINGPONG=True)),
+                                                     (128, True, "bfloat16",
+                                                      dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True))])
 def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype, config):
     """Cross-compiled for sm_90 on any machine: 12 warps (two consumer groups of 4, the producer's group), the
     producer's registers given back (setmaxnreg.dec to its budget) and the consumers' raised to theirs, wgmma
@@ -67,6 +69,12 @@ def test_outside_scope_names_the_reason_and_accepts_what_it_covers():
     k320, v320 = k[:, :, :320], v[:, :, :320]
     assert "Skv=320" in fg.outside_scope(q, k320, v320, causal=False)            # the default BLOCK_N, 128
     assert fg.outside_scope(q, k320, v320, causal=False, config=dict(BLOCK_N=64)) is None
+
+
+def test_persistent_with_rotate_is_refused_naming_both():
+    q, k, v = _qkv(1, 2, 1, 128, 128, 64, torch.float16)
+    with pytest.raises(ValueError, match="PERSISTENT.*ROTATE"):
+        fg.flash_attention_gluon(q, k, v, config=dict(PERSISTENT=True, ROTATE=True))
 
 
 def test_hopper_gluon_elsewhere_runs_what_auto_runs():
@@ -135,6 +143,24 @@ def test_gpu_pingpong_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, config):
 
 
 @pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
+@pytest.mark.parametrize("config", [dict(PERSISTENT=True), dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True,
+                                                                FMA_SOFTMAX=True),
+                                    dict(PERSISTENT=True, PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True),
+                                    dict(PERSISTENT=True, STAGES=3, BLOCK_N=64)])
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES + [(4, 16, 4, 1024, 1024, 64, True),
+                                                                      (2, 16, 16, 1024, 1280, 64, False)])
+def test_gpu_persistent_matches_reference(B, Hq, Hkv, Sq, Skv, D, causal, config):
+    """One program per SM looping over query tiles, the ring's and the turns' counters running on across them: the
+    same output and log-sum-exp, with fewer query tiles than SMs (the first cases) and more (512 and 256 tiles:
+    every program takes several, of different lengths when causal)."""
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16, seed=13)
+    out, lse = fg.flash_attention_gluon(q, k, v, causal=causal, return_lse=True, config=config)
+    want_out, want_lse = kernels.reference.flash_attention_lse(q, k, v, causal=causal)
+    torch.testing.assert_close(out, want_out, **TOL[torch.bfloat16])
+    torch.testing.assert_close(lse, want_lse, rtol=1e-3, atol=1e-2)
+
+
+@pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
 @pytest.mark.parametrize("config", [{}, dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
                                     dict(PINGPONG=True, FMA_SOFTMAX=True)])
 @pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", GPU_CASES[1:3])
@@ -169,6 +195,27 @@ def test_gpu_hopper_gluon_forward_with_the_portable_backward(B, Hq, Hkv, Sq, Skv
     q200 = q[:, :, :200].contiguous()
     torch.testing.assert_close(kernels.flash_attention(q200, k, v, causal=causal, hopper="gluon"),
                                kernels.flash_attention(q200, k, v, causal=causal), atol=0, rtol=0)
+
+
+def test_sweep_skips_the_configs_whose_smoke_case_failed():
+    """The sweep reads the smoke run's lines: a config that sets everything a failed (hung, wrong, crashed) case set is
+    not run, a hang would take the step; a failed default (an empty override) rules out every config."""
+    import json
+
+    from benchmarks.flash_attention_gluon_configs import failed_in_smoke, skipped_by_smoke
+
+    lines = [json.dumps(dict(case=[1, 1, 1, 128, 128, 64, False, {}], status="ok", max_diff=0.01)),
+             json.dumps(dict(case=[4, 16, 4, 1024, 1024, 64, True, dict(PERSISTENT=True)], status="hung")),
+             json.dumps(dict(case=[1, 2, 2, 512, 512, 128, False, dict(PINGPONG=True, STAGES=3)], status="wrong")),
+             "the Gluon kernel cannot run here: no CUDA GPU"]
+    failed = failed_in_smoke("\n".join(lines))
+    assert failed == [dict(PERSISTENT=True), dict(PINGPONG=True, STAGES=3)]
+    full = lambda **kw: {**fg.DEFAULT_CONFIG, **kw}
+    assert skipped_by_smoke(full(PERSISTENT=True, FMA_SOFTMAX=True), failed) == dict(PERSISTENT=True)
+    assert skipped_by_smoke(full(PINGPONG=True, STAGES=3), failed) == dict(PINGPONG=True, STAGES=3)
+    assert skipped_by_smoke(full(PINGPONG=True), failed) is None and skipped_by_smoke(full(), failed) is None
+    default_failed = failed_in_smoke(json.dumps(dict(case=[1, {}], status="error")))
+    assert skipped_by_smoke(full(SPLIT_MASK=True), default_failed) == {}
 
 
 @pytest.mark.skipif(ON_SM90, reason="runs the sweep on an sm_90 GPU")
