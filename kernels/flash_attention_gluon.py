@@ -207,19 +207,19 @@ if gl is not None:
         return m_i, l_i, acc
 
     @gluon.jit
-    def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
-                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, lse_ptr, lse_size,
-                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
-                  FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
-        """One warp group: the online softmax over every key tile for its 64 query rows, then their output. ROTATE:
-        tile j+1's QK^T is issued before tile j's softmax and runs on the Tensor Cores while it does (FA3's
-        intra-warpgroup overlap; two score tiles live in registers; causal, it masks every tile). SPLIT_MASK (the plain
-        loop, causal): the tiles below every row's diagonal first, without the comparison, then the ones that cross
-        it, as the ``tl`` kernels do."""
-        half: gl.constexpr = q_desc.block_type.shape[0]
-        head_dim: gl.constexpr = q_desc.block_type.shape[1]
-        block_n: gl.constexpr = k_desc.block_type.shape[0]
-        dtype: gl.constexpr = q_desc.dtype
+    def _group_tile(q, k_bufs, v_bufs, q_bar, q_phase, k_ready, v_ready, kv_empty, n_tiles, q_lo, qk_scale,
+                    causal_offset, CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr,
+                    SPLIT_MASK: gl.constexpr, FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr,
+                    head_dim: gl.constexpr, block_n: gl.constexpr, ring=0, turn=0):
+        """One warp group's 64 query rows of one query tile (its first row q_lo within the head): once its Q half has
+        arrived (``q_bar`` completing phase ``q_phase``), the online softmax over every key tile -> the running max,
+        sum and output accumulator. ROTATE: tile j+1's QK^T is issued before tile j's softmax and runs on the Tensor
+        Cores while it does (FA3's intra-warpgroup overlap; two score tiles live in registers; causal, it masks every
+        tile; not with ``ring``). SPLIT_MASK (the plain loop, causal): the tiles below every row's diagonal first,
+        without the comparison, then the ones that cross it, as the ``tl`` kernels do. ring, turn: PERSISTENT's
+        counters of the program's earlier query tiles."""
+        half: gl.constexpr = q.shape[0]
+        dtype: gl.constexpr = q.dtype
         # wgmma accumulators: 4 warps along M (16 rows each), instruction N = the tile's width
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, block_n, 16])
@@ -228,17 +228,16 @@ if gl is not None:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
 
-        q = q_smem.index(WHICH)
         m_i = gl.full([half], float("-inf"), gl.float32, layout=row_s)
         l_i = gl.zeros([half], gl.float32, layout=row_s)
         acc = gl.zeros([half, head_dim], gl.float32, layout=o_layout)
         s_zero = gl.zeros([half, block_n], gl.float32, layout=s_layout)
         rows = q_lo + WHICH * half + gl.arange(0, half, layout=row_s)   # this group's query rows within the head
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_bar, q_phase)
         if PINGPONG:
             m_i, l_i, acc = _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i, acc,
                                             s_zero, rows, qk_scale, causal_offset, WHICH, CAUSAL, FMA_SOFTMAX, STAGES,
-                                            s_layout, o_layout, p_layout, dtype)
+                                            s_layout, o_layout, p_layout, dtype, ring, turn)
         elif ROTATE:
             mbarrier.wait(k_ready.index(0), 0)
             s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -265,23 +264,45 @@ if gl is not None:
             n_full = gl.minimum((q_lo + WHICH * half + causal_offset + 1) // block_n, n_tiles)
             m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_full, m_i, l_i, acc,
                                           s_zero, rows, qk_scale, causal_offset, False, FMA_SOFTMAX, STAGES, s_layout,
-                                          o_layout, p_layout, dtype)
+                                          o_layout, p_layout, dtype, ring)
             m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_full, n_tiles, m_i, l_i,
                                           acc, s_zero, rows, qk_scale, causal_offset, True, FMA_SOFTMAX, STAGES,
-                                          s_layout, o_layout, p_layout, dtype)
+                                          s_layout, o_layout, p_layout, dtype, ring)
         else:
             m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_tiles, m_i, l_i, acc,
                                           s_zero, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX, STAGES,
-                                          s_layout, o_layout, p_layout, dtype)
-        # log-sum-exp of the scaled scores, natural log (the portable kernel's; m and l are in log2 units), written
-        # where lse_size > 0. A masked store rather than `if RETURN_LSE`: with the store only in the worker partition
-        # (the default one folds a false constexpr away), Triton 3.6's lowering to LLVM fails.
-        offs = (q_row + WHICH * half).to(gl.int64) + gl.arange(0, half, layout=row_s)
+                                          s_layout, o_layout, p_layout, dtype, ring)
+        return m_i, l_i, acc
+
+    @gluon.jit
+    def _write_tile(m_i, l_i, acc, o_smem, o_desc, lse_ptr, lse_size, q_row, WHICH: gl.constexpr,
+                    WAIT_FIRST: gl.constexpr):
+        """A group's output rows (acc / l) through its shared buffer and a TMA store, and their log-sum-exp of the
+        scaled scores (natural log, the portable kernel's; m and l are in log2 units) where lse_size > 0. A masked
+        store rather than `if RETURN_LSE`: with the store only in the worker partition (the default one folds a
+        false constexpr away), Triton 3.6's lowering to LLVM fails. WAIT_FIRST (PERSISTENT): the buffer's previous
+        tile must have left it first."""
+        half: gl.constexpr = acc.shape[0]
+        offs = (q_row + WHICH * half).to(gl.int64) + gl.arange(0, half, layout=m_i.type.layout)
         gl.store(lse_ptr + offs, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=offs < lse_size)
-        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-        o_smem.index(WHICH).store(out.to(dtype))
+        out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, acc.type.layout)), 1)
+        if WAIT_FIRST:
+            tma.store_wait(pendings=0)
+        o_smem.index(WHICH).store(out.to(o_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [q_row + WHICH * half, 0], o_smem.index(WHICH))
+
+    @gluon.jit
+    def _consumer(q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, o_smem, q_bar, k_ready, v_ready, kv_empty,
+                  q_row, kv_row, n_tiles, qk_scale, q_lo, causal_offset, lse_ptr, lse_size,
+                  CAUSAL: gl.constexpr, STAGES: gl.constexpr, ROTATE: gl.constexpr, SPLIT_MASK: gl.constexpr,
+                  FMA_SOFTMAX: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
+        """One warp group: its 64 query rows of the program's query tile (``_group_tile``), then their output."""
+        m_i, l_i, acc = _group_tile(q_smem.index(WHICH), k_bufs, v_bufs, q_bar, 0, k_ready, v_ready, kv_empty,
+                                    n_tiles, q_lo, qk_scale, causal_offset, CAUSAL, STAGES, ROTATE, SPLIT_MASK,
+                                    FMA_SOFTMAX, PINGPONG, WHICH, q_desc.block_type.shape[1],
+                                    k_desc.block_type.shape[0])
+        _write_tile(m_i, l_i, acc, o_smem, o_desc, lse_ptr, lse_size, q_row, WHICH, False)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -349,57 +370,23 @@ if gl is not None:
         turns' counters running on across tiles. Q is released (``q_empty``) as soon as the tile's last QKᵀ is done,
         and the output leaves through its own buffer (not Q's), so the next Q can arrive during the epilogue."""
         half: gl.constexpr = q_desc.block_type.shape[0]
-        head_dim: gl.constexpr = q_desc.block_type.shape[1]
         block_n: gl.constexpr = k_desc.block_type.shape[0]
-        dtype: gl.constexpr = q_desc.dtype
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, block_n, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, head_dim, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         q_empty = kv_empty.index(STAGES + 2 * PINGPONG)
-        causal_offset = Skv - Sq
-        q = q_smem.index(WHICH)
-        s_zero = gl.zeros([half, block_n], gl.float32, layout=s_layout)
         ring = 0
         turn = 0
         it = 0
         for work in range(gl.program_id(0), n_bh * (Sq // (2 * half)), gl.num_programs(0)):
             q_row, kv_row, n_tiles, start = _work_coords(work, n_bh, Hq, GROUP, Sq, Skv, CAUSAL, HEAVY_FIRST, half,
                                                          block_n)
-            m_i = gl.full([half], float("-inf"), gl.float32, layout=row_s)
-            l_i = gl.zeros([half], gl.float32, layout=row_s)
-            acc = gl.zeros([half, head_dim], gl.float32, layout=o_layout)
-            rows = start + WHICH * half + gl.arange(0, half, layout=row_s)
-            mbarrier.wait(q_bar, it & 1)
-            if PINGPONG:
-                m_i, l_i, acc = _pingpong_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, m_i, l_i,
-                                                acc, s_zero, rows, qk_scale, causal_offset, WHICH, CAUSAL,
-                                                FMA_SOFTMAX, STAGES, s_layout, o_layout, p_layout, dtype, ring, turn)
-            elif SPLIT_MASK and CAUSAL:
-                n_full = gl.minimum((start + WHICH * half + causal_offset + 1) // block_n, n_tiles)
-                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_full, m_i, l_i,
-                                              acc, s_zero, rows, qk_scale, causal_offset, False, FMA_SOFTMAX, STAGES,
-                                              s_layout, o_layout, p_layout, dtype, ring)
-                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_full, n_tiles, m_i,
-                                              l_i, acc, s_zero, rows, qk_scale, causal_offset, True, FMA_SOFTMAX,
-                                              STAGES, s_layout, o_layout, p_layout, dtype, ring)
-            else:
-                m_i, l_i, acc = _attend_tiles(q, k_bufs, v_bufs, k_ready, v_ready, kv_empty, 0, n_tiles, m_i, l_i,
-                                              acc, s_zero, rows, qk_scale, causal_offset, CAUSAL, FMA_SOFTMAX,
-                                              STAGES, s_layout, o_layout, p_layout, dtype, ring)
+            m_i, l_i, acc = _group_tile(q_smem.index(WHICH), k_bufs, v_bufs, q_bar, it & 1, k_ready, v_ready,
+                                        kv_empty, n_tiles, start, qk_scale, Skv - Sq, CAUSAL, STAGES, False,
+                                        SPLIT_MASK, FMA_SOFTMAX, PINGPONG, WHICH, q_desc.block_type.shape[1],
+                                        block_n, ring, turn)
             mbarrier.arrive(q_empty, count=1)   # this group's QKᵀ are done: the producer may load the next Q
             ring += n_tiles
             turn += n_tiles + 1
             it += 1
-            offs = (q_row + WHICH * half).to(gl.int64) + gl.arange(0, half, layout=row_s)
-            gl.store(lse_ptr + offs, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=offs < lse_size)
-            out = acc / gl.expand_dims(gl.convert_layout(l_i, gl.SliceLayout(1, o_layout)), 1)
-            tma.store_wait(pendings=0)   # the last tile's output has left this group's buffer
-            o_smem.index(WHICH).store(out.to(dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(o_desc, [q_row + WHICH * half, 0], o_smem.index(WHICH))
+            _write_tile(m_i, l_i, acc, o_smem, o_desc, lse_ptr, lse_size, q_row, WHICH, True)
         tma.store_wait(pendings=0)
 
     @gluon.jit
