@@ -1,6 +1,6 @@
 """The Gluon forward's launch parameters, swept: key tile (BLOCK_N), K/V buffers (STAGES), the consumer groups'
-register budget, the rotated loop (ROTATE) and the other switches of ``DEFAULT_CONFIG``, each checked against cuDNN's
-output and timed beside cuDNN and ``tma_wide`` (issue 21).
+register budget and the switches of ``DEFAULT_CONFIG``, each checked against cuDNN's output and timed beside cuDNN and
+``tma_wide`` (issue 21).
 
     python -m benchmarks.flash_attention_gluon_configs            # an sm_90 GPU: D = 128, N = 8k, bf16
 
@@ -30,12 +30,12 @@ from kernels import flash_attention_gluon as fg
 from kernels import flash_attention_hopper as tma
 
 #: the configs tried (each a compilation): tile width, buffers, consumer registers (the producer keeps 24), the
-#: rotated loop, the causal loop split at the diagonal, the heaviest query blocks launched first, the softmax's scale
-#: folded into one FMA per score, the two consumer groups' matmuls issued in turns (FA3's ping-pong), one program per
-#: SM looping over query tiles (FA3's persistent scheduler). The first
-#: sweep (fd08f7e) also timed BLOCK_N 64 with 3 buffers and the rotated loop at 64/3: both slower.
+#: causal loop split at the diagonal, the heaviest query blocks launched first, the softmax's scale folded into one
+#: FMA per score, the two consumer groups' matmuls issued in turns (FA3's ping-pong), one program per SM looping over
+#: query tiles (FA3's persistent scheduler). The first sweep (fd08f7e) also timed BLOCK_N 64 with 3 buffers and the
+#: rotated loop (ROTATE, removed since): slower.
 CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_N=64, STAGES=2),
-           dict(BLOCK_N=128, STAGES=2, consumer_regs=240), dict(BLOCK_N=128, STAGES=2, ROTATE=True),
+           dict(BLOCK_N=128, STAGES=2, consumer_regs=240),
            dict(FMA_SOFTMAX=True), dict(SPLIT_MASK=True), dict(HEAVY_FIRST=True),
            dict(SPLIT_MASK=True, HEAVY_FIRST=True),
            dict(SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),

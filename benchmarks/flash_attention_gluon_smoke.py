@@ -18,7 +18,7 @@ import sys
 CASES = [(1, 1, 1, 128, 128, 64, False, {}), (1, 1, 1, 128, 256, 64, False, {}), (1, 1, 1, 128, 512, 64, False, {}),
          (1, 2, 2, 256, 512, 64, False, {}), (1, 1, 1, 128, 128, 64, True, {}), (1, 1, 1, 256, 512, 64, True, {}),
          (1, 1, 1, 128, 256, 128, False, {}), (2, 8, 8, 1024, 1024, 128, True, {}), (1, 16, 4, 384, 1024, 64, True, {}),
-         (1, 2, 2, 512, 512, 128, True, dict(ROTATE=True)), (1, 2, 2, 512, 512, 128, True, dict(STAGES=3)),
+         (1, 2, 2, 512, 512, 128, True, dict(STAGES=3)),
          (1, 2, 2, 512, 512, 128, True, dict(BLOCK_N=64)), (1, 2, 2, 512, 512, 128, True, dict(SPLIT_MASK=True)),
          (1, 2, 1, 512, 640, 64, True, dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
          (1, 2, 2, 512, 512, 128, False, dict(FMA_SOFTMAX=True)), (1, 1, 1, 128, 128, 64, False, dict(PINGPONG=True)),
@@ -48,7 +48,7 @@ print(json.dumps(dict(max_diff=float(diff.max()), nan=bool(out.isnan().any()), b
 """
 
 
-QUICK = [CASES[5], CASES[7], CASES[8], CASES[13], CASES[16], CASES[17], CASES[18], CASES[20], CASES[21]]
+QUICK = [CASES[5], CASES[7], CASES[8], CASES[12], CASES[15], CASES[16], CASES[17], CASES[19], CASES[20]]
 
 
 def main(quick: bool = False) -> int:

@@ -39,7 +39,6 @@ def test_without_an_sm90_gpu_it_says_why():
 
 @needs_gluon
 @pytest.mark.parametrize("D, causal, dtype, config", [(128, True, "bfloat16", {}), (64, False, "float16", {}),
-                                                     (128, True, "float16", dict(ROTATE=True)),
                                                      (64, True, "bfloat16",
                                                       dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
                                                      (128, False, "bfloat16", dict(PINGPONG=True)),
@@ -48,8 +47,8 @@ def test_without_an_sm90_gpu_it_says_why():
 def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype, config):
     """Cross-compiled for sm_90 on any machine: 12 warps (two consumer groups of 4, the producer's group), the
     producer's registers given back (setmaxnreg.dec to its budget) and the consumers' raised to theirs, wgmma
-    instructions (twice as many in the rotated loop: its peeled last tile) and TMA tile loads in the PTX, no
-    register spilled (ptxas -v), shared memory within an H100's 227 KB per block."""
+    instructions and TMA tile loads in the PTX, no register spilled (ptxas -v), shared memory within an H100's
+    227 KB per block. The kernel's three modules compile together without kernels.device (the interpreter off)."""
     got = fg.cross_compile(D=D, causal=causal, dtype=dtype, config=config)
     budget = {**fg.DEFAULT_CONFIG, **config}
     assert got["num_warps"] == 12 and got["wgmma"] > 0 and got["tma_loads"] > 0
@@ -71,10 +70,13 @@ def test_outside_scope_names_the_reason_and_accepts_what_it_covers():
     assert fg.outside_scope(q, k320, v320, causal=False, config=dict(BLOCK_N=64)) is None
 
 
-def test_persistent_with_rotate_is_refused_naming_both():
+def test_unknown_config_keys_are_refused_naming_them():
+    """A config key the kernel does not have (a typo, or ROTATE, removed after it was measured slower) is a
+    ValueError naming it, not a silent run of the default."""
     q, k, v = _qkv(1, 2, 1, 128, 128, 64, torch.float16)
-    with pytest.raises(ValueError, match="PERSISTENT.*ROTATE"):
-        fg.flash_attention_gluon(q, k, v, config=dict(PERSISTENT=True, ROTATE=True))
+    with pytest.raises(ValueError, match="ROTATE"):
+        fg.flash_attention_gluon(q, k, v, config=dict(ROTATE=True))
+    assert "PINGPNG" in fg.outside_scope(q, k, v, causal=False, config=dict(PINGPNG=True))
 
 
 def test_hopper_gluon_elsewhere_runs_what_auto_runs():
@@ -108,8 +110,7 @@ def test_gpu_matches_reference_and_sdpa(B, Hq, Hkv, Sq, Skv, D, causal, dtype):
 
 
 @pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
-@pytest.mark.parametrize("config", [dict(BLOCK_N=64), dict(BLOCK_N=64, STAGES=3), dict(STAGES=3), dict(ROTATE=True),
-                                    dict(ROTATE=True, BLOCK_N=64, STAGES=3)])
+@pytest.mark.parametrize("config", [dict(BLOCK_N=64), dict(BLOCK_N=64, STAGES=3), dict(STAGES=3)])
 def test_gpu_other_configs_match_reference(config):
     q, k, v = _qkv(1, 8, 8, 512, 512, 128, torch.bfloat16, seed=3)
     out = fg.flash_attention_gluon(q, k, v, causal=True, config=config)
