@@ -191,8 +191,8 @@ def _check(q, k, v, causal: bool, block_n: int) -> None:
         raise ValueError(f"q has {Hq} heads, not a multiple of k's {k.shape[1]}")
     if D not in (64, 128):
         raise ValueError(f"head_dim D={D}; the Gluon kernel is written for D in (64, 128)")
-    if Sq % BLOCK_M or k.shape[2] % block_n:
-        raise ValueError(f"Sq={Sq} must be a multiple of {BLOCK_M} and Skv={k.shape[2]} of BLOCK_N={block_n}")
+    if Sq % BLOCK_M or k.shape[2] % block_n or not Sq or not k.shape[2]:
+        raise ValueError(f"Sq={Sq} must be a positive multiple of {BLOCK_M} and Skv={k.shape[2]} of BLOCK_N={block_n}")
     if causal and k.shape[2] < Sq:
         raise ValueError(f"causal with Skv={k.shape[2]} < Sq={Sq}: rows that see no key are not handled here")
 

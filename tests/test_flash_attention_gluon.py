@@ -20,6 +20,7 @@ needs_gluon = pytest.mark.skipif(fg.gl is None, reason="this Triton has no Gluon
 @pytest.mark.parametrize("change, field", [
     (dict(dtype=torch.float32), "dtype"), (dict(D=96), "head_dim"), (dict(Sq=200, Skv=256), "Sq=200"),
     (dict(Skv=200), "Skv=200"), (dict(Sq=256, Skv=128, causal=True), "causal"), (dict(Hq=3, Hkv=2), "heads"),
+    (dict(Sq=0), "Sq=0"), (dict(Skv=0), "Skv=0"),
 ])
 def test_inputs_outside_the_scope_raise_naming_the_field(change, field):
     """What the kernel does not handle (float32, other head dims, lengths off its tiles, causal rows that see no key,
