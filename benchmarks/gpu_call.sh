@@ -13,8 +13,9 @@
 # session 17 (H100; naming nvidia-h200 gave an H100): serving_step_default, paged_tune, "@eef2c7a serving2" (3rd run,
 # pooled into 07d), serving4 (07e), serving6 (cut in its KV-budget sweep) + that sweep engine-only (07f), fa_rot (_rot2).
 # In session 18 (H100): fa_gluon (the Gluon forward's first GPU run: correct; ..._gluon.json, gluon_configs), serving5b
-# (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json).
-# Left, in the order to run them:
+# (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json). In session 19: nothing
+# (six starts failed, then lending was paused).
+# Left, in the order to run them (on an H200 too: the Gluon kernel is sm_90, and its H200 files would be the first):
 #   fa_gluon     (~9 min, alone in its call) again: the switches SPLIT_MASK (causal tiles below each group's diagonal
 #                without the mask), HEAVY_FIRST (causal: the last query blocks launched first), FMA_SOFTMAX (one FMA
 #                per score), PINGPONG (FA3's turns between the two consumer groups) and PERSISTENT (one program per
