@@ -44,6 +44,12 @@ CONFIGS = [dict(BLOCK_N=128, STAGES=2), dict(BLOCK_N=128, STAGES=3), dict(BLOCK_
            dict(PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True), dict(PERSISTENT=True),
            dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
            dict(PERSISTENT=True, PINGPONG=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)]
+#: D = 64 only: two programs per SM (launched with 80 registers a thread, 384 x 80 x 2 <= 65,536; consumers 104, a
+#: 64-key tile fits them without spilling), so four consumer groups share an SM's Tensor Cores, as FlashAttention-3's
+#: three groups of its 192-row tiles do at this head dim
+TWO_PER_SM = dict(BLOCK_N=64, consumer_regs=104, maxnreg=80)
+CONFIGS_D64 = [TWO_PER_SM, dict(TWO_PER_SM, SPLIT_MASK=True, HEAVY_FIRST=True, FMA_SOFTMAX=True),
+               dict(TWO_PER_SM, PINGPONG=True, FMA_SOFTMAX=True), dict(TWO_PER_SM, STAGES=3)]
 #: switches that change only the causal loop (without a mask a config runs without them, once)
 CAUSAL_ONLY = ("SPLIT_MASK", "HEAVY_FIRST")
 
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                        tma_wide_vs_cudnn=t_cudnn / t_wide, configs=[])
             result["rows"].append(row)   # written after every config: a step cut short keeps what it timed
             seen = []
-            for cfg in CONFIGS:
+            for cfg in CONFIGS + (CONFIGS_D64 if D == 64 else []):
                 if not causal:   # without a mask the causal-only switches change nothing: once per remainder
                     cfg = {key: value for key, value in cfg.items() if key not in CAUSAL_ONLY}
                 if {**fg.DEFAULT_CONFIG, **cfg} in seen:

@@ -26,7 +26,8 @@ CASES = [(1, 1, 1, 128, 128, 64, False, {}), (1, 1, 1, 128, 256, 64, False, {}),
          (1, 1, 1, 128, 128, 64, False, dict(PERSISTENT=True)),
          (1, 2, 2, 512, 512, 128, True, dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True)),
          (4, 16, 4, 1024, 1024, 64, True, dict(PERSISTENT=True)),
-         (2, 16, 4, 1024, 1024, 64, True, dict(PERSISTENT=True, PINGPONG=True, HEAVY_FIRST=True))]
+         (2, 16, 4, 1024, 1024, 64, True, dict(PERSISTENT=True, PINGPONG=True, HEAVY_FIRST=True)),
+         (2, 8, 8, 1024, 1024, 64, True, dict(BLOCK_N=64, consumer_regs=104, maxnreg=80))]
 
 CHILD = """
 import json, sys, torch

@@ -21,9 +21,11 @@
 #                per score), PINGPONG (FA3's turns between the two consumer groups) and PERSISTENT (one program per
 #                SM looping over query tiles), written after the first run and off by default until the smoke cases
 #                and the sweep (D = 128, then 64; a config whose smoke case failed is skipped) say they are right and
-#                faster. Then, in a second call: fa_gluon_tests (~3 min: also hopper="gluon", kernels.flash_attention's
-#                route to it, and return_lse), fa_gluon_ablation (~3 min) with the defaults that result, fa_gluon_bwd
-#                (~5 min: forward + backward with the Gluon forward, ours_gluon, beside the default's and cuDNN's)
+#                faster (the D = 128 rows fill the step; the D = 64 rows, with two programs per SM as well, are
+#                fa_gluon_d64's, ~5 min). Then, in a second call: fa_gluon_tests (~3 min: also hopper="gluon",
+#                kernels.flash_attention's route to it, and return_lse), fa_gluon_ablation (~3 min) with the defaults
+#                that result, fa_gluon_bwd (~5 min: forward + backward with the Gluon forward, ours_gluon, beside the
+#                default's and cuDNN's)
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -123,6 +125,8 @@ for s in ${STEPS:?set STEPS}; do
               # the sweep skips every config whose smoke case hung or was wrong (the default's too: then nothing runs)
               step fa_gluon_configs 300 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 128,64 \
                 --time-limit 230 --smoke-log "$OUT/fa_gluon_smoke.log" --out "$OUT/flash_attention_gluon_configs.json" ;;
+    fa_gluon_d64) step fa_gluon_d64 330 python3 -m benchmarks.flash_attention_gluon_configs --head-dims 64 \
+                --time-limit 260 --smoke-log "$OUT/fa_gluon_smoke.log" --out "$OUT/flash_attention_gluon_configs_d64.json" ;;
     fa_gluon_tests) step fa_gluon_tests 200 python3 -m pytest -q -rfE --durations=5 tests/test_flash_attention_gluon.py ;;
     fa_gluon_bwd) step fa_gluon_bwd 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward gluon --head-dims 128 \
                 --out "$OUT/flash_attention_bwd_gluon.json" ;;

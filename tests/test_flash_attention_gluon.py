@@ -44,7 +44,9 @@ def test_without_an_sm90_gpu_it_says_why():
                                                       dict(SPLIT_MASK=True, FMA_SOFTMAX=True, HEAVY_FIRST=True)),
                                                      (128, False, "bfloat16", dict(PINGPONG=True)),
                                                      (128, True, "bfloat16",
-                                                      dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True))])
+                                                      dict(PERSISTENT=True, SPLIT_MASK=True, HEAVY_FIRST=True)),
+                                                     (64, True, "bfloat16",
+                                                      dict(BLOCK_N=64, consumer_regs=104, maxnreg=80))])
 def test_compiles_for_sm90_with_warp_groups_wgmma_and_tma(D, causal, dtype, config):
     """Cross-compiled for sm_90 on any machine: 12 warps (two consumer groups of 4, the producer's group), the
     producer's registers given back (setmaxnreg.dec to its budget) and the consumers' raised to theirs, wgmma
@@ -116,6 +118,18 @@ def test_gpu_other_configs_match_reference(config):
     q, k, v = _qkv(1, 8, 8, 512, 512, 128, torch.bfloat16, seed=3)
     out = fg.flash_attention_gluon(q, k, v, causal=True, config=config)
     torch.testing.assert_close(out, kernels.reference.attention(q, k, v, causal=True), **TOL[torch.bfloat16])
+
+
+@pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
+@pytest.mark.parametrize("extra", [{}, dict(PINGPONG=True, FMA_SOFTMAX=True), dict(SPLIT_MASK=True, STAGES=3)])
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Skv, D, causal", [c for c in GPU_CASES if c[5] == 64])
+def test_gpu_two_programs_per_sm_at_d64_match_reference(B, Hq, Hkv, Sq, Skv, D, causal, extra):
+    """D = 64 launched with 80 registers a thread and 104 per consumer, so that two programs share an SM: the same
+    output (the registers are a budget, not a change of the math; the sweep times it)."""
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Skv, D, torch.bfloat16, seed=17)
+    config = dict(BLOCK_N=64, consumer_regs=104, maxnreg=80, **extra)
+    out = fg.flash_attention_gluon(q, k, v, causal=causal, config=config)
+    torch.testing.assert_close(out, kernels.reference.attention(q, k, v, causal=causal), **TOL[torch.bfloat16])
 
 
 @pytest.mark.skipif(not ON_SM90, reason=f"needs an sm_90 GPU: {fg.gluon_status()}")
