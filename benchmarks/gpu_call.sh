@@ -133,9 +133,9 @@ for s in ${STEPS:?set STEPS}; do
     fa_gluon_ablation) step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
                 --time-limit 130 --out "$OUT/flash_attention_hopper_gluon.json" ;;
     fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick
-              if grep -q "fa_gluon_smoke rc=0" "$OUT/env.log"; then   # a short call: smoke, the sweep at D = 128
-              step fa_gluon_configs 170 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 60 \
-                --out "$OUT/flash_attention_gluon_configs.json"; fi ;;
+              # a short call (~6 min): 9 smoke cases, the sweep at D = 128 without the configs whose case failed
+              step fa_gluon_configs 260 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 200 \
+                --smoke-log "$OUT/fa_gluon_smoke.log" --out "$OUT/flash_attention_gluon_configs.json" ;;
     fa_fwd) step fa_fwd 330 python3 -m benchmarks.flash_attention --out "$OUT/flash_attention.json" ;;
     prefill_profile) step prefill_profile 240 python3 -m benchmarks.prefill_profile --out "$OUT/prefill_profile.json"
                step prefill_profile_full 200 python3 -m benchmarks.prefill_profile --mode FULL \
