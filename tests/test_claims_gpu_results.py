@@ -49,6 +49,26 @@ def test_flash_attention_bwd_claims_read_the_portable_forward_rows_of_a_default_
     assert plain["portable_cudnn_sel"] is None
 
 
+def test_flash_attention_bwd_claims_read_the_gluon_forward_rows():
+    """--hopper-forward gluon: ours_gluon's ratios at N >= 4k and its misses, and the README line names them; absent:
+    None / [] and no mention."""
+    from course_lib.analysis import kernel_lines
+
+    rows = [_fa_row(128, 1024, False, 1.3, 0.74), _fa_row(128, 4096, False, 1.2, 0.72),
+            _fa_row(128, 8192, True, 1.25, 0.73)]
+    for row, gluon in zip(rows, (0.6, 0.76, 0.69)):
+        row.update(ours_gluon_vs_sdpa_cudnn=gluon, ours_gluon_vs_sdpa_flash=gluon + 0.5)
+    run = dict(dtype="bfloat16", speed=rows, forward_variants=dict(ours="auto", ours_gluon="gluon"),
+               device="NVIDIA H100 80GB HBM3", date="2026-12-08T00:00:00", file="flash_attention_bwd_x.json")
+    c = claims.flash_attention_bwd_claims(run)
+    assert c["gluon_cudnn_sel"] == (0.69, 0.76) and c["gluon_flash_sel"] == (1.19, 1.26)
+    assert c["gluon_cudnn_misses"] == [(128, 8192, True, 0.69)] and c["tma_cudnn_sel"] is None
+    line = kernel_lines.bwd_row(run)[2]
+    assert '(`hopper="gluon"`), same backward: 0.69-0.76x cuDNN at N ≥ 4k (target: missed)' in line
+    plain = claims.flash_attention_bwd_claims(dict(dtype="bfloat16", speed=[_fa_row(128, 4096, False, 1.2, 0.72)]))
+    assert plain["gluon_cudnn_sel"] is None and plain["gluon_cudnn_misses"] == []
+
+
 def _paged_point(B, L, ratio, rounds=None):
     point = dict(B=B, context=L, dtype="float16", ratio_to_sdpa=ratio, paged_seconds=1.0,
                  sdpa_all_seconds=dict(default=2.0, cudnn=2.5))   # first-pass times: their quotient is 2.0

@@ -245,6 +245,12 @@ def flash_attention_bwd_claims(run: dict, min_n: int = 4096, flash_target: float
                                             if "ours_portable_vs_sdpa_cudnn" in s),
         "portable_flash_sel": _span_or_none(s["ours_portable_vs_sdpa_flash"] for s in sel
                                             if "ours_portable_vs_sdpa_flash" in s),
+        # --hopper-forward gluon: the Gluon forward (kernels.flash_attention_gluon where its scope allows), the same
+        # backward
+        "gluon_cudnn_sel": _span_or_none(s["ours_gluon_vs_sdpa_cudnn"] for s in sel if "ours_gluon_vs_sdpa_cudnn" in s),
+        "gluon_flash_sel": _span_or_none(s["ours_gluon_vs_sdpa_flash"] for s in sel if "ours_gluon_vs_sdpa_flash" in s),
+        "gluon_cudnn_misses": misses("ours_gluon_vs_sdpa_cudnn", cudnn_target) if any(
+            "ours_gluon_vs_sdpa_cudnn" in s for s in sel) else [],
     }
 
 

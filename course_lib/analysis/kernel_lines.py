@@ -105,7 +105,10 @@ def bwd_row(run: dict) -> tuple[str, str, str]:
                f"SDPA-flash" if c["tma_cudnn_sel"] else "")
             + (f"; the portable forward instead (`hopper=False`), same backward: {_x(c['portable_cudnn_sel'])} "
                f"cuDNN, {_x(c['portable_flash_sel'])} SDPA-flash at N ≥ {c['min_n'] // 1024}k"
-               if c["portable_cudnn_sel"] else ""))
+               if c["portable_cudnn_sel"] else "")
+            + (f"; the Gluon forward instead (`hopper=\"gluon\"`), same backward: {_x(c['gluon_cudnn_sel'])} cuDNN "
+               f"at N ≥ {c['min_n'] // 1024}k (target: " + ("met" if not c["gluon_cudnn_misses"] else "missed")
+               + f"), {_x(c['gluon_flash_sel'])} SDPA-flash" if c["gluon_cudnn_sel"] else ""))
 
 
 def int8_part(run: dict) -> tuple[str, dict]:
