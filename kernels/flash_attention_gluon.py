@@ -27,8 +27,9 @@ other's matmuls do by construction rather than by the warp scheduler's choice; `
 head's last query blocks (the ones that see the most keys) first, so that the short ones fill the end of the GPU's
 schedule, as the ``tl`` kernels have always done; ``PERSISTENT`` is FA3's persistent scheduler
 (``kernels.flash_attention_gluon_persistent``). The first version's ``ROTATE`` (tile j+1's QKᵀ issued before tile
-j's softmax inside one group) was measured slower at fd08f7e (0.77x cuDNN where the plain loop made 0.91x) and is
-gone: ``PINGPONG`` issues QKᵀ of one tile with P·V of the previous one, the same overlap.
+j's softmax inside one group) was measured slower at fd08f7e (0.77x cuDNN where the plain loop made 0.91x:
+``benchmarks/results/flash_attention_gluon_configs_nvidia-h100-80gb-hbm3.json``) and is gone: ``PINGPONG`` issues
+QKᵀ of one tile with P·V of the previous one, the same overlap.
 
 Scope (an experiment measured against the ``tl`` kernels, not the library's default): forward only (each row's
 log-sum-exp on request, ``return_lse``, what a backward pass needs), float16 /
