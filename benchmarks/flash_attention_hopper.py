@@ -49,6 +49,8 @@ DEFAULT_VARIANTS = [v for v in tma.VARIANTS if v != "tma_ws"]
 #: kernels.flash_attention_gluon (warp-specialized, two consumer warp groups; GPU only, so not a default variant)
 GLUON = "gluon_ws"
 ALL_VARIANTS = [*tma.VARIANTS, GLUON]
+#: (D, causal) -> the Gluon config to run there (``--gluon-configs``: the fastest of a sweep); else DEFAULT_CONFIG
+GLUON_CONFIGS: dict[tuple[int, bool], dict] = {}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOKENS, WIDTH = 16384, 2048  # B·N and Hq·D of every row on a GPU
 
@@ -81,16 +83,30 @@ def run_impl(impl: str, q, k, v, causal: bool):
     if impl == "portable":   # hopper=False: by default (hopper="auto") D = 128 would run tma_wide here
         return _flash_attention(q, k, v, causal=causal, hopper=False)
     if impl == GLUON:
-        return gluon_fa.flash_attention_gluon(q, k, v, causal=causal)
+        return gluon_fa.flash_attention_gluon(q, k, v, causal=causal, config=GLUON_CONFIGS.get((q.shape[-1], causal)))
     return tma.flash_attention_hopper(q, k, v, causal=causal, variant=impl)
 
 
-def best_config(impl: str) -> str | None:
-    """The config the autotuner chose last for ``impl`` (None in the interpreter)."""
+def gluon_configs_from(sweep: dict) -> dict[tuple[int, bool], dict]:
+    """(D, causal) -> the fastest config of a ``flash_attention_gluon_configs`` result (its rows' correct, timed
+    configs, by their ratio to cuDNN), for the (D, causal) it timed any at."""
+    best = {}
+    for row in sweep["rows"]:   # a switch since removed (an older file's ROTATE) can be read only where it was off
+        timed = [dict(c, config={key: value for key, value in c["config"].items() if key in gluon_fa.DEFAULT_CONFIG})
+                 for c in row["configs"] if "vs_cudnn" in c
+                 and not any(value for key, value in c["config"].items() if key not in gluon_fa.DEFAULT_CONFIG)]
+        if timed:
+            best[(row["D"], row["causal"])] = max(timed, key=lambda c: c["vs_cudnn"])["config"]
+    return best
+
+
+def best_config(impl: str, D: int | None = None, causal: bool | None = None) -> str | None:
+    """The config the autotuner chose last for ``impl`` (None in the interpreter); the Gluon kernel's (no autotuner)
+    for (D, causal)."""
     if INTERPRET:
         return None
-    if impl == GLUON:   # one fixed launch config, no autotuner
-        return str(gluon_fa.DEFAULT_CONFIG)
+    if impl == GLUON:   # one fixed launch config per (D, causal), no autotuner
+        return str(gluon_fa._check_config(GLUON_CONFIGS.get((D, causal))))
     if impl == "portable":
         from kernels.flash_attention import _attn_fwd_tuned
         tuner = _attn_fwd_tuned
@@ -109,7 +125,7 @@ def probe(impl: str, dtype: str, D: int, causal: bool) -> None:
     torch.cuda.synchronize()
 
 
-def probe_all(impls, rows, deadline: float) -> dict:
+def probe_all(impls, rows, deadline: float, gluon_configs_path: Path | None = None) -> dict:
     """"impl dtype D causal" -> "ok (N s)" or "failed: why", each from its own subprocess, 12 at a time."""
     jobs = sorted({(impl, dt_, D, c) for impl in impls for dt_, D, c, _ in rows})
 
@@ -117,6 +133,8 @@ def probe_all(impls, rows, deadline: float) -> dict:
         impl, dt_, D, c = job
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "benchmarks.flash_attention_hopper", "--probe", impl, dt_, str(D), str(int(c))]
+        if gluon_configs_path is not None:
+            cmd += ["--gluon-configs", str(gluon_configs_path)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=max(10.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
@@ -140,10 +158,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"comma-separated Hopper variants of {','.join(ALL_VARIANTS)} "
                              f"(default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-probe", action="store_true", help="compile in this process, no subprocesses")
+    parser.add_argument("--gluon-configs", type=Path, default=None,
+                        help="a flash_attention_gluon_configs result: gluon_ws runs its fastest config per (D, causal)")
     parser.add_argument("--probe", nargs=4, metavar=("IMPL", "DTYPE", "D", "CAUSAL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None,
                         help="output JSON (default: benchmarks/results/flash_attention_hopper_<device>.json)")
     args = parser.parse_args(argv)
+    GLUON_CONFIGS.clear()
+    if args.gluon_configs is not None:
+        GLUON_CONFIGS.update(gluon_configs_from(json.loads(args.gluon_configs.read_text())))
     if args.probe:
         impl, dt_, D, c = args.probe
         probe(impl, dt_, int(D), bool(int(c)))
@@ -171,7 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
                     flops="4*B*H*N^2*D, halved when causal"),
         hopper_status=tma.hopper_status() or "available",
         variants={v: dict(vars(tma.VARIANTS[v])) if v in tma.VARIANTS
-                  else dict(kernel="kernels.flash_attention_gluon", **gluon_fa.DEFAULT_CONFIG) for v in variants},
+                  else dict(kernel="kernels.flash_attention_gluon", **gluon_fa.DEFAULT_CONFIG,
+                            per_shape={f"D={D} causal={c}": cfg for (D, c), cfg in sorted(GLUON_CONFIGS.items())},
+                            per_shape_from=str(args.gluon_configs) if args.gluon_configs else None)
+                  for v in variants},
         portable_forward="kernels.flash_attention(hopper=False)",   # before this field: hopper="auto" (D = 128: TMA)
         backends={}, probe={}, rows=[], skipped_rows=[], total_seconds=None)
 
@@ -190,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device: {name}  torch {torch.__version__}  triton {triton.__version__}  commit {result['git_commit']}  "
           f"backends {result['backends']}", flush=True)
     if HAS_GPU and not args.no_probe:
-        result["probe"] = probe_all(impls, [(d, D, c, N) for d, D, c, N in rows], deadline)
+        result["probe"] = probe_all(impls, [(d, D, c, N) for d, D, c, N in rows], deadline, args.gluon_configs)
         save()
         print(f"compiled in subprocesses in {time.perf_counter() - t_start:.0f} s: " + "; ".join(
             f"{k}: {s}" for k, s in result["probe"].items() if not s.startswith("ok")), flush=True)
@@ -225,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             row[f"{impl}_max_abs_diff"] = err
             if impl in ALL_VARIANTS or impl == "portable":
-                row["best_config"][impl] = best_config(impl)
+                row["best_config"][impl] = best_config(impl, D, causal)
             if not err < 5e-2:  # never time a wrong kernel
                 row["errors"][impl] = f"wrong: max |diff| {err:.3g} against SDPA"
                 continue

@@ -16,6 +16,8 @@
 # (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json). In session 19: nothing
 # (six starts failed, then lending was paused).
 # Left, in the order to run them (on an H200 too: the Gluon kernel is sm_90, and its H200 files would be the first):
+#   fa_gluon_quick fa_gluon_best  (BEST_LIMIT=170: ~9.5 min in one call) where a call may be the session's only one:
+#                the D = 128 sweep, then the ablation's rows (N = 8k first) with its fastest config per (D, causal)
 #   fa_gluon     (~9 min, alone in its call) again: the switches SPLIT_MASK (causal tiles below each group's diagonal
 #                without the mask), HEAVY_FIRST (causal: the last query blocks launched first), FMA_SOFTMAX (one FMA
 #                per score), PINGPONG (FA3's turns between the two consumer groups) and PERSISTENT (one program per
@@ -132,6 +134,10 @@ for s in ${STEPS:?set STEPS}; do
                 --out "$OUT/flash_attention_bwd_gluon.json" ;;
     fa_gluon_ablation) step fa_gluon 200 python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
                 --time-limit 130 --out "$OUT/flash_attention_hopper_gluon.json" ;;
+    fa_gluon_best) # the ablation (tma_wide beside gluon_ws, cuDNN first) with the sweep's fastest config per (D, causal)
+              step fa_gluon_best ${BEST_LIMIT:-200} python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
+                --gluon-configs "$OUT/flash_attention_gluon_configs.json" --time-limit $(( ${BEST_LIMIT:-200} - 70 )) \
+                --out "$OUT/flash_attention_hopper_gluon_best.json" ;;
     fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick
               # a short call (~6 min): 9 smoke cases, the sweep at D = 128 without the configs whose case failed
               step fa_gluon_configs 260 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 200 \

@@ -141,6 +141,33 @@ def test_benchmark_portable_column_runs_the_portable_kernel(monkeypatch):
     assert calls == [dict(causal=True, hopper=False)]
 
 
+def test_benchmark_gluon_column_runs_the_sweeps_fastest_config_per_shape(monkeypatch):
+    """``--gluon-configs``: per (D, causal) the fastest correct config of a Gluon sweep (hand-made record: a wrong
+    or failed config is never chosen, nor one with a switch since removed), DEFAULT_CONFIG where the sweep has none."""
+    from benchmarks import flash_attention_hopper as bench
+    from kernels import flash_attention_gluon as fg
+
+    full = lambda **kw: {**fg.DEFAULT_CONFIG, **kw}   # the sweep records full configs
+    sweep = dict(rows=[
+        dict(D=128, causal=False, configs=[dict(config=full(), vs_cudnn=0.90),
+                                           dict(config=full(PINGPONG=True), vs_cudnn=0.95),
+                                           dict(config=full(STAGES=3), max_abs_diff_vs_cudnn=1.0),
+                                           dict(config=full(BLOCK_N=64), error="OutOfResources: ...")]),
+        dict(D=128, causal=True, configs=[dict(config=full(ROTATE=True), vs_cudnn=0.99),
+                                          dict(config=full(ROTATE=False, SPLIT_MASK=True), vs_cudnn=0.85),
+                                          dict(config=full(), vs_cudnn=0.80)]),
+        dict(D=64, causal=False, configs=[dict(config=full(), error="skipped: its smoke case failed")])])
+    chosen = bench.gluon_configs_from(sweep)
+    assert chosen == {(128, False): full(PINGPONG=True), (128, True): full(SPLIT_MASK=True)}
+    calls = []
+    monkeypatch.setattr(fg, "flash_attention_gluon", lambda q, k, v, **kw: calls.append(kw))
+    monkeypatch.setattr(bench, "GLUON_CONFIGS", chosen)
+    q = torch.empty(1, 1, 1, 128)
+    bench.run_impl(bench.GLUON, q, q, q, True)
+    bench.run_impl(bench.GLUON, q[..., :64], q, q, False)
+    assert calls == [dict(causal=True, config=full(SPLIT_MASK=True)), dict(causal=False, config=None)]
+
+
 @pytest.mark.command
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq", "dkdv_dq"])
 def test_config_sweep_script_quick(tmp_path, kernel):
