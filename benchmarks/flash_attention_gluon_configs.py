@@ -74,6 +74,18 @@ def skipped_by_smoke(config: dict, failed: list[dict]) -> dict | None:
     return next((f for f in failed if all(config.get(key) == value for key, value in f.items())), None)
 
 
+def configs_for(D: int, pick: list[int] | None = None) -> list[dict]:
+    """The configs a row at head dim D runs: CONFIGS (+ CONFIGS_D64 at D = 64), or those of its indices in ``pick``
+    (``--pick``: a short call's choice), in the order given."""
+    configs = CONFIGS + (CONFIGS_D64 if D == 64 else [])
+    if pick is None:
+        return configs
+    bad = [i for i in pick if not 0 <= i < len(configs)]
+    if bad:
+        raise ValueError(f"--pick: {bad} not in 0..{len(configs) - 1} (the configs at D = {D})")
+    return [configs[i] for i in pick]
+
+
 def label(config: dict) -> str:
     """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/heavy', '/fma', '/pp', '/pers'
     for the switches on."""
@@ -89,9 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-dims", default="128", help="e.g. 128,64")
     parser.add_argument("--time-limit", type=float, default=240.0, help="no new row after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pick", default=None, help="indices of the configs to run, in this order (e.g. 0,7,15)")
+    parser.add_argument("--causal-first", action="store_true", help="the causal row of each head dim first")
     parser.add_argument("--smoke-log", type=Path, default=None,
                         help="flash_attention_gluon_smoke's output: configs whose smoke case failed are not run")
     args = parser.parse_args(argv)
+    pick = [int(i) for i in args.pick.split(",")] if args.pick else None
+    for D in (int(d) for d in args.head_dims.split(",")):
+        configs_for(D, pick)   # a wrong index fails here, before any GPU work
     why = fg.gluon_status()
     if why is not None:
         print(f"the Gluon kernel cannot run here: {why}")
@@ -111,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                   timing="triton.testing.do_bench, median, warmup 25 ms, rep 100 ms", dtype="bf16", N=args.N,
                   default_config=fg.DEFAULT_CONFIG, rows=[])
     for D in (int(d) for d in args.head_dims.split(",")):
-        for causal in (False, True):
+        for causal in ((True, False) if args.causal_first else (False, True)):
             if time.time() - t0 > args.time_limit:
                 result["stopped"] = "time limit"
                 break
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                        tma_wide_vs_cudnn=t_cudnn / t_wide, configs=[])
             result["rows"].append(row)   # written after every config: a step cut short keeps what it timed
             seen = []
-            for cfg in CONFIGS + (CONFIGS_D64 if D == 64 else []):
+            for cfg in configs_for(D, pick):
                 if not causal:   # without a mask the causal-only switches change nothing: once per remainder
                     cfg = {key: value for key, value in cfg.items() if key not in CAUSAL_ONLY}
                 if {**fg.DEFAULT_CONFIG, **cfg} in seen:

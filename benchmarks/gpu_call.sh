@@ -138,6 +138,12 @@ for s in ${STEPS:?set STEPS}; do
               step fa_gluon_best ${BEST_LIMIT:-200} python3 -m benchmarks.flash_attention_hopper --variants tma_wide,gluon_ws \
                 --gluon-configs "$OUT/flash_attention_gluon_configs.json" --time-limit $(( ${BEST_LIMIT:-200} - 70 )) \
                 --out "$OUT/flash_attention_hopper_gluon_best.json" ;;
+    fa_gluon_mini) # the least device time that says something (~4 min, no smoke run: each config is still checked
+              # against cuDNN before it is timed, and a hang costs only the configs after it): D = 128, causal first,
+              # the default and the switches' main combinations
+              step fa_gluon_configs ${MINI_LIMIT:-240} python3 -m benchmarks.flash_attention_gluon_configs --causal-first \
+                --pick 0,7,8,13,16,15,10,4,11 --time-limit $(( ${MINI_LIMIT:-240} - 110 )) \
+                --out "$OUT/flash_attention_gluon_configs.json" ;;
     fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick
               # a short call (~6 min): 9 smoke cases, the sweep at D = 128 without the configs whose case failed
               step fa_gluon_configs 260 python3 -m benchmarks.flash_attention_gluon_configs --time-limit 200 \

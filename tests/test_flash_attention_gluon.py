@@ -234,6 +234,21 @@ def test_sweep_skips_the_configs_whose_smoke_case_failed():
     assert skipped_by_smoke(full(SPLIT_MASK=True), default_failed) == {}
 
 
+def test_sweep_pick_runs_the_chosen_configs_in_order_and_rejects_a_wrong_index():
+    """``--pick`` (a short call's choice): those configs in the order given, CONFIGS_D64's after CONFIGS' at D = 64;
+    an index out of range is a ValueError naming it, raised before any GPU work (here: on a CPU)."""
+    from benchmarks import flash_attention_gluon_configs as sweep
+
+    assert sweep.configs_for(128) == sweep.CONFIGS
+    assert sweep.configs_for(64) == sweep.CONFIGS + sweep.CONFIGS_D64
+    assert sweep.configs_for(128, [7, 0]) == [sweep.CONFIGS[7], sweep.CONFIGS[0]]
+    assert sweep.configs_for(64, [len(sweep.CONFIGS)]) == [sweep.CONFIGS_D64[0]]
+    with pytest.raises(ValueError, match=r"--pick: \[17\]"):
+        sweep.configs_for(128, [0, 17])
+    with pytest.raises(ValueError, match="--pick"):
+        sweep.main(["--pick", "0,99"])
+
+
 @pytest.mark.skipif(ON_SM90, reason="runs the sweep on an sm_90 GPU")
 def test_config_sweep_says_why_it_cannot_run_here(capsys):
     from benchmarks import flash_attention_gluon_configs
