@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="output JSON (default: benchmarks/results/flash_attention_hopper_<device>.json)")
     args = parser.parse_args(argv)
     GLUON_CONFIGS.clear()
+    if args.gluon_configs is not None and not args.gluon_configs.exists():   # the sweep before it wrote nothing
+        print(f"--gluon-configs {args.gluon_configs}: no such file; gluon_ws runs DEFAULT_CONFIG", flush=True)
+        args.gluon_configs = None
     if args.gluon_configs is not None:
         GLUON_CONFIGS.update(gluon_configs_from(json.loads(args.gluon_configs.read_text())))
     if args.probe:

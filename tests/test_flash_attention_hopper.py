@@ -168,6 +168,21 @@ def test_benchmark_gluon_column_runs_the_sweeps_fastest_config_per_shape(monkeyp
     assert calls == [dict(causal=True, config=full(SPLIT_MASK=True)), dict(causal=False, config=None)]
 
 
+def test_benchmark_without_the_sweeps_file_runs_the_default_gluon_config(tmp_path, capsys):
+    """``--gluon-configs`` naming a file the sweep before it never wrote (its step failed): the ablation still runs,
+    says so, and records no per-shape configs."""
+    import json
+
+    from benchmarks import flash_attention_hopper as bench
+
+    out = tmp_path / "fa_hopper.json"
+    bench.main(["--quick", "--variants", f"tma_wide,{bench.GLUON}", "--gluon-configs", str(tmp_path / "none.json"),
+                "--out", str(out)])
+    assert "no such file; gluon_ws runs DEFAULT_CONFIG" in capsys.readouterr().out
+    gluon = json.loads(out.read_text())["variants"][bench.GLUON]
+    assert gluon["per_shape"] == {} and gluon["per_shape_from"] is None and not bench.GLUON_CONFIGS
+
+
 @pytest.mark.command
 @pytest.mark.parametrize("kernel", ["forward", "dkdv", "dq", "dkdv_dq"])
 def test_config_sweep_script_quick(tmp_path, kernel):
