@@ -74,16 +74,26 @@ def skipped_by_smoke(config: dict, failed: list[dict]) -> dict | None:
     return next((f for f in failed if all(config.get(key) == value for key, value in f.items())), None)
 
 
-def configs_for(D: int, pick: list[int] | None = None) -> list[dict]:
-    """The configs a row at head dim D runs: CONFIGS (+ CONFIGS_D64 at D = 64), or those of its indices in ``pick``
-    (``--pick``: a short call's choice), in the order given."""
+def configs_for(D: int, pick: list[str] | None = None) -> list[dict]:
+    """The configs a row at head dim D runs: CONFIGS (+ CONFIGS_D64 at D = 64), or those ``pick`` names (``--pick``:
+    a short call's choice), in the order given, each by its ``label`` ('128/2/232/split/heavy') or its index.
+    ValueError naming what matches no config."""
     configs = CONFIGS + (CONFIGS_D64 if D == 64 else [])
     if pick is None:
         return configs
-    bad = [i for i in pick if not 0 <= i < len(configs)]
+    by_label = {label({**fg.DEFAULT_CONFIG, **c}): c for c in configs}
+    chosen, bad = [], []
+    for name in pick:
+        if name in by_label:
+            chosen.append(by_label[name])
+        elif name.isdigit() and int(name) < len(configs):
+            chosen.append(configs[int(name)])
+        else:
+            bad.append(name)
     if bad:
-        raise ValueError(f"--pick: {bad} not in 0..{len(configs) - 1} (the configs at D = {D})")
-    return [configs[i] for i in pick]
+        raise ValueError(f"--pick: {bad} name no config at D = {D} (labels: {', '.join(by_label)}; or indices "
+                         f"0..{len(configs) - 1})")
+    return chosen
 
 
 def label(config: dict) -> str:
@@ -101,12 +111,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-dims", default="128", help="e.g. 128,64")
     parser.add_argument("--time-limit", type=float, default=240.0, help="no new row after this many seconds")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--pick", default=None, help="indices of the configs to run, in this order (e.g. 0,7,15)")
+    parser.add_argument("--pick", default=None,
+                        help="the configs to run, in this order, by label or index (e.g. 128/2/232,128/2/232/fma/pp)")
     parser.add_argument("--causal-first", action="store_true", help="the causal row of each head dim first")
     parser.add_argument("--smoke-log", type=Path, default=None,
                         help="flash_attention_gluon_smoke's output: configs whose smoke case failed are not run")
     args = parser.parse_args(argv)
-    pick = [int(i) for i in args.pick.split(",")] if args.pick else None
+    pick = args.pick.split(",") if args.pick else None
     for D in (int(d) for d in args.head_dims.split(",")):
         configs_for(D, pick)   # a wrong index fails here, before any GPU work
     why = fg.gluon_status()

@@ -76,6 +76,10 @@ serving() {   # serving N ARGS...: benchmarks.serving with --out serving_partN.j
   local n=$1; shift
   step "serving$n" 560 python3 -m benchmarks.serving "$@" --out "$OUT/serving_part$n.json"
 }
+# fa_gluon_mini's configs (labels of benchmarks.flash_attention_gluon_configs): the default, then the switches' main
+# combinations, the causal-only ones first
+MINI_PICK=128/2/232,128/2/232/split/heavy,128/2/232/split/heavy/fma,128/2/232/heavy/fma/pp,128/2/232/heavy/fma/pp/pers
+MINI_PICK=$MINI_PICK,128/2/232/split/heavy/fma/pers,128/2/232/pp,128/2/232/fma,128/2/232/fma/pp
 for s in ${STEPS:?set STEPS}; do
   case $s in
     @*) pin "${s#@}" ;;
@@ -143,7 +147,7 @@ for s in ${STEPS:?set STEPS}; do
               # against cuDNN before it is timed, and a hang costs only the configs after it): D = 128, causal first,
               # the default and the switches' main combinations
               step fa_gluon_configs ${MINI_LIMIT:-240} python3 -m benchmarks.flash_attention_gluon_configs --causal-first \
-                --pick 0,7,8,13,16,15,10,4,11 --time-limit $(( ${MINI_LIMIT:-240} - 110 )) \
+                --pick "$MINI_PICK" --time-limit $(( ${MINI_LIMIT:-240} - 110 )) \
                 --out "$OUT/flash_attention_gluon_configs.json" ;;
     fa_gluon_quick) step fa_gluon_smoke 100 python3 -m benchmarks.flash_attention_gluon_smoke --quick
               # a short call (~6 min): 9 smoke cases, the sweep at D = 128 without the configs whose case failed

@@ -234,19 +234,30 @@ def test_sweep_skips_the_configs_whose_smoke_case_failed():
     assert skipped_by_smoke(full(SPLIT_MASK=True), default_failed) == {}
 
 
-def test_sweep_pick_runs_the_chosen_configs_in_order_and_rejects_a_wrong_index():
-    """``--pick`` (a short call's choice): those configs in the order given, CONFIGS_D64's after CONFIGS' at D = 64;
-    an index out of range is a ValueError naming it, raised before any GPU work (here: on a CPU)."""
+def test_sweep_pick_runs_the_chosen_configs_in_order_and_rejects_what_names_none():
+    """``--pick`` (a short call's choice): the configs it names by label or index, in the order given, CONFIGS_D64's
+    after CONFIGS' at D = 64; a label or index that names none is a ValueError naming it, raised before any GPU work
+    (here: on a CPU). gpu_call.sh's fa_gluon_mini names its configs by label: each must still exist."""
+    import re
+    from pathlib import Path
+
     from benchmarks import flash_attention_gluon_configs as sweep
 
     assert sweep.configs_for(128) == sweep.CONFIGS
     assert sweep.configs_for(64) == sweep.CONFIGS + sweep.CONFIGS_D64
-    assert sweep.configs_for(128, [7, 0]) == [sweep.CONFIGS[7], sweep.CONFIGS[0]]
-    assert sweep.configs_for(64, [len(sweep.CONFIGS)]) == [sweep.CONFIGS_D64[0]]
-    with pytest.raises(ValueError, match=r"--pick: \[17\]"):
-        sweep.configs_for(128, [0, 17])
+    assert sweep.configs_for(128, ["128/2/232/fma/pp", "0"]) == [dict(PINGPONG=True, FMA_SOFTMAX=True),
+                                                                 sweep.CONFIGS[0]]
+    assert sweep.configs_for(64, [str(len(sweep.CONFIGS))]) == [sweep.CONFIGS_D64[0]]
+    assert sweep.configs_for(64, ["64/2/104"]) == [sweep.TWO_PER_SM]
+    for wrong in (str(len(sweep.CONFIGS)), "128/2/232/pp/fma", "-1"):   # past the end, flags out of order, negative
+        with pytest.raises(ValueError, match=re.escape(f"--pick: [{wrong!r}]")):
+            sweep.configs_for(128, ["0", wrong])
     with pytest.raises(ValueError, match="--pick"):
         sweep.main(["--pick", "0,99"])
+    script = (Path(__file__).parents[1] / "benchmarks" / "gpu_call.sh").read_text()
+    mini = ",".join(re.findall(r"^MINI_PICK=(?:\$MINI_PICK,)?(\S+)$", script, re.M)).split(",")
+    assert '--pick "$MINI_PICK"' in script and len(mini) >= 5
+    assert len(sweep.configs_for(128, mini)) == len(mini)
 
 
 @pytest.mark.skipif(ON_SM90, reason="runs the sweep on an sm_90 GPU")
