@@ -96,6 +96,20 @@ def configs_for(D: int, pick: list[str] | None = None) -> list[dict]:
     return chosen
 
 
+def row_configs(D: int, causal: bool, pick: list[str] | None = None) -> list[dict]:
+    """The configs one row (head dim D, causal or not) runs, as overrides of DEFAULT_CONFIG: ``configs_for``'s, where
+    without a mask the causal-only switches are dropped (they change nothing there) and a config left equal to one
+    before it runs once."""
+    seen, out = [], []
+    for cfg in configs_for(D, pick):
+        if not causal:
+            cfg = {key: value for key, value in cfg.items() if key not in CAUSAL_ONLY}
+        if {**fg.DEFAULT_CONFIG, **cfg} not in seen:
+            seen.append({**fg.DEFAULT_CONFIG, **cfg})
+            out.append(cfg)
+    return out
+
+
 def label(config: dict) -> str:
     """'128/2/232' (BLOCK_N / buffers / consumer registers) plus '/rot', '/split', '/heavy', '/fma', '/pp', '/pers'
     for the switches on."""
@@ -154,13 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
             row = dict(D=D, causal=causal, B=B, H=H, cudnn_tflops=flops / t_cudnn / 1e12,
                        tma_wide_vs_cudnn=t_cudnn / t_wide, configs=[])
             result["rows"].append(row)   # written after every config: a step cut short keeps what it timed
-            seen = []
-            for cfg in configs_for(D, pick):
-                if not causal:   # without a mask the causal-only switches change nothing: once per remainder
-                    cfg = {key: value for key, value in cfg.items() if key not in CAUSAL_ONLY}
-                if {**fg.DEFAULT_CONFIG, **cfg} in seen:
-                    continue
-                seen.append({**fg.DEFAULT_CONFIG, **cfg})
+            for cfg in row_configs(D, causal, pick):
                 entry = dict(config={**fg.DEFAULT_CONFIG, **cfg})
                 ruled_out = skipped_by_smoke(entry["config"], failed)
                 if ruled_out is not None:
