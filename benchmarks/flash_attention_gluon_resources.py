@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
             for causal in (False, True) for cfg in row_configs(D, causal)]
     with ThreadPoolExecutor(args.jobs) as pool:   # each compilation runs in its own Python (cross_compile)
         rows = list(pool.map(lambda w: compile_row(*w), work))
-    result = dict(benchmark="flash_attention_gluon_resources", arch=90, git_commit=git_commit(),
+    result = dict(benchmark="flash_attention_gluon_resources", device="CPU (compiled for sm_90, no GPU)", arch=90,
+                  git_commit=git_commit(),
                   date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   python=platform.python_version(), triton=triton.__version__,
                   command=" ".join(["python -m benchmarks.flash_attention_gluon_resources",

@@ -36,6 +36,8 @@ BENCHMARKS = {
                                          "python -m benchmarks.flash_attention_configs", "03"),
     "flash_attention_gluon_configs": Benchmark("flash_attention_gluon_configs_*.json",
                                                "python -m benchmarks.flash_attention_gluon_configs", "03"),
+    "flash_attention_gluon_resources": Benchmark("flash_attention_gluon_resources_*.json",
+                                                 "python -m benchmarks.flash_attention_gluon_resources", "03"),
     "batching": Benchmark("batching_*.json", "python -m benchmarks.engine_batching", "04"),
     "prefix_caching": Benchmark("prefix_caching_*.json", "python -m benchmarks.prefix_caching", "05"),
     "speculative": Benchmark("speculative_*.json", "python -m benchmarks.speculative", "06"),
