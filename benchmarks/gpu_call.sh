@@ -14,7 +14,9 @@
 # pooled into 07d), serving4 (07e), serving6 (cut in its KV-budget sweep) + that sweep engine-only (07f), fa_rot (_rot2).
 # In session 18 (H100): fa_gluon (the Gluon forward's first GPU run: correct; ..._gluon.json, gluon_configs), serving5b
 # (long-cot; multimodal by hand in a second call: merged into serving_..._2026-12-07g.json). In session 19: nothing
-# (six starts failed, then lending was paused). In session 20: nothing (eleven starts failed).
+# (six starts failed, then lending was paused). In session 20: nothing (eleven starts failed). In session 21: nothing
+# (three starts failed, then lending was paused); every sweep config's compiled resources recorded on a CPU instead
+# (benchmarks/flash_attention_gluon_resources.py: all compile and fit; only the D = 64 two-per-SM ping-pong spills).
 # Left, in the order to run them (on an H200 too: the Gluon kernel is sm_90, and its H200 files would be the first):
 #   fa_gluon_mini (MINI_LIMIT=230: ~4 min) where less than ~6 min of device time is left: D = 128, causal first
 #   fa_gluon_quick fa_gluon_best  (BEST_LIMIT=170: ~9.5 min in one call) where a call may be the session's only one:

@@ -276,3 +276,42 @@ def test_smoke_run_says_why_it_cannot_run_here(capsys):
 
     assert smoke.main(quick=True) == len(smoke.QUICK) and smoke.main() == len(smoke.CASES)
     assert "cannot run here" in capsys.readouterr().out
+
+
+def test_resources_record_every_config_the_sweep_runs_and_a_compile_error_by_name(monkeypatch, tmp_path):
+    """``benchmarks.flash_attention_gluon_resources``: one row per config the sweep would time (each head dim, causal
+    and not, the causal-only switches dropped without a mask), a compiler error recorded in its row (not a lost run),
+    ``fits`` against one block's 227 KB. The recorded file (Triton 3.6, the GPU image's) still covers every config of
+    the sweep: a config added to CONFIGS needs the CPU run again (the docstring's command)."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import flash_attention_gluon_configs as sweep
+    from benchmarks import flash_attention_gluon_resources as res
+
+    def fake(D, causal, dtype, config):
+        if config.get("PERSISTENT"):
+            raise RuntimeError("cross-compiling for sm_90 failed:\nerror: out of shared memory")
+        return dict(shared_bytes=200_000 + 40_000 * config.get("STAGES", 2) - 80_000, num_warps=12, wgmma=1,
+                    tma_loads=1, setmaxnreg=[], ptxas_registers=168, spill_store_bytes=0)
+
+    monkeypatch.setattr(fg, "gl", fg.gl or object())   # a Triton without Gluon would stop main before any work
+    monkeypatch.setattr(fg, "cross_compile", fake)
+    got = res.main(["--head-dims", "64", "--jobs", "1", "--out", str(tmp_path / "r.json")])
+    want = [(64, c, sweep.label({**fg.DEFAULT_CONFIG, **cfg}))
+            for c in (False, True) for cfg in sweep.row_configs(64, c)]
+    assert [(r["D"], r["causal"], r["label"]) for r in got["rows"]] == want
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == got["rows"]
+    persistent = [r for r in got["rows"] if r["config"]["PERSISTENT"]]
+    assert persistent and all(r["error"] == "error: out of shared memory" and "fits" not in r for r in persistent)
+    assert {r["fits"] for r in got["rows"] if "error" not in r} == {True, False}   # STAGES=3: 240,000 B > 227 KB
+    assert not any(r["causal"] is False and r["config"]["SPLIT_MASK"] for r in got["rows"])
+
+    recorded = sorted(Path(res.RESULTS_DIR).glob("flash_attention_gluon_resources_sm90_triton-3.6*.json"))
+    assert recorded, "no recorded file: python -m benchmarks.flash_attention_gluon_resources with Triton 3.6"
+    rows = json.loads(recorded[-1].read_text())["rows"]
+    have = {(r["D"], r["causal"], r["label"]) for r in rows}
+    for D in (128, 64):
+        for c in (False, True):
+            for cfg in sweep.row_configs(D, c):
+                assert (D, c, sweep.label({**fg.DEFAULT_CONFIG, **cfg})) in have, (D, c, cfg)
