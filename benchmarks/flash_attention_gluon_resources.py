@@ -6,8 +6,8 @@ Every config the sweep (``benchmarks.flash_attention_gluon_configs``) would time
 cross-compiled for sm_90 (``kernels.flash_attention_gluon.cross_compile``: Triton's compiler and ``ptxas -v``, no GPU
 touched) and recorded: shared memory per program against the 227 KB an H100 or H200 gives one block, registers per
 thread at launch, bytes spilled, the ``setmaxnreg`` budgets of the warp groups, ``wgmma`` and TMA-load instruction
-counts. A config that fails to compile, spills or does not fit costs a GPU call nothing to rule out: this says so
-before one is spent, and it says what each switch costs in the code. Speed is the sweep's, on a GPU.
+counts. So which configs fail to compile, spill or do not fit is known before a GPU call is spent timing them, and
+what each switch costs in the code. Speed is the sweep's, on a GPU.
 
 Writes ``benchmarks/results/flash_attention_gluon_resources_sm90_triton-<version>.json`` (or ``--out``); the Triton
 version matters (the GPU runs used 3.6: compile with that one to read them).
