@@ -49,7 +49,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Tile and launch parameters. ASM: unpack INT8 words to fp16 with 5 PTX instructions per word (compiled only; the
 #: interpreter uses the same math in Triton ops); FAST_I2F: the fp16 bit trick. The fastest of 34 configurations
 #: timed on an H200 (B = 8-64, contexts 8k-32k; 2 warps beat 4 and 8, BLOCK_N 64 beat 32 and 128).
-CONFIG = dict(BLOCK_N=64, num_warps=2, num_stages=1, ASM=True, FAST_I2F=True)
+#: K_INT8_DOT (INT8 codes only; off: it changes the numbers): the scores through int8 x int8 dots on K's byte planes
+#: with q rounded to int8 per head (scale amax / 127), so K's codes are never converted; exact for that rounded q
+#: (``kernels.reference.round_query_int8``). Written after the one-tile version of that idea lost
+#: (``benchmarks/int8_kernel_sweep.py``); not yet timed on a GPU.
+#: BIASED (FAST_I2F only; off until timed): leave the codes as the fp16 numbers 1152 + c (the bit trick without its
+#: subtraction: 3 PTX instructions per word instead of 5) and remove the bias from the sums instead, once per
+#: score (1152 * sum(q)) and once per output row (1152 * sum_t p_t s_t, kept like l_i).
+CONFIG = dict(BLOCK_N=64, num_warps=2, num_stages=1, ASM=True, FAST_I2F=True, K_INT8_DOT=False, BIASED=False)
 #: Programs of this kernel that fit on one SM at once: its registers decide (~241 per thread at CONFIG, 2 warps:
 #: 4 programs, from Nsight Compute on an H200). Split-K chooses the fewest splits that fill whole waves of
 #: 4 x num_sms programs (``choose_num_splits_in_waves``); giving the kernel fewer registers (maxnreg 128/168,
@@ -79,28 +86,66 @@ def _int8x4_to_fp16_asm(w):
 
 
 @triton.jit
-def _byte_of(w, j: tl.constexpr, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexpr):
-    """Code j (0..3, little-endian) of each int32 word, as an exact value in DOT_TY."""
+def _int8x4_to_biased_fp16_asm(w):
+    """4 INT8 codes packed in one int32 -> the 4 exact fp16 numbers 1152 + c, in 3 instructions: the routine above
+    without its two subtractions (BIASED: the kernel removes the 1152 from its sums)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, lo, hi;
+        xor.b32 t, $4, 0x80808080;
+        prmt.b32 lo, t, 0x64646464, 0x5140;
+        prmt.b32 hi, t, 0x64646464, 0x7362;
+        mov.b32 {$0, $1}, lo;
+        mov.b32 {$2, $3}, hi;
+        }""",
+        constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=1)
+
+
+@triton.jit
+def _byte_of(w, j: tl.constexpr, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexpr,
+             BIASED: tl.constexpr):
+    """Code j (0..3, little-endian) of each int32 word, as an exact value in DOT_TY (BIASED: 1152 + code)."""
     if IS_FP8:
         return ((w >> (8 * j)) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(DOT_TY)
     elif FAST_I2F:   # the fp16 trick: bits 0x6400 | (c + 128), and (byte & 0xFF) ^ 0x6480 builds them in one step
-        return (((w >> (8 * j)) & 0xFF) ^ 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
+        x = (((w >> (8 * j)) & 0xFF) ^ 0x6480).to(tl.int16).to(tl.float16, bitcast=True)   # 1152 + c
+        if BIASED:
+            return x
+        else:
+            return x - 1152.0
     else:            # sign-extend byte j: shift it to the top, arithmetic shift back
         return ((w << (24 - 8 * j)) >> 24).to(DOT_TY)
 
 
 @triton.jit
-def _planes(w, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexpr, ASM: tl.constexpr):
+def _planes(w, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexpr, ASM: tl.constexpr,
+            BIASED: tl.constexpr):
     """A [BLOCK_N, W] tile of int32 words (4 codes each) -> its 4 byte planes [BLOCK_N, W] in DOT_TY: plane j holds
     channels j, 4 + j, 8 + j, ... (byte j of every word)."""
-    if ASM:
+    if ASM and BIASED:
+        a, b, c, d = _int8x4_to_biased_fp16_asm(w)
+    elif ASM:
         a, b, c, d = _int8x4_to_fp16_asm(w)
     else:
-        a = _byte_of(w, 0, DOT_TY, IS_FP8, FAST_I2F)
-        b = _byte_of(w, 1, DOT_TY, IS_FP8, FAST_I2F)
-        c = _byte_of(w, 2, DOT_TY, IS_FP8, FAST_I2F)
-        d = _byte_of(w, 3, DOT_TY, IS_FP8, FAST_I2F)
+        a = _byte_of(w, 0, DOT_TY, IS_FP8, FAST_I2F, BIASED)
+        b = _byte_of(w, 1, DOT_TY, IS_FP8, FAST_I2F, BIASED)
+        c = _byte_of(w, 2, DOT_TY, IS_FP8, FAST_I2F, BIASED)
+        d = _byte_of(w, 3, DOT_TY, IS_FP8, FAST_I2F, BIASED)
     return a, b, c, d
+
+
+@triton.jit
+def _int8_planes(w):
+    """A [BLOCK_N, W] tile of int32 words -> its 4 byte planes as int8 (the codes themselves: no conversion, a
+    shift and a truncation each), for int8 x int8 dots."""
+    return w.to(tl.int8), (w >> 8).to(tl.int8), (w >> 16).to(tl.int8), (w >> 24).to(tl.int8)
+
+
+@triton.jit
+def _round_int8(x, scale):
+    """x [G, W] / scale [G] rounded half up to int8 (|x| <= 127 * scale)."""
+    return tl.floor(x.to(tl.float32) / scale[:, None] + 0.5).to(tl.int8)
 
 
 @triton.jit
@@ -146,6 +191,8 @@ def _paged_attention_int8_kernel(
     FAST_I2F: tl.constexpr,         # INT8 codes and fp16 queries: the bit-trick conversion
     ASM: tl.constexpr,              # FAST_I2F, compiled: the 5-instruction PTX unpacking
     IEEE_FP32: tl.constexpr,        # fp32 queries: exact fp32 dots instead of TF32
+    K_INT8_DOT: tl.constexpr,       # INT8 codes: scores by int8 dots, q rounded to int8 per head (CONFIG)
+    BIASED: tl.constexpr,           # FAST_I2F: codes as 1152 + c, the bias removed from the sums (CONFIG)
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -168,8 +215,20 @@ def _paged_attention_int8_kernel(
     q1 = tl.load(q_row + 1, mask=gw_mask, other=0.0)
     q2 = tl.load(q_row + 2, mask=gw_mask, other=0.0)
     q3 = tl.load(q_row + 3, mask=gw_mask, other=0.0)
+    if K_INT8_DOT:   # q rounded to int8 per head: q ~ q_scale * q8 (the scores' dots then run on int8 codes only)
+        q_amax = tl.max(tl.maximum(tl.maximum(tl.abs(q0.to(tl.float32)), tl.abs(q1.to(tl.float32))),
+                                   tl.maximum(tl.abs(q2.to(tl.float32)), tl.abs(q3.to(tl.float32)))), axis=1)
+        q_scale = tl.where(q_amax > 0, q_amax / 127.0, 1.0)                                # [G]
+        q0 = _round_int8(q0, q_scale)
+        q1 = _round_int8(q1, q_scale)
+        q2 = _round_int8(q2, q_scale)
+        q3 = _round_int8(q3, q_scale)
     if HAS_ZERO:
         q_sum = tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)  # [G]
+        if K_INT8_DOT:
+            q_sum = q_sum * q_scale
+    if BIASED and not K_INT8_DOT:   # the keys arrive as 1152 + c: each score carries 1152 * sum(q)
+        q_bias = 1152.0 * tl.sum(q0.to(tl.float32) + q1.to(tl.float32) + q2.to(tl.float32) + q3.to(tl.float32), axis=1)
 
     m_i = tl.zeros([GROUP_PAD], dtype=tl.float32) - float("inf")   # running max of the scores (log2 units)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)                  # running sum of exp2(score - m_i)
@@ -177,6 +236,7 @@ def _paged_attention_int8_kernel(
     acc1 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)
     acc2 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)
     acc3 = tl.zeros([GROUP_PAD, WORDS_PAD], dtype=tl.float32)
+    v_bias = tl.zeros([GROUP_PAD], dtype=tl.float32)               # BIASED: running sum of p_t * s_t (each acc's 1152x)
     # software prefetch: the first tile's words, and the rows of the second
     t = start + n
     row = _rows(block_tables_ptr, seq, stride_bt, t, end, BLOCK_SIZE, NUM_KV_HEADS, kv_head)
@@ -198,12 +258,23 @@ def _paged_attention_int8_kernel(
         v_scale_next = tl.load(v_scale_ptr + row_next, mask=tn < end, other=0.0)
         row_after = _rows(block_tables_ptr, seq, stride_bt, tn + BLOCK_N, end, BLOCK_SIZE, NUM_KV_HEADS, kv_head)
         # ---- scores: s_t * sum_j (q plane j . c_t plane j) (+ z_t * sum(q))
-        k0, k1, k2, k3 = _planes(k_words, DOT_TY, IS_FP8, FAST_I2F, ASM)                  # [BLOCK_N, W] each
-        s = tl.zeros([GROUP_PAD, BLOCK_N], dtype=tl.float32)
-        s = _dot(q0, tl.trans(k0), s, IEEE_FP32)
-        s = _dot(q1, tl.trans(k1), s, IEEE_FP32)
-        s = _dot(q2, tl.trans(k2), s, IEEE_FP32)
-        s = _dot(q3, tl.trans(k3), s, IEEE_FP32)                                          # [G, BLOCK_N]
+        if K_INT8_DOT:   # s_t * q_scale * sum_j (q8 plane j . c_t plane j): int8 dots, exact int32 sums
+            k0, k1, k2, k3 = _int8_planes(k_words)                                         # [BLOCK_N, W] each
+            si = tl.zeros([GROUP_PAD, BLOCK_N], dtype=tl.int32)
+            si = tl.dot(q0, tl.trans(k0), si, out_dtype=tl.int32)
+            si = tl.dot(q1, tl.trans(k1), si, out_dtype=tl.int32)
+            si = tl.dot(q2, tl.trans(k2), si, out_dtype=tl.int32)
+            si = tl.dot(q3, tl.trans(k3), si, out_dtype=tl.int32)
+            s = si.to(tl.float32) * q_scale[:, None]
+        else:
+            k0, k1, k2, k3 = _planes(k_words, DOT_TY, IS_FP8, FAST_I2F, ASM, BIASED)      # [BLOCK_N, W] each
+            s = tl.zeros([GROUP_PAD, BLOCK_N], dtype=tl.float32)
+            s = _dot(q0, tl.trans(k0), s, IEEE_FP32)
+            s = _dot(q1, tl.trans(k1), s, IEEE_FP32)
+            s = _dot(q2, tl.trans(k2), s, IEEE_FP32)
+            s = _dot(q3, tl.trans(k3), s, IEEE_FP32)                                      # [G, BLOCK_N]
+            if BIASED:
+                s -= q_bias[:, None]
         s = s * (k_scale.to(tl.float32) * sm_scale_log2e)[None, :]     # one multiply per score: both scales
         if HAS_ZERO:
             s += q_sum[:, None] * (tl.load(k_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)
@@ -214,12 +285,14 @@ def _paged_attention_int8_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # ---- values: plane j of the output += sum_t (p_t * s_t) c_t plane j (+ sum_t p_t z_t)
-        v0, v1, v2, v3 = _planes(v_words, DOT_TY, IS_FP8, FAST_I2F, ASM)
+        v0, v1, v2, v3 = _planes(v_words, DOT_TY, IS_FP8, FAST_I2F, ASM, BIASED)
         pv = (p * v_scale.to(tl.float32)[None, :]).to(DOT_TY)
         acc0 = _dot(pv, v0, acc0 * alpha[:, None], IEEE_FP32)
         acc1 = _dot(pv, v1, acc1 * alpha[:, None], IEEE_FP32)
         acc2 = _dot(pv, v2, acc2 * alpha[:, None], IEEE_FP32)
         acc3 = _dot(pv, v3, acc3 * alpha[:, None], IEEE_FP32)
+        if BIASED:   # the values arrived as 1152 + c: each output row carries 1152 * sum_t (p_t * s_t)
+            v_bias = v_bias * alpha + tl.sum(pv.to(tl.float32), axis=1)
         if HAS_ZERO:
             pz = tl.sum(p * tl.load(v_zero_ptr + row, mask=t_mask, other=0.0).to(tl.float32)[None, :], axis=1)[:, None]
             acc0 += pz
@@ -231,6 +304,11 @@ def _paged_attention_int8_kernel(
         row, row_next = row_next, row_after
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)   # an empty range (context 0, or a split past the end): output 0
+    if BIASED:
+        acc0 -= 1152.0 * v_bias[:, None]
+        acc1 -= 1152.0 * v_bias[:, None]
+        acc2 -= 1152.0 * v_bias[:, None]
+        acc3 -= 1152.0 * v_bias[:, None]
     o_row = out_ptr + seq * stride_ob + q_heads[:, None] * stride_oh + split * stride_os + 4 * w[None, :]
     o_ty = out_ptr.dtype.element_ty
     tl.store(o_row + 0, (acc0 / l_safe[:, None]).to(o_ty), mask=gw_mask)               # channels 0, 4, 8, ...
@@ -240,6 +318,21 @@ def _paged_attention_int8_kernel(
     if SPLIT:
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(lse_ptr + seq * stride_lb + q_heads * stride_lh + split, lse, mask=g_mask)
+
+
+def _check_config(config: dict | None) -> dict:
+    """CONFIG with the keys of config overriding it; ValueError naming a key CONFIG does not have or a bad value."""
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(CONFIG))
+    if unknown:
+        raise ValueError(f"config has unknown key(s) {unknown}; expected keys of CONFIG: {sorted(CONFIG)}")
+    cfg = {**CONFIG, **config}
+    if cfg["BLOCK_N"] not in (16, 32, 64, 128, 256):
+        raise ValueError(f"config BLOCK_N is {cfg['BLOCK_N']!r}; expected a power of 2 from 16 to 256")
+    if cfg["num_warps"] not in (1, 2, 4, 8) or cfg["num_stages"] not in (1, 2, 3, 4):
+        raise ValueError(f"config num_warps {cfg['num_warps']!r} / num_stages {cfg['num_stages']!r}: expected "
+                         "1, 2, 4 or 8 warps and 1 to 4 stages")
+    return cfg
 
 
 def _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_tables, context_lens) -> None:
@@ -288,16 +381,18 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                 context_lens: torch.Tensor, *, k_zero: torch.Tensor | None = None,
                                 v_zero: torch.Tensor | None = None, sm_scale: float | None = None,
                                 num_splits: int | None = None, max_context_len: int | None = None,
-                                validate: bool = True) -> torch.Tensor:
+                                validate: bool = True, config: dict | None = None) -> torch.Tensor:
     """Decode attention through block tables over 8-bit K/V: ``[B, Hq, D]``, in q's dtype.
 
     As ``kernels.paged_attention_decode`` (q ``[B, Hq, D]``; block_tables int32 ``[B, max_blocks]``;
     context_lens int32 ``[B]``; sm_scale, num_splits, max_context_len, validate), with k_cache, v_cache
     ``[N, P, Hkv, D]`` torch.int8 or torch.float8_e4m3fn codes and k_scale, v_scale ``[N, P, Hkv]`` (k_zero, v_zero
     for asymmetric INT8) as written by ``kernels.store_kv_int8``: key t of kv head h is
-    ``k_cache[..] * k_scale[..] (+ k_zero[..])``. Raises ValueError, naming the argument (and the entry: a block id
-    outside the cache, unless ``validate=False``), on wrong inputs.
+    ``k_cache[..] * k_scale[..] (+ k_zero[..])``. config: keys of ``CONFIG`` to override (benchmarks' sweeps).
+    Raises ValueError, naming the argument (and the entry: a block id outside the cache, unless ``validate=False``),
+    on wrong inputs.
     """
+    cfg = _check_config(config)
     _validate(q, k_cache, v_cache, k_scale, v_scale, k_zero, v_zero, block_tables, context_lens)
     check_sm_scale(sm_scale)
     B, Hq, D = q.shape
@@ -305,22 +400,24 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     if validate:   # block ids inside [0, N), lengths the tables can address (one device-to-host copy)
         max_context_len = check_block_tables(block_tables, context_lens, N, P, max_context_len)
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
-                                                                max_context_len, CONFIG["BLOCK_N"],
+                                                                max_context_len, cfg["BLOCK_N"],
                                                                 resident_per_sm=RESIDENT_PER_SM)
     out = torch.empty_like(q)
     if B == 0:
         return out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
-    cfg = CONFIG
     G = Hq // Hkv
     has_zero = k_zero is not None
     zeros = (k_zero, v_zero) if has_zero else (k_scale, v_scale)   # unused pointers when symmetric
     fast = bool(cfg["FAST_I2F"]) and k_cache.dtype == torch.int8 and q.dtype == torch.float16
+    k8 = bool(cfg["K_INT8_DOT"]) and k_cache.dtype == torch.int8
+    biased = fast and bool(cfg["BIASED"])
     meta = dict(NUM_KV_HEADS=Hkv, QUERIES_PER_KV=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
                 WORDS_PAD=max(16, triton.next_power_of_2(D // 4)), BLOCK_SIZE=P, BLOCK_N=cfg["BLOCK_N"],
                 HAS_ZERO=has_zero, IS_FP8=k_cache.dtype == torch.float8_e4m3fn, FAST_I2F=fast,
                 ASM=fast and bool(cfg["ASM"]) and not INTERPRET,
-                IEEE_FP32=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                IEEE_FP32=q.dtype == torch.float32, K_INT8_DOT=k8, BIASED=biased,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)   # the same bytes: [N, P, Hkv, D // 4]
     common = (q, k_cache, v_cache, k_scale, v_scale, *zeros, block_tables, context_lens)
     if num_splits == 1:

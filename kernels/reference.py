@@ -183,6 +183,16 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                                   validate=validate).to(q.dtype)
 
 
+def round_query_int8(q: torch.Tensor) -> torch.Tensor:
+    """q as ``kernels.paged_attention_int8_decode`` sees it with ``K_INT8_DOT``: each head's vector (last dim)
+    rounded half up to int8 codes of scale amax / 127, then dequantized (float32, q's shape). The kernel is exact
+    (int32 sums) for this q, so ``paged_attention_int8_decode(round_query_int8(q), ...)`` is its reference."""
+    qf = q.float()
+    amax = qf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.floor(qf / scale + 0.5) * scale
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *,
                             sm_scale: float | None = None, **_) -> torch.Tensor:

@@ -252,6 +252,64 @@ def test_paged_attention_int8_variants(P, variant):
                                    **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", kernel_dtypes())
+@pytest.mark.parametrize("Hq, Hkv, D, zero_point", [(8, 2, 32, False), (6, 1, 64, False), (8, 2, 32, True)])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_k_int8_dot_is_exact_for_the_query_rounded_to_int8(dtype, Hq, Hkv, D, zero_point, num_splits):
+    """CONFIG's K_INT8_DOT: scores through int8 dots on K's codes with q rounded to int8 per head. Exact for that
+    rounded q (ref.round_query_int8), and visibly not the unrounded q's result (the switch took effect)."""
+    lens = [1, 16, 43, 70]
+    args, zeros, _ = make_quantized(len(lens), Hq, Hkv, D, 16, lens, dtype, seed=D + Hq, zero_point=zero_point)
+    q = args[0]
+    got = kernels.paged_attention_int8_decode(*args, num_splits=num_splits, config=dict(K_INT8_DOT=True), **zeros)
+    want = ref.paged_attention_int8_decode(ref.round_query_int8(q), *args[1:], **zeros).to(dtype)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    unrounded = ref.paged_attention_int8_decode(*args, **zeros).float()
+    assert (got.float() - unrounded).abs().max() > 1e-4                 # q's rounding shows: the int8 path ran
+    assert (got.float() - unrounded).abs().max() < 0.05                  # ... and costs little (7e-3 to 9e-3 here)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+@pytest.mark.parametrize("k_int8_dot", [False, True])
+def test_biased_codes_give_the_same_attention(monkeypatch, zero_point, k_int8_dot):
+    """CONFIG's BIASED: codes as the fp16 numbers 1152 + c, the bias removed from the sums (fp16 queries, INT8
+    codes). Same result as without it, and the switch reaches the kernel (its launches are watched)."""
+    import kernels.paged_attention_int8 as pa8
+    launches, kernel = [], pa8._paged_attention_int8_kernel
+
+    class Watch:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw)
+                return kernel[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(pa8, "_paged_attention_int8_kernel", Watch())
+    lens = [1, 16, 43, 300]
+    args, zeros, _ = make_quantized(len(lens), 8, 2, 32, 16, lens, torch.float16, seed=11, zero_point=zero_point)
+    q = ref.round_query_int8(args[0]) if k_int8_dot else args[0]
+    want = ref.paged_attention_int8_decode(q, *args[1:], **zeros).half()
+    for splits in (1, 3):
+        got = kernels.paged_attention_int8_decode(*args, num_splits=splits, **zeros,
+                                                  config=dict(BIASED=True, K_INT8_DOT=k_int8_dot))
+        torch.testing.assert_close(got, want, **TOL[torch.float16])
+    assert [kw["BIASED"] for kw in launches] == [True, True]
+    kernels.paged_attention_int8_decode(args[0].float(), *args[1:], **zeros, config=dict(BIASED=True))
+    assert launches[-1]["BIASED"] is False                               # fp32 queries: no fp16 bit trick, no bias
+
+
+def test_k_int8_dot_leaves_fp8_codes_alone_and_bad_configs_are_named():
+    dtype = kernel_dtypes()[0]
+    args, _, _ = make_quantized(2, 4, 2, 16, 8, [5, 12], dtype, kv_dtype="fp8")
+    torch.testing.assert_close(kernels.paged_attention_int8_decode(*args, config=dict(K_INT8_DOT=True)),
+                               ref.paged_attention_int8_decode(*args), **TOL[dtype])
+    with pytest.raises(ValueError, match=r"config has unknown key\(s\) \['K_INT8'\]"):
+        kernels.paged_attention_int8_decode(*args, config=dict(K_INT8=True))
+    with pytest.raises(ValueError, match="config BLOCK_N is 48"):
+        kernels.paged_attention_int8_decode(*args, config=dict(BLOCK_N=48))
+
+
 def test_head_dim_not_a_power_of_two_sm_scale_empty_sequences_and_auto_split():
     args, _, _ = make_quantized(3, 4, 2, 24, 8, [0, 9, 20], torch.float32)
     for splits in (1, 2):
@@ -518,3 +576,8 @@ def test_sweep_candidates_match_the_reference():
             got = sweep.tile_decode(q, *quantized["int8"], tables, lens, max_context_len=70, BLOCK_N=16,
                                     CONV_ASM=HAS_GPU, K_INT8_DOT=k_int8_dot, num_splits=splits).float()
             torch.testing.assert_close(got, want, atol=2e-2 if k_int8_dot else 2e-3, rtol=0)
+    rounded = ref.paged_attention_int8_decode(ref.round_query_int8(q), *quantized["int8"], tables, lens).float()
+    for c, expect in ((dict(kernel="planes"), want), (dict(kernel="planes", K_INT8_DOT=True), rounded)):
+        assert c in list(sweep.candidates())                       # the shipped kernel, with and without the switch
+        got = sweep.call_for(c, q, quantized["int8"], tables, lens, 70)().float()
+        torch.testing.assert_close(got, expect, atol=2e-3, rtol=0)

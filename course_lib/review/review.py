@@ -42,6 +42,8 @@ BENCHMARKS = {
     "prefix_caching": Benchmark("prefix_caching_*.json", "python -m benchmarks.prefix_caching", "05"),
     "speculative": Benchmark("speculative_*.json", "python -m benchmarks.speculative", "06"),
     "kv_quant": Benchmark("kv_quant_*.json", "python -m benchmarks.kv_quant", "07"),
+    "int8_kernel_resources": Benchmark("int8_kernel_resources_*.json", "python -m benchmarks.int8_kernel_resources",
+                                       "07"),
     "parallel": Benchmark("parallel_*.json", "python -m benchmarks.parallel", "08"),
     "engine": Benchmark("engine_*.json", "python -m benchmarks.engine", "10"),   # the capstone's (--quick on a CPU)
     "memory_hierarchy": Benchmark("memory_hierarchy_*.json", "python -m benchmarks.memory_hierarchy", "11"),
