@@ -17,6 +17,9 @@
 # (six starts failed, then lending was paused). In session 20: nothing (eleven starts failed). In session 21: nothing
 # (three starts failed, then lending was paused); every sweep config's compiled resources recorded on a CPU instead
 # (benchmarks/flash_attention_gluon_resources.py: all compile and fit; only the D = 64 two-per-SM ping-pong spills).
+# In session 22: nothing (lending paused from the start); the INT8 decode kernel's variants compiled for sm_90 on a CPU
+# instead (benchmarks/int8_kernel_resources.py: 1.75x the FP16 kernel's loop instructions per KB, 46% unpacking codes),
+# and two switches written for the GPU to time (int8_sweep).
 # Left, in the order to run them (on an H200 too: the Gluon kernel is sm_90, and its H200 files would be the first):
 #   fa_gluon_mini (MINI_LIMIT=230: ~4 min) where less than ~6 min of device time is left: D = 128, causal first
 #   fa_gluon_quick fa_gluon_best  (BEST_LIMIT=170: ~9.5 min in one call) where a call may be the session's only one:
@@ -31,6 +34,10 @@
 #                kernels.flash_attention's route to it, and return_lse), fa_gluon_ablation (~3 min) with the defaults
 #                that result, fa_gluon_bwd (~5 min: forward + backward with the Gluon forward, ours_gluon, beside the
 #                default's and cuDNN's)
+#   int8_sweep   (~4 min; on an H200 first, where INT8 misses its target) the INT8 kernel's new switches tested
+#                (K_INT8_DOT: K through int8 dots, q rounded; BIASED: codes as 1152 + c), then
+#                benchmarks.int8_kernel_sweep timing them beside the shipped config and the tile kernels; a switch
+#                faster at every shape becomes CONFIG's default, then kv_quant again (the H200's file is 11-28)
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -184,6 +191,8 @@ for s in ${STEPS:?set STEPS}; do
                  --out "$OUT/flash_attention_bwd.json" ;;
     fa_bwd_tma) step fa_bwd_tma 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward tma_wide --head-dims 128 \
                  --out "$OUT/flash_attention_bwd_tma.json" ;;
+    int8_sweep) step int8_tests 150 python3 -m pytest -q -rfE tests/test_kv_quant.py -k "k_int8_dot or biased or sweep"
+               step int8_sweep 300 python3 -m benchmarks.int8_kernel_sweep --out "$OUT/int8_kernel_sweep.json" ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac
 done

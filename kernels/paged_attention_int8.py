@@ -29,7 +29,10 @@ at 2.5-2.7 TB/s (H100) and 2.8-3.1 TB/s (H200), where the FP16 kernel reads 2.9-
 (``benchmarks/int8_kernel_sweep.py``, results in ``benchmarks/results/int8_*_sweep_*.json``): one ``[BLOCK_N, D]``
 int8 tile per load with Triton's pipelining (0.84-1.5x), K through int8 tensor-core dots with a quantized q, fewer
 registers for more programs per SM, L2 prefetches further ahead. What did: choosing split-K so that the programs
-fill whole waves (``RESIDENT_PER_SM``).
+fill whole waves (``RESIDENT_PER_SM``). Where the instructions go (compiled for sm_90 on a CPU,
+``benchmarks/int8_kernel_resources.py``, 2026-12-08): per KB of cache the token loop executes 1.75x the FP16
+kernel's warp instructions, about half of them unpacking codes; ``CONFIG``'s switches ``K_INT8_DOT`` and ``BIASED``
+(off) are the two cuts tried since, not yet timed on a GPU.
 """
 from __future__ import annotations
 

@@ -86,3 +86,13 @@ def test_the_recorded_files_cover_every_variant():
         got = json.loads(path.read_text())
         assert [r["name"] for r in got["rows"]] == [name for name, _ in res.VARIANTS], path.name
         assert got["device"] == "CPU (compiled for sm_90, no GPU)" and "-dirty" not in got["git_commit"]
+
+
+def test_instruction_mix_groups_every_opcode_once_and_scales_per_kb():
+    from course_lib.analysis.instruction_mix import GROUPS, OTHER, instruction_mix, per_kb
+    ops = {"PRMT": 10, "HADD2": 4, "STS": 3, "HMMA": 2, "LDG": 1, "FMUL": 5, "IMAD": 7, "WEIRD": 1}
+    mix = instruction_mix(ops)
+    assert list(mix) == [*GROUPS, OTHER] and sum(mix.values()) == sum(ops.values())
+    assert mix["unpacking codes"] == 14 and mix[OTHER] == 8 and mix["tensor cores"] == 2
+    kb = per_kb(dict(num_warps=2, kb_per_iteration=16.0, loop_opcodes=ops))
+    assert kb["unpacking codes"] == 14 * 2 / 16
