@@ -116,7 +116,13 @@ def _child(module: str, kernel: str, launch: str, kwargs: dict, arch: int, sass_
     backend = make_backend(target)
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kw)
     options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    source = ASTSource
+    try:   # a Gluon kernel compiles from its own source class
+        from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+        source = GluonASTSource if isinstance(fn, GluonJITFunction) else ASTSource
+    except ImportError:   # pragma: no cover - Triton without Gluon
+        pass
+    compiled = triton.compile(source(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     names = fn.arg_names
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +141,8 @@ def _child(module: str, kernel: str, launch: str, kwargs: dict, arch: int, sass_
     regs = re.search(r"Used (\d+) registers", text)
     spills = re.search(r"(\d+) bytes spill stores", text)
     return dict(triton=triton.__version__, arch=arch, kernel=f"{module}.{kernel}",
-                constexprs={n: kw[n] for n in names[len(args):]}, num_warps=options.num_warps,
+                constexprs={n: kw[n] if isinstance(kw[n], (bool, int, float, str)) else str(kw[n])
+                            for n in names[len(args):]}, num_warps=options.num_warps,
                 num_stages=options.num_stages, shared_bytes=compiled.metadata.shared,
                 registers=int(regs.group(1)) if regs else None,
                 spill_store_bytes=int(spills.group(1)) if spills else None, loop=loop_opcodes(sass))

@@ -34,10 +34,11 @@
 #                kernels.flash_attention's route to it, and return_lse), fa_gluon_ablation (~3 min) with the defaults
 #                that result, fa_gluon_bwd (~5 min: forward + backward with the Gluon forward, ours_gluon, beside the
 #                default's and cuDNN's)
-#   int8_sweep   (~4 min; on an H200 first, where INT8 misses its target) the INT8 kernel's new switches tested
-#                (K_INT8_DOT: K through int8 dots, q rounded; BIASED: codes as 1152 + c), then
-#                benchmarks.int8_kernel_sweep timing them beside the shipped config and the tile kernels; a switch
-#                faster at every shape becomes CONFIG's default, then kv_quant again (the H200's file is 11-28)
+#   int8_sweep   (~5 min; on an H200 first, where INT8 misses its target) the Gluon INT8 kernel
+#                (kernels/paged_attention_int8_gluon.py: loads in the mma layouts, no shared memory; never run on a
+#                GPU) and the Triton kernel's new switches (K_INT8_DOT, BIASED) tested against the reference, then
+#                benchmarks.int8_kernel_sweep timing them beside the shipped config and the tile kernels; a winner at
+#                every shape becomes the default (kernels.paged_attention_int8_decode's route), then kv_quant again
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -191,7 +192,8 @@ for s in ${STEPS:?set STEPS}; do
                  --out "$OUT/flash_attention_bwd.json" ;;
     fa_bwd_tma) step fa_bwd_tma 300 python3 -m benchmarks.flash_attention_bwd --hopper-forward tma_wide --head-dims 128 \
                  --out "$OUT/flash_attention_bwd_tma.json" ;;
-    int8_sweep) step int8_tests 150 python3 -m pytest -q -rfE tests/test_kv_quant.py -k "k_int8_dot or biased or sweep"
+    int8_sweep) step int8_tests 200 python3 -m pytest -q -rfE tests/test_paged_attention_int8_gluon.py \
+                 tests/test_kv_quant.py -k "gpu or k_int8_dot or biased or sweep"
                step int8_sweep 300 python3 -m benchmarks.int8_kernel_sweep --out "$OUT/int8_kernel_sweep.json" ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac

@@ -30,11 +30,14 @@ from benchmarks.record import git_commit
 from course_lib.analysis.roofline import RESULTS_DIR
 
 SHAPE = dict(B=32, L=8192, Hq=32, Hkv=8, D=128, P=16)
-#: (name, CONFIG overrides): the shipped config first; "fp16": lesson 02's FP16 kernel at its own CONFIG
+#: (name, CONFIG overrides): the shipped config first; "fp16": lesson 02's FP16 kernel at its own CONFIG; "gluon...":
+#: kernels/paged_attention_int8_gluon.py (overrides of its own CONFIG)
 VARIANTS = [("shipped", {}), ("k_int8_dot", dict(K_INT8_DOT=True)), ("biased", dict(BIASED=True)),
             ("biased_k_int8_dot", dict(BIASED=True, K_INT8_DOT=True)), ("4_warps", dict(num_warps=4)),
             ("k_int8_dot_4_warps", dict(K_INT8_DOT=True, num_warps=4)), ("no_asm", dict(ASM=False)),
-            ("block_n_32", dict(BLOCK_N=32)), ("block_n_128", dict(BLOCK_N=128)), ("fp16", {})]
+            ("block_n_32", dict(BLOCK_N=32)), ("block_n_128", dict(BLOCK_N=128)), ("fp16", {}),
+            ("gluon", {}), ("gluon_narrow_v", dict(V_WIDE=False)), ("gluon_block_n_16", dict(BLOCK_N=16)),
+            ("gluon_block_n_64", dict(BLOCK_N=64))]
 REGISTERS_PER_SM = 65536
 
 
@@ -63,17 +66,29 @@ def launch_fp16(m, B: int, L: int, Hq: int, Hkv: int, D: int, P: int) -> None:
     m.paged_attention_decode(q, cache, cache, tables, lens, max_context_len=L, num_splits=2, validate=False)
 
 
+def launch_gluon(m, config: dict, B: int, L: int, Hq: int, Hkv: int, D: int, P: int) -> None:
+    """The same for the Gluon kernel (``kernels.paged_attention_int8_gluon``), past its GPU check."""
+    import torch
+    q, codes, tables, lens = _inputs(B, L, Hq, Hkv, D, P, torch.int8)
+    scales = torch.ones(codes.shape[:3], dtype=torch.float16)
+    m._launch(q, codes, codes, scales, scales, tables, lens, None, 2, L // 2, {**m.CONFIG, **config})
+
+
 def compile_variant(name: str, config: dict) -> dict:
     """One variant's compiled resources (or the compiler's error); name "fp16": the FP16 kernel."""
     import kernels.paged_attention as pa
     import kernels.paged_attention_int8 as pa8
-    fp16 = name == "fp16"
-    cfg = dict(pa.CONFIG) if fp16 else {**pa8.CONFIG, **config}
+    import kernels.paged_attention_int8_gluon as g8
+    fp16, gluon = name == "fp16", name.startswith("gluon")
+    cfg = dict(pa.CONFIG) if fp16 else {**(g8.CONFIG if gluon else pa8.CONFIG), **config}
     row = dict(name=name, config=cfg)
     try:
         if fp16:
             got = cross_compile("kernels.paged_attention", "_paged_attention_decode_kernel",
                                 "benchmarks.int8_kernel_resources:launch_fp16", dict(SHAPE))
+        elif gluon:
+            got = cross_compile("kernels.paged_attention_int8_gluon", "_paged_int8_mma_kernel",
+                                "benchmarks.int8_kernel_resources:launch_gluon", dict(config=config, **SHAPE))
         else:
             got = cross_compile("kernels.paged_attention_int8", "_paged_attention_int8_kernel",
                                 "benchmarks.int8_kernel_resources:launch", dict(config=config, **SHAPE))

@@ -14,6 +14,8 @@ Candidates (``tile_*``: one ``[BLOCK_N, D]`` tile of one-byte codes per load, as
   scores through int8 dots on K's byte planes with q rounded to int8 (checked against the reference on that
   rounded q, ``kernels.reference.round_query_int8``; ``err_unrounded`` is its distance from the unrounded q's);
   ``planes`` with ``BIASED`` (the same day): codes left as 1152 + c, the bias removed from the sums.
+* ``gluon``: ``kernels/paged_attention_int8_gluon.py`` (the same day): the words loaded straight into the mma
+  operand layouts, no shared memory, one warp per program; its ``BLOCK_N`` and ``LAZY_RESCALE``.
 * ``tile_asm``: codes loaded as int8 straight into the dot; converted to fp16 by a 6-instruction PTX routine on 4
   codes at a time (no int-to-float unit: the fp16 bit trick), which Triton may apply after the codes reach the
   dot's register layout, so the shared-memory traffic stays one byte per code.
@@ -164,6 +166,10 @@ def candidates():
     yield dict(kernel="planes", K_INT8_DOT=True, num_warps=4)
     yield dict(kernel="planes", BIASED=True)
     yield dict(kernel="planes", BIASED=True, K_INT8_DOT=True)
+    for n in (16, 32, 64):
+        for lazy in (True, False):
+            yield dict(kernel="gluon", BLOCK_N=n, LAZY_RESCALE=lazy)
+    yield dict(kernel="gluon", BLOCK_N=32, V_WIDE=False)
     for n in (64, 128):
         for w in (2, 4):
             for st in (1, 2, 3):
@@ -179,7 +185,8 @@ def candidates():
 
 def label(c: dict) -> str:
     """kernel[/k8][/biased]/BLOCK_N/num_warps/num_stages/programs_per_sm of a candidate (empty: the kernel's own)."""
-    return (f"{c['kernel']}{'/k8' if c.get('K_INT8_DOT') else ''}{'/biased' if c.get('BIASED') else ''}/"
+    return (f"{c['kernel']}{'/k8' if c.get('K_INT8_DOT') else ''}{'/biased' if c.get('BIASED') else ''}"
+            f"{'/eager' if c.get('LAZY_RESCALE') is False else ''}{'/narrow' if c.get('V_WIDE') is False else ''}/"
             f"{c.get('BLOCK_N', '')}/{c.get('num_warps', '')}/"
             f"{c.get('num_stages', '')}/{c.get('programs_per_sm', '')}")
 
@@ -189,6 +196,11 @@ def call_for(c, q, caches, tables, lens, L, kernel_out=None):
         config = {k: v for k, v in c.items() if k != "kernel"}
         return lambda: kernels.paged_attention_int8_decode(q, *caches, tables, lens, max_context_len=L, validate=False,
                                                            config=config)
+    if c["kernel"] == "gluon":
+        from kernels.paged_attention_int8_gluon import paged_attention_int8_decode_gluon
+        config = {k: v for k, v in c.items() if k != "kernel"}
+        return lambda: paged_attention_int8_decode_gluon(q, *caches, tables, lens, max_context_len=L, validate=False,
+                                                         config=config)
     kw = {k: v for k, v in c.items() if k != "kernel"}
     return lambda: tile_decode(q, *caches, tables, lens, max_context_len=L, kernel_out=kernel_out, **kw)
 
@@ -245,14 +257,16 @@ def main(argv=None):
         print(json.dumps(r), flush=True)
     q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     ok = sorted((r for r in stage1 if r.get("us")), key=lambda r: r["us"])
-    keys = ("kernel", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "CONV_ASM", "K_INT8_DOT", "BIASED")
+    keys = ("kernel", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "CONV_ASM", "K_INT8_DOT", "BIASED",
+            "LAZY_RESCALE", "V_WIDE")
     best_planes_switch = next(({k: r[k] for k in keys if k in r} for r in ok if r["kernel"] == "planes"
                                and (r.get("K_INT8_DOT") or r.get("BIASED"))), None)
     top = [{k: r[k] for k in keys if k in r} for r in ok[:args.top]]
     if not any(c["kernel"] == "planes" for c in top):
         top.append(dict(kernel="planes"))
     best_k16 = next(({k: r[k] for k in keys if k in r} for r in ok if r["kernel"] == "tile_asm"), None)
-    for best in (best_k16, best_planes_switch):
+    best_gluon = next(({k: r[k] for k in keys if k in r} for r in ok if r["kernel"] == "gluon"), None)
+    for best in (best_k16, best_planes_switch, best_gluon):
         if best and best not in top:
             top.append(best)
     for B, L in ((8, 16384), (32, 1024), (32, 4096), (32, 16384), (32, 32768), (64, 8192), (64, 16384)):
