@@ -36,8 +36,8 @@ VARIANTS = [("shipped", {}), ("k_int8_dot", dict(K_INT8_DOT=True)), ("biased", d
             ("biased_k_int8_dot", dict(BIASED=True, K_INT8_DOT=True)), ("4_warps", dict(num_warps=4)),
             ("k_int8_dot_4_warps", dict(K_INT8_DOT=True, num_warps=4)), ("no_asm", dict(ASM=False)),
             ("block_n_32", dict(BLOCK_N=32)), ("block_n_128", dict(BLOCK_N=128)), ("fp16", {}),
-            ("gluon", {}), ("gluon_narrow_v", dict(V_WIDE=False)), ("gluon_block_n_16", dict(BLOCK_N=16)),
-            ("gluon_block_n_64", dict(BLOCK_N=64))]
+            ("gluon", {}), ("gluon_narrow_loads", dict(V_WIDE=False, K_WIDE=False)),
+            ("gluon_block_n_16", dict(BLOCK_N=16)), ("gluon_block_n_64", dict(BLOCK_N=64))]
 REGISTERS_PER_SM = 65536
 
 

@@ -15,7 +15,7 @@ Candidates (``tile_*``: one ``[BLOCK_N, D]`` tile of one-byte codes per load, as
   rounded q, ``kernels.reference.round_query_int8``; ``err_unrounded`` is its distance from the unrounded q's);
   ``planes`` with ``BIASED`` (the same day): codes left as 1152 + c, the bias removed from the sums.
 * ``gluon``: ``kernels/paged_attention_int8_gluon.py`` (the same day): the words loaded straight into the mma
-  operand layouts, no shared memory, one warp per program; its ``BLOCK_N`` and ``LAZY_RESCALE``.
+  operand layouts, no shared memory, one warp per program; its ``BLOCK_N``, ``LAZY_RESCALE``, ``V_WIDE``, ``K_WIDE``.
 * ``tile_asm``: codes loaded as int8 straight into the dot; converted to fp16 by a 6-instruction PTX routine on 4
   codes at a time (no int-to-float unit: the fp16 bit trick), which Triton may apply after the codes reach the
   dot's register layout, so the shared-memory traffic stays one byte per code.
@@ -169,7 +169,8 @@ def candidates():
     for n in (16, 32, 64):
         for lazy in (True, False):
             yield dict(kernel="gluon", BLOCK_N=n, LAZY_RESCALE=lazy)
-    yield dict(kernel="gluon", BLOCK_N=32, V_WIDE=False)
+    yield dict(kernel="gluon", BLOCK_N=32, V_WIDE=False, K_WIDE=False)
+    yield dict(kernel="gluon", BLOCK_N=32, K_WIDE=False)
     for n in (64, 128):
         for w in (2, 4):
             for st in (1, 2, 3):
@@ -186,7 +187,8 @@ def candidates():
 def label(c: dict) -> str:
     """kernel[/k8][/biased]/BLOCK_N/num_warps/num_stages/programs_per_sm of a candidate (empty: the kernel's own)."""
     return (f"{c['kernel']}{'/k8' if c.get('K_INT8_DOT') else ''}{'/biased' if c.get('BIASED') else ''}"
-            f"{'/eager' if c.get('LAZY_RESCALE') is False else ''}{'/narrow' if c.get('V_WIDE') is False else ''}/"
+            f"{'/eager' if c.get('LAZY_RESCALE') is False else ''}{'/narrow_v' if c.get('V_WIDE') is False else ''}"
+            f"{'/narrow_k' if c.get('K_WIDE') is False else ''}/"
             f"{c.get('BLOCK_N', '')}/{c.get('num_warps', '')}/"
             f"{c.get('num_stages', '')}/{c.get('programs_per_sm', '')}")
 
@@ -258,7 +260,7 @@ def main(argv=None):
     q = kc = vc = quantized = caches = None  # free this shape's memory (not del: closures above use the names)
     ok = sorted((r for r in stage1 if r.get("us")), key=lambda r: r["us"])
     keys = ("kernel", "BLOCK_N", "num_warps", "num_stages", "programs_per_sm", "CONV_ASM", "K_INT8_DOT", "BIASED",
-            "LAZY_RESCALE", "V_WIDE")
+            "LAZY_RESCALE", "V_WIDE", "K_WIDE")
     best_planes_switch = next(({k: r[k] for k in keys if k in r} for r in ok if r["kernel"] == "planes"
                                and (r.get("K_INT8_DOT") or r.get("BIASED"))), None)
     top = [{k: r[k] for k in keys if k in r} for r in ok[:args.top]]

@@ -10,7 +10,9 @@ Hopper), so nothing moves through shared memory:
 
 * **K**, as the B operand of S = q Kᵀ per byte plane j (plane j of word w is channel 4w + j, as in the Triton
   kernel): ``[W words (k), BLOCK_N tokens (n)]`` with ``k_width`` 2, so each thread holds words w and w + 1 of one
-  token, 8 contiguous bytes.
+  token, 8 contiguous bytes. The order of k is free as long as q's planes follow it: with ``K_WIDE`` a thread's
+  words of one token are all adjacent (k = r0 + 2 l + 8 (r >> 1) for word (W / 4) l + r), loaded 16 bytes at a time
+  into a 3-D view that, split into bits and permuted, is the B layout.
 * **V**, as the B operand of O += P V per plane: ``[BLOCK_N tokens (k), W words (n)]``, each thread holding the same
   word of tokens t and t + 1. Those are 4-byte loads; with ``V_WIDE`` the output's columns are permuted (column n
   holds word (W / 8)(n % 8) + n / 8, undone by the store) so that a thread's words of one token are adjacent: the
@@ -31,8 +33,8 @@ One warp per program (a program is one sequence x kv head x split, as in the oth
 waits for another at a barrier; occupancy comes from programs, and the split-K plan assumes ``RESIDENT_PER_SM`` of
 them per SM. Compiled for sm_90 (``benchmarks/int8_kernel_resources.py``): no shared memory, no spills, and a token
 loop about a tenth shorter per KB than the Triton kernel's (its instructions counted statically, the rescale that
-``LAZY_RESCALE`` mostly skips included): the unpacking's saving is partly spent on addresses, since K still loads
-8 bytes at a time and the block table is read in three layouts.
+``LAZY_RESCALE`` mostly skips included): the unpacking's saving is partly spent on addresses, since the block table
+and the scales are read per token in three layouts.
 
 Scope: INT8 codes without zero points, fp16 queries, head_dim D in {64, 128} (256 spills), G = Hq / Hkv <= 16, a
 GPU of compute capability 8.0 or newer; anything else raises ValueError naming the argument (the Triton kernel
@@ -73,8 +75,9 @@ BIAS = 1152.0   # the fp16 number with bits 0x6400 | (c + 128) is 1024 + 128 + c
 #: LAZY_RESCALE: FlashAttention-4's conditional rescaling (the running max moves only when a row's grows by more than
 #: 8 in log2 units), which skips most tiles' rescale of the four accumulators
 #: V_WIDE: V's words loaded 16 bytes at a time through a 3-D view whose permutation is the B layout (a column
-#: permutation of the output, undone by the store), instead of one 4-byte word per load
-CONFIG = dict(BLOCK_N=32, LAZY_RESCALE=True, V_WIDE=True)
+#: permutation of the output, undone by the store), instead of one 4-byte word per load; K_WIDE: K's likewise (a
+#: permutation of the dots' k, which q's planes follow), instead of 8 bytes per load
+CONFIG = dict(BLOCK_N=32, LAZY_RESCALE=True, V_WIDE=True, K_WIDE=True)
 RESIDENT_PER_SM = 10
 
 
@@ -145,6 +148,7 @@ if gl is not None:
         stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
         NUM_KV_HEADS: gl.constexpr, G: gl.constexpr, D: gl.constexpr, P: gl.constexpr, BLOCK_N: gl.constexpr,
         SPLIT: gl.constexpr, LAZY_RESCALE: gl.constexpr, V_WIDE: gl.constexpr, V_LAYOUT: gl.constexpr,
+        K_WIDE: gl.constexpr, K_LAYOUT: gl.constexpr,
     ):
         W: gl.constexpr = D // 4
         CODE_BIAS: gl.constexpr = 1152.0    # BIAS: what each unpacked code carries
@@ -164,6 +168,8 @@ if gl is not None:
         # q as 4 byte planes in the A layout (plane j = channels j, 4 + j, ...), and each head's sum for the bias
         gq = gl.arange(0, 16, layout=gl.SliceLayout(1, A))
         wq = gl.arange(0, W, layout=gl.SliceLayout(0, A))
+        if K_WIDE:   # the dots' k runs over K's words in the order K_WIDE loads them (_k_word): q's planes follow
+            wq = (W // 4) * ((wq >> 1) & 3) + ((wq & 1) | ((wq >> 3) << 1))
         q_at = q_ptr + seq * stride_qb + gl.expand_dims((kv_head * G + gq) * stride_qh, 1) + gl.expand_dims(4 * wq, 0)
         q_mask = gl.expand_dims(gq < G, 1) & gl.expand_dims(wq < W, 0)
         q0 = gl.load(q_at + 0, mask=q_mask, other=0.0)
@@ -194,13 +200,30 @@ if gl is not None:
         c3 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, V_LAYOUT)))
         i3 = gl.arange(0, W // 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, V_LAYOUT)))
         ci3 = gl.expand_dims(gl.expand_dims((W // 8) * c3, 0), 2) + gl.expand_dims(gl.expand_dims(i3, 0), 1)
+        # K_WIDE: K's words as Y[l, r, t] = word (W / 4) l + r of token t in K_LAYOUT (a thread's r contiguous);
+        # split into bits and permuted, it is the B layout with k = r0 + 2 l + 8 (r >> 1) (``_k_wide_layout``)
+        l3 = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, K_LAYOUT)))
+        r3 = gl.arange(0, W // 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, K_LAYOUT)))
+        t3k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, gl.SliceLayout(1, K_LAYOUT)))
+        lr3 = gl.expand_dims(gl.expand_dims((W // 4) * l3, 1), 2) + gl.expand_dims(gl.expand_dims(r3, 0), 2)
         ns = gl.arange(0, BLOCK_N, layout=COL)                     # the scores' columns: tokens
         for tile_start in range(start, end, BLOCK_N):
             # ---- S = q K^T, plane by plane: K's words land in the B layout, two words of a token per thread
             tk = tile_start + nk
             rk = _rows(bt_ptr, seq, stride_bt, tk, end, P, NUM_KV_HEADS, kv_head)
-            k_words = gl.load(k_ptr + gl.expand_dims(rk * W, 0) + gl.expand_dims(wk, 1),
-                              mask=gl.expand_dims(tk < end, 0), other=0)                         # [W, BLOCK_N]
+            if K_WIDE:
+                tk3 = tile_start + t3k
+                rk3 = _rows(bt_ptr, seq, stride_bt, tk3, end, P, NUM_KV_HEADS, kv_head)
+                y = gl.load(k_ptr + gl.expand_dims(gl.expand_dims(rk3 * W, 0), 1) + lr3,
+                            mask=gl.expand_dims(gl.expand_dims(tk3 < end, 0), 1), other=0)     # [4, W / 4, BLOCK_N]
+                if W == 32:   # bits (l1, l0, r2, r1, r0) -> k = (r2, r1, l1, l0, r0)
+                    y = gl.permute(gl.reshape(y, [2, 2, 2, 2, 2, BLOCK_N]), [2, 3, 0, 1, 4, 5])
+                else:         # W = 16: (l1, l0, r1, r0) -> k = (r1, l1, l0, r0)
+                    y = gl.permute(gl.reshape(y, [2, 2, 2, 2, BLOCK_N]), [2, 0, 1, 3, 4])
+                k_words = gl.convert_layout(gl.reshape(y, [W, BLOCK_N]), B)
+            else:
+                k_words = gl.load(k_ptr + gl.expand_dims(rk * W, 0) + gl.expand_dims(wk, 1),
+                                  mask=gl.expand_dims(tk < end, 0), other=0)                     # [W, BLOCK_N]
             k0, k1, k2, k3 = _pair_planes(k_words)
             s = gl.zeros([16, BLOCK_N], gl.float32, MMA)
             s = mma_v2(q0, k0, s)
@@ -289,6 +312,18 @@ def _v_wide_layout(block_n: int, words: int):
                                       shape=[block_n, 8, words // 8])
 
 
+def _k_wide_layout(block_n: int, words: int):
+    """The layout of Y[l, r, t] = word (words / 4) l + r of token t (K_WIDE): registers first along r (contiguous
+    words), then the tokens the B operand gives a thread (t + 8, t + 16, ...); lanes: l (what the B operand's k + 2,
+    k + 4 become), then t + 1, t + 2, t + 4. A thread's k = r0 + 2 l + 8 (r >> 1): its registers hold k + 1, k + 8,
+    k + 16, as the B operand's do."""
+    reg_r = [[0, 1 << b, 0] for b in range(int(math.log2(words // 4)))]
+    reg_t = [[0, 0, 8 << b] for b in range(int(math.log2(block_n // 8)))]
+    lanes = [[1, 0, 0], [2, 0, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]]
+    return gl.DistributedLinearLayout(reg_bases=reg_r + reg_t, lane_bases=lanes, warp_bases=[], block_bases=[],
+                                      shape=[4, words // 4, block_n])
+
+
 def _check_scope(q: torch.Tensor, k_cache: torch.Tensor, k_zero) -> None:
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -346,7 +381,8 @@ def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, s
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
     meta = dict(NUM_KV_HEADS=Hkv, G=Hq // Hkv, D=D, P=k_cache.shape[1], BLOCK_N=cfg["BLOCK_N"],
                 LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]), V_WIDE=bool(cfg["V_WIDE"]),
-                V_LAYOUT=_v_wide_layout(cfg["BLOCK_N"], D // 4), num_warps=1)
+                V_LAYOUT=_v_wide_layout(cfg["BLOCK_N"], D // 4), K_WIDE=bool(cfg["K_WIDE"]),
+                K_LAYOUT=_k_wide_layout(cfg["BLOCK_N"], D // 4), num_warps=1)
     words = (k_cache.view(torch.int32), v_cache.view(torch.int32))   # the same bytes: [N, P, Hkv, D // 4]
     common = (q, *words, k_scale, v_scale, block_tables, context_lens)
     if num_splits == 1:
