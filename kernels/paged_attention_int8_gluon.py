@@ -264,8 +264,8 @@ if gl is not None:
             pa = gl.convert_layout(pv, A, assert_trivial=True)    # the accumulator layout is the A layout
             # ---- O += P V, plane by plane: V's words land in the B layout, one word of two tokens per thread
             if V_WIDE:
-                tv3 = tile_start + t3
-                rv3 = _rows(bt_ptr, seq, stride_bt, tv3, end, P, NUM_KV_HEADS, kv_head)
+                tv3 = tile_start + t3   # a thread's tokens here are its score columns': reuse their rows
+                rv3 = gl.convert_layout(rs, gl.SliceLayout(1, gl.SliceLayout(2, V_LAYOUT)))
                 x = gl.load(v_ptr + gl.expand_dims(gl.expand_dims(rv3 * W, 1), 2) + ci3,
                             mask=gl.expand_dims(gl.expand_dims(tv3 < end, 1), 2), other=0)    # [BLOCK_N, 8, W / 8]
                 v_words = gl.convert_layout(gl.reshape(gl.permute(x, [0, 2, 1]), [BLOCK_N, W]), B)
