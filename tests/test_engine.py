@@ -248,7 +248,27 @@ def test_whole_call_misuse_raises_before_running():
         engine.generate([[1], [2]], arrival_times=[0.0])
     with pytest.raises(ValueError, match="arrival_times"):
         engine.generate([[1]], arrival_times=[-1.0])
+    for bad in (0, -0.1, float("inf"), "1 ms", True):
+        for e in (engine, StaticBatchEngine(MICRO, max_batch_size=2)):
+            with pytest.raises(ValueError, match="step_time must be None or a positive number of seconds per step"):
+                e.generate([[1], [2]], step_time=bad)
     assert engine.generate([]) == []
+
+
+def test_a_modeled_step_time_makes_the_replay_exact(tiny):
+    """generate(step_time=...): each step costs step_time on the replay clock, so the steps, the arrivals they meet
+    and every latency are the same in every run, and a multiple of step_time after each arrival."""
+    model, tokenizer = tiny
+    trace = sharegpt_trace(10, rate=200.0, scale=0.1, tokenizer=tokenizer, seed=1)
+    runs = []
+    for _ in range(2):
+        for e in (LLMEngine(model, max_num_seqs=4), StaticBatchEngine(model, max_batch_size=4)):
+            e.generate(trace.prompts, trace.params, arrival_times=trace.arrival_times, step_time=0.01, use_tqdm=False)
+            runs.append(e.metrics)
+    for first, again in ((runs[0], runs[2]), (runs[1], runs[3])):
+        assert [s.composition for s in first.steps] == [s.composition for s in again.steps]
+        assert first.ttft == again.ttft and first.elapsed_s == again.elapsed_s
+        assert all(s.duration == 0.01 for s in first.steps)
 
 
 @pytest.mark.parametrize("field, kwargs", [

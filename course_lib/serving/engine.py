@@ -76,7 +76,7 @@ from course_lib.serving.prefix_cache import PrefixCachingBlockManager
 from course_lib.serving.scheduler import PREEMPTION_MODES, Scheduler
 from course_lib.serving.sequence import FINISHED, Sequence, draw_keys
 from course_lib.serving.spec_decode import SpecDecodeWorker
-from course_lib.serving.validation import check_call, check_fits_cache, check_request
+from course_lib.serving.validation import check_call, check_fits_cache, check_request, check_step_time
 
 
 def _synchronize(device: torch.device) -> None:
@@ -139,6 +139,7 @@ class LLMEngine:
         self._requests: dict[object, list[Sequence]] = {}   # unfinished requests: request_id -> its n sequences
         self._pending: list[tuple[float, int, object]] = []  # (arrival time, first seq id, request_id): not arrived
         self.clock, self.last_step, self._next_seq_id = 0.0, None, 0
+        self._step_time: float | None = None   # generate(step_time=...): the modeled replay clock, during that call
         self._inflight, self._progressed = None, {}   # asynchronous scheduling: the step launched, not read back
 
     def __getattr__(self, name: str):
@@ -213,19 +214,24 @@ class LLMEngine:
                     seq.finish_reason, seq.status = "abort", FINISHED
             return RequestOutput.from_seqs(request_id, seqs, self.tokenizer)
 
-    def generate(self, prompts, params=None, *, arrival_times=None,
+    def generate(self, prompts, params=None, *, arrival_times=None, step_time: float | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
         """Generate completions for ``prompts`` (token-id lists or 1-D integer tensors, or strings with a tokenizer).
         ``params``: one SamplingParams (or dict) for all, or a list with one per prompt. Returns one RequestOutput per
-        prompt, in order (a bad request's carries its ``error``); the run's metrics are in ``self.metrics``. The
-        progress bar shows by default from 64 requests on. Needs an idle engine; one call at a time per engine."""
+        prompt, in order (a bad request's carries its ``error``); the run's metrics are in ``self.metrics``.
+        ``step_time``: seconds each step costs on the replay clock instead of its measured time (a modeled clock:
+        which requests have arrived at each step, and the metrics read on that clock, are then the same on any
+        machine, busy or not). The progress bar shows by default from 64 requests on. Needs an idle engine; one call
+        at a time per engine."""
         with self._exclusive("generate"):
             prompts, params_list, arrivals = check_call(prompts, params, arrival_times)
+            step_time = check_step_time(step_time)
             if self._requests:
                 raise RuntimeError(f"LLMEngine.generate needs an idle engine: {len(self._requests)} request(s) added "
                                    "with add_request are unfinished (step() until has_unfinished_requests() is False, "
                                    "or abort_request them)")
             self._new_run()                     # a fresh clock, queues and counters: self.metrics are this call's
+            self._step_time = step_time
             try:
                 outputs = [None] * len(prompts)
                 for i, (prompt, p) in enumerate(zip(prompts, params_list)):
@@ -246,6 +252,7 @@ class LLMEngine:
                 self.metrics = self._run_metrics(outputs, steps, start=min(arrivals, default=0.0))
                 return outputs
             finally:
+                self._step_time = None
                 self._drop_unfinished()         # no-op after a clean run; after an exception, every block comes back
 
     # ---------------------------------------------------------------- one step
@@ -267,7 +274,7 @@ class LLMEngine:
             if self._inflight is not None:            # only the last launched step is left: read its tokens
                 t0 = time.perf_counter()
                 self._read_inflight(self.clock)
-                self.clock += time.perf_counter() - t0
+                self.clock += self._elapsed(t0, 0.0)
                 return self._outputs(finished_only)
             self.clock = self._pending[0][0]          # idle until the next arrival: jump to it
             self._admit_arrived()
@@ -287,7 +294,7 @@ class LLMEngine:
         # draw is its length, placeholders included) are sampled on the device (sampling.sample_tokens)
         launch = overlap and not self._spec
         if not launch and self._inflight is not None:   # drain: this step reads every token id on the host
-            self._read_inflight(clock + time.perf_counter() - t0)
+            self._read_inflight(clock + self._elapsed(t0, 0.0))
             out.chunks = [c for c in out.chunks if c.seq.status != FINISHED]   # stopped: nothing left to run
         inflight = None
         if not out.chunks:
@@ -297,7 +304,7 @@ class LLMEngine:
         elif launch:                                  # launched, not waited for: the last step's tokens are read now
             inflight = InflightStep(out.chunks, self._runner.execute(out.chunks, self._inflight))
             if self._inflight is not None:
-                self._read_inflight(clock + time.perf_counter() - t0)
+                self._read_inflight(clock + self._elapsed(t0, 0.0))
             next_tokens = inflight.placeholders()
         else:
             next_tokens = self._sample(out.chunks, self._runner.execute(out.chunks))
@@ -306,7 +313,7 @@ class LLMEngine:
                 chunk.seq.first_scheduled_time = clock
         if not overlap:
             _synchronize(device)
-        duration = time.perf_counter() - t0
+        duration = self._elapsed(t0, self._step_time)
         outputs = None
         if inflight is None:                          # its tokens are known: their requests progressed now
             self._progressed |= dict.fromkeys(c.seq.request_id for c in out.chunks if c.samples)
@@ -326,6 +333,11 @@ class LLMEngine:
             composition=[(c.seq.request_id, c.num_tokens) for c in out.chunks])
         self.clock += duration
         return self._outputs(finished_only) if outputs is None else outputs
+
+    def _elapsed(self, t0: float, modeled: float | None) -> float:
+        """Seconds since ``t0`` on the replay clock: measured, or ``modeled`` under generate's ``step_time`` (a step
+        costs step_time; reading back an asynchronous step's tokens, nothing)."""
+        return time.perf_counter() - t0 if self._step_time is None else modeled
 
     def _read_inflight(self, now: float) -> None:
         """Asynchronous scheduling: the launched step's tokens replace their placeholders (timed ``now``, when the

@@ -25,7 +25,7 @@ from course_lib.serving.engine import _synchronize
 from course_lib.model.kv_cache import KVCache
 from course_lib.serving.metrics import (CompletionOutput, RequestMetrics, RequestOutput, RunMetrics, StepRecord,
                                        summarize)
-from course_lib.serving.validation import check_call, check_request
+from course_lib.serving.validation import check_call, check_request, check_step_time
 from course_lib.model.sampling import sample_tokens
 from course_lib.device import DEVICE
 
@@ -75,9 +75,12 @@ class StaticBatchEngine:
         self.seed = seed
         self.metrics: RunMetrics | None = None
 
-    def generate(self, prompts, params=None, *, arrival_times=None,
+    def generate(self, prompts, params=None, *, arrival_times=None, step_time: float | None = None,
                  use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """As ``LLMEngine.generate``; step_time: seconds each forward pass costs on the replay clock (default: its
+        measured time)."""
         prompts, params_list, arrivals = check_call(prompts, params, arrival_times)
+        step_time = check_step_time(step_time)
         outputs, queue = [], []
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             prompt_ids, p, error = check_request(i, prompt, p, vocab_size=self.model.config.vocab_size,
@@ -94,7 +97,7 @@ class StaticBatchEngine:
                 clock = queue[0][0]
             batch = [r for r in queue if r[0] <= clock][: self.max_batch_size]
             queue = [r for r in queue if r not in batch]
-            clock = self._run_batch(batch, clock, steps, rows_done)
+            clock = self._run_batch(batch, clock, steps, rows_done, step_time)
             bar.update(len(batch))
         bar.close()
         for (i, j), (tokens, times, reason, end) in sorted(rows_done.items()):
@@ -110,7 +113,8 @@ class StaticBatchEngine:
         return outputs
 
     @torch.no_grad()
-    def _run_batch(self, batch, clock: float, steps: list[StepRecord], rows_done: dict) -> float:
+    def _run_batch(self, batch, clock: float, steps: list[StepRecord], rows_done: dict,
+                   step_time: float | None = None) -> float:
         """Prefill the padded batch, decode until every row is done. Returns the clock at the end."""
         model, device = self.model, self.model.device
         lens = [len(r[3]) for r in batch]
@@ -144,7 +148,7 @@ class StaticBatchEngine:
             ids = torch.tensor([[t[-1] if t else PAD_ID] for t in tokens], device=device)            # [B, 1]
             positions = (cache.length - pad_t)[:, None]
             _synchronize(device)
-            duration = time.perf_counter() - t0
+            duration = time.perf_counter() - t0 if step_time is None else step_time
             for b in range(len(batch)):
                 if active[b]:
                     times[b].append(clock + duration)

@@ -39,6 +39,16 @@ def check_call(prompts, params, arrival_times) -> tuple[list, list, list[float]]
     return list(prompts), list(params), arrival_times
 
 
+def check_step_time(step_time) -> float | None:
+    """None (the replay clock advances by each step's measured time) or a positive number of seconds per step (a
+    modeled clock: the same arrivals meet the same steps on any machine, busy or not). ValueError otherwise."""
+    if step_time is None:
+        return None
+    if isinstance(step_time, bool) or not isinstance(step_time, (int, float)) or not 0 < step_time < float("inf"):
+        raise ValueError(f"step_time must be None or a positive number of seconds per step, got {step_time!r}")
+    return float(step_time)
+
+
 PARAM_NAMES = tuple(f.name for f in fields(SamplingParams))
 
 
