@@ -38,7 +38,8 @@
 #                (kernels/paged_attention_int8_gluon.py: loads in the mma layouts, no shared memory; never run on a
 #                GPU) and the Triton kernel's new switches (K_INT8_DOT, BIASED) tested against the reference, then
 #                benchmarks.int8_kernel_sweep timing them beside the shipped config and the tile kernels; a winner at
-#                every shape becomes the default (kernels.paged_attention_int8_decode's route), then kv_quant again
+#                every shape becomes the default (kernels.paged_attention_int8_decode's route); then kv_quant (~3 min:
+#                the course's INT8 file, with the Gluon kernel checked and timed beside the Triton one)
 #   serving7     the tiny model on a GPU (one device call, ~8-9 min)
 #   fa_rot       again (~2 min): flash_attention_hopper files record each compiled config's registers per thread and
 #                spills ("compiled"; empty for the TMA kernel before session 17's fix), which would settle lesson 03's
@@ -195,6 +196,7 @@ for s in ${STEPS:?set STEPS}; do
     int8_sweep) step int8_tests 200 python3 -m pytest -q -rfE tests/test_paged_attention_int8_gluon.py \
                  tests/test_kv_quant.py -k "gpu or k_int8_dot or biased or sweep"
                step int8_sweep 300 python3 -m benchmarks.int8_kernel_sweep --out "$OUT/int8_kernel_sweep.json" ;;
+    kv_quant) step kv_quant 330 python3 -m benchmarks.kv_quant --out "$OUT/kv_quant.json" ;;
     *) echo "unknown step $s" | tee -a "$OUT/env.log" ;;
   esac
 done

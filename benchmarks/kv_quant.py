@@ -10,8 +10,10 @@ fused ``kernels.store_kv_int8`` (one fp16 scale per token and kv head). ``kernel
 from a CUDA graph, L2 flushed. FP8 e4m3 too where the GPU has it. Before the sweep, a few configurations of the
 INT8 kernel (tile sizes, warps, PTX or Triton unpacking) are checked against the reference and timed at
 batch 32 x 8k, and the fastest correct one is used (all recorded). Target: INT8 time <= 0.6x the
-FP16 time at contexts >= 8k. Writes ``benchmarks/results/kv_quant_<device-slug>.json`` with device, versions,
-date and every number.
+FP16 time at contexts >= 8k. Where the GPU runs it, the Gluon INT8 kernel (``kernels.paged_attention_int8_gluon``,
+an experiment: not the library's route) is checked against the reference and timed beside them on the same codes
+(``int8_gluon_*`` fields). Writes ``benchmarks/results/kv_quant_<device-slug>.json`` with device, versions, date and
+every number.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import triton
 
 import kernels
 import kernels.paged_attention_int8 as pa8
+import kernels.paged_attention_int8_gluon as g8
 import kernels.reference as ref
 from course_lib.device import DEVICE, HAS_GPU, INTERPRET
 from course_lib.quant.kv_quant import quantization_error
@@ -124,7 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     # 2. Correctness at real shapes (with the configuration chosen above): the 8-bit kernels vs the reference on the
-    #    same codes, and the quantization error itself (INT8 attention vs FP16 attention on the original K/V).
+    #    same codes, and the quantization error itself (INT8 attention vs FP16 attention on the original K/V). The
+    #    Gluon kernel too where it runs; a wrong result there is recorded and it is not timed.
+    gluon_why = g8.gluon_int8_status()
     correctness = []
     for B, L in cfg["correctness"]:
         q, kc, vc, tables, lens, quantized = make_caches(B, L, Hq, Hkv, D, P, dtype, kv_dtypes, seed=B + L)
@@ -138,6 +143,14 @@ def main(argv: list[str] | None = None) -> dict:
                 correctness.append(dict(B=B, context=L, kv_dtype=kv, num_splits=splits or "auto", max_abs_error=err,
                                         tolerance=tol, vs_fp16=quantization_error(exact, got)))
                 assert err <= tol, f"{kv} paged attention is wrong at B={B}, L={L}, splits={splits}: {err}"
+                if kv == "int8" and gluon_why is None:
+                    got = g8.paged_attention_int8_decode_gluon(q, *caches, tables, lens, num_splits=splits).float()
+                    err = (got - want).abs().max().item()
+                    correctness.append(dict(B=B, context=L, kv_dtype=kv, kernel="gluon", num_splits=splits or "auto",
+                                            max_abs_error=err, tolerance=tol))
+                    if not err <= tol:
+                        gluon_why = f"wrong result at B={B}, L={L}, splits={splits}: max abs error {err:.3g}"
+                        print(f"Gluon INT8 kernel: {gluon_why}; not timed", flush=True)
             print(f"correct: {kv} B={B:3d} L={L:5d} (auto, unsplit, 8 splits); vs FP16 attention: relative error "
                   f"{correctness[-1]['vs_fp16']['relative']:.2e}", flush=True)
         q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
@@ -171,10 +184,20 @@ def main(argv: list[str] | None = None) -> dict:
             kv_bytes = 2 * B * L * Hkv * (D + 2)
             point.update({f"{kv}_seconds": t8, f"{kv}_eager_seconds": e8, f"{kv}_bytes_per_s": kv_bytes / t8,
                           f"{kv}_ratio_to_fp16": t8 / t16})
+        if gluon_why is None:
+            tg, eg, _ = best_time(
+                lambda: g8.paged_attention_int8_decode_gluon(q, *quantized["int8"], tables, lens, max_context_len=L,
+                                                             validate=False),
+                warmup, reps)
+            kv_bytes = 2 * B * L * Hkv * (D + 2)
+            point.update(int8_gluon_seconds=tg, int8_gluon_eager_seconds=eg, int8_gluon_bytes_per_s=kv_bytes / tg,
+                         int8_gluon_ratio_to_fp16=tg / t16)
         points.append(point)
         print(f"B={B:3d} L={L:5d}: fp16 {t16 * 1e6:8.1f} us ({fp16_bytes / t16 / 1e12:.2f} TB/s)  " + "  ".join(
             f"{kv} {point[kv + '_seconds'] * 1e6:8.1f} us ({point[kv + '_bytes_per_s'] / 1e12:.2f} TB/s, "
-            f"{point[kv + '_ratio_to_fp16']:.2f}x)" for kv in quantized) + f" [{mode}]", flush=True)
+            f"{point[kv + '_ratio_to_fp16']:.2f}x)" for kv in quantized)
+            + (f"  int8 gluon {point['int8_gluon_seconds'] * 1e6:8.1f} us ({point['int8_gluon_ratio_to_fp16']:.2f}x)"
+               if "int8_gluon_seconds" in point else "") + f" [{mode}]", flush=True)
         q = kc = vc = quantized = None  # free this shape's memory (not del: closures above use the names)
 
     long = [p for p in points if p["context"] >= 8192] or points
@@ -194,7 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
                     cache="L2 flushed before each repetition",
                     bytes="fp16: 2*B*L*Hkv*D*2; 8-bit: 2*B*L*Hkv*(D + 2) (codes + fp16 scales)"),
         correctness=correctness, memory=memory, decode=points,
-        targets=dict(int8_ratio_to_fp16_at_8k_plus_worst=worst, target=0.6, met=bool(worst <= 0.6)),
+        targets=dict(int8_ratio_to_fp16_at_8k_plus_worst=worst, target=0.6, met=bool(worst <= 0.6),
+                     int8_gluon_ratio_to_fp16_at_8k_plus_worst=max(
+                         (p["int8_gluon_ratio_to_fp16"] for p in long if "int8_gluon_ratio_to_fp16" in p),
+                         default=None)),
+        gluon=dict(kernel="kernels.paged_attention_int8_gluon", config=dict(g8.CONFIG), timed=gluon_why is None,
+                   why_not=gluon_why),
         total_seconds=time.perf_counter() - t_start,
     )
     out_path = args.out or RESULTS_DIR / f"kv_quant_{slug(name)}.json"

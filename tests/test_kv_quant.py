@@ -559,6 +559,10 @@ def test_benchmark_script_quick(tmp_path):
                 "memory", "targets"):
         assert key in result
     assert all(c["max_abs_error"] <= c["tolerance"] for c in result["correctness"])
+    if not HAS_GPU:   # the Gluon kernel has no interpreter: recorded as not timed, and why
+        assert result["gluon"]["timed"] is False and "no CUDA GPU" in result["gluon"]["why_not"]
+        assert result["targets"]["int8_gluon_ratio_to_fp16_at_8k_plus_worst"] is None
+        assert not any("int8_gluon_seconds" in p for p in result["decode"])
 
 
 def test_sweep_candidates_match_the_reference():
