@@ -98,15 +98,17 @@ def _child(module: str, kernel: str, launch: str, kwargs: dict, arch: int, sass_
         def __getitem__(self, grid):
             return lambda *args, **kw: launches[self.name].append((args, kw))
 
-    jitted = {name: value for name, value in vars(m).items() if isinstance(value, triton.runtime.jit.JITFunction)}
-    for name in jitted:   # every kernel the wrapper may launch (split-K's merge, ...), for the call only
-        setattr(m, name, Catch(name))
+    jitted = [(mod, name, value) for mod_name, mod in list(sys.modules.items())
+              if mod_name == module or mod_name.startswith("kernels.")
+              for name, value in list(vars(mod).items()) if isinstance(value, triton.runtime.jit.JITFunction)]
+    for mod, name, _ in jitted:   # every kernel the wrapper may launch (split-K's merge, ...), for the call only
+        setattr(mod, name, Catch(name))
     launch_module, launch_fn = launch.split(":")
     try:
         getattr(importlib.import_module(launch_module), launch_fn)(m, **kwargs)
     finally:
-        for name, value in jitted.items():   # the kernel reads its helpers from the module's globals
-            setattr(m, name, value)
+        for mod, name, value in jitted:   # a kernel reads its helpers from its module's globals
+            setattr(mod, name, value)
     if not launches[kernel]:
         raise RuntimeError(f"{launch} did not launch {module}.{kernel}")
     args, kw = launches[kernel][-1]

@@ -229,6 +229,31 @@ def _validate(q, k_cache, v_cache, block_tables, context_lens) -> None:
         raise ValueError(f"context_lens has dtype {context_lens.dtype}; expected torch.int32")
 
 
+def run_split_k(kernel, q: torch.Tensor, num_kv_heads: int, num_splits: int, before: tuple, middle: tuple,
+                meta: dict) -> torch.Tensor:
+    """Launch a decode kernel over a (sequence, kv head, split) grid and return its ``[B, Hq, D]`` output. Its
+    arguments: ``*before, out, lse, *middle``, the output's three strides and the lse's two, ``SPLIT``, ``**meta``.
+    One split: the kernel writes the output itself (lse unused). Several: each writes its partial result and its
+    log2-sum-exp, which ``_merge_splits_kernel`` combines. Shared by the FP16 and the 8-bit decode kernels."""
+    B, Hq, D = q.shape
+    out = torch.empty_like(q)
+    if B == 0:
+        return out
+    if num_splits == 1:
+        kernel[(B, num_kv_heads, 1)](*before, out, out, *middle, out.stride(0), out.stride(1), 0, 0, 0,
+                                     SPLIT=False, **meta)
+        return out
+    partial = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
+    kernel[(B, num_kv_heads, num_splits)](*before, partial, lse, *middle, partial.stride(0), partial.stride(1),
+                                          partial.stride(2), lse.stride(0), lse.stride(1), SPLIT=True, **meta)
+    _merge_splits_kernel[(B, Hq)](
+        partial, lse, out, num_splits, partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+        HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D), SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
 def plan_splits(q, block_tables, context_lens, P: int, Hkv: int, num_splits: int | None,
                 max_context_len: int | None, block_n: int, programs_per_sm: int = PROGRAMS_PER_SM,
                 resident_per_sm: int | None = None) -> tuple[int, int, int]:
@@ -283,29 +308,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_context_len = check_block_tables(block_tables, context_lens, N, P, max_context_len)
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
                                                                 max_context_len, CONFIG["BLOCK_N"])
-    out = torch.empty_like(q)
-    if B == 0:
-        return out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
     cfg = CONFIG
     G = Hq // Hkv
     meta = dict(QUERIES_PER_KV=G, GROUP_PAD=max(16, triton.next_power_of_2(G)), HEAD_DIM=D,
                 DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=P, BLOCK_N=cfg["BLOCK_N"],
                 IEEE_FP32=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    common = (q, k_cache, v_cache, block_tables, context_lens)
     strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
-    if num_splits == 1:
-        _paged_attention_decode_kernel[(B, Hkv, 1)](
-            *common, out, out, scale, tokens_per_split, *strides, out.stride(0), out.stride(1), 0, 0, 0,
-            SPLIT=False, **meta)
-        return out
-    partial = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    _paged_attention_decode_kernel[(B, Hkv, num_splits)](
-        *common, partial, lse, scale, tokens_per_split, *strides, partial.stride(0), partial.stride(1),
-        partial.stride(2), lse.stride(0), lse.stride(1), SPLIT=True, **meta)
-    _merge_splits_kernel[(B, Hq)](
-        partial, lse, out, num_splits, partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D), SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
+    return run_split_k(_paged_attention_decode_kernel, q, Hkv, num_splits,
+                       (q, k_cache, v_cache, block_tables, context_lens), (scale, tokens_per_split, *strides), meta)

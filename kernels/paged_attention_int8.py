@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kernels.device import INTERPRET
 from kernels._checks import check_block_tables, check_sm_scale, check_tensors
-from kernels.paged_attention import _merge_splits_kernel, plan_splits
+from kernels.paged_attention import plan_splits, run_split_k
 from kernels.store_kv_int8 import fp8_supported, validate_8bit_cache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -405,9 +405,6 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     max_context_len, num_splits, tokens_per_split = plan_splits(q, block_tables, context_lens, P, Hkv, num_splits,
                                                                 max_context_len, cfg["BLOCK_N"],
                                                                 resident_per_sm=RESIDENT_PER_SM)
-    out = torch.empty_like(q)
-    if B == 0:
-        return out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
     G = Hq // Hkv
     has_zero = k_zero is not None
@@ -421,20 +418,7 @@ def paged_attention_int8_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
                 ASM=fast and bool(cfg["ASM"]) and not INTERPRET,
                 IEEE_FP32=q.dtype == torch.float32, K_INT8_DOT=k8, BIASED=biased,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    k_cache, v_cache = k_cache.view(torch.int32), v_cache.view(torch.int32)   # the same bytes: [N, P, Hkv, D // 4]
-    common = (q, k_cache, v_cache, k_scale, v_scale, *zeros, block_tables, context_lens)
-    if num_splits == 1:
-        _paged_attention_int8_kernel[(B, Hkv, 1)](
-            *common, out, out, scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, 0, 0, SPLIT=False, **meta)
-        return out
-    partial = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    _paged_attention_int8_kernel[(B, Hkv, num_splits)](
-        *common, partial, lse, scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0),
-        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1), SPLIT=True, **meta)
-    _merge_splits_kernel[(B, Hq)](
-        partial, lse, out, num_splits, partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D), SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
+    words = (k_cache.view(torch.int32), v_cache.view(torch.int32))   # the same bytes: [N, P, Hkv, D // 4]
+    return run_split_k(_paged_attention_int8_kernel, q, Hkv, num_splits,
+                       (q, *words, k_scale, v_scale, *zeros, block_tables, context_lens),
+                       (scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0)), meta)

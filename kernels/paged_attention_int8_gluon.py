@@ -52,7 +52,7 @@ import kernels.device  # first: sets TRITON_INTERPRET before triton is imported
 import torch
 import triton
 
-from kernels.paged_attention import _merge_splits_kernel, plan_splits
+from kernels.paged_attention import plan_splits, run_split_k
 from kernels.paged_attention_int8 import _validate as _validate_int8
 
 try:  # Gluon ships with Triton >= 3.5
@@ -238,17 +238,10 @@ if gl is not None:
             s = gl.where(gl.expand_dims(ts < end, 0), s, float("-inf"))
             # ---- online softmax, in the accumulator's registers
             m_new = gl.maximum(m_i, gl.max(s, axis=1))   # finite: every tile has >= 1 valid token
+            rescale = True
             if LAZY_RESCALE:   # FA4's: keep the old max until some row's grew by > 8 (p <= 2^8), then rescale all
-                if gl.max(m_new - m_i, axis=0) > 8.0:
-                    alpha = gl.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    v_bias = v_bias * alpha
-                    acc0 = acc0 * gl.expand_dims(alpha, 1)
-                    acc1 = acc1 * gl.expand_dims(alpha, 1)
-                    acc2 = acc2 * gl.expand_dims(alpha, 1)
-                    acc3 = acc3 * gl.expand_dims(alpha, 1)
-                    m_i = m_new
-            else:
+                rescale = gl.max(m_new - m_i, axis=0) > 8.0
+            if rescale:
                 alpha = gl.exp2(m_i - m_new)
                 l_i = l_i * alpha
                 v_bias = v_bias * alpha
@@ -375,28 +368,12 @@ def _launch(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, s
             tokens_per_split, cfg) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    out = torch.empty_like(q)
-    if B == 0:
-        return out
     scale = (1.0 / math.sqrt(D) if sm_scale is None else sm_scale) * math.log2(math.e)
     meta = dict(NUM_KV_HEADS=Hkv, G=Hq // Hkv, D=D, P=k_cache.shape[1], BLOCK_N=cfg["BLOCK_N"],
                 LAZY_RESCALE=bool(cfg["LAZY_RESCALE"]), V_WIDE=bool(cfg["V_WIDE"]),
                 V_LAYOUT=_v_wide_layout(cfg["BLOCK_N"], D // 4), K_WIDE=bool(cfg["K_WIDE"]),
                 K_LAYOUT=_k_wide_layout(cfg["BLOCK_N"], D // 4), num_warps=1)
     words = (k_cache.view(torch.int32), v_cache.view(torch.int32))   # the same bytes: [N, P, Hkv, D // 4]
-    common = (q, *words, k_scale, v_scale, block_tables, context_lens)
-    if num_splits == 1:
-        _paged_int8_mma_kernel[(B, Hkv, 1)](
-            *common, out, out, scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, 0, 0, SPLIT=False, **meta)
-        return out
-    partial = torch.empty(B, Hq, num_splits, D, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, Hq, num_splits, dtype=torch.float32, device=q.device)
-    _paged_int8_mma_kernel[(B, Hkv, num_splits)](
-        *common, partial, lse, scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0),
-        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1), SPLIT=True, **meta)
-    _merge_splits_kernel[(B, Hq)](
-        partial, lse, out, num_splits, partial.stride(0), partial.stride(1), partial.stride(2),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=D, DIM_PAD=triton.next_power_of_2(D), SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)))
-    return out
+    return run_split_k(_paged_int8_mma_kernel, q, Hkv, num_splits,
+                       (q, *words, k_scale, v_scale, block_tables, context_lens),
+                       (scale, tokens_per_split, q.stride(0), q.stride(1), block_tables.stride(0)), meta)
