@@ -30,6 +30,10 @@ def test_the_unpacking_gives_1152_plus_each_code_of_both_words_per_plane():
         b_codes = [rng.randint(-128, 127) for _ in range(4)]
         a, b = (struct.unpack("<I", struct.pack("<4b", *c))[0] for c in (a_codes, b_codes))
         assert g8.pair_planes_reference(a, b) == [(1152 + x, 1152 + y) for x, y in zip(a_codes, b_codes)]
+    for c in range(-128, 128):                     # every code, in every byte of both words
+        a = struct.unpack("<I", struct.pack("<4b", *[c] * 4))[0]
+        b = struct.unpack("<I", struct.pack("<4b", *[-1 - c] * 4))[0]
+        assert g8.pair_planes_reference(a, b) == [(1152 + c, 1152 - 1 - c)] * 4
     extremes = struct.unpack("<I", struct.pack("<4b", -128, 127, 0, -1))[0]
     assert g8.pair_planes_reference(extremes, extremes) == [(1024.0,) * 2, (1279.0,) * 2, (1152.0,) * 2,
                                                             (1151.0,) * 2]
