@@ -50,6 +50,22 @@ def cross_compile(module: str, kernel: str, launch: str, kwargs: dict | None = N
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compiled_record(benchmark: str, argv: list[str] | None, arch: int = 90, **fields) -> dict:
+    """The head of a result file of kernels compiled here without a GPU: benchmark, device ("CPU (compiled for
+    sm_<arch>, no GPU)"), arch, git commit, date, Python and Triton versions, the command; then ``fields``."""
+    import datetime as dt
+    import platform
+
+    import triton
+
+    from benchmarks.record import git_commit
+    return dict(benchmark=benchmark, device=f"CPU (compiled for sm_{arch}, no GPU)", arch=arch, git_commit=git_commit(),
+                date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                python=platform.python_version(), triton=triton.__version__,
+                command=" ".join([f"python -m benchmarks.{benchmark}", *(argv if argv is not None else sys.argv[1:])]),
+                **fields)
+
+
 def loop_opcodes(sass: str) -> dict:
     """Opcode counts of the largest loop (a backward branch to a label) of disassembled SASS: {"instructions": n,
     "opcodes": {op: count}}; empty counts when the code has no loop."""

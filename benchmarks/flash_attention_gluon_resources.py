@@ -15,18 +15,15 @@ version matters (the GPU runs used 3.6: compile with that one to read them).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import triton
 
+from benchmarks.cross_compile import compiled_record
 from benchmarks.flash_attention_gluon_configs import label, row_configs
-from benchmarks.record import git_commit
 from course_lib.analysis.roofline import RESULTS_DIR
 from kernels import flash_attention_gluon as fg
 
@@ -62,13 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
             for causal in (False, True) for cfg in row_configs(D, causal)]
     with ThreadPoolExecutor(args.jobs) as pool:   # each compilation runs in its own Python (cross_compile)
         rows = list(pool.map(lambda w: compile_row(*w), work))
-    result = dict(benchmark="flash_attention_gluon_resources", device="CPU (compiled for sm_90, no GPU)", arch=90,
-                  git_commit=git_commit(),
-                  date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  python=platform.python_version(), triton=triton.__version__,
-                  command=" ".join(["python -m benchmarks.flash_attention_gluon_resources",
-                                    *(argv if argv is not None else sys.argv[1:])]),
-                  shared_limit_bytes=SHARED_LIMIT, default_config=fg.DEFAULT_CONFIG, rows=rows)
+    result = compiled_record("flash_attention_gluon_resources", argv, shared_limit_bytes=SHARED_LIMIT,
+                             default_config=fg.DEFAULT_CONFIG, rows=rows)
     for r in rows:
         print(f"D={r['D']:3d} causal={r['causal']!s:5} {r['label']:28s} " + (
             f"error: {r['error']}" if "error" in r else

@@ -16,17 +16,13 @@ Writes ``benchmarks/results/int8_kernel_resources_sm90_triton-<version>.json`` (
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
-import sys
 from pathlib import Path
 
 import course_lib.device  # noqa: F401  (first: sets TRITON_INTERPRET before triton is imported)
 import triton
 
-from benchmarks.cross_compile import cross_compile
-from benchmarks.record import git_commit
+from benchmarks.cross_compile import compiled_record, cross_compile
 from course_lib.analysis.roofline import RESULTS_DIR
 
 SHAPE = dict(B=32, L=8192, Hq=32, Hkv=8, D=128, P=16)
@@ -119,12 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"({r['warp_instructions_per_kb']:.0f} per KB read): STS {ops.get('STS', 0)}, "
               f"LDS {ops.get('LDS', 0) + ops.get('LDSM', 0)}, LDG {ops.get('LDG', 0) + ops.get('LDGSTS', 0)}, "
               f"HMMA {ops.get('HMMA', 0)}, IMMA {ops.get('IMMA', 0)}, PRMT {ops.get('PRMT', 0)}"), flush=True)
-    result = dict(benchmark="int8_kernel_resources", device="CPU (compiled for sm_90, no GPU)", arch=90,
-                  git_commit=git_commit(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                  python=platform.python_version(), triton=triton.__version__,
-                  command=" ".join(["python -m benchmarks.int8_kernel_resources",
-                                    *(argv if argv is not None else sys.argv[1:])]),
-                  shape=SHAPE, q_dtype="float16", registers_per_sm=REGISTERS_PER_SM, rows=rows)
+    result = compiled_record("int8_kernel_resources", argv, shape=SHAPE, q_dtype="float16",
+                             registers_per_sm=REGISTERS_PER_SM, rows=rows)
     out = args.out or RESULTS_DIR / f"int8_kernel_resources_sm90_triton-{triton.__version__}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

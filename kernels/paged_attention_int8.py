@@ -67,41 +67,30 @@ CONFIG = dict(BLOCK_N=64, num_warps=2, num_stages=1, ASM=True, FAST_I2F=True, K_
 RESIDENT_PER_SM = 4
 
 
+def _unpack_ptx(subtract: bool) -> str:
+    """The PTX of ``_int8x4_to_fp16_asm``: one xor flips the 4 sign bits, two byte-permutes build the halves
+    0x64|byte (the fp16 numbers 1152 + c), and with ``subtract`` two packed subtractions remove the 1152."""
+    sub = "sub.f16x2 lo, lo, m;\nsub.f16x2 hi, hi, m;\n" if subtract else ""
+    return ("{\n.reg .b32 t, lo, hi, m;\nmov.b32 m, 0x64806480;\nxor.b32 t, $4, 0x80808080;\n"
+            "prmt.b32 lo, t, 0x64646464, 0x5140;\nprmt.b32 hi, t, 0x64646464, 0x7362;\n" + sub
+            + "mov.b32 {$0, $1}, lo;\nmov.b32 {$2, $3}, hi;\n}")
+
+
+_UNPACK_PTX = tl.constexpr(_unpack_ptx(subtract=True))
+_UNPACK_BIASED_PTX = tl.constexpr(_unpack_ptx(subtract=False))
+
+
 @triton.jit
-def _int8x4_to_fp16_asm(w):
+def _int8x4_to_fp16_asm(w, BIASED: tl.constexpr):
     """4 INT8 codes packed in one int32 -> 4 exact fp16 values, in 5 instructions (the fp16 trick below, done on
-    all four bytes at once: one xor flips the 4 sign bits, two byte-permutes build the halves 0x64|byte, two
-    packed subtractions remove 1152). Only for compiled kernels: the interpreter cannot run PTX."""
+    all four bytes at once), or with BIASED the 4 numbers 1152 + c in 3 (the kernel removes the 1152 from its
+    sums). Only for compiled kernels: the interpreter cannot run PTX."""
+    if BIASED:
+        asm: tl.constexpr = _UNPACK_BIASED_PTX
+    else:
+        asm: tl.constexpr = _UNPACK_PTX
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, lo, hi, m;
-        mov.b32 m, 0x64806480;
-        xor.b32 t, $4, 0x80808080;
-        prmt.b32 lo, t, 0x64646464, 0x5140;
-        prmt.b32 hi, t, 0x64646464, 0x7362;
-        sub.f16x2 lo, lo, m;
-        sub.f16x2 hi, hi, m;
-        mov.b32 {$0, $1}, lo;
-        mov.b32 {$2, $3}, hi;
-        }""",
-        constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-        is_pure=True, pack=1)
-
-
-@triton.jit
-def _int8x4_to_biased_fp16_asm(w):
-    """4 INT8 codes packed in one int32 -> the 4 exact fp16 numbers 1152 + c, in 3 instructions: the routine above
-    without its two subtractions (BIASED: the kernel removes the 1152 from its sums)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, lo, hi;
-        xor.b32 t, $4, 0x80808080;
-        prmt.b32 lo, t, 0x64646464, 0x5140;
-        prmt.b32 hi, t, 0x64646464, 0x7362;
-        mov.b32 {$0, $1}, lo;
-        mov.b32 {$2, $3}, hi;
-        }""",
-        constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        asm=asm, constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
         is_pure=True, pack=1)
 
 
@@ -126,10 +115,8 @@ def _planes(w, DOT_TY: tl.constexpr, IS_FP8: tl.constexpr, FAST_I2F: tl.constexp
             BIASED: tl.constexpr):
     """A [BLOCK_N, W] tile of int32 words (4 codes each) -> its 4 byte planes [BLOCK_N, W] in DOT_TY: plane j holds
     channels j, 4 + j, 8 + j, ... (byte j of every word)."""
-    if ASM and BIASED:
-        a, b, c, d = _int8x4_to_biased_fp16_asm(w)
-    elif ASM:
-        a, b, c, d = _int8x4_to_fp16_asm(w)
+    if ASM:
+        a, b, c, d = _int8x4_to_fp16_asm(w, BIASED)
     else:
         a = _byte_of(w, 0, DOT_TY, IS_FP8, FAST_I2F, BIASED)
         b = _byte_of(w, 1, DOT_TY, IS_FP8, FAST_I2F, BIASED)

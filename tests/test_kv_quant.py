@@ -308,6 +308,8 @@ def test_k_int8_dot_leaves_fp8_codes_alone_and_bad_configs_are_named():
         kernels.paged_attention_int8_decode(*args, config=dict(K_INT8=True))
     with pytest.raises(ValueError, match="config BLOCK_N is 48"):
         kernels.paged_attention_int8_decode(*args, config=dict(BLOCK_N=48))
+    with pytest.raises(ValueError, match="config num_warps 3 / num_stages 1"):
+        kernels.paged_attention_int8_decode(*args, config=dict(num_warps=3))
 
 
 def test_head_dim_not_a_power_of_two_sm_scale_empty_sequences_and_auto_split():
